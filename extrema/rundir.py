@@ -1,0 +1,148 @@
+"""Files of a run directory on any fsspec URL: atomic JSON, the metrics log, provenance. Torch-free."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import uuid
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+PROVENANCE_PACKAGES = ("extrema", "torch", "torchvision", "numpy", "pydantic", "fsspec", "pyarrow", "submitit", "ray")
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path parts onto a URL or local path with '/'."""
+    out = url.rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem of a URL and the path inside it."""
+    fs, path = url_to_fs(url)
+    return fs, path
+
+
+def exists(url: str) -> bool:
+    """Whether a file or directory exists at the URL."""
+    fs, path = filesystem(url)
+    return bool(fs.exists(path))
+
+
+def write_text_atomic(url: str, text: str) -> None:
+    """Write text so that readers see either the old or the new file, never a partial one."""
+    fs, path = filesystem(url)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open(tmp, "w") as f:
+        f.write(text)
+    fs.mv(tmp, path)
+
+
+def write_json(url: str, obj: Any) -> None:
+    """Write a JSON document atomically."""
+    write_text_atomic(url, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(url: str) -> Any | None:
+    """Read a JSON document, or None when it does not exist."""
+    fs, path = filesystem(url)
+    try:
+        with fs.open(path, "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def read_jsonl(url: str) -> list[dict[str, Any]]:
+    """Read every complete line of a JSON-lines file; [] when it does not exist."""
+    fs, path = filesystem(url)
+    try:
+        with fs.open(path, "r") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+class MetricsLog:
+    """An append-only JSON-lines log that is rewritten atomically on flush, so it works on object stores."""
+
+    def __init__(self, url: str, keep_after_step: int | None = None) -> None:
+        self.url = url
+        self.records = read_jsonl(url)
+        if keep_after_step is not None:
+            # On resume, drop records from steps the resumed run will log again.
+            self.records = [r for r in self.records if r.get("step", -1) <= keep_after_step]
+
+    def log(self, record: dict[str, Any], flush: bool = False) -> None:
+        """Append one record; write the file when flush is set."""
+        self.records.append(record)
+        if flush:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write all records atomically."""
+        write_text_atomic(self.url, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records))
+
+
+def git_state(repo: Path | None = None) -> dict[str, Any]:
+    """Git sha and dirty flag of the source tree, or nulls outside a checkout."""
+    cwd = repo or Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=cwd,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
+            ).stdout.strip()
+        )
+        return {"git_sha": sha, "git_dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_sha": None, "git_dirty": None}
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages that change results."""
+    out: dict[str, str | None] = {}
+    for name in PROVENANCE_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def provenance(world_size: int) -> dict[str, Any]:
+    """Everything needed to say where a result came from."""
+    return {
+        **git_state(),
+        "packages": package_versions(),
+        "python": platform.python_version(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "world_size": world_size,
+    }

@@ -1,0 +1,204 @@
+"""Experiment specs: pydantic models, validated at load, torch-free, shared by `extrema` and `launch`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+StageName = Literal["pretrain", "knn", "probe", "finetune", "detect"]
+BUILT_STAGES: tuple[str, ...] = ("pretrain", "knn")
+
+# name -> (embed_dim, depth, num_heads, patch_size, img_size). The first four are the paper's
+# architectures (patch 16, 224 px); the rest are CPU-sized presets for tests and the demo.
+PRESETS: dict[str, tuple[int, int, int, int, int]] = {
+    "vit_tiny": (192, 12, 3, 16, 224),
+    "vit_small": (384, 12, 6, 16, 224),
+    "vit_base": (768, 12, 12, 16, 224),
+    "vit_large": (1024, 24, 16, 16, 224),
+    "vit_pico": (64, 2, 2, 4, 32),
+    "vit_nano": (128, 4, 4, 4, 32),
+    "vit_micro": (192, 6, 3, 4, 32),
+}
+
+
+class Spec(BaseModel):
+    """Base of every spec: unknown keys are refused and instances are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Spec):
+    """The ViT encoder and the ExtreMA heads."""
+
+    arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_pico", "vit_nano", "vit_micro"] = (
+        "vit_small"
+    )
+    img_size: int | None = Field(None, gt=0, description="input resolution; the preset's when unset")
+    patch_size: int | None = Field(None, gt=0, description="patch size; the preset's when unset")
+    in_chans: int = Field(3, gt=0)
+    cls_token: Literal["cait", "vit", "avgpool"] = "cait"
+    class_attention_layers: int = Field(2, ge=1)
+    layer_scale_init: float = Field(0.1, gt=0)
+    drop_path_rate: float = Field(0.1, ge=0, lt=1)
+    attn_drop_rate: float = Field(0.0, ge=0, lt=1)
+    mlp_dim: int = Field(4096, gt=0, description="hidden width of projector and predictor")
+    proj_dim: int = Field(256, gt=0, description="output width of projector and predictor")
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        """(embed_dim, depth, num_heads) of the preset."""
+        d, depth, heads, _, _ = PRESETS[self.arch]
+        return d, depth, heads
+
+    @property
+    def resolved_patch_size(self) -> int:
+        """Patch size, the preset's unless overridden."""
+        return self.patch_size or PRESETS[self.arch][3]
+
+    @property
+    def resolved_img_size(self) -> int:
+        """Input resolution, the preset's unless overridden."""
+        return self.img_size or PRESETS[self.arch][4]
+
+    @property
+    def num_patches(self) -> int:
+        """Number of patch tokens N of the full image."""
+        return (self.resolved_img_size // self.resolved_patch_size) ** 2
+
+    @model_validator(mode="after")
+    def _grid_fits(self) -> ModelSpec:
+        if self.resolved_img_size % self.resolved_patch_size:
+            raise ValueError(
+                f"img_size {self.resolved_img_size} is not a multiple of patch_size {self.resolved_patch_size}"
+            )
+        return self
+
+
+def visible_count(num_patches: int, ratio: float) -> int:
+    """Visible tokens per mask, K = floor(N * (1 - ratio)) computed as the reference does."""
+    return int(num_patches * (1 - ratio))
+
+
+class MaskingSpec(Spec):
+    """Multi-masking of the online view."""
+
+    ratio: float = Field(0.8, ge=0, lt=1, description="fraction of patch tokens dropped per mask")
+    num_masks: int = Field(5, ge=1)
+    sampling: Literal["disjoint", "independent"] = "disjoint"
+
+
+class DataSpec(Spec):
+    """Where images come from and how the two views are made."""
+
+    dataset: Literal["imagefolder", "fashion_mnist", "synthetic"] = "imagefolder"
+    root: str | None = Field(None, description="fsspec URL: ImageFolder root, or directory of Fashion-MNIST IDX files")
+    train_split: str = "train"
+    val_split: str = "val"
+    augmentation: Literal["spatial_consistent_color", "spatial"] = "spatial_consistent_color"
+    crop_min: float = Field(0.2, gt=0, le=1)
+    num_workers: int = Field(4, ge=0)
+    synthetic_size: int = Field(256, gt=0, description="images per split of the synthetic test dataset")
+    cache_dir: str | None = Field(None, description="download cache for Fashion-MNIST when no local copy exists")
+
+    @model_validator(mode="after")
+    def _root_given(self) -> DataSpec:
+        if self.dataset == "imagefolder" and not self.root:
+            raise ValueError("root is required for dataset 'imagefolder'")
+        return self
+
+
+class PretrainSpec(Spec):
+    """ExtreMA pretraining; defaults are the reference ViT-B recipe."""
+
+    epochs: float = Field(300, gt=0)
+    steps: int | None = Field(None, gt=0, description="total optimizer steps; overrides epochs when set")
+    batch_size: int = Field(2048, gt=0, description="global batch size")
+    accum_steps: int = Field(1, ge=1, description="gradient accumulation micro-steps per optimizer step")
+    base_lr: float = Field(1.5e-4, gt=0, description="lr = base_lr * batch_size / 256")
+    min_lr: float = Field(0.0, ge=0)
+    warmup_epochs: float = Field(40, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    weight_decay_end: float | None = Field(None, ge=0, description="cosine weight-decay schedule end; constant when unset")
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float | None = Field(None, gt=0)
+    ema_momentum: float = Field(0.996, ge=0, le=1, description="start of the cosine EMA momentum schedule to 1")
+    masking: MaskingSpec = MaskingSpec()
+    loss: Literal["byol", "infonce"] = "byol"
+    temperature: float = Field(0.2, gt=0, description="InfoNCE temperature")
+    symmetric: bool = False
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    log_every: int = Field(20, ge=1, description="steps between loss logs (the only host syncs)")
+    ckpt_every: int = Field(1000, ge=1, description="steps between checkpoints")
+    knn_every_epochs: float | None = Field(None, gt=0, description="kNN monitor period; only at start and end if unset")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> PretrainSpec:
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
+        return self
+
+
+class KnnSpec(Spec):
+    """Weighted kNN on L2-normalised features (the DINO protocol)."""
+
+    k: int = Field(20, ge=1)
+    temperature: float = Field(0.07, gt=0)
+    encoder: Literal["ema", "student"] = "ema"
+    feature: Literal["instance", "instance_prenorm", "patch_mean"] = "instance"
+    bank_size: int | None = Field(10000, gt=0, description="training images in the memory bank; all when unset")
+    val_size: int | None = Field(None, gt=0, description="validation images evaluated; all when unset")
+    batch_size: int = Field(256, gt=0)
+    checkpoint: str | None = Field(None, description="checkpoint URL; the run's pretrain stage when unset")
+
+
+class Experiment(Spec):
+    """One complete experiment: the model, its data, and the settings of each stage it runs."""
+
+    model: ModelSpec = ModelSpec()
+    data: DataSpec
+    stages: tuple[StageName, ...] = ("pretrain", "knn")
+    pretrain: PretrainSpec = PretrainSpec()
+    knn: KnnSpec = KnnSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Experiment:
+        if not self.stages:
+            raise ValueError("stages: at least one stage is required")
+        unbuilt = [s for s in self.stages if s not in BUILT_STAGES]
+        if unbuilt:
+            raise ValueError(f"stages: {', '.join(unbuilt)} not available yet (available: {', '.join(BUILT_STAGES)})")
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError("stages: each stage may appear once")
+        m = self.pretrain.masking
+        n = self.model.num_patches
+        k = visible_count(n, m.ratio)
+        if k < 1:
+            raise ValueError(f"pretrain.masking.ratio {m.ratio} leaves no visible token of {n}")
+        if m.sampling == "disjoint" and m.num_masks * k > n:
+            raise ValueError(
+                f"pretrain.masking: {m.num_masks} disjoint masks of {k} visible tokens need "
+                f"{m.num_masks * k} > {n} patches; at most {n // k} masks fit at ratio {m.ratio}"
+            )
+        return self
+
+    def steps_per_epoch(self, dataset_len: int) -> int:
+        """Optimizer steps in one epoch of `dataset_len` images (drop_last)."""
+        return max(1, dataset_len // self.pretrain.batch_size)
+
+    def total_steps(self, dataset_len: int) -> int:
+        """Total optimizer steps of pretraining."""
+        p = self.pretrain
+        return p.steps if p.steps is not None else max(1, math.ceil(p.epochs * self.steps_per_epoch(dataset_len)))
+
+
+class RunSpec(Spec):
+    """What one stage job executes: the resolved experiment plus where it sits in its sweep."""
+
+    sweep: str
+    run_id: str
+    stage: StageName
+    experiment: Experiment
+    overrides: dict[str, Any] = Field(default_factory=dict, description="the swept values that made this run")
