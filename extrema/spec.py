@@ -32,9 +32,7 @@ class Spec(BaseModel):
 class ModelSpec(Spec):
     """The ViT encoder and the ExtreMA heads."""
 
-    arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_pico", "vit_nano", "vit_micro"] = (
-        "vit_small"
-    )
+    arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_pico", "vit_nano", "vit_micro"] = "vit_small"
     img_size: int | None = Field(None, gt=0, description="input resolution; the preset's when unset")
     patch_size: int | None = Field(None, gt=0, description="patch size; the preset's when unset")
     in_chans: int = Field(3, gt=0)
@@ -120,7 +118,7 @@ class PretrainSpec(Spec):
     min_lr: float = Field(0.0, ge=0)
     warmup_epochs: float = Field(40, ge=0)
     weight_decay: float = Field(0.1, ge=0)
-    weight_decay_end: float | None = Field(None, ge=0, description="cosine weight-decay schedule end; constant when unset")
+    weight_decay_end: float | None = Field(None, ge=0, description="cosine wd schedule end; constant if unset")
     betas: tuple[float, float] = (0.9, 0.95)
     clip_grad: float | None = Field(None, gt=0)
     ema_momentum: float = Field(0.996, ge=0, le=1, description="start of the cosine EMA momentum schedule to 1")
@@ -202,3 +200,24 @@ class RunSpec(Spec):
     stage: StageName
     experiment: Experiment
     overrides: dict[str, Any] = Field(default_factory=dict, description="the swept values that made this run")
+
+
+class ResourcesSpec(Spec):
+    """What one stage job asks of its backend. Launcher settings: never part of a run's identity."""
+
+    nodes: int = Field(1, ge=1)
+    processes_per_node: int = Field(1, ge=1, description="training processes (ranks) per node")
+    gpus_per_node: int = Field(0, ge=0)
+    cpus_per_task: int = Field(1, ge=1)
+    mem_gb: float | None = Field(None, gt=0)
+    time_min: int = Field(60, ge=1)
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    sbatch_extra: dict[str, str] = Field(default_factory=dict, description="extra sbatch options, name -> value")
+
+    @property
+    def world_size(self) -> int:
+        """Total training processes of the job."""
+        return self.nodes * self.processes_per_node
