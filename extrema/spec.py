@@ -129,6 +129,7 @@ class PretrainSpec(Spec):
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     log_every: int = Field(20, ge=1, description="steps between loss logs (the only host syncs)")
     ckpt_every: int = Field(1000, ge=1, description="steps between checkpoints")
+    knn_monitor: bool = Field(True, description="kNN accuracy (knn settings) at the start, periodically and at the end")
     knn_every_epochs: float | None = Field(None, gt=0, description="kNN monitor period; only at start and end if unset")
     seed: int = 0
 

@@ -1,0 +1,98 @@
+"""kNN evaluation of a pretrained encoder: the pretraining monitor and the standalone `knn` stage.
+
+python -m extrema.entry <run-dir> knn     # evaluates the run's pretrain checkpoint (or knn.checkpoint)
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import torch
+
+from extrema import ckpt, data, rundir
+from extrema.dist import init_world
+from extrema.knn import extract, knn_accuracy
+from extrema.models.extrema import ExtreMA
+from extrema.models.vit import VisionTransformer
+from extrema.spec import DataSpec, Experiment, RunSpec
+
+
+@cache
+def _dataset(spec: DataSpec, split: str, seed: int) -> data.LabeledImages:
+    return data.build_dataset(spec, split, seed=seed)  # type: ignore[arg-type]
+
+
+def eval_batches(exp: Experiment, split: str, limit: int | None) -> Any:
+    """Evaluation-transformed (images, labels) batches of a split; `limit` draws a seeded subset."""
+    ds = _dataset(exp.data, split, exp.pretrain.seed)
+    crop_pct = 1.0 if exp.model.resolved_img_size <= 64 else 0.875
+    transform = data.eval_transform(exp.model.resolved_img_size, crop_pct)
+    return data.eval_loader(ds, transform, exp.knn.batch_size, exp.data.num_workers, limit=limit, seed=0)
+
+
+def num_classes(exp: Experiment) -> int:
+    """Number of classes of the training split."""
+    return len(_dataset(exp.data, "train", exp.pretrain.seed).classes)
+
+
+@torch.no_grad()
+def knn_monitor(encoder: VisionTransformer, exp: Experiment, device: torch.device) -> dict[str, float]:
+    """Top-1/top-5 weighted kNN accuracy of the encoder: train-split bank, validation-split queries."""
+    k = exp.knn
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    bank, bank_y = extract(encoder, eval_batches(exp, "train", k.bank_size), k.feature, device, amp)
+    val, val_y = extract(encoder, eval_batches(exp, "val", k.val_size), k.feature, device, amp)
+    return knn_accuracy(bank, bank_y, val, val_y, num_classes(exp), k.k, k.temperature)
+
+
+def pixel_knn(exp: Experiment) -> dict[str, float]:
+    """The same kNN protocol on raw normalised pixels: the floor a representation should beat."""
+    k = exp.knn
+
+    def flat(split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = zip(*[(x.flatten(1), y) for x, y in eval_batches(exp, split, limit)])
+        return torch.cat(xs), torch.cat(ys)
+
+    bank, bank_y = flat("train", k.bank_size)
+    val, val_y = flat("val", k.val_size)
+    return knn_accuracy(bank, bank_y, val, val_y, num_classes(exp), k.k, k.temperature)
+
+
+def checkpoint_url(spec: RunSpec, stage_dir: str) -> str:
+    """The checkpoint to evaluate: knn.checkpoint, else the newest complete step of the run's pretrain stage."""
+    if spec.experiment.knn.checkpoint:
+        url = spec.experiment.knn.checkpoint
+        if ckpt.latest_step(url) is not None:
+            return ckpt.step_url(url, ckpt.latest_step(url))  # type: ignore[arg-type]
+        return url
+    pretrain_ckpt = rundir.join(stage_dir.rstrip("/").rsplit("/", 1)[0], "pretrain", "ckpt")
+    step = ckpt.latest_step(pretrain_ckpt)
+    if step is None:
+        raise FileNotFoundError(f"no complete pretrain checkpoint under {pretrain_ckpt}")
+    return ckpt.step_url(pretrain_ckpt, step)
+
+
+def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
+    """Evaluate a pretrain checkpoint with kNN and return top-1/top-5 plus the protocol."""
+    exp = spec.experiment
+    world = init_world()
+    url = checkpoint_url(spec, stage_dir)
+    model = ExtreMA(exp.model)
+    branch = "target" if exp.knn.encoder == "ema" else "online"
+    ckpt.load_module(url, getattr(model, branch).encoder, prefix=f"{branch}.encoder.")
+    encoder = getattr(model, branch).encoder.to(world.device)
+    acc = knn_monitor(encoder, exp, world.device)
+    return {
+        "knn_top1": acc["top1"],
+        "knn_top5": acc["top5"],
+        "checkpoint": url,
+        "protocol": {
+            "k": exp.knn.k,
+            "temperature": exp.knn.temperature,
+            "encoder": exp.knn.encoder,
+            "feature": exp.knn.feature,
+            "bank_size": exp.knn.bank_size,
+            "val_size": exp.knn.val_size,
+        },
+    }

@@ -1,0 +1,179 @@
+"""ExtreMA pretraining: a masked online ViT regresses the EMA target's projection of the full view.
+
+    python -m extrema.entry <run-dir> pretrain     # reads <run-dir>/pretrain/spec.json
+
+Reads top to bottom: data, model, optimizer, resume, loop (schedules -> EMA update -> loss -> step), kNN monitor,
+checkpoints, result. Resuming is not a mode: the stage continues from its latest complete checkpoint if any.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from extrema import ckpt, data, rundir
+from extrema.dist import World, init_world
+from extrema.models.extrema import ExtreMA, random_masks
+from extrema.optim import build_adamw, cosine_schedule, ema_momentum, param_groups, scaled_lr, set_hyperparams
+from extrema.spec import Experiment, PretrainSpec, RunSpec
+from extrema.stages.knn import knn_monitor, pixel_knn
+
+
+def autocast_dtype(p: PretrainSpec, device: torch.device) -> torch.dtype | None:
+    """bf16 on GPU (and on CPU when asked), None for fp32."""
+    if p.precision == "bf16" or (p.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def make_views(exp: Experiment, train_set: data.LabeledImages) -> data.PretrainViews:
+    """Two views per image plus the image's own masks, all seeded per sample."""
+    m, n = exp.pretrain.masking, exp.model.num_patches
+
+    def mask_fn(g: torch.Generator) -> torch.Tensor:
+        return random_masks(1, n, m.num_masks, m.ratio, m.sampling, generator=g)[:, 0]
+
+    transform = data.TwoViewTransform(exp.model.resolved_img_size, exp.data.augmentation, exp.data.crop_min)
+    return data.PretrainViews(train_set, transform, exp.pretrain.seed, mask_fn)
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """RNG states the training step consumes (drop path): CPU, and CUDA when used."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Restore what `rng_state` saved."""
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def train_step(
+    model: ExtreMA,
+    optimizer: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    p: PretrainSpec,
+    world: World,
+    amp: torch.dtype | None,
+) -> torch.Tensor:
+    """One optimizer step over `accum_steps` micro-batches; returns the mean loss as a device tensor (no sync)."""
+    x1, x2, masks = (t.to(world.device, non_blocking=True) for t in batch)
+    visible = masks.transpose(0, 1)  # (B, M, K) from the loader -> (M, B, K), mask-major
+    total = torch.zeros((), device=world.device)
+    for c1, c2, cv in zip(x1.chunk(p.accum_steps), x2.chunk(p.accum_steps), visible.chunk(p.accum_steps, dim=1)):
+        with torch.autocast(world.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+            loss = model(c1, c2, cv, loss=p.loss, temperature=p.temperature, symmetric=p.symmetric)
+        (loss / p.accum_steps).backward()
+        total += loss.detach() / p.accum_steps
+    if p.clip_grad is not None:
+        nn.utils.clip_grad_norm_([q for q in model.parameters() if q.grad is not None], p.clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
+    """Pretrain, monitor with kNN, checkpoint, and return the final metrics."""
+    exp, p = spec.experiment, spec.experiment.pretrain
+    world = init_world()
+    torch.manual_seed(p.seed + world.rank)
+    amp = autocast_dtype(p, world.device)
+
+    train_set = data.build_dataset(exp.data, "train", seed=p.seed)
+    steps_per_epoch = exp.steps_per_epoch(len(train_set))
+    total_steps = exp.total_steps(len(train_set))
+    warmup_steps = p.warmup_epochs * steps_per_epoch
+    knn_every = math.ceil(p.knn_every_epochs * steps_per_epoch) if p.knn_every_epochs else None
+
+    model = ExtreMA(exp.model).to(world.device)
+    trainable = nn.ModuleDict({"online": model.online, "predictor": model.predictor})
+    groups = param_groups(trainable, p.weight_decay, no_decay_names=("pos_embed", "cls_token"))
+    optimizer = build_adamw(groups, lr=scaled_lr(p.base_lr, p.batch_size), betas=p.betas)
+
+    ckpt_dir = rundir.join(stage_dir, "ckpt")
+    extra = {"step": 0, "rng": rng_state(world.device), "knn": {}}
+    saved = ckpt.restore(ckpt_dir, model, optimizer, extra)
+    start_step = int(saved["step"]) if saved else 0
+    if saved:
+        set_rng_state(saved["rng"], world.device)
+    knn_log: dict[str, float] = dict(saved["knn"]) if saved else {}
+    metrics = rundir.MetricsLog(rundir.join(stage_dir, "metrics.jsonl"), keep_after_step=start_step)
+
+    def evaluate_knn(step: int) -> dict[str, float]:
+        encoder = model.target.encoder if exp.knn.encoder == "ema" else model.online.encoder
+        out = knn_monitor(encoder, exp, world.device)
+        if world.is_main:
+            metrics.log({"step": step, "epoch": step / steps_per_epoch, **{f"knn_{k}": v for k, v in out.items()}})
+            metrics.flush()
+        return out
+
+    if start_step == 0 and p.knn_monitor:
+        knn_log = {f"init_{k}": v for k, v in evaluate_knn(0).items()}
+        knn_log.update({f"pixels_{k}": v for k, v in pixel_knn(exp).items()})
+
+    views = make_views(exp, train_set)
+    sampler = data.StepBatchSampler(
+        len(train_set), p.batch_size, p.seed, start_step, total_steps, world.rank, world.size
+    )
+    loader = data.pretrain_loader(views, sampler, exp.data.num_workers)
+
+    model.train()
+    running = torch.zeros((), device=world.device)
+    t0, images_seen = time.perf_counter(), 0
+    step = start_step
+    for step, batch in enumerate(loader, start=start_step):
+        lr = cosine_schedule(step, total_steps, scaled_lr(p.base_lr, p.batch_size), p.min_lr, warmup_steps)
+        wd = p.weight_decay
+        if p.weight_decay_end is not None:
+            wd = cosine_schedule(step, total_steps, p.weight_decay, p.weight_decay_end)
+        momentum = ema_momentum(step, total_steps, p.ema_momentum)
+        set_hyperparams(optimizer, lr, wd)
+        model.update_target(momentum)
+        running += train_step(model, optimizer, batch, p, world, amp)
+        images_seen += p.batch_size
+        done = step + 1
+        if done % p.log_every == 0 or done == total_steps:
+            n = p.log_every if done % p.log_every == 0 else done % p.log_every
+            elapsed = time.perf_counter() - t0
+            record = {
+                "step": done,
+                "total_steps": total_steps,
+                "epoch": done / steps_per_epoch,
+                "loss": running.item() / n,
+                "lr": lr,
+                "wd": wd,
+                "momentum": momentum,
+                "images_per_s": images_seen / max(elapsed, 1e-9),
+            }
+            running.zero_()
+            if world.is_main:
+                metrics.log(record, flush=True)
+        if knn_every and done % knn_every == 0 and done != total_steps:
+            evaluate_knn(done)
+        if done % p.ckpt_every == 0 or done == total_steps:
+            extra = {"step": done, "rng": rng_state(world.device), "knn": knn_log}
+            ckpt.save(ckpt_dir, done, ckpt.training_state(model, optimizer, extra))
+            ckpt.apply_retention(ckpt_dir, keep_last=2)
+    step = max(step + 1, start_step)
+
+    final = evaluate_knn(step) if p.knn_monitor else {}
+    result: dict[str, Any] = {"steps": step, "epochs": step / steps_per_epoch, "total_steps": total_steps}
+    result.update({f"knn_{k}": v for k, v in final.items()})
+    result.update({f"knn_{k}": v for k, v in knn_log.items()})
+    if "top1" in final and "init_top1" in knn_log:
+        result["knn_gain_top1"] = final["top1"] - knn_log["init_top1"]
+    losses = [r["loss"] for r in metrics.records if "loss" in r]
+    if losses:
+        result["loss_final"] = losses[-1]
+    with contextlib.suppress(Exception):
+        metrics.flush()
+    return result
