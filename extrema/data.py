@@ -1,0 +1,450 @@
+"""Datasets (Fashion-MNIST, ImageFolder on any fsspec URL, a seeded synthetic set), transforms, step-exact loaders."""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import math
+from collections.abc import Callable, Iterator
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.datasets.utils import download_url
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from extrema.spec import DataSpec
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Split = Literal["train", "val"]
+Augmentation = Literal["spatial_consistent_color", "spatial"]
+
+
+class LabeledImages(Protocol):
+    """A dataset of (uint8 image (3, H, W), class index) pairs with its class names and targets."""
+
+    classes: list[str]
+
+    @property
+    def targets(self) -> list[int] | Tensor: ...
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]: ...
+
+
+def seed_of(*parts: int) -> int:
+    """A stable 63-bit seed mixed from integers (the same on every machine, process and Python run)."""
+    digest = hashlib.blake2b(b"".join(int(p).to_bytes(16, "little", signed=True) for p in parts), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") & (2**63 - 1)
+
+
+# ---------------------------------------------------------------------------------------------- Fashion-MNIST
+
+FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_MIRROR = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+FASHION_MNIST_MD5 = {
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+IDX_DTYPES: dict[int, str] = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def parse_idx(data: bytes) -> np.ndarray:
+    """Decode an IDX file (the MNIST format) into a numpy array."""
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_DTYPES:
+        raise ValueError("not an IDX file (bad magic number)")
+    ndim = data[3]
+    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
+    dtype = np.dtype(IDX_DTYPES[data[2]])
+    arr = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=4 + 4 * ndim)
+    return arr.reshape(shape).astype(dtype.newbyteorder("="), copy=True)
+
+
+def idx_file(directory: str, stem: str) -> str | None:
+    """URL of `<stem>.gz` or `<stem>` in a directory URL, whichever exists first."""
+    for name in (f"{stem}.gz", stem):
+        url = f"{directory.rstrip('/')}/{name}"
+        fs, path = url_to_fs(url)
+        if fs.isfile(path):
+            return url
+    return None
+
+
+@functools.lru_cache(maxsize=8)
+def _read_idx_cached(url: str, size: int) -> np.ndarray:
+    fs, path = url_to_fs(url)
+    with fs.open(path, "rb") as f:
+        raw = f.read()
+    return parse_idx(gzip.decompress(raw) if url.endswith(".gz") else raw)
+
+
+def read_idx(url: str) -> np.ndarray:
+    """Read an IDX file (gzipped when its name ends in .gz) from any fsspec URL, parsed once per process."""
+    fs, path = url_to_fs(url)
+    return _read_idx_cached(url, int(fs.size(path)))
+
+
+def split_files(directory: str, prefix: str) -> tuple[str, str] | None:
+    """(images URL, labels URL) of one Fashion-MNIST split in a directory, or None when either is missing."""
+    images = idx_file(directory, f"{prefix}-images-idx3-ubyte")
+    labels = idx_file(directory, f"{prefix}-labels-idx1-ubyte")
+    return (images, labels) if images and labels else None
+
+
+def download_fashion_mnist(cache_dir: str, prefix: str) -> tuple[str, str]:
+    """Download one split's two files from the public mirror into a local cache directory (md5-checked)."""
+    fs, path = url_to_fs(cache_dir)
+    if not isinstance(fs, LocalFileSystem):
+        raise ValueError(f"cache_dir must be a local directory, got {cache_dir!r}")
+    for kind in ("images-idx3", "labels-idx1"):
+        name = f"{prefix}-{kind}-ubyte.gz"
+        download_url(FASHION_MNIST_MIRROR + name, path, name, FASHION_MNIST_MD5[name])
+    found = split_files(path, prefix)
+    if found is None:
+        raise FileNotFoundError(f"download into {path} did not leave the {prefix} files")
+    return found
+
+
+def locate_fashion_mnist(spec: DataSpec, prefix: str) -> tuple[str, str]:
+    """Find one split's files: spec.root, then the Debian package directory, then spec.cache_dir (downloading)."""
+    tried: list[str] = []
+    if spec.root:
+        found = split_files(spec.root, prefix)
+        if found:
+            return found
+        tried.append(f"root {spec.root!r}: no {prefix}-*-ubyte[.gz] files")
+    else:
+        tried.append("root: not set")
+    found = split_files(FASHION_MNIST_DEBIAN_DIR, prefix)
+    if found:
+        return found
+    tried.append(f"{FASHION_MNIST_DEBIAN_DIR}: not present (apt-get install dataset-fashion-mnist)")
+    if spec.cache_dir:
+        found = split_files(spec.cache_dir, prefix)
+        if found:
+            return found
+        try:
+            return download_fashion_mnist(spec.cache_dir, prefix)
+        except (OSError, RuntimeError, ValueError) as e:
+            tried.append(f"cache_dir {spec.cache_dir!r}: download from {FASHION_MNIST_MIRROR} failed ({e})")
+    else:
+        tried.append("cache_dir: not set, so nothing was downloaded")
+    raise FileNotFoundError(
+        "Fashion-MNIST not found. Looked in:\n  - "
+        + "\n  - ".join(tried)
+        + "\nFix one of: set data.root to a directory holding train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+        "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz; run `apt-get install dataset-fashion-mnist`; "
+        "or set data.cache_dir to a writable directory on a machine that can reach the mirror."
+    )
+
+
+class FashionMNIST(Dataset[tuple[Tensor, int]]):
+    """Fashion-MNIST from its IDX files; 28x28 grayscale returned as 3-channel uint8."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        if images.ndim != 3 or len(images) != len(labels):
+            raise ValueError(f"images {images.shape} and labels {labels.shape} do not form a dataset")
+        self.images = images
+        self.targets = torch.from_numpy(labels.astype(np.int64))
+        self.classes = list(FASHION_MNIST_CLASSES)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return torch.from_numpy(self.images[i]).expand(3, -1, -1).contiguous(), int(self.targets[i])
+
+
+def fashion_mnist(spec: DataSpec, split: Split) -> FashionMNIST:
+    """The train (60k) or val (10k, the t10k files) split of Fashion-MNIST."""
+    images, labels = locate_fashion_mnist(spec, "train" if split == "train" else "t10k")
+    return FashionMNIST(read_idx(images), read_idx(labels))
+
+
+# ------------------------------------------------------------------------------------------------ ImageFolder
+
+
+class FsImageFolder(Dataset[tuple[Tensor, int]]):
+    """ImageNet layout `<split_dir>/<class>/<image>` on any fsspec URL; classes sorted, images decoded to RGB."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.fs, self.path = url_to_fs(url)
+        root = self.path.rstrip("/")
+        if not self.fs.isdir(root):
+            raise FileNotFoundError(f"image folder split directory {url!r} does not exist")
+        dirs = [e["name"].rstrip("/") for e in self.fs.ls(root, detail=True) if e["type"] == "directory"]
+        self.classes = sorted(d.rsplit("/", 1)[-1] for d in dirs)
+        if not self.classes:
+            raise FileNotFoundError(f"image folder {url!r} has no class subdirectories (<class>/<image> expected)")
+        index = {c: i for i, c in enumerate(self.classes)}
+        samples: list[tuple[str, int]] = []
+        for f in sorted(self.fs.find(root)):
+            rel = f[len(root) :].lstrip("/") if f.startswith(root) else f
+            cls, _, rest = rel.partition("/")
+            if rest and cls in index and f.lower().endswith(IMG_EXTENSIONS):
+                samples.append((f, index[cls]))
+        empty = sorted(set(self.classes) - {self.classes[t] for _, t in samples})
+        if empty:
+            raise FileNotFoundError(f"image folder {url!r}: no images ({', '.join(IMG_EXTENSIONS)}) in {empty[:5]}")
+        self.samples = samples
+        self.targets = torch.tensor([t for _, t in samples], dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        path, target = self.samples[i]
+        data = torch.frombuffer(bytearray(self.fs.cat_file(path)), dtype=torch.uint8)
+        return decode_image(data, mode=ImageReadMode.RGB), target
+
+
+# -------------------------------------------------------------------------------------------------- Synthetic
+
+SYNTHETIC_CLASSES = 10
+SYNTHETIC_SIZE = 32
+
+
+def synthetic_images(n: int, seed: int) -> tuple[Tensor, Tensor]:
+    """n seeded 32x32 RGB images whose class fixes the stripe orientation (0-90 degrees) and the tint, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % SYNTHETIC_CLASSES
+    labels = labels[torch.randperm(n, generator=g)]
+    # Orientations stay within [0, 90] degrees so that a horizontal flip never turns one class into another.
+    angle = labels * (math.pi / 2) / (SYNTHETIC_CLASSES - 1) + 0.05 * torch.randn(n, generator=g)
+    freq = 0.35 + 0.15 * torch.rand(n, generator=g)
+    phase = 2 * math.pi * torch.rand(n, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(SYNTHETIC_SIZE), torch.arange(SYNTHETIC_SIZE), indexing="ij")
+    proj = xx * torch.cos(angle)[:, None, None] + yy * torch.sin(angle)[:, None, None]
+    stripes = torch.sin(freq[:, None, None] * proj + phase[:, None, None])  # (n, H, W) in [-1, 1]
+    hue = 2 * math.pi * labels / SYNTHETIC_CLASSES + 0.3 * torch.randn(n, generator=g)
+    tint = 0.5 + 0.4 * torch.stack([torch.cos(hue + k * 2 * math.pi / 3) for k in range(3)], dim=1)  # (n, 3)
+    img = tint[:, :, None, None] * (0.55 + 0.4 * stripes[:, None]) + 0.08 * torch.randn(
+        n, 3, SYNTHETIC_SIZE, SYNTHETIC_SIZE, generator=g
+    )
+    return (img.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+
+class SyntheticImages(Dataset[tuple[Tensor, int]]):
+    """A small seeded dataset with class-dependent structure, for tests and CPU demos only."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.images, self.targets = synthetic_images(n, seed)
+        self.classes = [f"class_{c}" for c in range(SYNTHETIC_CLASSES)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        return self.images[i], int(self.targets[i])
+
+
+def build_dataset(spec: DataSpec, split: Split, seed: int = 0) -> LabeledImages:
+    """The labelled images of one split of the dataset the spec names."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if spec.dataset == "fashion_mnist":
+        return fashion_mnist(spec, split)
+    if spec.dataset == "imagefolder":
+        if not spec.root:
+            raise ValueError("dataset 'imagefolder' needs data.root")
+        sub = spec.train_split if split == "train" else spec.val_split
+        return FsImageFolder(f"{spec.root.rstrip('/')}/{sub}")
+    if spec.dataset == "synthetic":
+        return SyntheticImages(spec.synthetic_size, seed_of(seed, 0 if split == "train" else 1))
+    raise ValueError(f"unknown dataset {spec.dataset!r}")
+
+
+# ------------------------------------------------------------------------------------------------- Transforms
+
+
+def to_normalized() -> v2.Compose:
+    """uint8 image -> float32 in [0, 1] -> ImageNet-normalized."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class TwoViewTransform:
+    """Two views of one image: a shared crop and flip, then independent colour (or none: the same tensor twice)."""
+
+    def __init__(self, img_size: int, augmentation: Augmentation, crop_min: float = 0.2) -> None:
+        if augmentation not in ("spatial_consistent_color", "spatial"):
+            raise ValueError(f"unknown augmentation {augmentation!r}")
+        self.augmentation = augmentation
+        self.geometry = v2.Compose(
+            [
+                v2.RandomResizedCrop(img_size, scale=(crop_min, 1.0), antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.ToDtype(torch.float32, scale=True),
+            ]
+        )
+        # Colour runs on the float crop: the same ops as on uint8, without intermediate rounding and a little faster.
+        self.color = v2.Compose(
+            [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
+        )
+        self.normalize = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+
+    def __call__(self, img: Tensor) -> tuple[Tensor, Tensor]:
+        crop = self.geometry(img)
+        if self.augmentation == "spatial":
+            view = self.normalize(crop)
+            return view, view
+        return self.normalize(self.color(crop)), self.normalize(self.color(crop))
+
+
+def eval_transform(img_size: int, crop_pct: float = 0.875) -> Callable[[Tensor], Tensor]:
+    """Resize the short side to img_size / crop_pct, centre-crop img_size, normalize."""
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    return v2.Compose([v2.Resize(int(img_size / crop_pct), antialias=True), v2.CenterCrop(img_size), to_normalized()])
+
+
+def classify_transform(img_size: int) -> Callable[[Tensor], Tensor]:
+    """Linear-probe training transform: RandomResizedCrop (default scale), flip, normalize."""
+    return v2.Compose([v2.RandomResizedCrop(img_size, antialias=True), v2.RandomHorizontalFlip(), to_normalized()])
+
+
+# ----------------------------------------------------------------------------------------------------- Loading
+
+
+class StepBatchSampler(Sampler[list[tuple[int, int]]]):
+    """This rank's share of global batch s for every step s in [start_step, total_steps), as (epoch, index) pairs."""
+
+    def __init__(
+        self,
+        num_items: int,
+        global_batch: int,
+        seed: int,
+        start_step: int,
+        total_steps: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if global_batch <= 0 or world_size <= 0 or global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
+        if num_items < global_batch:
+            raise ValueError(f"dataset of {num_items} items is smaller than the global batch {global_batch}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        if not 0 <= start_step <= total_steps:
+            raise ValueError(f"start_step {start_step} must lie in [0, total_steps={total_steps}]")
+        self.num_items, self.global_batch, self.seed = num_items, global_batch, seed
+        self.start_step, self.total_steps = start_step, total_steps
+        self.rank, self.world_size = rank, world_size
+        self.steps_per_epoch = num_items // global_batch
+
+    def permutation(self, epoch: int) -> Tensor:
+        """The order of epoch `epoch`: a permutation of all items, seeded by (seed, epoch) only."""
+        return torch.randperm(self.num_items, generator=torch.Generator().manual_seed(seed_of(self.seed, epoch)))
+
+    def __len__(self) -> int:
+        return self.total_steps - self.start_step
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        local = self.global_batch // self.world_size
+        epoch, perm = -1, torch.empty(0, dtype=torch.int64)
+        for step in range(self.start_step, self.total_steps):
+            if step // self.steps_per_epoch != epoch:
+                epoch = step // self.steps_per_epoch
+                perm = self.permutation(epoch)
+            start = (step % self.steps_per_epoch) * self.global_batch + self.rank * local
+            yield [(epoch, i) for i in perm[start : start + local].tolist()]
+
+
+class PretrainViews(Dataset[tuple[Tensor, Tensor, Tensor]]):
+    """(view1, view2, masks) of item (epoch, index); all its randomness derives from (seed, epoch, index) only."""
+
+    def __init__(
+        self,
+        base: LabeledImages,
+        transform: TwoViewTransform,
+        seed: int,
+        mask_fn: Callable[[torch.Generator], Tensor] | None = None,
+    ) -> None:
+        self.base, self.transform, self.seed, self.mask_fn = base, transform, seed, mask_fn
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+        epoch, index = key
+        img, _ = self.base[index]
+        # v2 transforms draw from the global CPU generator: seed it per sample inside a fork that restores the
+        # caller's state. Only the CPU generator: torch.manual_seed would also reseed CUDA (and is 100x slower).
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed_of(self.seed, epoch, index, 0))
+            view1, view2 = self.transform(img)
+        if self.mask_fn is None:
+            return view1, view2, torch.empty(0)
+        return view1, view2, self.mask_fn(torch.Generator().manual_seed(seed_of(self.seed, epoch, index, 1)))
+
+
+def pretrain_loader(views: PretrainViews, batch_sampler: StepBatchSampler, num_workers: int) -> DataLoader:
+    """Batches (view1 (B, 3, H, W), view2, masks (B, ...)) in step order, one per sampler step."""
+    return DataLoader(
+        views,
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+class Transformed(Dataset[tuple[Tensor, int]]):
+    """A labelled dataset with a transform applied to each image."""
+
+    def __init__(self, base: LabeledImages, transform: Callable[[Tensor], Tensor]) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        img, target = self.base[i]
+        return self.transform(img), target
+
+
+def subset_indices(n: int, limit: int | None, seed: int) -> list[int]:
+    """All indices, or a seeded random subset of `limit` of them in increasing order."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(seed_of(seed, n, limit)))[:limit]
+    return sorted(chosen.tolist())
+
+
+def eval_loader(
+    base: LabeledImages,
+    transform: Callable[[Tensor], Tensor],
+    batch_size: int,
+    num_workers: int,
+    limit: int | None = None,
+    seed: int = 0,
+) -> DataLoader:
+    """(images, labels) batches in a fixed order, of all items or of a seeded subset of `limit` items."""
+    data = Subset(Transformed(base, transform), subset_indices(len(base), limit, seed))
+    return DataLoader(
+        data, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=torch.cuda.is_available()
+    )
