@@ -1,0 +1,67 @@
+"""The backend seam: a stage `Job`, its `State`, and the three-call `Backend` Protocol.
+
+Backends are named in `launch.cli.BACKENDS` and imported on demand. The CLI builds one with
+`Cls.from_launcher(launcher)` (a `launch.sweep.LauncherSpec`) when the class defines that classmethod, else `Cls()`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
+
+from extrema.spec import ResourcesSpec
+
+
+class State(str, Enum):
+    """The state of a backend job."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    PREEMPTED = "preempted"
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One stage of one run, as a backend executes it."""
+
+    key: str  # "<run_id>/<stage>"
+    run_dir: str  # URL <root>/<sweep>/<run_id>
+    stage: str
+    after: tuple[str, ...]  # keys of jobs that must complete first (afterok)
+    resources: ResourcesSpec
+
+    def command(self) -> list[str]:
+        """The process to start: `extrema.entry` on the run directory, under torchrun for several local ranks."""
+        entry = ["-m", "extrema.entry", self.run_dir, self.stage]
+        n = self.resources.processes_per_node
+        if n > 1 and self.resources.nodes == 1:
+            return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *entry]
+        return [sys.executable, *entry]
+
+
+class Backend(Protocol):
+    """Submit stage jobs, ask their states, cancel them."""
+
+    name: str
+
+    def submit(self, jobs: Sequence[Job], log_dir: str) -> dict[str, str]:
+        """Submit jobs (given in dependency order; `after` keys name jobs of this call or already-completed ones).
+
+        Returns job key -> backend job id.
+        """
+        ...
+
+    def status(self, job_ids: Sequence[str]) -> dict[str, State]:
+        """The state of each backend job id."""
+        ...
+
+    def cancel(self, job_ids: Sequence[str]) -> None:
+        """Cancel the given backend jobs."""
+        ...

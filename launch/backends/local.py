@@ -1,0 +1,211 @@
+"""The local backend: stage jobs as subprocesses of this process, in dependency order, `max_parallel` at once.
+
+Jobs start when the caller polls (`status`); `extrema-launch sweep` polls until every job has ended. Each job's
+stdout and stderr go, interleaved, to `<run-dir>/<stage>/logs/local.log` (appended across attempts, one header
+line per attempt). A job whose upstream failed is not run and is recorded as failed ("not run: upstream ...").
+`cancel` sends SIGTERM to the job's process group, waits `grace_s`, then SIGKILL, and records the stage as
+cancelled so that the next `sweep` resumes it. A stage marked cancelled in the run store by another process
+(`extrema-launch cancel`) is stopped at the next poll. Job ids are `local-<pid>-<n>@<host>`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import IO, TYPE_CHECKING
+
+from fsspec.implementations.local import LocalFileSystem
+
+from extrema import rundir
+from launch import store
+from launch.backends.base import Job, State
+
+if TYPE_CHECKING:
+    from launch.sweep import LauncherSpec
+
+LOG_NAME = "local.log"
+_ID = re.compile(r"local-(\d+)-(\d+)@(.+)")
+_ENDED = (State.COMPLETED, State.FAILED, State.CANCELLED)
+
+
+@dataclass
+class _Task:
+    job: Job
+    job_id: str
+    submitted: float
+    state: State = State.PENDING
+    proc: subprocess.Popen[bytes] | None = None
+    log: IO[bytes] | None = None
+    log_path: str = ""
+    upload_to: str | None = None
+    started: float | None = None
+    returncode: int | None = field(default=None)
+
+    @property
+    def stage_dir(self) -> str:
+        return rundir.join(self.job.run_dir, self.job.stage)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class LocalBackend:
+    """Runs stage jobs as local subprocesses (no shell), in dependency order, up to `max_parallel` at once."""
+
+    name = "local"
+
+    def __init__(self, max_parallel: int = 1, grace_s: float = 10.0) -> None:
+        if max_parallel < 1:
+            raise ValueError("max_parallel must be at least 1")
+        self.max_parallel = max_parallel
+        self.grace_s = grace_s
+        self.host = socket.gethostname()
+        self._tasks: dict[str, _Task] = {}
+        self._by_key: dict[str, str] = {}
+        self._counter = itertools.count()
+
+    @classmethod
+    def from_launcher(cls, launcher: LauncherSpec) -> LocalBackend:
+        """The backend a sweep's launcher section asks for."""
+        return cls(max_parallel=launcher.max_parallel)
+
+    def submit(self, jobs: Sequence[Job], log_dir: str) -> dict[str, str]:
+        """Queue jobs; they start on the next poll. `log_dir` is unused: logs go to each stage's `logs/`."""
+        out = {}
+        now = time.time()
+        for job in jobs:
+            store.split_key(job.key)
+            job_id = f"local-{os.getpid()}-{next(self._counter)}@{self.host}"
+            self._tasks[job_id] = _Task(job, job_id, now)
+            self._by_key[job.key] = job_id
+            out[job.key] = job_id
+        return out
+
+    def status(self, job_ids: Sequence[str]) -> dict[str, State]:
+        """Advance the queue (reap, start) and report each job's state."""
+        self.poll()
+        return {i: self._tasks[i].state if i in self._tasks else self._foreign(i) for i in job_ids}
+
+    def cancel(self, job_ids: Sequence[str]) -> None:
+        """Stop the given jobs of this process (SIGTERM, then SIGKILL after `grace_s`) and record them cancelled."""
+        tasks = [self._tasks[i] for i in job_ids if i in self._tasks and self._tasks[i].state not in _ENDED]
+        self._terminate([t for t in tasks if t.proc is not None])
+        for t in tasks:
+            self._end(t, State.CANCELLED, "cancelled")
+
+    def running(self) -> list[Job]:
+        """The jobs whose processes are running now."""
+        return [t.job for t in self._tasks.values() if t.state == State.RUNNING]
+
+    def poll(self) -> None:
+        """Reap finished processes, stop externally cancelled ones, skip jobs behind failures, start ready ones."""
+        for t in self._tasks.values():
+            if t.state == State.RUNNING and self._cancelled_in_store(t):
+                self._terminate([t])
+                self._end(t, State.CANCELLED, "cancelled")
+            elif t.state == State.RUNNING and t.proc is not None and t.proc.poll() is not None:
+                self._reap(t)
+        for t in self._tasks.values():
+            if t.state != State.PENDING:
+                continue
+            ups = [self._tasks[self._by_key[a]] for a in t.job.after if a in self._by_key]
+            bad = next((u for u in ups if u.state in (State.FAILED, State.CANCELLED)), None)
+            if bad is not None:
+                self._end(t, bad.state, f"not run: upstream {bad.job.key} {bad.state.value}", write=True)
+            elif self._cancelled_in_store(t):
+                self._end(t, State.CANCELLED, "cancelled")
+            elif all(u.state == State.COMPLETED for u in ups) and len(self.running()) < self.max_parallel:
+                self._start(t)
+
+    def _cancelled_in_store(self, t: _Task) -> bool:
+        status = store.read_status(t.stage_dir)
+        return status.get("state") == "cancelled" and float(status.get("finished_at") or 0) >= t.submitted
+
+    def _foreign(self, job_id: str) -> State:
+        """A job of another process: gone with its process when that ran on this host."""
+        m = _ID.fullmatch(job_id)
+        if not m or m.group(3) != self.host:
+            return State.UNKNOWN
+        return State.RUNNING if _alive(int(m.group(1))) else State.CANCELLED
+
+    def _start(self, t: _Task) -> None:
+        fs, path = rundir.filesystem(rundir.join(t.stage_dir, "logs", LOG_NAME))
+        if isinstance(fs, LocalFileSystem):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            t.log_path = path
+        else:
+            fd, t.log_path = tempfile.mkstemp(prefix="extrema-", suffix=".log")
+            os.close(fd)
+            t.upload_to = rundir.join(t.stage_dir, "logs", LOG_NAME)
+        t.log = open(t.log_path, "ab")  # noqa: SIM115 - closed when the job is reaped
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        t.log.write(f"=== {stamp} job {t.job_id} on {self.host}: {' '.join(t.job.command())}\n".encode())
+        t.log.flush()
+        env = {**os.environ, "EXTREMA_JOB_ID": t.job_id, "PYTHONUNBUFFERED": "1"}
+        t.proc = subprocess.Popen(
+            t.job.command(),
+            stdin=subprocess.DEVNULL,
+            stdout=t.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        t.started = time.time()
+        t.state = State.RUNNING
+
+    def _reap(self, t: _Task) -> None:
+        assert t.proc is not None
+        t.returncode = t.proc.returncode
+        if t.returncode == 0:
+            self._end(t, State.COMPLETED, "")
+            return
+        stored = store.read_status(t.stage_dir).get("state")
+        state = State.CANCELLED if stored == "cancelled" else State.FAILED
+        self._end(t, state, f"exit code {t.returncode}", write=True)
+
+    def _terminate(self, tasks: list[_Task]) -> None:
+        live = [t for t in tasks if t.proc is not None and t.proc.poll() is None]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for t in live:
+                assert t.proc is not None
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(t.proc.pid, sig)
+            deadline = time.monotonic() + self.grace_s
+            for t in live:
+                assert t.proc is not None
+                try:
+                    t.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    continue
+            live = [t for t in live if t.proc is not None and t.proc.poll() is None]
+            if not live:
+                break
+
+    def _end(self, t: _Task, state: State, error: str, write: bool | None = None) -> None:
+        """Close the job's log and record its end; the run store is written unless the stage wrote it itself."""
+        t.state = state
+        if t.log is not None:
+            t.log.close()
+            t.log = None
+            if t.upload_to:
+                fs, path = rundir.filesystem(t.upload_to)
+                fs.put_file(t.log_path, path)
+                os.unlink(t.log_path)
+        if write or (write is None and state != State.COMPLETED):
+            store.mark_ended(t.stage_dir, state.value, error)

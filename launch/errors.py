@@ -1,0 +1,50 @@
+"""Invalid-input errors of the launcher: every problem names its file, its dotted path and the reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+Loc = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a sweep file: where it is and why it is wrong."""
+
+    file: str
+    loc: Loc
+    reason: str
+    line: int | None = None
+
+    @property
+    def path(self) -> str:
+        """The dotted path of the offending key (list items as `[i]`), or `<file>` for the whole file."""
+        out = ""
+        for part in self.loc:
+            out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        return out or "<file>"
+
+    def render(self) -> str:
+        """`file:line: path: reason` on one line."""
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.path}: {self.reason}"
+
+
+class InvalidSweep(Exception):
+    """A sweep file that cannot be run; carries every problem found, in file order."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        unique = list(dict.fromkeys(problems))
+        self.problems = unique
+        super().__init__("\n".join(p.render() for p in unique))
+
+    def with_file(self, file: str) -> InvalidSweep:
+        """The same problems, attributed to `file` where they name none."""
+        return InvalidSweep([p if p.file else replace(p, file=file) for p in self.problems])
+
+    def render(self, limit: int = 20) -> str:
+        """At most `limit` problems, one per line, so that the message fits one screen."""
+        lines = [p.render() for p in self.problems[:limit]]
+        if len(self.problems) > limit:
+            lines.append(f"... and {len(self.problems) - limit} more")
+        return "\n".join(lines)

@@ -1,0 +1,74 @@
+"""Planning, pure: runs -> stage jobs with `after` edges, and which of them a submission should send."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from launch import store
+from launch.backends.base import Job
+from launch.sweep import STAGE_ORDER, LauncherSpec, Run
+
+
+def upstream(run: Run, stage: str) -> tuple[str, ...]:
+    """Stages of the same run that `stage` waits for: pretrain, unless the stage points at its own checkpoint."""
+    if stage == "pretrain" or "pretrain" not in run.stages:
+        return ()
+    settings = getattr(run.experiment, stage, None)
+    if getattr(settings, "checkpoint", None):
+        return ()
+    return ("pretrain",)
+
+
+def plan(runs: Sequence[Run], launcher: LauncherSpec, sweep_url: str) -> list[Job]:
+    """Every stage job of the runs, stage-major (all pretrain jobs, then each downstream stage), run order within."""
+    jobs = []
+    for stage in STAGE_ORDER:
+        for run in runs:
+            if stage in run.stages:
+                jobs.append(
+                    Job(
+                        key=store.job_key(run.run_id, stage),
+                        run_dir=store.run_url(sweep_url, run.run_id),
+                        stage=stage,
+                        after=tuple(store.job_key(run.run_id, s) for s in upstream(run, stage)),
+                        resources=launcher.resources_for(stage),
+                    )
+                )
+    return jobs
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a submission does with one job, and why."""
+
+    job: Job
+    state: str | None
+    submit: bool
+    reason: str
+
+
+def select(jobs: Sequence[Job], states: Mapping[str, str | None], retry_failed: bool = False) -> list[Decision]:
+    """Submit what is neither completed nor in flight (failed ones only when retrying) and whose upstream will run."""
+    chosen: set[str] = set()
+    out = []
+    for job in jobs:
+        state = states.get(job.key)
+        if state == "completed":
+            out.append(Decision(job, state, False, "completed"))
+            continue
+        if state in store.IN_FLIGHT:
+            out.append(Decision(job, state, False, f"already {state}"))
+            continue
+        if state == "failed" and not retry_failed:
+            out.append(Decision(job, state, False, "failed; --retry-failed resubmits it"))
+            continue
+        blocked = [a for a in job.after if a not in chosen and states.get(a) != "completed"]
+        if blocked:
+            waits = ", ".join(f"{a} ({states.get(a) or 'not submitted'})" for a in blocked)
+            out.append(Decision(job, state, False, f"waits for {waits}"))
+            continue
+        chosen.add(job.key)
+        reason = {None: "new", "failed": "retry", "cancelled": "resume"}.get(state, f"resubmit ({state})")
+        out.append(Decision(job, state, True, reason))
+    return out

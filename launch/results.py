@@ -1,0 +1,150 @@
+"""Collect a sweep's result files into one pyarrow Table (a row per run and stage) and write it anywhere.
+
+Columns: run_id, stage, state, one column per swept dotted path, every result.json metric (nested keys
+dotted), then attempts, elapsed_s, submitted_at / started_at / finished_at (UTC timestamps), backend, job_id,
+and the provenance: host, git_sha, git_dirty, world_size; last the error of a failed stage.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from extrema import rundir
+from launch import store
+
+Format = Literal["parquet", "csv", "json"]
+TIMESTAMPS = ("submitted_at", "started_at", "finished_at")
+TYPED: dict[str, pa.DataType] = {
+    "run_id": pa.string(),
+    "stage": pa.string(),
+    "state": pa.string(),
+    "attempts": pa.int64(),
+    "elapsed_s": pa.float64(),
+    **dict.fromkeys(TIMESTAMPS, pa.timestamp("ms", tz="UTC")),
+    "backend": pa.string(),
+    "job_id": pa.string(),
+    "host": pa.string(),
+    "git_sha": pa.string(),
+    "git_dirty": pa.bool_(),
+    "world_size": pa.int64(),
+    "error": pa.string(),
+}
+HEAD = ("run_id", "stage", "state")
+TAIL = tuple(k for k in TYPED if k not in HEAD)
+
+
+def flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level of dotted keys."""
+    out: dict[str, Any] = {}
+    for k, v in doc.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def _row(entry: store.RunEntry, stage: str, status: Any, result: Any, prov: Any, now: float) -> dict[str, Any]:
+    status = status if isinstance(status, dict) else {}
+    prov = prov if isinstance(prov, dict) else {}
+    started, finished = status.get("started_at"), status.get("finished_at")
+    elapsed = None
+    if isinstance(started, (int, float)):
+        elapsed = (finished if isinstance(finished, (int, float)) else now) - started
+    row: dict[str, Any] = {"run_id": entry.run_id, "stage": stage, "state": status.get("state")}
+    row.update(flatten(entry.overrides))
+    for k, v in flatten(result if isinstance(result, dict) else {}).items():
+        row[f"result.{k}" if k in row or k in TYPED else k] = v
+    row.update(
+        attempts=status.get("attempts"),
+        elapsed_s=elapsed,
+        **{k: status.get(k) for k in TIMESTAMPS},
+        backend=status.get("backend"),
+        job_id=status.get("job_id"),
+        host=prov.get("host") or status.get("host"),
+        git_sha=prov.get("git_sha"),
+        git_dirty=prov.get("git_dirty"),
+        world_size=prov.get("world_size"),
+        error=status.get("error"),
+    )
+    return row
+
+
+def rows(sweep_url: str, runs: Sequence[store.RunEntry]) -> list[dict[str, Any]]:
+    """One dict per run and stage, read from the run store."""
+    pairs = [(r, s, store.stage_url(sweep_url, r.run_id, s)) for r in runs for s in r.stages]
+    names = ("status.json", "result.json", "provenance.json")
+    docs = store.read_many([rundir.join(url, n) for _, _, url in pairs for n in names])
+    now = time.time()
+    return [_row(r, s, docs[3 * i], docs[3 * i + 1], docs[3 * i + 2], now) for i, (r, s, _) in enumerate(pairs)]
+
+
+def _column(name: str, values: list[Any]) -> pa.Array:
+    if name in TIMESTAMPS:
+        ms = [int(v * 1000) if isinstance(v, (int, float)) else None for v in values]
+        return pa.array(ms, type=TYPED[name])
+    try:
+        return pa.array(values, type=TYPED.get(name))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+        return pa.array(
+            [None if v is None else json.dumps(v, sort_keys=True, default=str) for v in values], pa.string()
+        )
+
+
+def to_table(records: Sequence[dict[str, Any]]) -> pa.Table:
+    """The rows as a typed Arrow table; a column mixing types falls back to JSON text."""
+    middle: dict[str, None] = {}
+    for r in records:
+        middle.update(dict.fromkeys(k for k in r if k not in TYPED))
+    names = [*HEAD, *middle, *TAIL]
+    return pa.table({n: _column(n, [r.get(n) for r in records]) for n in names})
+
+
+def collect(sweep_url: str, runs: Sequence[store.RunEntry]) -> pa.Table:
+    """The results table of a sweep."""
+    return to_table(rows(sweep_url, runs))
+
+
+def _text_safe(table: pa.Table) -> pa.Table:
+    """Nested columns (lists, structs) as JSON text, for CSV."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_nested(f.type):
+            text = [None if v is None else json.dumps(v, default=str) for v in table.column(i).to_pylist()]
+            table = table.set_column(i, f.name, pa.array(text, pa.string()))
+    return table
+
+
+def encode(table: pa.Table, fmt: Format) -> bytes:
+    """The table as parquet, CSV or a JSON list of records (timestamps in ISO 8601)."""
+    buf = io.BytesIO()
+    if fmt == "parquet":
+        pq.write_table(table, buf)
+    elif fmt == "csv":
+        pacsv.write_csv(_text_safe(table), buf)
+    elif fmt == "json":
+        buf.write(json.dumps(table.to_pylist(), indent=2, default=lambda v: v.isoformat()).encode() + b"\n")
+    else:
+        raise ValueError(f"unknown format {fmt!r}")
+    return buf.getvalue()
+
+
+def write(table: pa.Table, url: str, fmt: Format) -> None:
+    """Write the table to any fsspec URL, atomically (write then rename)."""
+    fs, path = rundir.filesystem(url)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open(tmp, "wb") as f:
+        f.write(encode(table, fmt))
+    fs.mv(tmp, path)

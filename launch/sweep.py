@@ -1,0 +1,372 @@
+"""Sweep files: the `SweepFile` model, loading YAML with `include:`, and the pure `expand()` into runs.
+
+A sweep file has `name`, `base` (a full experiment), `sweep` (axes of dotted paths into `base`), `launcher` (backend
+and resources, never part of a run's identity) and `root` (the run store URL). Expansion is
+`runs x grid x zip`: every explicit run (or the base alone) is combined with every point of the grid (the
+cartesian product, last axis fastest) and every position of the zip (lists advanced together). Each resolved
+experiment is validated on its own and named by `run_id()`, a hash of its canonical JSON.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from extrema.spec import Experiment, ResourcesSpec, RunSpec, StageName
+from launch import store
+from launch.errors import InvalidSweep, Loc, Problem
+from launch.yamlfile import Source, deep_merge, load_with_includes, locate
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_SBATCH_OPTION = re.compile(r"[a-z][a-z0-9-]{0,40}")
+STAGE_ORDER: tuple[str, ...] = ("pretrain", "knn", "probe", "finetune", "detect")
+
+
+def _plain_text(value: str | None, what: str) -> str | None:
+    if value is not None and _CONTROL.search(value):
+        raise ValueError(f"{what} contains a control character (newline, tab, ...): {value!r}")
+    return value
+
+
+class LauncherSpec(BaseModel):
+    """Where and how the stage jobs run; `stages` entries override `resources` key by key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Literal["local", "slurm", "ray"] = "local"
+    resources: ResourcesSpec = ResourcesSpec()
+    stages: dict[StageName, ResourcesSpec] = Field(default_factory=dict)
+    max_parallel: int = Field(1, ge=1, description="local backend: stage jobs run at once")
+    ray_address: str | None = Field(None, description="ray backend: cluster address; a local Ray when unset")
+    slurm_folder: str | None = Field(None, description="slurm backend: submitit log folder; <root>/<sweep>/logs")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("stages"), dict):
+            base = data.get("resources") or {}
+            if isinstance(base, ResourcesSpec):
+                base = base.model_dump()
+            if isinstance(base, dict):
+                stages = {k: deep_merge(base, v) if isinstance(v, dict) else v for k, v in data["stages"].items()}
+                data = {**data, "stages": stages}
+        return data
+
+    @model_validator(mode="after")
+    def _safe(self) -> LauncherSpec:
+        for label, res in [("resources", self.resources), *((f"stages.{k}", v) for k, v in self.stages.items())]:
+            for name in ("partition", "account", "qos", "constraint"):
+                _plain_text(getattr(res, name), f"{label}.{name}")
+            for key, value in res.sbatch_extra.items():
+                if not _SBATCH_OPTION.fullmatch(key):
+                    raise ValueError(f"{label}.sbatch_extra: option name {key!r} is not a plain sbatch option name")
+                _plain_text(value, f"{label}.sbatch_extra.{key}")
+            if self.backend == "local" and res.nodes > 1:
+                raise ValueError(f"{label}.nodes: the local backend runs on this machine only (nodes: 1)")
+        _plain_text(self.ray_address, "ray_address")
+        _plain_text(self.slurm_folder, "slurm_folder")
+        return self
+
+    def resources_for(self, stage: str) -> ResourcesSpec:
+        """The resources of one stage: its own entry, else the default."""
+        return self.stages.get(stage, self.resources)  # type: ignore[call-overload]
+
+
+class Axes(BaseModel):
+    """The swept dotted paths: `grid` (cartesian), `zip` (advanced together) and explicit `runs`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    grid: dict[str, list[Any]] | None = None
+    zip: dict[str, list[Any]] | None = None
+    runs: list[dict[str, Any]] | None = None
+
+
+class SweepFile(BaseModel):
+    """A validated sweep file. `base` stays raw: each run is validated after its overrides are applied."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    base: dict[str, Any]
+    sweep: Axes | None = None
+    launcher: LauncherSpec = LauncherSpec()
+    root: str = "./runs"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return store.safe_name(v, "name")
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        if not v or _CONTROL.search(v):
+            raise ValueError(f"root {v!r} is empty or contains control characters")
+        return v
+
+
+@dataclass(frozen=True)
+class Run:
+    """One resolved run: its id, the swept values that made it, and the validated experiment."""
+
+    run_id: str
+    overrides: dict[str, Any]
+    experiment: Experiment
+    stages: tuple[str, ...] = field(default=())
+
+    def spec(self, sweep: str, stage: str) -> RunSpec:
+        """The RunSpec one stage job executes."""
+        return RunSpec(
+            sweep=sweep, run_id=self.run_id, stage=stage, experiment=self.experiment, overrides=self.overrides
+        )  # type: ignore[arg-type]
+
+
+def run_id(experiment: Experiment) -> str:
+    """10 hex digits of the sha256 of the experiment's canonical JSON (sorted keys, no spaces)."""
+    canonical = json.dumps(experiment.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:10]
+
+
+def ordered_stages(experiment: Experiment) -> tuple[str, ...]:
+    """The experiment's stages with pretrain first, then the rest in pipeline order."""
+    return tuple(s for s in STAGE_ORDER if s in experiment.stages)
+
+
+def _field_type(model: type[BaseModel], name: str) -> Any:
+    return model.model_fields[name].annotation
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return next((m for m in map(_model_of, typing.get_args(annotation)) if m), None)
+    return None
+
+
+def model_at(root: type[BaseModel], loc: Loc) -> type[BaseModel] | None:
+    """The pydantic model found at `loc` inside `root` (through sub-models, dict values and list items)."""
+    annotation: Any = root
+    for part in loc:
+        model = _model_of(annotation)
+        if model is not None and isinstance(part, str) and part in model.model_fields:
+            annotation = _field_type(model, part)
+            continue
+        args = typing.get_args(annotation)
+        if typing.get_origin(annotation) in (dict, list, tuple) and args:
+            annotation = args[-1]
+            continue
+        return None
+    return _model_of(annotation)
+
+
+def path_error(path: str) -> str | None:
+    """Why a dotted path does not name a field of an experiment, or None when it does."""
+    model: type[BaseModel] | None = Experiment
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        where = ".".join(parts[:i]) or "the experiment"
+        if model is None:
+            return f"{where} is a value, not a section: it has no field {part!r}"
+        if part not in model.model_fields:
+            return f"unknown field {part!r} in {where} (known: {', '.join(model.model_fields)})"
+        model = _model_of(_field_type(model, part))
+    return None
+
+
+def _set(raw: dict[str, Any], path: str, value: Any) -> None:
+    parts = path.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ValueError(f"base.{'.'.join(parts[: i + 1])} is not a mapping, cannot set {path}")
+        node = nxt
+    last = parts[-1]
+    old = node.get(last)
+    node[last] = deep_merge(old, value) if isinstance(old, dict) and isinstance(value, dict) else copy.deepcopy(value)
+
+
+Point = tuple[dict[str, Any], dict[str, Loc]]  # (path -> value, path -> where in the file the value came from)
+
+
+def _axis_paths(problems: list[Problem], loc: Loc, paths: list[str]) -> None:
+    for p in paths:
+        reason = path_error(p) if isinstance(p, str) else "a dotted path must be a string"
+        if reason:
+            problems.append(Problem("", (*loc, p), reason))
+
+
+def _points(axes: Axes | None, problems: list[Problem]) -> list[Point]:
+    if axes is None:
+        return [({}, {})]
+    if axes.grid is None and axes.zip is None and axes.runs is None:
+        problems.append(
+            Problem("", ("sweep",), "no axes: give grid, zip or runs, or leave `sweep` out to run base once")
+        )
+        return []
+    grid, zipped, runs = axes.grid or {}, axes.zip or {}, axes.runs
+    for name, axis in (("grid", axes.grid), ("zip", axes.zip)):
+        if axis is not None and not axis:
+            problems.append(Problem("", ("sweep", name), f"{name} is empty: give at least one dotted path"))
+        for path, values in (axis or {}).items():
+            if not values:
+                problems.append(Problem("", ("sweep", name, path), "no values: the sweep would have no runs"))
+        _axis_paths(problems, ("sweep", name), list(axis or {}))
+    if runs is not None and not runs:
+        problems.append(Problem("", ("sweep", "runs"), "runs is empty: give at least one run or leave it out"))
+    for i, run in enumerate(runs or []):
+        _axis_paths(problems, ("sweep", "runs", i), list(run))
+    lengths = {path: len(v) for path, v in zipped.items()}
+    if len(set(lengths.values())) > 1:
+        sizes = ", ".join(f"{p} has {n}" for p, n in lengths.items())
+        problems.append(Problem("", ("sweep", "zip"), f"zip lists must have equal lengths: {sizes}"))
+    owners: dict[str, str] = {}
+    for label, paths in (
+        ("grid", list(grid)),
+        ("zip", list(zipped)),
+        *((f"runs[{i}]", list(r)) for i, r in enumerate(runs or [])),
+    ):
+        for p in paths:
+            clash = next((q for q in owners if q == p or q.startswith(p + ".") or p.startswith(q + ".")), None)
+            if (
+                clash is not None
+                and owners[clash] != label
+                and not (label.startswith("runs") and owners[clash].startswith("runs"))
+            ):
+                problems.append(Problem("", ("sweep",), f"{p} is set by both sweep.{owners[clash]} and sweep.{label}"))
+            owners.setdefault(p, label)
+    if problems:
+        return []
+    grid_points: list[Point] = [
+        ({p: v for p, (_, v) in zip(grid, combo)}, {p: ("sweep", "grid", p, j) for p, (j, v) in zip(grid, combo)})
+        for combo in itertools.product(*(list(enumerate(vs)) for vs in grid.values()))
+    ]
+    n_zip = next(iter(lengths.values()), 1)
+    zip_points: list[Point] = [
+        ({p: vs[j] for p, vs in zipped.items()}, {p: ("sweep", "zip", p, j) for p in zipped}) for j in range(n_zip)
+    ]
+    run_points: list[Point] = (
+        [({}, {})] if runs is None else [(r, {p: ("sweep", "runs", i, p) for p in r}) for i, r in enumerate(runs)]
+    )
+    return [
+        ({**r[0], **g[0], **z[0]}, {**r[1], **g[1], **z[1]})
+        for r, g, z in itertools.product(run_points, grid_points, zip_points)
+    ]
+
+
+def _reason(err: Any, root: type[BaseModel], loc: Loc) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        model = model_at(root, loc[:-1])
+        known = f" (known: {', '.join(model.model_fields)})" if model else ""
+        return f"unknown key {loc[-1]!r}{known}"
+    if kind == "missing":
+        return "required key is missing"
+    if kind in ("value_error", "assertion_error"):
+        return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    shown = repr(err.get("input"))
+    return f"{msg} (got {shown[:60]}{'...' if len(shown) > 60 else ''})"
+
+
+def validation_problems(error: ValidationError, root: type[BaseModel], prefix: Loc = ()) -> list[Problem]:
+    """One Problem per pydantic error, located by its dotted path under `prefix`."""
+    out = []
+    for err in error.errors(include_url=False):
+        loc = tuple(err["loc"])
+        out.append(Problem("", (*prefix, *loc), _reason(err, root, loc)))
+    return out
+
+
+def _describe(overrides: dict[str, Any]) -> str:
+    return ", ".join(f"{p}={json.dumps(v, default=str)}" for p, v in overrides.items()) or "base"
+
+
+def _run_problems(error: ValidationError, overrides: dict[str, Any], origin: dict[str, Loc]) -> list[Problem]:
+    out = []
+    for problem in validation_problems(error, Experiment):
+        path = ".".join(str(p) for p in problem.loc)
+        if not path:
+            match = re.match(r"([a-z_][a-z0-9_.]*)[: ]", problem.reason)
+            path = match.group(1) if match else ""
+        owner = next(
+            (p for p in origin if path and (path == p or path.startswith(p + ".") or p.startswith(path + "."))), None
+        )
+        if owner is not None:
+            out.append(Problem("", origin[owner], f"{problem.reason} (run {_describe(overrides)})"))
+        elif overrides and not problem.loc:
+            out.append(Problem("", ("base",), f"{problem.reason} (run {_describe(overrides)})"))
+        else:
+            out.append(Problem("", ("base", *problem.loc), problem.reason))
+    return out
+
+
+def expand(sweep: SweepFile) -> list[Run]:
+    """Every run of a sweep, in a stable order; InvalidSweep listing every problem found."""
+    problems: list[Problem] = []
+    points = _points(sweep.sweep, problems)
+    runs: list[Run] = []
+    seen: dict[str, int] = {}
+    for i, (overrides, origin) in enumerate(points):
+        raw = copy.deepcopy(sweep.base)
+        try:
+            for path, value in overrides.items():
+                _set(raw, path, value)
+            experiment = Experiment.model_validate(raw)
+        except ValueError as e:  # pydantic's ValidationError is a ValueError
+            if isinstance(e, ValidationError):
+                problems.extend(_run_problems(e, overrides, origin))
+            else:
+                problems.append(Problem("", ("base",), str(e)))
+            continue
+        rid = run_id(experiment)
+        if rid in seen:
+            where = next(iter(origin.values()), ("sweep",))
+            problems.append(
+                Problem("", where, f"runs {seen[rid] + 1} and {i + 1} are the same experiment ({_describe(overrides)})")
+            )
+            continue
+        seen[rid] = i
+        if "knn" in experiment.stages and "pretrain" not in experiment.stages and not experiment.knn.checkpoint:
+            problems.append(Problem("", ("base", "stages"), "knn needs pretrain in stages or a knn.checkpoint URL"))
+            continue
+        runs.append(Run(rid, overrides, experiment, ordered_stages(experiment)))
+    if problems:
+        raise InvalidSweep(problems)
+    return runs
+
+
+def load_sweep(path: str | Path, backend: str | None = None, root: str | None = None) -> tuple[SweepFile, list[Source]]:
+    """Read and validate a sweep file (includes merged underneath); command-line overrides win over the file."""
+    raw, sources = load_with_includes(Path(path))
+    if backend is not None:
+        launcher = raw.get("launcher")
+        raw["launcher"] = {**(launcher if isinstance(launcher, dict) else {}), "backend": backend}
+    if root is not None:
+        raw["root"] = root
+    try:
+        return SweepFile.model_validate(raw), sources
+    except ValidationError as e:
+        raise InvalidSweep(locate(validation_problems(e, SweepFile), sources)) from None
+
+
+def load_runs(path: str | Path, backend: str | None = None, root: str | None = None) -> tuple[SweepFile, list[Run]]:
+    """Load a sweep file and expand it; every problem names the file, the dotted path and the reason."""
+    sweep, sources = load_sweep(path, backend, root)
+    try:
+        return sweep, expand(sweep)
+    except InvalidSweep as e:
+        raise InvalidSweep(locate(e.problems, sources)) from None
