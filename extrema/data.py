@@ -6,6 +6,7 @@ import functools
 import gzip
 import hashlib
 import math
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Literal, Protocol
 
@@ -20,10 +21,12 @@ from torchvision.datasets.utils import download_url
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
+from extrema import augment
 from extrema.spec import DataSpec
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = augment.IMAGENET_MEAN, augment.IMAGENET_STD
+# torchvision 0.29 warns on every decode that decoding moves to torchcodec; decoding still works.
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
 
 Split = Literal["train", "val"]
 Augmentation = Literal["spatial_consistent_color", "spatial"]
@@ -288,31 +291,42 @@ def to_normalized() -> v2.Compose:
 
 
 class TwoViewTransform:
-    """Two views of one image: a shared crop and flip, then independent colour (or none: the same tensor twice)."""
+    """Two views of one image: a shared crop and flip, then independent colour (or none: the same tensor twice).
 
-    def __init__(self, img_size: int, augmentation: Augmentation, crop_min: float = 0.2) -> None:
+    With `device_color` the colour stage is deferred: the call returns the uint8 crop and each view's colour
+    parameters (drawn exactly as the v2 transforms draw them) for `extrema.augment.two_views` to apply to the
+    whole batch on the training device.
+    """
+
+    def __init__(
+        self, img_size: int, augmentation: Augmentation, crop_min: float = 0.2, device_color: bool = False
+    ) -> None:
         if augmentation not in ("spatial_consistent_color", "spatial"):
             raise ValueError(f"unknown augmentation {augmentation!r}")
         self.augmentation = augmentation
+        self.device_color = device_color
         self.geometry = v2.Compose(
-            [
-                v2.RandomResizedCrop(img_size, scale=(crop_min, 1.0), antialias=True),
-                v2.RandomHorizontalFlip(),
-                v2.ToDtype(torch.float32, scale=True),
-            ]
+            [v2.RandomResizedCrop(img_size, scale=(crop_min, 1.0), antialias=True), v2.RandomHorizontalFlip()]
         )
+        self.to_float = v2.ToDtype(torch.float32, scale=True)
+        self.jitter = augment.color_jitter()
         # Colour runs on the float crop: the same ops as on uint8, without intermediate rounding and a little faster.
         self.color = v2.Compose(
-            [v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), v2.RandomGrayscale(p=0.2)]
+            [v2.RandomApply([self.jitter], p=augment.JITTER_P), v2.RandomGrayscale(augment.GRAYSCALE_P)]
         )
         self.normalize = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
 
     def __call__(self, img: Tensor) -> tuple[Tensor, Tensor]:
         crop = self.geometry(img)
+        if self.device_color:
+            if self.augmentation == "spatial":
+                return crop, torch.empty(0)
+            return crop, torch.stack([augment.sample_color_params(self.jitter, crop) for _ in range(2)])
+        x = self.to_float(crop)
         if self.augmentation == "spatial":
-            view = self.normalize(crop)
+            view = self.normalize(x)
             return view, view
-        return self.normalize(self.color(crop)), self.normalize(self.color(crop))
+        return self.normalize(self.color(x)), self.normalize(self.color(x))
 
 
 def eval_transform(img_size: int, crop_pct: float = 0.875) -> Callable[[Tensor], Tensor]:
@@ -375,7 +389,10 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 class PretrainViews(Dataset[tuple[Tensor, Tensor, Tensor]]):
-    """(view1, view2, masks) of item (epoch, index); all its randomness derives from (seed, epoch, index) only."""
+    """(view1, view2, masks) of item (epoch, index); all its randomness derives from (seed, epoch, index) only.
+
+    With a `device_color` transform the first two items are (uint8 crop, colour parameters) instead.
+    """
 
     def __init__(
         self,

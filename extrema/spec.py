@@ -96,6 +96,9 @@ class DataSpec(Spec):
     val_split: str = "val"
     augmentation: Literal["spatial_consistent_color", "spatial"] = "spatial_consistent_color"
     crop_min: float = Field(0.2, gt=0, le=1)
+    color_on_device: bool | None = Field(
+        None, description="apply colour jitter batched on the training device; auto: on GPU only"
+    )
     num_workers: int = Field(4, ge=0)
     synthetic_size: int = Field(256, gt=0, description="images per split of the synthetic test dataset")
     cache_dir: str | None = Field(None, description="download cache for Fashion-MNIST when no local copy exists")

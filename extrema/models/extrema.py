@@ -116,14 +116,17 @@ class ExtreMA(nn.Module):
     @torch.no_grad()
     def update_target(self, momentum: float) -> None:
         """theta_t <- m * theta_t + (1 - m) * theta_s, one fused foreach over all parameters."""
-        t = [p for p in self.target.parameters()]
-        s = [p.detach() for p in self.online.parameters()]
+        t: list[Tensor] = list(self.target.parameters())
+        s: list[Tensor] = [p.detach() for p in self.online.parameters()]
         torch._foreach_lerp_(t, s, 1.0 - momentum)
 
-    def online_predictions(self, x: Tensor, visible: Tensor) -> Tensor:
-        """Masked view (B, C, H, W) + masks (M, B, K) -> predictions (M, B, proj_dim), mask-major."""
-        m, b, _ = visible.shape
-        return self.predictor(self.online(x, visible)).reshape(m, b, -1)
+    def online_predictions(self, x: Tensor, visible: Tensor | None) -> Tensor:
+        """Masked view (B, C, H, W) + masks (M, B, K) -> predictions (M, B, proj_dim), mask-major.
+
+        Without masks the online branch sees the full view (M = 1): the BYOL baseline.
+        """
+        m = 1 if visible is None else visible.shape[0]
+        return self.predictor(self.online(x, visible)).reshape(m, x.shape[0], -1)
 
     @torch.no_grad()
     def target_projections(self, x: Tensor) -> Tensor:
@@ -134,7 +137,7 @@ class ExtreMA(nn.Module):
         self,
         x1: Tensor,
         x2: Tensor,
-        visible: Tensor,
+        visible: Tensor | None,
         loss: Literal["byol", "infonce"] = "byol",
         temperature: float = 0.2,
         symmetric: bool = False,

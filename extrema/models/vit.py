@@ -162,7 +162,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         grid = img_size // patch_size
         self.register_buffer("pos_embed", sincos_pos_embed_2d(embed_dim, grid, grid).unsqueeze(0), persistent=False)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, dpr[i], attn_drop_rate) for i in range(depth)
         )

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from extrema import ckpt, data, rundir
+from extrema.augment import two_views
 from extrema.dist import World, init_world
-from extrema.models.extrema import ExtreMA, random_masks
+from extrema.models.extrema import ExtreMA, Sampling, random_masks
 from extrema.optim import build_adamw, cosine_schedule, ema_momentum, param_groups, scaled_lr, set_hyperparams
 from extrema.spec import Experiment, PretrainSpec, RunSpec
 from extrema.stages.knn import knn_monitor, pixel_knn
@@ -31,14 +32,30 @@ def autocast_dtype(p: PretrainSpec, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def make_views(exp: Experiment, train_set: data.LabeledImages) -> data.PretrainViews:
+def color_on_device(exp: Experiment, device: torch.device) -> bool:
+    """Whether colour augmentation runs batched on the training device (auto: on GPU)."""
+    auto = device.type == "cuda"
+    return auto if exp.data.color_on_device is None else exp.data.color_on_device
+
+
+class SampleMasks:
+    """Picklable per-sample mask draw: (M, K) visible indices of one image from its own generator."""
+
+    def __init__(self, num_patches: int, num_masks: int, ratio: float, sampling: Sampling) -> None:
+        self.args = (num_patches, num_masks, ratio, sampling)
+
+    def __call__(self, g: torch.Generator) -> torch.Tensor:
+        n, m, r, s = self.args
+        return random_masks(1, n, m, r, s, generator=g)[:, 0]
+
+
+def make_views(exp: Experiment, train_set: data.LabeledImages, device_color: bool) -> data.PretrainViews:
     """Two views per image plus the image's own masks, all seeded per sample."""
-    m, n = exp.pretrain.masking, exp.model.num_patches
-
-    def mask_fn(g: torch.Generator) -> torch.Tensor:
-        return random_masks(1, n, m.num_masks, m.ratio, m.sampling, generator=g)[:, 0]
-
-    transform = data.TwoViewTransform(exp.model.resolved_img_size, exp.data.augmentation, exp.data.crop_min)
+    m = exp.pretrain.masking
+    mask_fn = SampleMasks(exp.model.num_patches, m.num_masks, m.ratio, m.sampling)
+    transform = data.TwoViewTransform(
+        exp.model.resolved_img_size, exp.data.augmentation, exp.data.crop_min, device_color=device_color
+    )
     return data.PretrainViews(train_set, transform, exp.pretrain.seed, mask_fn)
 
 
@@ -64,9 +81,13 @@ def train_step(
     p: PretrainSpec,
     world: World,
     amp: torch.dtype | None,
+    device_color: bool,
+    color: bool,
 ) -> torch.Tensor:
     """One optimizer step over `accum_steps` micro-batches; returns the mean loss as a device tensor (no sync)."""
     x1, x2, masks = (t.to(world.device, non_blocking=True) for t in batch)
+    if device_color:
+        x1, x2 = two_views(x1, x2, color)
     visible = masks.transpose(0, 1)  # (B, M, K) from the loader -> (M, B, K), mask-major
     total = torch.zeros((), device=world.device)
     for c1, c2, cv in zip(x1.chunk(p.accum_steps), x2.chunk(p.accum_steps), visible.chunk(p.accum_steps, dim=1)):
@@ -120,7 +141,9 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
         knn_log = {f"init_{k}": v for k, v in evaluate_knn(0).items()}
         knn_log.update({f"pixels_{k}": v for k, v in pixel_knn(exp).items()})
 
-    views = make_views(exp, train_set)
+    device_color = color_on_device(exp, world.device)
+    color = exp.data.augmentation == "spatial_consistent_color"
+    views = make_views(exp, train_set, device_color)
     sampler = data.StepBatchSampler(
         len(train_set), p.batch_size, p.seed, start_step, total_steps, world.rank, world.size
     )
@@ -138,7 +161,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
         momentum = ema_momentum(step, total_steps, p.ema_momentum)
         set_hyperparams(optimizer, lr, wd)
         model.update_target(momentum)
-        running += train_step(model, optimizer, batch, p, world, amp)
+        running += train_step(model, optimizer, batch, p, world, amp, device_color, color)
         images_seen += p.batch_size
         done = step + 1
         if done % p.log_every == 0 or done == total_steps:
