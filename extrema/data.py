@@ -427,6 +427,9 @@ def pretrain_loader(views: PretrainViews, batch_sampler: StepBatchSampler, num_w
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
+        # Samples are seeded by (seed, epoch, index); a private generator keeps the loader from drawing
+        # its worker base seed from the global RNG, which the training step's drop path consumes.
+        generator=torch.Generator().manual_seed(0),
     )
 
 

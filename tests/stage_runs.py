@@ -1,0 +1,42 @@
+"""Build run directories with a RunSpec per stage, for tests that execute real stages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from extrema import rundir
+from extrema.spec import Experiment, RunSpec
+
+TINY_EXPERIMENT: dict[str, Any] = {
+    "model": {"arch": "vit_pico", "mlp_dim": 128, "proj_dim": 32, "drop_path_rate": 0.1},
+    "data": {"dataset": "synthetic", "synthetic_size": 256, "num_workers": 0},
+    "pretrain": {
+        "steps": 12,
+        "batch_size": 32,
+        "base_lr": 1.5e-3,
+        "warmup_epochs": 0.5,
+        "ema_momentum": 0.99,
+        "masking": {"ratio": 0.75, "num_masks": 4},
+        "log_every": 1,
+        "ckpt_every": 6,
+        "knn_monitor": False,
+    },
+    "knn": {"bank_size": 256, "k": 10},
+}
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `over` into a copy of `base`."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def make_run(run_dir: str, overrides: dict[str, Any] | None = None) -> Experiment:
+    """Write `<run_dir>/<stage>/spec.json` for every stage of the tiny experiment (with overrides)."""
+    exp = Experiment.model_validate(merge(TINY_EXPERIMENT, overrides or {}))
+    for stage in exp.stages:
+        spec = RunSpec(sweep="test", run_id="r0", stage=stage, experiment=exp)
+        rundir.write_json(rundir.join(run_dir, stage, "spec.json"), spec.model_dump(mode="json"))
+    return exp
