@@ -34,7 +34,7 @@ STAGE_ORDER: tuple[str, ...] = ("pretrain", "knn", "probe", "finetune", "detect"
 
 def _plain_text(value: str | None, what: str) -> str | None:
     if value is not None and _CONTROL.search(value):
-        raise ValueError(f"{what} contains a control character (newline, tab, ...): {value!r}")
+        raise ValueError(f"{what}: contains a control character (newline, tab, ...): {value!r}")
     return value
 
 
@@ -282,12 +282,22 @@ def _reason(err: Any, root: type[BaseModel], loc: Loc) -> str:
     return f"{msg} (got {shown[:60]}{'...' if len(shown) > 60 else ''})"
 
 
+_LEADING_PATH = re.compile(r"([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*): (.+)", re.DOTALL)
+
+
 def validation_problems(error: ValidationError, root: type[BaseModel], prefix: Loc = ()) -> list[Problem]:
-    """One Problem per pydantic error, located by its dotted path under `prefix`."""
+    """One Problem per pydantic error, located by its dotted path under `prefix`.
+
+    A model-level check that names a field first ("pretrain.masking: ...") is located at that field.
+    """
     out = []
     for err in error.errors(include_url=False):
-        loc = tuple(err["loc"])
-        out.append(Problem("", (*prefix, *loc), _reason(err, root, loc)))
+        loc: Loc = tuple(err["loc"])
+        reason = _reason(err, root, loc)
+        match = _LEADING_PATH.fullmatch(reason) if err["type"] == "value_error" else None
+        if match:
+            loc, reason = (*loc, *match.group(1).split(".")), match.group(2)
+        out.append(Problem("", (*prefix, *loc), reason))
     return out
 
 
@@ -306,7 +316,12 @@ def _run_problems(error: ValidationError, overrides: dict[str, Any], origin: dic
             (p for p in origin if path and (path == p or path.startswith(p + ".") or p.startswith(path + "."))), None
         )
         if owner is not None:
-            out.append(Problem("", origin[owner], f"{problem.reason} (run {_describe(overrides)})"))
+            exact = bool(problem.loc) and path == owner
+            out.append(
+                Problem(
+                    "", origin[owner], problem.reason if exact else f"{problem.reason} (run {_describe(overrides)})"
+                )
+            )
         elif overrides and not problem.loc:
             out.append(Problem("", ("base",), f"{problem.reason} (run {_describe(overrides)})"))
         else:
@@ -349,6 +364,20 @@ def expand(sweep: SweepFile) -> list[Run]:
     return runs
 
 
+def _also_expand(raw: dict[str, Any], found: list[Problem]) -> list[Problem]:
+    """When only `launcher` or `root` is wrong, the runs' own problems too, so that one pass shows them all."""
+    bad = {p.loc[0] for p in found if p.loc}
+    if not bad or not bad <= {"launcher", "root"}:
+        return []
+    try:
+        expand(SweepFile.model_validate({k: v for k, v in raw.items() if k not in bad}))
+    except InvalidSweep as e:
+        return e.problems
+    except ValidationError:
+        return []
+    return []
+
+
 def load_sweep(path: str | Path, backend: str | None = None, root: str | None = None) -> tuple[SweepFile, list[Source]]:
     """Read and validate a sweep file (includes merged underneath); command-line overrides win over the file."""
     raw, sources = load_with_includes(Path(path))
@@ -360,7 +389,8 @@ def load_sweep(path: str | Path, backend: str | None = None, root: str | None = 
     try:
         return SweepFile.model_validate(raw), sources
     except ValidationError as e:
-        raise InvalidSweep(locate(validation_problems(e, SweepFile), sources)) from None
+        found = validation_problems(e, SweepFile)
+        raise InvalidSweep(locate(found + _also_expand(raw, found), sources)) from None
 
 
 def load_runs(path: str | Path, backend: str | None = None, root: str | None = None) -> tuple[SweepFile, list[Run]]:

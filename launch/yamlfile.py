@@ -65,8 +65,9 @@ def read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
         raise InvalidSweep([Problem(file, (), "file not found")]) from None
     except (OSError, UnicodeDecodeError) as e:
         raise InvalidSweep([Problem(file, (), f"cannot read: {e}")]) from None
-    loader = StrictSafeLoader(text)
+    loader = None
     try:
+        loader = StrictSafeLoader(text)  # the reader refuses non-printable characters here already
         node = loader.get_single_node()
         data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
@@ -74,7 +75,8 @@ def read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
         reason = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
         raise InvalidSweep([Problem(file, (), f"YAML syntax: {reason}", mark.line + 1 if mark else None)]) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return data, node
 
 
@@ -101,6 +103,9 @@ def load_with_includes(path: Path, chain: tuple[Path, ...] = ()) -> tuple[dict[s
         if target in (*chain, here):
             cycle = " -> ".join(str(p) for p in (*chain, here, target))
             raise InvalidSweep(locate([Problem(file, ("include", i), f"include cycle: {cycle}")], [Source(file, node)]))
+        if not target.is_file():
+            problem = Problem(file, ("include", i), f"included file {name!r} not found (looked for {target})")
+            raise InvalidSweep(locate([problem], [Source(file, node)]))
         sub, sources = load_with_includes(path.parent / name, (*chain, here))
         merged = deep_merge(merged, sub)
         included = sources + included

@@ -1,0 +1,185 @@
+"""The local backend with real subprocesses: dependency order, parallelism, failures, cancellation, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from extrema.spec import ResourcesSpec
+from launch import store
+from launch.backends.base import Job, State
+from launch.backends.local import LocalBackend
+
+SCRIPT = """
+import os, sys, time
+events, key, seconds, code = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+with open(events, "a") as f: f.write(f"start {key} {time.time()} {os.getpid()}\\n")
+print(f"hello from {key}", flush=True)
+print(f"to stderr {key}", file=sys.stderr, flush=True)
+if sys.argv[5:] == ["ignore-term"]:
+    import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)
+time.sleep(seconds)
+with open(events, "a") as f: f.write(f"end {key} {time.time()} {os.getpid()}\\n")
+sys.exit(code)
+"""
+
+
+@dataclass(frozen=True)
+class ScriptJob(Job):
+    """A job whose process is a small Python script instead of a training stage."""
+
+    events: str = ""
+    seconds: float = 0.0
+    code: int = 0
+    ignore_term: bool = False
+
+    def command(self) -> list[str]:
+        extra = ["ignore-term"] if self.ignore_term else []
+        return [sys.executable, "-c", SCRIPT, self.events, self.key, str(self.seconds), str(self.code), *extra]
+
+
+def job(
+    tmp: Path, key: str, after: tuple[str, ...] = (), seconds: float = 0.0, code: int = 0, ignore_term: bool = False
+) -> ScriptJob:
+    run_id, stage = key.split("/")
+    return ScriptJob(
+        key, str(tmp / "s" / run_id), stage, after, ResourcesSpec(), str(tmp / "events"), seconds, code, ignore_term
+    )
+
+
+def wait_all(backend: LocalBackend, ids: dict[str, str], timeout: float = 20.0) -> dict[str, State]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = backend.status(list(ids.values()))
+        if all(s in (State.COMPLETED, State.FAILED, State.CANCELLED) for s in states.values()):
+            return {k: states[v] for k, v in ids.items()}
+        time.sleep(0.05)
+    raise AssertionError(f"jobs did not end: {backend.status(list(ids.values()))}")
+
+
+def events(tmp: Path) -> list[tuple[str, str, float, int]]:
+    path = tmp / "events"
+    if not path.exists():
+        return []
+    rows = [line.split() for line in path.read_text().splitlines()]
+    return [(kind, key, float(t), int(pid)) for kind, key, t, pid in rows]
+
+
+def test_runs_in_dependency_order_one_at_a_time(tmp_path: Path) -> None:
+    jobs = [
+        job(tmp_path, "a/pretrain", seconds=0.3),
+        job(tmp_path, "b/pretrain"),
+        job(tmp_path, "a/knn", ("a/pretrain",)),
+    ]
+    backend = LocalBackend(max_parallel=1)
+    ids = backend.submit(jobs, str(tmp_path / "logs"))
+    assert set(ids) == {"a/pretrain", "b/pretrain", "a/knn"} and len(set(ids.values())) == 3
+    assert wait_all(backend, ids) == dict.fromkeys(ids, State.COMPLETED)
+    ev = events(tmp_path)
+    assert [(kind, key) for kind, key, _, _ in ev] == [
+        ("start", "a/pretrain"), ("end", "a/pretrain"), ("start", "b/pretrain"), ("end", "b/pretrain"),
+        ("start", "a/knn"), ("end", "a/knn"),
+    ]  # fmt: skip
+    log = (tmp_path / "s" / "a" / "pretrain" / "logs" / "local.log").read_text()
+    assert f"job {ids['a/pretrain']}" in log and "hello from a/pretrain" in log and "to stderr a/pretrain" in log
+
+
+def test_parallel_jobs_overlap_and_the_limit_holds(tmp_path: Path) -> None:
+    jobs = [job(tmp_path, f"{r}/pretrain", seconds=0.6) for r in "abc"]
+    backend = LocalBackend(max_parallel=2)
+    ids = backend.submit(jobs, "")
+    assert set(wait_all(backend, ids).values()) == {State.COMPLETED}
+    ev = events(tmp_path)
+    spans = {key: [t for kind, k, t, _ in ev if k == key] for key in ids}
+    (a0, a1), (b0, b1), (c0, _) = spans["a/pretrain"], spans["b/pretrain"], spans["c/pretrain"]
+    assert b0 < a1 and a0 < b1, "the first two jobs ran at the same time"
+    assert c0 >= min(a1, b1), "the third waited for a free slot"
+
+
+def test_a_failed_job_fails_and_its_downstream_is_not_run(tmp_path: Path) -> None:
+    jobs = [job(tmp_path, "a/pretrain", code=3), job(tmp_path, "a/knn", ("a/pretrain",)), job(tmp_path, "b/pretrain")]
+    backend = LocalBackend(max_parallel=1)
+    ids = backend.submit(jobs, "")
+    assert wait_all(backend, ids) == {"a/pretrain": State.FAILED, "a/knn": State.FAILED, "b/pretrain": State.COMPLETED}
+    assert [k for kind, k, _, _ in events(tmp_path) if kind == "start"] == ["a/pretrain", "b/pretrain"]
+    pretrain, knn = (store.read_status(str(tmp_path / "s" / "a" / s)) for s in ("pretrain", "knn"))
+    assert (pretrain["state"], pretrain["error"]) == ("failed", "exit code 3")
+    assert (knn["state"], knn["error"]) == ("failed", "not run: upstream a/pretrain failed")
+    assert not (tmp_path / "s" / "a" / "knn" / "logs").exists()
+
+
+def test_cancel_terminates_then_kills_and_records_cancelled(tmp_path: Path) -> None:
+    jobs = [job(tmp_path, "a/pretrain", seconds=30, ignore_term=True), job(tmp_path, "a/knn", ("a/pretrain",))]
+    backend = LocalBackend(max_parallel=1, grace_s=0.5)
+    ids = backend.submit(jobs, "")
+    deadline = time.monotonic() + 10
+    while not events(tmp_path) and time.monotonic() < deadline:
+        backend.status(list(ids.values()))
+        time.sleep(0.05)
+    (_, _, _, pid) = events(tmp_path)[0]
+    t0 = time.monotonic()
+    backend.cancel(list(ids.values()))
+    assert time.monotonic() - t0 < 5
+    assert backend.status(list(ids.values())) == dict.fromkeys(ids.values(), State.CANCELLED)
+    assert not os.path.exists(f"/proc/{pid}"), "SIGTERM was ignored, so SIGKILL followed"
+    for stage in ("pretrain", "knn"):
+        assert store.read_status(str(tmp_path / "s" / "a" / stage))["state"] == "cancelled"
+
+
+def test_a_stage_cancelled_in_the_store_is_stopped(tmp_path: Path) -> None:
+    backend = LocalBackend(max_parallel=1, grace_s=2)
+    ids = backend.submit([job(tmp_path, "a/pretrain", seconds=30)], "")
+    while not events(tmp_path):
+        backend.status(list(ids.values()))
+        time.sleep(0.05)
+    store.mark_ended(str(tmp_path / "s" / "a" / "pretrain"), "cancelled", "cancelled by user")
+    assert wait_all(backend, ids, timeout=10) == {"a/pretrain": State.CANCELLED}
+
+
+def test_jobs_of_other_processes() -> None:
+    backend = LocalBackend()
+    host = socket.gethostname()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout
+    got = backend.status(
+        [f"local-{os.getpid()}-99@{host}", f"local-{dead.strip()}-0@{host}", "local-1-0@elsewhere", "123_4"]
+    )
+    assert list(got.values()) == [State.RUNNING, State.CANCELLED, State.UNKNOWN, State.UNKNOWN]
+
+
+def test_ctrl_c_stops_children_and_leaves_them_resumable(tmp_path: Path) -> None:
+    driver = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from pathlib import Path
+        from rich.console import Console
+        from launch.backends.local import LocalBackend
+        from launch.cli import run_blocking
+        from test_local_backend import job
+        tmp = Path({str(tmp_path)!r})
+        jobs = [job(tmp, "a/pretrain", seconds=60), job(tmp, "a/knn", ("a/pretrain",))]
+        backend = LocalBackend(max_parallel=1, grace_s=5)
+        ids = backend.submit(jobs, "")
+        sys.exit(run_blocking(backend, ids, {{j.key: j for j in jobs}}, Console()))
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 20
+    while not events(tmp_path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (_, _, _, child) = events(tmp_path)[0]
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 130, out
+    assert "interrupted" in out and "resumes" in out
+    assert not os.path.exists(f"/proc/{child}")
+    assert [kind for kind, *_ in events(tmp_path)] == ["start"], "the child was stopped before it finished"
+    for stage in ("pretrain", "knn"):
+        assert store.read_status(str(tmp_path / "s" / "a" / stage))["state"] == "cancelled"
