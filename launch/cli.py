@@ -160,8 +160,13 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def run_blocking(backend: Backend, ids: dict[str, str], jobs: dict[str, Job], console: Console) -> int:
-    """Show progress until the submitted jobs end; on Ctrl-C stop them cleanly (they stay resumable)."""
+    """Show progress until the submitted jobs end; on Ctrl-C (or SIGTERM, SIGHUP) stop them cleanly, resumable."""
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         final = follow(backend, ids, jobs, console)
     except KeyboardInterrupt:
@@ -170,6 +175,9 @@ def run_blocking(backend: Backend, ids: dict[str, str], jobs: dict[str, Job], co
             backend.cancel(list(ids.values()))
         console.print("stopped; `extrema-launch sweep` again resumes the unfinished stages")
         return INTERRUPTED
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return FAILED if any(s == State.FAILED for s in final.values()) else OK
 
 

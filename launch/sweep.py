@@ -16,7 +16,7 @@ import json
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -123,7 +123,7 @@ class Run:
     run_id: str
     overrides: dict[str, Any]
     experiment: Experiment
-    stages: tuple[str, ...] = field(default=())
+    stages: tuple[str, ...]
 
     def spec(self, sweep: str, stage: str) -> RunSpec:
         """The RunSpec one stage job executes."""

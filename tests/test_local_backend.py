@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from extrema.spec import ResourcesSpec
 from launch import store
 from launch.backends.base import Job, State
@@ -155,7 +157,8 @@ def test_jobs_of_other_processes() -> None:
     assert list(got.values()) == [State.RUNNING, State.CANCELLED, State.UNKNOWN, State.UNKNOWN]
 
 
-def test_ctrl_c_stops_children_and_leaves_them_resumable(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_stops_children_and_leaves_them_resumable(tmp_path: Path, sig: signal.Signals) -> None:
     driver = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(Path(__file__).parent)!r})
@@ -175,7 +178,7 @@ def test_ctrl_c_stops_children_and_leaves_them_resumable(tmp_path: Path) -> None
     while not events(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.05)
     (_, _, _, child) = events(tmp_path)[0]
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=20)
     assert proc.returncode == 130, out
     assert "interrupted" in out and "resumes" in out
