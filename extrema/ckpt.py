@@ -16,7 +16,12 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 
 from extrema import rundir
 
@@ -85,13 +90,60 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, extra: di
     return {"model": model_sd, "optim": optim_sd, "extra": extra}
 
 
-def save(ckpt_dir: str, step: int, state: dict[str, Any]) -> str:
-    """Write one checkpoint collectively; the `latest` pointer is updated after DCP commits `.metadata`."""
-    url = step_url(ckpt_dir, step)
-    dcp.save(state, storage_writer=FsspecWriter(url, sync_files=False))
+_pending: list[tuple[Any, str, int]] = []
+
+
+def _point_latest(ckpt_dir: str, step: int) -> None:
     if is_rank0():
         rundir.write_text_atomic(rundir.join(ckpt_dir, "latest"), f"step-{step}\n")
+
+
+def wait_pending() -> None:
+    """Block until a background save has committed, then move the `latest` pointer to it."""
+    while _pending:
+        future, ckpt_dir, step = _pending.pop(0)
+        future.result()
+        _point_latest(ckpt_dir, step)
+
+
+def save(ckpt_dir: str, step: int, state: dict[str, Any], background: bool = False) -> str:
+    """Write one checkpoint collectively; `latest` moves only after DCP has committed `.metadata`.
+
+    With `background`, tensors are staged to host memory and written by a thread while training goes on;
+    a later save (or `wait_pending`) waits for it first. Background saves need a process group.
+    """
+    wait_pending()
+    url = step_url(ckpt_dir, step)
+    writer = FsspecWriter(url, sync_files=False)
+    if background and dist.is_initialized():
+        _pending.append((dcp.async_save(state, storage_writer=writer), ckpt_dir, step))
+        return url
+    dcp.save(state, storage_writer=writer)
+    _point_latest(ckpt_dir, step)
     return url
+
+
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A plain, unsharded CPU state dict of a module (gathered from its shards under FSDP)."""
+    sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def write_torch(url: str, obj: Any) -> None:
+    """torch.save to any fsspec URL, atomically (write then rename)."""
+    fs, path = rundir.filesystem(url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    tmp = f"{path}.tmp"
+    with fs.open(tmp, "wb") as f:
+        torch.save(obj, f)
+    fs.mv(tmp, path)
+
+
+def read_torch(url: str) -> Any:
+    """torch.load(weights_only=True) from any fsspec URL."""
+    fs, path = rundir.filesystem(url)
+    with fs.open(path, "rb") as f:
+        return torch.load(f, map_location="cpu", weights_only=True)
 
 
 def load(url: str, state: dict[str, Any]) -> None:

@@ -462,9 +462,17 @@ def eval_loader(
     num_workers: int,
     limit: int | None = None,
     seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> DataLoader:
-    """(images, labels) batches in a fixed order, of all items or of a seeded subset of `limit` items."""
-    data = Subset(Transformed(base, transform), subset_indices(len(base), limit, seed))
+    """(images, labels) batches in a fixed order, of all items or of a seeded subset of `limit` items.
+
+    With world_size > 1 each rank gets a contiguous slice; concatenating the ranks' outputs in rank order
+    restores the full order.
+    """
+    indices = subset_indices(len(base), limit, seed)
+    per_rank = -(-len(indices) // world_size)
+    data = Subset(Transformed(base, transform), indices[rank * per_rank : (rank + 1) * per_rank])
     return DataLoader(
         data, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=torch.cuda.is_available()
     )

@@ -1,12 +1,21 @@
-"""Process groups from any launcher (torchrun, Slurm, Ray Train, or none), devices and rank helpers."""
+"""Process groups from any launcher (torchrun, Slurm, Ray Train, or none), FSDP2/DDP wrapping, preemption."""
 
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.nn.parallel import DistributedDataParallel
+
+if TYPE_CHECKING:
+    from extrema.models.extrema import ExtreMA
 
 
 @dataclass(frozen=True)
@@ -65,3 +74,89 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
+
+
+def apply_fsdp(model: ExtreMA, world: World, bf16: bool) -> ExtreMA:
+    """FSDP2: shard every transformer block, each head and each branch of online and target alike, then the root.
+
+    Online and target are sharded identically, so the EMA update is a shard-local foreach with no gathers.
+    """
+    mesh = init_device_mesh(world.device.type, (world.size,))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    if mp is not None:
+        kwargs["mp_policy"] = mp
+    for branch in (model.online, model.target):
+        for block in [*branch.encoder.blocks, *branch.encoder.blocks_token]:
+            fully_shard(block, **kwargs)
+        fully_shard(branch.encoder, **kwargs)
+        register_fsdp_forward_method(branch.encoder, "forward_features")
+        fully_shard(branch.projector, **kwargs)
+        fully_shard(branch, **kwargs)
+    fully_shard(model.predictor, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def wrap(model: ExtreMA, world: World, strategy: str, bf16: bool) -> tuple[nn.Module, ExtreMA]:
+    """(module to call for the loss, the ExtreMA underneath) for strategy fsdp | ddp | none."""
+    if world.size == 1 or strategy == "none":
+        return model, model
+    if strategy == "fsdp":
+        return apply_fsdp(model, world, bf16), model
+    ids = [world.device.index] if world.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids), model
+
+
+def gather_keys(k: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' keys (no gradient) and the row offset of this rank's keys, for InfoNCE."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return k, 0
+    parts = [torch.empty_like(k) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, k.detach().contiguous())
+    return torch.cat(parts), dist.get_rank() * k.shape[0]
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate a (n_r, ...) tensor from every rank in rank order; n_r may differ by rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: t.shape[0]] = t
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+class Preemption:
+    """SIGUSR2/SIGTERM set a flag; `should_stop` agrees across ranks at a step boundary (never in the handler)."""
+
+    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.flag = False
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> Preemption:
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.flag = True
+
+    def should_stop(self, device: torch.device) -> bool:
+        """True on every rank if any rank was signalled (one all-reduce when distributed)."""
+        if not dist.is_initialized():
+            return self.flag
+        t = torch.tensor([1.0 if self.flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)

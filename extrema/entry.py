@@ -1,7 +1,8 @@
 """`python -m extrema.entry <run-dir-url> <stage>`: run one stage of one run. The only thing any backend executes.
 
 Reads `<run-dir>/<stage>/spec.json` (a RunSpec), records provenance and status beside it, runs the stage
-function and writes `result.json`. Exit codes: 0 done, 1 failed, 2 bad invocation or spec.
+function and writes `result.json`. Exit codes: 0 done, 1 failed, 2 bad invocation or spec,
+3 preempted (a checkpoint was saved: requeue and it resumes).
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ STAGE_MODULES: dict[str, str] = {
     "pretrain": "extrema.stages.pretrain",
     "knn": "extrema.stages.knn",
 }
+
+EXIT_REQUEUE = 3  # the stage saved a checkpoint after a preemption signal: requeue it, it resumes
+
+
+class Preempted(Exception):
+    """Raised by a stage that stopped at a preemption signal after saving a checkpoint."""
+
 
 JOB_ID_VARS = ("SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID", "RAY_JOB_SUBMISSION_ID", "EXTREMA_JOB_ID")
 
@@ -108,14 +116,21 @@ def main(argv: list[str] | None = None) -> int:
     if not rundir.exists(rundir.join(stage_dir, "spec.json")):
         print(f"extrema.entry: no spec.json in {stage_dir}", file=sys.stderr)
         return 2
+    is_main = world_info()[0] == 0
     try:
         run_stage(args.run_dir, args.stage)
+    except Preempted as e:
+        if is_main:
+            update_status(stage_dir, state="preempted", finished_at=now(), error=str(e))
+        return EXIT_REQUEUE
     except KeyboardInterrupt:
-        update_status(stage_dir, state="cancelled", finished_at=now(), error="interrupted")
+        if is_main:
+            update_status(stage_dir, state="cancelled", finished_at=now(), error="interrupted")
         return 130
     except Exception as e:
         traceback.print_exc()
-        update_status(stage_dir, state="failed", finished_at=now(), error=f"{type(e).__name__}: {e}")
+        if is_main:
+            update_status(stage_dir, state="failed", finished_at=now(), error=f"{type(e).__name__}: {e}")
         return 1
     return 0
 

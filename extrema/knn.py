@@ -56,12 +56,10 @@ def knn_accuracy(
 
 def features(encoder: VisionTransformer, images: Tensor, feature: Feature = "instance") -> Tensor:
     """Representation of a batch: LN(instance), the pre-norm instance, or the mean of the patch tokens."""
-    inst, patches = encoder.forward_features(images)
     if feature == "instance":
-        return encoder.norm(inst)
-    if feature == "instance_prenorm":
-        return inst
-    return patches.mean(dim=1)
+        return encoder(images)
+    inst, patches = encoder.forward_features(images)
+    return inst if feature == "instance_prenorm" else patches.mean(dim=1)
 
 
 @torch.no_grad()

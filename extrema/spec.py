@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 StageName = Literal["pretrain", "knn", "probe", "finetune", "detect"]
-BUILT_STAGES: tuple[str, ...] = ("pretrain", "knn")
+BUILT_STAGES: tuple[str, ...] = ("pretrain", "knn", "probe", "finetune")
 
 # name -> (embed_dim, depth, num_heads, patch_size, img_size). The first four are the paper's
 # architectures (patch 16, 224 px); the rest are CPU-sized presets for tests and the demo.
@@ -132,6 +132,10 @@ class PretrainSpec(Spec):
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     log_every: int = Field(20, ge=1, description="steps between loss logs (the only host syncs)")
     ckpt_every: int = Field(1000, ge=1, description="steps between checkpoints")
+    keep_last: int = Field(2, ge=1, description="complete checkpoints kept")
+    keep_every: int | None = Field(None, ge=1, description="also keep checkpoints at multiples of this step")
+    async_save: bool = Field(False, description="write periodic checkpoints in the background")
+    strategy: Literal["fsdp", "ddp", "none"] = Field("fsdp", description="data parallelism with several processes")
     knn_monitor: bool = Field(True, description="kNN accuracy (knn settings) at the start, periodically and at the end")
     knn_every_epochs: float | None = Field(None, gt=0, description="kNN monitor period; only at start and end if unset")
     seed: int = 0
@@ -156,6 +160,90 @@ class KnnSpec(Spec):
     checkpoint: str | None = Field(None, description="checkpoint URL; the run's pretrain stage when unset")
 
 
+class ProbeSpec(Spec):
+    """Linear probe (BatchNorm without affine + Linear) on a frozen encoder; defaults are the paper's Table 3."""
+
+    init: Literal["pretrained", "random"] = Field("pretrained", description="random: the from-scratch baseline")
+    checkpoint: str | None = Field(
+        None, description="DCP step or ckpt dir, or an official/timm .pth URL; the run's pretrain stage when unset"
+    )
+    encoder: Literal["ema", "student"] = "ema"
+    feature: Literal["instance", "patch_mean"] = "instance"
+    final_norm: bool = Field(False, description="apply the encoder's final LayerNorm; the reference drops it")
+    epochs: float = Field(90, gt=0)
+    batch_size: int = Field(4096, gt=0, description="global batch size")
+    accum_steps: int = Field(1, ge=1, description="encoder micro-batches per step; the head sees the whole batch")
+    optimizer: Literal["lars", "sgd"] = "lars"
+    base_lr: float = Field(0.1, gt=0, description="lr = base_lr * batch_size / 256")
+    min_lr: float = Field(0.0, ge=0)
+    warmup_epochs: float = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    train_size: int | None = Field(None, gt=0, description="seeded subset of training images; all when unset")
+    val_fraction: float | None = Field(
+        None, gt=0, lt=1, description="validate on this seeded fraction of the train split instead of the val split"
+    )
+    val_size: int | None = Field(None, gt=0, description="validation images evaluated; all when unset")
+    eval_batch_size: int = Field(256, gt=0)
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    ckpt_every: int | None = Field(None, ge=1, description="steps between checkpoints besides epoch ends")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ProbeSpec:
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
+        if self.init == "random" and self.checkpoint:
+            raise ValueError("checkpoint: not used with init 'random'; remove one of them")
+        return self
+
+
+class FinetuneSpec(Spec):
+    """End-to-end finetuning of the encoder with a new head; defaults are the paper's Table 2 (ViT-B)."""
+
+    init: Literal["pretrained", "random"] = Field("pretrained", description="random: the from-scratch baseline")
+    checkpoint: str | None = Field(
+        None, description="DCP step or ckpt dir, or an official/timm .pth URL; the run's pretrain stage when unset"
+    )
+    encoder: Literal["student", "ema"] = "student"
+    img_size: int | None = Field(None, gt=0, description="finetuning resolution; the model's when unset")
+    pos_embed: Literal["learnable", "fixed"] = Field("learnable", description="learnable: initialised from sin-cos")
+    epochs: float = Field(100, gt=0)
+    batch_size: int = Field(1024, gt=0, description="global batch size")
+    accum_steps: int = Field(1, ge=1, description="gradient accumulation micro-steps per optimizer step")
+    base_lr: float = Field(1e-3, gt=0, description="lr = base_lr * batch_size / 256")
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_epochs: float = Field(5, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    layer_decay: float = Field(0.75, gt=0, le=1)
+    drop_path_rate: float = Field(0.1, ge=0, lt=1)
+    clip_grad: float | None = Field(None, gt=0)
+    randaugment_ops: int = Field(2, ge=0, description="RandAugment operations per image; 0 disables it")
+    randaugment_magnitude: int = Field(9, ge=0, le=30)
+    random_erasing: float = Field(0.25, ge=0, le=1, description="probability of erasing a random box")
+    mixup: float = Field(0.8, ge=0, description="MixUp alpha; 0 disables it")
+    cutmix: float = Field(1.0, ge=0, description="CutMix alpha; 0 disables it")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    train_size: int | None = Field(None, gt=0, description="seeded subset of training images; all when unset")
+    val_fraction: float | None = Field(
+        None, gt=0, lt=1, description="validate on this seeded fraction of the train split instead of the val split"
+    )
+    val_size: int | None = Field(None, gt=0, description="validation images evaluated; all when unset")
+    eval_batch_size: int = Field(256, gt=0)
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    ckpt_every: int | None = Field(None, ge=1, description="steps between checkpoints besides epoch ends")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FinetuneSpec:
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
+        if self.init == "random" and self.checkpoint:
+            raise ValueError("checkpoint: not used with init 'random'; remove one of them")
+        return self
+
+
 class Experiment(Spec):
     """One complete experiment: the model, its data, and the settings of each stage it runs."""
 
@@ -164,6 +252,8 @@ class Experiment(Spec):
     stages: tuple[StageName, ...] = ("pretrain", "knn")
     pretrain: PretrainSpec = PretrainSpec()
     knn: KnnSpec = KnnSpec()
+    probe: ProbeSpec = ProbeSpec()
+    finetune: FinetuneSpec = FinetuneSpec()
 
     @model_validator(mode="after")
     def _consistent(self) -> Experiment:

@@ -7,6 +7,7 @@ EMA target (encoder + projector, built without drop path, never trained by gradi
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -141,7 +142,7 @@ class ExtreMA(nn.Module):
         loss: Literal["byol", "infonce"] = "byol",
         temperature: float = 0.2,
         symmetric: bool = False,
-        gather: nn.Module | None = None,
+        gather: Callable[[Tensor], tuple[Tensor, int]] | None = None,
     ) -> Tensor:
         """The ExtreMA loss: masked x1 predicts target(x2), averaged over masks (and both directions if symmetric).
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from extrema import ckpt, data, rundir
-from extrema.dist import init_world
+from extrema.dist import World, all_gather_rows, init_world
 from extrema.knn import extract, knn_accuracy
 from extrema.models.extrema import ExtreMA
 from extrema.models.vit import VisionTransformer
@@ -23,12 +23,22 @@ def _dataset(spec: DataSpec, split: str, seed: int) -> data.LabeledImages:
     return data.build_dataset(spec, split, seed=seed)  # type: ignore[arg-type]
 
 
-def eval_batches(exp: Experiment, split: str, limit: int | None) -> Any:
-    """Evaluation-transformed (images, labels) batches of a split; `limit` draws a seeded subset."""
+def eval_batches(exp: Experiment, split: str, limit: int | None, world: World) -> Any:
+    """Evaluation-transformed (images, labels) batches of this rank's slice of a split (seeded subset)."""
     ds = _dataset(exp.data, split, exp.pretrain.seed)
     crop_pct = 1.0 if exp.model.resolved_img_size <= 64 else 0.875
     transform = data.eval_transform(exp.model.resolved_img_size, crop_pct)
-    return data.eval_loader(ds, transform, exp.knn.batch_size, exp.data.num_workers, limit=limit, seed=0)
+    n = exp.knn.batch_size
+    return data.eval_loader(ds, transform, n, exp.data.num_workers, limit, 0, world.rank, world.size)
+
+
+def extract_all(
+    encoder: VisionTransformer, exp: Experiment, split: str, limit: int | None, world: World, amp: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels of a split, each rank extracting its slice, gathered on every rank."""
+    feats, labels = extract(encoder, eval_batches(exp, split, limit, world), exp.knn.feature, world.device, amp)
+    gathered = all_gather_rows(torch.cat([feats, labels.unsqueeze(1).float()], 1).to(world.device)).cpu()
+    return gathered[:, :-1], gathered[:, -1].long()
 
 
 def num_classes(exp: Experiment) -> int:
@@ -37,21 +47,23 @@ def num_classes(exp: Experiment) -> int:
 
 
 @torch.no_grad()
-def knn_monitor(encoder: VisionTransformer, exp: Experiment, device: torch.device) -> dict[str, float]:
+def knn_monitor(
+    encoder: VisionTransformer, exp: Experiment, world: World, amp: torch.dtype | None = None
+) -> dict[str, float]:
     """Top-1/top-5 weighted kNN accuracy of the encoder: train-split bank, validation-split queries."""
     k = exp.knn
-    amp = torch.bfloat16 if device.type == "cuda" else None
-    bank, bank_y = extract(encoder, eval_batches(exp, "train", k.bank_size), k.feature, device, amp)
-    val, val_y = extract(encoder, eval_batches(exp, "val", k.val_size), k.feature, device, amp)
+    bank, bank_y = extract_all(encoder, exp, "train", k.bank_size, world, amp)
+    val, val_y = extract_all(encoder, exp, "val", k.val_size, world, amp)
     return knn_accuracy(bank, bank_y, val, val_y, num_classes(exp), k.k, k.temperature)
 
 
-def pixel_knn(exp: Experiment) -> dict[str, float]:
+def pixel_knn(exp: Experiment, world: World) -> dict[str, float]:
     """The same kNN protocol on raw normalised pixels: the floor a representation should beat."""
     k = exp.knn
+    single = World(0, 1, 0, world.device)
 
     def flat(split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = zip(*[(x.flatten(1), y) for x, y in eval_batches(exp, split, limit)])
+        xs, ys = zip(*[(x.flatten(1), y) for x, y in eval_batches(exp, split, limit, single)])
         return torch.cat(xs), torch.cat(ys)
 
     bank, bank_y = flat("train", k.bank_size)
@@ -82,7 +94,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     branch = "target" if exp.knn.encoder == "ema" else "online"
     ckpt.load_module(url, getattr(model, branch).encoder, prefix=f"{branch}.encoder.")
     encoder = getattr(model, branch).encoder.to(world.device)
-    acc = knn_monitor(encoder, exp, world.device)
+    acc = knn_monitor(encoder, exp, world, torch.bfloat16 if world.device.type == "cuda" else None)
     return {
         "knn_top1": acc["top1"],
         "knn_top5": acc["top5"],

@@ -1,14 +1,15 @@
 """ExtreMA pretraining: a masked online ViT regresses the EMA target's projection of the full view.
 
-    python -m extrema.entry <run-dir> pretrain     # reads <run-dir>/pretrain/spec.json
+    python -m extrema.entry <run-dir> pretrain                     # one process
+    torchrun --nproc_per_node=8 -m extrema.entry <run-dir> pretrain  # FSDP2 (or DDP) over 8 processes
 
-Reads top to bottom: data, model, optimizer, resume, loop (schedules -> EMA update -> loss -> step), kNN monitor,
-checkpoints, result. Resuming is not a mode: the stage continues from its latest complete checkpoint if any.
+Reads top to bottom: data, model, sharding, optimizer, resume, loop (schedules -> EMA update -> loss -> step),
+kNN monitor, checkpoints, preemption, export, result. Resuming is not a mode: the stage continues from its
+latest complete checkpoint if there is one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from typing import Any
@@ -18,11 +19,14 @@ from torch import nn
 
 from extrema import ckpt, data, rundir
 from extrema.augment import two_views
-from extrema.dist import World, init_world
+from extrema.dist import Preemption, World, all_reduce_mean, gather_keys, init_world, wrap
+from extrema.entry import Preempted
 from extrema.models.extrema import ExtreMA, Sampling, random_masks
 from extrema.optim import build_adamw, cosine_schedule, ema_momentum, param_groups, scaled_lr, set_hyperparams
 from extrema.spec import Experiment, PretrainSpec, RunSpec
 from extrema.stages.knn import knn_monitor, pixel_knn
+
+PREEMPT_CHECK_EVERY = 10  # steps between the cross-rank preemption agreements (one tiny all-reduce each)
 
 
 def autocast_dtype(p: PretrainSpec, device: torch.device) -> torch.dtype | None:
@@ -74,8 +78,13 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def extra_state(step: int, world: World, knn_log: dict[str, float]) -> dict[str, Any]:
+    """Non-model checkpoint state; each rank stores its own RNG under its own key."""
+    return {"step": step, "world_size": world.size, "knn": knn_log, f"rng_rank{world.rank}": rng_state(world.device)}
+
+
 def train_step(
-    model: ExtreMA,
+    model: nn.Module,
     optimizer: torch.optim.Optimizer,
     batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     p: PretrainSpec,
@@ -92,7 +101,7 @@ def train_step(
     total = torch.zeros((), device=world.device)
     for c1, c2, cv in zip(x1.chunk(p.accum_steps), x2.chunk(p.accum_steps), visible.chunk(p.accum_steps, dim=1)):
         with torch.autocast(world.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-            loss = model(c1, c2, cv, loss=p.loss, temperature=p.temperature, symmetric=p.symmetric)
+            loss = model(c1, c2, cv, p.loss, p.temperature, p.symmetric, gather_keys)
         (loss / p.accum_steps).backward()
         total += loss.detach() / p.accum_steps
     if p.clip_grad is not None:
@@ -102,11 +111,19 @@ def train_step(
     return total
 
 
+def export_encoders(model: ExtreMA, stage_dir: str, world: World) -> None:
+    """Write the student and EMA encoders as plain full state dicts (`export/encoder_{student,ema}.pt`)."""
+    for name, encoder in (("student", model.online.encoder), ("ema", model.target.encoder)):
+        state = ckpt.full_state_dict(encoder)
+        if world.is_main:
+            ckpt.write_torch(rundir.join(stage_dir, "export", f"encoder_{name}.pt"), state)
+
+
 def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     """Pretrain, monitor with kNN, checkpoint, and return the final metrics."""
     exp, p = spec.experiment, spec.experiment.pretrain
     world = init_world()
-    torch.manual_seed(p.seed + world.rank)
+    torch.manual_seed(p.seed)  # identical initial weights on every rank
     amp = autocast_dtype(p, world.device)
 
     train_set = data.build_dataset(exp.data, "train", seed=p.seed)
@@ -116,22 +133,23 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     knn_every = math.ceil(p.knn_every_epochs * steps_per_epoch) if p.knn_every_epochs else None
 
     model = ExtreMA(exp.model).to(world.device)
-    trainable = nn.ModuleDict({"online": model.online, "predictor": model.predictor})
+    loss_module, core = wrap(model, world, p.strategy, bf16=world.device.type == "cuda" and amp is not None)
+    trainable = nn.ModuleDict({"online": core.online, "predictor": core.predictor})
     groups = param_groups(trainable, p.weight_decay, no_decay_names=("pos_embed", "cls_token"))
     optimizer = build_adamw(groups, lr=scaled_lr(p.base_lr, p.batch_size), betas=p.betas)
 
     ckpt_dir = rundir.join(stage_dir, "ckpt")
-    extra = {"step": 0, "rng": rng_state(world.device), "knn": {}}
-    saved = ckpt.restore(ckpt_dir, model, optimizer, extra)
+    torch.manual_seed(p.seed + world.rank)  # drop path differs by rank
+    saved = ckpt.restore(ckpt_dir, core, optimizer, extra_state(0, world, {}))
     start_step = int(saved["step"]) if saved else 0
-    if saved:
-        set_rng_state(saved["rng"], world.device)
+    if saved and int(saved["world_size"]) == world.size:
+        set_rng_state(saved[f"rng_rank{world.rank}"], world.device)
     knn_log: dict[str, float] = dict(saved["knn"]) if saved else {}
     metrics = rundir.MetricsLog(rundir.join(stage_dir, "metrics.jsonl"), keep_after_step=start_step)
 
     def evaluate_knn(step: int) -> dict[str, float]:
-        encoder = model.target.encoder if exp.knn.encoder == "ema" else model.online.encoder
-        out = knn_monitor(encoder, exp, world.device)
+        encoder = core.target.encoder if exp.knn.encoder == "ema" else core.online.encoder
+        out = knn_monitor(encoder, exp, world, amp)
         if world.is_main:
             metrics.log({"step": step, "epoch": step / steps_per_epoch, **{f"knn_{k}": v for k, v in out.items()}})
             metrics.flush()
@@ -139,7 +157,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
 
     if start_step == 0 and p.knn_monitor:
         knn_log = {f"init_{k}": v for k, v in evaluate_knn(0).items()}
-        knn_log.update({f"pixels_{k}": v for k, v in pixel_knn(exp).items()})
+        knn_log.update({f"pixels_{k}": v for k, v in pixel_knn(exp, world).items()})
 
     device_color = color_on_device(exp, world.device)
     color = exp.data.augmentation == "spatial_consistent_color"
@@ -151,43 +169,43 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
 
     model.train()
     running = torch.zeros((), device=world.device)
-    t0, images_seen = time.perf_counter(), 0
-    step = start_step
-    for step, batch in enumerate(loader, start=start_step):
-        lr = cosine_schedule(step, total_steps, scaled_lr(p.base_lr, p.batch_size), p.min_lr, warmup_steps)
-        wd = p.weight_decay
-        if p.weight_decay_end is not None:
-            wd = cosine_schedule(step, total_steps, p.weight_decay, p.weight_decay_end)
-        momentum = ema_momentum(step, total_steps, p.ema_momentum)
-        set_hyperparams(optimizer, lr, wd)
-        model.update_target(momentum)
-        running += train_step(model, optimizer, batch, p, world, amp, device_color, color)
-        images_seen += p.batch_size
-        done = step + 1
-        if done % p.log_every == 0 or done == total_steps:
-            n = p.log_every if done % p.log_every == 0 else done % p.log_every
-            elapsed = time.perf_counter() - t0
-            record = {
-                "step": done,
-                "total_steps": total_steps,
-                "epoch": done / steps_per_epoch,
-                "loss": running.item() / n,
-                "lr": lr,
-                "wd": wd,
-                "momentum": momentum,
-                "images_per_s": images_seen / max(elapsed, 1e-9),
-            }
-            running.zero_()
-            if world.is_main:
-                metrics.log(record, flush=True)
-        if knn_every and done % knn_every == 0 and done != total_steps:
-            evaluate_knn(done)
-        if done % p.ckpt_every == 0 or done == total_steps:
-            extra = {"step": done, "rng": rng_state(world.device), "knn": knn_log}
-            ckpt.save(ckpt_dir, done, ckpt.training_state(model, optimizer, extra))
-            ckpt.apply_retention(ckpt_dir, keep_last=2)
+    t0, images_seen, step = time.perf_counter(), 0, start_step
+    with Preemption() as preemption:
+        for step, batch in enumerate(loader, start=start_step):
+            lr = cosine_schedule(step, total_steps, scaled_lr(p.base_lr, p.batch_size), p.min_lr, warmup_steps)
+            wd = p.weight_decay
+            if p.weight_decay_end is not None:
+                wd = cosine_schedule(step, total_steps, p.weight_decay, p.weight_decay_end)
+            momentum = ema_momentum(step, total_steps, p.ema_momentum)
+            set_hyperparams(optimizer, lr, wd)
+            core.update_target(momentum)
+            running += train_step(loss_module, optimizer, batch, p, world, amp, device_color, color)
+            images_seen += p.batch_size
+            done = step + 1
+            if done % p.log_every == 0 or done == total_steps:
+                n = p.log_every if done % p.log_every == 0 else done % p.log_every
+                loss = all_reduce_mean(running).item() / n
+                elapsed = time.perf_counter() - t0
+                running.zero_()
+                if world.is_main:
+                    record = {"step": done, "total_steps": total_steps, "epoch": done / steps_per_epoch, "loss": loss}
+                    record.update(lr=lr, wd=wd, momentum=momentum, images_per_s=images_seen / max(elapsed, 1e-9))
+                    metrics.log(record, flush=True)
+            if knn_every and done % knn_every == 0 and done != total_steps:
+                evaluate_knn(done)
+            last = done == total_steps
+            stop = (world.size == 1 or done % PREEMPT_CHECK_EVERY == 0) and preemption.should_stop(world.device)
+            if done % p.ckpt_every == 0 or last or stop:
+                state = ckpt.training_state(core, optimizer, extra_state(done, world, knn_log))
+                ckpt.save(ckpt_dir, done, state, background=p.async_save and not (last or stop))
+                ckpt.apply_retention(ckpt_dir, p.keep_last, p.keep_every)
+            if stop:
+                ckpt.wait_pending()
+                raise Preempted(f"preempted at step {done}; checkpoint saved")
+    ckpt.wait_pending()
     step = max(step + 1, start_step)
 
+    export_encoders(core, stage_dir, world)
     final = evaluate_knn(step) if p.knn_monitor else {}
     result: dict[str, Any] = {"steps": step, "epochs": step / steps_per_epoch, "total_steps": total_steps}
     result.update({f"knn_{k}": v for k, v in final.items()})
@@ -197,6 +215,5 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     losses = [r["loss"] for r in metrics.records if "loss" in r]
     if losses:
         result["loss_final"] = losses[-1]
-    with contextlib.suppress(Exception):
-        metrics.flush()
+    result["world_size"] = world.size
     return result
