@@ -23,6 +23,8 @@ StageFn = Callable[[RunSpec, str], dict[str, Any]]
 STAGE_MODULES: dict[str, str] = {
     "pretrain": "extrema.stages.pretrain",
     "knn": "extrema.stages.knn",
+    "probe": "extrema.stages.probe",
+    "finetune": "extrema.stages.finetune",
 }
 
 EXIT_REQUEUE = 3  # the stage saved a checkpoint after a preemption signal: requeue it, it resumes
@@ -136,4 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module, not __main__, so stages raising `extrema.entry.Preempted` are caught here.
+    from extrema import entry
+
+    sys.exit(entry.main())

@@ -33,7 +33,7 @@ OFFICIAL_PREFIXES: dict[Branch, tuple[str, ...]] = {
     "ema": ("module.momentum_encoder.", "momentum_encoder."),
 }
 DCP_PREFIX: dict[Branch, str] = {"student": "model.online.encoder.", "ema": "model.target.encoder."}
-PTH_SUFFIXES = (".pth", ".pt", ".pth.tar", ".bin")
+PTH_SUFFIXES = (".pth", ".pt", ".pth.tar")
 SHOWN = 12  # keys listed per kind of mismatch in an error message
 
 
@@ -237,7 +237,7 @@ def read_pth(url: str) -> dict[str, Any]:
 
 
 def pth_encoder(obj: Mapping[str, Any], branch: Branch, url: str) -> dict[str, Tensor]:
-    """Encoder weights of a loaded .pth: an official ExtreMA checkpoint or a (wrapped) timm ViT state dict."""
+    """Encoder weights of a loaded .pth: official ExtreMA checkpoint, (wrapped) timm ViT, or our own key names."""
     sd: Mapping[str, Any] = obj
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(sd.get(wrapper), Mapping):
@@ -246,6 +246,8 @@ def pth_encoder(obj: Mapping[str, Any], branch: Branch, url: str) -> dict[str, T
         return from_official(sd, branch)
     if any(k.removeprefix("module.") == "patch_embed.proj.weight" for k in sd):
         return from_timm(sd)
+    if "patch_embed.weight" in sd:  # our own key names, e.g. pretrain's export/encoder_{student,ema}.pt
+        return dict(sd)
     first = ", ".join(list(sd)[:5])
     raise ValueError(f"{url}: neither an official ExtreMA checkpoint nor a timm ViT state dict (keys: {first}, ...)")
 

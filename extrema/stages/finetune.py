@@ -1,0 +1,187 @@
+"""End-to-end finetuning of the pretrained encoder with a new head (paper Table 2, the BEiT protocol).
+
+    python -m extrema.entry <run-dir> finetune     # reads <run-dir>/finetune/spec.json
+
+Reads top to bottom: labelled splits, classifier (for `cait`: no class token, mean-pooled patch tokens, a new
+LayerNorm and head) strictly loaded from the run's pretrain checkpoint (or finetune.checkpoint, or a random init
+for the baseline), AdamW with layer-wise lr decay, resume, loop (cosine lr -> MixUp/CutMix -> label-smoothed
+cross-entropy over `accum_steps` micro-batches -> step), top-1/top-5 at every epoch end, checkpoints, result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torchvision.transforms import InterpolationMode, v2
+
+from extrema import ckpt, data, interop, rundir
+from extrema.dist import Preemption, all_reduce_mean, init_world
+from extrema.entry import Preempted
+from extrema.models.classifier import Classifier, discarded_keys, fresh_keys
+from extrema.optim import build_adamw, cosine_schedule, param_groups, scaled_lr, set_hyperparams
+from extrema.spec import Experiment, FinetuneSpec, RunSpec
+from extrema.stages.probe import (
+    PREEMPT_CHECK_EVERY,
+    SeededSamples,
+    autocast_dtype,
+    evaluate,
+    fresh_extra,
+    labelled_splits,
+    outcome,
+    protocol,
+    step_counts,
+    track,
+    train_loader,
+    val_loader,
+)
+
+
+def train_transform(img_size: int, f: FinetuneSpec) -> Callable[[Tensor], Tensor]:
+    """RandomResizedCrop (bicubic) + flip + RandAugment on uint8, then normalize and random erasing."""
+    ops: list[Callable[..., Any]] = [
+        v2.RandomResizedCrop(img_size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomHorizontalFlip(),
+    ]
+    if f.randaugment_ops > 0:
+        ops.append(v2.RandAugment(num_ops=f.randaugment_ops, magnitude=f.randaugment_magnitude))
+    ops.append(data.to_normalized())
+    if f.random_erasing > 0:
+        ops.append(v2.RandomErasing(p=f.random_erasing, value="random"))
+    return v2.Compose(ops)
+
+
+def mix_batch(x: Tensor, y: Tensor, num_classes: int, mixup: float, cutmix: float, seed: int) -> tuple[Tensor, Tensor]:
+    """MixUp or CutMix (chosen with equal odds) of a batch -> (images, soft labels (B, C) summing to 1 per row).
+
+    The draw depends on `seed` only. With both alphas 0 the labels are just one-hot.
+    """
+    choices: list[Callable[..., Any]] = []
+    if mixup > 0:
+        choices.append(v2.MixUp(alpha=mixup, num_classes=num_classes))
+    if cutmix > 0:
+        choices.append(v2.CutMix(alpha=cutmix, num_classes=num_classes))
+    if not choices:
+        return x, F.one_hot(y, num_classes).to(x.dtype)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        mixed, soft = v2.RandomChoice(choices)(x, y)
+    return mixed, soft
+
+
+def build_classifier(exp: Experiment, f: FinetuneSpec, num_classes: int, source: str | None) -> Classifier:
+    """The finetuning model at the finetune resolution, strictly loaded from `source` (seeded init when None)."""
+    img_size = f.img_size or exp.model.resolved_img_size
+    if img_size % exp.model.resolved_patch_size:
+        raise ValueError(
+            f"finetune.img_size {img_size} is not a multiple of patch size {exp.model.resolved_patch_size}"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(f.seed)
+        model = Classifier(exp.model, num_classes, img_size, f.drop_path_rate)
+    weights = interop.encoder_weights(source, f.encoder) if source is not None else {}
+    interop.use_pos_embed(model.encoder, weights.pop("pos_embed", None), learnable=f.pos_embed == "learnable")
+    if source is not None:
+        design = exp.model.cls_token
+        interop.load_strict(
+            model.encoder, weights, source, discard=discarded_keys(design), fresh=(*fresh_keys(design), "pos_embed")
+        )
+    return model
+
+
+def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
+    """Finetune end to end, evaluating each epoch; return last/best accuracy and the protocol."""
+    exp, f = spec.experiment, spec.experiment.finetune
+    world = init_world()
+    amp = autocast_dtype(f.precision, world.device)
+
+    splits = labelled_splits(exp, f)
+    steps_per_epoch, total_steps, warmup_steps = step_counts(
+        len(splits.train_idx), f.batch_size, f.epochs, f.warmup_epochs
+    )
+    peak_lr = scaled_lr(f.base_lr, f.batch_size)
+
+    source = None if f.init == "random" else interop.weights_source(f.checkpoint, stage_dir)
+    model = build_classifier(exp, f, splits.num_classes, source).to(world.device)
+    img_size = model.encoder.img_size
+    trained: nn.Module = model
+    if world.size > 1:
+        trained = DistributedDataParallel(
+            model, device_ids=[world.device.index] if world.device.type == "cuda" else None
+        )
+    groups = param_groups(
+        model, f.weight_decay, ("pos_embed", "cls_token"), layer_decay=f.layer_decay, num_layers=model.num_layers
+    )
+    optimizer = build_adamw(groups, lr=peak_lr, betas=f.betas)
+
+    ckpt_dir = rundir.join(stage_dir, "ckpt")
+    extra = fresh_extra()
+    saved = ckpt.restore(ckpt_dir, model, optimizer, extra)
+    if saved:
+        extra = saved
+    start_step = int(extra["step"])
+    metrics = rundir.MetricsLog(rundir.join(stage_dir, "metrics.jsonl"), keep_after_step=start_step)
+
+    samples = SeededSamples(splits.train, splits.train_idx, train_transform(img_size, f), f.seed)
+    loader = train_loader(samples, f.batch_size, f.seed, start_step, total_steps, world, exp.data.num_workers)
+    vals = val_loader(splits, img_size, f.eval_batch_size, world, exp.data.num_workers)
+
+    model.train()
+    running = torch.zeros((), device=world.device)
+    with Preemption() as preemption:
+        for step, (x, y) in enumerate(loader, start=start_step):
+            lr = cosine_schedule(step, total_steps, peak_lr, f.min_lr, warmup_steps)
+            set_hyperparams(optimizer, lr)
+            # Drop path draws from the global RNG: seed it per step so that a resumed run draws the same.
+            torch.manual_seed(data.seed_of(f.seed, world.rank, step))
+            x, y = x.to(world.device, non_blocking=True), y.to(world.device, non_blocking=True)
+            x, soft = mix_batch(x, y, splits.num_classes, f.mixup, f.cutmix, data.seed_of(f.seed, world.rank, step, 1))
+            chunks = list(zip(x.chunk(f.accum_steps), soft.chunk(f.accum_steps)))
+            for i, (cx, cy) in enumerate(chunks):
+                defer = isinstance(trained, DistributedDataParallel) and i < len(chunks) - 1
+                with trained.no_sync() if defer else contextlib.nullcontext():  # type: ignore[operator]
+                    with torch.autocast(world.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                        loss = F.cross_entropy(trained(cx).float(), cy, label_smoothing=f.label_smoothing)
+                    (loss / len(chunks)).backward()
+                running += loss.detach() / len(chunks)
+            if f.clip_grad is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), f.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            epoch_end = done % steps_per_epoch == 0 or done == total_steps
+            stop = (world.size == 1 or done % PREEMPT_CHECK_EVERY == 0) and preemption.should_stop(world.device)
+            save = epoch_end or stop or bool(f.ckpt_every and done % f.ckpt_every == 0)
+            if save:
+                extra["loss_sum"] += all_reduce_mean(running).item()
+                extra["loss_steps"] += done - extra["step"]
+                extra["step"] = done
+                running.zero_()
+            if epoch_end:
+                model.eval()
+                acc = evaluate(model, vals, world, amp)
+                model.train()
+                epoch = done / steps_per_epoch
+                track(extra, epoch, acc)
+                train_loss = extra["loss_sum"] / max(extra["loss_steps"], 1)
+                extra["loss_sum"], extra["loss_steps"] = 0.0, 0
+                if world.is_main:
+                    metrics.log({"step": done, "epoch": epoch, "loss": train_loss, "lr": lr, **acc}, flush=True)
+            if save:
+                ckpt.save(ckpt_dir, done, ckpt.training_state(model, optimizer, extra))
+                ckpt.apply_retention(ckpt_dir, keep_last=2)
+            if stop:
+                raise Preempted(f"preempted at step {done}; checkpoint saved")
+
+    return {
+        **outcome("finetune", extra),
+        "steps": int(extra["step"]),
+        "epochs": int(extra["step"]) / steps_per_epoch,
+        "checkpoint": source,
+        "protocol": protocol(exp, f, splits, world, lr=peak_lr, steps=total_steps, img_size=img_size),
+    }
