@@ -233,6 +233,10 @@ class VisionTransformer(nn.Module):
         `visible` (M, B, K) holds the indices of the visible patches of M masks; the masked views are batched
         mask-major, so B' = M * B and rows [m*B, (m+1)*B) belong to mask m. Without it, B' = B and K = N.
         """
+        return self._features(x, visible)
+
+    def _features(self, x: Tensor, visible: Tensor | None) -> tuple[Tensor, Tensor]:
+        # Shared by forward and forward_features: FSDP wraps each of those two entry points separately.
         tokens = self.embed(x)
         if visible is not None:
             tokens = gather_visible(tokens, visible)
@@ -242,7 +246,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: Tensor, visible: Tensor | None = None) -> Tensor:
         """Images -> normalised instance representation (B', D)."""
-        return self.norm(self.forward_features(x, visible)[0])
+        return self.norm(self._features(x, visible)[0])
 
 
 def gather_visible(tokens: Tensor, visible: Tensor) -> Tensor:
