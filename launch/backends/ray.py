@@ -1,0 +1,259 @@
+"""Ray backend: every stage job is a Ray job (`JobSubmissionClient`); multi-worker stages run under Ray Train.
+
+Each job's entrypoint is this module's small driver, submitted without entrypoint resources:
+
+    python -m launch.backends.ray --address URL --job-id ID [--after ID ...] --cpus C --gpus G --workers W RUN_DIR STAGE
+
+The driver
+1. waits until the Ray jobs it depends on have SUCCEEDED, and exits with 3 when one of them FAILED or was
+   STOPPED. So `submit` returns at once, dependency order is kept by the cluster, and a waiting job holds no CPU
+   or GPU that its upstream might need;
+2. runs the stage where the resources are: world size 1 -> one Ray task that reserves the stage's CPUs/GPUs and
+   calls `extrema.entry.main([run_dir, stage])` in its own worker process (retried up to `max_failures` times);
+   world size > 1 -> Ray Train's `TorchTrainer`, one worker per rank (gloo on CPU, nccl on GPU), each calling
+   `extrema.entry.main` inside the process group Ray Train set up, retried through
+   `FailureConfig(max_failures)`. The stage resumes from its latest checkpoint in the run store on each retry.
+
+Stopping a Ray job (`cancel`) kills its driver and with it the task or trainer the driver owns. Nothing here
+imports torch or ray at module level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from launch.backends.base import Job, State
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
+
+    from launch.sweep import LauncherSpec
+
+RAY_STATES: dict[str, State] = {
+    "PENDING": State.PENDING,
+    "RUNNING": State.RUNNING,
+    "SUCCEEDED": State.COMPLETED,
+    "FAILED": State.FAILED,
+    "STOPPED": State.CANCELLED,
+}
+UPSTREAM_FAILED_EXIT = 3
+
+
+def submission_id(key: str) -> str:
+    """A fresh Ray submission id naming the job key (resubmissions get new ids)."""
+    return f"extrema-{re.sub(r'[^A-Za-z0-9_-]', '-', key)[:80]}-{uuid.uuid4().hex[:8]}"
+
+
+def storage_path(log_dir: str) -> str | None:
+    """Where Ray Train keeps its run files: the log directory, when Ray can write there."""
+    if log_dir.startswith("file://"):
+        return log_dir.removeprefix("file://")
+    if "://" not in log_dir or log_dir.split("://", 1)[0] in ("s3", "gs", "gcs", "abfs", "hdfs"):
+        return log_dir
+    return None
+
+
+def driver_command(
+    job: Job,
+    job_id: str,
+    address: str,
+    after: Sequence[str],
+    python: str,
+    max_failures: int,
+    storage: str | None,
+) -> list[str]:
+    """argv of the driver that waits for `after`, then runs the job's stage on the cluster."""
+    r = job.resources
+    gpus = r.gpus_per_node / r.processes_per_node if r.gpus_per_node else 0
+    argv = [python, "-m", "launch.backends.ray", f"--address={address}", f"--job-id={job_id}"]
+    argv += [f"--after={a}" for a in after]
+    argv += [f"--cpus={r.cpus_per_task}", f"--gpus={gpus:g}", f"--workers={r.world_size}"]
+    argv += [f"--max-failures={max_failures}"]
+    if storage:
+        argv.append(f"--storage={storage}")
+    return [*argv, "--", job.run_dir, job.stage]
+
+
+class RayBackend:
+    """Submit stage jobs as Ray jobs; status from `get_job_status`; cancel with `stop_job`."""
+
+    name = "ray"
+
+    def __init__(
+        self,
+        address: str | None = None,
+        max_failures: int = 1,
+        python: str | None = None,
+        runtime_env: dict[str, Any] | None = None,
+    ) -> None:
+        self.address = address or os.environ.get("RAY_ADDRESS")
+        self.max_failures = max_failures
+        self.python = python or sys.executable
+        self.runtime_env = runtime_env
+        self._client: JobSubmissionClient | None = None
+
+    @classmethod
+    def from_launcher(cls, launcher: LauncherSpec) -> RayBackend:
+        """The backend for a sweep's launcher settings (cluster address; RAY_ADDRESS when unset)."""
+        return cls(address=launcher.ray_address)
+
+    @property
+    def client(self) -> JobSubmissionClient:
+        """The job client of the cluster (connected on first use)."""
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            self._client = JobSubmissionClient(self.address)
+        return self._client
+
+    def submit(self, jobs: Sequence[Job], log_dir: str) -> dict[str, str]:
+        """Submit every job at once; each driver waits for its upstream jobs. Returns key -> submission id."""
+        keys = {j.key for j in jobs}
+        ids: dict[str, str] = {}
+        address = self.client.get_address()
+        storage = storage_path(log_dir)
+        for j in jobs:
+            missing = [a for a in j.after if a in keys and a not in ids]
+            if missing:
+                raise ValueError(f"jobs: {j.key} comes before {', '.join(missing)}, which it waits for")
+            after = [ids[a] for a in j.after if a in ids]
+            sid = submission_id(j.key)
+            argv = driver_command(j, sid, address, after, self.python, self.max_failures, storage)
+            self.client.submit_job(
+                entrypoint=shlex.join(argv),
+                submission_id=sid,
+                runtime_env=self.runtime_env,
+                metadata={"key": j.key, "run_dir": j.run_dir, "stage": j.stage},
+                entrypoint_num_cpus=0,
+            )
+            ids[j.key] = sid
+        return ids
+
+    def status(self, job_ids: Sequence[str]) -> dict[str, State]:
+        """The state of each Ray job; UNKNOWN for ids the cluster does not know."""
+        out: dict[str, State] = {}
+        for i in dict.fromkeys(job_ids):
+            try:
+                out[i] = RAY_STATES.get(str(self.client.get_job_status(i)), State.UNKNOWN)
+            except RuntimeError:
+                out[i] = State.UNKNOWN
+        return out
+
+    def cancel(self, job_ids: Sequence[str]) -> None:
+        """Stop the Ray jobs; jobs that already ended or are unknown are left as they are."""
+        for i in dict.fromkeys(job_ids):
+            try:
+                self.client.stop_job(i)
+            except RuntimeError:
+                continue
+
+    def logs(self, job_id: str) -> str:
+        """The driver's log of a Ray job (the stage's output included)."""
+        return str(self.client.get_job_logs(job_id))
+
+
+def run_entry(run_dir: str, stage: str, job_id: str) -> int:
+    """Run one stage in this process with `extrema.entry`; raise on a non-zero exit so that Ray retries it."""
+    os.environ["EXTREMA_JOB_ID"] = job_id
+    from extrema import entry
+
+    code = entry.main([run_dir, stage])
+    if code:
+        raise RuntimeError(f"extrema.entry {run_dir} {stage} exited with {code}")
+    return code
+
+
+def train_worker(config: dict[str, str]) -> None:
+    """Ray Train loop of one rank: the stage runs inside the process group Ray Train set up."""
+    run_entry(config["run_dir"], config["stage"], config["job_id"])
+
+
+def wait_for(address: str, upstream: Sequence[str], poll_s: float) -> str | None:
+    """Block until every upstream job has ended; the first one that did not succeed, else None."""
+    if not upstream:
+        return None
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    pending = list(upstream)
+    while pending:
+        for i in list(pending):
+            state = str(client.get_job_status(i))
+            if state == "SUCCEEDED":
+                pending.remove(i)
+            elif state in ("FAILED", "STOPPED"):
+                return f"{i} {state}"
+        if pending:
+            time.sleep(poll_s)
+    return None
+
+
+def run_stage(args: argparse.Namespace, job_id: str) -> None:
+    """Run the stage on the cluster: one resource-reserving task, or a TorchTrainer for several ranks."""
+    import ray
+
+    ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
+    if args.workers == 1:
+        task = ray.remote(
+            num_cpus=args.cpus, num_gpus=args.gpus, max_retries=args.max_failures, retry_exceptions=True, max_calls=1
+        )(run_entry)
+        ray.get(task.remote(args.run_dir, args.stage, job_id))
+        return
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": float(args.cpus), **({"GPU": args.gpus} if args.gpus else {})}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"run_dir": args.run_dir, "stage": args.stage, "job_id": job_id},
+        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.gpus > 0, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if args.gpus else "gloo"),
+        run_config=RunConfig(
+            name=re.sub(r"[^A-Za-z0-9_.-]", "-", job_id),
+            storage_path=args.storage,
+            failure_config=FailureConfig(max_failures=args.max_failures),
+        ),
+    )
+    trainer.fit()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Driver entry point of a Ray job; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m launch.backends.ray", description=__doc__)
+    parser.add_argument("--address", required=True, help="dashboard URL of the cluster (to watch upstream jobs)")
+    parser.add_argument("--job-id", default="ray", help="this job's submission id (recorded in status.json)")
+    parser.add_argument("--after", action="append", default=[], help="submission id that must succeed first")
+    parser.add_argument("--cpus", type=float, default=1.0, help="CPUs per rank")
+    parser.add_argument("--gpus", type=float, default=0.0, help="GPUs per rank")
+    parser.add_argument("--workers", type=int, default=1, help="ranks (world size)")
+    parser.add_argument("--max-failures", type=int, default=1, help="retries after a failure")
+    parser.add_argument("--storage", default=None, help="Ray Train storage path")
+    parser.add_argument("--poll", type=float, default=1.0, help="seconds between upstream status checks")
+    parser.add_argument("run_dir")
+    parser.add_argument("stage")
+    args = parser.parse_args(argv)
+    failed = wait_for(args.address, args.after, args.poll)
+    if failed:
+        print(f"launch.backends.ray: not running {args.run_dir} {args.stage}: upstream job {failed}", file=sys.stderr)
+        return UPSTREAM_FAILED_EXIT
+    print(
+        f"launch.backends.ray: running {shlex.join([sys.executable, '-m', 'extrema.entry', args.run_dir, args.stage])}"
+    )
+    try:
+        run_stage(args, args.job_id)
+    except Exception as e:
+        print(f"launch.backends.ray: {args.stage} of {args.run_dir} failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""Slurm backend against a real private Slurm with accounting (fixture `slurm_cluster`), running `extrema.entry`.
+
+Planning and validation tests are pure; the `slurm` tests submit real job arrays through submitit and read real
+squeue/sacct. The fixture's MaxArraySize is 2, so a sweep of three runs exercises array chunking.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from extrema import rundir
+from extrema.spec import ResourcesSpec
+from launch.backends.base import Job, State
+from launch.backends.slurm import (
+    SlurmBackend,
+    StageCall,
+    afterok,
+    parse_max_array_size,
+    parse_states,
+    plan_arrays,
+    to_state,
+)
+from tests.clusters.slurm import SlurmCluster
+from tests.stage_runs import make_run
+
+FAST = {"pretrain": {"steps": 1, "batch_size": 8, "ckpt_every": 1}, "data": {"synthetic_size": 32}}
+FAST_KNN = {**FAST, "knn": {"bank_size": 32, "val_size": 16, "k": 5, "batch_size": 32}}
+FINAL = {State.COMPLETED, State.FAILED, State.CANCELLED}
+
+
+def doc(url: str) -> dict[str, Any]:
+    """A JSON file of the run store that must exist."""
+    out = rundir.read_json(url)
+    assert out is not None, f"missing {url}"
+    return dict(out)
+
+
+def res(**kw: Any) -> ResourcesSpec:
+    """Resources of a one-CPU test job on the fixture's partition."""
+    return ResourcesSpec(**{"partition": "debug", "time_min": 20, **kw})
+
+
+def job(run_dir: str, stage: str, after: tuple[str, ...] = (), resources: ResourcesSpec | None = None) -> Job:
+    """A stage job keyed `<run_id>/<stage>`."""
+    return Job(f"{run_dir.rsplit('/', 1)[-1]}/{stage}", run_dir, stage, after, resources or res())
+
+
+def wait_states(
+    backend: SlurmBackend, ids: dict[str, str], done: set[State], timeout_s: float = 120
+) -> dict[str, State]:
+    """Poll status until every job is in `done`; the last states."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = backend.status(list(ids.values()))
+        by_key = {k: states[v] for k, v in ids.items()}
+        if all(s in done for s in by_key.values()) or time.monotonic() > deadline:
+            return by_key
+        time.sleep(1)
+
+
+# --- pure: validation, planning, parsing -------------------------------------------------------------------------
+
+INJECTIONS = [
+    ("partition", "debug\n#SBATCH --uid=0", "resources.partition"),
+    ("partition", "../../etc", "resources.partition"),
+    ("account", "acct;rm -rf ~", "resources.account"),
+    ("qos", "$(reboot)", "resources.qos"),
+    ("constraint", "gpu`id`", "resources.constraint"),
+    ("constraint", "a&b\n", "resources.constraint"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "named"), INJECTIONS)
+def test_injection_in_a_resource_is_refused_before_submission(
+    tmp_path: Path, field: str, value: str, named: str
+) -> None:
+    bad = job(str(tmp_path / "sw" / "r0"), "pretrain", resources=res(**{field: value}))
+    with pytest.raises(ValueError, match=named):
+        SlurmBackend(max_array_size=2).submit([bad], str(tmp_path / "logs"))
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"mail-user": "a@b.c\n#SBATCH --uid=0"}, "sbatch_extra"),
+        ({"comment": "$(curl evil)"}, "sbatch_extra"),
+        ({"chdir": "../../.."}, "sbatch_extra"),
+        ({"comment": "a;b"}, "sbatch_extra"),
+        ({"exclusive\n#SBATCH --x": ""}, "sbatch_extra"),
+        ({"--begin": "now"}, "sbatch_extra"),
+        ({"dependency": "afterany:1"}, "set by the launcher"),
+        ({"array": "0-99"}, "set by the launcher"),
+    ],
+)
+def test_injection_in_extra_sbatch_options_is_refused(tmp_path: Path, extra: dict[str, str], named: str) -> None:
+    bad = job(str(tmp_path / "sw" / "r0"), "pretrain", resources=res(sbatch_extra=extra))
+    with pytest.raises(ValueError, match=named):
+        SlurmBackend(max_array_size=2).submit([bad], str(tmp_path / "logs"))
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("sweep", ["my sweep", "sw;id", "sw$(id)", "sw\nx"])
+def test_unsafe_job_names_are_refused(tmp_path: Path, sweep: str) -> None:
+    with pytest.raises(ValueError, match="job name"):
+        SlurmBackend(max_array_size=2).submit([job(f"{tmp_path}/{sweep}/r0", "pretrain")], str(tmp_path / "logs"))
+
+
+def test_log_dir_must_be_a_shared_path() -> None:
+    with pytest.raises(ValueError, match="log_dir"):
+        SlurmBackend(max_array_size=2).submit([job("/x/sw/r0", "pretrain")], "s3://bucket/logs")
+
+
+def test_job_ids_are_checked_before_reaching_squeue_or_scancel() -> None:
+    with pytest.raises(ValueError, match="job id"):
+        SlurmBackend().cancel(["--user=root"])
+    with pytest.raises(ValueError, match="job id"):
+        SlurmBackend().status(["1; scancel 2"])
+
+
+def test_plan_uses_aftercorr_for_task_to_task_chains_and_afterok_otherwise() -> None:
+    pre = [job(f"/r/sw/r{i}", "pretrain") for i in range(3)]
+    knn = [job(f"/r/sw/r{i}", "knn", (f"r{i}/pretrain",)) for i in range(3)]
+    ids = {"r0/pretrain": "7_0", "r1/pretrain": "7_1", "r2/pretrain": "8"}
+    plans = plan_arrays(knn, ids, {"7": 2, "8": 1}, max_size=2)
+    assert [([j.key for j in c], dep) for c, dep in plans] == [
+        (["r0/knn", "r1/knn"], "aftercorr:7"),
+        (["r2/knn"], "afterok:8"),
+    ]
+    # Task i waiting for task i is only ever aftercorr from index 0 on: a gap falls back to afterok.
+    plans = plan_arrays([knn[0], knn[2]], {"r0/pretrain": "7_0", "r2/pretrain": "7_2"}, {"7": 3}, max_size=4)
+    assert plans == [([knn[0], knn[2]], "afterok:7_0:7_2")]
+    both = job("/r/sw/r9", "knn", ("r0/pretrain", "r1/pretrain"))
+    assert plan_arrays([both], ids, {"7": 2}, 4) == [([both], "afterok:7")]
+    assert plan_arrays(pre, {}, {}, 2) == [(pre[:2], None), (pre[2:], None)]
+
+
+def test_afterok_names_whole_arrays_only_when_all_tasks_are_awaited() -> None:
+    assert afterok({"3_0", "3_1", "12"}, {"3": 2}) == "afterok:3:12"
+    assert afterok({"3_1", "12"}, {"3": 2}) == "afterok:3_1:12"
+    assert afterok(set(), {}) is None
+
+
+def test_states_from_sacct_and_squeue_lines() -> None:
+    text = "5_0|COMPLETED|None\n5_[1-3%2]|PENDING|Dependency\n5_0.batch|COMPLETED|\n6|CANCELLED by 0|None\n"
+    got = parse_states(text)
+    assert got["5_0"] == ("COMPLETED", "None")
+    assert got["5_2"] == ("PENDING", "Dependency")
+    assert got["6"] == ("CANCELLED", "None")
+    assert to_state("PENDING", "DependencyNeverSatisfied") is State.CANCELLED
+    assert to_state("REQUEUED") is State.PENDING
+    assert to_state("PREEMPTED") is State.PREEMPTED
+    assert to_state("OUT_OF_MEMORY") is State.FAILED
+    assert to_state("NOT_A_STATE") is State.UNKNOWN
+    assert parse_max_array_size("MaxArraySize            = 1001\nMaxJobCount = 10000\n") == 1001
+
+
+def test_stage_call_requeues_as_itself_carrying_only_the_run_and_stage() -> None:
+    call = StageCall("file:///runs/sw/r0", "pretrain")
+    again = call.checkpoint()
+    assert isinstance(again.function, StageCall) and again.function is not call
+    assert vars(again.function) == {"run_dir": "file:///runs/sw/r0", "stage": "pretrain"}
+    assert again.args == () and again.kwargs == {}
+
+
+# --- real Slurm ------------------------------------------------------------------------------------------------
+
+
+def golden_script(folder: Path, dependency: str, name: str) -> str:
+    """The sbatch script submitit writes for a two-task array of one-CPU StageCalls."""
+    f = str(folder)
+    return f"""#!/bin/bash
+
+# Parameters
+#SBATCH --array=0-1%2
+#SBATCH --comment=extrema-test
+#SBATCH --cpus-per-task=1
+#SBATCH --dependency={dependency}
+#SBATCH --error={f}/%A_%a_0_log.err
+#SBATCH --job-name={name}
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --open-mode=append
+#SBATCH --output={f}/%A_%a_0_log.out
+#SBATCH --partition=debug
+#SBATCH --signal=USR2@90
+#SBATCH --time=20
+#SBATCH --wckey=submitit
+
+# command
+export SUBMITIT_EXECUTOR=slurm
+srun --unbuffered --output {f}/%A_%a_%t_log.out --error {f}/%A_%a_%t_log.err {shlex.quote(sys.executable)} -u -m submitit.core._submit {f}
+"""  # noqa: E501
+
+
+@pytest.mark.slurm
+def test_array_sweep_end_to_end_with_a_failed_run(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    root, logs = tmp_path / "runs", tmp_path / "logs"
+    extra = res(sbatch_extra={"comment": "extrema-test"})
+    runs = [str(root / "e2e" / f"r{i}") for i in range(3)]
+    for r in runs:
+        make_run(r, {**FAST_KNN})
+    (root / "e2e" / "r1" / "pretrain" / "spec.json").unlink()  # r1's pretrain fails (exit 2)
+    jobs = [job(r, "pretrain", resources=extra) for r in runs]
+    jobs += [job(r, "knn", (f"r{i}/pretrain",), resources=extra) for i, r in enumerate(runs)]
+    backend = SlurmBackend()
+    assert backend.max_array_size == slurm_cluster.max_array_size == 2
+
+    ids = backend.submit(jobs, str(logs))
+
+    pre_array, pre_single = ids["r0/pretrain"].split("_")[0], ids["r2/pretrain"]
+    knn_array = ids["r0/knn"].split("_")[0]
+    assert [ids[f"r{i}/pretrain"] for i in range(2)] == [f"{pre_array}_0", f"{pre_array}_1"]
+    assert [ids[f"r{i}/knn"] for i in range(2)] == [f"{knn_array}_0", f"{knn_array}_1"]
+    assert "_" not in pre_single and "_" not in ids["r2/knn"]
+    assert len(list(logs.glob("*_submission.sh"))) == 4  # one sbatch per array chunk
+    script = (logs / f"{knn_array}_submission.sh").read_text()
+    assert script == golden_script(logs, f"aftercorr:{pre_array}", "e2e.knn")
+    assert f"--dependency=afterok:{pre_single}\n" in (logs / f"{ids['r2/knn']}_submission.sh").read_text()
+
+    states = wait_states(backend, ids, FINAL)
+    assert states == {
+        "r0/pretrain": State.COMPLETED,
+        "r1/pretrain": State.FAILED,
+        "r2/pretrain": State.COMPLETED,
+        "r0/knn": State.COMPLETED,
+        "r1/knn": State.CANCELLED,  # its dependency can never be satisfied; r0's knn ran regardless
+        "r2/knn": State.COMPLETED,
+    }, slurm_cluster.run("sacct", "-X", "-P", "-o", "JobID,State,Reason").stdout
+    for i in (0, 2):
+        pre = doc(f"{runs[i]}/pretrain/status.json")
+        knn = doc(f"{runs[i]}/knn/status.json")
+        assert pre["state"] == knn["state"] == "completed"
+        assert knn["started_at"] >= pre["finished_at"]  # afterok / aftercorr ordering
+        assert (pre["job_id"], knn["job_id"]) == (ids[f"r{i}/pretrain"], ids[f"r{i}/knn"])
+        assert "top1" in str(doc(f"{runs[i]}/knn/result.json"))
+    assert not (root / "e2e" / "r1" / "knn" / "status.json").exists()
+    assert "no spec.json" in (logs / f"{ids['r1/pretrain']}_0_log.err").read_text()
+    backend.cancel([ids["r1/knn"]])
+
+
+@pytest.mark.slurm
+def test_preemption_requeues_and_resumes_to_the_same_result(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    # No periodic checkpoint: the one the resumed attempt starts from is saved at the signal.
+    long = {"pretrain": {"steps": 6, "batch_size": 8, "ckpt_every": 1000}, "data": {"synthetic_size": 32}}
+    runs = [str(root / "pre" / name) for name in ("hit", "ref")]
+    for r in runs:
+        make_run(r, long)
+    backend = SlurmBackend()
+    ids = backend.submit([job(r, "pretrain") for r in runs], str(tmp_path / "logs"))
+    target = ids["hit/pretrain"]
+
+    deadline = time.monotonic() + 90
+    while not any(r.get("step", 0) >= 2 for r in rundir.read_jsonl(f"{runs[0]}/pretrain/metrics.jsonl")):
+        assert time.monotonic() < deadline, "the job never got past step 2"
+        time.sleep(0.2)
+    assert backend.status([target]) == {target: State.RUNNING}
+    slurm_cluster.run("scancel", "--signal=USR2", target)
+
+    # Slurm holds a requeued job for about 120 s (BeginTime); release it once it is pending again.
+    deadline = time.monotonic() + 60
+    while not slurm_cluster.run("squeue", "-h", "-j", target, "-o", "%T", check=False).stdout.startswith("PENDING"):
+        assert time.monotonic() < deadline, "the job was not requeued"
+        time.sleep(0.2)
+    assert backend.status([target]) == {target: State.PENDING}
+    slurm_cluster.run("scontrol", "update", f"JobId={target}", "StartTime=now")
+
+    assert wait_states(backend, ids, FINAL) == {"hit/pretrain": State.COMPLETED, "ref/pretrain": State.COMPLETED}
+    hit, ref = (doc(f"{r}/pretrain/result.json") for r in runs)
+    assert hit == ref and hit["steps"] == 6
+    assert doc(f"{runs[0]}/pretrain/status.json")["attempts"] == 2
+    assert doc(f"{runs[1]}/pretrain/status.json")["attempts"] == 1
+    history = slurm_cluster.run("sacct", "-X", "-D", "-n", "-P", "-o", "JobID,State", "-j", target).stdout
+    assert history.split() == [f"{target}|REQUEUED", f"{target}|COMPLETED"]
+
+
+@pytest.mark.slurm
+def test_status_and_cancel_against_squeue_and_sacct(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    busy, later = str(root / "cx" / "busy"), str(root / "cx" / "later")
+    make_run(busy, {"pretrain": {"steps": 500, "batch_size": 8, "ckpt_every": 1000}, "data": {"synthetic_size": 32}})
+    make_run(later, FAST)
+    backend = SlurmBackend()
+    two_ranks = res(processes_per_node=2)  # two srun tasks joined through the environment exported from submitit
+    ids = backend.submit(
+        [
+            job(busy, "pretrain", resources=two_ranks),
+            job(later, "pretrain", resources=res(sbatch_extra={"begin": "now+3600"})),
+        ],
+        str(tmp_path / "logs"),
+    )
+    deadline = time.monotonic() + 90
+    while not rundir.read_jsonl(f"{busy}/pretrain/metrics.jsonl"):  # a first step: gradients were all-reduced
+        assert time.monotonic() < deadline, "the busy job never finished a training step"
+        time.sleep(0.2)
+    assert doc(f"{busy}/pretrain/provenance.json")["world_size"] == 2
+    assert backend.status([*ids.values(), "999999"]) == {
+        ids["busy/pretrain"]: State.RUNNING,
+        ids["later/pretrain"]: State.PENDING,
+        "999999": State.UNKNOWN,
+    }
+
+    backend.cancel(list(ids.values()))
+
+    assert wait_states(backend, ids, FINAL, timeout_s=60) == {
+        "busy/pretrain": State.CANCELLED,
+        "later/pretrain": State.CANCELLED,
+    }
+    time.sleep(2)  # a cancelled stage that saved a checkpoint on SIGTERM must not requeue itself
+    history = slurm_cluster.run("sacct", "-X", "-D", "-n", "-P", "-o", "State", "-j", ids["busy/pretrain"]).stdout
+    assert [s.split()[0] for s in history.split("\n") if s] == ["CANCELLED"]
+    assert backend.status([ids["busy/pretrain"]]) == {ids["busy/pretrain"]: State.CANCELLED}
