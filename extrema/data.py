@@ -6,6 +6,7 @@ import functools
 import gzip
 import hashlib
 import math
+import os
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Literal, Protocol
@@ -147,11 +148,12 @@ def locate_fashion_mnist(spec: DataSpec, prefix: str) -> tuple[str, str]:
         return found
     tried.append(f"{FASHION_MNIST_DEBIAN_DIR}: not present (apt-get install dataset-fashion-mnist)")
     if spec.cache_dir:
-        found = split_files(spec.cache_dir, prefix)
+        cache_dir = os.path.expanduser(spec.cache_dir)
+        found = split_files(cache_dir, prefix)
         if found:
             return found
         try:
-            return download_fashion_mnist(spec.cache_dir, prefix)
+            return download_fashion_mnist(cache_dir, prefix)
         except (OSError, RuntimeError, ValueError) as e:
             tried.append(f"cache_dir {spec.cache_dir!r}: download from {FASHION_MNIST_MIRROR} failed ({e})")
     else:

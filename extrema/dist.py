@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -142,8 +143,11 @@ class Preemption:
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> Preemption:
-        for sig in self.SIGNALS:
-            self.previous[sig] = signal.signal(sig, self._handle)
+        # Signal handlers live in the main thread; a stage run in a worker thread (Ray Train) relies on
+        # its launcher's own failure handling instead.
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
