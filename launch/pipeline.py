@@ -7,15 +7,12 @@ from dataclasses import dataclass
 
 from launch import store
 from launch.backends.base import Job
-from launch.sweep import STAGE_ORDER, LauncherSpec, Run
+from launch.sweep import STAGE_ORDER, LauncherSpec, Run, needs_pretrain
 
 
 def upstream(run: Run, stage: str) -> tuple[str, ...]:
-    """Stages of the same run that `stage` waits for: pretrain, unless the stage points at its own checkpoint."""
-    if stage == "pretrain" or "pretrain" not in run.stages:
-        return ()
-    settings = getattr(run.experiment, stage, None)
-    if getattr(settings, "checkpoint", None):
+    """Stages of the same run that `stage` waits for: pretrain, unless it has its own checkpoint or a random init."""
+    if stage == "pretrain" or "pretrain" not in run.stages or not needs_pretrain(run.experiment, stage):
         return ()
     return ("pretrain",)
 

@@ -143,6 +143,12 @@ def ordered_stages(experiment: Experiment) -> tuple[str, ...]:
     return tuple(s for s in STAGE_ORDER if s in experiment.stages)
 
 
+def needs_pretrain(experiment: Experiment, stage: str) -> bool:
+    """Whether a downstream stage starts from its run's pretrain checkpoint (no checkpoint URL, not random init)."""
+    settings = getattr(experiment, stage, None)
+    return getattr(settings, "init", "pretrained") == "pretrained" and not getattr(settings, "checkpoint", None)
+
+
 def _field_type(model: type[BaseModel], name: str) -> Any:
     return model.model_fields[name].annotation
 
@@ -355,8 +361,12 @@ def expand(sweep: SweepFile) -> list[Run]:
             )
             continue
         seen[rid] = i
-        if "knn" in experiment.stages and "pretrain" not in experiment.stages and not experiment.knn.checkpoint:
-            problems.append(Problem("", ("base", "stages"), "knn needs pretrain in stages or a knn.checkpoint URL"))
+        orphans = [s for s in experiment.stages if s != "pretrain" and needs_pretrain(experiment, s)]
+        if orphans and "pretrain" not in experiment.stages:
+            for s in orphans:
+                problems.append(
+                    Problem("", ("base", "stages"), f"{s} needs pretrain in stages or a {s}.checkpoint URL")
+                )
             continue
         runs.append(Run(rid, overrides, experiment, ordered_stages(experiment)))
     if problems:

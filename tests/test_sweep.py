@@ -256,6 +256,19 @@ def test_knn_needs_pretrain_or_a_checkpoint(tmp_path: Path) -> None:
     assert job.after == () and job.stage == "knn"
 
 
+def test_probe_and_finetune_wait_for_pretrain_unless_they_need_no_checkpoint(tmp_path: Path) -> None:
+    orphan = BASE.replace("  model:", "  stages: [probe, finetune]\n  model:")
+    assert problems(write(tmp_path, orphan, "a.yaml")) == [
+        f"{tmp_path / 'a.yaml'}:3: base.stages: probe needs pretrain in stages or a probe.checkpoint URL",
+        f"{tmp_path / 'a.yaml'}:3: base.stages: finetune needs pretrain in stages or a finetune.checkpoint URL",
+    ]
+    text = BASE.replace("  model:", "  stages: [pretrain, probe, finetune]\n  finetune: {init: random}\n  model:")
+    sweep, runs = load_runs(write(tmp_path, text, "b.yaml"))
+    jobs = plan(runs, sweep.launcher, "file:///r/t")
+    rid = runs[0].run_id
+    assert [(j.stage, j.after) for j in jobs] == [("pretrain", ()), ("probe", (f"{rid}/pretrain",)), ("finetune", ())]
+
+
 def test_plan_is_stage_major_with_after_edges(tmp_path: Path) -> None:
     sweep, runs = load_runs(REPO / "jobs" / "tiny.yaml")
     jobs = plan(runs, sweep.launcher, "file:///r/tiny")
