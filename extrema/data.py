@@ -331,6 +331,13 @@ class TwoViewTransform:
         return self.normalize(self.color(x)), self.normalize(self.color(x))
 
 
+def eval_geometry(img_size: int, crop_pct: float = 0.875) -> Callable[[Tensor], Tensor]:
+    """uint8 -> uint8: resize the short side to img_size / crop_pct, centre-crop img_size."""
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    return v2.Compose([v2.Resize(int(img_size / crop_pct), antialias=True), v2.CenterCrop(img_size)])
+
+
 def eval_transform(img_size: int, crop_pct: float = 0.875) -> Callable[[Tensor], Tensor]:
     """Resize the short side to img_size / crop_pct, centre-crop img_size, normalize."""
     if not 0 < crop_pct <= 1:
@@ -478,3 +485,21 @@ def eval_loader(
     return DataLoader(
         data, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=torch.cuda.is_available()
     )
+
+
+def eval_images(
+    base: LabeledImages,
+    geometry: Callable[[Tensor], Tensor],
+    num_workers: int,
+    limit: int | None = None,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[Tensor, Tensor]:
+    """This rank's slice of a (seeded subset of a) split as one uint8 tensor (N, 3, S, S) plus labels.
+
+    Evaluation is deterministic, so callers can keep the result and reuse it for every evaluation.
+    """
+    loader = eval_loader(base, geometry, 256, num_workers, limit, seed, rank, world_size)
+    xs, ys = zip(*loader) if len(loader.dataset) else ((torch.empty(0, dtype=torch.uint8),), (torch.empty(0),))  # type: ignore[arg-type]
+    return torch.cat(xs), torch.cat(ys).long()

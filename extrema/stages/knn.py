@@ -5,12 +5,14 @@ python -m extrema.entry <run-dir> knn     # evaluates the run's pretrain checkpo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from functools import cache
 from typing import Any
 
 import torch
 
 from extrema import ckpt, data, rundir
+from extrema.augment import normalize
 from extrema.dist import World, all_gather_rows, init_world
 from extrema.knn import extract, knn_accuracy
 from extrema.models.extrema import ExtreMA
@@ -23,13 +25,26 @@ def _dataset(spec: DataSpec, split: str, seed: int) -> data.LabeledImages:
     return data.build_dataset(spec, split, seed=seed)  # type: ignore[arg-type]
 
 
-def eval_batches(exp: Experiment, split: str, limit: int | None, world: World) -> Any:
-    """Evaluation-transformed (images, labels) batches of this rank's slice of a split (seeded subset)."""
-    ds = _dataset(exp.data, split, exp.pretrain.seed)
-    crop_pct = 1.0 if exp.model.resolved_img_size <= 64 else 0.875
-    transform = data.eval_transform(exp.model.resolved_img_size, crop_pct)
+@cache
+def eval_images(
+    spec: DataSpec, img_size: int, split: str, limit: int | None, seed: int, rank: int, world_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's slice of an evaluation split, resized and centre-cropped once per process (uint8)."""
+    ds = _dataset(spec, split, seed)
+    geometry = data.eval_geometry(img_size, 1.0 if img_size <= 64 else 0.875)
+    return data.eval_images(ds, geometry, spec.num_workers, limit, 0, rank, world_size)
+
+
+def eval_batches(
+    exp: Experiment, split: str, limit: int | None, world: World
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalised (images, labels) batches of this rank's slice of a split, on the rank's device."""
+    p = exp.pretrain
+    images, labels = eval_images(exp.data, exp.model.resolved_img_size, split, limit, p.seed, world.rank, world.size)
     n = exp.knn.batch_size
-    return data.eval_loader(ds, transform, n, exp.data.num_workers, limit, 0, world.rank, world.size)
+    for i in range(0, images.shape[0], n):
+        x = images[i : i + n].to(world.device, non_blocking=True)
+        yield normalize(x.float().div_(255)), labels[i : i + n]
 
 
 def extract_all(
@@ -63,7 +78,7 @@ def pixel_knn(exp: Experiment, world: World) -> dict[str, float]:
     single = World(0, 1, 0, world.device)
 
     def flat(split: str, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = zip(*[(x.flatten(1), y) for x, y in eval_batches(exp, split, limit, single)])
+        xs, ys = zip(*[(x.flatten(1).cpu(), y) for x, y in eval_batches(exp, split, limit, single)])
         return torch.cat(xs), torch.cat(ys)
 
     bank, bank_y = flat("train", k.bank_size)

@@ -230,7 +230,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(p.seed)
         head = LinearProbe(encoder.embed_dim, splits.num_classes)
-    if world.size > 1:
+    if world.size > 1 and world.device.type == "cuda":  # SyncBatchNorm runs on GPUs only
         head = nn.SyncBatchNorm.convert_sync_batchnorm(head)
     head = head.to(world.device)
     trained: nn.Module = head
