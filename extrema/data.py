@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import math
 import os
+import signal
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Literal, Protocol
@@ -428,6 +429,12 @@ class PretrainViews(Dataset[tuple[Tensor, Tensor, Tensor]]):
         return view1, view2, self.mask_fn(torch.Generator().manual_seed(seed_of(self.seed, epoch, index, 1)))
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGTERM/SIGUSR2 to the training process, which saves a checkpoint before exiting."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
 def pretrain_loader(views: PretrainViews, batch_sampler: StepBatchSampler, num_workers: int) -> DataLoader:
     """Batches (view1 (B, 3, H, W), view2, masks (B, ...)) in step order, one per sampler step."""
     return DataLoader(
@@ -436,6 +443,7 @@ def pretrain_loader(views: PretrainViews, batch_sampler: StepBatchSampler, num_w
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
+        worker_init_fn=ignore_stop_signals,
         # Samples are seeded by (seed, epoch, index); a private generator keeps the loader from drawing
         # its worker base seed from the global RNG, which the training step's drop path consumes.
         generator=torch.Generator().manual_seed(0),
@@ -483,7 +491,12 @@ def eval_loader(
     per_rank = -(-len(indices) // world_size)
     data = Subset(Transformed(base, transform), indices[rank * per_rank : (rank + 1) * per_rank])
     return DataLoader(
-        data, batch_size=batch_size, shuffle=False, num_workers=num_workers, pin_memory=torch.cuda.is_available()
+        data,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        worker_init_fn=ignore_stop_signals,
     )
 
 

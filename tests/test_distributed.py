@@ -211,12 +211,13 @@ def test_kill_during_checkpoint_save_keeps_previous_step(tmp_path: Path) -> None
 
 
 def test_preemption_signal_saves_and_exits_with_requeue_code_then_resumes(uninterrupted: Path, tmp_path: Path) -> None:
-    make_run(str(tmp_path), KILL_SETUP)
+    """SIGUSR2 to the whole process group (as Slurm sends it), loader worker included."""
+    make_run(str(tmp_path), {**KILL_SETUP, "data": {"num_workers": 1}})
     proc = start(tmp_path)
     wait_for(
         lambda: any(r.get("step", 0) >= 3 for r in rundir.read_jsonl(str(tmp_path / "pretrain" / "metrics.jsonl")))
     )
-    os.kill(proc.pid, signal.SIGUSR2)
+    os.killpg(proc.pid, signal.SIGUSR2)
     assert proc.wait(timeout=120) == entry.EXIT_REQUEUE
     status = json.loads((tmp_path / "pretrain" / "status.json").read_text())
     assert status["state"] == "preempted"
