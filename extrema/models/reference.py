@@ -1,0 +1,99 @@
+"""A straightforward ExtreMA loss for checking the optimised path: a Python loop over masks, attention written
+out by hand, fp32. It reads the parameters of an `ExtreMA` module, so both compute the same function."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from extrema.models.extrema import ExtreMA, byol_loss
+from extrema.models.vit import Attention, Block, ClassAttentionBlock, VisionTransformer
+
+
+def attention(attn: Attention, x: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v with the packed qkv projection, head by head."""
+    b, n, d = x.shape
+    h = attn.num_heads
+    q, k, v = attn.qkv(x).split(d, dim=-1)
+    heads = []
+    for i in range(h):
+        sl = slice(i * d // h, (i + 1) * d // h)
+        w = (q[..., sl] @ k[..., sl].transpose(1, 2)) / (d // h) ** 0.5
+        heads.append(w.softmax(dim=-1) @ v[..., sl])
+    return attn.proj(torch.cat(heads, dim=-1))
+
+
+def block(blk: Block, x: Tensor) -> Tensor:
+    """Pre-norm block without drop path."""
+    x = x + attention(blk.attn, blk.norm1(x))
+    return x + blk.mlp(blk.norm2(x))
+
+
+def class_attention_block(blk: ClassAttentionBlock, cls: Tensor, patches: Tensor) -> Tensor:
+    """CaiT block: the class token attends to itself and the patches."""
+    u = blk.norm1(torch.cat([cls, patches], dim=1))
+    a = blk.attn
+    d = u.shape[-1]
+    q, k, v = a.q(u[:, :1]), a.k(u), a.v(u)
+    h = a.num_heads
+    heads = []
+    for i in range(h):
+        sl = slice(i * d // h, (i + 1) * d // h)
+        w = (q[..., sl] @ k[..., sl].transpose(1, 2)) / (d // h) ** 0.5
+        heads.append(w.softmax(dim=-1) @ v[..., sl])
+    cls = cls + blk.gamma_1 * a.proj(torch.cat(heads, dim=-1))
+    return cls + blk.gamma_2 * blk.mlp(blk.norm2(cls))
+
+
+def encode(enc: VisionTransformer, x: Tensor, visible: Tensor | None) -> Tensor:
+    """Normalised instance representation of images, keeping only `visible` (B, K) patches if given."""
+    tokens = enc.patch_embed(x).flatten(2).transpose(1, 2) + enc.pos_embed
+    if visible is not None:
+        tokens = torch.stack([tokens[i, visible[i]] for i in range(tokens.shape[0])])
+    if enc.cls_design == "vit":
+        assert enc.cls_token is not None
+        tokens = torch.cat([enc.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+    for blk in enc.blocks:
+        tokens = block(blk, tokens)
+    if enc.cls_design == "vit":
+        inst = tokens[:, 0]
+    elif enc.cls_design == "avgpool":
+        inst = tokens.mean(dim=1)
+    else:
+        assert enc.cls_token is not None
+        cls = enc.cls_token.expand(tokens.shape[0], -1, -1)
+        for ca in enc.blocks_token:
+            cls = class_attention_block(ca, cls, tokens)
+        inst = cls[:, 0]
+    return F.layer_norm(inst, (inst.shape[-1],), enc.norm.weight, enc.norm.bias, enc.norm.eps)
+
+
+def reference_loss(model: ExtreMA, x1: Tensor, x2: Tensor, visible: Tensor) -> Tensor:
+    """Mean over masks of the BYOL loss, one mask at a time."""
+    with torch.no_grad():
+        k = model.target.projector(encode(model.target.encoder, x2, None))
+    losses = []
+    for m in range(visible.shape[0]):
+        z = model.online.projector(encode(model.online.encoder, x1, visible[m]))
+        losses.append(byol_loss(model.predictor(z), k))
+    return torch.stack(losses).mean()
+
+
+def reference_step(model: ExtreMA, optimizer: torch.optim.Optimizer, x1: Tensor, x2: Tensor, visible: Tensor,
+                   momentum: float) -> Tensor:  # fmt: skip
+    """EMA update (a loop over parameters), loss, backward and optimizer step; returns the loss."""
+    with torch.no_grad():
+        for t, s in zip(model.target.parameters(), model.online.parameters()):
+            t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+    loss = reference_loss(model, x1, x2, visible)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def unfused_adamw(module: nn.Module, lr: float) -> torch.optim.AdamW:
+    """AdamW with the plain per-parameter loop (no foreach, no fused kernel)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, foreach=False, fused=False)
