@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from extrema import rundir
 from extrema.spec import Experiment, RunSpec
 
@@ -40,3 +42,17 @@ def make_run(run_dir: str, overrides: dict[str, Any] | None = None) -> Experimen
         spec = RunSpec(sweep="test", run_id="r0", stage=stage, experiment=exp)
         rundir.write_json(rundir.join(run_dir, stage, "spec.json"), spec.model_dump(mode="json"))
     return exp
+
+
+def without_key_bias(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop attention key biases: their exact gradient is zero (softmax ignores a per-query constant), so Adam
+    turns rounding noise, which differs with the reduction order, into lr-sized steps."""
+    out = {}
+    for k, v in sd.items():
+        if k.endswith("attn.k.bias"):
+            continue
+        if k.endswith("attn.qkv.bias"):
+            d = v.shape[0] // 3
+            v = torch.cat([v[:d], v[2 * d :]])
+        out[k] = v
+    return out

@@ -18,7 +18,7 @@ import torch
 from extrema import ckpt, entry, rundir
 from extrema.models.extrema import ExtreMA
 from extrema.spec import RunSpec
-from tests.stage_runs import make_run
+from tests.stage_runs import make_run, without_key_bias
 
 # drop path off: its per-sample draws cannot match across world sizes.
 SETUP = {"model": {"drop_path_rate": 0.0}, "pretrain": {"steps": 6, "ckpt_every": 3, "batch_size": 32}}
@@ -37,20 +37,6 @@ def torchrun(run_dir: Path, stage: str = "pretrain", nproc: int = 2) -> subproce
     cmd += ["--master_addr", "127.0.0.1", "-m", "extrema.entry", str(run_dir), stage]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-
-
-def without_key_bias(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop attention key biases: their exact gradient is zero (softmax ignores a per-query constant), so Adam
-    turns rounding noise, which differs with the reduction order, into lr-sized steps."""
-    out = {}
-    for k, v in sd.items():
-        if k.endswith("attn.k.bias"):
-            continue
-        if k.endswith("attn.qkv.bias"):
-            d = v.shape[0] // 3
-            v = torch.cat([v[:d], v[2 * d :]])
-        out[k] = v
-    return out
 
 
 def losses(run_dir: Path) -> list[float]:

@@ -13,7 +13,7 @@ from extrema.models.vit import Attention, Block, ClassAttentionBlock, VisionTran
 
 def attention(attn: Attention, x: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(d)) v with the packed qkv projection, head by head."""
-    b, n, d = x.shape
+    d = x.shape[-1]
     h = attn.num_heads
     q, k, v = attn.qkv(x).split(d, dim=-1)
     heads = []
@@ -55,7 +55,7 @@ def encode(enc: VisionTransformer, x: Tensor, visible: Tensor | None) -> Tensor:
         assert enc.cls_token is not None
         tokens = torch.cat([enc.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
     for blk in enc.blocks:
-        tokens = block(blk, tokens)
+        tokens = block(blk, tokens)  # type: ignore[arg-type]
     if enc.cls_design == "vit":
         inst = tokens[:, 0]
     elif enc.cls_design == "avgpool":
@@ -64,7 +64,7 @@ def encode(enc: VisionTransformer, x: Tensor, visible: Tensor | None) -> Tensor:
         assert enc.cls_token is not None
         cls = enc.cls_token.expand(tokens.shape[0], -1, -1)
         for ca in enc.blocks_token:
-            cls = class_attention_block(ca, cls, tokens)
+            cls = class_attention_block(ca, cls, tokens)  # type: ignore[arg-type]
         inst = cls[:, 0]
     return F.layer_norm(inst, (inst.shape[-1],), enc.norm.weight, enc.norm.bias, enc.norm.eps)
 
