@@ -1,9 +1,12 @@
 """Images/s of one ExtreMA training step against the BYOL baseline (same encoder on full, unmasked views).
 
     python bench/pretrain_step.py [--arch vit_nano] [--batch 128] [--precision bf16] [--steps 10]
+    python bench/pretrain_step.py --arch vit_base --batch 256 --compile --memory     # on a GPU
 
-Every configuration is measured in the same process, on synthetic tensors (the model step only; the data
-pipeline is measured by bench/dataloader.py). Prints a table of images/s and the ratio to the baseline.
+Every configuration is measured in the same process on random tensors (the model step only: EMA update,
+online forward + backward on all masks, target forward, AdamW; the data pipeline is measured elsewhere).
+Prints images/s, the ratio to the baseline, model FLOPs utilisation against --peak-tflops on GPU, and peak
+memory per image with --memory.
 """
 
 from __future__ import annotations
@@ -26,33 +29,57 @@ CONFIGS: list[tuple[str, float, int]] = [
 ]
 
 
-def measure(model: ExtreMA, batch: int, ratio: float, masks: int, steps: int, amp: torch.dtype | None) -> float:
-    """Images/s of full training steps (EMA update, forward, backward, AdamW) after two warm-up steps."""
+def encoder_flops(dim: int, depth: int, tokens: int, sequences: int) -> float:
+    """Forward matmul FLOPs of `sequences` sequences of `tokens` tokens through the self-attention stack."""
+    per_layer = 24 * tokens * dim * dim + 4 * tokens * tokens * dim
+    return sequences * depth * per_layer
+
+
+def step_flops(spec: ModelSpec, ratio: float, masks: int) -> float:
+    """Model FLOPs of one training step per image: online fwd+bwd (3x) on the masks, target forward (1x)."""
+    dim, depth, _ = spec.dims
+    n = spec.num_patches
+    k = int(n * (1 - ratio)) if masks else n
+    m = masks or 1
+    online = encoder_flops(dim, depth, k, m)
+    heads = 2 * m * (dim * spec.mlp_dim + spec.mlp_dim**2 + spec.mlp_dim * spec.proj_dim) * 2
+    target = encoder_flops(dim, depth, n, 1) + heads / (2 * m)
+    return 3 * (online + heads) + target
+
+
+def measure(
+    model: ExtreMA, batch: int, ratio: float, masks: int, steps: int, amp: torch.dtype | None, compiled: bool
+) -> tuple[float, float]:
+    """(images/s, peak GB) of full training steps after warm-up steps."""
     device = next(model.parameters()).device
     opt = build_adamw(param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95))
-    x1 = torch.randn(batch, 3, model.online.encoder.img_size, model.online.encoder.img_size, device=device)
+    size = model.online.encoder.img_size
+    x1 = torch.randn(batch, 3, size, size, device=device)
     x2 = torch.randn_like(x1)
-    n = (model.online.encoder.img_size // model.online.encoder.patch_size) ** 2
+    n = (size // model.online.encoder.patch_size) ** 2
+    forward = torch.compile(model) if compiled else model
 
     def step() -> None:
         visible = random_masks(batch, n, masks, ratio, device=device) if masks else None
         model.update_target(0.99)
         with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-            loss = model(x1, x2, visible)
+            loss = forward(x1, x2, visible)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(2):
+    for _ in range(3 if compiled else 2):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     for _ in range(steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return batch * steps / (time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() / 1e9 if device.type == "cuda" else float("nan")
+    return batch * steps / (time.perf_counter() - t), peak
 
 
 def main() -> None:
@@ -61,23 +88,32 @@ def main() -> None:
     ap.add_argument("--arch", default="vit_nano")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--mlp-dim", type=int, default=1024)
+    ap.add_argument("--mlp-dim", type=int, default=None, help="projector/predictor hidden width (spec default 4096)")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="bf16")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--memory", action="store_true", help="report peak GPU memory per image")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100/H200 SXM)")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     amp = torch.bfloat16 if args.precision == "bf16" else None
     torch.manual_seed(0)
-    model = ExtreMA(ModelSpec(arch=args.arch, mlp_dim=args.mlp_dim, drop_path_rate=0.0)).to(device).train()
-    table = Table(
-        title=f"{args.arch} batch {args.batch} {args.precision} on {device} ({torch.get_num_threads()} threads)"
-    )
-    for col in ("step", "images/s", "vs baseline"):
+    torch.backends.cuda.matmul.allow_tf32 = True
+    extra = {} if args.mlp_dim is None else {"mlp_dim": args.mlp_dim}
+    spec = ModelSpec(arch=args.arch, drop_path_rate=0.0, **extra)
+    model = ExtreMA(spec).to(device).train()
+    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    title = f"{args.arch} batch {args.batch} {args.precision}{' compiled' if args.compile else ''} on {name}"
+    table = Table(title=title)
+    for col in ("step", "images/s", "vs baseline", "TFLOP/s", "MFU", "peak GB", "MB/image"):
         table.add_column(col)
     base = None
-    for name, ratio, masks in CONFIGS:
-        ips = measure(model, args.batch, ratio, masks, args.steps, amp)
+    for label, ratio, masks in CONFIGS:
+        ips, peak = measure(model, args.batch, ratio, masks, args.steps, amp, args.compile)
         base = base or ips
-        table.add_row(name, f"{ips:,.0f}", f"{ips / base:.2f}x")
+        tflops = ips * step_flops(spec, ratio, masks) / 1e12
+        mfu = f"{tflops / args.peak_tflops:.1%}" if device.type == "cuda" else "-"
+        mem = (f"{peak:.1f}", f"{peak * 1e3 / args.batch:.0f}") if args.memory and device.type == "cuda" else ("-", "-")
+        table.add_row(label, f"{ips:,.0f}", f"{ips / base:.2f}x", f"{tflops:.2f}", mfu, *mem)
     Console().print(table)
 
 

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Every GPU measurement in one call (about five minutes on one H100/H200); installs nothing; prints tables.
+#   bash bench/gpu.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+run() { echo; echo "\$ $*"; timeout 240 "$@" || echo "(exit $?)"; }
+run python -m pytest -q -m gpu tests/test_gpu.py
+run python bench/pretrain_step.py --arch vit_base --batch 256 --steps 10 --memory
+run python bench/pretrain_step.py --arch vit_base --batch 256 --steps 10 --memory --compile
+run python bench/pretrain_step.py --arch vit_small --batch 512 --steps 10 --memory --compile
+run python bench/max_batch.py --arch vit_base --ratio 0.8 --masks 5
