@@ -110,13 +110,15 @@ def test_checkpoint_round_trip_on_memory_filesystem() -> None:
     model = ExtreMA(RunSpec.model_validate(_spec_json()).experiment.model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     url = f"memory://ckpt-{random.randrange(10**9)}"
-    ckpt.save(url, 5, ckpt.training_state(model, opt, {"step": 5}))
+    ckpt.save(url, 5, ckpt.training_state(model, opt, {"step": 5, "knn": '{"init_top1": 61.5}'}))
     assert ckpt.latest_step(url) == 5
     with rundir.filesystem(url)[0].open(rundir.filesystem(url + "/latest")[1], "r") as f:
         assert f.read() == "step-5\n"
     fresh = ExtreMA(RunSpec.model_validate(_spec_json()).experiment.model)
-    extra = ckpt.restore(url, fresh, torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad]), {"step": 0})
-    assert extra is not None and extra["step"] == 5
+    extra = ckpt.restore(
+        url, fresh, torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad]), {"step": 0, "knn": "{}"}
+    )
+    assert extra is not None and extra["step"] == 5 and json.loads(extra["knn"]) == {"init_top1": 61.5}
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
 
 

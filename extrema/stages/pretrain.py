@@ -10,6 +10,7 @@ latest complete checkpoint if there is one.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from typing import Any
@@ -79,8 +80,13 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
 
 
 def extra_state(step: int, world: World, knn_log: dict[str, float]) -> dict[str, Any]:
-    """Non-model checkpoint state; each rank stores its own RNG under its own key."""
-    return {"step": step, "world_size": world.size, "knn": knn_log, f"rng_rank{world.rank}": rng_state(world.device)}
+    """Non-model checkpoint state; each rank stores its own RNG under its own key.
+
+    DCP fills a loaded state into the keys the caller provides, so the kNN log (whose keys are unknown before
+    loading) travels as one JSON string.
+    """
+    rng = rng_state(world.device)
+    return {"step": step, "world_size": world.size, "knn": json.dumps(knn_log), f"rng_rank{world.rank}": rng}
 
 
 def train_step(
@@ -144,7 +150,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     start_step = int(saved["step"]) if saved else 0
     if saved and int(saved["world_size"]) == world.size:
         set_rng_state(saved[f"rng_rank{world.rank}"], world.device)
-    knn_log: dict[str, float] = dict(saved["knn"]) if saved else {}
+    knn_log: dict[str, float] = json.loads(saved["knn"]) if saved else {}
     metrics = rundir.MetricsLog(rundir.join(stage_dir, "metrics.jsonl"), keep_after_step=start_step)
 
     def evaluate_knn(step: int) -> dict[str, float]:
