@@ -160,13 +160,37 @@ class KnnSpec(Spec):
     checkpoint: str | None = Field(None, description="checkpoint URL; the run's pretrain stage when unset")
 
 
-class ProbeSpec(Spec):
-    """Linear probe (BatchNorm without affine + Linear) on a frozen encoder; defaults are the paper's Table 3."""
+class DownstreamSpec(Spec):
+    """Settings shared by the stages that train on labels: weight source, data subsets, evaluation, resume."""
 
     init: Literal["pretrained", "random"] = Field("pretrained", description="random: the from-scratch baseline")
     checkpoint: str | None = Field(
         None, description="DCP step or ckpt dir, or an official/timm .pth URL; the run's pretrain stage when unset"
     )
+    batch_size: int = Field(1024, gt=0, description="global batch size")
+    accum_steps: int = Field(1, ge=1, description="gradient accumulation micro-steps per optimizer step")
+    train_size: int | None = Field(None, gt=0, description="seeded subset of training images; all when unset")
+    val_fraction: float | None = Field(
+        None, gt=0, lt=1, description="validate on this seeded fraction of the train split instead of the val split"
+    )
+    val_size: int | None = Field(None, gt=0, description="validation images evaluated; all when unset")
+    eval_batch_size: int = Field(256, gt=0)
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
+    ckpt_every: int | None = Field(None, ge=1, description="steps between checkpoints besides epoch ends")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DownstreamSpec:
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
+        if self.init == "random" and self.checkpoint:
+            raise ValueError("checkpoint: not used with init 'random'; remove one of them")
+        return self
+
+
+class ProbeSpec(DownstreamSpec):
+    """Linear probe (BatchNorm without affine + Linear) on a frozen encoder; defaults are the paper's Table 3."""
+
     encoder: Literal["ema", "student"] = "ema"
     feature: Literal["instance", "patch_mean"] = "instance"
     final_norm: bool = Field(False, description="apply the encoder's final LayerNorm; the reference drops it")
@@ -179,38 +203,15 @@ class ProbeSpec(Spec):
     warmup_epochs: float = Field(10, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
-    train_size: int | None = Field(None, gt=0, description="seeded subset of training images; all when unset")
-    val_fraction: float | None = Field(
-        None, gt=0, lt=1, description="validate on this seeded fraction of the train split instead of the val split"
-    )
-    val_size: int | None = Field(None, gt=0, description="validation images evaluated; all when unset")
-    eval_batch_size: int = Field(256, gt=0)
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
-    ckpt_every: int | None = Field(None, ge=1, description="steps between checkpoints besides epoch ends")
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ProbeSpec:
-        if self.batch_size % self.accum_steps:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
-        if self.init == "random" and self.checkpoint:
-            raise ValueError("checkpoint: not used with init 'random'; remove one of them")
-        return self
 
 
-class FinetuneSpec(Spec):
+class FinetuneSpec(DownstreamSpec):
     """End-to-end finetuning of the encoder with a new head; defaults are the paper's Table 2 (ViT-B)."""
 
-    init: Literal["pretrained", "random"] = Field("pretrained", description="random: the from-scratch baseline")
-    checkpoint: str | None = Field(
-        None, description="DCP step or ckpt dir, or an official/timm .pth URL; the run's pretrain stage when unset"
-    )
     encoder: Literal["student", "ema"] = "student"
     img_size: int | None = Field(None, gt=0, description="finetuning resolution; the model's when unset")
     pos_embed: Literal["learnable", "fixed"] = Field("learnable", description="learnable: initialised from sin-cos")
     epochs: float = Field(100, gt=0)
-    batch_size: int = Field(1024, gt=0, description="global batch size")
-    accum_steps: int = Field(1, ge=1, description="gradient accumulation micro-steps per optimizer step")
     base_lr: float = Field(1e-3, gt=0, description="lr = base_lr * batch_size / 256")
     min_lr: float = Field(1e-6, ge=0)
     warmup_epochs: float = Field(5, ge=0)
@@ -225,23 +226,6 @@ class FinetuneSpec(Spec):
     mixup: float = Field(0.8, ge=0, description="MixUp alpha; 0 disables it")
     cutmix: float = Field(1.0, ge=0, description="CutMix alpha; 0 disables it")
     label_smoothing: float = Field(0.1, ge=0, lt=1)
-    train_size: int | None = Field(None, gt=0, description="seeded subset of training images; all when unset")
-    val_fraction: float | None = Field(
-        None, gt=0, lt=1, description="validate on this seeded fraction of the train split instead of the val split"
-    )
-    val_size: int | None = Field(None, gt=0, description="validation images evaluated; all when unset")
-    eval_batch_size: int = Field(256, gt=0)
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
-    ckpt_every: int | None = Field(None, ge=1, description="steps between checkpoints besides epoch ends")
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _consistent(self) -> FinetuneSpec:
-        if self.batch_size % self.accum_steps:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
-        if self.init == "random" and self.checkpoint:
-            raise ValueError("checkpoint: not used with init 'random'; remove one of them")
-        return self
 
 
 class Experiment(Spec):
