@@ -48,3 +48,7 @@ class InvalidSweep(Exception):
         if len(self.problems) > limit:
             lines.append(f"... and {len(self.problems) - limit} more")
         return "\n".join(lines)
+
+
+class UsageError(Exception):
+    """A command that cannot run as asked; printed without a traceback, exit code 2."""

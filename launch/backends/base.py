@@ -1,18 +1,31 @@
 """The backend seam: a stage `Job`, its `State`, and the three-call `Backend` Protocol.
 
-Backends are named in `launch.cli.BACKENDS` and imported on demand. The CLI builds one with
+Backends are named in `BACKENDS` and imported on demand by `make_backend`, which builds one with
 `Cls.from_launcher(launcher)` (a `launch.sweep.LauncherSpec`) when the class defines that classmethod, else `Cls()`.
+`status` answers UNKNOWN for a job the backend positively does not know (it vanished), leaves out ids it cannot
+judge, and raises when the backend cannot be asked at all; callers then keep the run store's word.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from extrema.spec import ResourcesSpec
+from launch.errors import UsageError
+
+if TYPE_CHECKING:
+    from launch.sweep import LauncherSpec
+
+BACKENDS = {
+    "local": "launch.backends.local:LocalBackend",
+    "slurm": "launch.backends.slurm:SlurmBackend",
+    "ray": "launch.backends.ray:RayBackend",
+}
 
 
 class State(str, Enum):
@@ -65,3 +78,17 @@ class Backend(Protocol):
     def cancel(self, job_ids: Sequence[str]) -> None:
         """Cancel the given backend jobs."""
         ...
+
+
+def make_backend(name: str, launcher: LauncherSpec) -> Backend:
+    """Import a backend by name and build it from the launcher settings; UsageError when it cannot be."""
+    if name not in BACKENDS:
+        raise UsageError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
+    module, _, attr = BACKENDS[name].partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except ImportError as e:
+        raise UsageError(f"backend {name!r} is not available here: {e}") from None
+    factory = getattr(cls, "from_launcher", None)
+    backend: Backend = factory(launcher) if factory is not None else cls()
+    return backend

@@ -1,9 +1,15 @@
-"""The local backend: stage jobs as subprocesses of this process, in dependency order, `max_parallel` at once.
+"""The local backend: stage jobs as subprocesses of this process, in dependency order, within a CPU/GPU budget.
 
-Jobs start when the caller polls (`status`); `extrema-launch sweep` polls until every job has ended. Each job's
-stdout and stderr go, interleaved, to `<run-dir>/<stage>/logs/local.log` (appended across attempts, one header
-line per attempt). A job whose upstream failed is not run and is recorded as failed ("not run: upstream ...").
-`cancel` sends SIGTERM to the job's process group, waits `grace_s`, then SIGKILL, and records the stage as
+Jobs start when the caller polls (`status`); `extrema-launch sweep` polls until every job has ended. A ready job
+starts when fewer than `max_parallel` jobs run and its CPUs (cpus_per_task x processes_per_node) fit beside the
+running ones in this machine's CPUs (a job larger than the machine runs alone), and its GPUs (gpus_per_node) are
+free: those GPUs are its own, pinned with CUDA_VISIBLE_DEVICES. A job asking more GPUs than the machine has fails
+at once with the reason. Jobs asking no GPUs are not pinned (they see what this process sees). A job of several
+processes runs under torchrun (`Job.command`).
+
+Each job's stdout and stderr go, interleaved, to `<run-dir>/<stage>/logs/local.log` (appended across attempts, one
+header line per attempt). A job whose upstream failed is not run and is recorded as failed ("not run: upstream
+..."). `cancel` sends SIGTERM to the job's process group, waits `grace_s`, then SIGKILL, and records the stage as
 cancelled so that the next `sweep` resumes it. A stage marked cancelled in the run store by another process
 (`extrema-launch cancel`) is stopped at the next poll. Job ids are `local-<pid>-<n>@<host>`.
 """
@@ -49,10 +55,34 @@ class _Task:
     upload_to: str | None = None
     started: float | None = None
     returncode: int | None = field(default=None)
+    gpus: tuple[str, ...] = ()
 
     @property
     def stage_dir(self) -> str:
         return rundir.join(self.job.run_dir, self.job.stage)
+
+
+def machine_cpus() -> int:
+    """CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def machine_gpus() -> tuple[str, ...]:
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES when set, else the NVIDIA devices the driver lists."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return tuple(d.strip() for d in visible.split(",") if d.strip() and not d.strip().startswith("-"))
+    try:
+        found = os.listdir("/proc/driver/nvidia/gpus")
+    except OSError:
+        return ()
+    return tuple(str(i) for i in range(len(found)))
+
+
+def demand(job: Job) -> tuple[int, int]:
+    """(CPUs, GPUs) a job holds while it runs."""
+    r = job.resources
+    return r.cpus_per_task * r.processes_per_node, r.gpus_per_node
 
 
 def _alive(pid: int) -> bool:
@@ -66,14 +96,18 @@ def _alive(pid: int) -> bool:
 
 
 class LocalBackend:
-    """Runs stage jobs as local subprocesses (no shell), in dependency order, up to `max_parallel` at once."""
+    """Runs stage jobs as local subprocesses (no shell), in dependency order, within `max_parallel`, CPUs and GPUs."""
 
     name = "local"
 
-    def __init__(self, max_parallel: int = 1, grace_s: float = 10.0) -> None:
+    def __init__(
+        self, max_parallel: int = 1, grace_s: float = 10.0, cpus: int | None = None, gpus: Sequence[str] | None = None
+    ) -> None:
         if max_parallel < 1:
             raise ValueError("max_parallel must be at least 1")
         self.max_parallel = max_parallel
+        self.cpus = cpus if cpus is not None else machine_cpus()
+        self.gpus = tuple(gpus) if gpus is not None else machine_gpus()
         self.grace_s = grace_s
         self.host = socket.gethostname()
         self._tasks: dict[str, _Task] = {}
@@ -98,9 +132,10 @@ class LocalBackend:
         return out
 
     def status(self, job_ids: Sequence[str]) -> dict[str, State]:
-        """Advance the queue (reap, start) and report each job's state."""
+        """Advance the queue (reap, start) and report each job's state; jobs of other hosts are left out."""
         self.poll()
-        return {i: self._tasks[i].state if i in self._tasks else self._foreign(i) for i in job_ids}
+        out = {i: self._tasks[i].state if i in self._tasks else self._foreign(i) for i in job_ids}
+        return {i: s for i, s in out.items() if s is not None}
 
     def cancel(self, job_ids: Sequence[str]) -> None:
         """Stop the given jobs of this process (SIGTERM, then SIGKILL after `grace_s`) and record them cancelled."""
@@ -130,18 +165,34 @@ class LocalBackend:
                 self._end(t, bad.state, f"not run: upstream {bad.job.key} {bad.state.value}", write=True)
             elif self._cancelled_in_store(t):
                 self._end(t, State.CANCELLED, "cancelled")
-            elif all(u.state == State.COMPLETED for u in ups) and len(self.running()) < self.max_parallel:
-                self._start(t)
+            elif all(u.state == State.COMPLETED for u in ups):
+                self._start_within_budget(t)
+
+    def _start_within_budget(self, t: _Task) -> None:
+        cpus, gpus = demand(t.job)
+        if gpus > len(self.gpus):
+            self._end(t, State.FAILED, f"asks {gpus} GPU(s); this machine has {len(self.gpus)}", write=True)
+            return
+        running = [r for r in self._tasks.values() if r.state == State.RUNNING]
+        used_cpus = sum(demand(r.job)[0] for r in running)
+        taken = {g for r in running for g in r.gpus}
+        free = [g for g in self.gpus if g not in taken]
+        if len(running) >= self.max_parallel or (running and used_cpus + cpus > self.cpus) or len(free) < gpus:
+            return
+        t.gpus = tuple(free[:gpus])
+        self._start(t)
 
     def _cancelled_in_store(self, t: _Task) -> bool:
         status = store.read_status(t.stage_dir)
         return status.get("state") == "cancelled" and float(status.get("finished_at") or 0) >= t.submitted
 
-    def _foreign(self, job_id: str) -> State:
-        """A job of another process: gone with its process when that ran on this host."""
+    def _foreign(self, job_id: str) -> State | None:
+        """A job of another process: gone with its process when that ran on this host; None when not judged here."""
         m = _ID.fullmatch(job_id)
-        if not m or m.group(3) != self.host:
+        if not m:
             return State.UNKNOWN
+        if m.group(3) != self.host:
+            return None
         return State.RUNNING if _alive(int(m.group(1))) else State.CANCELLED
 
     def _start(self, t: _Task) -> None:
@@ -158,6 +209,8 @@ class LocalBackend:
         t.log.write(f"=== {stamp} job {t.job_id} on {self.host}: {' '.join(t.job.command())}\n".encode())
         t.log.flush()
         env = {**os.environ, "EXTREMA_JOB_ID": t.job_id, "PYTHONUNBUFFERED": "1"}
+        if t.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(t.gpus)
         t.proc = subprocess.Popen(
             t.job.command(),
             stdin=subprocess.DEVNULL,

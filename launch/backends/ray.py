@@ -47,6 +47,11 @@ RAY_STATES: dict[str, State] = {
 UPSTREAM_FAILED_EXIT = 3
 
 
+def unknown_job(error: RuntimeError) -> bool:
+    """Whether the job API refused a request because it knows no such job (HTTP 404), not for another reason."""
+    return "status code 404" in str(error)
+
+
 def submission_id(key: str) -> str:
     """A fresh Ray submission id naming the job key (resubmissions get new ids)."""
     return f"extrema-{re.sub(r'[^A-Za-z0-9_-]', '-', key)[:80]}-{uuid.uuid4().hex[:8]}"
@@ -107,8 +112,10 @@ class RayBackend:
 
     @property
     def client(self) -> JobSubmissionClient:
-        """The job client of the cluster (connected on first use)."""
+        """The job client of the cluster (connected on first use); never a cluster found by guessing."""
         if self._client is None:
+            if not self.address:
+                raise RuntimeError("no Ray cluster address: set launcher.ray_address or RAY_ADDRESS")
             from ray.job_submission import JobSubmissionClient
 
             self._client = JobSubmissionClient(self.address)
@@ -138,12 +145,14 @@ class RayBackend:
         return ids
 
     def status(self, job_ids: Sequence[str]) -> dict[str, State]:
-        """The state of each Ray job; UNKNOWN for ids the cluster does not know."""
+        """The state of each Ray job; UNKNOWN for ids the cluster does not know. Raises when it cannot be asked."""
         out: dict[str, State] = {}
         for i in dict.fromkeys(job_ids):
             try:
                 out[i] = RAY_STATES.get(str(self.client.get_job_status(i)), State.UNKNOWN)
-            except RuntimeError:
+            except RuntimeError as e:
+                if not unknown_job(e):
+                    raise
                 out[i] = State.UNKNOWN
         return out
 
@@ -152,8 +161,9 @@ class RayBackend:
         for i in dict.fromkeys(job_ids):
             try:
                 self.client.stop_job(i)
-            except RuntimeError:
-                continue
+            except RuntimeError as e:
+                if not unknown_job(e):
+                    raise
 
     def logs(self, job_id: str) -> str:
         """The driver's log of a Ray job (the stage's output included)."""

@@ -387,7 +387,11 @@ class SlurmBackend:
         return ids
 
     def status(self, job_ids: Sequence[str]) -> dict[str, State]:
-        """State of each job: from sacct, or squeue for jobs accounting does not know (yet)."""
+        """State of each job: from sacct, or squeue for jobs accounting does not know (yet).
+
+        UNKNOWN when neither knows a job (it vanished). When one of them fails, jobs the other does not list are
+        left out (they may simply have ended); RuntimeError when neither answers.
+        """
         ids = checked_ids(job_ids)
         if not ids:
             return {}
@@ -396,13 +400,19 @@ class SlurmBackend:
         sacct = self._client("sacct", "-X", "-n", "-P", "-o", "JobID,State,Reason", "-j", ",".join(bases))
         if sacct.returncode == 0:
             raw.update(parse_states(sacct.stdout))
-        # squeue is authoritative for live jobs: it knows jobs accounting has not recorded yet, and the
-        # current pending reason (sacct keeps the one from submission time).
+        # squeue is authoritative for live jobs: it knows jobs accounting has not recorded yet (ended ones too,
+        # for MinJobAge, with `-t all`), and the current pending reason (sacct keeps the one from submission).
         live = [i for i in ids if i not in raw or raw[i][0] == "PENDING"]
+        squeue_ok = True
         if live:
-            squeue = self._client("squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(live))
+            squeue = self._client("squeue", "-h", "-r", "-t", "all", "-o", "%i|%T|%r", "-j", ",".join(live))
+            # squeue exits 1 with "Invalid job id specified" when every id has left the controller
+            squeue_ok = squeue.returncode == 0 or "Invalid job id" in squeue.stderr
             raw.update(parse_states(squeue.stdout))
-        return {i: to_state(*raw[i]) if i in raw else State.UNKNOWN for i in ids}
+        if sacct.returncode and not squeue_ok:
+            raise RuntimeError(f"neither sacct nor squeue answered: {sacct.stderr.strip() or squeue.stderr.strip()}")
+        judged = sacct.returncode == 0 and squeue_ok
+        return {i: to_state(*raw[i]) if i in raw else State.UNKNOWN for i in ids if i in raw or judged}
 
     def cancel(self, job_ids: Sequence[str]) -> None:
         """scancel the jobs; jobs that already ended are left as they are."""
