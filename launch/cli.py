@@ -1,24 +1,33 @@
 """`extrema-launch`: run sweeps of ExtreMA experiments and look after them.
 
-    extrema-launch sweep jobs/tiny.yaml [--backend local|slurm|ray] [--root URL] [--dry-run] [--retry-failed]
+    extrema-launch sweep   FILE [--backend local|slurm|ray] [--root URL] [--dry-run] [--retry-failed]
     extrema-launch status  FILE|URL
     extrema-launch results FILE|URL [--format table|csv|parquet|json] [--out PATH]
     extrema-launch cancel  FILE|URL [--run ID]
     extrema-launch logs    FILE|URL --run ID --stage S [--follow]
 
-FILE|URL is a sweep YAML file or the `<root>/<sweep>` URL of a run store. Exit codes: 0 success, 1 a job
-failed, 2 invalid input or usage (nothing is submitted or written), 130 interrupted.
+FILE|URL is a sweep YAML file or the `<root>/<sweep>` URL of a run store.
+
+Backends: `local` runs the stages on this machine and shows progress until they end (Ctrl-C stops them,
+resumably). `slurm` and `ray` return once the jobs are submitted. `ray` submits to launcher.ray_address, else
+RAY_ADDRESS; with neither set it starts a private local Ray head for the sweep (its own ports, HOME and temp
+dir), shows progress until the stages end like `local`, keeps each job's log in the stage's logs/, and stops it.
+
+`status`, `cancel` and `logs` ask the backends (squeue/sacct, the Ray job API, the PID of a local sweep) and need
+not run where the sweep was submitted; a stage whose job ended or vanished behind the run store's back is recorded
+as failed or cancelled (a cancelled stage is resumed by the next `sweep`).
+
+Exit codes: 0 success; 1 a job failed (sweep, status, logs --follow) or a backend could not cancel; 2 invalid
+input or usage: nothing is submitted or written; 130 interrupted. `results` exits 0 once the table is out,
+failed stages included (see its state column).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
-import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,37 +38,18 @@ from rich.table import Table
 from rich.text import Text
 
 from extrema import rundir
-from launch import results, store
-from launch.backends.base import Backend, Job, State
-from launch.errors import InvalidSweep
+from launch import logs, results, store
+from launch.backends.base import BACKENDS, make_backend
+from launch.errors import InvalidSweep, UsageError
 from launch.pipeline import Decision, plan, select
-from launch.progress import follow, latest_progress
+from launch.progress import latest_progress
+from launch.reconcile import Reconciled, ray_address, reconcile
+from launch.submit import Submission, needs_local_ray, submit
 from launch.sweep import STAGE_ORDER, LauncherSpec, SweepFile, load_runs
 
 OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
-BACKENDS = {
-    "local": "launch.backends.local:LocalBackend",
-    "slurm": "launch.backends.slurm:SlurmBackend",
-    "ray": "launch.backends.ray:RayBackend",
-}
-
-
-class UsageError(Exception):
-    """A command that cannot run as asked; printed without a traceback, exit code 2."""
-
-
-def make_backend(name: str, launcher: LauncherSpec) -> Backend:
-    """Import a backend by name and build it from the launcher settings."""
-    if name not in BACKENDS:
-        raise UsageError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
-    module, _, attr = BACKENDS[name].partition(":")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except ImportError as e:
-        raise UsageError(f"backend {name!r} is not available here: {e}") from None
-    factory = getattr(cls, "from_launcher", None)
-    backend: Backend = factory(launcher) if factory is not None else cls()
-    return backend
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "json"}
+__all__ = ["BACKENDS", "UsageError", "main", "make_backend"]
 
 
 @dataclass
@@ -98,37 +88,6 @@ def open_target(arg: str, root: str | None = None) -> Target:
         raise UsageError(f"{url}/{store.MANIFEST} is damaged: {e}") from None
 
 
-def _ask(name: str, launcher: LauncherSpec, job_ids: list[str]) -> dict[str, State]:
-    """The backend's states of its jobs; nothing when it cannot be asked (the store's word then stands)."""
-    try:
-        return make_backend(name, launcher).status(job_ids)
-    except Exception:
-        return {}
-
-
-def effective_states(
-    statuses: dict[str, dict[str, Any]], target_url: str, launcher: LauncherSpec
-) -> dict[str, str | None]:
-    """Each job's state from the run store, corrected by its backend for jobs the store shows in flight."""
-    states: dict[str, str | None] = {k: s.get("state") for k, s in statuses.items()}
-    asked: dict[str, dict[str, str]] = {}
-    for key, s in statuses.items():
-        if s.get("state") in store.IN_FLIGHT and s.get("job_id") and s.get("backend") in BACKENDS:
-            asked.setdefault(s["backend"], {})[key] = str(s["job_id"])
-    for name, ids in asked.items():
-        answer = _ask(name, launcher, list(ids.values()))
-        for key, job_id in ids.items():
-            seen = answer.get(job_id, State.UNKNOWN)
-            if seen in (State.COMPLETED, State.FAILED, State.CANCELLED):
-                now = store.read_status(store.stage_url(target_url, *store.split_key(key))).get("state")
-                states[key] = now if now in store.TERMINAL else ("cancelled" if seen == State.CANCELLED else "failed")
-            elif seen == State.PREEMPTED:
-                states[key] = "pending"
-            elif seen in (State.PENDING, State.RUNNING):
-                states[key] = seen.value
-    return states
-
-
 def _cell(value: Any) -> Text:
     return Text("-" if value is None else str(value))
 
@@ -151,34 +110,9 @@ def plan_table(title: str, decisions: Sequence[Decision], runs: Sequence[store.R
     return table
 
 
-@contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def run_blocking(backend: Backend, ids: dict[str, str], jobs: dict[str, Job], console: Console) -> int:
-    """Show progress until the submitted jobs end; on Ctrl-C (or SIGTERM, SIGHUP) stop them cleanly, resumable."""
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        final = follow(backend, ids, jobs, console)
-    except KeyboardInterrupt:
-        console.print("interrupted: stopping running stages (SIGTERM) ...")
-        with _sigint_ignored():
-            backend.cancel(list(ids.values()))
-        console.print("stopped; `extrema-launch sweep` again resumes the unfinished stages")
-        return INTERRUPTED
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return FAILED if any(s == State.FAILED for s in final.values()) else OK
+def _notes(out: Console, seen: Reconciled) -> None:
+    for note in seen.notes:
+        out.print(Text(note, style="yellow"), soft_wrap=True)
 
 
 def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
@@ -186,24 +120,25 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
     sweep, runs = load_runs(args.file, backend=args.backend, root=args.root)
     url = store.sweep_url(sweep.root, sweep.name)
     launcher = sweep.launcher
-    if launcher.backend == "local" and url.startswith("memory://") and not args.dry_run:
-        raise UsageError("root memory:// lives in this process only; the local backend runs stages in subprocesses")
+    if url.startswith("memory://") and not args.dry_run:
+        raise UsageError("root memory:// lives in this process only; the stages run in other processes")
+    if launcher.backend not in BACKENDS:
+        raise UsageError(f"unknown backend {launcher.backend!r}")
     jobs = plan(runs, launcher, url)
     statuses = store.read_statuses(url, [j.key for j in jobs])
-    decisions = select(jobs, effective_states(statuses, url, launcher), args.retry_failed)
+    old_manifest = store.read_manifest(url)
+    seen = reconcile(url, statuses, launcher, old_manifest, write=not args.dry_run)
+    decisions = select(jobs, seen.states, args.retry_failed)
     entries = [store.RunEntry(r.run_id, r.stages, r.overrides) for r in runs]
     todo = [d.job for d in decisions if d.submit]
     out.print(plan_table(f"sweep {sweep.name}: {len(runs)} runs, {len(jobs)} jobs -> {url}", decisions, entries))
+    _notes(out, seen)
+    where = launcher.backend + (" (a local Ray head started for this sweep)" if needs_local_ray(launcher) else "")
     if args.dry_run:
-        out.print(f"dry run: would submit {len(todo)} of {len(jobs)} jobs to {launcher.backend}; nothing written")
+        out.print(f"dry run: would submit {len(todo)} of {len(jobs)} jobs to {where}; nothing written")
         return OK
-    backend = make_backend(launcher.backend, launcher) if todo else None
-    by_run = {r.run_id: r for r in runs}
-    for job in todo:
-        run_id, stage = store.split_key(job.key)
-        store.write_spec(url, by_run[run_id].spec(sweep.name, stage))
+    held_back = FAILED if any(d.state == "failed" and not d.submit for d in decisions) else OK
     log_dir = launcher.slurm_folder or rundir.join(url, "logs")
-    now = time.time()
     manifest = {
         "sweep": sweep.name,
         "root": store.normalize_root(sweep.root),
@@ -212,34 +147,17 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
         "launcher": launcher.model_dump(mode="json"),
         "log_dir": log_dir,
         "runs": [{"run_id": r.run_id, "stages": list(r.stages), "overrides": r.overrides} for r in runs],
-        "created_at": now,
+        "created_at": time.time(),
     }
-    if backend is None:
+    if not todo:
         store.write_manifest(url, manifest)
         out.print("nothing to submit: every job is completed, in flight, failed or waiting (see the action column)")
-        return FAILED if any(d.state == "failed" for d in decisions) else OK
+        return held_back
+    by_run = {r.run_id: r for r in runs}
+    specs = {j.key: by_run[store.split_key(j.key)[0]].spec(sweep.name, j.stage) for j in todo}
     previous = {j.key: statuses[j.key] for j in todo}
-    for job in todo:
-        store.mark_submitted(rundir.join(job.run_dir, job.stage), launcher.backend, None, now)
-    try:
-        ids = backend.submit(todo, log_dir)
-    except Exception as e:
-        for job in todo:
-            rundir.write_json(rundir.join(job.run_dir, job.stage, "status.json"), previous[job.key])
-        out.print(Text(f"submission to {launcher.backend} failed: {type(e).__name__}: {e}", style="red"))
-        return FAILED
-    for job in todo:
-        if job.key in ids:
-            store.set_status(rundir.join(job.run_dir, job.stage), job_id=ids[job.key])
-    jobs_record = {k: {"job_id": v, "backend": launcher.backend, "submitted_at": now} for k, v in ids.items()}
-    store.write_manifest(url, {**manifest, "jobs": jobs_record, "submitted_at": now})
-    out.print(f"submitted {len(ids)} of {len(jobs)} jobs to {launcher.backend}")
-    if launcher.backend != "local":
-        return FAILED if any(d.state == "failed" and not d.submit for d in decisions) else OK
-    code = run_blocking(backend, ids, {j.key: j for j in todo}, out)
-    if code == OK and any(d.state == "failed" and not d.submit for d in decisions):
-        return FAILED
-    return code
+    code = submit(Submission(url, todo, specs, manifest, log_dir, previous), launcher, out)
+    return code if code != OK else held_back
 
 
 def _latest(state: str | None, status: dict[str, Any], result: Any, stage_dir: str) -> str:
@@ -266,48 +184,73 @@ def _elapsed(status: dict[str, Any]) -> str:
 
 
 def cmd_status(args: argparse.Namespace, out: Console) -> int:
-    """One table of every run and stage: state, attempts, elapsed time, latest metric."""
+    """One table of every run and stage: state, attempts, elapsed time, latest metric; backends asked."""
     target = open_target(args.target, args.root)
     keys = [k for r in target.runs for k in r.job_keys()]
     statuses = store.read_statuses(target.url, keys)
-    states = effective_states(statuses, target.url, target.launcher)
+    seen = reconcile(target.url, statuses, target.launcher, target.manifest, write=True)
+    states = seen.states
     done = [k for k in keys if states.get(k) == "completed"]
-    found = dict(
-        zip(
-            done,
-            store.read_many(
-                [rundir.join(store.stage_url(target.url, *store.split_key(k)), "result.json") for k in done]
-            ),
-        )
-    )
+    urls = [rundir.join(store.stage_url(target.url, *store.split_key(k)), "result.json") for k in done]
+    found = dict(zip(done, store.read_many(urls)))
     paths = _swept(target.runs)
     table = Table(title=f"{target.url}")
     for col in ("run", "stage", *paths, "state", "attempts", "elapsed", "latest", "job id"):
         table.add_column(col)
+    styles = {"completed": "green", "failed": "red", "running": "cyan", "cancelled": "yellow"}
     for run in target.runs:
         flat = results.flatten(run.overrides)
         for stage, key in zip(run.stages, run.job_keys()):
             s, state = statuses[key], states.get(key)
+            if key in seen.corrected:
+                s = {**s, "error": seen.corrected[key]}
             latest = _latest(state, s, found.get(key), store.stage_url(target.url, run.run_id, stage))
-            style = {"completed": "green", "failed": "red", "running": "cyan", "cancelled": "yellow"}.get(
-                state or "", ""
+            cells = (*(_cell(flat.get(p)) for p in paths), Text(state or "-", style=styles.get(state or "", "")))
+            table.add_row(
+                run.run_id,
+                stage,
+                *cells,
+                _cell(s.get("attempts")),
+                Text(_elapsed(s)),
+                Text(latest),
+                _cell(s.get("job_id")),
             )
-            cells = (*(_cell(flat.get(p)) for p in paths), Text(state or "-", style=style), _cell(s.get("attempts")))
-            table.add_row(run.run_id, stage, *cells, Text(_elapsed(s)), Text(latest), _cell(s.get("job_id")))
     out.print(table)
+    _notes(out, seen)
     return FAILED if any(s == "failed" for s in states.values()) else OK
+
+
+def results_format(fmt: str | None, out_path: str | None) -> str:
+    """The output format: as given, else from the --out suffix, else a table on the terminal."""
+    if out_path is None:
+        if fmt == "parquet":
+            raise UsageError("--format parquet needs --out PATH")
+        return fmt or "table"
+    if fmt == "table":
+        raise UsageError("--format table prints to the terminal; with --out use csv, parquet or json")
+    inferred = FORMATS.get(Path(out_path.rstrip("/")).suffix.lower())
+    if fmt is None and inferred is None:
+        raise UsageError(f"cannot tell the format of --out {out_path}: give --format csv, parquet or json")
+    return fmt or str(inferred)
 
 
 def cmd_results(args: argparse.Namespace, out: Console) -> int:
     """The results table of a sweep, printed or written as csv, parquet or json."""
-    if args.format == "parquet" and not args.out:
-        raise UsageError("--format parquet needs --out PATH")
+    fmt = results_format(args.format, args.out)
     target = open_target(args.target, args.root)
-    table = results.collect(target.url, target.runs)
+    keys = [k for r in target.runs for k in r.job_keys()]
+    statuses = store.read_statuses(target.url, keys)
+    seen = reconcile(target.url, statuses, target.launcher, target.manifest, write=True)
+    for key, why in seen.corrected.items():
+        statuses[key] = {**statuses[key], "state": seen.states[key], "error": why}
+    table = results.collect(target.url, target.runs, statuses)
     if args.out:
-        results.write(table, args.out, args.format if args.format != "table" else "csv")
+        try:
+            results.write(table, args.out, fmt)  # type: ignore[arg-type]
+        except (OSError, ImportError, ValueError) as e:
+            raise UsageError(f"cannot write --out {args.out}: {type(e).__name__}: {e}") from None
         out.print(f"wrote {table.num_rows} rows x {table.num_columns} columns to {args.out}")
-    elif args.format == "table":
+    elif fmt == "table":
         view = Table(title=target.url)
         for name in table.column_names:
             view.add_column(name)
@@ -315,12 +258,13 @@ def cmd_results(args: argparse.Namespace, out: Console) -> int:
             view.add_row(*(_cell(v) for v in row.values()))
         out.print(view)
     else:
-        sys.stdout.write(results.encode(table, args.format).decode())
+        sys.stdout.write(results.encode(table, fmt).decode())  # type: ignore[arg-type]
+    _notes(out, seen)
     return OK
 
 
 def cmd_cancel(args: argparse.Namespace, out: Console) -> int:
-    """Cancel the pending and running stages of a sweep (or of one run) and record them cancelled."""
+    """Cancel the pending, running and preempted stages of a sweep (or of one run) and record them cancelled."""
     target = open_target(args.target, args.root)
     runs = target.runs
     if args.run:
@@ -330,60 +274,67 @@ def cmd_cancel(args: argparse.Namespace, out: Console) -> int:
     keys = [k for r in runs for k in r.job_keys()]
     statuses = store.read_statuses(target.url, keys)
     live = [k for k in keys if statuses[k].get("state") in store.IN_FLIGHT]
-    by_backend: dict[str, list[str]] = {}
+    groups: dict[tuple[str, str | None], dict[str, str]] = {}
     for k in live:
-        if statuses[k].get("job_id") and statuses[k].get("backend") in BACKENDS:
-            by_backend.setdefault(statuses[k]["backend"], []).append(str(statuses[k]["job_id"]))
-    for name, ids in by_backend.items():
-        make_backend(name, target.launcher).cancel(ids)
-    for k in live:
+        s = statuses[k]
+        if s.get("job_id") and s.get("backend") in BACKENDS:
+            cluster = ray_address(s, target.launcher) if s["backend"] == "ray" else None
+            groups.setdefault((str(s["backend"]), cluster), {})[k] = str(s["job_id"])
+    kept: list[str] = []
+    for (name, cluster), ids in groups.items():
+        launcher = target.launcher.model_copy(update={"ray_address": cluster}) if name == "ray" else target.launcher
+        try:
+            make_backend(name, launcher).cancel(list(ids.values()))
+        except Exception as e:
+            kept += list(ids)
+            out.print(Text(f"could not cancel {len(ids)} {name} job(s): {type(e).__name__}: {e}", style="red"))
+    done = [k for k in live if k not in kept]
+    for k in done:
         store.mark_ended(store.stage_url(target.url, *store.split_key(k)), "cancelled", "cancelled by user")
-    out.print(f"cancelled {len(live)} stage job(s)" + (f": {', '.join(live)}" if live else ""))
-    return OK
-
-
-def _log_sources(target: Target, run_id: str, stage: str) -> list[str]:
-    stage_dir = store.stage_url(target.url, run_id, stage)
-    found = store.log_files(stage_dir)
-    job_id = str(store.read_status(stage_dir).get("job_id") or "")
-    log_dir = (target.manifest or {}).get("log_dir")
-    if found or not job_id or not log_dir:
-        return found
-    try:
-        store.safe_name(job_id.replace("@", "_"), "job id")
-    except ValueError:
-        return []
-    fs, path = rundir.filesystem(log_dir)
-    return sorted(fs.unstrip_protocol(p) if "://" in log_dir else p for p in fs.glob(f"{path}/*{job_id}*"))
+    out.print(f"cancelled {len(done)} stage job(s)" + (f": {', '.join(done)}" if done else ""))
+    return FAILED if kept else OK
 
 
 def cmd_logs(args: argparse.Namespace, out: Console) -> int:
-    """Print a stage's logs; with --follow keep printing until the stage ends."""
+    """Print a stage's logs (local files, Slurm job files, Ray job log); with --follow until the stage ends."""
     target = open_target(args.target, args.root)
-    if args.run not in {r.run_id for r in target.runs}:
+    run = next((r for r in target.runs if r.run_id == args.run), None)
+    if run is None:
         raise UsageError(f"run {args.run!r} is not part of {target.url}")
+    if args.stage not in run.stages:
+        raise UsageError(f"run {args.run} has no stage {args.stage!r} (its stages: {', '.join(run.stages)})")
+    key = store.job_key(args.run, args.stage)
     stage_dir = store.stage_url(target.url, args.run, args.stage)
     offsets: dict[str, int] = {}
+    broken: set[str] = set()
+    state: str | None = None
     try:
         while True:
-            sources = _log_sources(target, args.run, args.stage)
-            for url in sources:
-                fs, path = rundir.filesystem(url)
-                with fs.open(path, "rb") as f:
-                    f.seek(offsets.get(url, 0))
-                    chunk = f.read()
+            status = store.read_status(stage_dir)
+            state = status.get("state")
+            if args.follow:
+                state = reconcile(target.url, {key: status}, target.launcher, target.manifest, write=True).states[key]
+            address = ray_address(status, target.launcher) if status.get("backend") == "ray" else None
+            sources = logs.sources(stage_dir, status, target.manifest, address)
+            for src in sources:
+                try:
+                    chunk = src.read(offsets.get(src.name, 0))
+                except Exception as e:
+                    if src.name not in broken:
+                        broken.add(src.name)
+                        out.print(Text(f"cannot read {src.name}: {type(e).__name__}: {e}", style="yellow"))
+                    continue
+                named = len(sources) > 1 or not src.name.startswith(stage_dir)  # a lone logs/ file goes bare
+                if chunk and not offsets.get(src.name) and named:
+                    out.print(Text(f"==> {src.name} <==", style="bold"))
                 if chunk:
-                    if url not in offsets and len(sources) > 1:
-                        out.print(Text(f"==> {url} <==", style="bold"))
                     sys.stdout.write(chunk.decode(errors="replace"))
                     sys.stdout.flush()
-                offsets[url] = offsets.get(url, 0) + len(chunk)
-            if not args.follow:
-                if not sources:
-                    out.print(f"no logs yet for {args.run}/{args.stage}")
-                return OK
-            if store.read_status(stage_dir).get("state") in store.TERMINAL:
-                return OK
+                offsets[src.name] = offsets.get(src.name, 0) + len(chunk)
+            if not args.follow or state not in store.IN_FLIGHT:
+                if not any(offsets.values()):
+                    out.print(f"no logs yet for {key} ({state or 'not submitted'})")
+                return FAILED if args.follow and state == "failed" else OK
             time.sleep(1.0)
     except KeyboardInterrupt:
         return OK
@@ -396,31 +347,72 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, fn: Any, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
+    def command(name: str, fn: Any, help: str, more: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name, help=help, description=f"{help}.\n\n{more}", formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         p.set_defaults(fn=fn)
         return p
 
     target_help = "a sweep YAML file, or the <root>/<sweep> URL of a run store"
-    p = command("sweep", cmd_sweep, "validate a sweep file, print the plan and submit what is not done")
+    p = command(
+        "sweep",
+        cmd_sweep,
+        "validate a sweep file, print the plan and submit what is not done",
+        "Completed and in-flight stages are never submitted again; cancelled and vanished ones are resumed; failed\n"
+        "ones only with --retry-failed. local: runs here, with progress, until every stage ends (Ctrl-C stops\n"
+        "them, resumably). slurm: job arrays through submitit; returns once submitted. ray: Ray jobs to\n"
+        "launcher.ray_address, else RAY_ADDRESS; returns once submitted. With neither set, a private local Ray\n"
+        "head is started for the sweep (explicit free ports, its own HOME and temp dir), the sweep shows progress\n"
+        "until the stages end, keeps each job's log in <stage>/logs/ and stops that head by its PID.\n"
+        "Exit codes: 0 submitted (or all done), 1 a stage failed or the submission failed, 2 invalid input\n"
+        "(nothing submitted, nothing written), 130 interrupted.",
+    )
     p.add_argument("file", help="sweep YAML file")
     p.add_argument("--backend", choices=sorted(BACKENDS), help="override launcher.backend")
     p.add_argument("--root", help="override root: the run store URL (default ./runs)")
     p.add_argument("--dry-run", action="store_true", help="print the plan; submit and write nothing")
     p.add_argument("--retry-failed", action="store_true", help="resubmit failed stages too")
-    p = command("status", cmd_status, "one table of every run and stage with state, attempts, elapsed, latest metric")
+    p = command(
+        "status",
+        cmd_status,
+        "one table of every run and stage with state, attempts, elapsed, latest metric",
+        "Stages the run store shows in flight are checked with their backend (squeue/sacct, the Ray job API, the\n"
+        "PID of a local sweep); one whose job ended or vanished is recorded failed or cancelled.\n"
+        "Exit codes: 0, 1 when a stage failed, 2 invalid input.",
+    )
     p.add_argument("target", metavar="FILE|URL", help=target_help)
     p.add_argument("--root", help="run store URL when FILE was swept with --root")
-    p = command("results", cmd_results, "one table with a row per run and stage: swept values, metrics, provenance")
+    p = command(
+        "results",
+        cmd_results,
+        "one table with a row per run and stage: swept values, metrics, provenance",
+        "--out writes csv, parquet or json (from --format, else the file's suffix) to any fsspec URL, atomically.\n"
+        "Exit codes: 0 once the table is out (failed stages are rows too: see the state column), 2 invalid input.",
+    )
     p.add_argument("target", metavar="FILE|URL", help=target_help)
-    p.add_argument("--format", choices=("table", "csv", "parquet", "json"), default="table", help="output format")
+    p.add_argument("--format", choices=("table", "csv", "parquet", "json"), help="output format (default: table)")
     p.add_argument("--out", help="write to this path or URL instead of the terminal")
     p.add_argument("--root", help="run store URL when FILE was swept with --root")
-    p = command("cancel", cmd_cancel, "cancel pending and running stages of a sweep (or of one run)")
+    p = command(
+        "cancel",
+        cmd_cancel,
+        "cancel pending, running and preempted stages of a sweep (or of one run)",
+        "Asks each stage's backend to stop its job (scancel, Ray stop_job; a local sweep stops the stage at its\n"
+        "next poll) and records the stage cancelled; `sweep` resumes it later.\n"
+        "Exit codes: 0, 1 when a backend could not be asked (those stages are left as they are), 2 invalid input.",
+    )
     p.add_argument("target", metavar="FILE|URL", help=target_help)
     p.add_argument("--run", help="only this run id")
     p.add_argument("--root", help="run store URL when FILE was swept with --root")
-    p = command("logs", cmd_logs, "print the logs of one stage of one run")
+    p = command(
+        "logs",
+        cmd_logs,
+        "print the logs of one stage of one run",
+        "The stage's logs/ files (local backend, kept Ray logs), its Slurm job's submitit .out/.err files, or its\n"
+        "Ray job's log. --follow keeps printing until the stage ends (asking its backend).\n"
+        "Exit codes: 0, 1 when a followed stage failed, 2 invalid input.",
+    )
     p.add_argument("target", metavar="FILE|URL", help=target_help)
     p.add_argument("--run", required=True, help="run id")
     p.add_argument("--stage", required=True, choices=STAGE_ORDER, help="stage")

@@ -11,7 +11,7 @@ import io
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -80,13 +80,24 @@ def _row(entry: store.RunEntry, stage: str, status: Any, result: Any, prov: Any,
     return row
 
 
-def rows(sweep_url: str, runs: Sequence[store.RunEntry]) -> list[dict[str, Any]]:
-    """One dict per run and stage, read from the run store."""
+def rows(
+    sweep_url: str, runs: Sequence[store.RunEntry], statuses: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """One dict per run and stage, read from the run store (status.json from `statuses` by job key when given)."""
     pairs = [(r, s, store.stage_url(sweep_url, r.run_id, s)) for r in runs for s in r.stages]
-    names = ("status.json", "result.json", "provenance.json")
+    names = (
+        ("result.json", "provenance.json")
+        if statuses is not None
+        else ("status.json", "result.json", "provenance.json")
+    )
     docs = store.read_many([rundir.join(url, n) for _, _, url in pairs for n in names])
+    n = len(names)
     now = time.time()
-    return [_row(r, s, docs[3 * i], docs[3 * i + 1], docs[3 * i + 2], now) for i, (r, s, _) in enumerate(pairs)]
+    out = []
+    for i, (r, s, _) in enumerate(pairs):
+        status = statuses.get(store.job_key(r.run_id, s)) if statuses is not None else docs[n * i]
+        out.append(_row(r, s, status, docs[n * i + n - 2], docs[n * i + n - 1], now))
+    return out
 
 
 def _column(name: str, values: list[Any]) -> pa.Array:
@@ -110,9 +121,9 @@ def to_table(records: Sequence[dict[str, Any]]) -> pa.Table:
     return pa.table({n: _column(n, [r.get(n) for r in records]) for n in names})
 
 
-def collect(sweep_url: str, runs: Sequence[store.RunEntry]) -> pa.Table:
-    """The results table of a sweep."""
-    return to_table(rows(sweep_url, runs))
+def collect(sweep_url: str, runs: Sequence[store.RunEntry], statuses: Mapping[str, Any] | None = None) -> pa.Table:
+    """The results table of a sweep (statuses by job key, when already read)."""
+    return to_table(rows(sweep_url, runs, statuses))
 
 
 def _text_safe(table: pa.Table) -> pa.Table:

@@ -20,7 +20,7 @@ from extrema.spec import RunSpec
 
 MANIFEST = "manifest.json"
 TERMINAL = frozenset({"completed", "failed", "cancelled"})
-IN_FLIGHT = frozenset({"pending", "running"})
+IN_FLIGHT = frozenset({"pending", "running", "preempted"})  # preempted: stopped at a signal, to be requeued
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _READERS = 16

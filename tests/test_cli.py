@@ -22,8 +22,10 @@ from hypothesis import strategies as st
 
 from extrema.spec import Experiment, MaskingSpec, ModelSpec, PretrainSpec, ResourcesSpec
 from launch import store
+from launch.backends.base import State
 from launch.backends.local import LocalBackend
-from launch.cli import UsageError, main, make_backend
+from launch.cli import UsageError, main, make_backend, results_format
+from launch.reconcile import settled
 from launch.sweep import Axes, LauncherSpec, SweepFile, load_runs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,6 +76,18 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert code == 2 and "memory://" in err
 
 
+def test_results_format_comes_from_the_flag_or_the_out_suffix(tmp_path: Path) -> None:
+    assert results_format(None, None) == "table"
+    assert results_format("json", None) == "json"
+    assert results_format(None, "r.PARQUET") == "parquet" and results_format(None, "s3://b/r.csv") == "csv"
+    assert results_format("json", "r.txt") == "json"
+    for fmt, out in (("parquet", None), ("table", "r.csv"), (None, "r.txt"), (None, "results")):
+        with pytest.raises(UsageError):
+            results_format(fmt, out)
+    code, _, err = cli("results", str(TINY), "--root", str(tmp_path / "runs"), "--out", str(tmp_path / "r.txt"))
+    assert code == 2 and "--format" in err and not (tmp_path / "r.txt").exists()
+
+
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path) -> None:
     code, out, _ = cli("sweep", str(TINY), "--root", str(tmp_path / "runs"), "--dry-run")
     _, runs = load_runs(TINY)
@@ -89,8 +103,17 @@ def test_bad_sweep_files_exit_2_with_file_path_and_reason(
 ) -> None:
     monkeypatch.chdir(tmp_path)  # the files' root is ./runs: nothing may appear here
     expected = path.read_text(errors="replace").splitlines()[0].removeprefix("# expect: ")
-    for command in ("sweep", "status", "results"):
-        code, out, err = cli(command, str(path))
+    commands = [
+        ["sweep", str(path)],
+        ["sweep", str(path), "--dry-run"],
+        ["status", str(path)],
+        ["results", str(path)],
+        ["results", str(path), "--out", "results.parquet"],
+        ["cancel", str(path)],
+        ["logs", str(path), "--run", "0123456789", "--stage", "pretrain", "--follow"],
+    ]
+    for command in commands:
+        code, out, err = cli(*command)
         assert code == 2, (command, out, err)
         assert expected in err and str(path.parent) in err, err
         assert "Traceback" not in out + err and len(err.splitlines()) <= 22
@@ -235,11 +258,36 @@ def test_in_flight_jobs_are_checked_with_their_backend(tmp_path: Path) -> None:
     store.set_status(
         store.stage_url(url, b, "pretrain"), state="running", backend="local", job_id=f"local-{os.getpid()}-0@{host}"
     )
+    before = store.read_statuses(url, [f"{a}/pretrain", f"{b}/pretrain"])
     code, out, _ = cli("sweep", str(TINY), "--root", root, "--dry-run")
     assert code == 0 and "would submit 2 of 4 jobs" in out
     rows = {tuple(line.split("│")[1:3]): line for line in out.splitlines() if line.count("│") > 3}
     assert "submit (resume)" in rows[(f" {a} ", " pretrain ")] and "submit (new)" in rows[(f" {a} ", " knn      ")]
     assert "already running" in rows[(f" {b} ", " pretrain ")] and "waits for" in rows[(f" {b} ", " knn      ")]
+    assert store.read_statuses(url, [f"{a}/pretrain", f"{b}/pretrain"]) == before, "a dry run writes nothing"
+
+    code, out, _ = cli("status", str(TINY), "--root", root)
+    rows = {tuple(line.split("│")[1:3]): line for line in out.splitlines() if line.count("│") > 3}
+    assert code == 0 and "│ cancelled │" in rows[(f" {a} ", " pretrain ")] and "was cancelled" in out
+    assert "│ running   │" in rows[(f" {b} ", " pretrain ")]
+    dead_status, live_status = (store.read_status(store.stage_url(url, r, "pretrain")) for r in (a, b))
+    assert (
+        dead_status["state"] == "cancelled" and dead_status["error"] == f"local job local-{dead}-0@{host} was cancelled"
+    )
+    assert live_status == before[f"{b}/pretrain"], "a stage whose sweep process lives is left alone"
+
+
+def test_settled_states_from_the_backends_word() -> None:
+    assert settled(None, "slurm", "7") == (None, "")
+    assert settled(State.PENDING, "slurm", "7") == settled(State.PREEMPTED, "slurm", "7") == ("pending", "")
+    assert settled(State.RUNNING, "ray", "x") == ("running", "")
+    assert settled(State.FAILED, "slurm", "7_1") == ("failed", "slurm job 7_1 failed")
+    assert settled(State.COMPLETED, "slurm", "7") == ("failed", "slurm job 7 ended without recording a result")
+    assert settled(State.CANCELLED, "ray", "x") == ("cancelled", "ray job x was cancelled")
+    assert settled(State.UNKNOWN, "slurm", "7") == (
+        "cancelled",
+        "slurm job 7 is unknown to the cluster: it vanished or ended unrecorded",
+    )
 
 
 def test_tiny_sweep_end_to_end_then_nothing_new(tmp_path: Path) -> None:

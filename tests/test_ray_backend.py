@@ -2,23 +2,50 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from extrema import rundir
 from extrema.spec import ResourcesSpec
+from launch import store
 from launch.backends.base import Job, State
 from launch.backends.ray import RayBackend, driver_command, storage_path, submission_id
-from tests.clusters.ray import RayCluster
+from launch.cli import main
+from tests.clusters import require_module
+from tests.clusters.ray import INSTALL_HINT, RayCluster
 from tests.stage_runs import make_run
 
 FAST = {"pretrain": {"steps": 1, "batch_size": 8, "ckpt_every": 1}, "data": {"synthetic_size": 32}}
 FAST_KNN = {**FAST, "knn": {"bank_size": 32, "val_size": 16, "k": 5, "batch_size": 32}}
 FINAL = {State.COMPLETED, State.FAILED, State.CANCELLED}
+TINY = Path(__file__).resolve().parent.parent / "jobs" / "tiny.yaml"
+
+
+def cli(*args: str) -> tuple[int, str]:
+    """Run the CLI in this process; (exit code, stdout and stderr)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = main(list(args))
+    return code, out.getvalue()
+
+
+def ray_sweep(path: Path, grid: dict[str, list[Any]] | None, stages: list[str]) -> Path:
+    """The tiny sweep file on the ray backend (no address in it) with the given stages and axes."""
+    sweep = yaml.safe_load(TINY.read_text())
+    sweep["base"]["stages"] = stages
+    sweep["base"]["pretrain"].update(steps=1, ckpt_every=1)
+    sweep["sweep"] = {"grid": grid} if grid else None
+    sweep["launcher"] = {"backend": "ray", "resources": {"cpus_per_task": 1}}
+    path.write_text(yaml.safe_dump({k: v for k, v in sweep.items() if v is not None}))
+    return path
 
 
 def doc(url: str) -> dict[str, Any]:
@@ -118,3 +145,67 @@ def test_cancel_stops_running_and_waiting_jobs(ray_cluster: RayCluster, tmp_path
 
     assert wait_states(backend, ids, timeout_s=60) == {"long/pretrain": State.CANCELLED, "long/knn": State.CANCELLED}
     assert backend.status(["extrema-no-such-job"]) == {"extrema-no-such-job": State.UNKNOWN}
+
+
+@pytest.mark.ray
+def test_cli_sweep_returns_at_once_then_logs_status_and_cancel_ask_ray(ray_cluster: RayCluster, tmp_path: Path) -> None:
+    path = ray_sweep(tmp_path / "s.yaml", {"pretrain.steps": [1, 500]}, ["pretrain"])
+    root = str(tmp_path / "runs")
+    code, out = cli("sweep", str(path), "--root", root)  # to RAY_ADDRESS, the fixture's head
+    assert code == 0 and "submitted 2 of 2 jobs to ray" in out, out
+    url = store.sweep_url(root, "tiny")
+    short, long = store.entries(store.read_manifest(url) or {})
+    long_dir = store.stage_url(url, long.run_id, "pretrain")
+    assert store.read_status(long_dir)["cluster"] == ray_cluster.address
+
+    code, out = cli("logs", url, "--run", short.run_id, "--stage", "pretrain", "--follow")
+
+    assert code == 0 and "launch.backends.ray: running" in out, out
+    deadline = time.monotonic() + 60
+    while not rundir.read_jsonl(f"{long_dir}/metrics.jsonl"):
+        assert time.monotonic() < deadline, "the long stage never logged a step"
+        time.sleep(0.5)
+    code, out = cli("status", url)
+    assert code == 0 and "│ completed │" in out and "│ running   │" in out, out
+
+    code, out = cli("cancel", url, "--run", long.run_id)
+
+    assert code == 0 and f"cancelled 1 stage job(s): {long.run_id}/pretrain" in out
+    long_id = store.read_status(long_dir)["job_id"]
+    assert wait_states(RayBackend(ray_cluster.address), {"long": long_id}, timeout_s=60) == {"long": State.CANCELLED}
+    store.set_status(long_dir, state="running", job_id="extrema-no-such-job")  # as if the job had vanished
+    code, out = cli("status", url)
+    assert code == 0 and "│ cancelled │" in out
+    assert (
+        store.read_status(long_dir)["error"]
+        == "ray job extrema-no-such-job is unknown to the cluster: it vanished or ended unrecorded"
+    )
+
+
+@pytest.mark.ray
+def test_cli_ray_without_an_address_starts_its_own_head_and_stops_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require_module("ray", INSTALL_HINT)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    path = ray_sweep(tmp_path / "s.yaml", None, ["pretrain", "knn"])
+    root = str(tmp_path / "runs")
+
+    code, out = cli("sweep", str(path), "--root", root)
+
+    assert code == 0, out
+    assert "starting a local Ray head" in out and out.count("completed  ") == 2, out
+    url = store.sweep_url(root, "tiny")
+    manifest = store.read_manifest(url) or {}
+    head = manifest["ray_head"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(head["pid"], 0)  # stopped by its PID when the sweep ended
+    (run,) = store.entries(manifest)
+    for stage in ("pretrain", "knn"):
+        status = store.read_status(store.stage_url(url, run.run_id, stage))
+        assert status["state"] == "completed" and status["cluster"] == head["address"]
+    (kept,) = Path(store.stage_url(url, run.run_id, "knn"), "logs").glob("ray-extrema-*.log")  # kept before the stop
+    code, out = cli("logs", url, "--run", run.run_id, "--stage", "knn")
+    assert code == 0 and "launch.backends.ray: running" in out and out.count("\n") >= kept.read_text().count("\n")
+    code, out = cli("status", url)
+    assert code == 0 and out.count("│ completed │") == 2

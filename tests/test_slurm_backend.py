@@ -6,6 +6,8 @@ squeue/sacct. The fixture's MaxArraySize is 2, so a sweep of three runs exercise
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shlex
 import sys
 import time
@@ -13,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from extrema import rundir
 from extrema.spec import ResourcesSpec
+from launch import store
 from launch.backends.base import Job, State
 from launch.backends.slurm import (
     SlurmBackend,
@@ -26,12 +30,33 @@ from launch.backends.slurm import (
     plan_arrays,
     to_state,
 )
+from launch.cli import main
 from tests.clusters.slurm import SlurmCluster
 from tests.stage_runs import make_run
 
 FAST = {"pretrain": {"steps": 1, "batch_size": 8, "ckpt_every": 1}, "data": {"synthetic_size": 32}}
 FAST_KNN = {**FAST, "knn": {"bank_size": 32, "val_size": 16, "k": 5, "batch_size": 32}}
 FINAL = {State.COMPLETED, State.FAILED, State.CANCELLED}
+TINY = Path(__file__).resolve().parent.parent / "jobs" / "tiny.yaml"
+
+
+def cli(*args: str) -> tuple[int, str]:
+    """Run the CLI in this process; (exit code, stdout and stderr)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        code = main(list(args))
+    return code, out.getvalue()
+
+
+def slurm_sweep(path: Path, grid: dict[str, list[Any]] | None, stages: list[str], **resources: Any) -> Path:
+    """The tiny sweep file, on the fixture's partition, with the given stages and axes."""
+    sweep = yaml.safe_load(TINY.read_text())
+    sweep["base"]["stages"] = stages
+    sweep["base"]["pretrain"].update(steps=2, ckpt_every=2)
+    sweep["sweep"] = {"grid": grid} if grid else None
+    sweep["launcher"] = {"backend": "slurm", "resources": {"partition": "debug", "time_min": 20, **resources}}
+    path.write_text(yaml.safe_dump({k: v for k, v in sweep.items() if v is not None}))
+    return path
 
 
 def doc(url: str) -> dict[str, Any]:
@@ -317,3 +342,69 @@ def test_status_and_cancel_against_squeue_and_sacct(slurm_cluster: SlurmCluster,
     history = slurm_cluster.run("sacct", "-X", "-D", "-n", "-P", "-o", "State", "-j", ids["busy/pretrain"]).stdout
     assert [s.split()[0] for s in history.split("\n") if s] == ["CANCELLED"]
     assert backend.status([ids["busy/pretrain"]]) == {ids["busy/pretrain"]: State.CANCELLED}
+
+
+@pytest.mark.slurm
+def test_cli_sweep_returns_at_once_then_logs_follow_and_status_ask_slurm(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    path = slurm_sweep(tmp_path / "s.yaml", None, ["pretrain", "knn"])
+    root = str(tmp_path / "runs")
+    t0 = time.monotonic()
+    code, out = cli("sweep", str(path), "--root", root)
+    assert code == 0 and "submitted 2 of 2 jobs to slurm" in out, out
+    assert time.monotonic() - t0 < 30, "sweep returns once submitted"
+    url = store.sweep_url(root, "tiny")
+    (run,) = store.entries(store.read_manifest(url) or {})
+    knn_id = store.read_status(store.stage_url(url, run.run_id, "knn"))["job_id"]
+
+    code, out = cli("logs", url, "--run", run.run_id, "--stage", "knn", "--follow")
+
+    assert code == 0, out
+    assert f"/{knn_id}_0_log.out <==" in out and "Starting with JobEnvironment" in out  # submitit's own log lines
+    code, out = cli("status", url)
+    assert code == 0 and out.count("│ completed │") == 2 and "knn_top1=" in out, out
+    code, out = cli("sweep", str(path), "--root", root)
+    assert code == 0 and "nothing to submit" in out
+
+
+@pytest.mark.slurm
+def test_status_records_jobs_cancelled_or_vanished_behind_the_stores_back(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    path = slurm_sweep(
+        tmp_path / "s.yaml", {"pretrain.seed": [0, 1, 2]}, ["pretrain"], sbatch_extra={"begin": "now+3600"}
+    )
+    root = str(tmp_path / "runs")
+    assert cli("sweep", str(path), "--root", root)[0] == 0
+    url = store.sweep_url(root, "tiny")
+    kept, vanished, scancelled = (
+        store.stage_url(url, r.run_id, "pretrain") for r in store.entries(store.read_manifest(url) or {})
+    )
+    assert "_" not in store.read_status(scancelled)["job_id"]  # MaxArraySize 2: the third run is a job of its own
+    slurm_cluster.run("scancel", store.read_status(scancelled)["job_id"])
+    gone = store.read_status(vanished)["job_id"]
+    slurm_cluster.run("scancel", gone)
+    store.set_status(vanished, job_id="999999")  # a job id this cluster never had
+
+    code, out = cli("status", url)
+
+    assert code == 0 and out.count("│ pending   │") == 1 and out.count("│ cancelled │") == 2, out
+    assert store.read_status(kept)["state"] == "pending"
+    s = store.read_status(scancelled)
+    assert (s["state"], s["error"]) == ("cancelled", f"slurm job {s['job_id']} was cancelled")
+    assert (
+        store.read_status(vanished)["error"]
+        == "slurm job 999999 is unknown to the cluster: it vanished or ended unrecorded"
+    )
+    code, out = cli("sweep", str(path), "--root", root, "--dry-run")
+    assert code == 0 and out.count("submit (resume)") == 2 and "already pending" in out
+
+    code, out = cli("cancel", url)
+
+    assert code == 0 and "cancelled 1 stage job(s)" in out
+    job_id = store.read_status(kept)["job_id"]
+    # A pending array task that is cancelled leaves squeue at once and never reaches accounting.
+    assert SlurmBackend().status([job_id])[job_id] in (State.CANCELLED, State.UNKNOWN)
+    assert not slurm_cluster.run("squeue", "-h", "-r", "-j", job_id, check=False).stdout.strip()
+    assert store.read_status(kept)["state"] == "cancelled"

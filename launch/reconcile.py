@@ -1,0 +1,117 @@
+"""The run store reconciled with the backends: what a stage's status.json says, corrected by what its backend says.
+
+A stage's own process writes its status.json (running, completed, failed, preempted). What it cannot write is
+what happened to it from outside: a job cancelled while it waited, killed by the cluster, or gone altogether.
+So for every stage the store shows pending, running or preempted, the backend that holds its job is asked (by
+`squeue`/`sacct`, the Ray job API or the PID of a local sweep; the submitting process is not needed), and:
+
+- pending/running there: shown as such (a preempted stage that Slurm requeued is pending again);
+- ended there while the store still shows it in flight: recorded failed (failed, or completed without a result)
+  or cancelled, with the reason;
+- unknown there (the job vanished, or the local Ray head that ran it has stopped): recorded cancelled, so that
+  the next `sweep` resumes it;
+- the backend cannot be asked (no address, unreachable): the store's word stands, and a note says so.
+
+Corrections are written to status.json (only when `write`), never over a terminal state the stage wrote itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from launch import store
+from launch.backends.base import BACKENDS, State, make_backend
+from launch.backends.ray_head import head_gone
+from launch.sweep import LauncherSpec
+
+ENDED = (State.COMPLETED, State.FAILED, State.CANCELLED, State.UNKNOWN)
+
+
+@dataclass
+class Reconciled:
+    """Each job key's state after asking the backends, and notes on backends that could not be asked."""
+
+    states: dict[str, str | None]
+    notes: list[str] = field(default_factory=list)
+    corrected: dict[str, str] = field(default_factory=dict)  # key -> error recorded with the corrected state
+
+
+def settled(seen: State | None, backend: str, job_id: str) -> tuple[str | None, str]:
+    """The state an in-flight stage is in by its backend's answer (None: keep the store's), and why it ended."""
+    if seen in (State.PENDING, State.PREEMPTED):
+        return "pending", ""
+    if seen == State.RUNNING:
+        return "running", ""
+    if seen == State.COMPLETED:
+        return "failed", f"{backend} job {job_id} ended without recording a result"
+    if seen == State.FAILED:
+        return "failed", f"{backend} job {job_id} failed"
+    if seen == State.CANCELLED:
+        return "cancelled", f"{backend} job {job_id} was cancelled"
+    if seen == State.UNKNOWN:
+        return "cancelled", f"{backend} job {job_id} is unknown to the cluster: it vanished or ended unrecorded"
+    return None, ""
+
+
+def ray_address(status: Mapping[str, Any], launcher: LauncherSpec) -> str | None:
+    """The Ray cluster a stage was submitted to: recorded at submission, else the launcher's, else RAY_ADDRESS."""
+    recorded = status.get("cluster")
+    return str(recorded) if recorded else launcher.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+
+def ask(
+    name: str, cluster: str | None, launcher: LauncherSpec, manifest: Mapping[str, Any] | None, job_ids: list[str]
+) -> tuple[dict[str, State] | None, str]:
+    """The backend's states of its jobs, or None and the reason when it cannot be asked."""
+    if name == "ray":
+        head = (manifest or {}).get("ray_head")
+        if isinstance(head, dict) and head.get("address") == cluster and head_gone(head):
+            return dict.fromkeys(job_ids, State.UNKNOWN), ""
+        if not cluster:
+            return None, "ray: no cluster address recorded, in launcher.ray_address or RAY_ADDRESS"
+        launcher = launcher.model_copy(update={"ray_address": cluster})
+    try:
+        return make_backend(name, launcher).status(job_ids), ""
+    except Exception as e:
+        where = f" at {cluster}" if cluster else ""
+        return None, f"{name}{where}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
+def reconcile(
+    sweep_url: str,
+    statuses: Mapping[str, Mapping[str, Any]],
+    launcher: LauncherSpec,
+    manifest: Mapping[str, Any] | None = None,
+    write: bool = False,
+) -> Reconciled:
+    """Each job's state from the run store, corrected by its backend for jobs the store shows in flight."""
+    out = Reconciled({k: s.get("state") for k, s in statuses.items()})
+    groups: dict[tuple[str, str | None], dict[str, str]] = {}
+    for key, s in statuses.items():
+        if s.get("state") in store.IN_FLIGHT and s.get("job_id") and s.get("backend") in BACKENDS:
+            name = str(s["backend"])
+            cluster = ray_address(s, launcher) if name == "ray" else None
+            groups.setdefault((name, cluster), {})[key] = str(s["job_id"])
+    for (name, cluster), ids in groups.items():
+        answer, note = ask(name, cluster, launcher, manifest, list(ids.values()))
+        if answer is None:
+            out.notes.append(f"could not ask {note}; {len(ids)} stage(s) show the run store's state")
+            continue
+        for key, job_id in ids.items():
+            state, why = settled(answer.get(job_id), name, job_id)
+            if state is None:
+                continue
+            if state in store.TERMINAL:
+                stage = store.stage_url(sweep_url, *store.split_key(key))
+                now = store.read_status(stage).get("state")  # the stage may have ended since it was read
+                if now in store.TERMINAL:
+                    state = now
+                else:
+                    out.corrected[key] = why
+                    if write:
+                        store.mark_ended(stage, state, why)
+            out.states[key] = state
+    return out

@@ -1,0 +1,143 @@
+"""Submitting the chosen jobs of a sweep: specs, status records and manifest, the backend call, and, for sweeps
+that run here (the local backend, or a local Ray head started for the sweep), progress until the stages end.
+
+Nothing is written before the backend is ready: a local Ray head that fails to start leaves the store untouched.
+When the backend refuses the submission, every status.json touched is put back as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+from extrema import rundir
+from launch import logs, store
+from launch.backends.base import Backend, Job, State, make_backend
+from launch.errors import UsageError
+from launch.progress import follow
+from launch.sweep import LauncherSpec
+
+OK, FAILED, INTERRUPTED = 0, 1, 130
+
+
+def needs_local_ray(launcher: LauncherSpec) -> bool:
+    """Whether a ray sweep has no cluster to go to (no launcher.ray_address, no RAY_ADDRESS): it starts its own."""
+    return launcher.backend == "ray" and not (launcher.ray_address or os.environ.get("RAY_ADDRESS"))
+
+
+@dataclass
+class Submission:
+    """What one `sweep` sends: the jobs, the manifest to record, where logs go."""
+
+    url: str
+    jobs: list[Job]
+    specs: Mapping[str, Any]  # job key -> RunSpec to write as spec.json
+    manifest: dict[str, Any]
+    log_dir: str
+    previous: Mapping[str, dict[str, Any]]  # job key -> status.json before this submission
+
+
+@contextlib.contextmanager
+def backend_for(launcher: LauncherSpec, out: Console) -> Iterator[tuple[Backend, dict[str, Any] | None]]:
+    """The backend to submit to, and the record of the local Ray head started for it (stopped on exit)."""
+    if not needs_local_ray(launcher):
+        yield make_backend(launcher.backend, launcher), None
+        return
+    try:
+        from launch.backends import ray_head
+
+        out.print("no Ray cluster address (launcher.ray_address, RAY_ADDRESS): starting a local Ray head ...")
+        head = ray_head.start_head()
+    except ImportError as e:
+        raise UsageError(f"backend 'ray' is not available here: {e}") from None
+    out.print(f"local Ray head at {head.address} (pid {head.pid}); it stops when this sweep ends")
+    try:
+        yield make_backend("ray", launcher.model_copy(update={"ray_address": head.address})), head.record()
+    finally:
+        ray_head.stop_head(head)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run_blocking(backend: Backend, ids: dict[str, str], jobs: dict[str, Job], console: Console) -> int:
+    """Show progress until the submitted jobs end; on Ctrl-C (or SIGTERM, SIGHUP) stop them cleanly, resumable."""
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        final = follow(backend, ids, jobs, console)
+    except KeyboardInterrupt:
+        console.print("interrupted: stopping running stages (SIGTERM) ...")
+        with _sigint_ignored():
+            backend.cancel(list(ids.values()))
+            for job in jobs.values():
+                store.mark_ended(rundir.join(job.run_dir, job.stage), "cancelled", "interrupted")
+        console.print("stopped; `extrema-launch sweep` again resumes the unfinished stages")
+        return INTERRUPTED
+    except Exception as e:  # the backend went away under us (a cluster stopped, a connection lost)
+        console.print(Text(f"lost track of the jobs: {type(e).__name__}: {e}", style="red"))
+        return FAILED
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return FAILED if any(s in (State.FAILED, State.UNKNOWN) for s in final.values()) else OK
+
+
+def _keep_ray_logs(ids: Mapping[str, str], jobs: Mapping[str, Job], address: str) -> None:
+    for key, job_id in ids.items():
+        with contextlib.suppress(Exception):
+            logs.save_ray_log(rundir.join(jobs[key].run_dir, jobs[key].stage), address, job_id)
+
+
+def submit(s: Submission, launcher: LauncherSpec, out: Console) -> int:
+    """Write specs, record the submission, submit; block with progress when the stages run here."""
+    with backend_for(launcher, out) as (backend, head):
+        for job in s.jobs:
+            rundir.write_json(
+                rundir.join(job.run_dir, job.stage, "spec.json"), s.specs[job.key].model_dump(mode="json")
+            )
+        now = time.time()
+        for job in s.jobs:
+            store.mark_submitted(rundir.join(job.run_dir, job.stage), launcher.backend, None, now)
+        try:
+            ids = backend.submit(s.jobs, s.log_dir)
+        except Exception as e:
+            for job in s.jobs:
+                rundir.write_json(rundir.join(job.run_dir, job.stage, "status.json"), s.previous[job.key])
+            out.print(Text(f"submission to {launcher.backend} failed: {type(e).__name__}: {e}", style="red"))
+            return FAILED
+        cluster = getattr(backend, "address", None) if launcher.backend == "ray" else None
+        extra = {"cluster": cluster} if cluster else {}
+        for job in s.jobs:
+            if job.key in ids:
+                store.set_status(rundir.join(job.run_dir, job.stage), job_id=ids[job.key], **extra)
+        record = {k: {"job_id": v, "backend": launcher.backend, "submitted_at": now, **extra} for k, v in ids.items()}
+        store.write_manifest(
+            s.url, {**s.manifest, "jobs": record, "submitted_at": now, **({"ray_head": head} if head else {})}
+        )
+        out.print(f"submitted {len(ids)} of {len(s.jobs)} jobs to {launcher.backend}")
+        if launcher.backend != "local" and head is None:
+            return OK
+        by_key = {j.key: j for j in s.jobs}
+        try:
+            return run_blocking(backend, ids, by_key, out)
+        finally:
+            if head is not None:
+                _keep_ray_logs(ids, by_key, str(head["address"]))
