@@ -283,11 +283,14 @@ def test_select_submits_only_unfinished_work_whose_upstream_will_run() -> None:
     def job(key: str, after: tuple[str, ...] = ()) -> Job:
         return Job(key, "/r/s/" + key.split("/")[0], key.split("/")[1], after, ResourcesSpec())
 
-    jobs = [job(f"{r}/pretrain") for r in "abcde"] + [job(f"{r}/knn", (f"{r}/pretrain",)) for r in "abcde"]
+    jobs = [job(f"{r}/pretrain") for r in "abcdef"] + [job(f"{r}/knn", (f"{r}/pretrain",)) for r in "abcdef"]
     states = {"a/pretrain": "completed", "a/knn": "completed", "b/pretrain": "running", "c/pretrain": "failed",
-              "d/pretrain": "cancelled", "d/knn": "failed", "e/pretrain": "completed"}  # fmt: skip
-    chosen = {d.job.key: d.submit for d in select(jobs, states)}
+              "d/pretrain": "cancelled", "d/knn": "failed", "e/pretrain": "completed",
+              "f/pretrain": "preempted"}  # fmt: skip
+    decisions = select(jobs, states)
+    chosen = {d.job.key: d.submit for d in decisions}
     assert [k for k, v in chosen.items() if v] == ["d/pretrain", "e/knn"]
+    assert next(d.reason for d in decisions if d.job.key == "f/pretrain") == "already preempted"  # being requeued
     retried = [d.job.key for d in select(jobs, states, retry_failed=True) if d.submit]
     assert retried == ["c/pretrain", "d/pretrain", "c/knn", "d/knn", "e/knn"]
     assert all(not d.submit for d in select(jobs, {j.key: "completed" for j in jobs}))
