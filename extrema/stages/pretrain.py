@@ -140,6 +140,9 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
 
     model = ExtreMA(exp.model).to(world.device)
     loss_module, core = wrap(model, world, p.strategy, bf16=world.device.type == "cuda" and amp is not None)
+    if p.compile:
+        core.online.encoder.compile()
+        core.target.encoder.compile()
     trainable = nn.ModuleDict({"online": core.online, "predictor": core.predictor})
     groups = param_groups(trainable, p.weight_decay, no_decay_names=("pos_embed", "cls_token"))
     optimizer = build_adamw(groups, lr=scaled_lr(p.base_lr, p.batch_size), betas=p.betas)
