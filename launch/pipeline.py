@@ -19,6 +19,8 @@ def upstream(run: Run, stage: str) -> tuple[str, ...]:
 
 def plan(runs: Sequence[Run], launcher: LauncherSpec, sweep_url: str) -> list[Job]:
     """Every stage job of the runs, stage-major (all pretrain jobs, then each downstream stage), run order within."""
+    dirs = {run.run_id: store.run_url(sweep_url, run.run_id) for run in runs}
+    resources = {stage: launcher.resources_for(stage) for stage in STAGE_ORDER}
     jobs = []
     for stage in STAGE_ORDER:
         for run in runs:
@@ -26,10 +28,10 @@ def plan(runs: Sequence[Run], launcher: LauncherSpec, sweep_url: str) -> list[Jo
                 jobs.append(
                     Job(
                         key=store.job_key(run.run_id, stage),
-                        run_dir=store.run_url(sweep_url, run.run_id),
+                        run_dir=dirs[run.run_id],
                         stage=stage,
-                        after=tuple(store.job_key(run.run_id, s) for s in upstream(run, stage)),
-                        resources=launcher.resources_for(stage),
+                        after=tuple(f"{run.run_id}/{s}" for s in upstream(run, stage)),
+                        resources=resources[stage],
                     )
                 )
     return jobs

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from extrema.spec import ResourcesSpec
+from extrema.spec import Experiment, ResourcesSpec
 from launch.backends.base import Job
 from launch.errors import InvalidSweep
 from launch.pipeline import plan, select
@@ -309,3 +309,28 @@ def test_expand_is_pure_and_stable(tmp_path: Path) -> None:
     assert [r.run_id for r in first] == [r.run_id for r in second]
     assert json.dumps(sweep.base, sort_keys=True) == before
     assert first[0].run_id == run_id(first[0].experiment)
+
+
+def test_fast_run_ids_equal_the_definition_whatever_the_axes_touch(tmp_path: Path) -> None:
+    text = BASE + textwrap.dedent("""\
+        sweep:
+          grid:
+            model.cls_token: [cait, vit]
+            pretrain.masking: [{ratio: 0.75, num_masks: 2}, {ratio: 0.5, num_masks: 2}]
+          runs:
+            - {data.synthetic_size: 64}
+            - {stages: [pretrain], knn.k: 7}
+            - {pretrain.seed: 3, model.arch: vit_pico}
+        """)
+    sweep = load_sweep(write(tmp_path, text))[0]
+    runs = expand(sweep)
+    assert len(runs) == 12
+    for r in runs:
+        raw = json.loads(json.dumps(sweep.base))
+        for path, value in r.overrides.items():
+            *parents, last = path.split(".")
+            node = raw
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = value
+        assert r.run_id == run_id(Experiment.model_validate(raw)) == run_id(r.experiment), r.overrides
