@@ -34,11 +34,10 @@ from typing import Any
 
 from pydantic import ValidationError
 from rich.console import Console
-from rich.table import Table
 from rich.text import Text
 
 from extrema import rundir
-from launch import logs, results, store
+from launch import logs, results, store, tables
 from launch.backends.base import BACKENDS, make_backend
 from launch.errors import InvalidSweep, UsageError
 from launch.pipeline import Decision, plan, select
@@ -46,6 +45,7 @@ from launch.progress import latest_progress
 from launch.reconcile import Reconciled, ray_address, reconcile
 from launch.submit import Submission, needs_local_ray, submit
 from launch.sweep import STAGE_ORDER, LauncherSpec, SweepFile, load_runs
+from launch.tables import cell
 
 OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "json"}
@@ -88,26 +88,23 @@ def open_target(arg: str, root: str | None = None) -> Target:
         raise UsageError(f"{url}/{store.MANIFEST} is damaged: {e}") from None
 
 
-def _cell(value: Any) -> Text:
-    return Text("-" if value is None else str(value))
-
-
 def _swept(runs: Sequence[store.RunEntry]) -> list[str]:
     return list(dict.fromkeys(p for r in runs for p in results.flatten(r.overrides)))
 
 
-def plan_table(title: str, decisions: Sequence[Decision], runs: Sequence[store.RunEntry]) -> Table:
+def show_plan(out: Console, title: str, decisions: Sequence[Decision], runs: Sequence[store.RunEntry]) -> None:
     """The plan: one row per job with its swept values, its state and what this submission does with it."""
     by_id = {r.run_id: results.flatten(r.overrides) for r in runs}
     paths = _swept(runs)
-    table = Table(title=title)
-    for col in ("run", "stage", *paths, "state", "action"):
-        table.add_column(col)
+    columns = ("run", "stage", *paths, "state", "action")
+    rows, styles, pairs = [], [], []
     for d in decisions:
-        run_id, stage = store.split_key(d.job.key)
-        action = Text(f"submit ({d.reason})", style="bold") if d.submit else Text(d.reason, style="dim")
-        table.add_row(run_id, stage, *(_cell(by_id[run_id].get(p)) for p in paths), _cell(d.state), action)
-    return table
+        run_id, stage = d.job.key.split("/", 1)
+        action = f"submit ({d.reason})" if d.submit else d.reason
+        rows.append((run_id, stage, *(cell(by_id[run_id].get(p)) for p in paths), cell(d.state), action))
+        styles.append({"action": "bold" if d.submit else "dim"})
+        pairs.append((stage, action.split(" (", 1)[0] if d.submit else (d.state or "not submitted")))
+    tables.show(out, title, columns, rows, styles, pairs)
 
 
 def _notes(out: Console, seen: Reconciled) -> None:
@@ -131,7 +128,7 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
     decisions = select(jobs, seen.states, args.retry_failed)
     entries = [store.RunEntry(r.run_id, r.stages, r.overrides) for r in runs]
     todo = [d.job for d in decisions if d.submit]
-    out.print(plan_table(f"sweep {sweep.name}: {len(runs)} runs, {len(jobs)} jobs -> {url}", decisions, entries))
+    show_plan(out, f"sweep {sweep.name}: {len(runs)} runs, {len(jobs)} jobs -> {url}", decisions, entries)
     _notes(out, seen)
     where = launcher.backend + (" (a local Ray head started for this sweep)" if needs_local_ray(launcher) else "")
     if args.dry_run:
@@ -194,10 +191,8 @@ def cmd_status(args: argparse.Namespace, out: Console) -> int:
     urls = [rundir.join(store.stage_url(target.url, *store.split_key(k)), "result.json") for k in done]
     found = dict(zip(done, store.read_many(urls)))
     paths = _swept(target.runs)
-    table = Table(title=f"{target.url}")
-    for col in ("run", "stage", *paths, "state", "attempts", "elapsed", "latest", "job id"):
-        table.add_column(col)
-    styles = {"completed": "green", "failed": "red", "running": "cyan", "cancelled": "yellow"}
+    columns = ("run", "stage", *paths, "state", "attempts", "elapsed", "latest", "job id")
+    rows, styles, pairs = [], [], []
     for run in target.runs:
         flat = results.flatten(run.overrides)
         for stage, key in zip(run.stages, run.job_keys()):
@@ -205,17 +200,12 @@ def cmd_status(args: argparse.Namespace, out: Console) -> int:
             if key in seen.corrected:
                 s = {**s, "error": seen.corrected[key]}
             latest = _latest(state, s, found.get(key), store.stage_url(target.url, run.run_id, stage))
-            cells = (*(_cell(flat.get(p)) for p in paths), Text(state or "-", style=styles.get(state or "", "")))
-            table.add_row(
-                run.run_id,
-                stage,
-                *cells,
-                _cell(s.get("attempts")),
-                Text(_elapsed(s)),
-                Text(latest),
-                _cell(s.get("job_id")),
-            )
-    out.print(table)
+            swept = (cell(flat.get(p)) for p in paths)
+            rows.append((run.run_id, stage, *swept, cell(state), cell(s.get("attempts")), _elapsed(s), latest,
+                         cell(s.get("job_id"))))  # fmt: skip
+            styles.append({"state": tables.STATE_STYLES.get(state or "", "")})
+            pairs.append((stage, state))
+    tables.show(out, target.url, columns, rows, styles, pairs)
     _notes(out, seen)
     return FAILED if any(s == "failed" for s in states.values()) else OK
 
@@ -251,12 +241,9 @@ def cmd_results(args: argparse.Namespace, out: Console) -> int:
             raise UsageError(f"cannot write --out {args.out}: {type(e).__name__}: {e}") from None
         out.print(f"wrote {table.num_rows} rows x {table.num_columns} columns to {args.out}")
     elif fmt == "table":
-        view = Table(title=target.url)
-        for name in table.column_names:
-            view.add_column(name)
-        for row in table.to_pylist():
-            view.add_row(*(_cell(v) for v in row.values()))
-        out.print(view)
+        records = table.to_pylist()
+        rows = [tuple(cell(v) for v in r.values()) for r in records]
+        tables.show(out, target.url, table.column_names, rows, pairs=[(r["stage"], r["state"]) for r in records])
     else:
         sys.stdout.write(results.encode(table, fmt).decode())  # type: ignore[arg-type]
     _notes(out, seen)

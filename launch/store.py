@@ -6,13 +6,15 @@ Every path is built from checked names, so nothing derived from a spec can leave
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+from fsspec.implementations.local import LocalFileSystem
 
 from extrema import rundir
 from extrema.entry import update_status
@@ -23,7 +25,6 @@ TERMINAL = frozenset({"completed", "failed", "cancelled"})
 IN_FLIGHT = frozenset({"pending", "running", "preempted"})  # preempted: stopped at a signal, to be requeued
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_READERS = 16
 
 
 def safe_name(name: str, what: str = "name") -> str:
@@ -158,12 +159,40 @@ def mark_ended(stage: str, state: str, error: str) -> dict[str, Any] | None:
     return set_status(stage, state=state, error=error, finished_at=time.time())
 
 
+def _read_local(path: str) -> Any:
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+
+
 def read_many(urls: Sequence[str]) -> list[Any]:
-    """Read many JSON documents concurrently (object stores are latency-bound); None for missing ones."""
-    if len(urls) < 4:
-        return [rundir.read_json(u) for u in urls]
-    with ThreadPoolExecutor(_READERS) as pool:
-        return list(pool.map(rundir.read_json, urls))
+    """Read many JSON documents of one store; None for missing ones.
+
+    Local files are read directly, one after another (threads only add lock contention there); any other
+    filesystem gets one batched `cat`, which async ones (s3, gcs, http) serve concurrently.
+    """
+    if not urls:
+        return []
+    fs, _ = rundir.filesystem(urls[0])
+    protocol = urls[0].split("://", 1)[0] if "://" in urls[0] else None
+    if any((u.split("://", 1)[0] if "://" in u else None) != protocol for u in urls):
+        return [rundir.read_json(u) for u in urls]  # mixed stores: one at a time
+    if isinstance(fs, LocalFileSystem):
+        return [_read_local(u.removeprefix("file://")) for u in urls]
+    paths = [fs._strip_protocol(u) for u in urls]
+    found = fs.cat(paths, on_error="return")
+    out: list[Any] = []
+    for p in paths:
+        data = found.get(p)
+        if isinstance(data, FileNotFoundError) or data is None:
+            out.append(None)
+        elif isinstance(data, BaseException):
+            raise data
+        else:
+            out.append(json.loads(data))
+    return out
 
 
 def read_statuses(sweep: str, keys: Iterable[str]) -> dict[str, dict[str, Any]]:

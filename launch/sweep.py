@@ -29,7 +29,7 @@ from launch.yamlfile import Source, deep_merge, load_with_includes, locate
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SBATCH_OPTION = re.compile(r"[a-z][a-z0-9-]{0,40}")
-STAGE_ORDER: tuple[str, ...] = ("pretrain", "knn", "probe", "finetune", "detect")
+STAGE_ORDER: tuple[str, ...] = typing.get_args(StageName)  # pretrain first, then the downstream stages
 
 
 def _plain_text(value: str | None, what: str) -> str | None:

@@ -19,9 +19,10 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from rich.console import Console
 
 from extrema.spec import Experiment, MaskingSpec, ModelSpec, PretrainSpec, ResourcesSpec
-from launch import store
+from launch import store, tables
 from launch.backends.base import State
 from launch.backends.local import LocalBackend
 from launch.cli import UsageError, main, make_backend, results_format
@@ -347,3 +348,19 @@ def test_a_failing_stage_exits_1_and_is_only_retried_on_request(tmp_path: Path) 
     assert code == 1 and "nothing to submit" in out and "--retry-failed resubmits it" in out
     code, out, _ = cli("sweep", str(path), "--root", root, "--retry-failed", "--dry-run")
     assert code == 0 and "would submit 2 of 2 jobs" in out and "submit (retry)" in out
+
+
+def test_big_tables_are_a_summary_and_aligned_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [(f"r{i}", "pretrain", "completed" if i % 3 else "failed") for i in range(7)]
+    pairs = [(r[1], r[2]) for r in rows]
+    small, big = io.StringIO(), io.StringIO()
+    tables.show(Console(file=small, width=100), "t", ("run", "stage", "state"), rows, pairs=pairs)
+    monkeypatch.setattr(tables, "RICH_ROWS", 5)
+    tables.show(Console(file=big, width=100), "t", ("run", "stage", "state"), rows, pairs=pairs)
+    assert "┃ run" in small.getvalue() and small.getvalue().count("│ pretrain │") == 7
+    text = big.getvalue()
+    assert "t: 7 rows" in text and "│ pretrain │         4 │      3 │     7 │" in text, text
+    lines = text.splitlines()
+    assert lines[-9].split() == ["run", "stage", "state"] and [line.split()[0] for line in lines[-7:]] == [
+        f"r{i}" for i in range(7)
+    ]

@@ -189,3 +189,11 @@ def test_mixed_types_fall_back_to_json_text() -> None:
     assert table.schema.field("x").type == pa.string()
     assert table.column("x").to_pylist() == ["1", '"one"', "[1, 2]"]
     assert results.to_table([]).num_rows == 0
+
+
+def test_read_many_keeps_order_and_gives_none_for_missing_files(root: str) -> None:
+    urls = [f"{root}/many/{i}.json" for i in range(6)]
+    for i in (0, 2, 3, 5):
+        rundir.write_json(urls[i], {"i": i})
+    assert store.read_many(urls) == [{"i": 0}, None, {"i": 2}, {"i": 3}, None, {"i": 5}]
+    assert store.read_many([]) == []

@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+import typing
 from pathlib import Path
 
 import pytest
 
-from extrema.spec import Experiment, ResourcesSpec
+from extrema.spec import Experiment, ResourcesSpec, StageName
 from launch.backends.base import Job
 from launch.errors import InvalidSweep
 from launch.pipeline import plan, select
-from launch.sweep import expand, load_runs, load_sweep, run_id
+from launch.sweep import STAGE_ORDER, expand, load_runs, load_sweep, run_id
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -334,3 +335,7 @@ def test_fast_run_ids_equal_the_definition_whatever_the_axes_touch(tmp_path: Pat
                 node = node.setdefault(part, {})
             node[last] = value
         assert r.run_id == run_id(Experiment.model_validate(raw)) == run_id(r.experiment), r.overrides
+
+
+def test_every_stage_name_is_planned_with_pretrain_first() -> None:
+    assert STAGE_ORDER[0] == "pretrain" and set(STAGE_ORDER) == set(typing.get_args(StageName))

@@ -1,0 +1,72 @@
+"""Tables on the terminal: rich tables for what a person reads row by row, aligned plain text for big sweeps.
+
+Rich lays a table out cell by cell, which takes seconds past a few thousand rows; a sweep of 10,000 runs is
+shown instead as a rich summary (stage x state counts) followed by every row as aligned text in one write.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+RICH_ROWS = 1000
+MAX_WIDTH = 60
+STATE_STYLES = {"completed": "green", "failed": "red", "running": "cyan", "cancelled": "yellow", "preempted": "yellow"}
+
+
+def cell(value: Any) -> str:
+    """A value as table text: '-' for missing ones."""
+    return "-" if value is None else str(value)
+
+
+def _plain(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    clipped = [[v if len(v) <= MAX_WIDTH else v[: MAX_WIDTH - 3] + "..." for v in row] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in clipped)]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in clipped]
+    return "\n".join(lines)
+
+
+def summary(title: str, pairs: Sequence[tuple[str, str | None]]) -> Table:
+    """Counts of (stage, state) pairs: one row per stage, one column per state."""
+    counts = Counter((stage, state or "-") for stage, state in pairs)
+    stages = list(dict.fromkeys(stage for stage, _ in pairs))
+    states = sorted({state for _, state in counts}, key=lambda s: (s not in STATE_STYLES, s))
+    table = Table(title=title or None)
+    for col in ("stage", *states, "total"):
+        table.add_column(col, justify="left" if col == "stage" else "right", style=STATE_STYLES.get(col))
+    for stage in stages:
+        row = [counts[(stage, s)] for s in states]
+        table.add_row(stage, *(str(n) for n in row), str(sum(row)))
+    return table
+
+
+def show(
+    out: Console,
+    title: str,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    styles: Sequence[dict[str, str]] | None = None,
+    pairs: Sequence[tuple[str, str | None]] = (),
+) -> None:
+    """Print rows as a rich table (cell styles by column name per row), or, past RICH_ROWS rows, the summary of
+    `pairs` (stage, state) and every row as aligned text."""
+    if len(rows) <= RICH_ROWS:
+        table = Table(title=title)
+        for col in columns:
+            table.add_column(col)
+        for i, row in enumerate(rows):
+            style = styles[i] if styles else {}
+            table.add_row(*(Text(v, style=style.get(c, "")) for c, v in zip(columns, row)))
+        out.print(table)
+        return
+    out.print(Text(f"{title}: {len(rows)} rows", style="bold"), soft_wrap=True)
+    if pairs:
+        out.print(summary("", pairs))
+    out.out(_plain(columns, rows), highlight=False)
