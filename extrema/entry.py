@@ -25,6 +25,7 @@ STAGE_MODULES: dict[str, str] = {
     "knn": "extrema.stages.knn",
     "probe": "extrema.stages.probe",
     "finetune": "extrema.stages.finetune",
+    "inpaint": "extrema.stages.inpaint",
 }
 
 EXIT_REQUEUE = 3  # the stage saved a checkpoint after a preemption signal: requeue it, it resumes

@@ -7,8 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-StageName = Literal["pretrain", "knn", "probe", "finetune", "detect"]
-BUILT_STAGES: tuple[str, ...] = ("pretrain", "knn", "probe", "finetune")
+StageName = Literal["pretrain", "knn", "probe", "finetune", "detect", "inpaint"]
+BUILT_STAGES: tuple[str, ...] = ("pretrain", "knn", "probe", "finetune", "inpaint")
 
 # name -> (embed_dim, depth, num_heads, patch_size, img_size). The first four are the paper's
 # architectures (patch 16, 224 px); the rest are CPU-sized presets for tests and the demo.
@@ -228,6 +228,38 @@ class FinetuneSpec(DownstreamSpec):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
 
 
+class InpaintSpec(Spec):
+    """Inpainting (Figure 4): a light pixel decoder trained briefly on the frozen encoder's visible tokens."""
+
+    checkpoint: str | None = Field(
+        None, description="DCP step or ckpt dir, or an official/timm .pth URL; the run's pretrain stage when unset"
+    )
+    encoder: Literal["student", "ema"] = Field("student", description="student: the branch that saw masked inputs")
+    ratios: tuple[float, ...] = Field(
+        (0.5, 0.75, 0.9), description="masking ratios: drawn per training batch, each scored and shown"
+    )
+    decoder_dim: int = Field(128, gt=0, description="decoder width (divisible by 4 and by decoder_heads)")
+    decoder_depth: int = Field(2, ge=1, description="decoder transformer blocks")
+    decoder_heads: int = Field(4, ge=1)
+    steps: int = Field(1000, gt=0, description="decoder training steps")
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(1e-3, gt=0, description="peak AdamW lr (cosine, after warmup_steps)")
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    train_size: int | None = Field(10000, gt=0, description="seeded subset of training images; all when unset")
+    val_size: int | None = Field(1000, gt=0, description="held-out val-split images scored; all when unset")
+    figure_images: int = Field(8, ge=1, le=32, description="images shown in the figure")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> InpaintSpec:
+        if not self.ratios or not all(0 <= r < 1 for r in self.ratios):
+            raise ValueError(f"ratios {self.ratios}: give at least one, each in [0, 1)")
+        if self.decoder_dim % 4 or self.decoder_dim % self.decoder_heads:
+            raise ValueError(f"decoder_dim {self.decoder_dim} must be divisible by 4 and by decoder_heads")
+        return self
+
+
 class Experiment(Spec):
     """One complete experiment: the model, its data, and the settings of each stage it runs."""
 
@@ -238,6 +270,7 @@ class Experiment(Spec):
     knn: KnnSpec = KnnSpec()
     probe: ProbeSpec = ProbeSpec()
     finetune: FinetuneSpec = FinetuneSpec()
+    inpaint: InpaintSpec = InpaintSpec()
 
     @model_validator(mode="after")
     def _consistent(self) -> Experiment:
@@ -248,6 +281,9 @@ class Experiment(Spec):
             raise ValueError(f"stages: {', '.join(unbuilt)} not available yet (available: {', '.join(BUILT_STAGES)})")
         if len(set(self.stages)) != len(self.stages):
             raise ValueError("stages: each stage may appear once")
+        worst = max(self.inpaint.ratios)
+        if "inpaint" in self.stages and visible_count(self.model.num_patches, worst) < 1:
+            raise ValueError(f"inpaint.ratios: {worst} leaves no visible token of {self.model.num_patches}")
         m = self.pretrain.masking
         n = self.model.num_patches
         k = visible_count(n, m.ratio)
