@@ -1,0 +1,322 @@
+"""Figures of a sweep, torch-free (matplotlib imported on first use, rendered with Agg): PNG and SVG.
+
+Figure 1 (`plot_curves`): training loss and kNN accuracy against epoch from each run's pretrain `metrics.jsonl`,
+one line per value of an axis (default `model.cls_token`) with the mean over seeds and a band of one standard
+deviation. `plot_metric`: a result metric against a swept axis with error bars over seeds. `plot_sweep` draws
+every figure a sweep has data for. Each function returns the plotted numbers with the files it wrote, and every
+figure names its sweep and run ids in the caption.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import textwrap
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from extrema import rundir
+from launch import aggregate, results, store
+
+CURVE_METRICS = ("loss", "knn_top1")
+RESULT_METRICS = ("knn_top1", "knn_gain_top1", "probe_top1", "finetune_top1", "inpaint_mse_r75")
+LABELS = {
+    "loss": "training loss",
+    "knn_top1": "kNN top-1 accuracy (%)",
+    "knn_gain_top1": "kNN top-1 gain over init (points)",
+    "probe_top1": "linear probe top-1 (%)",
+    "finetune_top1": "finetune top-1 (%)",
+    "model.cls_token": "class token",
+    "pretrain.masking.ratio": "masking ratio",
+    "pretrain.masking.num_masks": "number of masks",
+    "pretrain.seed": "seed",
+}
+FORMATS = ("png", "svg")
+_READERS = 16
+
+
+def label(name: str) -> str:
+    """A readable name for a metric or axis."""
+    return LABELS.get(name, name)
+
+
+def short(name: str) -> str:
+    """The last part of a dotted axis path (`model.cls_token` -> `cls_token`)."""
+    return name.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True)
+class Series:
+    """One plotted line: x values and, at each, the mean, sample std (None below two values) and count over runs."""
+
+    label: str
+    x: list[Any]
+    mean: list[float]
+    std: list[float | None]
+    count: list[int]
+    run_ids: list[str]
+
+
+@dataclass(frozen=True)
+class Plotted:
+    """A figure: the files written, the caption, and the series of each panel (panel name -> lines)."""
+
+    name: str
+    files: list[str]
+    caption: str
+    panels: dict[str, list[Series]]
+
+
+# --------------------------------------------------------------------------------------------- the data
+
+
+def line_keys(runs: Sequence[store.RunEntry], axis: str) -> dict[str, tuple[str, list[store.RunEntry]]]:
+    """Runs grouped into lines: by `axis` and every other non-seed swept value; key -> (label, runs)."""
+    flat = {r.run_id: results.flatten(r.overrides) for r in runs}
+    paths = list(dict.fromkeys(p for f in flat.values() for p in f))
+    others = [p for p in paths if p != axis and p not in aggregate.seed_axes(paths)]
+    lines: dict[str, tuple[str, list[store.RunEntry]]] = {}
+    for r in runs:
+        f = flat[r.run_id]
+        parts = [(axis, f[axis])] if axis in f else []
+        parts += [(p, f.get(p)) for p in others]
+        key = aggregate._key(parts)
+        text = str(parts[0][1]) if len(parts) == 1 and parts[0][0] == axis else ""
+        text = text or ", ".join(f"{short(p)}={v}" for p, v in parts) or "all runs"
+        lines.setdefault(key, (text, []))[1].append(r)
+    return lines
+
+
+def read_metrics(sweep_url: str, runs: Sequence[store.RunEntry], stage: str = "pretrain") -> dict[str, list[dict]]:
+    """Each run's `<stage>/metrics.jsonl` records (empty when absent), by run id."""
+    urls = [rundir.join(store.stage_url(sweep_url, r.run_id, stage), "metrics.jsonl") for r in runs]
+    with ThreadPoolExecutor(_READERS) as pool:
+        docs = list(pool.map(rundir.read_jsonl, urls))
+    return {r.run_id: d for r, d in zip(runs, docs)}
+
+
+def mean_series(text: str, points: Mapping[str, Mapping[int, tuple[float, float]]]) -> Series:
+    """Per-run {step: (epoch, value)} -> the mean line over runs at each step any of them logged."""
+    steps = sorted({s for per_run in points.values() for s in per_run})
+    x, mean, std, count = [], [], [], []
+    for s in steps:
+        values = [per_run[s][1] for per_run in points.values() if s in per_run]
+        m, sd = aggregate.mean_std(values)
+        x.append(next(per_run[s][0] for per_run in points.values() if s in per_run))
+        mean.append(m if m is not None else float("nan"))
+        std.append(sd)
+        count.append(len(values))
+    return Series(text, x, mean, std, count, list(points))
+
+
+def curves(
+    sweep_url: str,
+    runs: Sequence[store.RunEntry],
+    axis: str = "model.cls_token",
+    metrics: Iterable[str] = CURVE_METRICS,
+) -> dict[str, list[Series]]:
+    """metric -> one Series per line (see `line_keys`) against epoch, from the runs' pretrain metrics.jsonl."""
+    logs = read_metrics(sweep_url, [r for r in runs if "pretrain" in r.stages])
+    out: dict[str, list[Series]] = {}
+    for metric in metrics:
+        lines = []
+        for text, members in line_keys([r for r in runs if r.run_id in logs], axis).values():
+            points = {
+                r.run_id: {
+                    int(rec["step"]): (float(rec.get("epoch", rec["step"])), float(rec[metric]))
+                    for rec in logs[r.run_id]
+                    if isinstance(rec.get(metric), (int, float)) and "step" in rec
+                }
+                for r in members
+            }
+            points = {k: v for k, v in points.items() if v}
+            if points:
+                lines.append(mean_series(text, points))
+        if lines:
+            out[metric] = lines
+    return out
+
+
+def metric_series(table: pa.Table, axis: str, metric: str, stage: str | None = None) -> tuple[str, list[Series]]:
+    """(stage, lines) of `metric` against `axis` over seeds; one line per combination of the other swept axes."""
+    agg = aggregate.aggregate(table)
+    rows = [r for r in agg.to_pylist() if r.get(f"{metric}.count") and (stage is None or r["stage"] == stage)]
+    stages = list(dict.fromkeys(r["stage"] for r in rows))
+    if len(stages) != 1:
+        found = ", ".join(stages) or "none"
+        raise ValueError(f"{metric} must come from one stage (found: {found}); choose the stage")
+    keep, _ = aggregate.resolve_by(table, None)
+    if axis not in keep:
+        raise ValueError(f"{axis} is not a swept axis (swept: {', '.join(keep) or 'none'})")
+    others = [a for a in keep if a != axis]
+    lines: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        text = str(r[others[0]]) if len(others) == 1 else ", ".join(f"{short(a)}={r[a]}" for a in others)
+        text = text or label(metric)
+        lines.setdefault(text, []).append(r)
+    order = [aggregate._key(v) for v in aggregate._ordered([r[axis] for r in rows])]
+    out = []
+    for text, members in lines.items():
+        members = sorted(members, key=lambda r: order.index(aggregate._key(r[axis])))
+        out.append(
+            Series(
+                text,
+                [m[axis] for m in members],
+                [m[f"{metric}.mean"] for m in members],
+                [m[f"{metric}.std"] for m in members],
+                [m[f"{metric}.count"] for m in members],
+                [i for m in members for i in m["run_ids"]],
+            )
+        )
+    return stages[0], out
+
+
+# ------------------------------------------------------------------------------------------------ drawing
+
+
+def caption(sweep_name: str, run_ids: Sequence[str], what: str) -> str:
+    """`sweep NAME · what · N runs: id, id, ...`, wrapped to the figure width."""
+    ids = ", ".join(dict.fromkeys(run_ids))
+    text = f"sweep {sweep_name} · {what} · {len(set(run_ids))} runs: {ids}"
+    return "\n".join(textwrap.wrap(text, 150))
+
+
+def _new_figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=150, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save(fig: Any, out_dir: str, name: str) -> list[str]:
+    """Write the figure as `<out_dir>/<name>.png` and `.svg` (any fsspec URL); the URLs written."""
+    files = []
+    for fmt in FORMATS:
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, bbox_inches="tight", pad_inches=0.15)
+        url = rundir.join(out_dir, f"{name}.{fmt}")
+        fs, path = rundir.filesystem(url)
+        parent = path.rsplit("/", 1)[0]
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        with fs.open(path, "wb") as f:
+            f.write(buf.getvalue())
+        files.append(url)
+    return files
+
+
+def _draw_line(ax: Any, s: Series, color: Any) -> None:
+    ax.plot(s.x, s.mean, color=color, lw=1.6, label=f"{s.label} (n={max(s.count)})")
+    if any(v is not None for v in s.std):
+        lo = [m - (sd or 0.0) for m, sd in zip(s.mean, s.std)]
+        hi = [m + (sd or 0.0) for m, sd in zip(s.mean, s.std)]
+        ax.fill_between(s.x, lo, hi, color=color, alpha=0.2, lw=0)
+
+
+def plot_curves(
+    sweep_url: str,
+    runs: Sequence[store.RunEntry],
+    out_dir: str,
+    axis: str = "model.cls_token",
+    name: str = "fig1_curves",
+) -> Plotted:
+    """Figure 1: training loss and kNN top-1 against epoch, a line per value of `axis`, mean ± std over seeds."""
+    panels = curves(sweep_url, runs, axis)
+    if not panels:
+        raise ValueError("no run has pretrain metrics (loss or knn_top1) in its metrics.jsonl")
+    fig = _new_figure(5.2 * len(panels), 4.2)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    colors = _colors(max(len(lines) for lines in panels.values()))
+    for ax, (metric, lines) in zip(axes, panels.items()):
+        for i, s in enumerate(lines):
+            _draw_line(ax, s, colors[i])
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label(metric))
+        ax.set_title(label(metric))
+        ax.grid(alpha=0.3)
+    axes[-1].legend(title=label(axis), fontsize=8, title_fontsize=8)
+    sweep_name = sweep_url.rstrip("/").rsplit("/", 1)[-1]
+    ids = [i for lines in panels.values() for s in lines for i in s.run_ids]
+    text = caption(sweep_name, ids, "mean over seeds, band ±1 std")
+    fig.suptitle(f"Training loss and kNN accuracy by {label(axis)}", fontsize=11)
+    fig.text(0.0, -0.01, text, fontsize=7, va="top", ha="left", color="0.3")
+    return Plotted(name, save(fig, out_dir, name), text, panels)
+
+
+def _colors(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return [cmap(i % 10) for i in range(max(n, 1))]
+
+
+def plot_metric(
+    table: pa.Table,
+    axis: str,
+    metric: str,
+    out_dir: str,
+    stage: str | None = None,
+    sweep_name: str = "",
+    name: str | None = None,
+) -> Plotted:
+    """`metric` against swept `axis`, mean with ±1 std error bars over seeds, a line per other-axis combination."""
+    stage, lines = metric_series(table, axis, metric, stage)
+    others = [a for a in aggregate.resolve_by(table, None)[0] if a != axis]
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for s in lines for v in s.x)
+    categories = aggregate._ordered([v for s in lines for v in s.x])
+    fig = _new_figure(6.0, 4.2)
+    ax = fig.subplots()
+    colors = _colors(len(lines))
+    width = 0.6 / max(len(lines), 1)
+    for i, s in enumerate(lines):
+        x = s.x if numeric else [categories.index(v) + (i - (len(lines) - 1) / 2) * width for v in s.x]
+        err = [sd if sd is not None else 0.0 for sd in s.std]
+        ax.errorbar(
+            x, s.mean, yerr=err, color=colors[i], marker="o", capsize=4, lw=1.4, ls="-" if numeric else "none",
+            label=f"{s.label} (n={max(s.count)})",
+        )  # fmt: skip
+    if not numeric:
+        ax.set_xticks(range(len(categories)), [str(c) for c in categories])
+        ax.set_xlim(-0.6, len(categories) - 0.4)
+    ax.set_xlabel(label(axis))
+    ax.set_ylabel(label(metric))
+    ax.set_title(f"{label(metric)} by {label(axis)} · {stage} stage", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title=", ".join(label(a) for a in others) or None, title_fontsize=8)
+    name = name or f"{metric}_vs_{short(axis)}"
+    ids = [i for s in lines for i in s.run_ids]
+    text = caption(sweep_name or "?", ids, "mean over seeds, error bars ±1 std")
+    fig.text(0.0, -0.01, text, fontsize=7, va="top", ha="left", color="0.3")
+    return Plotted(name, save(fig, out_dir, name), text, {metric: lines})
+
+
+def plot_sweep(
+    sweep_url: str,
+    runs: Sequence[store.RunEntry],
+    table: pa.Table,
+    out_dir: str,
+    axis: str = "model.cls_token",
+    metrics: Sequence[str] = RESULT_METRICS,
+) -> list[Plotted]:
+    """Every figure the sweep has data for: Figure 1 when pretrain logged curves, then each reported metric of
+    each stage against each non-seed swept axis. The results table is `launch.results.collect(sweep_url, runs)`."""
+    sweep_name = sweep_url.rstrip("/").rsplit("/", 1)[-1]
+    out = []
+    with contextlib.suppress(ValueError):  # no pretrain curves: no pretrain stage, or nothing logged yet
+        out.append(plot_curves(sweep_url, runs, out_dir, axis))
+    keep, _ = aggregate.resolve_by(table, None)
+    agg = aggregate.aggregate(table)
+    present = [m for m in metrics if f"{m}.count" in agg.column_names]
+    for metric in present:
+        stages = [r["stage"] for r in agg.to_pylist() if r[f"{metric}.count"]]
+        for stage in dict.fromkeys(stages):
+            for x in keep:
+                name = f"{metric}_{stage}_vs_{short(x)}"
+                out.append(plot_metric(table, x, metric, out_dir, stage, sweep_name, name))
+    return out

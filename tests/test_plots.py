@@ -1,0 +1,121 @@
+"""Figures of a small real sweep: files written and sane, and the plotted numbers are the run store's numbers."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch import plots, results, store
+from launch.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+SWEEP = {
+    "name": "plots",
+    "base": yaml.safe_load((REPO / "jobs" / "tiny.yaml").read_text())["base"] | {"stages": ["pretrain"]},
+    "sweep": {
+        "runs": [
+            {"model.cls_token": "cait", "pretrain.seed": 0},
+            {"model.cls_token": "cait", "pretrain.seed": 1},
+            {"model.cls_token": "avgpool", "pretrain.seed": 0},
+        ]
+    },
+    "launcher": {"backend": "local", "max_parallel": 3},
+}
+SWEEP["base"]["pretrain"] = SWEEP["base"]["pretrain"] | {"knn_monitor": True, "knn_every_epochs": 0.5}
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[store.RunEntry]]:
+    """Run the sweep for real (local backend, three pretrain stages) and return its URL and runs."""
+    root = tmp_path_factory.mktemp("plots")
+    path = root / "sweep.yaml"
+    path.write_text(yaml.safe_dump(SWEEP | {"root": str(root / "runs")}))
+    assert main(["sweep", str(path)]) == 0
+    url = store.sweep_url(str(root / "runs"), "plots")
+    manifest = store.read_manifest(url)
+    assert manifest is not None
+    return url, store.entries(manifest)
+
+
+def png_size(path: str) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk."""
+    head = Path(path).read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR"
+    w, h = struct.unpack(">II", head[16:24])
+    return int(w), int(h)
+
+
+def logged(url: str, run_id: str, metric: str) -> dict[int, tuple[float, float]]:
+    """step -> (epoch, value) straight from a run's metrics.jsonl."""
+    lines = (Path(url) / run_id / "pretrain" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    return {r["step"]: (r["epoch"], r[metric]) for r in records if metric in r}
+
+
+def test_figure_one_is_written_and_plots_the_logged_metrics(
+    swept: tuple[str, list[store.RunEntry]], tmp_path: Path
+) -> None:
+    url, runs = swept
+    fig = plots.plot_curves(url, runs, str(tmp_path))
+    assert [Path(f).name for f in fig.files] == ["fig1_curves.png", "fig1_curves.svg"]
+    w, h = png_size(fig.files[0])
+    assert 1000 < w < 3000 and 400 < h < 1500
+    svg = Path(fig.files[1]).read_text()
+    assert svg.startswith("<?xml") and "<svg" in svg and "kNN top-1 accuracy" in svg
+    ids = [r.run_id for r in runs]
+    assert "sweep plots" in fig.caption and all(i in fig.caption for i in ids)
+    assert set(fig.panels) == {"loss", "knn_top1"}
+    cait, avgpool = ids[:2], ids[2]
+    for metric, lines in fig.panels.items():
+        by_label = {s.label: s for s in lines}
+        assert list(by_label) == ["cait", "avgpool"]
+        one = logged(url, avgpool, metric)
+        s = by_label["avgpool"]
+        assert s.run_ids == [avgpool] and s.x == [e for e, _ in one.values()]
+        assert s.mean == [v for _, v in one.values()] and set(s.std) == {None}
+        a, b = (logged(url, i, metric) for i in cait)
+        s = by_label["cait"]
+        assert sorted(s.run_ids) == sorted(cait) and list(a) == list(b)
+        assert s.mean == pytest.approx([(a[k][1] + b[k][1]) / 2 for k in a])
+        assert s.std == pytest.approx([abs(a[k][1] - b[k][1]) / math.sqrt(2) for k in a])
+        assert s.count == [2] * len(a)
+    assert len(fig.panels["knn_top1"][0].x) == 1 + 4 / 2  # at init, every half epoch (4 steps of 16 of 64 images)
+
+
+def test_metric_against_an_axis_uses_the_result_files(swept: tuple[str, list[store.RunEntry]], tmp_path: Path) -> None:
+    url, runs = swept
+    table = results.collect(url, runs)
+    fig = plots.plot_metric(table, "model.cls_token", "knn_top1", str(tmp_path), sweep_name="plots")
+    (line,) = fig.panels["knn_top1"]
+    final = {r.run_id: json.loads((Path(url) / r.run_id / "pretrain" / "result.json").read_text()) for r in runs}
+    ids = [r.run_id for r in runs]
+    assert line.x == ["cait", "avgpool"] and line.count == [2, 1]
+    assert line.mean == pytest.approx(
+        [(final[ids[0]]["knn_top1"] + final[ids[1]]["knn_top1"]) / 2, final[ids[2]]["knn_top1"]]
+    )
+    w, h = png_size(fig.files[0])
+    assert 600 < w < 2000 and 400 < h < 1500
+
+
+def test_plot_sweep_draws_every_figure_without_torch(swept: tuple[str, list[store.RunEntry]], tmp_path: Path) -> None:
+    url, _ = swept
+    code = (
+        "import sys; from launch import plots, results, store; "
+        f"url = {url!r}; runs = store.entries(store.read_manifest(url)); "
+        f"figs = plots.plot_sweep(url, runs, results.collect(url, runs), {str(tmp_path)!r}); "
+        "print(' '.join(f.name for f in figs)); assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    names = proc.stdout.split()
+    assert names == ["fig1_curves", "knn_top1_pretrain_vs_cls_token", "knn_gain_top1_pretrain_vs_cls_token"]
+    for name in names:
+        for fmt in ("png", "svg"):
+            assert (tmp_path / f"{name}.{fmt}").stat().st_size > 5000
