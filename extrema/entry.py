@@ -25,6 +25,7 @@ STAGE_MODULES: dict[str, str] = {
     "knn": "extrema.stages.knn",
     "probe": "extrema.stages.probe",
     "finetune": "extrema.stages.finetune",
+    "detect": "extrema.stages.detect",
     "inpaint": "extrema.stages.inpaint",
 }
 

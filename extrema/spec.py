@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 StageName = Literal["pretrain", "knn", "probe", "finetune", "detect", "inpaint"]
-BUILT_STAGES: tuple[str, ...] = ("pretrain", "knn", "probe", "finetune", "inpaint")
+BUILT_STAGES: tuple[str, ...] = ("pretrain", "knn", "probe", "finetune", "detect", "inpaint")
 
 # name -> (embed_dim, depth, num_heads, patch_size, img_size). The first four are the paper's
 # architectures (patch 16, 224 px); the rest are CPU-sized presets for tests and the demo.
@@ -228,6 +228,94 @@ class FinetuneSpec(DownstreamSpec):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
 
 
+class DetectSpec(Spec):
+    """Mask R-CNN transfer with the ViT as backbone (the CAE recipe); defaults: the paper's Table 1 (ViT-B, COCO 1x)."""
+
+    init: Literal["pretrained", "random"] = Field("pretrained", description="random: the from-scratch baseline")
+    checkpoint: str | None = Field(
+        None, description="DCP step or ckpt dir, or an official/timm .pth URL; the run's pretrain stage when unset"
+    )
+    encoder: Literal["student", "ema"] = "student"
+    dataset: Literal["coco", "fashion_mnist_canvas"] = Field(
+        "coco", description="COCO-format files at the URLs below, or the canvas set built from data's Fashion-MNIST"
+    )
+    train_annotations: str | None = Field(None, description="fsspec URL of the training annotations JSON (COCO)")
+    train_images: str | None = Field(None, description="fsspec URL of the training image directory")
+    val_annotations: str | None = Field(None, description="fsspec URL of the validation annotations JSON")
+    val_images: str | None = Field(None, description="fsspec URL of the validation image directory")
+    canvas_dir: str | None = Field(None, description="where the canvas set is built; <stage dir>/canvas when unset")
+    canvas_size: int = Field(128, ge=32, description="side of the canvas images")
+    canvas_train_images: int = Field(2000, gt=0)
+    canvas_val_images: int = Field(500, gt=0)
+    canvas_objects: tuple[int, int] = Field((1, 4), description="min and max garments per canvas")
+    canvas_scale: tuple[float, float] = Field((0.8, 1.5), description="garment size range, in units of 28 px")
+    epochs: float = Field(12, gt=0)
+    lr_steps: tuple[float, ...] = Field(
+        (9, 11), description="epochs of the 12-epoch schedule after which the lr drops 10x; scaled by epochs / 12"
+    )
+    batch_size: int = Field(32, gt=0, description="global batch size (CAE: 2 images x 16 GPUs)")
+    lr: float = Field(3e-4, gt=0, description="peak AdamW lr at this batch size (not rescaled)")
+    warmup_steps: int = Field(500, ge=0, description="linear warmup from warmup_ratio * lr")
+    warmup_ratio: float = Field(0.001, gt=0, le=1)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    layer_decay: float = Field(0.75, gt=0, le=1)
+    drop_path_rate: float = Field(0.2, ge=0, lt=1)
+    clip_grad: float | None = Field(None, gt=0)
+    train_scales: tuple[int, ...] = Field(
+        tuple(range(480, 801, 32)), description="shorter sides drawn for multi-scale training"
+    )
+    max_size: int = Field(1333, gt=0, description="longer side limit of training and test images")
+    crop_scales: tuple[int, ...] | None = Field(
+        (400, 500, 600), description="DETR crop branch: resize to one of these, crop, resize again; off when unset"
+    )
+    crop_size: tuple[int, int] = Field((384, 600), description="min and max side of the crop branch's random crop")
+    test_size: int = Field(800, gt=0, description="shorter side at evaluation")
+    fpn_channels: int = Field(256, gt=0)
+    box_head_dim: int = Field(1024, gt=0, description="width of the fully connected layer of the 4conv1fc box head")
+    anchor_sizes: tuple[int, int, int, int, int] = Field(
+        (32, 64, 128, 256, 512), description="RPN anchor size of each FPN level (strides 4 to 64)"
+    )
+    rpn_batch_size: int = Field(256, gt=0, description="anchors sampled per image for the RPN loss")
+    rpn_proposals: int = Field(
+        1000, gt=0, description="RPN proposals kept per image after NMS (from 2x that many per level in training)"
+    )
+    roi_batch_size: int = Field(512, gt=0, description="proposals sampled per image for the box and mask heads")
+    detections_per_image: int = Field(100, gt=0)
+    activation_checkpointing: bool = Field(False, description="recompute transformer blocks in the backward pass")
+    train_size: int | None = Field(None, gt=0, description="seeded subset of training images; all when unset")
+    val_size: int | None = Field(None, gt=0, description="seeded subset of validation images; all when unset")
+    eval_every_epochs: float | None = Field(None, gt=0, description="COCO evaluation period; only at the end if unset")
+    eval_batch_size: int = Field(2, gt=0, description="images per forward at evaluation, per process")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: the backbone in bf16 autocast on GPU, fp32 on CPU; the heads always run in fp32"
+    )
+    ckpt_every: int | None = Field(None, ge=1, description="steps between checkpoints besides epoch ends")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DetectSpec:
+        if self.init == "random" and self.checkpoint:
+            raise ValueError("checkpoint: not used with init 'random'; remove one of them")
+        lo, hi = self.canvas_objects
+        if not 1 <= lo <= hi:
+            raise ValueError(f"canvas_objects {self.canvas_objects}: need 1 <= min <= max")
+        if not 0 < self.canvas_scale[0] <= self.canvas_scale[1]:
+            raise ValueError(f"canvas_scale {self.canvas_scale}: need 0 < min <= max")
+        if not 0 < self.crop_size[0] <= self.crop_size[1]:
+            raise ValueError(f"crop_size {self.crop_size}: need 0 < min <= max")
+        if not self.train_scales or min(self.train_scales) <= 0:
+            raise ValueError("train_scales: at least one positive size is required")
+        if any(not 0 <= s <= 12 for s in self.lr_steps):
+            raise ValueError(f"lr_steps {self.lr_steps}: each must lie in [0, 12] (epochs of the 1x schedule)")
+        return self
+
+    def missing_urls(self) -> list[str]:
+        """The COCO file URLs the `coco` dataset needs but the spec leaves unset."""
+        urls = ("train_annotations", "train_images", "val_annotations", "val_images")
+        return [u for u in urls if not getattr(self, u)] if self.dataset == "coco" else []
+
+
 class InpaintSpec(Spec):
     """Inpainting (Figure 4): a light pixel decoder trained briefly on the frozen encoder's visible tokens."""
 
@@ -270,6 +358,7 @@ class Experiment(Spec):
     knn: KnnSpec = KnnSpec()
     probe: ProbeSpec = ProbeSpec()
     finetune: FinetuneSpec = FinetuneSpec()
+    detect: DetectSpec = DetectSpec()
     inpaint: InpaintSpec = InpaintSpec()
 
     @model_validator(mode="after")
@@ -281,6 +370,8 @@ class Experiment(Spec):
             raise ValueError(f"stages: {', '.join(unbuilt)} not available yet (available: {', '.join(BUILT_STAGES)})")
         if len(set(self.stages)) != len(self.stages):
             raise ValueError("stages: each stage may appear once")
+        if "detect" in self.stages and self.detect.missing_urls():
+            raise ValueError(f"detect: dataset 'coco' needs {', '.join(self.detect.missing_urls())} (fsspec URLs)")
         worst = max(self.inpaint.ratios)
         if "inpaint" in self.stages and visible_count(self.model.num_patches, worst) < 1:
             raise ValueError(f"inpaint.ratios: {worst} leaves no visible token of {self.model.num_patches}")

@@ -1,0 +1,275 @@
+"""Detection transfer: Mask R-CNN with the pretrained ViT as backbone, COCO box and mask AP (paper Table 1).
+
+    python -m extrema.entry <run-dir> detect     # reads <run-dir>/detect/spec.json
+
+Reads top to bottom: COCO-format train/val sets (the URLs of detect.*, or the Fashion-MNIST canvas set built on
+first use), torchvision Mask R-CNN on the ViT pyramid + FPN (no class token, sin-cos positions for each grid)
+whose ViT is strictly loaded from the run's pretrain checkpoint (or detect.checkpoint, or a random init for the
+baseline), AdamW with layer-wise lr decay, resume, loop (step schedule with linear warmup -> multi-scale + flip
+samples -> summed Mask R-CNN losses -> step), COCOeval bbox + segm at the end (and every eval_every_epochs),
+checkpoints, result with its protocol.
+
+Recipe (CAE, ViT-B): AdamW lr 3e-4, wd 0.05, layer decay 0.75, drop path 0.2, batch 32, 12 epochs with 10x lr
+drops after epochs 9 and 11, 500 warmup steps. Differences from it: torchvision's smooth-L1 box regression
+(CAE uses a GIoU loss) and BatchNorm in the heads (SyncBatchNorm across GPUs); no relative position bias and
+no layer scale in the blocks (ExtreMA's own blocks have none).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torchvision.models.detection import MaskRCNN
+
+from extrema import ckpt, coco_eval, data, interop, rundir
+from extrema.detection_data import (
+    CocoDetection,
+    EvalImages,
+    SeededDetection,
+    canvas_sets,
+    collate,
+    model_target,
+    train_transform,
+)
+from extrema.dist import Preemption, World, all_reduce_mean, init_world
+from extrema.entry import Preempted
+from extrema.models.detector import DISCARDED_KEYS, STRIDES, build_detector, feature_blocks
+from extrema.optim import build_adamw, param_groups, set_hyperparams
+from extrema.spec import DetectSpec, Experiment, RunSpec
+from extrema.stages.probe import PREEMPT_CHECK_EVERY, SPLIT_SEED, autocast_dtype
+
+REFERENCE_EPOCHS = 12  # the 1x schedule the lr steps are given in
+LOSSES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
+RESULT_KEYS = tuple(f"{kind}_{m}" for kind in ("box", "mask") for m in coco_eval.METRICS)
+
+
+def step_lr(step: int, steps_per_epoch: int, d: DetectSpec) -> float:
+    """The 1x schedule at an optimizer step: linear warmup from warmup_ratio * lr, 10x drops at the scaled steps."""
+    epoch = step / steps_per_epoch
+    drops = sum(epoch >= s * d.epochs / REFERENCE_EPOCHS for s in d.lr_steps)
+    lr = d.lr * 0.1**drops
+    if step < d.warmup_steps:
+        lr *= d.warmup_ratio + (1 - d.warmup_ratio) * step / d.warmup_steps
+    return lr
+
+
+def detection_sets(exp: Experiment, d: DetectSpec, stage_dir: str, world: World) -> tuple[CocoDetection, CocoDetection]:
+    """(train, val) detection sets: COCO files at the spec's URLs, or the canvas set (built once, by rank 0)."""
+    if d.dataset == "coco":
+        missing = d.missing_urls()
+        if missing:
+            raise ValueError(f"detect: dataset 'coco' needs {', '.join(missing)}")
+        assert d.train_annotations and d.train_images and d.val_annotations and d.val_images
+        train = (d.train_annotations, d.train_images)
+        val = (d.val_annotations, d.val_images)
+    else:
+        directory = d.canvas_dir or rundir.join(stage_dir, "canvas")
+        if world.is_main:
+            canvas_sets(exp.data, d, directory)
+        if dist.is_initialized():
+            dist.barrier()
+        sets = canvas_sets(exp.data, d, directory)
+        train, val = sets["train"], sets["val"]
+    return CocoDetection(*train, drop_empty=True), CocoDetection(*val)
+
+
+def build_model(
+    exp: Experiment, d: DetectSpec, num_classes: int, source: str | None, amp: torch.dtype | None
+) -> MaskRCNN:
+    """Mask R-CNN whose ViT is strictly loaded from `source` (seeded random init when None)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(d.seed)
+        model = build_detector(exp.model, d, num_classes, amp)
+    if source is not None:
+        encoder = model.backbone.body.encoder
+        interop.load_strict(encoder, interop.encoder_weights(source, d.encoder), source, discard=DISCARDED_KEYS)
+    return model
+
+
+def train_loader(
+    samples: SeededDetection, d: DetectSpec, start_step: int, total_steps: int, world: World, workers: int
+) -> DataLoader:
+    """This rank's share of every global batch from start_step on, in step order (resumes exactly)."""
+    sampler = data.StepBatchSampler(len(samples), d.batch_size, d.seed, start_step, total_steps, world.rank, world.size)
+    return DataLoader(
+        samples,
+        batch_sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        collate_fn=collate,
+        worker_init_fn=data.ignore_stop_signals,
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: MaskRCNN, val: CocoDetection, val_idx: list[int], d: DetectSpec, world: World, workers: int
+) -> dict[str, float]:
+    """COCO box and mask AP of the model on the validation images (each rank runs a slice, rank 0 scores)."""
+    per_rank = -(-len(val_idx) // world.size)
+    mine = val_idx[world.rank * per_rank : (world.rank + 1) * per_rank]
+    loader = DataLoader(EvalImages(val, mine), batch_size=d.eval_batch_size, num_workers=workers, collate_fn=collate)
+    was_training = model.training
+    model.eval()
+    boxes: list[dict[str, Any]] = []
+    masks: list[dict[str, Any]] = []
+    for images, ids in loader:
+        outputs = model([img.to(world.device, non_blocking=True) for img in images])
+        for output, image_id in zip(outputs, ids):
+            b, m = coco_eval.to_results(output, image_id, val.category_ids)
+            boxes += b
+            masks += m
+    model.train(was_training)
+    if dist.is_initialized():
+        gathered: list[Any] = [None] * world.size
+        dist.all_gather_object(gathered, (boxes, masks))
+        boxes = [r for part in gathered for r in part[0]]
+        masks = [r for part in gathered for r in part[1]]
+    scores = [coco_eval.evaluate(val.coco, boxes, masks, [val.ids[i] for i in val_idx]) if world.is_main else {}]
+    if dist.is_initialized():
+        dist.broadcast_object_list(scores, src=0)
+    return scores[0]
+
+
+def fresh_extra() -> dict[str, Any]:
+    """Checkpointed loop state: the step, loss sums since the last log, and the last COCO numbers (-1: none yet).
+
+    Flat scalars only: DCP restores the keys the template has, so a nested dict would come back empty.
+    """
+    extra: dict[str, Any] = {"step": 0, "loss_steps": 0}
+    extra.update({f"sum_{k}": 0.0 for k in LOSSES})
+    extra.update({k: -1.0 for k in RESULT_KEYS})
+    return extra
+
+
+def protocol(exp: Experiment, d: DetectSpec, world: World, **derived: Any) -> dict[str, Any]:
+    """Every setting that changes the numbers: the stage spec plus the model, data and derived quantities."""
+    settings = d.model_dump(mode="json", exclude={"eval_batch_size", "ckpt_every", "canvas_dir"})
+    return {
+        **settings,
+        "arch": exp.model.arch,
+        "cls_token": exp.model.cls_token,
+        "patch_size": exp.model.resolved_patch_size,
+        "feature_blocks": list(feature_blocks(exp.model.dims[1])),
+        "strides": list(STRIDES),
+        "world_size": world.size,
+        "per_rank_batch": d.batch_size // world.size,
+        **derived,
+    }
+
+
+def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
+    """Fine-tune Mask R-CNN on the ViT and return COCO box and mask AP with the protocol."""
+    exp, d = spec.experiment, spec.experiment.detect
+    world = init_world()
+    amp = autocast_dtype(d.precision, world.device)
+    if d.batch_size % world.size:
+        raise ValueError(f"detect.batch_size {d.batch_size} is not divisible by the world size {world.size}")
+    workers = exp.data.num_workers
+
+    train, val = detection_sets(exp, d, stage_dir, world)
+    train_idx = data.subset_indices(len(train), d.train_size, SPLIT_SEED)
+    val_idx = data.subset_indices(len(val), d.val_size, SPLIT_SEED)
+    if len(train_idx) < d.batch_size:
+        raise ValueError(f"{len(train_idx)} training images are fewer than detect.batch_size {d.batch_size}")
+    steps_per_epoch = len(train_idx) // d.batch_size
+    total_steps = max(1, math.ceil(d.epochs * steps_per_epoch))
+    eval_every = max(1, round(d.eval_every_epochs * steps_per_epoch)) if d.eval_every_epochs else None
+
+    source = None if d.init == "random" else interop.weights_source(d.checkpoint, stage_dir)
+    model = build_model(exp, d, len(train.classes), source, amp)
+    if world.size > 1 and world.device.type == "cuda":  # SyncBatchNorm runs on GPUs only
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(world.device)
+    trained: nn.Module = model
+    if world.size > 1:
+        trained = DistributedDataParallel(
+            model, device_ids=[world.device.index] if world.device.type == "cuda" else None
+        )
+    depth = model.backbone.body.encoder.depth
+    groups = param_groups(model, d.weight_decay, layer_decay=d.layer_decay, num_layers=depth)
+    optimizer = build_adamw(groups, lr=d.lr, betas=d.betas)
+
+    ckpt_dir = rundir.join(stage_dir, "ckpt")
+    extra = fresh_extra()
+    saved = ckpt.restore(ckpt_dir, model, optimizer, extra)
+    if saved:
+        extra = saved
+    start_step = int(extra["step"])
+    metrics = rundir.MetricsLog(rundir.join(stage_dir, "metrics.jsonl"), keep_after_step=start_step)
+
+    transform = train_transform(d.train_scales, d.max_size, d.crop_scales, d.crop_size)
+    samples = SeededDetection(train, train_idx, transform, d.seed)
+    loader = train_loader(samples, d, start_step, total_steps, world, workers)
+
+    model.train()
+    running = torch.zeros(len(LOSSES), device=world.device)
+    with Preemption() as preemption:
+        for step, (images, targets) in enumerate(loader, start=start_step):
+            lr = step_lr(step, steps_per_epoch, d)
+            set_hyperparams(optimizer, lr)
+            # Drop path and the RPN / RoI samplers draw from the global RNG: seed it per step for exact resumes.
+            torch.manual_seed(data.seed_of(d.seed, world.rank, step))
+            losses = trained(
+                [img.to(world.device, non_blocking=True) for img in images],
+                [model_target(t, world.device) for t in targets],
+            )
+            loss = sum(losses[k] for k in LOSSES)
+            loss.backward()  # type: ignore[union-attr]
+            if d.clip_grad is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), d.clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            running += torch.stack([losses[k].detach() for k in LOSSES])
+            done = step + 1
+            epoch_end = done % steps_per_epoch == 0 or done == total_steps
+            due = done == total_steps or bool(eval_every and done % eval_every == 0)
+            stop = (world.size == 1 or done % PREEMPT_CHECK_EVERY == 0) and preemption.should_stop(world.device)
+            save = epoch_end or due or stop or bool(d.ckpt_every and done % d.ckpt_every == 0)
+            if save:
+                for k, v in zip(LOSSES, all_reduce_mean(running).tolist()):
+                    extra[f"sum_{k}"] += v
+                extra["loss_steps"] += done - extra["step"]
+                extra["step"] = done
+                running.zero_()
+            scores: dict[str, float] = {}
+            if due:
+                scores = evaluate(model, val, val_idx, d, world, workers)
+                extra.update(scores)
+            if epoch_end or due:
+                parts = {k: extra[f"sum_{k}"] / max(extra["loss_steps"], 1) for k in LOSSES}
+                extra.update({f"sum_{k}": 0.0 for k in LOSSES})
+                extra["loss_steps"] = 0
+                if world.is_main:
+                    epoch = done / steps_per_epoch
+                    record = {"step": done, "epoch": epoch, "lr": lr, "loss": sum(parts.values()), **parts, **scores}
+                    metrics.log(record, flush=True)
+            if save:
+                ckpt.save(ckpt_dir, done, ckpt.training_state(model, optimizer, extra))
+                ckpt.apply_retention(ckpt_dir, keep_last=2)
+            if stop:
+                raise Preempted(f"preempted at step {done}; checkpoint saved")
+
+    return {
+        **{f"detect_{k}": float(extra[k]) for k in RESULT_KEYS},
+        "steps": int(extra["step"]),
+        "epochs": int(extra["step"]) / steps_per_epoch,
+        "checkpoint": source,
+        "protocol": protocol(
+            exp,
+            d,
+            world,
+            lr_schedule_steps=[math.ceil(s * d.epochs / REFERENCE_EPOCHS * steps_per_epoch) for s in d.lr_steps],
+            steps=total_steps,
+            train_images=len(train_idx),
+            val_images=len(val_idx),
+            classes=len(train.classes),
+        ),
+    }
