@@ -28,6 +28,7 @@ from launch.backends.slurm import (
     parse_max_array_size,
     parse_states,
     plan_arrays,
+    planned_arrays,
     to_state,
 )
 from launch.cli import main
@@ -164,6 +165,19 @@ def test_plan_uses_aftercorr_for_task_to_task_chains_and_afterok_otherwise() -> 
     both = job("/r/sw/r9", "knn", ("r0/pretrain", "r1/pretrain"))
     assert plan_arrays([both], ids, {"7": 2}, 4) == [([both], "afterok:7")]
     assert plan_arrays(pre, {}, {}, 2) == [(pre[:2], None), (pre[2:], None)]
+
+
+def test_planned_arrays_one_sbatch_per_array_chunk() -> None:
+    pre = [job(f"/r/sw/r{i}", "pretrain") for i in range(3)]
+    knn = [job(f"/r/sw/r{i}", "knn", (f"r{i}/pretrain",)) for i in range(3)]
+    assert planned_arrays(pre + knn, max_size=2) == [
+        (["r0/pretrain", "r1/pretrain"], None),
+        (["r2/pretrain"], None),
+        (["r0/knn", "r1/knn"], "aftercorr:1"),
+        (["r2/knn"], "afterok:2"),
+    ]
+    thousand = [job(f"/r/sw/r{i}", "pretrain") for i in range(1000)]
+    assert [len(planned_arrays(thousand, m)) for m in (1001, 1000, 300, 2)] == [1, 1, 4, 500]
 
 
 def test_afterok_names_whole_arrays_only_when_all_tasks_are_awaited() -> None:

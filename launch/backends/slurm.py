@@ -25,7 +25,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -228,6 +228,35 @@ def plan_arrays(
     return plans
 
 
+def send_arrays(
+    jobs: Sequence[Job], max_size: int, sbatch: Callable[[list[Job], str | None], list[str]]
+) -> dict[str, str]:
+    """Send every array of the jobs with `sbatch(chunk, dependency) -> ids`, one call per array, levels in order;
+    job key -> id. `SlurmBackend.submit` passes a real submission, `planned_arrays` a stand-in."""
+    ids: dict[str, str] = {}
+    array_sizes: dict[str, int] = {}
+    for group in array_groups(jobs):
+        for chunk, dependency in plan_arrays(group, ids, array_sizes, max_size):
+            got = sbatch(chunk, dependency)
+            ids.update(zip((j.key for j in chunk), got))
+            array_sizes[got[0].partition("_")[0]] = len(got)
+    return ids
+
+
+def planned_arrays(jobs: Sequence[Job], max_size: int) -> list[tuple[list[str], str | None]]:
+    """The arrays `submit` sends, one `sbatch` each, as (job keys, dependency), with stand-in job ids 1, 2, ...
+    (an array of one job is a plain job, as submitit submits it). Pure: nothing is submitted."""
+    sent: list[tuple[list[str], str | None]] = []
+
+    def stand_in(chunk: list[Job], dependency: str | None) -> list[str]:
+        sent.append(([j.key for j in chunk], dependency))
+        base = str(len(sent))
+        return [base] if len(chunk) == 1 else [f"{base}_{i}" for i in range(len(chunk))]
+
+    send_arrays(jobs, max_size, stand_in)
+    return sent
+
+
 def parse_max_array_size(config: str) -> int:
     """MaxArraySize from `scontrol show config` output."""
     m = re.search(r"^MaxArraySize\s*=\s*(\d+)", config, re.MULTILINE)
@@ -369,22 +398,18 @@ class SlurmBackend:
         folder = log_folder(log_dir)
         for j in jobs:
             validate_resources(j.resources)
-        groups = array_groups(jobs)
-        ids: dict[str, str] = {}
-        array_sizes: dict[str, int] = {}
-        for group in groups:
-            for chunk, dependency in plan_arrays(group, ids, array_sizes, self.max_array_size):
-                ex = self._executor(folder)
-                r = chunk[0].resources
-                ex.update_parameters(
-                    **executor_parameters(r, job_name(chunk[0]), dependency, self.array_parallelism, self.setup)
-                )
-                with ex.batch():
-                    handles = [ex.submit(StageCall(j.run_dir, j.stage)) for j in chunk]
-                for j, h in zip(chunk, handles):
-                    ids[j.key] = h.job_id
-                array_sizes[handles[0].job_id.partition("_")[0]] = len(handles)
-        return ids
+
+        def sbatch(chunk: list[Job], dependency: str | None) -> list[str]:
+            ex = self._executor(folder)
+            r = chunk[0].resources
+            ex.update_parameters(
+                **executor_parameters(r, job_name(chunk[0]), dependency, self.array_parallelism, self.setup)
+            )
+            with ex.batch():
+                handles = [ex.submit(StageCall(j.run_dir, j.stage)) for j in chunk]
+            return [h.job_id for h in handles]
+
+        return send_arrays(jobs, self.max_array_size, sbatch)
 
     def status(self, job_ids: Sequence[str]) -> dict[str, State]:
         """State of each job: from sacct, or squeue for jobs accounting does not know (yet).

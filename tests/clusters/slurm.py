@@ -188,10 +188,10 @@ def node_idle(c: SlurmCluster) -> bool:
     return out.startswith("idle")
 
 
-def start_slurm(root: Path) -> SlurmCluster:
+def start_slurm(root: Path, max_array_size: int = MAX_ARRAY_SIZE) -> SlurmCluster:
     """Start munge, MariaDB, slurmdbd, slurmctld and slurmd under `root`; return once the node is idle."""
     names = ("slurmctld", "slurmd", "slurmdbd", "mariadb")
-    c = SlurmCluster(root=root, ports=dict(zip(names, free_ports(len(names)))))
+    c = SlurmCluster(root=root, ports=dict(zip(names, free_ports(len(names)))), max_array_size=max_array_size)
     for sub in ("etc", "munge", "state", "spool", "log", "run", "db"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     c.conf.write_text(slurm_conf(c, os.cpu_count() or 1, memory_mb()))
