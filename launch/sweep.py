@@ -181,8 +181,8 @@ def ordered_stages(experiment: Experiment) -> tuple[str, ...]:
 
 def needs_pretrain(experiment: Experiment, stage: str) -> bool:
     """Whether a downstream stage starts from its run's pretrain checkpoint (no checkpoint URL, not random init)."""
-    settings = getattr(experiment, stage) if stage in type(experiment).model_fields else None
-    values = dict(settings) if isinstance(settings, BaseModel) else {}
+    settings = experiment.__dict__.get(stage)  # a model's field values; plain lookups, fast for big sweeps
+    values = settings.__dict__ if isinstance(settings, BaseModel) else {}
     return values.get("init", "pretrained") == "pretrained" and not values.get("checkpoint")
 
 
