@@ -14,8 +14,9 @@ The driver
    `extrema.entry.main` inside the process group Ray Train set up, retried through
    `FailureConfig(max_failures)`. The stage resumes from its latest checkpoint in the run store on each retry.
 
-Stopping a Ray job (`cancel`) kills its driver and with it the task or trainer the driver owns. Nothing here
-imports torch or ray at module level.
+Stopping a Ray job (`cancel`) kills its driver and with it the task or trainer the driver owns. The cluster is
+`address`, else RAY_ADDRESS, never one found by guessing; `extrema-launch sweep` starts a private local head
+(`launch.backends.ray_head`) when neither is set. Nothing here imports torch or ray at module level.
 """
 
 from __future__ import annotations
