@@ -136,6 +136,7 @@ class PretrainSpec(Spec):
     keep_every: int | None = Field(None, ge=1, description="also keep checkpoints at multiples of this step")
     async_save: bool = Field(False, description="write periodic checkpoints in the background")
     strategy: Literal["fsdp", "ddp", "none"] = Field("fsdp", description="data parallelism with several processes")
+    compile: bool = Field(False, description="torch.compile the encoders (masks have a fixed size: shapes are static)")
     knn_monitor: bool = Field(True, description="kNN accuracy (knn settings) at the start, periodically and at the end")
     knn_every_epochs: float | None = Field(None, gt=0, description="kNN monitor period; only at start and end if unset")
     seed: int = 0
