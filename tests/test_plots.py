@@ -14,6 +14,7 @@ import yaml
 
 from launch import plots, results, store
 from launch.cli import main
+from launch.sweep import load_runs
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEP = {
@@ -119,3 +120,34 @@ def test_plot_sweep_draws_every_figure_without_torch(swept: tuple[str, list[stor
     for name in names:
         for fmt in ("png", "svg"):
             assert (tmp_path / f"{name}.{fmt}").stat().st_size > 5000
+
+
+@pytest.mark.parametrize("recipe", ["recipes/fmnist_vit_nano.yaml", "recipes/vit_small_in1k.yaml"])
+def test_the_ablation_sweep_runs_the_same_axes_locally_and_on_a_cluster(recipe: str, tmp_path: Path) -> None:
+    text = (REPO / "jobs" / "ablation.yaml").read_text()
+    assert "\ninclude: recipes/fmnist_vit_nano.yaml\n" in text
+    switched = tmp_path / "ablation.yaml"
+    switched.write_text(text.replace("recipes/fmnist_vit_nano.yaml", str(REPO / "jobs" / recipe)))
+    sweep, runs = load_runs(switched)
+    assert [r.overrides for r in runs] == [
+        {"model.cls_token": design, "pretrain.seed": seed} for design in ("cait", "vit", "avgpool") for seed in (0, 1)
+    ]
+    for r in runs:
+        e = r.experiment
+        assert (e.pretrain.masking.ratio, e.pretrain.masking.num_masks, e.stages) == (0.9, 8, ("pretrain",))
+        assert e.pretrain.knn_monitor
+    local = recipe.startswith("recipes/fmnist")
+    assert sweep.launcher.backend == ("local" if local else "slurm")
+    assert {r.experiment.model.arch for r in runs} == {"vit_nano" if local else "vit_small"}
+    if local:  # the same number of optimizer steps for every design
+        assert {r.experiment.pretrain.steps for r in runs} == {800}
+        assert {r.experiment.data.dataset for r in runs} == {"fashion_mnist"}
+    else:  # epochs of one dataset at one batch size: the same steps too
+        assert {(r.experiment.pretrain.epochs, r.experiment.pretrain.batch_size) for r in runs} == {(300, 2048)}
+
+
+def test_the_masking_sweep_covers_ratio_by_masks_with_two_seeds() -> None:
+    sweep, runs = load_runs(REPO / "jobs" / "masking.yaml")
+    grid = {(r.overrides["pretrain.masking.ratio"], r.overrides["pretrain.masking.num_masks"]) for r in runs}
+    assert grid == {(r, m) for r in (0.75, 0.85, 0.9) for m in (1, 2, 4)} and len(runs) == 18
+    assert {r.experiment.pretrain.steps for r in runs} == {800} and sweep.launcher.backend == "local"
