@@ -187,13 +187,14 @@ class LocalBackend:
         return status.get("state") == "cancelled" and float(status.get("finished_at") or 0) >= t.submitted
 
     def _foreign(self, job_id: str) -> State | None:
-        """A job of another process: gone with its process when that ran on this host; None when not judged here."""
+        """A job of another process: gone with its process when that ran on this host. None while that process
+        lives (its job may be queued or running: the run store tells which) or when it ran on another host."""
         m = _ID.fullmatch(job_id)
         if not m:
             return State.UNKNOWN
-        if m.group(3) != self.host:
+        if m.group(3) != self.host or _alive(int(m.group(1))):
             return None
-        return State.RUNNING if _alive(int(m.group(1))) else State.CANCELLED
+        return State.CANCELLED
 
     def _start(self, t: _Task) -> None:
         fs, path = rundir.filesystem(rundir.join(t.stage_dir, "logs", LOG_NAME))
