@@ -95,7 +95,7 @@ def reconstruct(
     """Normalised images (B, C, H, W) and visible indices (B, K) -> predicted patches (B, N, P), the encoder frozen."""
     with torch.no_grad(), torch.autocast(x.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
         instance, tokens = encoder.forward_features(x, visible.unsqueeze(0))
-    return decoder(encoder.norm(instance).float(), tokens.float(), visible)
+    return decoder(encoder.norm(instance.float()), tokens.float(), visible)
 
 
 def to_unit(x: Tensor) -> Tensor:
