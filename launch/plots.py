@@ -23,13 +23,14 @@ from extrema import rundir
 from launch import aggregate, results, store
 
 CURVE_METRICS = ("loss", "knn_top1")
-RESULT_METRICS = ("knn_top1", "knn_gain_top1", "probe_top1", "finetune_top1", "inpaint_mse_r75")
+RESULT_METRICS = ("knn_top1", "knn_gain_top1", "probe_top1", "finetune_top1", "inpaint_relative_mse_r75")
 LABELS = {
     "loss": "training loss",
     "knn_top1": "kNN top-1 accuracy (%)",
     "knn_gain_top1": "kNN top-1 gain over init (points)",
     "probe_top1": "linear probe top-1 (%)",
     "finetune_top1": "finetune top-1 (%)",
+    "inpaint_relative_mse_r75": "inpainting MSE at 75% masking / mean-image MSE",
     "model.cls_token": "class token",
     "pretrain.masking.ratio": "masking ratio",
     "pretrain.masking.num_masks": "number of masks",
