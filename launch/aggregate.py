@@ -50,7 +50,8 @@ def metric_columns(table: pa.Table) -> list[str]:
     return out
 
 
-def _key(value: Any) -> str:
+def value_key(value: Any) -> str:
+    """A hashable, order-stable key of any cell value (lists and dicts included)."""
     return json.dumps(value, sort_keys=True, default=str)
 
 
@@ -70,9 +71,9 @@ def _groups(
 ) -> dict[str, list[dict[str, Any]]]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in records:
-        groups.setdefault(_key([r.get(c) for c in key_cols]), []).append(r)
+        groups.setdefault(value_key([r.get(c) for c in key_cols]), []).append(r)
     for rows in groups.values():
-        varying = [a for a in axes if a not in key_cols and len({_key(r.get(a)) for r in rows}) > 1]
+        varying = [a for a in axes if a not in key_cols and len({value_key(r.get(a)) for r in rows}) > 1]
         if varying:
             where = ", ".join(f"{c}={rows[0].get(c)}" for c in key_cols)
             raise ValueError(
@@ -128,7 +129,7 @@ def aggregate(table: pa.Table, by: Sequence[str] | None = None) -> pa.Table:
             cols[f"{m}.std"].append(std)
             cols[f"{m}.count"].append(len(values))
         for c in carried:
-            distinct = {_key(r.get(c)) for r in rows}
+            distinct = {value_key(r.get(c)) for r in rows}
             cols[c].append(rows[0].get(c) if len(distinct) == 1 else None)
     types = {f.name: f.type for f in table.schema}
     arrays = {}
@@ -146,9 +147,9 @@ def aggregate(table: pa.Table, by: Sequence[str] | None = None) -> pa.Table:
     return pa.table(arrays)
 
 
-def _ordered(values: list[Any]) -> list[Any]:
+def ordered_values(values: list[Any]) -> list[Any]:
     """Distinct values: sorted when all are numbers, else in order of first appearance."""
-    distinct = list({_key(v): v for v in values}.values())
+    distinct = list({value_key(v): v for v in values}.values())
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in distinct):
         return sorted(distinct)
     return distinct
@@ -215,14 +216,17 @@ def pivot(table: pa.Table, rows: str, columns: str, metric: str, stage: str | No
         raise ValueError(f"no completed run reports {metric}" + (f" in stage {stage}" if stage else ""))
     if len(stages) > 1:
         raise ValueError(f"{metric} is reported by stages {', '.join(stages)}: choose one")
-    row_values, column_values = _ordered([r[rows] for r in records]), _ordered([r[columns] for r in records])
-    cells = {(_key(r[rows]), _key(r[columns])): r for r in records}
+    row_values, column_values = (
+        ordered_values([r[rows] for r in records]),
+        ordered_values([r[columns] for r in records]),
+    )
+    cells = {(value_key(r[rows]), value_key(r[columns])): r for r in records}
     grid: dict[str, list[list[Any]]] = {s: [] for s in STATS}
     for rv in row_values:
         for s in STATS:
             grid[s].append([])
         for cv in column_values:
-            r = cells.get((_key(rv), _key(cv)))
+            r = cells.get((value_key(rv), value_key(cv)))
             for s in STATS:
                 grid[s][-1].append(r[f"{metric}.{s}"] if r else (0 if s == "count" else None))
     return Pivot(rows, columns, metric, stages[0], row_values, column_values, grid["mean"], grid["std"], grid["count"])

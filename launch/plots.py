@@ -85,7 +85,7 @@ def line_keys(runs: Sequence[store.RunEntry], axis: str) -> dict[str, tuple[str,
         f = flat[r.run_id]
         parts = [(axis, f[axis])] if axis in f else []
         parts += [(p, f.get(p)) for p in others]
-        key = aggregate._key(parts)
+        key = aggregate.value_key(parts)
         text = str(parts[0][1]) if len(parts) == 1 and parts[0][0] == axis else ""
         text = text or ", ".join(f"{short(p)}={v}" for p, v in parts) or "all runs"
         lines.setdefault(key, (text, []))[1].append(r)
@@ -159,10 +159,10 @@ def metric_series(table: pa.Table, axis: str, metric: str, stage: str | None = N
         text = str(r[others[0]]) if len(others) == 1 else ", ".join(f"{short(a)}={r[a]}" for a in others)
         text = text or label(metric)
         lines.setdefault(text, []).append(r)
-    order = [aggregate._key(v) for v in aggregate._ordered([r[axis] for r in rows])]
+    order = [aggregate.value_key(v) for v in aggregate.ordered_values([r[axis] for r in rows])]
     out = []
     for text, members in lines.items():
-        members = sorted(members, key=lambda r: order.index(aggregate._key(r[axis])))
+        members = sorted(members, key=lambda r: order.index(aggregate.value_key(r[axis])))
         out.append(
             Series(
                 text,
@@ -270,7 +270,7 @@ def plot_metric(
     stage, lines = metric_series(table, axis, metric, stage)
     others = [a for a in aggregate.resolve_by(table, None)[0] if a != axis]
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for s in lines for v in s.x)
-    categories = aggregate._ordered([v for s in lines for v in s.x])
+    categories = aggregate.ordered_values([v for s in lines for v in s.x])
     fig = _new_figure(6.0, 4.2)
     ax = fig.subplots()
     colors = _colors(len(lines))
