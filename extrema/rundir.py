@@ -104,7 +104,7 @@ class MetricsLog:
 
 
 def git_state(repo: Path | None = None) -> dict[str, Any]:
-    """Git sha and dirty flag of the source tree, or nulls outside a checkout."""
+    """Git sha and dirty flag of the source tree; outside a checkout, EXTREMA_GIT_SHA (set by the image) or nulls."""
     cwd = repo or Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(
@@ -122,7 +122,7 @@ def git_state(repo: Path | None = None) -> dict[str, Any]:
         )
         return {"git_sha": sha, "git_dirty": dirty}
     except (OSError, subprocess.SubprocessError):
-        return {"git_sha": None, "git_dirty": None}
+        return {"git_sha": os.environ.get("EXTREMA_GIT_SHA"), "git_dirty": None}
 
 
 def package_versions() -> dict[str, str | None]:
