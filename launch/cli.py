@@ -2,7 +2,12 @@
 
     extrema-launch sweep   FILE [--backend local|slurm|ray] [--root URL] [--dry-run] [--retry-failed]
     extrema-launch status  FILE|URL
+    extrema-launch status  FILE|URL --watch [--interval S]
     extrema-launch results FILE|URL [--format table|csv|parquet|json] [--out PATH]
+    extrema-launch results FILE|URL --group-by [AXIS ...]             (mean, std, count over seeds)
+    extrema-launch results FILE|URL --pivot ROWS COLUMNS --metric M [--stage S]
+    extrema-launch plot    FILE|URL --out DIR [--axis AXIS]
+    extrema-launch viz attention FILE|URL --run ID [--images I ...] [--queries cls|P ...] [--out DIR]
     extrema-launch cancel  FILE|URL [--run ID]
     extrema-launch logs    FILE|URL --run ID --stage S [--follow]
 
@@ -17,27 +22,31 @@ dir), shows progress until the stages end like `local`, keeps each job's log in 
 not run where the sweep was submitted; a stage whose job ended or vanished behind the run store's back is recorded
 as failed or cancelled (a cancelled stage is resumed by the next `sweep`).
 
-Exit codes: 0 success; 1 a job failed (sweep, status, logs --follow) or a backend could not cancel; 2 invalid
-input or usage: nothing is submitted or written; 130 interrupted. `results` exits 0 once the table is out,
-failed stages included (see its state column).
+Exit codes: 0 success; 1 a job failed (sweep, status, logs --follow), a backend could not cancel, or `plot` found
+nothing to plot; 2 invalid input or usage: nothing is submitted or written; 130 interrupted. `results` exits 0 once
+the table is out, failed stages included (see its state column).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import pyarrow as pa
 from pydantic import ValidationError
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
 from rich.text import Text
 
 from extrema import rundir
-from launch import logs, results, store, tables
+from launch import aggregate, logs, plots, results, store, tables
 from launch.backends.base import BACKENDS, make_backend
 from launch.errors import InvalidSweep, UsageError
 from launch.pipeline import Decision, plan, select
@@ -48,6 +57,7 @@ from launch.sweep import STAGE_ORDER, LauncherSpec, SweepFile, load_runs
 from launch.tables import cell
 
 OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
+ENDED_STATES = frozenset({"completed", "failed", "cancelled"})
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "json"}
 __all__ = ["BACKENDS", "UsageError", "main", "make_backend"]
 
@@ -180,9 +190,20 @@ def _elapsed(status: dict[str, Any]) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(max(0.0, seconds)))
 
 
-def cmd_status(args: argparse.Namespace, out: Console) -> int:
-    """One table of every run and stage: state, attempts, elapsed time, latest metric; backends asked."""
-    target = open_target(args.target, args.root)
+@dataclass
+class StatusTable:
+    """What `status` shows: the table's columns, rows and styles, and the reconciled state of every job key."""
+
+    columns: tuple[str, ...]
+    rows: list[tuple[str, ...]]
+    styles: list[dict[str, str]]
+    pairs: list[tuple[str, str | None]]
+    seen: Reconciled
+    keys: list[str]
+
+
+def status_table(target: Target) -> StatusTable:
+    """Every run and stage of the sweep with its state (asking the backends), attempts, elapsed and latest metric."""
     keys = [k for r in target.runs for k in r.job_keys()]
     statuses = store.read_statuses(target.url, keys)
     seen = reconcile(target.url, statuses, target.launcher, target.manifest, write=True)
@@ -205,9 +226,70 @@ def cmd_status(args: argparse.Namespace, out: Console) -> int:
                          cell(s.get("job_id"))))  # fmt: skip
             styles.append({"state": tables.STATE_STYLES.get(state or "", "")})
             pairs.append((stage, state))
-    tables.show(out, target.url, columns, rows, styles, pairs)
-    _notes(out, seen)
-    return FAILED if any(s == "failed" for s in states.values()) else OK
+    return StatusTable(columns, rows, styles, pairs, seen, keys)
+
+
+def show_status(out: Console, title: str, view: StatusTable) -> None:
+    """Print the status table and the notes on backends that could not be asked."""
+    tables.show(out, title, view.columns, view.rows, view.styles, view.pairs)
+    _notes(out, view.seen)
+
+
+def status_code(view: StatusTable) -> int:
+    """1 when a stage failed, else 0."""
+    return FAILED if any(view.seen.states.get(k) == "failed" for k in view.keys) else OK
+
+
+def _rendered(out: Console, view: StatusTable, title: str) -> Text:
+    """The status table as `out` would print it, as one Text for a live display."""
+    buf = io.StringIO()
+    colors = cast(Any, out.color_system)  # the same system, named as Console() takes it
+    shadow = Console(file=buf, width=out.width, force_terminal=out.is_terminal, color_system=colors)
+    show_status(shadow, title, view)
+    return Text.from_ansi(buf.getvalue().rstrip("\n"))
+
+
+def _reread(target: Target) -> Target:
+    """The target with its manifest read again (a URL target's runs too): a sweep may (re)submit meanwhile."""
+    manifest = store.read_manifest(target.url)
+    if manifest is None:
+        return target
+    runs = target.runs if target.sweep is not None else store.entries(manifest)
+    return replace(target, manifest=manifest, runs=runs)
+
+
+def watch_status(target: Target, out: Console, interval: float) -> int:
+    """Refresh the status table every `interval` seconds until every stage has ended; then status's exit code."""
+    try:
+        with Live(console=out, auto_refresh=False, transient=False) as live:
+            while True:
+                view = status_table(target)
+                ended = sum(view.seen.states.get(k) in ENDED_STATES for k in view.keys)
+                if ended == len(view.keys):
+                    footer = f"all {ended} stages have ended"
+                else:
+                    footer = (
+                        f"{ended} of {len(view.keys)} stages ended · {time.strftime('%H:%M:%S')} · refreshed every "
+                        f"{interval:g} s until all have ended · Ctrl-C stops watching"
+                    )
+                live.update(Group(_rendered(out, view, target.url), Text(footer, style="dim")), refresh=True)
+                if ended == len(view.keys):
+                    return status_code(view)
+                time.sleep(interval)
+                target = _reread(target)
+    finally:
+        if not out.is_terminal:  # a live display ends its last line only on a terminal
+            out.line()
+
+
+def cmd_status(args: argparse.Namespace, out: Console) -> int:
+    """One table of every run and stage: state, attempts, elapsed time, latest metric; backends asked."""
+    target = open_target(args.target, args.root)
+    if args.watch:
+        return watch_status(target, out, args.interval)
+    view = status_table(target)
+    show_status(out, target.url, view)
+    return status_code(view)
 
 
 def results_format(fmt: str | None, out_path: str | None) -> str:
@@ -224,29 +306,162 @@ def results_format(fmt: str | None, out_path: str | None) -> str:
     return fmt or str(inferred)
 
 
-def cmd_results(args: argparse.Namespace, out: Console) -> int:
-    """The results table of a sweep, printed or written as csv, parquet or json."""
-    fmt = results_format(args.format, args.out)
-    target = open_target(args.target, args.root)
+def collect(target: Target) -> tuple[pa.Table, Reconciled]:
+    """The sweep's results table (a row per run and stage), after asking the backends about in-flight stages."""
     keys = [k for r in target.runs for k in r.job_keys()]
     statuses = store.read_statuses(target.url, keys)
     seen = reconcile(target.url, statuses, target.launcher, target.manifest, write=True)
     for key, why in seen.corrected.items():
         statuses[key] = {**statuses[key], "state": seen.states[key], "error": why}
-    table = results.collect(target.url, target.runs, statuses)
+    return results.collect(target.url, target.runs, statuses), seen
+
+
+@dataclass
+class View:
+    """A results view: the table written to files, and its header and cells for the terminal."""
+
+    title: str
+    table: pa.Table
+    header: list[str]
+    cells: list[list[str]]
+    pairs: list[tuple[str, str | None]]
+    keys: int = 0  # leading columns that name a group (never wrapped); 0: the plain results table
+    turn: bool = False  # when too wide for the terminal, print one column per group and one row per column
+
+
+def show_view(out: Console, view: View) -> None:
+    """Print a results view; a summary too wide for the terminal is turned: a column per group, a row per metric."""
+    if not view.keys or len(view.cells) > tables.RICH_ROWS:
+        tables.show(out, view.title, view.header, view.cells, pairs=view.pairs)
+        return
+    widths = [max([len(h), *(len(r[i]) for r in view.cells)]) for i, h in enumerate(view.header)]
+    if not view.turn or sum(widths) + 3 * len(widths) + 1 <= out.width:
+        table = Table(title=view.title)
+        for i, name in enumerate(view.header):
+            table.add_column(name, no_wrap=i < view.keys, justify="left" if i < view.keys else "right")
+        for row in view.cells:
+            table.add_row(*row)
+    else:
+        table = Table(title=view.title, show_header=False)
+        table.add_column(style="bold", no_wrap=True)
+        for _ in view.cells:
+            table.add_column(justify="right")
+        for i, name in enumerate(view.header):
+            table.add_row(name, *(r[i] for r in view.cells), end_section=i == view.keys - 1)
+    out.print(table)
+
+
+def results_view(args: argparse.Namespace, url: str, table: pa.Table) -> View:
+    """The plain table, its aggregate over seeds (--group-by) or one metric's pivot (--pivot)."""
+    try:
+        if args.group_by is not None:
+            agg = aggregate.aggregate(table, args.group_by or None)
+            header, cells = aggregate.summary(agg, digits=4)
+            return View(f"{url}: mean ± std over seeds (n)", agg, header, cells, [], header.index("runs") + 1, True)
+        if args.pivot is not None:
+            rows, columns = args.pivot
+            grid = aggregate.pivot(table, rows, columns, args.metric, args.stage)
+            title = f"{url}: {grid.metric} ({grid.stage} stage), mean ± std over seeds (n)"
+            return View(title, grid.to_arrow(), grid.header(), grid.text(digits=2), [], 1)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    records = table.to_pylist()
+    cells = [[cell(v) for v in r.values()] for r in records]
+    return View(url, table, table.column_names, cells, [(r["stage"], r["state"]) for r in records])
+
+
+def cmd_results(args: argparse.Namespace, out: Console) -> int:
+    """The results table of a sweep (or its aggregate over seeds, or a pivot), printed or written."""
+    fmt = results_format(args.format, args.out)
+    if args.pivot is None and (args.metric or args.stage):
+        raise UsageError("--metric and --stage go with --pivot ROWS COLUMNS")
+    if args.pivot is not None and not args.metric:
+        raise UsageError("--pivot ROWS COLUMNS needs --metric M (the metric in the cells)")
+    target = open_target(args.target, args.root)
+    table, seen = collect(target)
+    view = results_view(args, target.url, table)
     if args.out:
         try:
-            results.write(table, args.out, fmt)  # type: ignore[arg-type]
+            results.write(view.table, args.out, fmt)  # type: ignore[arg-type]
         except (OSError, ImportError, ValueError) as e:
             raise UsageError(f"cannot write --out {args.out}: {type(e).__name__}: {e}") from None
-        out.print(f"wrote {table.num_rows} rows x {table.num_columns} columns to {args.out}")
+        out.print(f"wrote {view.table.num_rows} rows x {view.table.num_columns} columns to {args.out}")
     elif fmt == "table":
-        records = table.to_pylist()
-        rows = [tuple(cell(v) for v in r.values()) for r in records]
-        tables.show(out, target.url, table.column_names, rows, pairs=[(r["stage"], r["state"]) for r in records])
+        show_view(out, view)
     else:
-        sys.stdout.write(results.encode(table, fmt).decode())  # type: ignore[arg-type]
+        sys.stdout.write(results.encode(view.table, fmt).decode())  # type: ignore[arg-type]
     _notes(out, seen)
+    return OK
+
+
+def cmd_plot(args: argparse.Namespace, out: Console) -> int:
+    """The sweep's figures (training curves, metrics against swept axes) as PNG and SVG in --out."""
+    target = open_target(args.target, args.root)
+    table, seen = collect(target)
+    axes, _ = aggregate.resolve_by(table, None)
+    if args.axis is not None and args.axis not in axes:
+        raise UsageError(f"--axis {args.axis} is not a swept axis (swept, seeds aside: {', '.join(axes) or 'none'})")
+    axis = args.axis or next((a for a in ("model.cls_token", *axes) if a in axes), "model.cls_token")
+    try:
+        figures = plots.plot_sweep(target.url, target.runs, table, args.out, axis=axis)
+    except ImportError as e:
+        raise UsageError(f"plot needs matplotlib (pip install 'extrema[plot]'): {e}") from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        raise UsageError(f"cannot write to --out {args.out}: {type(e).__name__}: {e}") from None
+    _notes(out, seen)
+    if not figures:
+        out.print("nothing to plot yet: no pretrain curves and no completed stage that reports a plotted metric")
+        return FAILED
+    rows = [(f.name, "\n".join(f.files)) for f in figures]
+    tables.show(out, f"{len(figures)} figures of {target.url}", ("figure", "files"), rows)
+    return OK
+
+
+def query(text: str) -> str | int:
+    """A --queries item: `cls` (the instance token) or a patch index."""
+    if text == "cls":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither cls nor a patch index") from None
+
+
+def positive(text: str) -> float:
+    """A --interval value: seconds, more than zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def cmd_viz_attention(args: argparse.Namespace, out: Console) -> int:
+    """Figure 3 of one run: last-layer attention maps of chosen queries over chosen images."""
+    target = open_target(args.target, args.root)
+    run = next((r for r in target.runs if r.run_id == args.run), None)
+    if run is None:
+        raise UsageError(f"run {args.run!r} is not part of {target.url}")
+    if "pretrain" not in run.stages:
+        raise UsageError(f"run {args.run} has no pretrain stage (its stages: {', '.join(run.stages)})")
+    from extrema.viz import render_attention  # imports torch: only here
+
+    try:
+        figure = render_attention(
+            store.run_url(target.url, run.run_id),
+            out_dir=args.out,
+            images=tuple(args.images),
+            queries=args.queries,
+            branch=args.branch,
+            split=args.split,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
+    out.print(f"wrote {', '.join(figure.files)}")
     return OK
 
 
@@ -366,20 +581,76 @@ def build_parser() -> argparse.ArgumentParser:
         "one table of every run and stage with state, attempts, elapsed, latest metric",
         "Stages the run store shows in flight are checked with their backend (squeue/sacct, the Ray job API, the\n"
         "PID of a local sweep); one whose job ended or vanished is recorded failed or cancelled.\n"
-        "Exit codes: 0, 1 when a stage failed, 2 invalid input.",
+        "--watch refreshes the table until every stage has ended (completed, failed or cancelled; stages not\n"
+        "submitted yet keep it waiting); Ctrl-C stops watching.\n"
+        "Exit codes: 0, 1 when a stage failed, 2 invalid input, 130 interrupted.",
     )
     p.add_argument("target", metavar="FILE|URL", help=target_help)
     p.add_argument("--root", help="run store URL when FILE was swept with --root")
+    p.add_argument("--watch", action="store_true", help="refresh the table until every stage has ended")
+    p.add_argument("--interval", type=positive, default=5.0, metavar="S", help="seconds between refreshes (5)")
     p = command(
         "results",
         cmd_results,
         "one table with a row per run and stage: swept values, metrics, provenance",
+        "--group-by AXIS... gives one row per stage and value of those axes, each numeric metric as mean, sample\n"
+        "std and count over the runs that differ only in seed; with no AXIS, every swept axis but the seeds.\n"
+        "--pivot ROWS COLUMNS --metric M lays one metric out with one swept axis down and another across, each\n"
+        "cell mean ± std (n) over seeds; --stage S picks the stage when several report M.\n"
         "--out writes csv, parquet or json (from --format, else the file's suffix) to any fsspec URL, atomically.\n"
         "Exit codes: 0 once the table is out (failed stages are rows too: see the state column), 2 invalid input.",
     )
     p.add_argument("target", metavar="FILE|URL", help=target_help)
     p.add_argument("--format", choices=("table", "csv", "parquet", "json"), help="output format (default: table)")
     p.add_argument("--out", help="write to this path or URL instead of the terminal")
+    p.add_argument("--root", help="run store URL when FILE was swept with --root")
+    view = p.add_mutually_exclusive_group()
+    view.add_argument("--group-by", nargs="*", metavar="AXIS", help="aggregate over seeds, grouped by these axes")
+    view.add_argument(
+        "--pivot", nargs=2, metavar=("ROWS", "COLUMNS"), help="one metric: ROWS axis down, COLUMNS across"
+    )
+    p.add_argument("--metric", help="the metric of --pivot (e.g. knn_top1)")
+    p.add_argument("--stage", choices=STAGE_ORDER, help="the stage of --pivot's metric, when several report it")
+    p = command(
+        "plot",
+        cmd_plot,
+        "draw the sweep's figures as PNG and SVG",
+        "Figure 1: training loss and kNN accuracy against epoch from the pretrain logs, one line per value of\n"
+        "--axis (default model.cls_token when swept), mean and a band of one std over seeds. Then every plotted\n"
+        "metric a stage reports (kNN, probe, finetune, inpainting) against each swept axis, error bars over seeds.\n"
+        "Each caption names the sweep and its run ids. --out is a directory or fsspec URL.\n"
+        "Exit codes: 0, 1 when there is nothing to plot yet, 2 invalid input.",
+    )
+    p.add_argument("target", metavar="FILE|URL", help=target_help)
+    p.add_argument("--out", required=True, metavar="DIR", help="directory or URL for the figures")
+    p.add_argument("--axis", help="the axis of Figure 1's lines (default: model.cls_token when swept)")
+    p.add_argument("--root", help="run store URL when FILE was swept with --root")
+    p = command(
+        "viz",
+        None,
+        "figures of one run",
+        "viz attention: last-layer attention maps of chosen queries (Figure 3).",
+    )
+    figure = p.add_subparsers(dest="figure", required=True, metavar="FIGURE")
+    p = figure.add_parser(
+        "attention",
+        help="last-layer attention maps of one run (Figure 3)",
+        description="Last-layer attention maps of one run (Figure 3), mean over heads, overlaid on the inputs.\n\n"
+        "Rows are images of the run's dataset, columns the queries: cls (the instance token; not in the avgpool\n"
+        "design) and patch indices (row-major). The encoder comes from the run's pretrain export, else its newest\n"
+        "checkpoint. Writes attention.png and attention.svg to --out (default <run>/viz).\n"
+        "Exit codes: 0, 2 invalid input (unknown run, no checkpoint yet, an image or patch out of range).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(fn=cmd_viz_attention)
+    p.add_argument("target", metavar="FILE|URL", help=target_help)
+    p.add_argument("--run", required=True, help="run id")
+    p.add_argument("--images", nargs="+", type=int, default=[0, 1, 2, 3], metavar="I", help="image indices (0 1 2 3)")
+    p.add_argument("--queries", nargs="+", type=query, metavar="Q", help="cls and/or patch indices (default: cls and "
+                   "three patches on the diagonal)")  # fmt: skip
+    p.add_argument("--branch", choices=("ema", "student"), default="ema", help="which encoder (ema)")
+    p.add_argument("--split", choices=("val", "train"), default="val", help="which split's images (val)")
+    p.add_argument("--out", metavar="DIR", help="directory or URL for the figure (default: <run>/viz)")
     p.add_argument("--root", help="run store URL when FILE was swept with --root")
     p = command(
         "cancel",

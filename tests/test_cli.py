@@ -50,13 +50,17 @@ def test_launch_never_imports_torch() -> None:
     code = (
         "import sys, launch.cli, launch.sweep, launch.store, launch.results, launch.pipeline, launch.progress, "
         f"launch.backends.local; launch.cli.main(['sweep', {str(TINY)!r}, '--dry-run', '--root', 'memory://t']); "
-        "assert 'torch' not in sys.modules, 'torch was imported'"
+        "[launch.cli.main([*c, '--help']) for c in (['plot'], ['viz', 'attention'], ['results'])]; "
+        "assert 'torch' not in sys.modules, 'torch was imported'; "
+        "assert 'matplotlib' not in sys.modules, 'matplotlib was imported'"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["sweep"], ["status"], ["results"], ["cancel"], ["logs"]])
+@pytest.mark.parametrize(
+    "command", [[], ["sweep"], ["status"], ["results"], ["cancel"], ["logs"], ["plot"], ["viz"], ["viz", "attention"]]
+)
 def test_every_command_has_help(command: list[str]) -> None:
     code, out, _ = cli(*command, "--help")
     assert code == 0 and "usage: extrema-launch" in out
@@ -306,7 +310,8 @@ def test_tiny_sweep_end_to_end_then_nothing_new(tmp_path: Path) -> None:
 
     code, out, _ = cli("sweep", str(TINY), "--root", root)
     assert code == 0 and "nothing to submit" in out and "submitted" not in out
-    assert store.read_statuses(url, keys) == statuses and store.read_manifest(url)["jobs"] == manifest["jobs"]
+    again = store.read_manifest(url)
+    assert store.read_statuses(url, keys) == statuses and again is not None and again["jobs"] == manifest["jobs"]
 
     code, out, _ = cli("status", url)
     assert code == 0 and out.count("completed") == 4 and "knn_top1=" in out
@@ -339,7 +344,9 @@ def test_a_failing_stage_exits_1_and_is_only_retried_on_request(tmp_path: Path) 
     code, out, _ = cli("sweep", str(path), "--root", root)
     assert code == 1 and "failed  " in out
     url = store.sweep_url(root, "tiny")
-    (run,) = store.entries(store.read_manifest(url))
+    manifest = store.read_manifest(url)
+    assert manifest is not None
+    (run,) = store.entries(manifest)
     pretrain, knn = (store.read_status(store.stage_url(url, run.run_id, s)) for s in ("pretrain", "knn"))
     assert pretrain["state"] == "failed" and "no-such-images" in pretrain["error"]
     assert knn["state"] == "failed" and knn["error"] == f"not run: upstream {run.run_id}/pretrain failed"
