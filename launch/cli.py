@@ -30,82 +30,37 @@ the table is out, failed stages included (see its state column).
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-import pyarrow as pa
-from pydantic import ValidationError
-from rich.console import Console, Group
-from rich.live import Live
-from rich.table import Table
+from rich.console import Console
 from rich.text import Text
 
 from extrema import rundir
-from launch import aggregate, logs, plots, results, store, tables
+from launch import logs, results, store, tables
 from launch.backends.base import BACKENDS, make_backend
 from launch.errors import InvalidSweep, UsageError
 from launch.pipeline import Decision, plan, select
-from launch.progress import latest_progress
-from launch.reconcile import Reconciled, ray_address, reconcile
+from launch.reconcile import ray_address, reconcile
+from launch.results_view import cmd_plot, cmd_results, cmd_viz_attention, positive, query
+from launch.status_view import show_status, status_code, status_table, watch_status
 from launch.submit import Submission, needs_local_ray, submit
-from launch.sweep import STAGE_ORDER, LauncherSpec, SweepFile, load_runs
+from launch.sweep import STAGE_ORDER, load_runs
 from launch.tables import cell
+from launch.target import FAILED, INTERRUPTED, OK, USAGE, open_target, print_notes, swept_axes
 
-OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
-ENDED_STATES = frozenset({"completed", "failed", "cancelled"})
-FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "json"}
 __all__ = ["BACKENDS", "UsageError", "main", "make_backend"]
 
-
-@dataclass
-class Target:
-    """A sweep addressed on the command line: its store URL, its runs and launcher, and the file if any."""
-
-    url: str
-    runs: list[store.RunEntry]
-    launcher: LauncherSpec
-    manifest: dict[str, Any] | None
-    sweep: SweepFile | None = None
-
-
-def is_sweep_file(arg: str) -> bool:
-    """Whether a FILE|URL argument names a sweep YAML file rather than a run-store URL."""
-    return arg.endswith((".yaml", ".yml")) or ("://" not in arg and Path(arg).is_file())
-
-
-def open_target(arg: str, root: str | None = None) -> Target:
-    """Resolve FILE|URL into the sweep it names."""
-    if is_sweep_file(arg):
-        sweep, runs = load_runs(arg, root=root)
-        url = store.sweep_url(sweep.root, sweep.name)
-        entries = [store.RunEntry(r.run_id, r.stages, r.overrides) for r in runs]
-        return Target(url, entries, sweep.launcher, store.read_manifest(url), sweep)
-    try:
-        url = store.normalize_root(arg)
-        manifest = store.read_manifest(url)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if manifest is None:
-        raise UsageError(f"{arg}: not a sweep file, and no {store.MANIFEST} there")
-    try:
-        return Target(url, store.entries(manifest), LauncherSpec.model_validate(manifest.get("launcher", {})), manifest)
-    except (ValidationError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"{url}/{store.MANIFEST} is damaged: {e}") from None
-
-
-def _swept(runs: Sequence[store.RunEntry]) -> list[str]:
-    return list(dict.fromkeys(p for r in runs for p in results.flatten(r.overrides)))
+__all__ = ["BACKENDS", "UsageError", "main", "make_backend"]
 
 
 def show_plan(out: Console, title: str, decisions: Sequence[Decision], runs: Sequence[store.RunEntry]) -> None:
     """The plan: one row per job with its swept values, its state and what this submission does with it."""
     by_id = {r.run_id: results.flatten(r.overrides) for r in runs}
-    paths = _swept(runs)
+    paths = swept_axes(runs)
     columns = ("run", "stage", *paths, "state", "action")
     rows, styles, pairs = [], [], []
     for d in decisions:
@@ -115,11 +70,6 @@ def show_plan(out: Console, title: str, decisions: Sequence[Decision], runs: Seq
         styles.append({"action": "bold" if d.submit else "dim"})
         pairs.append((stage, action.split(" (", 1)[0] if d.submit else (d.state or "not submitted")))
     tables.show(out, title, columns, rows, styles, pairs)
-
-
-def _notes(out: Console, seen: Reconciled) -> None:
-    for note in seen.notes:
-        out.print(Text(note, style="yellow"), soft_wrap=True)
 
 
 def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
@@ -139,7 +89,7 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
     entries = [store.RunEntry(r.run_id, r.stages, r.overrides) for r in runs]
     todo = [d.job for d in decisions if d.submit]
     show_plan(out, f"sweep {sweep.name}: {len(runs)} runs, {len(jobs)} jobs -> {url}", decisions, entries)
-    _notes(out, seen)
+    print_notes(out, seen)
     where = launcher.backend + (" (a local Ray head started for this sweep)" if needs_local_ray(launcher) else "")
     if args.dry_run:
         out.print(f"dry run: would submit {len(todo)} of {len(jobs)} jobs to {where}; nothing written")
@@ -167,121 +117,6 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
     return code if code != OK else held_back
 
 
-def _latest(state: str | None, status: dict[str, Any], result: Any, stage_dir: str) -> str:
-    if state == "running":
-        p = latest_progress(stage_dir)
-        loss = f" loss {p['loss']:.4f}" if isinstance(p.get("loss"), (int, float)) else ""
-        return f"step {p['step']}/{p['total_steps']}{loss}" if p.get("total_steps") else "started"
-    if isinstance(result, dict):
-        nums = {
-            k: v for k, v in results.flatten(result).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
-        keys = sorted(nums, key=lambda k: ("top1" not in k, "loss" not in k, k))[:2]
-        return " ".join(f"{k}={nums[k]:.4g}" for k in keys)
-    error = status.get("error")
-    return str(error)[:60] if error else ""
-
-
-def _elapsed(status: dict[str, Any]) -> str:
-    start, end = status.get("started_at"), status.get("finished_at")
-    if not isinstance(start, (int, float)):
-        return "-"
-    seconds = (end if isinstance(end, (int, float)) else time.time()) - start
-    return time.strftime("%H:%M:%S", time.gmtime(max(0.0, seconds)))
-
-
-@dataclass
-class StatusTable:
-    """What `status` shows: the table's columns, rows and styles, and the reconciled state of every job key."""
-
-    columns: tuple[str, ...]
-    rows: list[tuple[str, ...]]
-    styles: list[dict[str, str]]
-    pairs: list[tuple[str, str | None]]
-    seen: Reconciled
-    keys: list[str]
-
-
-def status_table(target: Target) -> StatusTable:
-    """Every run and stage of the sweep with its state (asking the backends), attempts, elapsed and latest metric."""
-    keys = [k for r in target.runs for k in r.job_keys()]
-    statuses = store.read_statuses(target.url, keys)
-    seen = reconcile(target.url, statuses, target.launcher, target.manifest, write=True)
-    states = seen.states
-    done = [k for k in keys if states.get(k) == "completed"]
-    urls = [rundir.join(store.stage_url(target.url, *store.split_key(k)), "result.json") for k in done]
-    found = dict(zip(done, store.read_many(urls)))
-    paths = _swept(target.runs)
-    columns = ("run", "stage", *paths, "state", "attempts", "elapsed", "latest", "job id")
-    rows, styles, pairs = [], [], []
-    for run in target.runs:
-        flat = results.flatten(run.overrides)
-        for stage, key in zip(run.stages, run.job_keys()):
-            s, state = statuses[key], states.get(key)
-            if key in seen.corrected:
-                s = {**s, "error": seen.corrected[key]}
-            latest = _latest(state, s, found.get(key), store.stage_url(target.url, run.run_id, stage))
-            swept = (cell(flat.get(p)) for p in paths)
-            rows.append((run.run_id, stage, *swept, cell(state), cell(s.get("attempts")), _elapsed(s), latest,
-                         cell(s.get("job_id"))))  # fmt: skip
-            styles.append({"state": tables.STATE_STYLES.get(state or "", "")})
-            pairs.append((stage, state))
-    return StatusTable(columns, rows, styles, pairs, seen, keys)
-
-
-def show_status(out: Console, title: str, view: StatusTable) -> None:
-    """Print the status table and the notes on backends that could not be asked."""
-    tables.show(out, title, view.columns, view.rows, view.styles, view.pairs)
-    _notes(out, view.seen)
-
-
-def status_code(view: StatusTable) -> int:
-    """1 when a stage failed, else 0."""
-    return FAILED if any(view.seen.states.get(k) == "failed" for k in view.keys) else OK
-
-
-def _rendered(out: Console, view: StatusTable, title: str) -> Text:
-    """The status table as `out` would print it, as one Text for a live display."""
-    buf = io.StringIO()
-    colors = cast(Any, out.color_system)  # the same system, named as Console() takes it
-    shadow = Console(file=buf, width=out.width, force_terminal=out.is_terminal, color_system=colors)
-    show_status(shadow, title, view)
-    return Text.from_ansi(buf.getvalue().rstrip("\n"))
-
-
-def _reread(target: Target) -> Target:
-    """The target with its manifest read again (a URL target's runs too): a sweep may (re)submit meanwhile."""
-    manifest = store.read_manifest(target.url)
-    if manifest is None:
-        return target
-    runs = target.runs if target.sweep is not None else store.entries(manifest)
-    return replace(target, manifest=manifest, runs=runs)
-
-
-def watch_status(target: Target, out: Console, interval: float) -> int:
-    """Refresh the status table every `interval` seconds until every stage has ended; then status's exit code."""
-    try:
-        with Live(console=out, auto_refresh=False, transient=False) as live:
-            while True:
-                view = status_table(target)
-                ended = sum(view.seen.states.get(k) in ENDED_STATES for k in view.keys)
-                if ended == len(view.keys):
-                    footer = f"all {ended} stages have ended"
-                else:
-                    footer = (
-                        f"{ended} of {len(view.keys)} stages ended · {time.strftime('%H:%M:%S')} · refreshed every "
-                        f"{interval:g} s until all have ended · Ctrl-C stops watching"
-                    )
-                live.update(Group(_rendered(out, view, target.url), Text(footer, style="dim")), refresh=True)
-                if ended == len(view.keys):
-                    return status_code(view)
-                time.sleep(interval)
-                target = _reread(target)
-    finally:
-        if not out.is_terminal:  # a live display ends its last line only on a terminal
-            out.line()
-
-
 def cmd_status(args: argparse.Namespace, out: Console) -> int:
     """One table of every run and stage: state, attempts, elapsed time, latest metric; backends asked."""
     target = open_target(args.target, args.root)
@@ -290,179 +125,6 @@ def cmd_status(args: argparse.Namespace, out: Console) -> int:
     view = status_table(target)
     show_status(out, target.url, view)
     return status_code(view)
-
-
-def results_format(fmt: str | None, out_path: str | None) -> str:
-    """The output format: as given, else from the --out suffix, else a table on the terminal."""
-    if out_path is None:
-        if fmt == "parquet":
-            raise UsageError("--format parquet needs --out PATH")
-        return fmt or "table"
-    if fmt == "table":
-        raise UsageError("--format table prints to the terminal; with --out use csv, parquet or json")
-    inferred = FORMATS.get(Path(out_path.rstrip("/")).suffix.lower())
-    if fmt is None and inferred is None:
-        raise UsageError(f"cannot tell the format of --out {out_path}: give --format csv, parquet or json")
-    return fmt or str(inferred)
-
-
-def collect(target: Target) -> tuple[pa.Table, Reconciled]:
-    """The sweep's results table (a row per run and stage), after asking the backends about in-flight stages."""
-    keys = [k for r in target.runs for k in r.job_keys()]
-    statuses = store.read_statuses(target.url, keys)
-    seen = reconcile(target.url, statuses, target.launcher, target.manifest, write=True)
-    for key, why in seen.corrected.items():
-        statuses[key] = {**statuses[key], "state": seen.states[key], "error": why}
-    return results.collect(target.url, target.runs, statuses), seen
-
-
-@dataclass
-class View:
-    """A results view: the table written to files, and its header and cells for the terminal."""
-
-    title: str
-    table: pa.Table
-    header: list[str]
-    cells: list[list[str]]
-    pairs: list[tuple[str, str | None]]
-    keys: int = 0  # leading columns that name a group (never wrapped); 0: the plain results table
-    turn: bool = False  # when too wide for the terminal, print one column per group and one row per column
-
-
-def show_view(out: Console, view: View) -> None:
-    """Print a results view; a summary too wide for the terminal is turned: a column per group, a row per metric."""
-    if not view.keys or len(view.cells) > tables.RICH_ROWS:
-        tables.show(out, view.title, view.header, view.cells, pairs=view.pairs)
-        return
-    widths = [max([len(h), *(len(r[i]) for r in view.cells)]) for i, h in enumerate(view.header)]
-    if not view.turn or sum(widths) + 3 * len(widths) + 1 <= out.width:
-        table = Table(title=view.title)
-        for i, name in enumerate(view.header):
-            table.add_column(name, no_wrap=i < view.keys, justify="left" if i < view.keys else "right")
-        for row in view.cells:
-            table.add_row(*row)
-    else:
-        table = Table(title=view.title, show_header=False)
-        table.add_column(style="bold", no_wrap=True)
-        for _ in view.cells:
-            table.add_column(justify="right")
-        for i, name in enumerate(view.header):
-            table.add_row(name, *(r[i] for r in view.cells), end_section=i == view.keys - 1)
-    out.print(table)
-
-
-def results_view(args: argparse.Namespace, url: str, table: pa.Table) -> View:
-    """The plain table, its aggregate over seeds (--group-by) or one metric's pivot (--pivot)."""
-    try:
-        if args.group_by is not None:
-            agg = aggregate.aggregate(table, args.group_by or None)
-            header, cells = aggregate.summary(agg, digits=4)
-            return View(f"{url}: mean ± std over seeds (n)", agg, header, cells, [], header.index("runs") + 1, True)
-        if args.pivot is not None:
-            rows, columns = args.pivot
-            grid = aggregate.pivot(table, rows, columns, args.metric, args.stage)
-            title = f"{url}: {grid.metric} ({grid.stage} stage), mean ± std over seeds (n)"
-            return View(title, grid.to_arrow(), grid.header(), grid.text(digits=2), [], 1)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    records = table.to_pylist()
-    cells = [[cell(v) for v in r.values()] for r in records]
-    return View(url, table, table.column_names, cells, [(r["stage"], r["state"]) for r in records])
-
-
-def cmd_results(args: argparse.Namespace, out: Console) -> int:
-    """The results table of a sweep (or its aggregate over seeds, or a pivot), printed or written."""
-    fmt = results_format(args.format, args.out)
-    if args.pivot is None and (args.metric or args.stage):
-        raise UsageError("--metric and --stage go with --pivot ROWS COLUMNS")
-    if args.pivot is not None and not args.metric:
-        raise UsageError("--pivot ROWS COLUMNS needs --metric M (the metric in the cells)")
-    target = open_target(args.target, args.root)
-    table, seen = collect(target)
-    view = results_view(args, target.url, table)
-    if args.out:
-        try:
-            results.write(view.table, args.out, fmt)  # type: ignore[arg-type]
-        except (OSError, ImportError, ValueError) as e:
-            raise UsageError(f"cannot write --out {args.out}: {type(e).__name__}: {e}") from None
-        out.print(f"wrote {view.table.num_rows} rows x {view.table.num_columns} columns to {args.out}")
-    elif fmt == "table":
-        show_view(out, view)
-    else:
-        sys.stdout.write(results.encode(view.table, fmt).decode())  # type: ignore[arg-type]
-    _notes(out, seen)
-    return OK
-
-
-def cmd_plot(args: argparse.Namespace, out: Console) -> int:
-    """The sweep's figures (training curves, metrics against swept axes) as PNG and SVG in --out."""
-    target = open_target(args.target, args.root)
-    table, seen = collect(target)
-    axes, _ = aggregate.resolve_by(table, None)
-    if args.axis is not None and args.axis not in axes:
-        raise UsageError(f"--axis {args.axis} is not a swept axis (swept, seeds aside: {', '.join(axes) or 'none'})")
-    axis = args.axis or next((a for a in ("model.cls_token", *axes) if a in axes), "model.cls_token")
-    try:
-        figures = plots.plot_sweep(target.url, target.runs, table, args.out, axis=axis)
-    except ImportError as e:
-        raise UsageError(f"plot needs matplotlib (pip install 'extrema[plot]'): {e}") from None
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    except OSError as e:
-        raise UsageError(f"cannot write to --out {args.out}: {type(e).__name__}: {e}") from None
-    _notes(out, seen)
-    if not figures:
-        out.print("nothing to plot yet: no pretrain curves and no completed stage that reports a plotted metric")
-        return FAILED
-    rows = [(f.name, "\n".join(f.files)) for f in figures]
-    tables.show(out, f"{len(figures)} figures of {target.url}", ("figure", "files"), rows)
-    return OK
-
-
-def query(text: str) -> str | int:
-    """A --queries item: `cls` (the instance token) or a patch index."""
-    if text == "cls":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither cls nor a patch index") from None
-
-
-def positive(text: str) -> float:
-    """A --interval value: seconds, more than zero."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return value
-
-
-def cmd_viz_attention(args: argparse.Namespace, out: Console) -> int:
-    """Figure 3 of one run: last-layer attention maps of chosen queries over chosen images."""
-    target = open_target(args.target, args.root)
-    run = next((r for r in target.runs if r.run_id == args.run), None)
-    if run is None:
-        raise UsageError(f"run {args.run!r} is not part of {target.url}")
-    if "pretrain" not in run.stages:
-        raise UsageError(f"run {args.run} has no pretrain stage (its stages: {', '.join(run.stages)})")
-    from extrema.viz import render_attention  # imports torch: only here
-
-    try:
-        figure = render_attention(
-            store.run_url(target.url, run.run_id),
-            out_dir=args.out,
-            images=tuple(args.images),
-            queries=args.queries,
-            branch=args.branch,
-            split=args.split,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        raise UsageError(str(e)) from None
-    out.print(f"wrote {', '.join(figure.files)}")
-    return OK
 
 
 def cmd_cancel(args: argparse.Namespace, out: Console) -> int:

@@ -25,8 +25,9 @@ from extrema.spec import Experiment, MaskingSpec, ModelSpec, PretrainSpec, Resou
 from launch import store, tables
 from launch.backends.base import State
 from launch.backends.local import LocalBackend
-from launch.cli import UsageError, main, make_backend, results_format
+from launch.cli import UsageError, main, make_backend
 from launch.reconcile import settled
+from launch.results_view import results_format
 from launch.sweep import Axes, LauncherSpec, SweepFile, load_runs
 
 REPO = Path(__file__).resolve().parent.parent

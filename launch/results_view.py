@@ -1,0 +1,191 @@
+"""`results`, `plot` and `viz`: the sweep's table (plain, grouped over seeds, pivoted), figures, attention maps."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+from rich.console import Console
+from rich.table import Table
+
+from launch import aggregate, plots, results, store, tables
+from launch.errors import UsageError
+from launch.reconcile import Reconciled, reconcile
+from launch.tables import cell
+from launch.target import FAILED, FORMATS, OK, Target, open_target, print_notes
+
+
+def results_format(fmt: str | None, out_path: str | None) -> str:
+    """The output format: as given, else from the --out suffix, else a table on the terminal."""
+    if out_path is None:
+        if fmt == "parquet":
+            raise UsageError("--format parquet needs --out PATH")
+        return fmt or "table"
+    if fmt == "table":
+        raise UsageError("--format table prints to the terminal; with --out use csv, parquet or json")
+    inferred = FORMATS.get(Path(out_path.rstrip("/")).suffix.lower())
+    if fmt is None and inferred is None:
+        raise UsageError(f"cannot tell the format of --out {out_path}: give --format csv, parquet or json")
+    return fmt or str(inferred)
+
+
+def collect(target: Target) -> tuple[pa.Table, Reconciled]:
+    """The sweep's results table (a row per run and stage), after asking the backends about in-flight stages."""
+    keys = [k for r in target.runs for k in r.job_keys()]
+    statuses = store.read_statuses(target.url, keys)
+    seen = reconcile(target.url, statuses, target.launcher, target.manifest, write=True)
+    for key, why in seen.corrected.items():
+        statuses[key] = {**statuses[key], "state": seen.states[key], "error": why}
+    return results.collect(target.url, target.runs, statuses), seen
+
+
+@dataclass
+class View:
+    """A results view: the table written to files, and its header and cells for the terminal."""
+
+    title: str
+    table: pa.Table
+    header: list[str]
+    cells: list[list[str]]
+    pairs: list[tuple[str, str | None]]
+    keys: int = 0  # leading columns that name a group (never wrapped); 0: the plain results table
+    turn: bool = False  # when too wide for the terminal, print one column per group and one row per column
+
+
+def show_view(out: Console, view: View) -> None:
+    """Print a results view; a summary too wide for the terminal is turned: a column per group, a row per metric."""
+    if not view.keys or len(view.cells) > tables.RICH_ROWS:
+        tables.show(out, view.title, view.header, view.cells, pairs=view.pairs)
+        return
+    widths = [max([len(h), *(len(r[i]) for r in view.cells)]) for i, h in enumerate(view.header)]
+    if not view.turn or sum(widths) + 3 * len(widths) + 1 <= out.width:
+        table = Table(title=view.title)
+        for i, name in enumerate(view.header):
+            table.add_column(name, no_wrap=i < view.keys, justify="left" if i < view.keys else "right")
+        for row in view.cells:
+            table.add_row(*row)
+    else:
+        table = Table(title=view.title, show_header=False)
+        table.add_column(style="bold", no_wrap=True)
+        for _ in view.cells:
+            table.add_column(justify="right")
+        for i, name in enumerate(view.header):
+            table.add_row(name, *(r[i] for r in view.cells), end_section=i == view.keys - 1)
+    out.print(table)
+
+
+def results_view(args: argparse.Namespace, url: str, table: pa.Table) -> View:
+    """The plain table, its aggregate over seeds (--group-by) or one metric's pivot (--pivot)."""
+    try:
+        if args.group_by is not None:
+            agg = aggregate.aggregate(table, args.group_by or None)
+            header, cells = aggregate.summary(agg, digits=4)
+            return View(f"{url}: mean ± std over seeds (n)", agg, header, cells, [], header.index("runs") + 1, True)
+        if args.pivot is not None:
+            rows, columns = args.pivot
+            grid = aggregate.pivot(table, rows, columns, args.metric, args.stage)
+            title = f"{url}: {grid.metric} ({grid.stage} stage), mean ± std over seeds (n)"
+            return View(title, grid.to_arrow(), grid.header(), grid.text(digits=2), [], 1)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    records = table.to_pylist()
+    cells = [[cell(v) for v in r.values()] for r in records]
+    return View(url, table, table.column_names, cells, [(r["stage"], r["state"]) for r in records])
+
+
+def cmd_results(args: argparse.Namespace, out: Console) -> int:
+    """The results table of a sweep (or its aggregate over seeds, or a pivot), printed or written."""
+    fmt = results_format(args.format, args.out)
+    if args.pivot is None and (args.metric or args.stage):
+        raise UsageError("--metric and --stage go with --pivot ROWS COLUMNS")
+    if args.pivot is not None and not args.metric:
+        raise UsageError("--pivot ROWS COLUMNS needs --metric M (the metric in the cells)")
+    target = open_target(args.target, args.root)
+    table, seen = collect(target)
+    view = results_view(args, target.url, table)
+    if args.out:
+        try:
+            results.write(view.table, args.out, fmt)  # type: ignore[arg-type]
+        except (OSError, ImportError, ValueError) as e:
+            raise UsageError(f"cannot write --out {args.out}: {type(e).__name__}: {e}") from None
+        out.print(f"wrote {view.table.num_rows} rows x {view.table.num_columns} columns to {args.out}")
+    elif fmt == "table":
+        show_view(out, view)
+    else:
+        sys.stdout.write(results.encode(view.table, fmt).decode())  # type: ignore[arg-type]
+    print_notes(out, seen)
+    return OK
+
+
+def cmd_plot(args: argparse.Namespace, out: Console) -> int:
+    """The sweep's figures (training curves, metrics against swept axes) as PNG and SVG in --out."""
+    target = open_target(args.target, args.root)
+    table, seen = collect(target)
+    axes, _ = aggregate.resolve_by(table, None)
+    if args.axis is not None and args.axis not in axes:
+        raise UsageError(f"--axis {args.axis} is not a swept axis (swept, seeds aside: {', '.join(axes) or 'none'})")
+    axis = args.axis or next((a for a in ("model.cls_token", *axes) if a in axes), "model.cls_token")
+    try:
+        figures = plots.plot_sweep(target.url, target.runs, table, args.out, axis=axis)
+    except ImportError as e:
+        raise UsageError(f"plot needs matplotlib (pip install 'extrema[plot]'): {e}") from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        raise UsageError(f"cannot write to --out {args.out}: {type(e).__name__}: {e}") from None
+    print_notes(out, seen)
+    if not figures:
+        out.print("nothing to plot yet: no pretrain curves and no completed stage that reports a plotted metric")
+        return FAILED
+    rows = [(f.name, "\n".join(f.files)) for f in figures]
+    tables.show(out, f"{len(figures)} figures of {target.url}", ("figure", "files"), rows)
+    return OK
+
+
+def query(text: str) -> str | int:
+    """A --queries item: `cls` (the instance token) or a patch index."""
+    if text == "cls":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither cls nor a patch index") from None
+
+
+def positive(text: str) -> float:
+    """A --interval value: seconds, more than zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def cmd_viz_attention(args: argparse.Namespace, out: Console) -> int:
+    """Figure 3 of one run: last-layer attention maps of chosen queries over chosen images."""
+    target = open_target(args.target, args.root)
+    run = next((r for r in target.runs if r.run_id == args.run), None)
+    if run is None:
+        raise UsageError(f"run {args.run!r} is not part of {target.url}")
+    if "pretrain" not in run.stages:
+        raise UsageError(f"run {args.run} has no pretrain stage (its stages: {', '.join(run.stages)})")
+    from extrema.viz import render_attention  # imports torch: only here
+
+    try:
+        figure = render_attention(
+            store.run_url(target.url, run.run_id),
+            out_dir=args.out,
+            images=tuple(args.images),
+            queries=args.queries,
+            branch=args.branch,
+            split=args.split,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
+    out.print(f"wrote {', '.join(figure.files)}")
+    return OK

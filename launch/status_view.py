@@ -1,0 +1,134 @@
+"""The status table of a sweep: one row per run and stage, reconciled with the backends, and its live watch."""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, replace
+from typing import Any, cast
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.text import Text
+
+from extrema import rundir
+from launch import results, store, tables
+from launch.progress import latest_progress
+from launch.reconcile import Reconciled, reconcile
+from launch.tables import cell
+from launch.target import ENDED_STATES, FAILED, OK, Target, print_notes, swept_axes
+
+
+def _latest(state: str | None, status: dict[str, Any], result: Any, stage_dir: str) -> str:
+    if state == "running":
+        p = latest_progress(stage_dir)
+        loss = f" loss {p['loss']:.4f}" if isinstance(p.get("loss"), (int, float)) else ""
+        return f"step {p['step']}/{p['total_steps']}{loss}" if p.get("total_steps") else "started"
+    if isinstance(result, dict):
+        nums = {
+            k: v for k, v in results.flatten(result).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        keys = sorted(nums, key=lambda k: ("top1" not in k, "loss" not in k, k))[:2]
+        return " ".join(f"{k}={nums[k]:.4g}" for k in keys)
+    error = status.get("error")
+    return str(error)[:60] if error else ""
+
+
+def _elapsed(status: dict[str, Any]) -> str:
+    start, end = status.get("started_at"), status.get("finished_at")
+    if not isinstance(start, (int, float)):
+        return "-"
+    seconds = (end if isinstance(end, (int, float)) else time.time()) - start
+    return time.strftime("%H:%M:%S", time.gmtime(max(0.0, seconds)))
+
+
+@dataclass
+class StatusTable:
+    """What `status` shows: the table's columns, rows and styles, and the reconciled state of every job key."""
+
+    columns: tuple[str, ...]
+    rows: list[tuple[str, ...]]
+    styles: list[dict[str, str]]
+    pairs: list[tuple[str, str | None]]
+    seen: Reconciled
+    keys: list[str]
+
+
+def status_table(target: Target) -> StatusTable:
+    """Every run and stage of the sweep with its state (asking the backends), attempts, elapsed and latest metric."""
+    keys = [k for r in target.runs for k in r.job_keys()]
+    statuses = store.read_statuses(target.url, keys)
+    seen = reconcile(target.url, statuses, target.launcher, target.manifest, write=True)
+    states = seen.states
+    done = [k for k in keys if states.get(k) == "completed"]
+    urls = [rundir.join(store.stage_url(target.url, *store.split_key(k)), "result.json") for k in done]
+    found = dict(zip(done, store.read_many(urls)))
+    paths = swept_axes(target.runs)
+    columns = ("run", "stage", *paths, "state", "attempts", "elapsed", "latest", "job id")
+    rows, styles, pairs = [], [], []
+    for run in target.runs:
+        flat = results.flatten(run.overrides)
+        for stage, key in zip(run.stages, run.job_keys()):
+            s, state = statuses[key], states.get(key)
+            if key in seen.corrected:
+                s = {**s, "error": seen.corrected[key]}
+            latest = _latest(state, s, found.get(key), store.stage_url(target.url, run.run_id, stage))
+            swept = (cell(flat.get(p)) for p in paths)
+            rows.append((run.run_id, stage, *swept, cell(state), cell(s.get("attempts")), _elapsed(s), latest,
+                         cell(s.get("job_id"))))  # fmt: skip
+            styles.append({"state": tables.STATE_STYLES.get(state or "", "")})
+            pairs.append((stage, state))
+    return StatusTable(columns, rows, styles, pairs, seen, keys)
+
+
+def show_status(out: Console, title: str, view: StatusTable) -> None:
+    """Print the status table and the notes on backends that could not be asked."""
+    tables.show(out, title, view.columns, view.rows, view.styles, view.pairs)
+    print_notes(out, view.seen)
+
+
+def status_code(view: StatusTable) -> int:
+    """1 when a stage failed, else 0."""
+    return FAILED if any(view.seen.states.get(k) == "failed" for k in view.keys) else OK
+
+
+def _rendered(out: Console, view: StatusTable, title: str) -> Text:
+    """The status table as `out` would print it, as one Text for a live display."""
+    buf = io.StringIO()
+    colors = cast(Any, out.color_system)  # the same system, named as Console() takes it
+    shadow = Console(file=buf, width=out.width, force_terminal=out.is_terminal, color_system=colors)
+    show_status(shadow, title, view)
+    return Text.from_ansi(buf.getvalue().rstrip("\n"))
+
+
+def _reread(target: Target) -> Target:
+    """The target with its manifest read again (a URL target's runs too): a sweep may (re)submit meanwhile."""
+    manifest = store.read_manifest(target.url)
+    if manifest is None:
+        return target
+    runs = target.runs if target.sweep is not None else store.entries(manifest)
+    return replace(target, manifest=manifest, runs=runs)
+
+
+def watch_status(target: Target, out: Console, interval: float) -> int:
+    """Refresh the status table every `interval` seconds until every stage has ended; then status's exit code."""
+    try:
+        with Live(console=out, auto_refresh=False, transient=False) as live:
+            while True:
+                view = status_table(target)
+                ended = sum(view.seen.states.get(k) in ENDED_STATES for k in view.keys)
+                if ended == len(view.keys):
+                    footer = f"all {ended} stages have ended"
+                else:
+                    footer = (
+                        f"{ended} of {len(view.keys)} stages ended · {time.strftime('%H:%M:%S')} · refreshed every "
+                        f"{interval:g} s until all have ended · Ctrl-C stops watching"
+                    )
+                live.update(Group(_rendered(out, view, target.url), Text(footer, style="dim")), refresh=True)
+                if ended == len(view.keys):
+                    return status_code(view)
+                time.sleep(interval)
+                target = _reread(target)
+    finally:
+        if not out.is_terminal:  # a live display ends its last line only on a terminal
+            out.line()

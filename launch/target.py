@@ -1,0 +1,68 @@
+"""What a command line addresses (a sweep file or a run-store URL) and the exit codes every command shares."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from rich.console import Console
+from rich.text import Text
+
+from launch import results, store
+from launch.errors import UsageError
+from launch.reconcile import Reconciled
+from launch.sweep import LauncherSpec, SweepFile, load_runs
+
+OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
+ENDED_STATES = frozenset({"completed", "failed", "cancelled"})
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "json"}
+
+
+@dataclass
+class Target:
+    """A sweep addressed on the command line: its store URL, its runs and launcher, and the file if any."""
+
+    url: str
+    runs: list[store.RunEntry]
+    launcher: LauncherSpec
+    manifest: dict[str, Any] | None
+    sweep: SweepFile | None = None
+
+
+def is_sweep_file(arg: str) -> bool:
+    """Whether a FILE|URL argument names a sweep YAML file rather than a run-store URL."""
+    return arg.endswith((".yaml", ".yml")) or ("://" not in arg and Path(arg).is_file())
+
+
+def open_target(arg: str, root: str | None = None) -> Target:
+    """Resolve FILE|URL into the sweep it names."""
+    if is_sweep_file(arg):
+        sweep, runs = load_runs(arg, root=root)
+        url = store.sweep_url(sweep.root, sweep.name)
+        entries = [store.RunEntry(r.run_id, r.stages, r.overrides) for r in runs]
+        return Target(url, entries, sweep.launcher, store.read_manifest(url), sweep)
+    try:
+        url = store.normalize_root(arg)
+        manifest = store.read_manifest(url)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if manifest is None:
+        raise UsageError(f"{arg}: not a sweep file, and no {store.MANIFEST} there")
+    try:
+        return Target(url, store.entries(manifest), LauncherSpec.model_validate(manifest.get("launcher", {})), manifest)
+    except (ValidationError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{url}/{store.MANIFEST} is damaged: {e}") from None
+
+
+def swept_axes(runs: Sequence[store.RunEntry]) -> list[str]:
+    """Every swept dotted path of the runs, in first-seen order."""
+    return list(dict.fromkeys(p for r in runs for p in results.flatten(r.overrides)))
+
+
+def print_notes(out: Console, seen: Reconciled) -> None:
+    """Print the notes on backends that could not be asked."""
+    for note in seen.notes:
+        out.print(Text(note, style="yellow"), soft_wrap=True)
