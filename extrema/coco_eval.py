@@ -22,6 +22,7 @@ from torch import Tensor
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the first six entries of COCOeval.stats
 IOU_TYPES = {"box": "bbox", "mask": "segm"}
 MASK_THRESHOLD = 0.5
+SIZE_RANGES = ((0, 32**2), (32**2, 96**2), (96**2, 1e10))  # COCOeval's small / medium / large areas
 
 
 def coco_index(dataset: Mapping[str, Any]) -> COCO:
@@ -61,10 +62,17 @@ def to_results(
     return box_results, mask_results
 
 
+def has_objects(gt: COCO, image_ids: Iterable[int], area_range: tuple[float, float]) -> bool:
+    """Whether the images hold a non-crowd ground-truth object whose area lies in the range."""
+    lo, hi = area_range
+    anns = gt.loadAnns(gt.getAnnIds(imgIds=list(image_ids), iscrowd=False))
+    return any(lo <= a["area"] <= hi for a in anns)
+
+
 def summarize(gt: COCO, results: list[dict[str, Any]], iou_type: str, image_ids: Iterable[int]) -> list[float]:
     """COCOeval of one IoU type over the given images -> its six AP numbers in percent (NaN where undefined)."""
-    if not results:
-        return [0.0] * len(METRICS)
+    if not results:  # nothing detected: 0, or NaN for a size range without ground truth (as COCOeval says)
+        return [0.0, 0.0, 0.0] + [0.0 if has_objects(gt, image_ids, r) else math.nan for r in SIZE_RANGES]
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(copy.deepcopy(results))  # loadRes adds keys to the dicts it is given
         ev = COCOeval(gt, dt, iou_type)

@@ -34,7 +34,6 @@ Sample = tuple[tv_tensors.Image, Target]
 ANNOTATIONS = "annotations.json"
 IMAGES = "images"
 CANVAS_MASK_LEVEL = 24  # a resized garment pixel brighter than this belongs to its mask
-CANVAS_BACKGROUND = 24  # background noise is uniform in [0, CANVAS_BACKGROUND)
 GARMENT_SIDE = 28
 # pycocotools' mask decoding warns on every call under numpy 2 (its RLE objects lack the `copy` keyword); it decodes
 # correctly all the same.
@@ -125,8 +124,11 @@ class RandomSizeCrop(v2.Transform):
 def train_transform(
     scales: Sequence[int], max_size: int, crop_scales: Sequence[int] | None, crop_size: tuple[int, int]
 ) -> v2.Transform:
-    """Flip, multi-scale resize of the shorter side (longer side capped) or DETR's resize-crop-resize branch, then
-    drop the boxes (with their masks and labels) that the crop emptied, and convert the image to float in [0, 1]."""
+    """Flip, then multi-scale resize or DETR's resize-crop-resize branch; empty boxes dropped; float image.
+
+    The shorter side is drawn from `scales` (longer side capped at `max_size`); boxes emptied by the crop go
+    with their masks and labels.
+    """
     resize = v2.RandomShortestSize(list(scales), max_size=max_size, antialias=True)
     geometry: v2.Transform = resize
     if crop_scales:
@@ -191,8 +193,10 @@ def model_target(target: Target, device: torch.device) -> dict[str, Tensor]:
 
 
 def place(sizes: list[int], canvas: int, gen: torch.Generator, tries: int = 50) -> list[tuple[int, int, int]]:
-    """Non-overlapping squares (top, left, side) of the given sides on a canvas, seeded; a square that does not
-    fit after `tries` draws is left out."""
+    """Seeded non-overlapping squares (top, left, side) of the given sides on a canvas; misfits are left out.
+
+    A square that finds no free place in `tries` draws is dropped.
+    """
     placed: list[tuple[int, int, int]] = []
     for side in sizes:
         for _ in range(tries):
@@ -206,15 +210,16 @@ def place(sizes: list[int], canvas: int, gen: torch.Generator, tries: int = 50) 
 def canvas_image(
     garments: Tensor, labels: list[int], size: int, scale: tuple[float, float], gen: torch.Generator
 ) -> tuple[Tensor, list[tuple[int, Tensor]]]:
-    """Paste grayscale garments (n, 28, 28) resized to 28 * U(scale) px onto a dark noisy canvas, without overlap.
+    """Paste garments resized to 28 * U(scale) px onto a black canvas, without overlap.
 
-    Returns the uint8 canvas (1, size, size) and (label, mask (size, size) bool) of each garment placed.
+    Garments are grayscale (n, 28, 28); black is Fashion-MNIST's own background. Returns the uint8 canvas
+    (1, size, size) and (label, mask (size, size) bool) of each garment placed.
     """
     lo, hi = scale
     sides = [
         min(size, max(4, round(GARMENT_SIDE * (lo + (hi - lo) * float(torch.rand((), generator=gen)))))) for _ in labels
     ]
-    img = torch.randint(0, CANVAS_BACKGROUND, (size, size), generator=gen, dtype=torch.uint8)
+    img = torch.zeros(size, size, dtype=torch.uint8)
     objects: list[tuple[int, Tensor]] = []
     for (top, left, side), garment, label in zip(place(sides, size, gen), garments, labels):
         resized = F.interpolate(garment[None, None].float(), size=(side, side), mode="bilinear", antialias=True)

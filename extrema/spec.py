@@ -286,6 +286,7 @@ class DetectSpec(Spec):
     activation_checkpointing: bool = Field(False, description="recompute transformer blocks in the backward pass")
     train_size: int | None = Field(None, gt=0, description="seeded subset of training images; all when unset")
     val_size: int | None = Field(None, gt=0, description="seeded subset of validation images; all when unset")
+    log_every: int = Field(50, ge=1, description="steps between loss logs (and at every epoch end)")
     eval_every_epochs: float | None = Field(None, gt=0, description="COCO evaluation period; only at the end if unset")
     eval_batch_size: int = Field(2, gt=0, description="images per forward at evaluation, per process")
     precision: Literal["auto", "bf16", "fp32"] = Field(

@@ -22,11 +22,13 @@ from torchvision.ops import box_iou
 from extrema import ckpt, coco_eval, entry, interop, rundir
 from extrema.data import FASHION_MNIST_DEBIAN_DIR, fashion_mnist
 from extrema.detection_data import CocoDetection, build_canvas_set, train_transform
+from extrema.dist import World
 from extrema.models.detector import STRIDES, ViTPyramid, build_detector, feature_blocks
 from extrema.models.vit import VisionTransformer, sincos_pos_embed_2d
 from extrema.spec import DataSpec, DetectSpec, Experiment, ModelSpec
-from extrema.stages.detect import build_model, step_lr
+from extrema.stages.detect import build_model, detection_sets, evaluate, step_lr
 from tests.stage_runs import TINY_EXPERIMENT, make_run, merge
+from tests.test_distributed import torchrun
 from tests.test_interop import save_pretrain_checkpoint
 
 # pycocotools' mask decoding warns on every call under numpy 2; the masks are right all the same.
@@ -114,6 +116,27 @@ def test_patch16_adapters_are_the_cae_ones_and_positions_follow_the_grid() -> No
         pyramid(torch.randn(1, 3, 40, 48))
     with pytest.raises(ValueError, match="no class token"):
         ViTPyramid(VisionTransformer(embed_dim=64, depth=2, num_heads=2), (0, 0, 1, 1))
+
+
+def test_bf16_backbone_feeds_fp32_heads() -> None:
+    torch.manual_seed(0)
+    fp32 = build_detector(PICO, tiny_spec(), num_classes=3).eval()
+    bf16 = build_detector(PICO, tiny_spec(), num_classes=3, autocast_dtype=torch.bfloat16).eval()
+    bf16.load_state_dict(fp32.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    exact, rounded = fp32.backbone(x), bf16.backbone(x)
+    for k in exact:
+        assert rounded[k].dtype == torch.float32
+        torch.testing.assert_close(rounded[k], exact[k], rtol=0.1, atol=0.1)
+    assert any(not torch.equal(rounded[k], exact[k]) for k in exact)  # the backbone did run in bf16
+    image, target = synthetic_sample()
+    bf16.train()
+    losses = bf16(
+        [image.float() / 255], [{k: target[k].as_subclass(torch.Tensor) for k in ("boxes", "labels", "masks")}]
+    )
+    total = sum(losses.values())
+    total.backward()  # type: ignore[union-attr]
+    assert torch.isfinite(total) and bf16.roi_heads.box_predictor.cls_score.weight.grad is not None
 
 
 def test_backbone_loads_the_pretrained_student_strictly(tmp_path: Path) -> None:
@@ -282,6 +305,8 @@ def test_cocoeval_scores_ground_truth_returned_as_detections_100() -> None:
     assert 0 < worse["box_AP"] < 100 and worse["box_AP75"] < worse["box_AP50"] and worse["mask_AP"] == 100
     wrong_class = [{**r, "category_id": 21 - r["category_id"]} for r in boxes]
     assert coco_eval.evaluate(gt, wrong_class, [], gt.getImgIds())["box_AP"] == 0.0
+    nothing = coco_eval.evaluate(gt, [], [], gt.getImgIds())
+    assert nothing["mask_AP"] == 0.0 and nothing["box_APs"] == 0.0 and math.isnan(nothing["box_APl"])
 
 
 # ------------------------------------------------------------------------------------------------ the stage
@@ -381,4 +406,26 @@ def test_detect_resumes_to_the_same_result(reference: Path, tmp_path: Path) -> N
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert rundir.read_jsonl(str(stage / "metrics.jsonl"))[-1]["loss"] == pytest.approx(
         rundir.read_jsonl(str(reference / "detect" / "metrics.jsonl"))[-1]["loss"]
+    )
+
+
+@needs_fashion_mnist
+def test_two_processes_train_and_gather_the_evaluation(tmp_path: Path) -> None:
+    """DDP over gloo: each rank evaluates half of the images; the gathered score is the one-process score."""
+    exp = make_run(str(tmp_path), {"stages": ["pretrain", "detect"], "detect": {**DETECT, "eval_every_epochs": None}})
+    save_pretrain_checkpoint(str(tmp_path / "pretrain" / "ckpt"), exp.model)
+    proc = torchrun(tmp_path, "detect")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads((tmp_path / "detect" / "result.json").read_text())
+    assert out["protocol"]["world_size"] == 2 and out["protocol"]["per_rank_batch"] == 2 and out["steps"] == 8
+    d = exp.detect
+    with one_thread():
+        model = build_model(exp, d, 10, None, None)
+        weights = model_weights(tmp_path / "detect")
+        model.load_state_dict({k.removeprefix("model."): v for k, v in weights.items()})
+        world = World(0, 1, 0, torch.device("cpu"))
+        _, val = detection_sets(exp, d, str(tmp_path / "detect"), world)
+        alone = evaluate(model, val, list(range(len(val))), d, world, 0)
+    assert json.dumps(alone, sort_keys=True) == json.dumps(
+        {k.removeprefix("detect_"): v for k, v in out.items() if k.startswith("detect_")}, sort_keys=True
     )

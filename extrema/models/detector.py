@@ -44,8 +44,10 @@ def feature_blocks(depth: int) -> tuple[int, ...]:
 
 
 def adapter(dim: int, patch_size: int, stride: int) -> nn.Module:
-    """(B, D, H/p, W/p) -> (B, D, H/stride, W/stride): transposed convs up (BatchNorm + GELU between), identity,
-    or max pooling down. With p = 16 these are CAE's fpn1..fpn4."""
+    """(B, D, H/p, W/p) -> (B, D, H/stride, W/stride); with p = 16 these are CAE's fpn1..fpn4.
+
+    Transposed convolutions up (BatchNorm + GELU between them), identity, or max pooling down.
+    """
     if stride == patch_size:
         return nn.Identity()
     ratio = max(stride, patch_size) // min(stride, patch_size)

@@ -128,10 +128,11 @@ def evaluate(
             masks += m
     model.train(was_training)
     if dist.is_initialized():
-        gathered: list[Any] = [None] * world.size
-        dist.all_gather_object(gathered, (boxes, masks))
-        boxes = [r for part in gathered for r in part[0]]
-        masks = [r for part in gathered for r in part[1]]
+        gathered: list[Any] | None = [None] * world.size if world.is_main else None
+        dist.gather_object((boxes, masks), gathered, dst=0)
+        if gathered is not None:
+            boxes = [r for part in gathered for r in part[0]]
+            masks = [r for part in gathered for r in part[1]]
     scores = [coco_eval.evaluate(val.coco, boxes, masks, [val.ids[i] for i in val_idx]) if world.is_main else {}]
     if dist.is_initialized():
         dist.broadcast_object_list(scores, src=0)
@@ -233,7 +234,8 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
             due = done == total_steps or bool(eval_every and done % eval_every == 0)
             stop = (world.size == 1 or done % PREEMPT_CHECK_EVERY == 0) and preemption.should_stop(world.device)
             save = epoch_end or due or stop or bool(d.ckpt_every and done % d.ckpt_every == 0)
-            if save:
+            log = epoch_end or due or done % d.log_every == 0
+            if save or log:
                 for k, v in zip(LOSSES, all_reduce_mean(running).tolist()):
                     extra[f"sum_{k}"] += v
                 extra["loss_steps"] += done - extra["step"]
@@ -243,7 +245,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
             if due:
                 scores = evaluate(model, val, val_idx, d, world, workers)
                 extra.update(scores)
-            if epoch_end or due:
+            if log:
                 parts = {k: extra[f"sum_{k}"] / max(extra["loss_steps"], 1) for k in LOSSES}
                 extra.update({f"sum_{k}": 0.0 for k in LOSSES})
                 extra["loss_steps"] = 0
