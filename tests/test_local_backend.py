@@ -255,7 +255,7 @@ def test_ctrl_c_stops_children_and_leaves_them_resumable(tmp_path: Path, sig: si
         time.sleep(0.05)
     (_, _, _, child) = events(tmp_path)[0]
     proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=20)
+    out, _ = proc.communicate(timeout=90)  # a 5 s grace period, but a loaded CI machine can be slow to react
     assert proc.returncode == 130, out
     assert "interrupted" in out and "resumes" in out
     assert not os.path.exists(f"/proc/{child}")
