@@ -210,7 +210,7 @@ def test_ctrl_c_stops_watching_with_130(tmp_path: Path) -> None:
     footer = seen[seen.rindex(b"stages ended") - 40 :]
     assert b"3 of 4 stages ended" in footer, footer
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
+    _, err = proc.communicate(timeout=90)  # a loaded CI machine can take long to unwind
     assert proc.returncode == 130 and b"Traceback" not in err, err.decode()
 
 
