@@ -254,6 +254,7 @@ def test_ctrl_c_stops_children_and_leaves_them_resumable(tmp_path: Path, sig: si
     while not events(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.05)
     (_, _, _, child) = events(tmp_path)[0]
+    time.sleep(2.0)  # the child starts in submit(); the driver installs its handlers when run_blocking begins
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=90)  # a 5 s grace period, but a loaded CI machine can be slow to react
     assert proc.returncode == 130, out
