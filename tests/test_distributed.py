@@ -6,7 +6,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import torch
 from extrema import ckpt, entry, rundir
 from extrema.models.extrema import ExtreMA
 from extrema.spec import RunSpec
+from launch.backends.ray_head import free_ports
 from tests.stage_runs import make_run, without_key_bias
 
 # drop path off: its per-sample draws cannot match across world sizes.
@@ -25,9 +25,7 @@ SETUP = {"model": {"drop_path_rate": 0.0}, "pretrain": {"steps": 6, "ckpt_every"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def torchrun(run_dir: Path, stage: str = "pretrain", nproc: int = 2) -> subprocess.CompletedProcess:

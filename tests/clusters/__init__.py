@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
+from launch.backends.ray_head import free_ports  # noqa: F401  (re-exported for the fixtures)
+
 
 def in_ci() -> bool:
     """Whether the tests run under CI, where a missing cluster component is an error."""
@@ -46,20 +48,6 @@ def require_root(what: str) -> None:
     """The tests run as root, else fail/skip."""
     if os.geteuid() != 0:
         unavailable(f"{what} runs its daemons as root; the tests run as uid {os.geteuid()}")
-
-
-def free_ports(count: int) -> list[int]:
-    """Distinct TCP ports that were free on 127.0.0.1 a moment ago."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
