@@ -133,6 +133,9 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
+PREEMPT_CHECK_EVERY = 10  # steps between the cross-rank preemption agreements (one tiny all-reduce each)
+
+
 class Preemption:
     """SIGUSR2/SIGTERM set a flag; `should_stop` agrees across ranks at a step boundary (never in the handler)."""
 

@@ -30,7 +30,8 @@ SCRIPT = """
 import os, sys, time
 events, key, seconds, code = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 with open(events, "a") as f: f.write(f"start {key} {time.time()} {os.getpid()}\\n")
-print(f"hello from {key} cuda={os.environ.get('CUDA_VISIBLE_DEVICES')}", flush=True)
+env = os.environ
+print(f"hello from {key} cuda={env.get('CUDA_VISIBLE_DEVICES')} omp={env.get('OMP_NUM_THREADS')}", flush=True)
 print(f"to stderr {key}", file=sys.stderr, flush=True)
 if sys.argv[5:] == ["ignore-term"]:
     import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -156,6 +157,17 @@ def test_gpus_are_pinned_per_job_and_an_impossible_ask_fails(tmp_path: Path) -> 
     assert "cuda=0" in seen["a"] and "cuda=1" in seen["b"] and ("cuda=0" in seen["c"] or "cuda=1" in seen["c"])
     s = spans(tmp_path)
     assert s["c/pretrain"][0] >= min(s["a/pretrain"][1], s["b/pretrain"][1]), "c waited for a free GPU"
+
+
+def test_a_spec_that_sets_cpus_per_task_sets_the_thread_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    jobs = [job(tmp_path, "one/pretrain", cpus_per_task=1), job(tmp_path, "free/pretrain")]
+    backend = LocalBackend(max_parallel=2, cpus=2, gpus=())
+    ids = backend.submit(jobs, "")
+    assert set(wait_all(backend, ids).values()) == {State.COMPLETED}
+    seen = {r: (tmp_path / "s" / r / "pretrain" / "logs" / "local.log").read_text() for r in ("one", "free")}
+    assert "omp=1" in seen["one"], seen["one"]
+    assert "omp=None" in seen["free"], "a spec silent on CPUs leaves torch's own thread count"
 
 
 def test_a_two_process_fsdp_stage_runs_under_torchrun_from_a_sweep_file(tmp_path: Path) -> None:

@@ -140,7 +140,7 @@ def test_the_ablation_sweep_runs_the_same_axes_locally_and_on_a_cluster(recipe: 
     assert sweep.launcher.backend == ("local" if local else "slurm")
     assert {r.experiment.model.arch for r in runs} == {"vit_nano" if local else "vit_small"}
     if local:  # the same number of optimizer steps for every design
-        assert {r.experiment.pretrain.steps for r in runs} == {800}
+        assert {r.experiment.pretrain.steps for r in runs} == {500}
         assert {r.experiment.data.dataset for r in runs} == {"fashion_mnist"}
     else:  # epochs of one dataset at one batch size: the same steps too
         assert {(r.experiment.pretrain.epochs, r.experiment.pretrain.batch_size) for r in runs} == {(300, 2048)}
@@ -150,4 +150,4 @@ def test_the_masking_sweep_covers_ratio_by_masks_with_two_seeds() -> None:
     sweep, runs = load_runs(REPO / "jobs" / "masking.yaml")
     grid = {(r.overrides["pretrain.masking.ratio"], r.overrides["pretrain.masking.num_masks"]) for r in runs}
     assert grid == {(r, m) for r in (0.75, 0.85, 0.9) for m in (1, 2, 4)} and len(runs) == 18
-    assert {r.experiment.pretrain.steps for r in runs} == {800} and sweep.launcher.backend == "local"
+    assert {r.experiment.pretrain.steps for r in runs} == {500} and sweep.launcher.backend == "local"

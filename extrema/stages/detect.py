@@ -37,12 +37,12 @@ from extrema.detection_data import (
     model_target,
     train_transform,
 )
-from extrema.dist import Preemption, World, all_reduce_mean, init_world
+from extrema.dist import PREEMPT_CHECK_EVERY, Preemption, World, all_reduce_mean, init_world
 from extrema.entry import Preempted
 from extrema.models.detector import DISCARDED_KEYS, STRIDES, build_detector, feature_blocks
 from extrema.optim import build_adamw, param_groups, set_hyperparams
 from extrema.spec import DetectSpec, Experiment, RunSpec
-from extrema.stages.probe import PREEMPT_CHECK_EVERY, SPLIT_SEED, autocast_dtype
+from extrema.stages.probe import SPLIT_SEED, autocast_dtype
 
 REFERENCE_EPOCHS = 12  # the 1x schedule the lr steps are given in
 LOSSES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")

@@ -21,25 +21,21 @@ from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import InterpolationMode, v2
 
 from extrema import ckpt, data, interop, rundir
-from extrema.dist import Preemption, all_reduce_mean, init_world
-from extrema.entry import Preempted
+from extrema.dist import Preemption, init_world
 from extrema.models.classifier import Classifier, discarded_keys, fresh_keys
 from extrema.optim import build_adamw, cosine_schedule, param_groups, scaled_lr, set_hyperparams
 from extrema.spec import Experiment, FinetuneSpec, RunSpec
 from extrema.stages.probe import (
-    PREEMPT_CHECK_EVERY,
     SeededSamples,
     autocast_dtype,
     evaluate,
-    fresh_extra,
     labelled_splits,
-    outcome,
     protocol,
     step_counts,
-    track,
     train_loader,
     val_loader,
 )
+from extrema.stages.step_end import StepEnd, fresh_extra, outcome
 
 
 def train_transform(img_size: int, f: FinetuneSpec) -> Callable[[Tensor], Tensor]:
@@ -131,6 +127,18 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     loader = train_loader(samples, f.batch_size, f.seed, start_step, total_steps, world, exp.data.num_workers)
     vals = val_loader(splits, img_size, f.eval_batch_size, world, exp.data.num_workers)
 
+    step_end = StepEnd(
+        world,
+        metrics,
+        ckpt_dir,
+        steps_per_epoch,
+        total_steps,
+        f.ckpt_every,
+        model,
+        optimizer,
+        lambda: evaluate(model, vals, world, amp),
+        extra,
+    )
     model.train()
     running = torch.zeros((), device=world.device)
     with Preemption() as preemption:
@@ -153,30 +161,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
                 nn.utils.clip_grad_norm_(model.parameters(), f.clip_grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            epoch_end = done % steps_per_epoch == 0 or done == total_steps
-            stop = (world.size == 1 or done % PREEMPT_CHECK_EVERY == 0) and preemption.should_stop(world.device)
-            save = epoch_end or stop or bool(f.ckpt_every and done % f.ckpt_every == 0)
-            if save:
-                extra["loss_sum"] += all_reduce_mean(running).item()
-                extra["loss_steps"] += done - extra["step"]
-                extra["step"] = done
-                running.zero_()
-            if epoch_end:
-                model.eval()
-                acc = evaluate(model, vals, world, amp)
-                model.train()
-                epoch = done / steps_per_epoch
-                track(extra, epoch, acc)
-                train_loss = extra["loss_sum"] / max(extra["loss_steps"], 1)
-                extra["loss_sum"], extra["loss_steps"] = 0.0, 0
-                if world.is_main:
-                    metrics.log({"step": done, "epoch": epoch, "loss": train_loss, "lr": lr, **acc}, flush=True)
-            if save:
-                ckpt.save(ckpt_dir, done, ckpt.training_state(model, optimizer, extra))
-                ckpt.apply_retention(ckpt_dir, keep_last=2)
-            if stop:
-                raise Preempted(f"preempted at step {done}; checkpoint saved")
+            step_end(step + 1, lr, running, preemption)
 
     return {
         **outcome("finetune", extra),

@@ -20,14 +20,12 @@ from torch import nn
 
 from extrema import ckpt, data, rundir
 from extrema.augment import two_views
-from extrema.dist import Preemption, World, all_reduce_mean, gather_keys, init_world, wrap
+from extrema.dist import PREEMPT_CHECK_EVERY, Preemption, World, all_reduce_mean, gather_keys, init_world, wrap
 from extrema.entry import Preempted
 from extrema.models.extrema import ExtreMA, Sampling, random_masks
 from extrema.optim import build_adamw, cosine_schedule, ema_momentum, param_groups, scaled_lr, set_hyperparams
 from extrema.spec import Experiment, PretrainSpec, RunSpec
 from extrema.stages.knn import knn_monitor, pixel_knn
-
-PREEMPT_CHECK_EVERY = 10  # steps between the cross-rank preemption agreements (one tiny all-reduce each)
 
 
 def autocast_dtype(p: PretrainSpec, device: torch.device) -> torch.dtype | None:

@@ -23,17 +23,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from extrema import ckpt, data, interop, rundir
-from extrema.dist import Preemption, World, all_reduce_mean, init_world
-from extrema.entry import Preempted
+from extrema.dist import Preemption, World, init_world
 from extrema.knn import topk_accuracy
 from extrema.models.classifier import LinearProbe
 from extrema.models.vit import VisionTransformer, build_vit
 from extrema.optim import LARS, cosine_schedule, param_groups, scaled_lr, set_hyperparams
 from extrema.spec import Experiment, FinetuneSpec, ProbeSpec, RunSpec
+from extrema.stages.step_end import StepEnd, fresh_extra, outcome
 
 DownstreamSpec = ProbeSpec | FinetuneSpec
 SPLIT_SEED = 0  # held-out splits and subsets depend on the dataset only, so every stage and run sees the same
-PREEMPT_CHECK_EVERY = 10  # steps between the cross-rank preemption agreements (one tiny all-reduce each)
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -148,30 +147,6 @@ def step_counts(num_train: int, batch_size: int, epochs: float, warmup_epochs: f
     return per_epoch, max(1, math.ceil(epochs * per_epoch)), warmup_epochs * per_epoch
 
 
-def fresh_extra() -> dict[str, Any]:
-    """Checkpointed loop state: the step, the loss since the last evaluation, last and best accuracy.
-
-    Flat scalars only: DCP restores the keys the template has, so a nested dict would come back empty.
-    """
-    extra: dict[str, Any] = {"step": 0, "loss_sum": 0.0, "loss_steps": 0}
-    extra.update({k: -1.0 for k in ("last_top1", "last_top5", "best_top1", "best_top5", "best_epoch")})
-    return extra
-
-
-def track(extra: dict[str, Any], epoch: float, acc: dict[str, float]) -> None:
-    """Record the last evaluation in `extra` and keep the best top-1 (with its epoch) and the best top-5."""
-    extra["last_top1"], extra["last_top5"] = acc["top1"], acc["top5"]
-    if acc["top1"] > extra["best_top1"]:
-        extra["best_top1"], extra["best_epoch"] = acc["top1"], epoch
-    extra["best_top5"] = max(extra["best_top5"], acc["top5"])
-
-
-def outcome(name: str, extra: dict[str, Any]) -> dict[str, float]:
-    """The result metrics of a stage: last and best top-1/top-5, and the epoch of the best top-1."""
-    keys = ("last_top1", "last_top5", "best_top1", "best_top5", "best_epoch")
-    return {f"{name}_{k.removeprefix('last_')}": float(extra[k]) for k in keys}
-
-
 def protocol(exp: Experiment, s: DownstreamSpec, splits: Splits, world: World, **derived: Any) -> dict[str, Any]:
     """Every setting that changes the number: the stage spec plus the model, data and derived quantities."""
     settings = s.model_dump(mode="json", exclude={"eval_batch_size", "ckpt_every"})
@@ -260,6 +235,18 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     def predict(x: Tensor) -> Tensor:
         return head(probe_features(encoder, x, p).float())
 
+    step_end = StepEnd(
+        world,
+        metrics,
+        ckpt_dir,
+        steps_per_epoch,
+        total_steps,
+        p.ckpt_every,
+        head,
+        optimizer,
+        lambda: evaluate(predict, vals, world, amp),
+        extra,
+    )
     head.train()
     running = torch.zeros((), device=world.device)
     with Preemption() as preemption:
@@ -277,30 +264,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             running += loss.detach()
-            done = step + 1
-            epoch_end = done % steps_per_epoch == 0 or done == total_steps
-            stop = (world.size == 1 or done % PREEMPT_CHECK_EVERY == 0) and preemption.should_stop(world.device)
-            save = epoch_end or stop or bool(p.ckpt_every and done % p.ckpt_every == 0)
-            if save:
-                extra["loss_sum"] += all_reduce_mean(running).item()
-                extra["loss_steps"] += done - extra["step"]
-                extra["step"] = done
-                running.zero_()
-            if epoch_end:
-                head.eval()
-                acc = evaluate(predict, vals, world, amp)
-                head.train()
-                epoch = done / steps_per_epoch
-                track(extra, epoch, acc)
-                train_loss = extra["loss_sum"] / max(extra["loss_steps"], 1)
-                extra["loss_sum"], extra["loss_steps"] = 0.0, 0
-                if world.is_main:
-                    metrics.log({"step": done, "epoch": epoch, "loss": train_loss, "lr": lr, **acc}, flush=True)
-            if save:
-                ckpt.save(ckpt_dir, done, ckpt.training_state(head, optimizer, extra))
-                ckpt.apply_retention(ckpt_dir, keep_last=2)
-            if stop:
-                raise Preempted(f"preempted at step {done}; checkpoint saved")
+            step_end(step + 1, lr, running, preemption)
 
     return {
         **outcome("probe", extra),

@@ -3,7 +3,8 @@
 Jobs start when the caller polls (`status`); `extrema-launch sweep` polls until every job has ended. A ready job
 starts when fewer than `max_parallel` jobs run and its CPUs (cpus_per_task x processes_per_node) fit beside the
 running ones in this machine's CPUs (a job larger than the machine runs alone), and its GPUs (gpus_per_node) are
-free: those GPUs are its own, pinned with CUDA_VISIBLE_DEVICES. A job asking more GPUs than the machine has fails
+free: those GPUs are its own, pinned with CUDA_VISIBLE_DEVICES. A spec that sets cpus_per_task gets that many intra-op
+threads per process (OMP_NUM_THREADS, unless already set). A job asking more GPUs than the machine has fails
 at once with the reason. Jobs asking no GPUs are not pinned (they see what this process sees). A job of several
 processes runs under torchrun (`Job.command`).
 
@@ -25,7 +26,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING
 
@@ -41,6 +42,18 @@ if TYPE_CHECKING:
 LOG_NAME = "local.log"
 _ID = re.compile(r"local-(\d+)-(\d+)@(.+)")
 _ENDED = (State.COMPLETED, State.FAILED, State.CANCELLED)
+
+
+def job_env(job: Job, job_id: str, gpus: tuple[str, ...], base: Mapping[str, str]) -> dict[str, str]:
+    """The environment a local job starts with: `base` plus its job id, its GPUs and its CPU thread budget."""
+    env = {**base, "EXTREMA_JOB_ID": job_id, "PYTHONUNBUFFERED": "1"}
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
+    r = job.resources
+    if "cpus_per_task" in r.model_fields_set:
+        # One intra-op thread per granted CPU: jobs sharing the cores otherwise oversubscribe them several-fold.
+        env.setdefault("OMP_NUM_THREADS", str(min(r.cpus_per_task, os.cpu_count() or 1)))
+    return env
 
 
 @dataclass
@@ -209,15 +222,12 @@ class LocalBackend:
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         t.log.write(f"=== {stamp} job {t.job_id} on {self.host}: {' '.join(t.job.command())}\n".encode())
         t.log.flush()
-        env = {**os.environ, "EXTREMA_JOB_ID": t.job_id, "PYTHONUNBUFFERED": "1"}
-        if t.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(t.gpus)
         t.proc = subprocess.Popen(
             t.job.command(),
             stdin=subprocess.DEVNULL,
             stdout=t.log,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=job_env(t.job, t.job_id, t.gpus, os.environ),
             start_new_session=True,
         )
         t.started = time.time()
