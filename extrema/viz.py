@@ -11,7 +11,6 @@ the last self-attention block is shown. matplotlib is imported on first use and 
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -19,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from extrema import data, interop, rundir
+from extrema import data, figures, interop, rundir
 from extrema.augment import normalize
 from extrema.models.vit import (
     Attention,
@@ -33,7 +32,6 @@ from extrema.models.vit import (
 from extrema.spec import ModelSpec, RunSpec
 
 Query = int | Literal["cls"]
-FORMATS = ("png", "svg")
 
 
 # ------------------------------------------------------------------------------------------ the probabilities
@@ -159,30 +157,6 @@ def split_images(run_dir: str, indices: Sequence[int], split: Literal["train", "
 # -------------------------------------------------------------------------------------------------- drawing
 
 
-def _figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=150, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def save(fig: Any, out_dir: str, name: str) -> list[str]:
-    """Write `<out_dir>/<name>.png` and `.svg` to any fsspec URL; the URLs written."""
-    files = []
-    for fmt in FORMATS:
-        buf = io.BytesIO()
-        fig.savefig(buf, format=fmt, bbox_inches="tight", pad_inches=0.1)
-        url = rundir.join(out_dir, f"{name}.{fmt}")
-        fs, path = rundir.filesystem(url)
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(path, "wb") as f:
-            f.write(buf.getvalue())
-        files.append(url)
-    return files
-
-
 def _show(ax: Any, image: Tensor) -> None:
     ax.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
     ax.set_xticks([])
@@ -223,7 +197,7 @@ def render_attention(
     chosen = list(queries) if queries is not None else default_queries(encoder, grid)
     maps = attention_maps(encoder, normalize(pixels.float() / 255), chosen)
     up = torch.nn.functional.interpolate(maps, size=pixels.shape[-2:], mode="nearest")
-    fig = _figure(1.8 * (len(chosen) + 1), 1.8 * len(images) + 0.6)
+    fig = figures.new_figure(1.8 * (len(chosen) + 1), 1.8 * len(images) + 0.6)
     axes = fig.subplots(len(images), len(chosen) + 1, squeeze=False)
     p = encoder.patch_size
     for i, idx in enumerate(images):
@@ -245,7 +219,7 @@ def render_attention(
         f"class token: {layer}; patches: last self-attention block · sweep {spec.sweep}, run {spec.run_id}",
         fontsize=8,
     )
-    files = save(fig, out_dir or rundir.join(run_dir, "viz"), "attention")
+    files = figures.save(fig, out_dir or rundir.join(run_dir, "viz"), "attention")
     return AttentionFigure(files, chosen, pixels, maps)
 
 
@@ -256,7 +230,7 @@ def render_inpaint(samples: dict[str, Any], out_dir: str, title: str, name: str 
     """
     original, ratios = samples["original"], list(samples["ratios"])
     rows = 1 + 2 * len(ratios)
-    fig = _figure(1.3 * original.shape[0] + 0.8, 1.3 * rows + 0.5)
+    fig = figures.new_figure(1.3 * original.shape[0] + 0.8, 1.3 * rows + 0.5)
     axes = fig.subplots(rows, original.shape[0], squeeze=False)
     labels = ["original"] + [f"{kind} {r:.0%}" for r in ratios for kind in ("masked", "reconstructed")]
     images = [original] + [samples[k][i] for i in range(len(ratios)) for k in ("masked", "reconstruction")]
@@ -265,4 +239,4 @@ def render_inpaint(samples: dict[str, Any], out_dir: str, title: str, name: str 
             _show(axes[row][col], batch[col])
         axes[row][0].set_ylabel(text, fontsize=8)
     fig.suptitle(title, fontsize=8)
-    return save(fig, out_dir, name)
+    return figures.save(fig, out_dir, name)

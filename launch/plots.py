@@ -10,7 +10,6 @@ figure names its sweep and run ids in the caption.
 from __future__ import annotations
 
 import contextlib
-import io
 import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from extrema import rundir
+from extrema import figures, rundir
 from launch import aggregate, results, store
 
 CURVE_METRICS = ("loss", "knn_top1")
@@ -36,7 +35,6 @@ LABELS = {
     "pretrain.masking.num_masks": "number of masks",
     "pretrain.seed": "seed",
 }
-FORMATS = ("png", "svg")
 _READERS = 16
 
 
@@ -186,32 +184,6 @@ def caption(sweep_name: str, run_ids: Sequence[str], what: str) -> str:
     return "\n".join(textwrap.wrap(text, 150))
 
 
-def _new_figure(width: float, height: float) -> Any:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=150, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def save(fig: Any, out_dir: str, name: str) -> list[str]:
-    """Write the figure as `<out_dir>/<name>.png` and `.svg` (any fsspec URL); the URLs written."""
-    files = []
-    for fmt in FORMATS:
-        buf = io.BytesIO()
-        fig.savefig(buf, format=fmt, bbox_inches="tight", pad_inches=0.15)
-        url = rundir.join(out_dir, f"{name}.{fmt}")
-        fs, path = rundir.filesystem(url)
-        parent = path.rsplit("/", 1)[0]
-        if parent:
-            fs.makedirs(parent, exist_ok=True)
-        with fs.open(path, "wb") as f:
-            f.write(buf.getvalue())
-        files.append(url)
-    return files
-
-
 def _draw_line(ax: Any, s: Series, color: Any) -> None:
     ax.plot(s.x, s.mean, color=color, lw=1.6, label=f"{s.label} (n={max(s.count)})")
     if any(v is not None for v in s.std):
@@ -231,7 +203,7 @@ def plot_curves(
     panels = curves(sweep_url, runs, axis)
     if not panels:
         raise ValueError("no run has pretrain metrics (loss or knn_top1) in its metrics.jsonl")
-    fig = _new_figure(5.2 * len(panels), 4.2)
+    fig = figures.new_figure(5.2 * len(panels), 4.2)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     colors = _colors(max(len(lines) for lines in panels.values()))
     for ax, (metric, lines) in zip(axes, panels.items()):
@@ -247,7 +219,7 @@ def plot_curves(
     text = caption(sweep_name, ids, "mean over seeds, band ±1 std")
     fig.suptitle(f"Training loss and kNN accuracy by {label(axis)}", fontsize=11)
     fig.text(0.0, -0.01, text, fontsize=7, va="top", ha="left", color="0.3")
-    return Plotted(name, save(fig, out_dir, name), text, panels)
+    return Plotted(name, figures.save(fig, out_dir, name), text, panels)
 
 
 def _colors(n: int) -> list[Any]:
@@ -271,7 +243,7 @@ def plot_metric(
     others = [a for a in aggregate.resolve_by(table, None)[0] if a != axis]
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for s in lines for v in s.x)
     categories = aggregate.ordered_values([v for s in lines for v in s.x])
-    fig = _new_figure(6.0, 4.2)
+    fig = figures.new_figure(6.0, 4.2)
     ax = fig.subplots()
     colors = _colors(len(lines))
     width = 0.6 / max(len(lines), 1)
@@ -294,7 +266,7 @@ def plot_metric(
     ids = [i for s in lines for i in s.run_ids]
     text = caption(sweep_name or "?", ids, "mean over seeds, error bars ±1 std")
     fig.text(0.0, -0.01, text, fontsize=7, va="top", ha="left", color="0.3")
-    return Plotted(name, save(fig, out_dir, name), text, {metric: lines})
+    return Plotted(name, figures.save(fig, out_dir, name), text, {metric: lines})
 
 
 def plot_sweep(

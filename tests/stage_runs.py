@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from extrema import rundir
+from extrema import ckpt, interop, rundir
 from extrema.spec import Experiment, RunSpec
 
 TINY_EXPERIMENT: dict[str, Any] = {
@@ -56,3 +57,13 @@ def without_key_bias(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             v = torch.cat([v[:d], v[2 * d :]])
         out[k] = v
     return out
+
+
+def checkpointed_model(stage_dir: Path) -> dict[str, torch.Tensor]:
+    """The `model.*` tensors of the latest complete checkpoint of a stage directory."""
+    url = ckpt.step_url(str(stage_dir / "ckpt"), ckpt.latest_step(str(stage_dir / "ckpt")))  # type: ignore[arg-type]
+    meta = interop.FsspecReader(url).read_metadata().state_dict_metadata
+    tensors = {k: m for k, m in meta.items() if k.startswith("model.")}
+    want = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in tensors.items()}  # type: ignore[union-attr]
+    ckpt.load(url, want)
+    return want

@@ -19,7 +19,7 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.ops import box_iou
 
-from extrema import ckpt, coco_eval, entry, interop, rundir
+from extrema import coco_eval, entry, interop, rundir
 from extrema.data import FASHION_MNIST_DEBIAN_DIR, fashion_mnist
 from extrema.detection_data import CocoDetection, build_canvas_set, train_transform
 from extrema.dist import World
@@ -27,7 +27,7 @@ from extrema.models.detector import STRIDES, ViTPyramid, build_detector, feature
 from extrema.models.vit import VisionTransformer, sincos_pos_embed_2d
 from extrema.spec import DataSpec, DetectSpec, Experiment, ModelSpec
 from extrema.stages.detect import build_model, detection_sets, evaluate, step_lr
-from tests.stage_runs import TINY_EXPERIMENT, make_run, merge
+from tests.stage_runs import TINY_EXPERIMENT, checkpointed_model, make_run, merge
 from tests.test_distributed import torchrun
 from tests.test_interop import save_pretrain_checkpoint
 
@@ -347,14 +347,6 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def model_weights(stage_dir: Path) -> dict[str, torch.Tensor]:
-    url = ckpt.step_url(str(stage_dir / "ckpt"), ckpt.latest_step(str(stage_dir / "ckpt")))  # type: ignore[arg-type]
-    meta = interop.FsspecReader(url).read_metadata().state_dict_metadata
-    want = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items() if k.startswith("model.")}  # type: ignore[union-attr]
-    ckpt.load(url, want)
-    return want
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("detect")
@@ -402,7 +394,7 @@ def test_detect_resumes_to_the_same_result(reference: Path, tmp_path: Path) -> N
     assert json.dumps({k: v for k, v in resumed.items() if k not in drop}, sort_keys=True) == json.dumps(
         {k: v for k, v in ref.items() if k not in drop}, sort_keys=True
     )
-    a, b = model_weights(reference / "detect"), model_weights(stage)
+    a, b = checkpointed_model(reference / "detect"), checkpointed_model(stage)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert rundir.read_jsonl(str(stage / "metrics.jsonl"))[-1]["loss"] == pytest.approx(
         rundir.read_jsonl(str(reference / "detect" / "metrics.jsonl"))[-1]["loss"]
@@ -421,7 +413,7 @@ def test_two_processes_train_and_gather_the_evaluation(tmp_path: Path) -> None:
     d = exp.detect
     with one_thread():
         model = build_model(exp, d, 10, None, None)
-        weights = model_weights(tmp_path / "detect")
+        weights = checkpointed_model(tmp_path / "detect")
         model.load_state_dict({k.removeprefix("model."): v for k, v in weights.items()})
         world = World(0, 1, 0, torch.device("cpu"))
         _, val = detection_sets(exp, d, str(tmp_path / "detect"), world)

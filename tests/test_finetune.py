@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 import torch
 
-from extrema import ckpt, entry, interop, rundir
+from extrema import entry, interop, rundir
 from extrema.models.classifier import Classifier
 from extrema.models.vit import sincos_pos_embed_2d
 from extrema.optim import param_groups
 from extrema.spec import FinetuneSpec, ModelSpec
 from extrema.stages.finetune import build_classifier, mix_batch, train_transform
-from tests.stage_runs import make_run
+from tests.stage_runs import checkpointed_model, make_run
 from tests.test_interop import official_checkpoint, save_pretrain_checkpoint
 
 FINETUNE: dict[str, Any] = {
@@ -115,14 +115,6 @@ def test_official_table_is_interpolated_to_a_new_resolution(tmp_path: Path) -> N
         build_classifier(exp, FinetuneSpec(img_size=50), 10, None)
 
 
-def model_weights(stage_dir: Path) -> dict[str, torch.Tensor]:
-    url = ckpt.step_url(str(stage_dir / "ckpt"), ckpt.latest_step(str(stage_dir / "ckpt")))  # type: ignore[arg-type]
-    meta = interop.FsspecReader(url).read_metadata().state_dict_metadata
-    want = {k: torch.empty(m.size) for k, m in meta.items() if k.startswith("model.")}  # type: ignore[union-attr]
-    ckpt.load(url, want)
-    return want
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("finetune")
@@ -158,7 +150,7 @@ def test_finetune_resumes_to_the_same_result(reference: Path, tmp_path: Path) ->
     assert {k: v for k, v in resumed.items() if k != "checkpoint"} == {
         k: v for k, v in ref.items() if k != "checkpoint"
     }
-    a, b = model_weights(reference / "finetune"), model_weights(stage)
+    a, b = checkpointed_model(reference / "finetune"), checkpointed_model(stage)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

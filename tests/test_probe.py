@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 import torch
 
-from extrema import ckpt, entry, interop, rundir
+from extrema import entry, interop, rundir
 from extrema.models.vit import build_vit
 from extrema.spec import ProbeSpec
 from extrema.stages.probe import frozen_encoder, holdout_split, probe_features
-from tests.stage_runs import make_run
+from tests.stage_runs import checkpointed_model, make_run
 from tests.test_interop import save_pretrain_checkpoint
 
 PROBE: dict[str, Any] = {
@@ -38,14 +38,6 @@ def probe_run(run: Path, probe: dict[str, Any] | None = None, with_pretrain: boo
 def result(stage_dir: Path) -> dict[str, Any]:
     out: dict[str, Any] = json.loads((stage_dir / "result.json").read_text())
     return out
-
-
-def head_weights(stage_dir: Path) -> dict[str, torch.Tensor]:
-    url = ckpt.step_url(str(stage_dir / "ckpt"), ckpt.latest_step(str(stage_dir / "ckpt")))  # type: ignore[arg-type]
-    meta = interop.FsspecReader(url).read_metadata().state_dict_metadata
-    want = {k: torch.empty(m.size) for k, m in meta.items() if k.startswith("model.")}  # type: ignore[union-attr]
-    ckpt.load(url, want)
-    return want
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +81,7 @@ def test_probe_resumes_to_the_same_result(reference: Path, tmp_path: Path) -> No
     assert rundir.read_jsonl(str(tmp_path / "probe" / "metrics.jsonl")) == rundir.read_jsonl(
         str(reference / "probe" / "metrics.jsonl")
     )
-    a, b = head_weights(reference / "probe"), head_weights(tmp_path / "probe")
+    a, b = checkpointed_model(reference / "probe"), checkpointed_model(tmp_path / "probe")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

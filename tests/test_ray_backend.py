@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import sys
 import time
@@ -18,23 +16,10 @@ from extrema.spec import ResourcesSpec
 from launch import store
 from launch.backends.base import Job, State
 from launch.backends.ray import RayBackend, driver_command, storage_path, submission_id
-from launch.cli import main
+from tests.cluster_sweeps import FAST_KNN, FINAL, TINY, cli
 from tests.clusters import require_module
 from tests.clusters.ray import INSTALL_HINT, RayCluster
 from tests.stage_runs import make_run
-
-FAST = {"pretrain": {"steps": 1, "batch_size": 8, "ckpt_every": 1}, "data": {"synthetic_size": 32}}
-FAST_KNN = {**FAST, "knn": {"bank_size": 32, "val_size": 16, "k": 5, "batch_size": 32}}
-FINAL = {State.COMPLETED, State.FAILED, State.CANCELLED}
-TINY = Path(__file__).resolve().parent.parent / "jobs" / "tiny.yaml"
-
-
-def cli(*args: str) -> tuple[int, str]:
-    """Run the CLI in this process; (exit code, stdout and stderr)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        code = main(list(args))
-    return code, out.getvalue()
 
 
 def ray_sweep(path: Path, grid: dict[str, list[Any]] | None, stages: list[str]) -> Path:

@@ -6,8 +6,6 @@ squeue/sacct. The fixture's MaxArraySize is 2, so a sweep of three runs exercise
 
 from __future__ import annotations
 
-import contextlib
-import io
 import shlex
 import sys
 import time
@@ -31,22 +29,9 @@ from launch.backends.slurm import (
     planned_arrays,
     to_state,
 )
-from launch.cli import main
+from tests.cluster_sweeps import FAST, FAST_KNN, FINAL, TINY, cli
 from tests.clusters.slurm import SlurmCluster
 from tests.stage_runs import make_run
-
-FAST = {"pretrain": {"steps": 1, "batch_size": 8, "ckpt_every": 1}, "data": {"synthetic_size": 32}}
-FAST_KNN = {**FAST, "knn": {"bank_size": 32, "val_size": 16, "k": 5, "batch_size": 32}}
-FINAL = {State.COMPLETED, State.FAILED, State.CANCELLED}
-TINY = Path(__file__).resolve().parent.parent / "jobs" / "tiny.yaml"
-
-
-def cli(*args: str) -> tuple[int, str]:
-    """Run the CLI in this process; (exit code, stdout and stderr)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        code = main(list(args))
-    return code, out.getvalue()
 
 
 def slurm_sweep(path: Path, grid: dict[str, list[Any]] | None, stages: list[str], **resources: Any) -> Path:
