@@ -6,9 +6,10 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-run() { echo; echo "\$ $*"; timeout 240 "$@" || echo "(exit $?)"; }
-run python -m pytest -q -m gpu tests/test_gpu.py
-run python bench/pretrain_step.py --arch vit_base --batch 256 --steps 10 --memory
-run python bench/pretrain_step.py --arch vit_base --batch 256 --steps 10 --memory --compile
-run python bench/pretrain_step.py --arch vit_small --batch 512 --steps 10 --memory --compile
-run python bench/max_batch.py --arch vit_base --ratio 0.8 --masks 5
+# Each command has its own limit so that the whole script stays within about five minutes (300 s of limits).
+run() { local limit=$1; shift; echo; echo "\$ $* (limit ${limit} s)"; timeout "$limit" "$@" || echo "(exit $?)"; }
+run 40 python -m pytest -q -m gpu tests/test_gpu.py
+run 45 python bench/pretrain_step.py --arch vit_base --batch 256 --steps 10 --memory
+run 100 python bench/pretrain_step.py --arch vit_base --batch 256 --steps 10 --memory --compile
+run 70 python bench/pretrain_step.py --arch vit_small --batch 512 --steps 10 --memory --compile
+run 45 python bench/max_batch.py --arch vit_base --ratio 0.8 --masks 5
