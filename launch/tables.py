@@ -2,9 +2,6 @@
 
 Rich lays a table out cell by cell, which takes seconds past a few thousand rows; a sweep of 10,000 runs is
 shown instead as a rich summary (stage x state counts) followed by every row as aligned text in one write.
-A table wider than the terminal (a results table has a column per metric and per protocol setting) would be
-squeezed to unreadable slivers: it is shown with one column per row instead, or as aligned text when even that
-is too wide (pipe it to `less -S`, or write csv/parquet with `--out`).
 """
 
 from __future__ import annotations
@@ -50,38 +47,6 @@ def summary(title: str, pairs: Sequence[tuple[str, str | None]]) -> Table:
     return table
 
 
-def _rich(
-    title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], styles: Sequence[dict[str, str]] | None
-) -> Table:
-    table = Table(title=title)
-    for col in columns:
-        table.add_column(col)
-    for i, row in enumerate(rows):
-        style = styles[i] if styles else {}
-        table.add_row(*(Text(v, style=style.get(c, "")) for c, v in zip(columns, row)))
-    return table
-
-
-def _transposed(
-    title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], styles: Sequence[dict[str, str]] | None
-) -> Table:
-    """One row per column and one column per row, headed by the rows' first cells (the run ids)."""
-    table = Table(title=f"{title} (one column per row)")
-    table.add_column(columns[0], style="bold")
-    for row in rows:
-        table.add_column(row[0])
-    for j, col in enumerate(columns[1:], start=1):
-        cells = [Text(row[j], style=(styles[i] if styles else {}).get(col, "")) for i, row in enumerate(rows)]
-        table.add_row(col, *cells)
-    return table
-
-
-def _fits(out: Console, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> bool:
-    """Whether a rich table of these cells fits the terminal unsqueezed: widest cell + padding + border each."""
-    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
-    return sum(w + 3 for w in widths) + 1 <= out.width
-
-
 def show(
     out: Console,
     title: str,
@@ -90,19 +55,18 @@ def show(
     styles: Sequence[dict[str, str]] | None = None,
     pairs: Sequence[tuple[str, str | None]] = (),
 ) -> None:
-    """Print rows as a rich table (cell styles by column name per row); a table too wide for the terminal is
-    turned to one column per row when that fits, else printed as aligned text; past RICH_ROWS rows, the summary
-    of `pairs` (stage, state) and every row as aligned text."""
+    """Print rows as a rich table (cell styles by column name per row), or, past RICH_ROWS rows, the summary of
+    `pairs` (stage, state) and every row as aligned text."""
     if len(rows) <= RICH_ROWS:
-        if not rows or _fits(out, columns, rows):
-            out.print(_rich(title, columns, rows, styles))
-            return
-        header = [columns[0], *(r[0] for r in rows)]
-        body = [[c, *(r[j] for r in rows)] for j, c in enumerate(columns) if j]
-        if _fits(out, header, body):
-            out.print(_transposed(title, columns, rows, styles))
-            return
+        table = Table(title=title)
+        for col in columns:
+            table.add_column(col)
+        for i, row in enumerate(rows):
+            style = styles[i] if styles else {}
+            table.add_row(*(Text(v, style=style.get(c, "")) for c, v in zip(columns, row)))
+        out.print(table)
+        return
     out.print(Text(f"{title}: {len(rows)} rows", style="bold"), soft_wrap=True)
-    if pairs and len(rows) > RICH_ROWS:
+    if pairs:
         out.print(summary("", pairs))
     out.out(_plain(columns, rows), highlight=False)

@@ -372,19 +372,3 @@ def test_big_tables_are_a_summary_and_aligned_rows(monkeypatch: pytest.MonkeyPat
     assert lines[-9].split() == ["run", "stage", "state"] and [line.split()[0] for line in lines[-7:]] == [
         f"r{i}" for i in range(7)
     ]
-
-
-def test_a_table_wider_than_the_terminal_turns_to_one_column_per_row() -> None:
-    columns = ("run", *(f"metric_{i}" for i in range(30)))
-    rows = [(f"run{r}", *(f"{r}.{i}" for i in range(30))) for r in range(2)]
-    narrow, text = io.StringIO(), io.StringIO()
-    tables.show(Console(file=narrow, width=80), "t", columns, rows)
-    out = narrow.getvalue()
-    assert "one column per row" in out and all(f"metric_{i} " in out for i in range(30)), out
-    row29 = next(line for line in out.splitlines() if "metric_29" in line)
-    assert [c.strip() for c in row29.split("│") if c.strip()] == ["metric_29", "0.29", "1.29"], row29
-    assert all(len(line) <= 80 for line in out.splitlines())
-    many = [(f"run{r}", *(f"{r}.{i}" for i in range(30))) for r in range(40)]
-    tables.show(Console(file=text, width=80), "t", columns, many)
-    lines = text.getvalue().splitlines()
-    assert lines[0] == "t: 40 rows" and lines[1].split() == list(columns) and lines[-1].split()[0] == "run39"
