@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import InterpolationMode, v2
 
-from extrema import ckpt, data, interop, rundir
+from extrema import data, interop
 from extrema.dist import Preemption, init_world
 from extrema.models.classifier import Classifier, discarded_keys, fresh_keys
 from extrema.optim import build_adamw, cosine_schedule, param_groups, scaled_lr, set_hyperparams
@@ -35,7 +35,7 @@ from extrema.stages.probe import (
     train_loader,
     val_loader,
 )
-from extrema.stages.step_end import StepEnd, fresh_extra, outcome
+from extrema.stages.step_end import StepEnd, outcome
 
 
 def train_transform(img_size: int, f: FinetuneSpec) -> Callable[[Tensor], Tensor]:
@@ -115,30 +115,21 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     )
     optimizer = build_adamw(groups, lr=peak_lr, betas=f.betas)
 
-    ckpt_dir = rundir.join(stage_dir, "ckpt")
-    extra = fresh_extra()
-    saved = ckpt.restore(ckpt_dir, model, optimizer, extra)
-    if saved:
-        extra = saved
-    start_step = int(extra["step"])
-    metrics = rundir.MetricsLog(rundir.join(stage_dir, "metrics.jsonl"), keep_after_step=start_step)
-
-    samples = SeededSamples(splits.train, splits.train_idx, train_transform(img_size, f), f.seed)
-    loader = train_loader(samples, f.batch_size, f.seed, start_step, total_steps, world, exp.data.num_workers)
     vals = val_loader(splits, img_size, f.eval_batch_size, world, exp.data.num_workers)
-
-    step_end = StepEnd(
+    step_end = StepEnd.resume(
         world,
-        metrics,
-        ckpt_dir,
+        stage_dir,
         steps_per_epoch,
         total_steps,
         f.ckpt_every,
         model,
         optimizer,
         lambda: evaluate(model, vals, world, amp),
-        extra,
     )
+    start_step, extra = step_end.start_step, step_end.extra
+    samples = SeededSamples(splits.train, splits.train_idx, train_transform(img_size, f), f.seed)
+    loader = train_loader(samples, f.batch_size, f.seed, start_step, total_steps, world, exp.data.num_workers)
+
     model.train()
     running = torch.zeros((), device=world.device)
     with Preemption() as preemption:

@@ -22,14 +22,14 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from extrema import ckpt, data, interop, rundir
+from extrema import data, interop
 from extrema.dist import Preemption, World, init_world
 from extrema.knn import topk_accuracy
 from extrema.models.classifier import LinearProbe
 from extrema.models.vit import VisionTransformer, build_vit
 from extrema.optim import LARS, cosine_schedule, param_groups, scaled_lr, set_hyperparams
 from extrema.spec import Experiment, FinetuneSpec, ProbeSpec, RunSpec
-from extrema.stages.step_end import StepEnd, fresh_extra, outcome
+from extrema.stages.step_end import StepEnd, outcome
 
 DownstreamSpec = ProbeSpec | FinetuneSpec
 SPLIT_SEED = 0  # held-out splits and subsets depend on the dataset only, so every stage and run sees the same
@@ -220,33 +220,25 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     else:
         optimizer = torch.optim.SGD(groups, lr=peak_lr, momentum=p.momentum)
 
-    ckpt_dir = rundir.join(stage_dir, "ckpt")
-    extra = fresh_extra()
-    saved = ckpt.restore(ckpt_dir, head, optimizer, extra)
-    if saved:
-        extra = saved
-    start_step = int(extra["step"])
-    metrics = rundir.MetricsLog(rundir.join(stage_dir, "metrics.jsonl"), keep_after_step=start_step)
-
-    samples = SeededSamples(splits.train, splits.train_idx, data.classify_transform(img_size), p.seed)
-    loader = train_loader(samples, p.batch_size, p.seed, start_step, total_steps, world, exp.data.num_workers)
     vals = val_loader(splits, img_size, p.eval_batch_size, world, exp.data.num_workers)
 
     def predict(x: Tensor) -> Tensor:
         return head(probe_features(encoder, x, p).float())
 
-    step_end = StepEnd(
+    step_end = StepEnd.resume(
         world,
-        metrics,
-        ckpt_dir,
+        stage_dir,
         steps_per_epoch,
         total_steps,
         p.ckpt_every,
         head,
         optimizer,
         lambda: evaluate(predict, vals, world, amp),
-        extra,
     )
+    start_step, extra = step_end.start_step, step_end.extra
+    samples = SeededSamples(splits.train, splits.train_idx, data.classify_transform(img_size), p.seed)
+    loader = train_loader(samples, p.batch_size, p.seed, start_step, total_steps, world, exp.data.num_workers)
+
     head.train()
     running = torch.zeros((), device=world.device)
     with Preemption() as preemption:

@@ -33,6 +33,32 @@ class StepEnd:
     evaluate: Callable[[], dict[str, float]]
     extra: dict[str, Any]
 
+    @classmethod
+    def resume(
+        cls,
+        world: World,
+        stage_dir: str,
+        steps_per_epoch: int,
+        total_steps: int,
+        ckpt_every: int | None,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        evaluate: Callable[[], dict[str, float]],
+    ) -> StepEnd:
+        """Restore the stage's newest complete checkpoint into module and optimizer (or start fresh), and open its
+        metrics log without the records past that step."""
+        ckpt_dir = rundir.join(stage_dir, "ckpt")
+        extra = ckpt.restore(ckpt_dir, module, optimizer, fresh_extra()) or fresh_extra()
+        metrics = rundir.MetricsLog(rundir.join(stage_dir, "metrics.jsonl"), keep_after_step=int(extra["step"]))
+        return cls(
+            world, metrics, ckpt_dir, steps_per_epoch, total_steps, ckpt_every, module, optimizer, evaluate, extra
+        )
+
+    @property
+    def start_step(self) -> int:
+        """The number of optimizer steps already taken (restored from the checkpoint)."""
+        return int(self.extra["step"])
+
     def __call__(self, done: int, lr: float, running: Tensor, preemption: Preemption) -> None:
         """Bookkeeping after step `done` (1-based); raises Preempted after saving when asked to stop."""
         extra = self.extra
