@@ -10,11 +10,12 @@ from pathlib import Path
 import pyarrow as pa
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from launch import aggregate, plots, results, store, tables
 from launch.errors import UsageError
 from launch.reconcile import Reconciled, reconcile
-from launch.tables import cell
+from launch.tables import short_cell
 from launch.target import FAILED, FORMATS, OK, Target, open_target, print_notes
 
 
@@ -42,6 +43,9 @@ def collect(target: Target) -> tuple[pa.Table, Reconciled]:
     return results.collect(target.url, target.runs, statuses), seen
 
 
+RUN_KEYS = 2  # run_id and stage lead every row of the plain results table
+
+
 @dataclass
 class View:
     """A results view: the table written to files, and its header and cells for the terminal."""
@@ -55,9 +59,43 @@ class View:
     turn: bool = False  # when too wide for the terminal, print one column per group and one row per column
 
 
+def show_plain(out: Console, view: View) -> None:
+    """Print the plain results table; too wide for the terminal, the columns every row shares become one line
+    under it and the rest is split into tables that fit, each led by the run and the stage."""
+    widths = [max([len(h), *(len(r[i]) for r in view.cells)]) for i, h in enumerate(view.header)]
+    if len(view.cells) > tables.RICH_ROWS or tables.table_width(widths) <= out.width:
+        tables.show(out, view.title, view.header, view.cells, pairs=view.pairs)
+        return
+    if len(view.cells) == 1:
+        table = Table(title=view.title)
+        table.add_column("column", style="bold", no_wrap=True)
+        table.add_column("value")
+        for name, value in zip(view.header, view.cells[0]):
+            table.add_row(name, value)
+        out.print(table)
+        return
+    same = set(tables.constant_columns(view.cells, start=RUN_KEYS))
+    varying = [i for i in range(len(view.header)) if i not in same]
+    chunks = tables.column_chunks([widths[i] for i in varying], keep=RUN_KEYS, width=out.width)
+    for n, chunk in enumerate(chunks, start=1):
+        title = view.title if len(chunks) == 1 else f"{view.title} ({n}/{len(chunks)})"
+        table = Table(title=title)
+        for j in chunk:
+            table.add_column(view.header[varying[j]], no_wrap=j < RUN_KEYS)
+        for row in view.cells:
+            table.add_row(*(row[varying[j]] for j in chunk))
+        out.print(table)
+    if same:
+        shared = " · ".join(f"{view.header[i]} {view.cells[0][i]}" for i in sorted(same))
+        out.print(Text(f"the same in every row: {shared}"), soft_wrap=False)
+
+
 def show_view(out: Console, view: View) -> None:
     """Print a results view; a summary too wide for the terminal is turned: a column per group, a row per metric."""
-    if not view.keys or len(view.cells) > tables.RICH_ROWS:
+    if not view.keys:
+        show_plain(out, view)
+        return
+    if len(view.cells) > tables.RICH_ROWS:
         tables.show(out, view.title, view.header, view.cells, pairs=view.pairs)
         return
     widths = [max([len(h), *(len(r[i]) for r in view.cells)]) for i, h in enumerate(view.header)]
@@ -92,7 +130,7 @@ def results_view(args: argparse.Namespace, url: str, table: pa.Table) -> View:
     except ValueError as e:
         raise UsageError(str(e)) from None
     records = table.to_pylist()
-    cells = [[cell(v) for v in r.values()] for r in records]
+    cells = [[short_cell(v) for v in r.values()] for r in records]
     return View(url, table, table.column_names, cells, [(r["stage"], r["state"]) for r in records])
 
 

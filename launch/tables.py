@@ -6,8 +6,10 @@ shown instead as a rich summary (stage x state counts) followed by every row as 
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from rich.console import Console
@@ -22,6 +24,44 @@ STATE_STYLES = {"completed": "green", "failed": "red", "running": "cyan", "cance
 def cell(value: Any) -> str:
     """A value as table text: '-' for missing ones."""
     return "-" if value is None else str(value)
+
+
+def short_cell(value: Any) -> str:
+    """A value as terminal text: like cell, floats to 4 significant digits (whole numbers past 10,000) and
+    times to the second."""
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:.0f}" if abs(value) >= 1e4 else f"{value:.4g}"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return cell(value)
+
+
+def table_width(widths: Sequence[int]) -> int:
+    """Characters a rich table with these column widths takes (borders and one space of padding each side)."""
+    return sum(widths) + 3 * len(widths) + 1
+
+
+def constant_columns(rows: Sequence[Sequence[str]], start: int) -> list[int]:
+    """Indices from `start` on of the columns whose text is the same in every row (none for fewer than 2 rows)."""
+    if len(rows) < 2:
+        return []
+    return [i for i in range(start, len(rows[0])) if all(r[i] == rows[0][i] for r in rows)]
+
+
+def column_chunks(widths: Sequence[int], keep: int, width: int) -> list[list[int]]:
+    """Column indices split into tables that fit `width`, each led by the first `keep` columns; a column too
+    wide for any table still gets one (rich wraps it)."""
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    lead = list(range(keep))
+    for i in range(keep, len(widths)):
+        if current and table_width([widths[j] for j in [*lead, *current, i]]) > width:
+            chunks.append([*lead, *current])
+            current = []
+        current.append(i)
+    if current or not chunks:
+        chunks.append([*lead, *current])
+    return chunks
 
 
 def _plain(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

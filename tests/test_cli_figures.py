@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import io
 import json
 import os
 import select
@@ -19,9 +21,12 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from rich.console import Console
 
-from launch import store
+from launch import store, tables
+from launch.results_view import collect, results_view, show_view
 from launch.sweep import load_runs
+from launch.target import open_target
 from tests.test_cli import TINY, cli
 
 DESIGNS = ("cait", "avgpool")
@@ -111,6 +116,24 @@ def test_group_by_gives_the_hand_computed_means_over_seeds(swept: Swept, tmp_pat
     table = pq.read_table(parquet)
     assert table.column("model.cls_token").to_pylist() == list(DESIGNS)
     assert table.column("knn_top1.mean").to_pylist() == [r["knn_top1.mean"] for r in rows]
+
+
+def test_plain_results_fit_an_80_column_terminal(swept: Swept) -> None:
+    target = open_target(swept.url, None)
+    table, _ = collect(target)
+    view = results_view(argparse.Namespace(group_by=None, pivot=None), swept.url, table)
+    assert tables.table_width([max(len(h), 10) for h in view.header]) > 80  # too wide as one table
+    buf = io.StringIO()
+    show_view(Console(file=buf, width=80), view)
+    text = buf.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for r in swept.runs:  # each run's id and metrics stay whole, to 4 significant digits
+        rows = [line for line in text.splitlines() if line.startswith(f"│ {r['run_id']} ")]
+        assert len(rows) >= 2, text  # one line per split table
+        assert any(f"{r['result']['loss_final']:.4g}" in line for line in rows)
+        assert any(f"{r['result']['knn_top1']:.4g}" in line for line in rows)
+    assert "the same in every row: state completed" in text and "backend local" in text
+    assert "…" not in text  # nothing squeezed into ellipses
 
 
 def test_pivot_lays_a_metric_out_axis_by_axis(swept: Swept) -> None:
