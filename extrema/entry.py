@@ -136,7 +136,18 @@ def main(argv: list[str] | None = None) -> int:
         if is_main:
             update_status(stage_dir, state="failed", finished_at=now(), error=f"{type(e).__name__}: {e}")
         return 1
+    finally:
+        release_process_group()
     return 0
+
+
+def release_process_group() -> None:
+    """Destroy the default process group, if any, while the interpreter is whole: gloo threads left to interpreter
+    teardown can abort the process ("terminate called without an active exception") after a finished stage."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

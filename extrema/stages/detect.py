@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from torchvision.models.detection import MaskRCNN
 
-from extrema import ckpt, coco_eval, data, interop, rundir
+from extrema import coco_eval, data, interop, rundir
 from extrema.detection_data import (
     CocoDetection,
     EvalImages,
@@ -37,12 +37,12 @@ from extrema.detection_data import (
     model_target,
     train_transform,
 )
-from extrema.dist import PREEMPT_CHECK_EVERY, Preemption, World, all_reduce_mean, init_world
-from extrema.entry import Preempted
+from extrema.dist import Preemption, World, init_world
 from extrema.models.detector import DISCARDED_KEYS, STRIDES, build_detector, feature_blocks
 from extrema.optim import build_adamw, param_groups, set_hyperparams
 from extrema.spec import DetectSpec, Experiment, RunSpec
 from extrema.stages.probe import SPLIT_SEED, autocast_dtype
+from extrema.stages.step_end import StepEnd, loop_state
 
 REFERENCE_EPOCHS = 12  # the 1x schedule the lr steps are given in
 LOSSES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
@@ -144,10 +144,12 @@ def fresh_extra() -> dict[str, Any]:
 
     Flat scalars only: DCP restores the keys the template has, so a nested dict would come back empty.
     """
-    extra: dict[str, Any] = {"step": 0, "loss_steps": 0}
-    extra.update({f"sum_{k}": 0.0 for k in LOSSES})
-    extra.update({k: -1.0 for k in RESULT_KEYS})
-    return extra
+    return {**loop_state(LOSSES), **{k: -1.0 for k in RESULT_KEYS}}
+
+
+def keep_scores(extra: dict[str, Any], epoch: float, scores: dict[str, float]) -> None:
+    """Keep the last COCO numbers in the loop state (the result reports the final evaluation)."""
+    extra.update(scores)
 
 
 def protocol(exp: Experiment, d: DetectSpec, world: World, **derived: Any) -> dict[str, Any]:
@@ -198,13 +200,22 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     groups = param_groups(model, d.weight_decay, layer_decay=d.layer_decay, num_layers=depth)
     optimizer = build_adamw(groups, lr=d.lr, betas=d.betas)
 
-    ckpt_dir = rundir.join(stage_dir, "ckpt")
-    extra = fresh_extra()
-    saved = ckpt.restore(ckpt_dir, model, optimizer, extra)
-    if saved:
-        extra = saved
-    start_step = int(extra["step"])
-    metrics = rundir.MetricsLog(rundir.join(stage_dir, "metrics.jsonl"), keep_after_step=start_step)
+    step_end = StepEnd.resume(
+        world,
+        stage_dir,
+        steps_per_epoch,
+        total_steps,
+        d.ckpt_every,
+        model,
+        optimizer,
+        lambda: evaluate(model, val, val_idx, d, world, workers),
+        fresh=fresh_extra,
+        record=keep_scores,
+        losses=LOSSES,
+        eval_every=eval_every or total_steps,
+        log_every=d.log_every,
+    )
+    start_step, extra = step_end.start_step, step_end.extra
 
     transform = train_transform(d.train_scales, d.max_size, d.crop_scales, d.crop_size)
     samples = SeededDetection(train, train_idx, transform, d.seed)
@@ -229,35 +240,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             running += torch.stack([losses[k].detach() for k in LOSSES])
-            done = step + 1
-            epoch_end = done % steps_per_epoch == 0 or done == total_steps
-            due = done == total_steps or bool(eval_every and done % eval_every == 0)
-            stop = (world.size == 1 or done % PREEMPT_CHECK_EVERY == 0) and preemption.should_stop(world.device)
-            save = epoch_end or due or stop or bool(d.ckpt_every and done % d.ckpt_every == 0)
-            log = epoch_end or due or done % d.log_every == 0
-            if save or log:
-                for k, v in zip(LOSSES, all_reduce_mean(running).tolist()):
-                    extra[f"sum_{k}"] += v
-                extra["loss_steps"] += done - extra["step"]
-                extra["step"] = done
-                running.zero_()
-            scores: dict[str, float] = {}
-            if due:
-                scores = evaluate(model, val, val_idx, d, world, workers)
-                extra.update(scores)
-            if log:
-                parts = {k: extra[f"sum_{k}"] / max(extra["loss_steps"], 1) for k in LOSSES}
-                extra.update({f"sum_{k}": 0.0 for k in LOSSES})
-                extra["loss_steps"] = 0
-                if world.is_main:
-                    epoch = done / steps_per_epoch
-                    record = {"step": done, "epoch": epoch, "lr": lr, "loss": sum(parts.values()), **parts, **scores}
-                    metrics.log(record, flush=True)
-            if save:
-                ckpt.save(ckpt_dir, done, ckpt.training_state(model, optimizer, extra))
-                ckpt.apply_retention(ckpt_dir, keep_last=2)
-            if stop:
-                raise Preempted(f"preempted at step {done}; checkpoint saved")
+            step_end(step + 1, lr, running, preemption)
 
     return {
         **{f"detect_{k}": float(extra[k]) for k in RESULT_KEYS},

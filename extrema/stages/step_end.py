@@ -1,7 +1,8 @@
-"""End-of-step bookkeeping shared by the supervised stages (probe, finetune).
+"""End-of-step bookkeeping shared by the supervised stages (probe, finetune, detect).
 
-After every optimizer step: fold the running loss into the checkpointed totals when a checkpoint is due,
-evaluate and log at epoch ends, save and prune checkpoints, and stop cleanly when preempted.
+After every optimizer step: fold the running losses into the checkpointed totals when a log or a checkpoint is
+due, evaluate (at epoch ends, or every `eval_every` steps and at the end), log, save and prune checkpoints, and
+stop cleanly when preempted.
 """
 
 from __future__ import annotations
@@ -17,10 +18,16 @@ from extrema import ckpt, rundir
 from extrema.dist import PREEMPT_CHECK_EVERY, Preemption, World, all_reduce_mean
 from extrema.entry import Preempted
 
+Record = Callable[[dict[str, Any], float, dict[str, float]], None]
+
 
 @dataclass
 class StepEnd:
-    """What the supervised loops do after each optimizer step; `extra` is the checkpointed loop state."""
+    """What the supervised loops do after each optimizer step; `extra` is the checkpointed loop state.
+
+    `running` holds the loss parts named by `losses` summed since the last fold; `record(extra, epoch, scores)`
+    keeps an evaluation's scores in `extra`.
+    """
 
     world: World
     metrics: rundir.MetricsLog
@@ -32,6 +39,10 @@ class StepEnd:
     optimizer: torch.optim.Optimizer
     evaluate: Callable[[], dict[str, float]]
     extra: dict[str, Any]
+    record: Record
+    losses: tuple[str, ...] = ("loss",)
+    eval_every: int | None = None  # steps between evaluations (and at the last step); every epoch end when None
+    log_every: int | None = None  # steps between loss records besides epoch ends and evaluations
 
     @classmethod
     def resume(
@@ -44,14 +55,33 @@ class StepEnd:
         module: nn.Module,
         optimizer: torch.optim.Optimizer,
         evaluate: Callable[[], dict[str, float]],
+        fresh: Callable[[], dict[str, Any]] | None = None,
+        record: Record | None = None,
+        losses: tuple[str, ...] = ("loss",),
+        eval_every: int | None = None,
+        log_every: int | None = None,
     ) -> StepEnd:
-        """Restore the stage's newest complete checkpoint into module and optimizer (or start fresh), and open its
-        metrics log without the records past that step."""
+        """Restore the stage's newest complete checkpoint into module and optimizer (or start from `fresh()`, the
+        classifiers' state by default), and open its metrics log without the records past that step."""
+        fresh = fresh or fresh_extra
         ckpt_dir = rundir.join(stage_dir, "ckpt")
-        extra = ckpt.restore(ckpt_dir, module, optimizer, fresh_extra()) or fresh_extra()
+        extra = ckpt.restore(ckpt_dir, module, optimizer, fresh()) or fresh()
         metrics = rundir.MetricsLog(rundir.join(stage_dir, "metrics.jsonl"), keep_after_step=int(extra["step"]))
         return cls(
-            world, metrics, ckpt_dir, steps_per_epoch, total_steps, ckpt_every, module, optimizer, evaluate, extra
+            world,
+            metrics,
+            ckpt_dir,
+            steps_per_epoch,
+            total_steps,
+            ckpt_every,
+            module,
+            optimizer,
+            evaluate,
+            extra,
+            record or track,
+            losses,
+            eval_every,
+            log_every,
         )
 
     @property
@@ -62,25 +92,34 @@ class StepEnd:
     def __call__(self, done: int, lr: float, running: Tensor, preemption: Preemption) -> None:
         """Bookkeeping after step `done` (1-based); raises Preempted after saving when asked to stop."""
         extra = self.extra
+        epoch = done / self.steps_per_epoch
         epoch_end = done % self.steps_per_epoch == 0 or done == self.total_steps
+        every = self.eval_every
+        due = epoch_end if every is None else done == self.total_steps or done % every == 0
         check = self.world.size == 1 or done % PREEMPT_CHECK_EVERY == 0
         stop = check and preemption.should_stop(self.world.device)
-        save = epoch_end or stop or bool(self.ckpt_every and done % self.ckpt_every == 0)
-        if save:
-            extra["loss_sum"] += all_reduce_mean(running).item()
+        save = epoch_end or due or stop or bool(self.ckpt_every and done % self.ckpt_every == 0)
+        log = epoch_end or due or bool(self.log_every and done % self.log_every == 0)
+        if save or log:
+            for name, value in zip(self.losses, all_reduce_mean(running).reshape(-1).tolist()):
+                extra[f"{name}_sum"] += value
             extra["loss_steps"] += done - extra["step"]
             extra["step"] = done
             running.zero_()
-        if epoch_end:
+        scores: dict[str, float] = {}
+        if due:
             self.module.eval()
-            acc = self.evaluate()
+            scores = self.evaluate()
             self.module.train()
-            epoch = done / self.steps_per_epoch
-            track(extra, epoch, acc)
-            train_loss = extra["loss_sum"] / max(extra["loss_steps"], 1)
-            extra["loss_sum"], extra["loss_steps"] = 0.0, 0
+            self.record(extra, epoch, scores)
+        if log:
+            parts = {name: extra[f"{name}_sum"] / max(extra["loss_steps"], 1) for name in self.losses}
+            extra.update({f"{name}_sum": 0.0 for name in self.losses})
+            extra["loss_steps"] = 0
             if self.world.is_main:
-                self.metrics.log({"step": done, "epoch": epoch, "loss": train_loss, "lr": lr, **acc}, flush=True)
+                shown = parts if len(parts) > 1 else {}
+                row = {"step": done, "epoch": epoch, "loss": sum(parts.values()), "lr": lr, **shown, **scores}
+                self.metrics.log(row, flush=True)
         if save:
             ckpt.save(self.ckpt_dir, done, ckpt.training_state(self.module, self.optimizer, extra))
             ckpt.apply_retention(self.ckpt_dir, keep_last=2)
@@ -88,12 +127,17 @@ class StepEnd:
             raise Preempted(f"preempted at step {done}; checkpoint saved")
 
 
+def loop_state(losses: tuple[str, ...] = ("loss",)) -> dict[str, Any]:
+    """The step, and each loss part's sum (with the steps it covers) since the last record."""
+    return {"step": 0, "loss_steps": 0, **{f"{name}_sum": 0.0 for name in losses}}
+
+
 def fresh_extra() -> dict[str, Any]:
     """Checkpointed loop state: the step, the loss since the last evaluation, last and best accuracy.
 
     Flat scalars only: DCP restores the keys the template has, so a nested dict would come back empty.
     """
-    extra: dict[str, Any] = {"step": 0, "loss_sum": 0.0, "loss_steps": 0}
+    extra = loop_state()
     extra.update({k: -1.0 for k in ("last_top1", "last_top5", "best_top1", "best_top5", "best_epoch")})
     return extra
 
