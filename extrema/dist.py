@@ -77,6 +77,14 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_buffers(module: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm statistics), which DDP only syncs at each training forward:
+    after the last step each rank holds the statistics of its own batch."""
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def apply_fsdp(model: ExtreMA, world: World, bf16: bool) -> ExtreMA:
     """FSDP2: shard every transformer block, each head and each branch of online and target alike, then the root.
 

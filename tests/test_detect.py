@@ -75,12 +75,18 @@ def tiny_spec(**over: Any) -> DetectSpec:
 # --------------------------------------------------------------------------------------------------- backbone
 
 
-def test_feature_blocks_are_cae_indices_scaled_by_depth() -> None:
-    assert feature_blocks(12) == (3, 5, 7, 11)
-    assert feature_blocks(24) == (7, 11, 15, 23)
-    assert feature_blocks(4) == (0, 1, 2, 3)
-    assert feature_blocks(6) == (1, 2, 3, 5)
-    assert feature_blocks(2) == (0, 0, 0, 1)
+def test_feature_blocks_are_cae_indices_scaled_by_depth_and_read_relative_to_the_patch() -> None:
+    assert feature_blocks(12, 16) == (3, 5, 7, 11)  # CAE's ViT-B/16
+    assert feature_blocks(24, 16) == (7, 11, 15, 23)
+    assert feature_blocks(4, 16) == (0, 1, 2, 3)
+    assert feature_blocks(6, 16) == (1, 2, 3, 5)
+    assert feature_blocks(2, 16) == (0, 0, 0, 1)
+    # Patch 8: stride 4 is p/2 (block 5 of 12), 8 is p (block 7), 16 and 32 are 2p and coarser (block 11).
+    assert feature_blocks(12, 8) == (5, 7, 11, 11)
+    assert feature_blocks(12, 4) == (7, 11, 11, 11)
+    assert feature_blocks(4, 4) == (2, 3, 3, 3)  # vit_nano: the stride-4 map is no longer the first block's
+    assert feature_blocks(2, 4) == (0, 1, 1, 1)
+    assert feature_blocks(12, 32) == (3, 3, 5, 7)  # strides finer than p/4 take CAE's finest block
 
 
 @pytest.mark.parametrize("model", [PICO, PICO16], ids=["patch4", "patch16"])
@@ -366,7 +372,7 @@ def test_detect_trains_and_reports_coco_numbers(reference: Path) -> None:
             assert math.isnan(value) or 0.0 <= value <= 100.0
     assert out["steps"] == 8 and out["epochs"] == 2.0 and out["checkpoint"].endswith("pretrain/ckpt/step-5")
     proto = out["protocol"]
-    assert proto["feature_blocks"] == [0, 0, 0, 1] and proto["strides"] == [4, 8, 16, 32]
+    assert proto["feature_blocks"] == [0, 1, 1, 1] and proto["strides"] == [4, 8, 16, 32]
     assert proto["train_images"] == 16 and proto["val_images"] == 8 and proto["lr_schedule_steps"] == [6, 8]
     assert proto["encoder"] == "student" and proto["layer_decay"] == 0.75 and proto["drop_path_rate"] == 0.2
     records = rundir.read_jsonl(str(reference / "detect" / "metrics.jsonl"))

@@ -2,10 +2,15 @@
 
 The ViT runs without any class token (the input token of the `vit` design and the class-attention blocks of
 `cait` are dropped, as the reference requires for ExtreMA) and with the fixed sin-cos position table computed
-for each input's grid. The outputs of four blocks ((3, 5, 7, 11) of 12; the same relative depths otherwise)
-become maps at strides 4/8/16/32 through transposed convolutions (BatchNorm + GELU between them), identity or
-max pooling, then torchvision's FPN (with an extra max-pooled level) feeds its RPN, a 4conv1fc box head and the
-4-conv mask head. Shapes: B images, D embedding width, p patch size, (H/p, W/p) token grid.
+for each input's grid. The outputs of four blocks become maps at strides 4/8/16/32 through transposed
+convolutions (BatchNorm + GELU between them), identity or max pooling, then torchvision's FPN (with an extra
+max-pooled level) feeds its RPN, a 4conv1fc box head and the 4-conv mask head. Shapes: B images, D embedding
+width, p patch size, (H/p, W/p) token grid.
+
+Which block feeds which stride follows CAE's ViT-B/16 table, read relative to the patch size: block 3 of 12 feeds
+stride p/4, block 5 p/2, block 7 p and block 11 2p (and any coarser stride), at the same relative depth for
+other depths. With p = 16 these are CAE's blocks (3, 5, 7, 11) for strides 4..32. With p = 4 the stride-4 map,
+where RoIs of small objects are pooled, comes from the block at 2/3 depth rather than from the first block.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from extrema.spec import DetectSpec, ModelSpec
 STRIDES = (4, 8, 16, 32)
 REFERENCE_BLOCKS = (3, 5, 7, 11)  # CAE's out_indices for a 12-block ViT
 REFERENCE_DEPTH = 12
+REFERENCE_PATCH = 16  # ... of patch size 16, for strides 4, 8, 16, 32
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
 NO_CLASS_TOKEN: ClsToken = "avgpool"  # the encoder design without any class token
 # Pretrained encoder keys the detector does not use: every class token, the class-attention blocks, the final
@@ -38,9 +44,17 @@ NO_CLASS_TOKEN: ClsToken = "avgpool"  # the encoder design without any class tok
 DISCARDED_KEYS = ("cls_token", "blocks_token.*", "norm.*", "pos_embed")
 
 
-def feature_blocks(depth: int) -> tuple[int, ...]:
-    """Blocks whose outputs feed the pyramid: (3, 5, 7, 11) for 12 blocks, the same relative depths otherwise."""
-    return tuple(max(0, math.floor((i + 1) * depth / REFERENCE_DEPTH + 0.5) - 1) for i in REFERENCE_BLOCKS)
+def feature_blocks(depth: int, patch_size: int = REFERENCE_PATCH) -> tuple[int, ...]:
+    """Blocks feeding strides 4, 8, 16, 32: CAE's block for the same stride relative to the patch size (the last
+    one past 2p), at the same relative depth; (3, 5, 7, 11) for a 12-block ViT of patch 16."""
+    by_ratio = {s / REFERENCE_PATCH: b for s, b in zip(STRIDES, REFERENCE_BLOCKS)}
+    ratios = sorted(by_ratio)
+    blocks = []
+    for stride in STRIDES:
+        ratio = stride / patch_size
+        ref = by_ratio[max([r for r in ratios if r <= ratio], default=ratios[0])]
+        blocks.append(max(0, math.floor((ref + 1) * depth / REFERENCE_DEPTH + 0.5) - 1))
+    return tuple(blocks)
 
 
 def adapter(dim: int, patch_size: int, stride: int) -> nn.Module:
@@ -156,7 +170,7 @@ def build_detector(
 ) -> MaskRCNN:
     """torchvision Mask R-CNN on the ViT pyramid + FPN for `num_classes` object classes (background added)."""
     encoder = detection_encoder(model, d.drop_path_rate)
-    pyramid = ViTPyramid(encoder, feature_blocks(encoder.depth), d.activation_checkpointing)
+    pyramid = ViTPyramid(encoder, feature_blocks(encoder.depth, encoder.patch_size), d.activation_checkpointing)
     backbone = ViTFPN(pyramid, d.fpn_channels, autocast_dtype)
     c = d.fpn_channels
     detector = MaskRCNN(

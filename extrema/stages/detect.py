@@ -160,7 +160,7 @@ def protocol(exp: Experiment, d: DetectSpec, world: World, **derived: Any) -> di
         "arch": exp.model.arch,
         "cls_token": exp.model.cls_token,
         "patch_size": exp.model.resolved_patch_size,
-        "feature_blocks": list(feature_blocks(exp.model.dims[1])),
+        "feature_blocks": list(feature_blocks(exp.model.dims[1], exp.model.resolved_patch_size)),
         "strides": list(STRIDES),
         "world_size": world.size,
         "per_rank_batch": d.batch_size // world.size,

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from extrema import ckpt, rundir
-from extrema.dist import PREEMPT_CHECK_EVERY, Preemption, World, all_reduce_mean
+from extrema.dist import PREEMPT_CHECK_EVERY, Preemption, World, all_reduce_mean, broadcast_buffers
 from extrema.entry import Preempted
 
 Record = Callable[[dict[str, Any], float, dict[str, float]], None]
@@ -108,6 +108,7 @@ class StepEnd:
             running.zero_()
         scores: dict[str, float] = {}
         if due:
+            broadcast_buffers(self.module)  # every rank evaluates the model that is checkpointed (rank 0's)
             self.module.eval()
             scores = self.evaluate()
             self.module.train()
