@@ -62,7 +62,7 @@ class View:
 def show_plain(out: Console, view: View) -> None:
     """Print the plain results table; too wide for the terminal, the columns every row shares become one line
     under it and the rest is split into tables that fit, each led by the run and the stage."""
-    widths = [max([len(h), *(len(r[i]) for r in view.cells)]) for i, h in enumerate(view.header)]
+    widths = tables.column_widths(view.header, view.cells)
     if len(view.cells) > tables.RICH_ROWS or tables.table_width(widths) <= out.width:
         tables.show(out, view.title, view.header, view.cells, pairs=view.pairs)
         return
@@ -98,8 +98,8 @@ def show_view(out: Console, view: View) -> None:
     if len(view.cells) > tables.RICH_ROWS:
         tables.show(out, view.title, view.header, view.cells, pairs=view.pairs)
         return
-    widths = [max([len(h), *(len(r[i]) for r in view.cells)]) for i, h in enumerate(view.header)]
-    if not view.turn or sum(widths) + 3 * len(widths) + 1 <= out.width:
+    widths = tables.column_widths(view.header, view.cells)
+    if not view.turn or tables.table_width(widths) <= out.width:
         table = Table(title=view.title)
         for i, name in enumerate(view.header):
             table.add_column(name, no_wrap=i < view.keys, justify="left" if i < view.keys else "right")

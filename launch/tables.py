@@ -36,6 +36,11 @@ def short_cell(value: Any) -> str:
     return cell(value)
 
 
+def column_widths(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> list[int]:
+    """The width of each column: its longest text, header included."""
+    return [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(columns)]
+
+
 def table_width(widths: Sequence[int]) -> int:
     """Characters a rich table with these column widths takes (borders and one space of padding each side)."""
     return sum(widths) + 3 * len(widths) + 1
@@ -66,7 +71,7 @@ def column_chunks(widths: Sequence[int], keep: int, width: int) -> list[list[int
 
 def _plain(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     clipped = [[v if len(v) <= MAX_WIDTH else v[: MAX_WIDTH - 3] + "..." for v in row] for row in rows]
-    widths = [max([len(c), *(len(r[i]) for r in clipped)]) for i, c in enumerate(columns)]
+    widths = column_widths(columns, clipped)
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in clipped]

@@ -21,6 +21,29 @@ from extrema.entry import Preempted
 Record = Callable[[dict[str, Any], float, dict[str, float]], None]
 
 
+def loop_state(losses: tuple[str, ...] = ("loss",)) -> dict[str, Any]:
+    """The step, and each loss part's sum (with the steps it covers) since the last record."""
+    return {"step": 0, "loss_steps": 0, **{f"{name}_sum": 0.0 for name in losses}}
+
+
+def fresh_extra() -> dict[str, Any]:
+    """Checkpointed loop state: the step, the loss since the last evaluation, last and best accuracy.
+
+    Flat scalars only: DCP restores the keys the template has, so a nested dict would come back empty.
+    """
+    extra = loop_state()
+    extra.update({k: -1.0 for k in ("last_top1", "last_top5", "best_top1", "best_top5", "best_epoch")})
+    return extra
+
+
+def track(extra: dict[str, Any], epoch: float, acc: dict[str, float]) -> None:
+    """Record the last evaluation in `extra` and keep the best top-1 (with its epoch) and the best top-5."""
+    extra["last_top1"], extra["last_top5"] = acc["top1"], acc["top5"]
+    if acc["top1"] > extra["best_top1"]:
+        extra["best_top1"], extra["best_epoch"] = acc["top1"], epoch
+    extra["best_top5"] = max(extra["best_top5"], acc["top5"])
+
+
 @dataclass
 class StepEnd:
     """What the supervised loops do after each optimizer step; `extra` is the checkpointed loop state.
@@ -55,15 +78,14 @@ class StepEnd:
         module: nn.Module,
         optimizer: torch.optim.Optimizer,
         evaluate: Callable[[], dict[str, float]],
-        fresh: Callable[[], dict[str, Any]] | None = None,
-        record: Record | None = None,
+        fresh: Callable[[], dict[str, Any]] = fresh_extra,
+        record: Record = track,
         losses: tuple[str, ...] = ("loss",),
         eval_every: int | None = None,
         log_every: int | None = None,
     ) -> StepEnd:
         """Restore the stage's newest complete checkpoint into module and optimizer (or start from `fresh()`, the
         classifiers' state by default), and open its metrics log without the records past that step."""
-        fresh = fresh or fresh_extra
         ckpt_dir = rundir.join(stage_dir, "ckpt")
         extra = ckpt.restore(ckpt_dir, module, optimizer, fresh()) or fresh()
         metrics = rundir.MetricsLog(rundir.join(stage_dir, "metrics.jsonl"), keep_after_step=int(extra["step"]))
@@ -78,7 +100,7 @@ class StepEnd:
             optimizer,
             evaluate,
             extra,
-            record or track,
+            record,
             losses,
             eval_every,
             log_every,
@@ -126,29 +148,6 @@ class StepEnd:
             ckpt.apply_retention(self.ckpt_dir, keep_last=2)
         if stop:
             raise Preempted(f"preempted at step {done}; checkpoint saved")
-
-
-def loop_state(losses: tuple[str, ...] = ("loss",)) -> dict[str, Any]:
-    """The step, and each loss part's sum (with the steps it covers) since the last record."""
-    return {"step": 0, "loss_steps": 0, **{f"{name}_sum": 0.0 for name in losses}}
-
-
-def fresh_extra() -> dict[str, Any]:
-    """Checkpointed loop state: the step, the loss since the last evaluation, last and best accuracy.
-
-    Flat scalars only: DCP restores the keys the template has, so a nested dict would come back empty.
-    """
-    extra = loop_state()
-    extra.update({k: -1.0 for k in ("last_top1", "last_top5", "best_top1", "best_top5", "best_epoch")})
-    return extra
-
-
-def track(extra: dict[str, Any], epoch: float, acc: dict[str, float]) -> None:
-    """Record the last evaluation in `extra` and keep the best top-1 (with its epoch) and the best top-5."""
-    extra["last_top1"], extra["last_top5"] = acc["top1"], acc["top5"]
-    if acc["top1"] > extra["best_top1"]:
-        extra["best_top1"], extra["best_epoch"] = acc["top1"], epoch
-    extra["best_top5"] = max(extra["best_top5"], acc["top5"])
 
 
 def outcome(name: str, extra: dict[str, Any]) -> dict[str, float]:
