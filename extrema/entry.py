@@ -1,8 +1,10 @@
 """`python -m extrema.entry <run-dir-url> <stage>`: run one stage of one run. The only thing any backend executes.
 
-Reads `<run-dir>/<stage>/spec.json` (a RunSpec), records provenance and status beside it, runs the stage
-function and writes `result.json`. Exit codes: 0 done, 1 failed, 2 bad invocation or spec,
-3 preempted (a checkpoint was saved: requeue and it resumes).
+Takes the stage's lease (`extrema.lease`; waiting while another live attempt owns the stage), then reads
+`<run-dir>/<stage>/spec.json` (a RunSpec), records provenance and status beside it, runs the stage function and
+writes `result.json`. A stage that an earlier attempt completed is not run again. Every commit (status, result,
+checkpoint) is fenced by the lease. Exit codes (`extrema.contract`): 0 done, 1 failed, 2 bad invocation or spec,
+3 preempted (a checkpoint was saved: requeue and it resumes), 4 the lease was lost (nothing committed).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from extrema import rundir
+from extrema import contract, lease, rundir
 from extrema.spec import RunSpec
 
 StageFn = Callable[[RunSpec, str], dict[str, Any]]
@@ -29,7 +31,7 @@ STAGE_MODULES: dict[str, str] = {
     "inpaint": "extrema.stages.inpaint",
 }
 
-EXIT_REQUEUE = 3  # the stage saved a checkpoint after a preemption signal: requeue it, it resumes
+EXIT_REQUEUE = contract.EXIT_REQUEUE  # the stage saved a checkpoint after a preemption signal: requeue it
 
 
 class Preempted(Exception):
@@ -54,11 +56,7 @@ def now() -> float:
 
 def update_status(stage_dir: str, **fields: Any) -> dict[str, Any]:
     """Merge fields into `<stage_dir>/status.json` (atomic write) and return the new status."""
-    url = rundir.join(stage_dir, "status.json")
-    status = rundir.read_json(url) or {}
-    status.update(fields)
-    rundir.write_json(url, status)
-    return status
+    return contract.update_status(stage_dir, **fields)
 
 
 def job_id_from_env() -> str | None:
@@ -78,10 +76,57 @@ def world_info() -> tuple[int, int]:
     return 0, 1
 
 
+def take_stage(stage_dir: str) -> lease.Lease:
+    """This attempt's lease on the stage, waiting (and saying so once) while another live attempt owns it."""
+    job_id = job_id_from_env()
+    got = lease.try_acquire(stage_dir, job_id)
+    if isinstance(got, lease.Holder):
+        print(f"extrema.entry: {stage_dir} is owned by {got.describe()}; waiting for it", file=sys.stderr, flush=True)
+        got = lease.acquire(stage_dir, job_id, wait=True)
+    assert isinstance(got, lease.Lease)
+    got.start_heartbeat()
+    lease.hold(got)
+    return got
+
+
+def completed_result(stage_dir: str) -> dict[str, Any] | None:
+    """The result of an earlier attempt that completed the stage, or None when it must run."""
+    try:
+        if contract.read_status(stage_dir).get("state") != contract.COMPLETED:
+            return None
+        return contract.read_record(rundir.join(stage_dir, contract.RESULT))
+    except contract.Unreadable:
+        return None
+
+
+def agree(decision: bool, world: int) -> bool:
+    """Rank 0's decision, on every rank (a broadcast when several processes run the stage)."""
+    if world == 1:
+        return decision
+    import torch
+
+    from extrema.dist import init_world
+
+    device = init_world().device
+    flag = torch.tensor([1.0 if decision else 0.0], device=device)
+    torch.distributed.broadcast(flag, src=0)
+    return bool(flag.item() > 0)
+
+
+def commit_status(stage_dir: str, **fields: Any) -> dict[str, Any] | None:
+    """Write status fields if this process still owns the stage (or holds no lease); None when it lost it."""
+    try:
+        lease.fence(f"status {fields.get('state', '')}")
+    except lease.LeaseLost as e:
+        print(f"extrema.entry: not recording {fields.get('state')}: {e}", file=sys.stderr, flush=True)
+        return None
+    return update_status(stage_dir, **fields)
+
+
 def run_stage(run_dir: str, stage: str) -> dict[str, Any]:
-    """Run one stage from its spec.json, recording status, provenance and the result."""
+    """Run one stage from its spec.json, recording status, provenance and the result (rank 0 holds the lease)."""
     stage_dir = rundir.join(run_dir, stage)
-    raw = rundir.read_json(rundir.join(stage_dir, "spec.json"))
+    raw = contract.read_record(rundir.join(stage_dir, "spec.json"))
     if raw is None:
         raise FileNotFoundError(f"no spec.json in {stage_dir}")
     spec = RunSpec.model_validate(raw)
@@ -89,24 +134,36 @@ def run_stage(run_dir: str, stage: str) -> dict[str, Any]:
         raise ValueError(f"{stage_dir}/spec.json is for stage {spec.stage!r}, not {stage!r}")
     fn = stage_fn(stage)
     rank, world = world_info()
+    done: dict[str, Any] | None = None
+    mine: lease.Lease | None = None
     if rank == 0:
-        prev = rundir.read_json(rundir.join(stage_dir, "status.json")) or {}
-        rundir.write_json(rundir.join(stage_dir, "provenance.json"), rundir.provenance(world))
-        update_status(
+        mine = take_stage(stage_dir)
+        done = completed_result(stage_dir)
+    if agree(done is not None, world):
+        print(f"extrema.entry: {stage_dir} was completed by an earlier attempt; not run again", file=sys.stderr)
+        return done or {}
+    if rank == 0:
+        prev = contract.read_status(stage_dir)
+        info = rundir.provenance(world)
+        lease.fence("provenance")
+        rundir.write_json(rundir.join(stage_dir, "provenance.json"), info)
+        commit_status(
             stage_dir,
-            state="running",
-            attempts=int(prev.get("attempts", 0)) + 1,
+            state=contract.RUNNING,
+            attempts=int(prev.get("attempts", 0) or 0) + 1,
+            lease_generation=mine.generation if mine else None,
             started_at=now(),
             finished_at=None,
             error=None,
-            host=rundir.provenance(world)["host"],
+            host=info["host"],
             pid=os.getpid(),
             job_id=job_id_from_env() or prev.get("job_id"),
         )
     result = fn(spec, stage_dir)
     if rank == 0:
-        rundir.write_json(rundir.join(stage_dir, "result.json"), result)
-        update_status(stage_dir, state="completed", finished_at=now())
+        lease.fence("result")
+        rundir.write_json(rundir.join(stage_dir, contract.RESULT), result)
+        commit_status(stage_dir, state=contract.COMPLETED, finished_at=now())
     return result
 
 
@@ -119,26 +176,34 @@ def main(argv: list[str] | None = None) -> int:
     stage_dir = rundir.join(args.run_dir, args.stage)
     if not rundir.exists(rundir.join(stage_dir, "spec.json")):
         print(f"extrema.entry: no spec.json in {stage_dir}", file=sys.stderr)
-        return 2
+        return contract.EXIT_USAGE
     is_main = world_info()[0] == 0
+    outcome, code = contract.FAILED, contract.EXIT_FAILED
     try:
         run_stage(args.run_dir, args.stage)
+        outcome, code = contract.COMPLETED, contract.EXIT_OK
+    except lease.LeaseLost as e:
+        print(f"extrema.entry: {e}; this attempt stops without committing", file=sys.stderr, flush=True)
+        outcome, code = "lease lost", contract.EXIT_LEASE_LOST
     except Preempted as e:
         if is_main:
-            update_status(stage_dir, state="preempted", finished_at=now(), error=str(e))
-        return EXIT_REQUEUE
+            commit_status(stage_dir, state=contract.PREEMPTED, finished_at=now(), error=str(e))
+        outcome, code = contract.PREEMPTED, contract.EXIT_REQUEUE
     except KeyboardInterrupt:
         if is_main:
-            update_status(stage_dir, state="cancelled", finished_at=now(), error="interrupted")
-        return 130
-    except Exception as e:
+            commit_status(stage_dir, state=contract.CANCELLED, finished_at=now(), error="interrupted")
+        outcome, code = contract.CANCELLED, contract.EXIT_INTERRUPTED
+    except SystemExit:
+        raise
+    except BaseException as e:  # torch's CheckpointException and other library errors derive from BaseException
         traceback.print_exc()
         if is_main:
-            update_status(stage_dir, state="failed", finished_at=now(), error=f"{type(e).__name__}: {e}")
-        return 1
+            commit_status(stage_dir, state=contract.FAILED, finished_at=now(), error=contract.describe_error(e))
+        outcome, code = contract.FAILED, contract.EXIT_FAILED
     finally:
+        lease.release_held(outcome)
         release_process_group()
-    return 0
+    return code
 
 
 def release_process_group() -> None:

@@ -39,10 +39,11 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from extrema import rundir
+from extrema import lease, rundir
 from launch import logs, results, store, tables
-from launch.backends.base import BACKENDS, make_backend
-from launch.errors import InvalidSweep, UsageError
+from launch.backends.base import BACKENDS, adopts_running, make_backend
+from launch.backends.local import stop_attempts
+from launch.errors import DamagedStore, InvalidSweep, UsageError
 from launch.pipeline import Decision, plan, select
 from launch.reconcile import ray_address, reconcile
 from launch.results_view import cmd_plot, cmd_results, cmd_viz_attention, positive, query
@@ -50,7 +51,17 @@ from launch.status_view import show_status, status_code, status_table, watch_sta
 from launch.submit import Submission, needs_local_ray, submit
 from launch.sweep import STAGE_ORDER, load_runs
 from launch.tables import cell
-from launch.target import FAILED, INTERRUPTED, OK, USAGE, open_target, print_notes, swept_axes
+from launch.target import (
+    DAMAGED,
+    FAILED,
+    INTERRUPTED,
+    OK,
+    USAGE,
+    open_target,
+    print_notes,
+    print_unreadable,
+    swept_axes,
+)
 
 __all__ = ["BACKENDS", "UsageError", "main", "make_backend"]
 
@@ -83,18 +94,25 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
         raise UsageError(f"unknown backend {launcher.backend!r}")
     jobs = plan(runs, launcher, url)
     statuses = store.read_statuses(url, [j.key for j in jobs])
-    old_manifest = store.read_manifest(url)
+    problems = store.unreadable(statuses)
+    try:
+        old_manifest = store.read_manifest(url)
+    except store.Unreadable as e:
+        old_manifest, problems = None, [*problems, f"{e} (kept beside as {store.MANIFEST}.damaged-<time>)"]
     seen = reconcile(url, statuses, launcher, old_manifest, write=not args.dry_run)
-    decisions = select(jobs, seen.states, args.retry_failed)
+    adopt = {k for k in seen.holders if adopts_running(launcher.backend)}
+    decisions = select(jobs, seen.states, args.retry_failed, stuck=seen.stuck, adopt=adopt)
     entries = [store.RunEntry(r.run_id, r.stages, r.overrides) for r in runs]
     todo = [d.job for d in decisions if d.submit]
     show_plan(out, f"sweep {sweep.name}: {len(runs)} runs, {len(jobs)} jobs -> {url}", decisions, entries)
     print_notes(out, seen)
+    print_unreadable(out, problems)
     where = launcher.backend + (" (a local Ray head started for this sweep)" if needs_local_ray(launcher) else "")
     if args.dry_run:
         out.print(f"dry run: would submit {len(todo)} of {len(jobs)} jobs to {where}; nothing written")
         return OK
     held_back = FAILED if any(d.state == "failed" and not d.submit for d in decisions) else OK
+    held_back = DAMAGED if problems else held_back
     log_dir = launcher.slurm_folder or rundir.join(url, "logs")
     manifest = {
         "sweep": sweep.name,
@@ -137,7 +155,9 @@ def cmd_cancel(args: argparse.Namespace, out: Console) -> int:
             raise UsageError(f"run {args.run!r} is not part of {target.url}")
     keys = [k for r in runs for k in r.job_keys()]
     statuses = store.read_statuses(target.url, keys)
-    live = [k for k in keys if statuses[k].get("state") in store.IN_FLIGHT]
+    stages = {k: store.stage_url(target.url, *store.split_key(k)) for k in keys}
+    holders = {k: h for k in keys if not statuses[k].get(store.UNREADABLE) and (h := lease.live_holder(stages[k]))}
+    live = [k for k in keys if statuses[k].get("state") in store.IN_FLIGHT or k in holders]
     groups: dict[tuple[str, str | None], dict[str, str]] = {}
     for k in live:
         s = statuses[k]
@@ -152,11 +172,15 @@ def cmd_cancel(args: argparse.Namespace, out: Console) -> int:
         except Exception as e:
             kept += list(ids)
             out.print(Text(f"could not cancel {len(ids)} {name} job(s): {type(e).__name__}: {e}", style="red"))
+    for k, why in stop_attempts({k: h for k, h in holders.items() if k not in kept}).items():
+        kept.append(k)
+        out.print(Text(f"could not stop {k}: {why}", style="red"), soft_wrap=True)
     done = [k for k in live if k not in kept]
     for k in done:
-        store.mark_ended(store.stage_url(target.url, *store.split_key(k)), "cancelled", "cancelled by user")
+        store.mark_ended(stages[k], "cancelled", "cancelled by user")
     out.print(f"cancelled {len(done)} stage job(s)" + (f": {', '.join(done)}" if done else ""))
-    return FAILED if kept else OK
+    print_unreadable(out, store.unreadable(statuses))
+    return FAILED if kept else DAMAGED if store.unreadable(statuses) else OK
 
 
 def cmd_logs(args: argparse.Namespace, out: Console) -> int:
@@ -359,6 +383,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         err.print(Text(f"extrema-launch: {e}", style="red"), soft_wrap=True)
         return USAGE
+    except DamagedStore as e:
+        err.print(Text(f"extrema-launch: unreadable run store record: {e}", style="red"), soft_wrap=True)
+        return DAMAGED
     except KeyboardInterrupt:
         return INTERRUPTED
 

@@ -52,3 +52,7 @@ class InvalidSweep(Exception):
 
 class UsageError(Exception):
     """A command that cannot run as asked; printed without a traceback, exit code 2."""
+
+
+class DamagedStore(Exception):
+    """A run-store record the command cannot do without is unreadable; printed without a traceback, exit code 3."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from launch import store
@@ -47,8 +47,19 @@ class Decision:
     reason: str
 
 
-def select(jobs: Sequence[Job], states: Mapping[str, str | None], retry_failed: bool = False) -> list[Decision]:
-    """Submit what is neither completed nor in flight (failed ones only when retrying) and whose upstream will run."""
+def select(
+    jobs: Sequence[Job],
+    states: Mapping[str, str | None],
+    retry_failed: bool = False,
+    stuck: Collection[str] = (),
+    adopt: Collection[str] = (),
+) -> list[Decision]:
+    """Submit what is neither completed nor in flight (failed ones only when retrying) and whose upstream will run.
+
+    `stuck`: pending keys whose submission was interrupted (submitted again). `adopt`: running keys that this
+    submission follows (its job waits for the attempt that owns the stage and ends with it, so their downstream
+    stages can be planned); the stage is never run twice, its lease sees to that. Unreadable stages are held back.
+    """
     chosen: set[str] = set()
     out = []
     for job in jobs:
@@ -56,7 +67,14 @@ def select(jobs: Sequence[Job], states: Mapping[str, str | None], retry_failed: 
         if state == "completed":
             out.append(Decision(job, state, False, "completed"))
             continue
-        if state in store.IN_FLIGHT:
+        if state == store.UNREADABLE:
+            out.append(Decision(job, state, False, "held back: its record is unreadable (see below)"))
+            continue
+        if job.key in adopt:
+            chosen.add(job.key)
+            out.append(Decision(job, state, True, "adopt: follow the running attempt"))
+            continue
+        if state in store.IN_FLIGHT and job.key not in stuck:
             out.append(Decision(job, state, False, f"already {state}"))
             continue
         if state == "failed" and not retry_failed:
@@ -68,6 +86,9 @@ def select(jobs: Sequence[Job], states: Mapping[str, str | None], retry_failed: 
             out.append(Decision(job, state, False, f"waits for {waits}"))
             continue
         chosen.add(job.key)
-        reason = {None: "new", "failed": "retry", "cancelled": "resume"}.get(state, f"resubmit ({state})")
+        if job.key in stuck:
+            reason = "submission was interrupted"
+        else:
+            reason = {None: "new", "failed": "retry", "cancelled": "resume"}.get(state, f"resubmit ({state})")
         out.append(Decision(job, state, True, reason))
     return out

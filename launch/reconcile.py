@@ -2,8 +2,12 @@
 
 A stage's own process writes its status.json (running, completed, failed, preempted). What it cannot write is
 what happened to it from outside: a job cancelled while it waited, killed by the cluster, or gone altogether.
-So for every stage the store shows pending, running or preempted, the backend that holds its job is asked (by
-`squeue`/`sacct`, the Ray job API or the PID of a local sweep; the submitting process is not needed), and:
+First the stage's lease (`extrema.lease`): while a live attempt holds it, the stage is running, whatever its
+status.json says (a sweep driver killed with -9 leaves its local stages running, and they are shown so). A pending
+record without a job id whose submission was interrupted (the submitting process is gone) is marked `stuck`, so
+that the next `sweep` submits it again. Then, for every other stage the store shows pending, running or preempted,
+the backend that holds its job is asked (by `squeue`/`sacct`, the Ray job API or the PID of a local sweep; the
+submitting process is not needed), and:
 
 - pending/running there: shown as such (a preempted stage that Slurm requeued is pending again);
 - ended there while the store still shows it in flight: recorded failed (failed, or completed without a result)
@@ -22,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from extrema import lease
 from launch import store
 from launch.backends.base import BACKENDS, State, make_backend
 from launch.backends.ray_head import head_gone
@@ -37,6 +42,8 @@ class Reconciled:
     states: dict[str, str | None]
     notes: list[str] = field(default_factory=list)
     corrected: dict[str, str] = field(default_factory=dict)  # key -> error recorded with the corrected state
+    holders: dict[str, lease.Holder] = field(default_factory=dict)  # key -> the live attempt that owns the stage
+    stuck: set[str] = field(default_factory=set)  # pending without a job: the submission was interrupted
 
 
 def settled(seen: State | None, backend: str, job_id: str) -> tuple[str | None, str]:
@@ -91,6 +98,15 @@ def reconcile(
     out = Reconciled({k: s.get("state") for k, s in statuses.items()})
     groups: dict[tuple[str, str | None], dict[str, str]] = {}
     for key, s in statuses.items():
+        if s.get("state") in (None, "completed", store.UNREADABLE):
+            continue
+        holder = lease.live_holder(store.stage_url(sweep_url, *store.split_key(key)))
+        if holder is not None:
+            out.states[key], out.holders[key] = "running", holder
+            continue
+        if store.interrupted_submission(s):
+            out.stuck.add(key)
+            continue
         if s.get("state") in store.IN_FLIGHT and s.get("job_id") and s.get("backend") in BACKENDS:
             name = str(s["backend"])
             cluster = ray_address(s, launcher) if name == "ray" else None

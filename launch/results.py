@@ -81,9 +81,15 @@ def _row(entry: store.RunEntry, stage: str, status: Any, result: Any, prov: Any,
 
 
 def rows(
-    sweep_url: str, runs: Sequence[store.RunEntry], statuses: Mapping[str, Any] | None = None
+    sweep_url: str,
+    runs: Sequence[store.RunEntry],
+    statuses: Mapping[str, Any] | None = None,
+    problems: list[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """One dict per run and stage, read from the run store (status.json from `statuses` by job key when given)."""
+    """One dict per run and stage, read from the run store (status.json from `statuses` by job key when given).
+
+    An unreadable file leaves its fields empty and is appended to `problems` as `path: reason`.
+    """
     pairs = [(r, s, store.stage_url(sweep_url, r.run_id, s)) for r in runs for s in r.stages]
     names = (
         ("result.json", "provenance.json")
@@ -91,6 +97,8 @@ def rows(
         else ("status.json", "result.json", "provenance.json")
     )
     docs = store.read_many([rundir.join(url, n) for _, _, url in pairs for n in names])
+    if problems is not None:
+        problems += [str(d) for d in docs if isinstance(d, store.Unreadable)]
     n = len(names)
     now = time.time()
     out = []
@@ -121,9 +129,14 @@ def to_table(records: Sequence[dict[str, Any]]) -> pa.Table:
     return pa.table({n: _column(n, [r.get(n) for r in records]) for n in names})
 
 
-def collect(sweep_url: str, runs: Sequence[store.RunEntry], statuses: Mapping[str, Any] | None = None) -> pa.Table:
-    """The results table of a sweep (statuses by job key, when already read)."""
-    return to_table(rows(sweep_url, runs, statuses))
+def collect(
+    sweep_url: str,
+    runs: Sequence[store.RunEntry],
+    statuses: Mapping[str, Any] | None = None,
+    problems: list[str] | None = None,
+) -> pa.Table:
+    """The results table of a sweep (statuses by job key, when already read); unreadable files go to `problems`."""
+    return to_table(rows(sweep_url, runs, statuses, problems))
 
 
 def _text_safe(table: pa.Table) -> pa.Table:

@@ -16,7 +16,7 @@ from launch import aggregate, plots, results, store, tables
 from launch.errors import UsageError
 from launch.reconcile import Reconciled, reconcile
 from launch.tables import short_cell
-from launch.target import FAILED, FORMATS, OK, Target, open_target, print_notes
+from launch.target import DAMAGED, FAILED, FORMATS, OK, Target, open_target, print_notes, print_unreadable
 
 
 def results_format(fmt: str | None, out_path: str | None) -> str:
@@ -33,14 +33,18 @@ def results_format(fmt: str | None, out_path: str | None) -> str:
     return fmt or str(inferred)
 
 
-def collect(target: Target) -> tuple[pa.Table, Reconciled]:
-    """The sweep's results table (a row per run and stage), after asking the backends about in-flight stages."""
+def collect(target: Target) -> tuple[pa.Table, Reconciled, list[str]]:
+    """The sweep's results table (a row per run and stage), after asking the backends about in-flight stages,
+    and `path: reason` of every unreadable record (their fields are empty)."""
     keys = [k for r in target.runs for k in r.job_keys()]
     statuses = store.read_statuses(target.url, keys)
+    problems = [*target.problems, *store.unreadable(statuses)]
     seen = reconcile(target.url, statuses, target.launcher, target.manifest, write=True)
     for key, why in seen.corrected.items():
         statuses[key] = {**statuses[key], "state": seen.states[key], "error": why}
-    return results.collect(target.url, target.runs, statuses), seen
+    for key in seen.holders:
+        statuses[key] = {**statuses[key], "state": "running"}
+    return results.collect(target.url, target.runs, statuses, problems), seen, problems
 
 
 RUN_KEYS = 2  # run_id and stage lead every row of the plain results table
@@ -142,7 +146,7 @@ def cmd_results(args: argparse.Namespace, out: Console) -> int:
     if args.pivot is not None and not args.metric:
         raise UsageError("--pivot ROWS COLUMNS needs --metric M (the metric in the cells)")
     target = open_target(args.target, args.root)
-    table, seen = collect(target)
+    table, seen, problems = collect(target)
     view = results_view(args, target.url, table)
     if args.out:
         try:
@@ -155,13 +159,14 @@ def cmd_results(args: argparse.Namespace, out: Console) -> int:
     else:
         sys.stdout.write(results.encode(view.table, fmt).decode())  # type: ignore[arg-type]
     print_notes(out, seen)
-    return OK
+    print_unreadable(Console(stderr=True) if fmt != "table" and not args.out else out, problems)
+    return DAMAGED if problems else OK
 
 
 def cmd_plot(args: argparse.Namespace, out: Console) -> int:
     """The sweep's figures (training curves, metrics against swept axes) as PNG and SVG in --out."""
     target = open_target(args.target, args.root)
-    table, seen = collect(target)
+    table, seen, problems = collect(target)
     axes, _ = aggregate.resolve_by(table, None)
     if args.axis is not None and args.axis not in axes:
         raise UsageError(f"--axis {args.axis} is not a swept axis (swept, seeds aside: {', '.join(axes) or 'none'})")
@@ -175,6 +180,7 @@ def cmd_plot(args: argparse.Namespace, out: Console) -> int:
     except OSError as e:
         raise UsageError(f"cannot write to --out {args.out}: {type(e).__name__}: {e}") from None
     print_notes(out, seen)
+    print_unreadable(out, problems)
     if not figures:
         out.print("nothing to plot yet: no pretrain curves and no completed stage that reports a plotted metric")
         return FAILED

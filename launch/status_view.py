@@ -16,7 +16,7 @@ from launch import results, store, tables
 from launch.progress import latest_progress
 from launch.reconcile import Reconciled, reconcile
 from launch.tables import cell
-from launch.target import ENDED_STATES, FAILED, OK, Target, print_notes, swept_axes
+from launch.target import DAMAGED, ENDED_STATES, FAILED, OK, Target, print_notes, print_unreadable, swept_axes
 
 
 def _latest(state: str | None, status: dict[str, Any], result: Any, stage_dir: str) -> str:
@@ -52,6 +52,7 @@ class StatusTable:
     pairs: list[tuple[str, str | None]]
     seen: Reconciled
     keys: list[str]
+    problems: list[str]  # `path: reason` of every unreadable record (its row shows `unreadable`)
 
 
 def status_table(target: Target) -> StatusTable:
@@ -63,6 +64,8 @@ def status_table(target: Target) -> StatusTable:
     done = [k for k in keys if states.get(k) == "completed"]
     urls = [rundir.join(store.stage_url(target.url, *store.split_key(k)), "result.json") for k in done]
     found = dict(zip(done, store.read_many(urls)))
+    problems = [*target.problems, *store.unreadable(statuses)]
+    problems += [str(d) for d in found.values() if isinstance(d, store.Unreadable)]
     paths = swept_axes(target.runs)
     columns = ("run", "stage", *paths, "state", "attempts", "elapsed", "latest", "job id")
     rows, styles, pairs = [], [], []
@@ -72,23 +75,30 @@ def status_table(target: Target) -> StatusTable:
             s, state = statuses[key], states.get(key)
             if key in seen.corrected:
                 s = {**s, "error": seen.corrected[key]}
+            if key in seen.stuck:
+                s = {**s, "error": "submission interrupted before the job was sent; `sweep` submits it again"}
             latest = _latest(state, s, found.get(key), store.stage_url(target.url, run.run_id, stage))
+            if key in seen.holders:
+                latest = f"{latest} (pid {seen.holders[key].pid} on {seen.holders[key].host})"
             swept = (cell(flat.get(p)) for p in paths)
             rows.append((run.run_id, stage, *swept, cell(state), cell(s.get("attempts")), _elapsed(s), latest,
                          cell(s.get("job_id"))))  # fmt: skip
             styles.append({"state": tables.STATE_STYLES.get(state or "", "")})
             pairs.append((stage, state))
-    return StatusTable(columns, rows, styles, pairs, seen, keys)
+    return StatusTable(columns, rows, styles, pairs, seen, keys, problems)
 
 
 def show_status(out: Console, title: str, view: StatusTable) -> None:
     """Print the status table and the notes on backends that could not be asked."""
     tables.show(out, title, view.columns, view.rows, view.styles, view.pairs)
     print_notes(out, view.seen)
+    print_unreadable(out, view.problems)
 
 
 def status_code(view: StatusTable) -> int:
-    """1 when a stage failed, else 0."""
+    """3 when a record is unreadable, else 1 when a stage failed, else 0."""
+    if view.problems:
+        return DAMAGED
     return FAILED if any(view.seen.states.get(k) == "failed" for k in view.keys) else OK
 
 
@@ -103,10 +113,16 @@ def _rendered(out: Console, view: StatusTable, title: str) -> Text:
 
 def _reread(target: Target) -> Target:
     """The target with its manifest read again (a URL target's runs too): a sweep may (re)submit meanwhile."""
-    manifest = store.read_manifest(target.url)
+    try:
+        manifest = store.read_manifest(target.url)
+    except store.Unreadable:
+        return target
     if manifest is None:
         return target
-    runs = target.runs if target.sweep is not None else store.entries(manifest)
+    try:
+        runs = target.runs if target.sweep is not None else store.entries_of(target.url, manifest)
+    except store.Unreadable:
+        return target
     return replace(target, manifest=manifest, runs=runs)
 
 
@@ -116,7 +132,7 @@ def watch_status(target: Target, out: Console, interval: float) -> int:
         with Live(console=out, auto_refresh=False, transient=False) as live:
             while True:
                 view = status_table(target)
-                ended = sum(view.seen.states.get(k) in ENDED_STATES for k in view.keys)
+                ended = sum(view.seen.states.get(k) in {*ENDED_STATES, store.UNREADABLE} for k in view.keys)
                 if ended == len(view.keys):
                     footer = f"all {ended} stages have ended"
                 else:

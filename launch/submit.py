@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.text import Text
 
 from extrema import rundir
+from extrema.contract import os_reason
 from launch import logs, store
 from launch.backends.base import Backend, Job, State, make_backend
 from launch.errors import UsageError
@@ -93,6 +94,10 @@ def run_blocking(backend: Backend, ids: dict[str, str], jobs: dict[str, Job], co
         return INTERRUPTED
     except Exception as e:  # the backend went away under us (a cluster stopped, a connection lost)
         console.print(Text(f"lost track of the jobs: {type(e).__name__}: {e}", style="red"))
+        if backend.adopts_running:  # its stages are this process's children: stop them, resumably, not orphan them
+            with _sigint_ignored(), contextlib.suppress(Exception):
+                backend.cancel(list(ids.values()))
+                console.print("stopped the running stages; `extrema-launch sweep` again resumes them")
         return FAILED
     finally:
         for sig, handler in previous.items():
@@ -106,32 +111,47 @@ def _keep_ray_logs(ids: Mapping[str, str], jobs: Mapping[str, Job], address: str
             logs.save_ray_log(rundir.join(jobs[key].run_dir, jobs[key].stage), address, job_id)
 
 
+def _put_back(jobs: list[Job], previous: Mapping[str, dict[str, Any]]) -> None:
+    """Restore the status records a failed submission touched, as far as the store lets us; a record that cannot
+    be restored stays pending without a job id, which the next `sweep` submits again."""
+    for job in jobs:
+        with contextlib.suppress(OSError):
+            rundir.write_json(rundir.join(job.run_dir, job.stage, "status.json"), previous[job.key])
+
+
 def submit(s: Submission, launcher: LauncherSpec, out: Console) -> int:
     """Write specs, record the submission, submit; block with progress when the stages run here."""
     with backend_for(launcher, out) as (backend, head):
-        for job in s.jobs:
-            rundir.write_json(
-                rundir.join(job.run_dir, job.stage, "spec.json"), s.specs[job.key].model_dump(mode="json")
-            )
         now = time.time()
-        for job in s.jobs:
-            store.mark_submitted(rundir.join(job.run_dir, job.stage), launcher.backend, None, now)
+        written: list[Job] = []
+        try:
+            for job in s.jobs:
+                stage = rundir.join(job.run_dir, job.stage)
+                rundir.write_json(rundir.join(stage, "spec.json"), s.specs[job.key].model_dump(mode="json"))
+                store.mark_submitted(stage, launcher.backend, None, now)
+                written.append(job)
+        except OSError as e:
+            _put_back(written, s.previous)
+            out.print(Text(f"submission stopped before any job was sent: {os_reason(e)}", style="red"))
+            return FAILED
         try:
             ids = backend.submit(s.jobs, s.log_dir)
         except Exception as e:
-            for job in s.jobs:
-                rundir.write_json(rundir.join(job.run_dir, job.stage, "status.json"), s.previous[job.key])
+            _put_back(s.jobs, s.previous)
             out.print(Text(f"submission to {launcher.backend} failed: {type(e).__name__}: {e}", style="red"))
             return FAILED
         cluster = getattr(backend, "address", None) if launcher.backend == "ray" else None
         extra = {"cluster": cluster} if cluster else {}
-        for job in s.jobs:
-            if job.key in ids:
-                store.set_status(rundir.join(job.run_dir, job.stage), job_id=ids[job.key], **extra)
         record = {k: {"job_id": v, "backend": launcher.backend, "submitted_at": now, **extra} for k, v in ids.items()}
-        store.write_manifest(
-            s.url, {**s.manifest, "jobs": record, "submitted_at": now, **({"ray_head": head} if head else {})}
-        )
+        try:
+            for job in s.jobs:
+                if job.key in ids:
+                    store.set_status(rundir.join(job.run_dir, job.stage), job_id=ids[job.key], **extra)
+            store.write_manifest(
+                s.url, {**s.manifest, "jobs": record, "submitted_at": now, **({"ray_head": head} if head else {})}
+            )
+        except OSError as e:  # the jobs are out; each stage records its own job id when it starts
+            out.print(Text(f"jobs submitted, but recording their ids failed: {os_reason(e)}", style="red"))
         out.print(f"submitted {len(ids)} of {len(s.jobs)} jobs to {launcher.backend}")
         if launcher.backend != "local" and head is None:
             return OK

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +12,11 @@ from rich.console import Console
 from rich.text import Text
 
 from launch import results, store
-from launch.errors import UsageError
+from launch.errors import DamagedStore, UsageError
 from launch.reconcile import Reconciled
 from launch.sweep import LauncherSpec, SweepFile, load_runs
 
-OK, FAILED, USAGE, INTERRUPTED = 0, 1, 2, 130
+OK, FAILED, USAGE, DAMAGED, INTERRUPTED = 0, 1, 2, 3, 130
 ENDED_STATES = frozenset({"completed", "failed", "cancelled"})
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "json"}
 
@@ -30,6 +30,7 @@ class Target:
     launcher: LauncherSpec
     manifest: dict[str, Any] | None
     sweep: SweepFile | None = None
+    problems: list[str] = field(default_factory=list)  # `path: reason` of unreadable records met on the way
 
 
 def is_sweep_file(arg: str) -> bool:
@@ -43,18 +44,26 @@ def open_target(arg: str, root: str | None = None) -> Target:
         sweep, runs = load_runs(arg, root=root)
         url = store.sweep_url(sweep.root, sweep.name)
         entries = [store.RunEntry(r.run_id, r.stages, r.overrides) for r in runs]
-        return Target(url, entries, sweep.launcher, store.read_manifest(url), sweep)
+        try:
+            return Target(url, entries, sweep.launcher, store.read_manifest(url), sweep)
+        except store.Unreadable as e:  # the file says what the runs are; the manifest only adds job records
+            return Target(url, entries, sweep.launcher, None, sweep, [str(e)])
     try:
         url = store.normalize_root(arg)
         manifest = store.read_manifest(url)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    except store.Unreadable as e:
+        raise DamagedStore(f"{e} (give the sweep file instead of the URL to see its runs)") from None
     if manifest is None:
         raise UsageError(f"{arg}: not a sweep file, and no {store.MANIFEST} there")
     try:
-        return Target(url, store.entries(manifest), LauncherSpec.model_validate(manifest.get("launcher", {})), manifest)
-    except (ValidationError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"{url}/{store.MANIFEST} is damaged: {e}") from None
+        launcher = LauncherSpec.model_validate(manifest.get("launcher", {}))
+        return Target(url, store.entries_of(url, manifest), launcher, manifest)
+    except store.Unreadable as e:
+        raise DamagedStore(str(e)) from None
+    except ValidationError as e:
+        raise DamagedStore(f"{url}/{store.MANIFEST}: malformed launcher ({e.error_count()} problems)") from None
 
 
 def swept_axes(runs: Sequence[store.RunEntry]) -> list[str]:
@@ -66,3 +75,12 @@ def print_notes(out: Console, seen: Reconciled) -> None:
     """Print the notes on backends that could not be asked."""
     for note in seen.notes:
         out.print(Text(note, style="yellow"), soft_wrap=True)
+
+
+def print_unreadable(out: Console, problems: Sequence[str]) -> None:
+    """List every unreadable record of the run store with its path and reason (the other rows were shown)."""
+    if not problems:
+        return
+    out.print(Text(f"{len(problems)} unreadable record(s) in the run store (their rows are held back):", style="red"))
+    for p in problems:
+        out.print(Text(f"  {p}", style="red"), soft_wrap=True, markup=False, highlight=False)

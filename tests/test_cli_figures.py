@@ -120,7 +120,7 @@ def test_group_by_gives_the_hand_computed_means_over_seeds(swept: Swept, tmp_pat
 
 def test_plain_results_fit_an_80_column_terminal(swept: Swept) -> None:
     target = open_target(swept.url, None)
-    table, _ = collect(target)
+    table, _, _ = collect(target)
     view = results_view(argparse.Namespace(group_by=None, pivot=None), swept.url, table)
     assert tables.table_width([max(len(h), 10) for h in view.header]) > 80  # too wide as one table
     buf = io.StringIO()

@@ -192,13 +192,13 @@ def test_a_two_process_fsdp_stage_runs_under_torchrun_from_a_sweep_file(tmp_path
 
 
 def test_a_failed_job_fails_and_its_downstream_is_not_run(tmp_path: Path) -> None:
-    jobs = [job(tmp_path, "a/pretrain", code=3), job(tmp_path, "a/knn", ("a/pretrain",)), job(tmp_path, "b/pretrain")]
+    jobs = [job(tmp_path, "a/pretrain", code=5), job(tmp_path, "a/knn", ("a/pretrain",)), job(tmp_path, "b/pretrain")]
     backend = LocalBackend(max_parallel=1)
     ids = backend.submit(jobs, "")
     assert wait_all(backend, ids) == {"a/pretrain": State.FAILED, "a/knn": State.FAILED, "b/pretrain": State.COMPLETED}
     assert [k for kind, k, _, _ in events(tmp_path) if kind == "start"] == ["a/pretrain", "b/pretrain"]
     pretrain, knn = (store.read_status(str(tmp_path / "s" / "a" / s)) for s in ("pretrain", "knn"))
-    assert (pretrain["state"], pretrain["error"]) == ("failed", "exit code 3")
+    assert (pretrain["state"], pretrain["error"]) == ("failed", "exit code 5")
     assert (knn["state"], knn["error"]) == ("failed", "not run: upstream a/pretrain failed")
     assert not (tmp_path / "s" / "a" / "knn" / "logs").exists()
 

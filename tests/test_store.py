@@ -50,6 +50,7 @@ def test_spec_status_and_manifest_round_trip(root: str) -> None:
         "backend": "local",
         "job_id": "local-1-0@h",
         "submitted_at": 100.0,
+        "submitted_by": store.submitter(),
         "error": None,
         "finished_at": None,
     }

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from extrema.spec import ResourcesSpec
 from launch.errors import UsageError
@@ -63,6 +63,7 @@ class Backend(Protocol):
     """Submit stage jobs, ask their states, cancel them."""
 
     name: str
+    adopts_running: bool  # True: a job submitted for a stage another attempt runs waits for it (local jobs)
 
     def submit(self, jobs: Sequence[Job], log_dir: str) -> dict[str, str]:
         """Submit jobs (given in dependency order; `after` keys name jobs of this call or already-completed ones).
@@ -80,15 +81,25 @@ class Backend(Protocol):
         ...
 
 
-def make_backend(name: str, launcher: LauncherSpec) -> Backend:
-    """Import a backend by name and build it from the launcher settings; UsageError when it cannot be."""
+def backend_class(name: str) -> Any:
+    """The class of a backend by name, imported on demand; UsageError when it cannot be."""
     if name not in BACKENDS:
         raise UsageError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
     module, _, attr = BACKENDS[name].partition(":")
     try:
-        cls = getattr(importlib.import_module(module), attr)
+        return getattr(importlib.import_module(module), attr)
     except ImportError as e:
         raise UsageError(f"backend {name!r} is not available here: {e}") from None
+
+
+def adopts_running(name: str) -> bool:
+    """Whether a backend's jobs can follow a stage that a live attempt owns (they wait on its lease, here)."""
+    return bool(getattr(backend_class(name), "adopts_running", False))
+
+
+def make_backend(name: str, launcher: LauncherSpec) -> Backend:
+    """Import a backend by name and build it from the launcher settings; UsageError when it cannot be."""
+    cls = backend_class(name)
     factory = getattr(cls, "from_launcher", None)
     backend: Backend = factory(launcher) if factory is not None else cls()
     return backend

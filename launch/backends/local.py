@@ -32,7 +32,7 @@ from typing import IO, TYPE_CHECKING
 
 from fsspec.implementations.local import LocalFileSystem
 
-from extrema import rundir
+from extrema import contract, lease, rundir
 from launch import store
 from launch.backends.base import Job, State
 
@@ -112,6 +112,7 @@ class LocalBackend:
     """Runs stage jobs as local subprocesses (no shell), in dependency order, within `max_parallel`, CPUs and GPUs."""
 
     name = "local"
+    adopts_running = True
 
     def __init__(
         self, max_parallel: int = 1, grace_s: float = 10.0, cpus: int | None = None, gpus: Sequence[str] | None = None
@@ -236,12 +237,17 @@ class LocalBackend:
     def _reap(self, t: _Task) -> None:
         assert t.proc is not None
         t.returncode = t.proc.returncode
-        if t.returncode == 0:
+        if t.returncode == contract.EXIT_OK:
             self._end(t, State.COMPLETED, "")
             return
+        if t.returncode == contract.EXIT_LEASE_LOST:  # another attempt owns the stage: its record stands
+            self._end(t, State.FAILED, "lost the stage's lease to another attempt", write=False)
+            return
         stored = store.read_status(t.stage_dir).get("state")
-        state = State.CANCELLED if stored == "cancelled" else State.FAILED
-        self._end(t, state, f"exit code {t.returncode}", write=True)
+        if stored == "cancelled" or t.returncode == contract.EXIT_REQUEUE:
+            self._end(t, State.CANCELLED, "stopped at a signal (checkpoint saved); `sweep` resumes it", write=True)
+            return
+        self._end(t, State.FAILED, f"exit code {t.returncode}", write=True)
 
     def _terminate(self, tasks: list[_Task]) -> None:
         live = [t for t in tasks if t.proc is not None and t.proc.poll() is None]
@@ -273,3 +279,32 @@ class LocalBackend:
                 os.unlink(t.log_path)
         if write or (write is None and state != State.COMPLETED):
             store.mark_ended(t.stage_dir, state.value, error)
+
+
+def stop_attempts(holders: Mapping[str, lease.Holder], grace_s: float = 10.0) -> dict[str, str]:
+    """Stop the local stage processes that own these stages (by job key), whoever started them: SIGTERM to each
+    one's process group, SIGKILL after `grace_s`. Attempts of other backends are left to them. Returns
+    key -> why an attempt could not be stopped."""
+    failed: dict[str, str] = {}
+    targets: dict[str, lease.Holder] = {}
+    for key, h in holders.items():
+        if not _ID.fullmatch(str(h.record.get("job_id") or "")):
+            continue
+        if h.host != socket.gethostname():
+            failed[key] = f"its local attempt runs on {h.host}: cancel it there"
+        elif not h.pgid or h.pgid == os.getpgid(0):
+            failed[key] = f"pid {h.pid} has no process group of its own"
+        elif h.running_here():
+            targets[key] = h
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for h in targets.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(h.pgid, sig)
+        deadline = time.monotonic() + grace_s
+        while any(h.running_here() for h in targets.values()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        targets = {k: h for k, h in targets.items() if h.running_here()}
+        if not targets:
+            break
+    failed.update(dict.fromkeys(targets, "still running after SIGKILL"))
+    return failed

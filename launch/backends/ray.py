@@ -92,6 +92,7 @@ class RayBackend:
     """Submit stage jobs as Ray jobs; status from `get_job_status`; cancel with `stop_job`."""
 
     name = "ray"
+    adopts_running = False
 
     def __init__(
         self,

@@ -357,6 +357,7 @@ class SlurmBackend:
     """Submit stage jobs to Slurm as job arrays through submitit; status from sacct/squeue; cancel with scancel."""
 
     name = "slurm"
+    adopts_running = False
 
     def __init__(
         self,
