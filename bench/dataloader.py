@@ -34,7 +34,7 @@ def per_sample(views: data.PretrainViews, n: int) -> float:
 def loader_rate(views: data.PretrainViews, batch: int, steps: int, workers: int) -> float:
     """Images/s of the DataLoader over `steps` batches after the first."""
     sampler = data.StepBatchSampler(len(views), batch, 0, 0, steps + 1)
-    it = iter(data.pretrain_loader(views, sampler, workers))
+    it = iter(data.step_loader(views, sampler, workers))
     next(it)
     t = time.perf_counter()
     for _ in range(steps):
@@ -67,7 +67,7 @@ def main() -> None:
         ),
         (f"DataLoader, crop only, {args.workers} worker(s)", loader_rate(dev, args.batch, args.steps, args.workers)),
     ]
-    crops, params, _ = next(iter(data.pretrain_loader(dev, data.StepBatchSampler(len(base), args.batch, 0, 0, 1), 0)))
+    crops, params, _ = next(iter(data.step_loader(dev, data.StepBatchSampler(len(base), args.batch, 0, 0, 1), 0)))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     crops, params = crops.to(device), params.to(device)
     two_views(crops, params, True)

@@ -147,11 +147,11 @@ def chain(exc: BaseException) -> list[BaseException]:
 def describe_error(exc: BaseException) -> str:
     """One line on why an attempt failed: a full disk (or another OS error) found anywhere in the chain comes
     first with its path, then the exception's own type and message."""
-    top = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}".rstrip(": ")
+    top = f"{type(exc).__name__}: {str(exc).strip()}".rstrip(": ")
     for e in chain(exc):
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return f"{os_reason(e)} ({top})"[:2000]
-    return top[:2000]
+            return f"{os_reason(e)} ({top})"[:4000]
+    return top[:4000]
 
 
 def is_full_disk(exc: BaseException) -> bool:

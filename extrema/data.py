@@ -10,7 +10,7 @@ import os
 import signal
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -435,18 +435,42 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
-def pretrain_loader(views: PretrainViews, batch_sampler: StepBatchSampler, num_workers: int) -> DataLoader:
-    """Batches (view1 (B, 3, H, W), view2, masks (B, ...)) in step order, one per sampler step."""
+def step_loader(
+    dataset: Dataset,
+    batch_sampler: StepBatchSampler,
+    num_workers: int,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+) -> DataLoader:
+    """The training batches of every stage, one per sampler step in step order; workers outlive the epochs."""
     return DataLoader(
-        views,
+        dataset,
         batch_sampler=batch_sampler,
         num_workers=num_workers,
+        collate_fn=collate_fn,
         persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
         worker_init_fn=ignore_stop_signals,
         # Samples are seeded by (seed, epoch, index); a private generator keeps the loader from drawing
         # its worker base seed from the global RNG, which the training step's drop path consumes.
         generator=torch.Generator().manual_seed(0),
+    )
+
+
+def ordered_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+) -> DataLoader:
+    """The evaluation batches of every stage, in dataset order; its workers too leave stop signals to the stage."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        pin_memory=torch.cuda.is_available(),
+        worker_init_fn=ignore_stop_signals,
     )
 
 
@@ -490,14 +514,7 @@ def eval_loader(
     indices = subset_indices(len(base), limit, seed)
     per_rank = -(-len(indices) // world_size)
     data = Subset(Transformed(base, transform), indices[rank * per_rank : (rank + 1) * per_rank])
-    return DataLoader(
-        data,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        worker_init_fn=ignore_stop_signals,
-    )
+    return ordered_loader(data, batch_size, num_workers)
 
 
 def eval_images(

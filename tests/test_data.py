@@ -327,12 +327,12 @@ def test_pretrain_views_depend_only_on_seed_epoch_index() -> None:
     assert plain[(1, 5)][2].numel() == 0 and torch.equal(plain[(1, 5)][0], first[0])
 
 
-def test_pretrain_loader_same_batches_for_any_workers_and_world_size() -> None:
+def test_step_loader_same_batches_for_any_workers_and_world_size() -> None:
     views = make_views()
 
     def batches(workers: int, rank: int, world: int, start: int = 0) -> list[list[torch.Tensor]]:
         sampler = data.StepBatchSampler(len(views), 8, 1, start, 6, rank, world)
-        return list(data.pretrain_loader(views, sampler, workers))
+        return list(data.step_loader(views, sampler, workers))
 
     serial = batches(0, 0, 1)
     assert len(serial) == 6

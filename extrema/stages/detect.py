@@ -97,15 +97,7 @@ def train_loader(
 ) -> DataLoader:
     """This rank's share of every global batch from start_step on, in step order (resumes exactly)."""
     sampler = data.StepBatchSampler(len(samples), d.batch_size, d.seed, start_step, total_steps, world.rank, world.size)
-    return DataLoader(
-        samples,
-        batch_sampler=sampler,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        collate_fn=collate,
-        worker_init_fn=data.ignore_stop_signals,
-        generator=torch.Generator().manual_seed(0),
-    )
+    return data.step_loader(samples, sampler, workers, collate)
 
 
 @torch.no_grad()
@@ -115,7 +107,7 @@ def evaluate(
     """COCO box and mask AP of the model on the validation images (each rank runs a slice, rank 0 scores)."""
     per_rank = -(-len(val_idx) // world.size)
     mine = val_idx[world.rank * per_rank : (world.rank + 1) * per_rank]
-    loader = DataLoader(EvalImages(val, mine), batch_size=d.eval_batch_size, num_workers=workers, collate_fn=collate)
+    loader = data.ordered_loader(EvalImages(val, mine), d.eval_batch_size, workers, collate)
     was_training = model.training
     model.eval()
     boxes: list[dict[str, Any]] = []

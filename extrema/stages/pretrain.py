@@ -172,7 +172,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     sampler = data.StepBatchSampler(
         len(train_set), p.batch_size, p.seed, start_step, total_steps, world.rank, world.size
     )
-    loader = data.pretrain_loader(views, sampler, exp.data.num_workers)
+    loader = data.step_loader(views, sampler, exp.data.num_workers)
 
     model.train()
     running = torch.zeros((), device=world.device)

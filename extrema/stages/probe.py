@@ -93,14 +93,7 @@ def train_loader(
 ) -> DataLoader:
     """This rank's share of every global batch from start_step on, in step order (resumes exactly)."""
     sampler = data.StepBatchSampler(len(samples), batch_size, seed, start_step, total_steps, world.rank, world.size)
-    return DataLoader(
-        samples,
-        batch_sampler=sampler,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        pin_memory=torch.cuda.is_available(),
-        generator=torch.Generator().manual_seed(0),
-    )
+    return data.step_loader(samples, sampler, workers)
 
 
 def crop_pct(img_size: int) -> float:
@@ -113,7 +106,7 @@ def val_loader(splits: Splits, img_size: int, batch_size: int, world: World, wor
     per_rank = -(-len(splits.val_idx) // world.size)
     mine = splits.val_idx[world.rank * per_rank : (world.rank + 1) * per_rank]
     transformed = data.Transformed(splits.val, data.eval_transform(img_size, crop_pct(img_size)))
-    return DataLoader(Subset(transformed, mine), batch_size=batch_size, num_workers=workers)
+    return data.ordered_loader(Subset(transformed, mine), batch_size, workers)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
