@@ -143,7 +143,11 @@ def run_stage(run_dir: str, stage: str) -> dict[str, Any]:
         print(f"extrema.entry: {stage_dir} was completed by an earlier attempt; not run again", file=sys.stderr)
         return done or {}
     if rank == 0:
-        prev = contract.read_status(stage_dir)
+        try:
+            prev = contract.read_status(stage_dir)
+        except contract.Unreadable as e:  # replaced below by this attempt's record, which notes the damage
+            print(f"extrema.entry: {e}", file=sys.stderr, flush=True)
+            prev = {}
         info = rundir.provenance(world)
         lease.fence("provenance")
         rundir.write_json(rundir.join(stage_dir, "provenance.json"), info)

@@ -234,9 +234,7 @@ def read_many(urls: Sequence[str]) -> list[Any]:
         return []
     fs, _ = rundir.filesystem(urls[0])
     protocol = urls[0].split("://", 1)[0] if "://" in urls[0] else None
-    if isinstance(fs, LocalFileSystem) or any(
-        (u.split("://", 1)[0] if "://" in u else None) != protocol for u in urls
-    ):
+    if isinstance(fs, LocalFileSystem) or any((u.split("://", 1)[0] if "://" in u else None) != protocol for u in urls):
         return [_read_local(u) for u in urls]
     paths = [fs._strip_protocol(u) for u in urls]
     found = fs.cat(paths, on_error="return")
