@@ -203,6 +203,8 @@ def interrupted_submission(status: Mapping[str, Any], now: float | None = None) 
     if not isinstance(by, dict):
         return True  # written before submitters were recorded
     if by.get("host") == socket.gethostname() and isinstance(by.get("pid"), int):
+        if by["pid"] == os.getpid():  # this process submitted it earlier and has moved on
+            return True
         return not lease.process_alive(by["pid"], by.get("pid_start"))
     at = status.get("submitted_at")
     return not isinstance(at, (int, float)) or (now or time.time()) - at > STUCK_AFTER_S
