@@ -18,7 +18,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import torch
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
@@ -255,7 +254,10 @@ def pth_encoder(obj: Mapping[str, Any], branch: Branch, url: str) -> dict[str, T
 def dcp_encoder(url: str, branch: Branch) -> dict[str, Tensor]:
     """One branch's encoder weights from one of our DCP training checkpoints (a complete `step-N` directory)."""
     prefix = DCP_PREFIX[branch]
-    meta = FsspecReader(url).read_metadata().state_dict_metadata
+    try:
+        meta = FsspecReader(url).read_metadata().state_dict_metadata
+    except Exception as e:
+        raise ckpt.CheckpointError(f"checkpoint {url} cannot be loaded: .metadata is unreadable ({e})") from e
     wanted = {
         k: torch.empty(m.size, dtype=m.properties.dtype)
         for k, m in meta.items()
@@ -263,7 +265,7 @@ def dcp_encoder(url: str, branch: Branch) -> dict[str, Tensor]:
     }
     if not wanted:
         raise ValueError(f"{url}: no {prefix}* tensors; is it a pretrain checkpoint?")
-    dcp.load(wanted, storage_reader=FsspecReader(url))
+    ckpt.load(url, wanted)
     return {k[len(prefix) :]: v for k, v in wanted.items()}
 
 
