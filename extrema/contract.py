@@ -23,7 +23,8 @@ A terminal state (completed, failed, cancelled) is never overwritten by the laun
 stage is running is decided by its lease, not by status.json alone: `status` shows `running` while a live
 attempt holds the lease, whatever the file says, and never while none does.
 
-Exit codes of `python -m extrema.entry`: EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_REQUEUE, EXIT_LEASE_LOST.
+Exit codes of a stage process (`python -m extrema.entry`, and the Ray backend's driver around it): EXIT_OK,
+EXIT_FAILED, EXIT_USAGE, EXIT_REQUEUE, EXIT_LEASE_LOST, EXIT_UPSTREAM_FAILED, EXIT_INTERRUPTED.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ EXIT_FAILED = 1  # the stage failed; status.json says why
 EXIT_USAGE = 2  # bad invocation or spec: nothing ran
 EXIT_REQUEUE = 3  # a checkpoint was saved after a preemption signal: requeue, it resumes
 EXIT_LEASE_LOST = 4  # another attempt owns the stage: this one committed nothing and wrote no status
+EXIT_UPSTREAM_FAILED = 5  # a backend's driver found an upstream stage failed or cancelled: nothing ran
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
 STATUS = "status.json"

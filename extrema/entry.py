@@ -132,7 +132,8 @@ def run_stage(run_dir: str, stage: str) -> dict[str, Any]:
     spec = RunSpec.model_validate(raw)
     if spec.stage != stage:
         raise ValueError(f"{stage_dir}/spec.json is for stage {spec.stage!r}, not {stage!r}")
-    fn = stage_fn(stage)
+    if stage not in STAGE_MODULES:
+        raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGE_MODULES)}")
     rank, world = world_info()
     done: dict[str, Any] | None = None
     mine: lease.Lease | None = None
@@ -142,6 +143,7 @@ def run_stage(run_dir: str, stage: str) -> dict[str, Any]:
     if agree(done is not None, world):
         print(f"extrema.entry: {stage_dir} was completed by an earlier attempt; not run again", file=sys.stderr)
         return done or {}
+    fn = stage_fn(stage)  # imported once this attempt owns the stage: a waiting attempt stays light
     if rank == 0:
         try:
             prev = contract.read_status(stage_dir)

@@ -5,7 +5,7 @@ Each job's entrypoint is this module's small driver, submitted without entrypoin
     python -m launch.backends.ray --address URL --job-id ID [--after ID ...] --cpus C --gpus G --workers W RUN_DIR STAGE
 
 The driver
-1. waits until the Ray jobs it depends on have SUCCEEDED, and exits with 3 when one of them FAILED or was
+1. waits until the Ray jobs it depends on have SUCCEEDED, and exits with 5 when one of them FAILED or was
    STOPPED. So `submit` returns at once, dependency order is kept by the cluster, and a waiting job holds no CPU
    or GPU that its upstream might need;
 2. runs the stage where the resources are: world size 1 -> one Ray task that reserves the stage's CPUs/GPUs and
@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from extrema.contract import EXIT_UPSTREAM_FAILED
 from launch.backends.base import Job, State
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ RAY_STATES: dict[str, State] = {
     "FAILED": State.FAILED,
     "STOPPED": State.CANCELLED,
 }
-UPSTREAM_FAILED_EXIT = 3
+UPSTREAM_FAILED_EXIT = EXIT_UPSTREAM_FAILED
 
 
 def unknown_job(error: RuntimeError) -> bool:
