@@ -23,8 +23,9 @@ not run where the sweep was submitted; a stage whose job ended or vanished behin
 as failed or cancelled (a cancelled stage is resumed by the next `sweep`).
 
 Exit codes: 0 success; 1 a job failed (sweep, status, logs --follow), a backend could not cancel, or `plot` found
-nothing to plot; 2 invalid input or usage: nothing is submitted or written; 130 interrupted. `results` exits 0 once
-the table is out, failed stages included (see its state column).
+nothing to plot; 2 invalid input or usage: nothing is submitted or written; 3 a record of the run store is
+unreadable (each is listed with its path and reason; every readable row is shown, the damaged ones are held
+back); 130 interrupted. `results` exits 0 once the table is out, failed stages included (see its state column).
 """
 
 from __future__ import annotations
@@ -254,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
         "head is started for the sweep (explicit free ports, its own HOME and temp dir), the sweep shows progress\n"
         "until the stages end, keeps each job's log in <stage>/logs/ and stops that head by its PID.\n"
         "Exit codes: 0 submitted (or all done), 1 a stage failed or the submission failed, 2 invalid input\n"
-        "(nothing submitted, nothing written), 130 interrupted.",
+        "(nothing submitted, nothing written), 3 an unreadable record (listed; the rest submitted), 130 interrupted.",
     )
     p.add_argument("file", help="sweep YAML file")
     p.add_argument("--backend", choices=sorted(BACKENDS), help="override launcher.backend")
@@ -269,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         "PID of a local sweep); one whose job ended or vanished is recorded failed or cancelled.\n"
         "--watch refreshes the table until every stage has ended (completed, failed or cancelled; stages not\n"
         "submitted yet keep it waiting); Ctrl-C stops watching.\n"
-        "Exit codes: 0, 1 when a stage failed, 2 invalid input, 130 interrupted.",
+        "Exit codes: 0, 1 when a stage failed, 2 invalid input, 3 an unreadable record (listed), 130 interrupted.",
     )
     p.add_argument("target", metavar="FILE|URL", help=target_help)
     p.add_argument("--root", help="run store URL when FILE was swept with --root")
@@ -284,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--pivot ROWS COLUMNS --metric M lays one metric out with one swept axis down and another across, each\n"
         "cell mean ± std (n) over seeds; --stage S picks the stage when several report M.\n"
         "--out writes csv, parquet or json (from --format, else the file's suffix) to any fsspec URL, atomically.\n"
-        "Exit codes: 0 once the table is out (failed stages are rows too: see the state column), 2 invalid input.",
+        "Exit codes: 0 once the table is out (failed stages are rows too: see the state column), 2 invalid input,\n"
+        "3 an unreadable record (listed; its fields are empty).",
     )
     p.add_argument("target", metavar="FILE|URL", help=target_help)
     p.add_argument("--format", choices=("table", "csv", "parquet", "json"), help="output format (default: table)")
