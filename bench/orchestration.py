@@ -1,6 +1,7 @@
 """Orchestration overheads of `extrema-launch` at sweep scale, measured in one run on this machine.
 
     python bench/orchestration.py [--runs 10000] [--slurm-runs 1000] [--slurm-max-array 2 1001] [--no-slurm]
+    python bench/orchestration.py --only-refusals
 
 1. expansion + planning: load a sweep file of `--runs` runs (a 100 x 100 grid over pretrain.seed and
    pretrain.base_lr, stages pretrain and knn), validate and expand it, and plan its stage jobs (the DAG);
@@ -12,6 +13,10 @@
    `--slurm-max-array` value: `extrema-launch sweep` against a private Slurm 22.05 (the test fixture's, started
    with that MaxArraySize; the tests run it with 2) with every job held, and an `sbatch` wrapper on PATH counting
    the calls; the jobs are cancelled and the cluster stopped afterwards.
+
+5. refusing oversize input: `extrema-launch sweep FILE` in a fresh process for a grid of 10^6 runs, a grid of
+   10^12 runs, a "billion laughs" YAML (ten levels of nine: 9^10 strings from 0.5 KB) and a 10 MB YAML; the time
+   to exit 2 and the process's own peak resident memory (VmHWM), start-up included (the bare CLI takes ~85 MB).
 
 Times are the median of three repetitions (the machine is shared); the target is under 2 s each.
 """
@@ -26,6 +31,7 @@ import os
 import shutil
 import stat
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -158,6 +164,82 @@ def real_slurm(tmp: Path, runs: int, max_array: int) -> tuple[int, float, int]:
         stop_slurm(cluster)
 
 
+# The CLI in a fresh process, writing its own peak resident memory (kB) to PEAK_FILE; an address-space cap keeps a
+# launcher that does not refuse from taking the machine down.
+PEAK_CHILD = """
+import os, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+from launch.cli import main
+code = main(sys.argv[1:])
+with open("/proc/self/status") as f:
+    peak = next(line.split()[1] for line in f if line.startswith("VmHWM"))
+with open(os.environ["PEAK_FILE"], "w") as f:
+    f.write(peak)
+sys.exit(code)
+"""
+
+
+def oversize_inputs(tmp: Path) -> dict[str, Path]:
+    """Sweep files the launcher must refuse at validation: too many runs, an alias bomb, too many bytes."""
+    doc = yaml.safe_load((REPO / "jobs" / "tiny.yaml").read_text())
+    axes = {
+        "pretrain.seed": list(range(1000)),
+        "pretrain.base_lr": [1e-5 * (i + 1) for i in range(1000)],
+        "pretrain.weight_decay": [1e-3 * i for i in range(1000)],
+        "pretrain.warmup_epochs": list(range(1000)),
+    }
+    grids = {"grid of 10^6 runs": dict(list(axes.items())[:2]), "grid of 10^12 runs": axes}
+    out = {}
+    for i, (name, grid) in enumerate(grids.items()):
+        out[name] = tmp / f"grid{i}.yaml"
+        out[name].write_text(yaml.safe_dump({**doc, "sweep": {"grid": grid}}, sort_keys=False))
+    lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"{chr(97 + i)}: &{chr(97 + i)} [{', '.join(['*' + chr(96 + i)] * 9)}]" for i in range(1, 10)]
+    out["billion laughs (9^10 strings)"] = tmp / "lol.yaml"
+    out["billion laughs (9^10 strings)"].write_text(
+        "name: lol\nbase:\n  data:\n    extra:\n" + "".join(f"      {line}\n" for line in lines)
+    )
+    out["10 MB YAML"] = tmp / "big.yaml"
+    out["10 MB YAML"].write_text("name: big\nx: [" + ",".join(["1"] * 5_000_000) + "]\n")
+    return out
+
+
+def refusal(path: Path, tmp: Path) -> tuple[int, float, float, str]:
+    """(exit code, seconds, peak MB, last stderr line) of `extrema-launch sweep PATH` in a fresh process."""
+    peak = tmp / "peak"
+    env = {**os.environ, "PEAK_FILE": str(peak), "PYTHONPATH": str(REPO)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", PEAK_CHILD, "sweep", str(path), "--root", str(tmp / "runs")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    took = time.perf_counter() - t0
+    peak_mb = int(peak.read_text()) / 1024 if peak.exists() else float("nan")
+    peak.unlink(missing_ok=True)
+    lines = proc.stderr.strip().splitlines()
+    return proc.returncode, took, peak_mb, lines[-1] if lines else ""
+
+
+def refusals_table() -> Table:
+    """Time and peak memory to refuse each oversize input (median time of REPEATS runs)."""
+    table = Table(title=f"refusing oversize input ({os.cpu_count()} CPUs; median of {REPEATS})")
+    for col in ("input", "size", "exit", "seconds", "peak MB", "message (cut)"):
+        table.add_column(col)
+    with tempfile.TemporaryDirectory(prefix="extrema-bench-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        for name, path in oversize_inputs(tmp).items():
+            results = [refusal(path, tmp) for _ in range(REPEATS)]
+            code, _, peak_mb, line = results[-1]
+            took = statistics.median(r[1] for r in results)
+            size = f"{path.stat().st_size:,} B"
+            message = line.split(": ", 2)[-1][:70]
+            table.add_row(name, size, str(code), f"{took:.2f}", f"{peak_mb:.0f}", message)
+    return table
+
+
 def main_bench() -> None:
     """Run every measurement and print one table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -165,8 +247,12 @@ def main_bench() -> None:
     parser.add_argument("--slurm-runs", type=int, default=1000)
     parser.add_argument("--slurm-max-array", type=int, nargs="+", default=[2, 1001], help="MaxArraySize values")
     parser.add_argument("--no-slurm", action="store_true", help="skip the real Slurm measurement")
+    parser.add_argument("--only-refusals", action="store_true", help="measure only the refusal of oversize input")
     args = parser.parse_args()
     console = Console(width=None if sys.stdout.isatty() else 120)
+    if args.only_refusals:
+        console.print(refusals_table())
+        return
     table = Table(title=f"extrema-launch orchestration ({os.cpu_count()} CPUs; median of {REPEATS})")
     for col in ("measurement", "size", "result", "target"):
         table.add_column(col)
@@ -221,6 +307,7 @@ def main_bench() -> None:
                 f"{chunks} (one per chunk): {'ok' if calls == chunks else 'MISSED'}",
             )
     console.print(table)
+    console.print(refusals_table())
 
 
 if __name__ == "__main__":

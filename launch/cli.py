@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.text import Text
 
 from extrema import lease, rundir
-from launch import logs, results, store, tables
+from launch import logs, results, roots, store, tables
 from launch.backends.base import BACKENDS, adopts_running, make_backend
 from launch.backends.local import stop_attempts
 from launch.errors import DamagedStore, InvalidSweep, UsageError
@@ -93,6 +93,7 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
         raise UsageError("root memory:// lives in this process only; the stages run in other processes")
     if launcher.backend not in BACKENDS:
         raise UsageError(f"unknown backend {launcher.backend!r}")
+    roots.check_usable(url, write=not args.dry_run)
     jobs = plan(runs, launcher, url)
     statuses = store.read_statuses(url, [j.key for j in jobs])
     problems = store.unreadable(statuses)

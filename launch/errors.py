@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from launch.printable import clip, printable
+
 Loc = tuple[str | int, ...]
+MAX_REASON = 1000  # characters of a problem's reason (a list of known keys runs to 600); quoted values are cut to 80
 
 
 @dataclass(frozen=True)
@@ -15,6 +18,11 @@ class Problem:
     loc: Loc
     reason: str
     line: int | None = None
+
+    def __post_init__(self) -> None:
+        # Whatever built it, a problem renders as one bounded line: no control characters, no giant keys.
+        object.__setattr__(self, "reason", clip(printable(self.reason), MAX_REASON))
+        object.__setattr__(self, "loc", tuple(clip(printable(p)) if isinstance(p, str) else p for p in self.loc))
 
     @property
     def path(self) -> str:

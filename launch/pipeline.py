@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
+from extrema.contract import CANCELLED, COMPLETED, FAILED
 from launch import store
 from launch.backends.base import Job
 from launch.sweep import STAGE_ORDER, LauncherSpec, Run, needs_pretrain
@@ -64,7 +65,7 @@ def select(
     out = []
     for job in jobs:
         state = states.get(job.key)
-        if state == "completed":
+        if state == COMPLETED:
             out.append(Decision(job, state, False, "completed"))
             continue
         if state == store.UNREADABLE:
@@ -77,10 +78,10 @@ def select(
         if state in store.IN_FLIGHT and job.key not in stuck:
             out.append(Decision(job, state, False, f"already {state}"))
             continue
-        if state == "failed" and not retry_failed:
+        if state == FAILED and not retry_failed:
             out.append(Decision(job, state, False, "failed; --retry-failed resubmits it"))
             continue
-        blocked = [a for a in job.after if a not in chosen and states.get(a) != "completed"]
+        blocked = [a for a in job.after if a not in chosen and states.get(a) != COMPLETED]
         if blocked:
             waits = ", ".join(f"{a} ({states.get(a) or 'not submitted'})" for a in blocked)
             out.append(Decision(job, state, False, f"waits for {waits}"))
@@ -89,6 +90,6 @@ def select(
         if job.key in stuck:
             reason = "submission was interrupted"
         else:
-            reason = {None: "new", "failed": "retry", "cancelled": "resume"}.get(state, f"resubmit ({state})")
+            reason = {None: "new", FAILED: "retry", CANCELLED: "resume"}.get(state, f"resubmit ({state})")
         out.append(Decision(job, state, True, reason))
     return out

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from extrema import lease
+from extrema.contract import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING
 from launch import store
 from launch.backends.base import BACKENDS, State, make_backend
 from launch.backends.ray_head import head_gone
@@ -49,17 +50,17 @@ class Reconciled:
 def settled(seen: State | None, backend: str, job_id: str) -> tuple[str | None, str]:
     """The state an in-flight stage is in by its backend's answer (None: keep the store's), and why it ended."""
     if seen in (State.PENDING, State.PREEMPTED):
-        return "pending", ""
+        return PENDING, ""
     if seen == State.RUNNING:
-        return "running", ""
+        return RUNNING, ""
     if seen == State.COMPLETED:
-        return "failed", f"{backend} job {job_id} ended without recording a result"
+        return FAILED, f"{backend} job {job_id} ended without recording a result"
     if seen == State.FAILED:
-        return "failed", f"{backend} job {job_id} failed"
+        return FAILED, f"{backend} job {job_id} failed"
     if seen == State.CANCELLED:
-        return "cancelled", f"{backend} job {job_id} was cancelled"
+        return CANCELLED, f"{backend} job {job_id} was cancelled"
     if seen == State.UNKNOWN:
-        return "cancelled", f"{backend} job {job_id} is unknown to the cluster: it vanished or ended unrecorded"
+        return CANCELLED, f"{backend} job {job_id} is unknown to the cluster: it vanished or ended unrecorded"
     return None, ""
 
 
@@ -98,11 +99,11 @@ def reconcile(
     out = Reconciled({k: s.get("state") for k, s in statuses.items()})
     groups: dict[tuple[str, str | None], dict[str, str]] = {}
     for key, s in statuses.items():
-        if s.get("state") in (None, "completed", store.UNREADABLE):
+        if s.get("state") in (None, COMPLETED, store.UNREADABLE):
             continue
         holder = lease.live_holder(store.stage_url(sweep_url, *store.split_key(key)))
         if holder is not None:
-            out.states[key], out.holders[key] = "running", holder
+            out.states[key], out.holders[key] = RUNNING, holder
             continue
         if store.interrupted_submission(s):
             out.stuck.add(key)

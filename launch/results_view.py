@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -12,8 +12,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from extrema import contract
 from launch import aggregate, plots, results, store, tables
 from launch.errors import UsageError
+from launch.printable import printable
 from launch.reconcile import Reconciled, reconcile
 from launch.tables import short_cell
 from launch.target import DAMAGED, FAILED, FORMATS, OK, Target, open_target, print_notes, print_unreadable
@@ -43,7 +45,7 @@ def collect(target: Target) -> tuple[pa.Table, Reconciled, list[str]]:
     for key, why in seen.corrected.items():
         statuses[key] = {**statuses[key], "state": seen.states[key], "error": why}
     for key in seen.holders:
-        statuses[key] = {**statuses[key], "state": "running"}
+        statuses[key] = {**statuses[key], "state": contract.RUNNING}
     return results.collect(target.url, target.runs, statuses, problems), seen, problems
 
 
@@ -96,6 +98,11 @@ def show_plain(out: Console, view: View) -> None:
 
 def show_view(out: Console, view: View) -> None:
     """Print a results view; a summary too wide for the terminal is turned: a column per group, a row per metric."""
+    view = replace(
+        view,
+        header=[printable(h) for h in view.header],
+        cells=[[printable(c) for c in row] for row in view.cells],
+    )
     if not view.keys:
         show_plain(out, view)
         return

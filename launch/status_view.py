@@ -12,6 +12,8 @@ from rich.live import Live
 from rich.text import Text
 
 from extrema import rundir
+from extrema.contract import COMPLETED, RUNNING
+from extrema.contract import FAILED as FAILED_STATE
 from launch import results, store, tables
 from launch.progress import latest_progress
 from launch.reconcile import Reconciled, reconcile
@@ -20,7 +22,7 @@ from launch.target import DAMAGED, ENDED_STATES, FAILED, OK, Target, print_notes
 
 
 def _latest(state: str | None, status: dict[str, Any], result: Any, stage_dir: str) -> str:
-    if state == "running":
+    if state == RUNNING:
         p = latest_progress(stage_dir)
         loss = f" loss {p['loss']:.4f}" if isinstance(p.get("loss"), (int, float)) else ""
         return f"step {p['step']}/{p['total_steps']}{loss}" if p.get("total_steps") else "started"
@@ -61,7 +63,7 @@ def status_table(target: Target) -> StatusTable:
     statuses = store.read_statuses(target.url, keys)
     seen = reconcile(target.url, statuses, target.launcher, target.manifest, write=True)
     states = seen.states
-    done = [k for k in keys if states.get(k) == "completed"]
+    done = [k for k in keys if states.get(k) == COMPLETED]
     urls = [rundir.join(store.stage_url(target.url, *store.split_key(k)), "result.json") for k in done]
     found = dict(zip(done, store.read_many(urls)))
     problems = [*target.problems, *store.unreadable(statuses)]
@@ -99,7 +101,7 @@ def status_code(view: StatusTable) -> int:
     """3 when a record is unreadable, else 1 when a stage failed, else 0."""
     if view.problems:
         return DAMAGED
-    return FAILED if any(view.seen.states.get(k) == "failed" for k in view.keys) else OK
+    return FAILED if any(view.seen.states.get(k) == FAILED_STATE for k in view.keys) else OK
 
 
 def _rendered(out: Console, view: StatusTable, title: str) -> Text:

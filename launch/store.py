@@ -19,6 +19,7 @@ from fsspec.implementations.local import LocalFileSystem
 from extrema import contract, lease, rundir
 from extrema.contract import IN_FLIGHT, TERMINAL, Unreadable
 from extrema.spec import RunSpec
+from launch import roots
 
 __all__ = ["IN_FLIGHT", "TERMINAL", "Unreadable"]
 
@@ -40,12 +41,9 @@ def safe_name(name: str, what: str = "name") -> str:
 
 
 def normalize_root(root: str) -> str:
-    """The run-store root as a URL or an absolute local path, without a trailing '/'."""
-    if not root or _CONTROL.search(root):
-        raise ValueError(f"root {root!r} is empty or contains control characters")
-    if "://" not in root:
-        root = os.path.abspath(os.path.expanduser(root))
-    return root.rstrip("/") or "/"
+    """The run-store root as a URL or an absolute local path, without a trailing '/'; ValueError naming the root
+    and the reason for one that cannot be a run store (see launch.roots.normalized)."""
+    return roots.normalized(root)
 
 
 def sweep_url(root: str, sweep: str) -> str:

@@ -1,7 +1,8 @@
 """Sweep files: the `SweepFile` model, loading YAML with `include:`, and the pure `expand()` into runs.
 
 A sweep file has `name`, `base` (a full experiment), `sweep` (axes of dotted paths into `base`), `launcher` (backend
-and resources, never part of a run's identity) and `root` (the run store URL). Expansion is
+and resources, never part of a run's identity), `root` (the run store URL) and `max_runs` (default 100,000: a sweep
+with more runs is refused, its size counted from the axes' lengths before anything is expanded). Expansion is
 `runs x grid x zip`: every explicit run (or the base alone) is combined with every point of the grid (the
 cartesian product, last axis fastest) and every position of the zip (lists advanced together). Each resolved
 experiment is validated on its own and named by `run_id()`, a hash of its canonical JSON.
@@ -13,9 +14,11 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,19 +26,21 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from extrema.spec import Experiment, ResourcesSpec, RunSpec, StageName
-from launch import store
+from launch import roots, store
 from launch.errors import InvalidSweep, Loc, Problem
+from launch.printable import clip, shown
 from launch.yamlfile import Source, deep_merge, load_with_includes, locate
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_SBATCH_OPTION = re.compile(r"[a-z][a-z0-9-]{0,40}")
+_RAY_ADDRESS = re.compile(r"(?:[a-z][a-z0-9+.-]*://)?[A-Za-z0-9_.:@%/\[\]-]{1,255}")
+MAX_RUNS = 100_000  # runs of one sweep unless its file says `max_runs:` (the launcher holds ~10 kB per run)
+MAX_RUNS_CEILING = 1_000_000  # the most `max_runs` may say
 STAGE_ORDER: tuple[str, ...] = typing.get_args(StageName)  # pretrain first, then the downstream stages
 
 
-def _plain_text(value: str | None, what: str) -> str | None:
+def _no_control(value: str | None) -> None:
     if value is not None and _CONTROL.search(value):
-        raise ValueError(f"{what}: contains a control character (newline, tab, ...): {value!r}")
-    return value
+        raise ValueError(f"contains a control character (newline, tab, ...): {shown(value)}")
 
 
 class LauncherSpec(BaseModel):
@@ -57,29 +62,48 @@ class LauncherSpec(BaseModel):
             base = data.get("resources") or {}
             if isinstance(base, ResourcesSpec):
                 base = base.model_dump()
-            if isinstance(base, dict):
+            if isinstance(base, dict) and _valid_resources(base):  # a bad default is reported once, not per stage
                 stages = {k: deep_merge(base, v) if isinstance(v, dict) else v for k, v in data["stages"].items()}
                 data = {**data, "stages": stages}
         return data
 
+    @field_validator("ray_address")
+    @classmethod
+    def _ray_address(cls, value: str | None) -> str | None:
+        _no_control(value)
+        if value is not None and not _RAY_ADDRESS.fullmatch(value):
+            raise ValueError(
+                f"{shown(value)} is not a Ray address (host:port, ray://host:port, http://host:port, auto)"
+            )
+        return value
+
+    @field_validator("slurm_folder")
+    @classmethod
+    def _slurm_folder(cls, value: str | None) -> str | None:
+        _no_control(value)
+        if value is not None and not roots.is_local(value):
+            raise ValueError(f"{shown(value)}: Slurm writes its logs to a path on a shared filesystem, not a URL")
+        return value
+
     @model_validator(mode="after")
     def _safe(self) -> LauncherSpec:
+        # partition, account, qos, constraint and sbatch_extra are checked by ResourcesSpec itself (extrema.spec)
         for label, res in [("resources", self.resources), *((f"stages.{k}", v) for k, v in self.stages.items())]:
-            for name in ("partition", "account", "qos", "constraint"):
-                _plain_text(getattr(res, name), f"{label}.{name}")
-            for key, value in res.sbatch_extra.items():
-                if not _SBATCH_OPTION.fullmatch(key):
-                    raise ValueError(f"{label}.sbatch_extra: option name {key!r} is not a plain sbatch option name")
-                _plain_text(value, f"{label}.sbatch_extra.{key}")
             if self.backend == "local" and res.nodes > 1:
                 raise ValueError(f"{label}.nodes: the local backend runs on this machine only (nodes: 1)")
-        _plain_text(self.ray_address, "ray_address")
-        _plain_text(self.slurm_folder, "slurm_folder")
         return self
 
     def resources_for(self, stage: str) -> ResourcesSpec:
         """The resources of one stage: its own entry, else the default."""
         return self.stages.get(stage, self.resources)  # type: ignore[call-overload]
+
+
+def _valid_resources(raw: dict[str, Any]) -> bool:
+    try:
+        ResourcesSpec.model_validate(raw)
+    except ValidationError:
+        return False
+    return True
 
 
 class Axes(BaseModel):
@@ -102,6 +126,9 @@ class SweepFile(BaseModel):
     sweep: Axes | None = None
     launcher: LauncherSpec = LauncherSpec()
     root: str = "./runs"
+    max_runs: int = Field(
+        MAX_RUNS, ge=1, le=MAX_RUNS_CEILING, description="a sweep of more runs is refused before it is expanded"
+    )
 
     @field_validator("name")
     @classmethod
@@ -111,9 +138,17 @@ class SweepFile(BaseModel):
     @field_validator("root")
     @classmethod
     def _root(cls, v: str) -> str:
-        if not v or _CONTROL.search(v):
-            raise ValueError(f"root {v!r} is empty or contains control characters")
+        store.normalize_root(v)  # ValueError naming the root and why it cannot be a run store
         return v
+
+    @model_validator(mode="after")
+    def _slurm_logs(self) -> SweepFile:
+        if self.launcher.backend == "slurm" and self.launcher.slurm_folder is None and not roots.is_local(self.root):
+            raise ValueError(
+                f"launcher.slurm_folder: the slurm backend writes its logs to a shared filesystem; the root "
+                f"{shown(self.root)} is not one, so set launcher.slurm_folder to a shared directory"
+            )
+        return self
 
 
 @dataclass(frozen=True)
@@ -221,9 +256,9 @@ def path_error(path: str) -> str | None:
     for i, part in enumerate(parts):
         where = ".".join(parts[:i]) or "the experiment"
         if model is None:
-            return f"{where} is a value, not a section: it has no field {part!r}"
+            return f"{where} is a value, not a section: it has no field {shown(part)}"
         if part not in model.model_fields:
-            return f"unknown field {part!r} in {where} (known: {', '.join(model.model_fields)})"
+            return f"unknown field {shown(part)} in {clip(where)} (known: {', '.join(model.model_fields)})"
         model = _model_of(_field_type(model, part))
     return None
 
@@ -253,7 +288,21 @@ def _axis_paths(problems: list[Problem], loc: Loc, paths: list[str]) -> None:
             problems.append(Problem("", (*loc, p), reason))
 
 
-def _points(axes: Axes | None, problems: list[Problem]) -> list[Point]:
+class _PathIndex:
+    """Dotted paths, asked in time linear in a path's depth whether they set the same value as another path."""
+
+    def __init__(self, paths: Iterable[str]) -> None:
+        self.paths = {p for p in paths if isinstance(p, str)}
+        self.inside = {".".join(p.split(".")[:i]): p for p in self.paths for i in range(1, p.count(".") + 1)}
+
+    def clash(self, path: str) -> str | None:
+        """A path equal to `path`, above it or inside it; None when there is none."""
+        parts = path.split(".")
+        above = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        return next((q for q in above if q in self.paths), None) or self.inside.get(path)
+
+
+def _points(axes: Axes | None, problems: list[Problem], max_runs: int = MAX_RUNS) -> list[Point]:
     if axes is None:
         return [({}, {})]
     if axes.grid is None and axes.zip is None and axes.runs is None:
@@ -277,28 +326,39 @@ def _points(axes: Axes | None, problems: list[Problem]) -> list[Point]:
     if len(set(lengths.values())) > 1:
         sizes = ", ".join(f"{p} has {n}" for p, n in lengths.items())
         problems.append(Problem("", ("sweep", "zip"), f"zip lists must have equal lengths: {sizes}"))
-    owners: dict[str, str] = {}
-    for label, paths in (
-        ("grid", list(grid)),
-        ("zip", list(zipped)),
-        *((f"runs[{i}]", list(r)) for i, r in enumerate(runs or [])),
+    in_grid = _PathIndex(grid)
+    in_fixed = _PathIndex([*grid, *zipped])
+    for label, paths, against in (
+        ("zip", list(zipped), in_grid),
+        *((f"runs[{i}]", list(r), in_fixed) for i, r in enumerate(runs or [])),
     ):
-        for p in paths:
-            clash = next((q for q in owners if q == p or q.startswith(p + ".") or p.startswith(q + ".")), None)
-            if (
-                clash is not None
-                and owners[clash] != label
-                and not (label.startswith("runs") and owners[clash].startswith("runs"))
-            ):
-                problems.append(Problem("", ("sweep",), f"{p} is set by both sweep.{owners[clash]} and sweep.{label}"))
-            owners.setdefault(p, label)
+        for p in paths:  # runs may share paths with each other, not with the grid or the zip
+            clash = against.clash(p) if isinstance(p, str) else None
+            if clash is not None:
+                owner = "grid" if clash in grid else "zip"
+                problems.append(Problem("", ("sweep",), f"{p} is set by both sweep.{owner} and sweep.{label}"))
+    n_zip = next(iter(lengths.values()), 1)
+    n_runs = (1 if runs is None else len(runs)) * math.prod(len(v) for v in grid.values()) * n_zip
+    if n_runs > max_runs:
+        factors = [
+            *([f"{len(runs)} runs"] if runs else []),
+            *(f"{len(v)} {p}" for p, v in grid.items()),
+            *([f"{n_zip} zipped"] if zipped else []),
+        ]
+        count = f"{n_runs:,}" if n_runs < 10**15 else f"about 10^{len(str(n_runs)) - 1}"
+        problems.append(
+            Problem(
+                "",
+                ("sweep",),
+                f"{count} runs ({' x '.join(factors)}): more than max_runs ({max_runs:,}); nothing was expanded",
+            )
+        )
     if problems:
         return []
     grid_points: list[Point] = [
         ({p: v for p, (_, v) in zip(grid, combo)}, {p: ("sweep", "grid", p, j) for p, (j, v) in zip(grid, combo)})
         for combo in itertools.product(*(list(enumerate(vs)) for vs in grid.values()))
     ]
-    n_zip = next(iter(lengths.values()), 1)
     zip_points: list[Point] = [
         ({p: vs[j] for p, vs in zipped.items()}, {p: ("sweep", "zip", p, j) for p in zipped}) for j in range(n_zip)
     ]
@@ -316,13 +376,12 @@ def _reason(err: Any, root: type[BaseModel], loc: Loc) -> str:
     if kind == "extra_forbidden":
         model = model_at(root, loc[:-1])
         known = f" (known: {', '.join(model.model_fields)})" if model else ""
-        return f"unknown key {loc[-1]!r}{known}"
+        return f"unknown key {shown(loc[-1])}{known}"
     if kind == "missing":
         return "required key is missing"
     if kind in ("value_error", "assertion_error"):
         return msg.removeprefix("Value error, ").removeprefix("Assertion failed, ")
-    shown = repr(err.get("input"))
-    return f"{msg} (got {shown[:60]}{'...' if len(shown) > 60 else ''})"
+    return f"{msg} (got {shown(err.get('input'), 60)})"
 
 
 _LEADING_PATH = re.compile(r"([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*): (.+)", re.DOTALL)
@@ -345,7 +404,7 @@ def validation_problems(error: ValidationError, root: type[BaseModel], prefix: L
 
 
 def _describe(overrides: dict[str, Any]) -> str:
-    return ", ".join(f"{p}={json.dumps(v, default=str)}" for p, v in overrides.items()) or "base"
+    return clip(", ".join(f"{p}={clip(json.dumps(v, default=str))}" for p, v in overrides.items()) or "base", 200)
 
 
 def _run_problems(error: ValidationError, overrides: dict[str, Any], origin: dict[str, Loc]) -> list[Problem]:
@@ -389,7 +448,7 @@ def _validated_sections(base: dict[str, Any]) -> dict[str, BaseModel]:
 def expand(sweep: SweepFile) -> list[Run]:
     """Every run of a sweep, in a stable order; InvalidSweep listing every problem found."""
     problems: list[Problem] = []
-    points = _points(sweep.sweep, problems)
+    points = _points(sweep.sweep, problems, sweep.max_runs)
     runs: list[Run] = []
     seen: dict[str, int] = {}
     ids = RunIds()

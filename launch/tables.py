@@ -2,6 +2,8 @@
 
 Rich lays a table out cell by cell, which takes seconds past a few thousand rows; a sweep of 10,000 runs is
 shown instead as a rich summary (stage x state counts) followed by every row as aligned text in one write.
+Every value shown goes through `cell` (and every row through `show`), which print control characters as visible
+escapes: a swept value holding `\x1b[31m` or an OSC title sequence is shown as text, never obeyed.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from launch.printable import printable
+
 RICH_ROWS = 1000
 MAX_WIDTH = 60
 STATE_STYLES = {"completed": "green", "failed": "red", "running": "cyan", "cancelled": "yellow", "preempted": "yellow"}
 
 
 def cell(value: Any) -> str:
-    """A value as table text: '-' for missing ones."""
-    return "-" if value is None else str(value)
+    """A value as table text: '-' for missing ones, control characters shown as escapes (`\x1b`)."""
+    return "-" if value is None else printable(str(value))
 
 
 def short_cell(value: Any) -> str:
@@ -102,6 +106,8 @@ def show(
 ) -> None:
     """Print rows as a rich table (cell styles by column name per row), or, past RICH_ROWS rows, the summary of
     `pairs` (stage, state) and every row as aligned text."""
+    rows = [[printable(v) for v in row] for row in rows]  # cells made elsewhere (errors, metrics) are shown safely too
+    columns, title = [printable(c) for c in columns], printable(title)
     if len(rows) <= RICH_ROWS:
         table = Table(title=title)
         for col in columns:

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.text import Text
 
-from launch import results, store
+from launch import results, roots, store
 from launch.errors import DamagedStore, UsageError
 from launch.reconcile import Reconciled
 from launch.sweep import LauncherSpec, SweepFile, load_runs
@@ -43,6 +43,7 @@ def open_target(arg: str, root: str | None = None) -> Target:
     if is_sweep_file(arg):
         sweep, runs = load_runs(arg, root=root)
         url = store.sweep_url(sweep.root, sweep.name)
+        roots.check_usable(url, write=False)
         entries = [store.RunEntry(r.run_id, r.stages, r.overrides) for r in runs]
         try:
             return Target(url, entries, sweep.launcher, store.read_manifest(url), sweep)
@@ -50,6 +51,10 @@ def open_target(arg: str, root: str | None = None) -> Target:
             return Target(url, entries, sweep.launcher, None, sweep, [str(e)])
     try:
         url = store.normalize_root(arg)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    roots.check_usable(url, write=False)
+    try:
         manifest = store.read_manifest(url)
     except ValueError as e:
         raise UsageError(str(e)) from None

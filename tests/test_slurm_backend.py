@@ -87,12 +87,19 @@ INJECTIONS = [
 ]
 
 
+def unchecked(**kw: Any) -> ResourcesSpec:
+    """Resources built without validation, as code other than a sweep file could build them."""
+    return ResourcesSpec.model_construct(**{**res().model_dump(), **kw})
+
+
 @pytest.mark.parametrize(("field", "value", "named"), INJECTIONS)
 def test_injection_in_a_resource_is_refused_before_submission(
     tmp_path: Path, field: str, value: str, named: str
 ) -> None:
-    bad = job(str(tmp_path / "sw" / "r0"), "pretrain", resources=res(**{field: value}))
-    with pytest.raises(ValueError, match=named):
+    with pytest.raises(ValueError, match=field):  # at validation, by the one rule set in extrema.spec
+        res(**{field: value})
+    bad = job(str(tmp_path / "sw" / "r0"), "pretrain", resources=unchecked(**{field: value}))
+    with pytest.raises(ValueError, match=named):  # and again by the backend, for specs built without validation
         SlurmBackend(max_array_size=2).submit([bad], str(tmp_path / "logs"))
     assert not (tmp_path / "logs").exists()
 
@@ -111,7 +118,9 @@ def test_injection_in_a_resource_is_refused_before_submission(
     ],
 )
 def test_injection_in_extra_sbatch_options_is_refused(tmp_path: Path, extra: dict[str, str], named: str) -> None:
-    bad = job(str(tmp_path / "sw" / "r0"), "pretrain", resources=res(sbatch_extra=extra))
+    with pytest.raises(ValueError, match="sbatch_extra"):
+        res(sbatch_extra=extra)
+    bad = job(str(tmp_path / "sw" / "r0"), "pretrain", resources=unchecked(sbatch_extra=extra))
     with pytest.raises(ValueError, match=named):
         SlurmBackend(max_array_size=2).submit([bad], str(tmp_path / "logs"))
     assert not (tmp_path / "logs").exists()

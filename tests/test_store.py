@@ -119,9 +119,19 @@ def test_every_accepted_name_stays_one_component_under_the_root(run_id: str, sta
 def test_roots_are_made_absolute_and_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     assert store.normalize_root("./runs/") == str(tmp_path / "runs")
-    assert store.normalize_root("s3://bucket/x/") == "s3://bucket/x"
+    assert store.normalize_root("memory://bucket/x/") == "memory://bucket/x"
+    assert store.normalize_root("file:///tmp/x/") == "file:///tmp/x"
     with pytest.raises(ValueError):
         store.normalize_root("runs\n#x")
+    for root, reason in [
+        ("file://", "has no path"),
+        ("file://runs", "has a relative path"),
+        ("file:///", "names the filesystem root"),
+        ("/", "is the filesystem root"),
+        ("nosuchproto://x", "fsspec knows no protocol 'nosuchproto'"),
+    ]:
+        with pytest.raises(ValueError, match=reason):
+            store.normalize_root(root)
 
 
 def fill(url: str) -> list[store.RunEntry]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
 
+from extrema import contract
 from extrema.spec import ResourcesSpec
 from launch.errors import UsageError
 
@@ -31,12 +32,12 @@ BACKENDS = {
 class State(str, Enum):
     """The state of a backend job."""
 
-    PENDING = "pending"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    PREEMPTED = "preempted"
+    PENDING = contract.PENDING
+    RUNNING = contract.RUNNING
+    COMPLETED = contract.COMPLETED
+    FAILED = contract.FAILED
+    CANCELLED = contract.CANCELLED
+    PREEMPTED = contract.PREEMPTED
     UNKNOWN = "unknown"
 
 

@@ -15,7 +15,9 @@ LOCAL_RANK from submitit's job environment. A downstream task whose dependency c
 upstream failed) is reported CANCELLED.
 
 Every value that reaches the sbatch script (partition, account, qos, constraint, extra options, job names) is
-checked against a strict character set first; anything else is a ValueError naming the field.
+checked against a strict character set first; anything else is a ValueError naming the field. The resource rules
+are extrema.spec's (SBATCH_FIELDS, SBATCH_OPTION, SBATCH_VALUE), which already refused them at sweep validation;
+they are applied again here for specs built any other way.
 """
 
 from __future__ import annotations
@@ -34,20 +36,13 @@ from submitit.core.utils import JobPaths
 from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment
 from submitit.slurm.slurm import read_job_id
 
-from extrema.spec import ResourcesSpec
+from extrema.spec import SBATCH_FIELDS, ResourcesSpec, sbatch_option_problem, sbatch_text_problem
+from launch import roots
 from launch.backends.base import Job, State
 
 CLIENT_TIMEOUT_S = 60.0
-NAME_LIST = re.compile(r"[A-Za-z0-9_.-]+(?:,[A-Za-z0-9_.-]+)*")
-CONSTRAINT = re.compile(r"[A-Za-z0-9_.,:|&!*()\[\]]+")
 JOB_ID = re.compile(r"\d+(?:_\d+)?")
 JOB_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,200}")
-OPTION = re.compile(r"[a-z][a-z0-9-]{0,63}")
-OPTION_VALUE = re.compile(r"[A-Za-z0-9_.,:@%=+/\[\]-]{0,512}")
-# Options submitit or this backend set itself; overriding them would break logs, arrays or requeueing.
-MANAGED_OPTIONS = frozenset(
-    {"array", "dependency", "error", "job-name", "open-mode", "output", "parsable", "signal", "wrap", "wckey"}
-)
 SLURM_STATES: dict[str, State] = {
     "PENDING": State.PENDING,
     "REQUEUED": State.PENDING,
@@ -84,19 +79,16 @@ def checked(value: str, pattern: re.Pattern[str], field: str, allowed: str) -> s
 
 
 def validate_resources(r: ResourcesSpec) -> None:
-    """Refuse any resource value that could change the sbatch script beyond its own option."""
-    names = "letters, digits, '_', '.', '-', comma-separated"
-    for field in ("partition", "account", "qos"):
+    """Refuse any resource value that could change the sbatch script beyond its own option (extrema.spec's rules)."""
+    for field, rule in SBATCH_FIELDS.items():
         value = getattr(r, field)
-        if value is not None:
-            checked(value, NAME_LIST, f"resources.{field}", names)
-    if r.constraint is not None:
-        checked(r.constraint, CONSTRAINT, "resources.constraint", "feature names and the operators & | ! * , : ( ) [ ]")
+        reason = None if value is None else sbatch_text_problem(value, rule)
+        if reason:
+            raise ValueError(f"resources.{field}: {reason}")
     for key, value in r.sbatch_extra.items():
-        checked(key, OPTION, "resources.sbatch_extra", "long option names of lowercase letters, digits and '-'")
-        if key in MANAGED_OPTIONS:
-            raise ValueError(f"resources.sbatch_extra[{key!r}]: set by the launcher itself and cannot be overridden")
-        checked(value, OPTION_VALUE, f"resources.sbatch_extra[{key!r}]", "letters, digits and _ . , : @ % = + / [ ] -")
+        reason = sbatch_option_problem(key, value)
+        if reason:
+            raise ValueError(f"resources.sbatch_extra: {reason}")
 
 
 def job_name(job: Job) -> str:
@@ -107,9 +99,9 @@ def job_name(job: Job) -> str:
 
 def log_folder(log_dir: str) -> Path:
     """The local (shared) directory for sbatch scripts, pickles and logs; `file://` URLs allowed."""
-    path = log_dir.removeprefix("file://")
-    if "://" in path:
+    if not roots.is_local(log_dir):  # the rule launcher.slurm_folder is validated with
         raise ValueError(f"log_dir: Slurm needs a path on a shared filesystem, not {log_dir!r}")
+    path = log_dir.split("://", 1)[-1]
     if any(ch in path for ch in "\n\r\0"):
         raise ValueError(f"log_dir: {log_dir!r} contains a control character")
     return Path(path)
