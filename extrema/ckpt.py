@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from fsspec.implementations.local import LocalFileSystem
 from torch import nn
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
@@ -43,6 +43,7 @@ from torch.futures import Future
 
 from extrema import contract, lease, rundir
 from extrema.dist import barrier
+from extrema.safe_dcp import SafeFsspecReader
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 CORRUPT_DIR = "corrupt"
@@ -285,7 +286,7 @@ def verify(url: str) -> None:
     it was copied into the model.
     """
     try:
-        storage = dict(FsspecReader(url).read_metadata().storage_data)
+        storage = dict(SafeFsspecReader(url).read_metadata().storage_data)
     except Exception as e:
         raise CheckpointError(f".metadata is unreadable: {contract.describe_error(e)}") from e
     need: dict[str, int] = {}
@@ -313,7 +314,7 @@ def attempt(fn: Callable[..., Any], *args: Any) -> str | None:
 def load(url: str, state: dict[str, Any]) -> None:
     """Load a checkpoint in place into `state` (any world size: DCP reshards); CheckpointError naming the URL."""
     try:
-        dcp.load(state, storage_reader=FsspecReader(url))
+        dcp.load(state, storage_reader=SafeFsspecReader(url))
     except BaseException as e:
         raise_if_not_about_checkpoint(e)
         why = attempt(verify, url) or reason(e)
@@ -369,7 +370,7 @@ def set_aside(ckpt_dir: str, step: int, why: str) -> None:
 
 def load_training_state(url: str, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Load one step into `state` and from there into model and optimizer."""
-    dcp.load(state, storage_reader=FsspecReader(url))
+    dcp.load(state, storage_reader=SafeFsspecReader(url))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 

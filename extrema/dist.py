@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gc
+import importlib
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -60,6 +63,72 @@ def init_world() -> World:
     if dist.is_initialized():
         rank, size = dist.get_rank(), dist.get_world_size()
     return World(rank, size, local, device)
+
+
+# DTensor's global caches (sharding propagation, redistribute plans, mesh topology) keep every DeviceMesh they saw,
+# and a DeviceMesh keeps its process groups: FSDP2's mesh would outlive `destroy_process_group` through them.
+MESH_CACHES = (
+    ("torch.distributed.tensor.debug", "_clear_sharding_prop_cache"),
+    ("torch.distributed.tensor._redistribute", "_gen_transform_infos.cache_clear"),
+    ("torch.distributed.tensor._redistribute", "clear_redistribute_planner_cache"),
+    ("torch.distributed.tensor._collective_utils", "MeshTopoInfo.build_from_mesh.cache_clear"),
+)
+GLOO_WORKER = "pt_gloo_runloop"  # the thread name of ProcessGroupGloo's workers
+
+
+def drop_mesh_caches() -> None:
+    """Clear DTensor's global caches (those this torch has), which hold on to device meshes."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return
+    for module, path in MESH_CACHES:
+        try:
+            target: Any = importlib.import_module(module)
+        except ImportError:
+            continue
+        for name in path.split("."):
+            target = getattr(target, name, None)
+        if callable(target):
+            target()
+
+
+def thread_names() -> list[str]:
+    """Names of this process's native threads (empty where /proc is unavailable)."""
+    names: list[str] = []
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return []
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+        except OSError:
+            continue  # the thread ended meanwhile
+    return names
+
+
+def release_world() -> None:
+    """Destroy every process group and join gloo's worker threads while the interpreter is whole.
+
+    A gloo worker frees a finished collective's tensors itself, taking the GIL to drop their Python objects. If
+    the interpreter is finalising by then, CPython ends that thread with pthread_exit, whose unwinding through
+    a noexcept destructor calls std::terminate: SIGABRT, "terminate called without an active exception".
+    `destroy_process_group` joins the workers only when nothing else holds the group, so the references FSDP2
+    leaves behind (DTensor's caches -> DeviceMesh -> group; module cycles) go first.
+    """
+    if not dist.is_initialized():
+        return
+    drop_mesh_caches()
+    gc.collect()
+    dist.destroy_process_group()
+    left = thread_names().count(GLOO_WORKER)
+    if left:
+        print(
+            f"extrema.dist: {left} gloo worker threads outlived destroy_process_group (something still holds the "
+            "process group); the process may abort at exit",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def barrier() -> None:

@@ -123,9 +123,56 @@ def commit_status(stage_dir: str, **fields: Any) -> dict[str, Any] | None:
     return update_status(stage_dir, **fields)
 
 
+def ending(e: BaseException | None) -> tuple[str, int]:
+    """The outcome an attempt ended with (recorded in its lease) and the process's exit code."""
+    if e is None:
+        return contract.COMPLETED, contract.EXIT_OK
+    if isinstance(e, lease.LeaseLost):
+        return "lease lost", contract.EXIT_LEASE_LOST
+    if isinstance(e, Preempted):
+        return contract.PREEMPTED, contract.EXIT_REQUEUE
+    if isinstance(e, KeyboardInterrupt):
+        return contract.CANCELLED, contract.EXIT_INTERRUPTED
+    return contract.FAILED, contract.EXIT_FAILED
+
+
+def record_end(stage_dir: str, e: BaseException) -> None:
+    """Record in status.json how an attempt ended by an exception (fenced: not when the lease was lost)."""
+    state, _ = ending(e)
+    if isinstance(e, lease.LeaseLost):
+        return
+    if isinstance(e, KeyboardInterrupt):
+        error = "interrupted"
+    elif isinstance(e, Preempted):
+        error = str(e)
+    else:
+        error = contract.describe_error(e)  # torch's CheckpointException and others derive from BaseException
+    commit_status(stage_dir, state=state, finished_at=now(), error=error)
+
+
 def run_stage(run_dir: str, stage: str) -> dict[str, Any]:
-    """Run one stage from its spec.json, recording status, provenance and the result (rank 0 holds the lease)."""
+    """Run one stage from its spec.json, recording status, provenance and the result (rank 0 holds the lease
+    for the whole attempt, records how it ended, and releases the lease with that outcome)."""
     stage_dir = rundir.join(run_dir, stage)
+    is_main = world_info()[0] == 0
+    outcome = contract.FAILED
+    try:
+        result = attempt(run_dir, stage, stage_dir)
+        outcome = contract.COMPLETED
+        return result
+    except SystemExit:
+        raise
+    except BaseException as e:
+        outcome = ending(e)[0]
+        if is_main:
+            record_end(stage_dir, e)
+        raise
+    finally:
+        lease.release_held(outcome)
+
+
+def attempt(run_dir: str, stage: str, stage_dir: str) -> dict[str, Any]:
+    """One attempt at a stage: take its lease, run it unless an earlier attempt completed it, write the result."""
     raw = contract.read_record(rundir.join(stage_dir, "spec.json"))
     if raw is None:
         raise FileNotFoundError(f"no spec.json in {stage_dir}")
@@ -183,42 +230,31 @@ def main(argv: list[str] | None = None) -> int:
     if not rundir.exists(rundir.join(stage_dir, "spec.json")):
         print(f"extrema.entry: no spec.json in {stage_dir}", file=sys.stderr)
         return contract.EXIT_USAGE
-    is_main = world_info()[0] == 0
-    outcome, code = contract.FAILED, contract.EXIT_FAILED
+    code = contract.EXIT_OK
     try:
         run_stage(args.run_dir, args.stage)
-        outcome, code = contract.COMPLETED, contract.EXIT_OK
-    except lease.LeaseLost as e:
-        print(f"extrema.entry: {e}; this attempt stops without committing", file=sys.stderr, flush=True)
-        outcome, code = "lease lost", contract.EXIT_LEASE_LOST
-    except Preempted as e:
-        if is_main:
-            commit_status(stage_dir, state=contract.PREEMPTED, finished_at=now(), error=str(e))
-        outcome, code = contract.PREEMPTED, contract.EXIT_REQUEUE
-    except KeyboardInterrupt:
-        if is_main:
-            commit_status(stage_dir, state=contract.CANCELLED, finished_at=now(), error="interrupted")
-        outcome, code = contract.CANCELLED, contract.EXIT_INTERRUPTED
     except SystemExit:
         raise
-    except BaseException as e:  # torch's CheckpointException and other library errors derive from BaseException
-        traceback.print_exc()
-        if is_main:
-            commit_status(stage_dir, state=contract.FAILED, finished_at=now(), error=contract.describe_error(e))
-        outcome, code = contract.FAILED, contract.EXIT_FAILED
+    except BaseException as e:
+        state, code = ending(e)
+        if isinstance(e, lease.LeaseLost):
+            print(f"extrema.entry: {e}; this attempt stops without committing", file=sys.stderr, flush=True)
+        elif state == contract.FAILED:
+            traceback.print_exc()
     finally:
-        lease.release_held(outcome)
         release_process_group()
     return code
 
 
 def release_process_group() -> None:
-    """Destroy the default process group, if any, while the interpreter is whole: gloo threads left to interpreter
-    teardown can abort the process ("terminate called without an active exception") after a finished stage."""
+    """Destroy the process groups, if any, and join their gloo threads while the interpreter is whole: a gloo thread
+    left to interpreter teardown can abort the process ("terminate called without an active exception")."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        from extrema.dist import release_world
+
+        release_world()
 
 
 if __name__ == "__main__":

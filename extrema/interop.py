@@ -20,11 +20,11 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from extrema import ckpt, rundir
 from extrema.models.vit import VisionTransformer
+from extrema.safe_dcp import SafeFsspecReader
 
 Branch = Literal["ema", "student"]
 OFFICIAL_PREFIXES: dict[Branch, tuple[str, ...]] = {
@@ -255,7 +255,7 @@ def dcp_encoder(url: str, branch: Branch) -> dict[str, Tensor]:
     """One branch's encoder weights from one of our DCP training checkpoints (a complete `step-N` directory)."""
     prefix = DCP_PREFIX[branch]
     try:
-        meta = FsspecReader(url).read_metadata().state_dict_metadata
+        meta = SafeFsspecReader(url).read_metadata().state_dict_metadata
     except Exception as e:
         raise ckpt.CheckpointError(f"checkpoint {url} cannot be loaded: .metadata is unreadable ({e})") from e
     wanted = {

@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from extrema import ckpt, interop, rundir
+from extrema import ckpt, rundir
+from extrema.safe_dcp import SafeFsspecReader
 from extrema.spec import Experiment, RunSpec
 
 TINY_EXPERIMENT: dict[str, Any] = {
@@ -62,7 +63,7 @@ def without_key_bias(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def checkpointed_model(stage_dir: Path) -> dict[str, torch.Tensor]:
     """The `model.*` tensors of the latest complete checkpoint of a stage directory."""
     url = ckpt.step_url(str(stage_dir / "ckpt"), ckpt.latest_step(str(stage_dir / "ckpt")))  # type: ignore[arg-type]
-    meta = interop.FsspecReader(url).read_metadata().state_dict_metadata
+    meta = SafeFsspecReader(url).read_metadata().state_dict_metadata
     tensors = {k: m for k, m in meta.items() if k.startswith("model.")}
     want = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in tensors.items()}  # type: ignore[union-attr]
     ckpt.load(url, want)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -79,7 +80,11 @@ def test_decoder_beats_the_mean_image_on_held_out_images(tmp_path: Path) -> None
     assert head[:8] == b"\x89PNG\r\n\x1a\n" and 600 < w < 2000 and 1000 < h < 3000
     assert (stage / "inpaint.svg").stat().st_size > 10000
 
-    # A second run reloads the trained decoder and scores it the same way.
+    # A completed stage is not run again: the same result comes back and nothing is rewritten.
+    assert entry.run_stage(run_dir, "inpaint") == json.loads((stage / "result.json").read_text())
+    assert rundir.read_json(str(stage / "status.json"))["attempts"] == 1
+    # An attempt that ended before its result was written reloads the trained decoder and scores it the same way.
+    (stage / "result.json").unlink()
     again = entry.run_stage(run_dir, "inpaint")
     assert again["inpaint_mse_r75"] == result["inpaint_mse_r75"] and "inpaint_train_loss" not in again
     assert rundir.read_json(str(stage / "status.json"))["attempts"] == 2

@@ -305,7 +305,9 @@ def test_preemption_requeues_and_resumes_to_the_same_result(slurm_cluster: Slurm
     assert backend.status([target]) == {target: State.PENDING}
     slurm_cluster.run("scontrol", "update", f"JobId={target}", "StartTime=now")
 
-    assert wait_states(backend, ids, FINAL) == {"hit/pretrain": State.COMPLETED, "ref/pretrain": State.COMPLETED}
+    final = wait_states(backend, ids, FINAL)
+    logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted((tmp_path / "logs").rglob("*")) if p.is_file())
+    assert final == {"hit/pretrain": State.COMPLETED, "ref/pretrain": State.COMPLETED}, logs
     hit, ref = (doc(f"{r}/pretrain/result.json") for r in runs)
     assert hit == ref and hit["steps"] == 6
     assert doc(f"{runs[0]}/pretrain/status.json")["attempts"] == 2
