@@ -131,9 +131,12 @@ def test_bf16_backbone_feeds_fp32_heads() -> None:
     bf16.load_state_dict(fp32.state_dict())
     x = torch.randn(2, 3, 64, 64)
     exact, rounded = fp32.backbone(x), bf16.backbone(x)
+    # Each bf16 op rounds to 8 bits (eps 2^-7): a few eps of norm-wise error after the blocks, on any CPU's kernels
+    # (measured 0.5-0.9 eps); element-wise bounds instead hinge on how a CPU rounds values near zero.
     for k in exact:
         assert rounded[k].dtype == torch.float32
-        torch.testing.assert_close(rounded[k], exact[k], rtol=0.1, atol=0.1)
+        error = (rounded[k] - exact[k]).norm() / exact[k].norm()
+        assert error < 4 * torch.finfo(torch.bfloat16).eps, (k, error)
     assert any(not torch.equal(rounded[k], exact[k]) for k in exact)  # the backbone did run in bf16
     image, target = synthetic_sample()
     bf16.train()

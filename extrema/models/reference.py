@@ -1,5 +1,6 @@
 """A straightforward ExtreMA loss for checking the optimised path: a Python loop over masks, attention written
-out by hand, fp32. It reads the parameters of an `ExtreMA` module, so both compute the same function."""
+out by hand, in the parameters' dtype (the tests use float64). It reads the parameters of an `ExtreMA` module, so
+both compute the same function."""
 
 from __future__ import annotations
 
