@@ -29,6 +29,7 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 from extrema import ckpt
 from extrema.models.extrema import ExtreMA
 from extrema.optim import build_adamw, param_groups
+from extrema.safe_dcp import JsonSavePlanner
 from extrema.spec import ModelSpec
 
 
@@ -69,7 +70,8 @@ def save_seconds(root: str, state: dict, rounds: int) -> tuple[list[float], list
             os.sync()
             t = time.perf_counter()
             if name == "plain":
-                dcp.save(state, storage_writer=FsspecWriter(os.path.join(root, "plain", f"step-{r}"), sync_files=False))
+                plain_writer = FsspecWriter(os.path.join(root, "plain", f"step-{r}"), sync_files=False)
+                dcp.save(state, storage_writer=plain_writer, planner=JsonSavePlanner())
             else:
                 ckpt.save(os.path.join(root, "durable"), r, state)
             times.append(time.perf_counter() - t)

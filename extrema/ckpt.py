@@ -43,7 +43,7 @@ from torch.futures import Future
 
 from extrema import contract, lease, rundir
 from extrema.dist import barrier
-from extrema.safe_dcp import SafeFsspecReader
+from extrema.safe_dcp import JsonSavePlanner, SafeFsspecReader
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 CORRUPT_DIR = "corrupt"
@@ -249,9 +249,9 @@ def save(ckpt_dir: str, step: int, state: dict[str, Any], background: bool = Fal
     writer = DurableWriter(url)
     with saving(url):
         if background and dist.is_initialized():
-            _pending.append((dcp.async_save(state, storage_writer=writer), ckpt_dir, step))
+            _pending.append((dcp.async_save(state, storage_writer=writer, planner=JsonSavePlanner()), ckpt_dir, step))
             return url
-        dcp.save(state, storage_writer=writer)
+        dcp.save(state, storage_writer=writer, planner=JsonSavePlanner())
     point_latest(ckpt_dir, step)
     return url
 

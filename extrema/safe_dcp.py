@@ -1,16 +1,19 @@
-"""A DCP reader that runs no code from the checkpoint it reads: every DCP load in the project goes through it.
+"""A DCP reader that runs no code from the checkpoint it reads; a save planner that pickles nothing but `.metadata`.
 
 torch's own reader unpickles `.metadata` with plain `pickle.load` and the default load planner reads each non-tensor
 entry with `torch.load(weights_only=False)`, so a crafted step directory runs arbitrary code when it is loaded.
 `SafeFsspecReader` unpickles `.metadata` admitting only the classes DCP writes there (`METADATA_GLOBALS`, found by
-unpickling this project's 1-process, DDP and FSDP checkpoints with a recording `find_class`) and every torch dtype,
-and reads non-tensor entries with `torch.load(weights_only=True)` (plain ints, floats, strings, tuples, lists,
-dicts, None: the loop state and optimizer hyperparameters). Tensors were already read weights-only by torch.
+unpickling this project's 1-process, DDP and FSDP checkpoints with a recording `find_class`) and every torch dtype.
+`JsonSavePlanner` writes each non-tensor entry (the loop state and optimizer hyperparameters) as `JSON_MAGIC` and a
+tagged JSON tree (`encode_state`), which the reader decodes; entries written before it (torch.save bytes) are read
+with `torch.load(weights_only=True)`. Tensors were already read weights-only by torch.
 """
 
 from __future__ import annotations
 
 import io
+import json
+import math
 import os
 import pickle
 import re
@@ -18,8 +21,9 @@ from typing import IO, Any, cast
 
 import torch
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
-from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem, WriteItem, WriteItemType
 from torch.futures import Future
 
 METADATA_GLOBALS: frozenset[tuple[str, str]] = frozenset(
@@ -37,6 +41,78 @@ METADATA_GLOBALS: frozenset[tuple[str, str]] = frozenset(
         ("torch", "Size"),
     }
 )
+
+
+# Starts every non-tensor entry JsonSavePlanner writes; torch.save bytes start with b"PK" (zip) or b"\x80" (pickle).
+JSON_MAGIC = b"extrema-json\n"
+SPECIAL_FLOATS = ("nan", "inf", "-inf")
+TAGS = ("float", "tuple", "list", "dict")
+JSON_STATE = "None, bool, int, float, str, and tuples, lists and str-keyed dicts of them"
+
+
+def to_tree(value: Any, where: str) -> Any:
+    """`value` as a JSON tree whose every object is a one-key tag ({"tuple": [...]}, {"float": "nan"}, ...)."""
+    kind = type(value)
+    if value is None or kind in (bool, int, str) or (kind is float and math.isfinite(value)):
+        return value
+    if kind is float:
+        return {"float": repr(value)}
+    if kind in (tuple, list):
+        return {kind.__name__: [to_tree(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+    if kind is dict:
+        bad = next((k for k in value if type(k) is not str), None)
+        if bad is not None:
+            raise TypeError(f"checkpoint entry {where}: dict key {bad!r} ({type(bad).__qualname__}) is not a str")
+        return {"dict": {k: to_tree(v, f"{where}[{k!r}]") for k, v in value.items()}}
+    raise TypeError(f"checkpoint entry {where} is a {kind.__qualname__}: non-tensor state must be {JSON_STATE}")
+
+
+def from_tree(node: Any) -> Any:
+    """The value `to_tree` encoded; ValueError for anything it never writes."""
+    if node is None or type(node) in (bool, int, float, str):
+        return node
+    if type(node) is not dict or len(node) != 1 or next(iter(node)) not in TAGS:
+        raise ValueError(f"unexpected {json.dumps(node)[:80]}")
+    ((tag, body),) = node.items()
+    if tag == "float" and body in SPECIAL_FLOATS:
+        return float(body)
+    if tag in ("tuple", "list") and type(body) is list:
+        items = [from_tree(v) for v in body]
+        return tuple(items) if tag == "tuple" else items
+    if tag == "dict" and type(body) is dict:
+        return {k: from_tree(v) for k, v in body.items()}
+    raise ValueError(f"malformed {tag!r} tag: {json.dumps(body)[:80]}")
+
+
+def refuse_constant(name: str) -> Any:
+    """JSON's NaN / Infinity literals, which `encode_state` never writes (it tags special floats)."""
+    raise ValueError(f"untagged {name}")
+
+
+def encode_state(value: Any, fqn: str) -> bytes:
+    """`JSON_MAGIC` + the tagged JSON of a non-tensor entry; TypeError naming `fqn` for a value JSON state cannot be."""
+    return JSON_MAGIC + json.dumps(to_tree(value, fqn), allow_nan=False, separators=(",", ":")).encode()
+
+
+def decode_state(data: bytes) -> Any:
+    """The value `encode_state` wrote (ValueError when `data` is not such an encoding)."""
+    if not data.startswith(JSON_MAGIC):
+        raise ValueError("no JSON_MAGIC prefix")
+    try:
+        tree = json.loads(data[len(JSON_MAGIC) :].decode(), parse_constant=refuse_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(str(e)) from None
+    return from_tree(tree)
+
+
+class JsonSavePlanner(DefaultSavePlanner):
+    """DCP's default save planner, but non-tensor entries are written as `encode_state` JSON, never pickled."""
+
+    def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
+        """Tensors as torch resolves them; non-tensor entries JSON-encoded."""
+        if write_item.type != WriteItemType.BYTE_IO:
+            return super().resolve_data(write_item)
+        return io.BytesIO(encode_state(self.lookup_object(write_item.index), write_item.index.fqn))
 
 
 class UnsafeCheckpoint(pickle.UnpicklingError):
@@ -79,22 +155,29 @@ def refusal(error: pickle.UnpicklingError) -> str:
     return " ".join((found.group(1) if found else text).split()) or type(error).__name__
 
 
-class WeightsOnlyBytes(LoadPlanner):
-    """Hands DCP's planner each non-tensor entry only once `torch.load(weights_only=True)` has accepted it."""
+class CheckedBytes(LoadPlanner):
+    """Hands DCP's planner each non-tensor entry only once it decoded as JSON state or loaded weights-only."""
 
     def __init__(self, planner: LoadPlanner, storage_data: dict[MetadataIndex, Any], url: str) -> None:
         self.planner, self.storage_data, self.url = planner, storage_data, url
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        """Load weights-only, then pass the planner a copy re-saved from the accepted object."""
-        try:
-            obj = torch.load(value, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            where = self.storage_data[read_item.storage_index].relative_path
-            fqn = read_item.dest_index.fqn
-            raise pickle.UnpicklingError(
-                f"{self.url}/{where}: entry {fqn} does not load weights-only ({refusal(e)})"
-            ) from None
+        """Decode JSON state (or, for bytes without `JSON_MAGIC`, load weights-only); pass the planner a re-save."""
+        data = value.getvalue()
+        where = f"{self.url}/{self.storage_data[read_item.storage_index].relative_path}"
+        fqn = read_item.dest_index.fqn
+        if data.startswith(JSON_MAGIC):
+            try:
+                obj = decode_state(data)
+            except ValueError as e:
+                raise ValueError(f"{where}: entry {fqn} is not valid JSON state ({e})") from None
+        else:
+            try:
+                obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise pickle.UnpicklingError(
+                    f"{where}: entry {fqn} does not load weights-only ({refusal(e)})"
+                ) from None
         clean = io.BytesIO()
         torch.save(obj, clean)
         clean.seek(0)
@@ -126,7 +209,7 @@ class WeightsOnlyBytes(LoadPlanner):
 
 
 class SafeFsspecReader(FsspecReader):
-    """DCP's fsspec reader with `.metadata` unpickled from an allow-list and non-tensor entries read weights-only."""
+    """DCP's fsspec reader: `.metadata` unpickled from an allow-list, non-tensor entries checked by `CheckedBytes`."""
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
@@ -144,5 +227,5 @@ class SafeFsspecReader(FsspecReader):
         return metadata
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        """Read this rank's items; tensors as torch does (weights-only), the rest through `WeightsOnlyBytes`."""
-        return super().read_data(plan, WeightsOnlyBytes(planner, self.storage_data, self.url.rstrip("/")))
+        """Read this rank's items; tensors as torch does (weights-only), the rest through `CheckedBytes`."""
+        return super().read_data(plan, CheckedBytes(planner, self.storage_data, self.url.rstrip("/")))

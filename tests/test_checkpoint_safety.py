@@ -1,28 +1,36 @@
 """No checkpoint runs code: a DCP step whose `.metadata` or non-tensor entry is a crafted pickle is refused by every
 loader (resume, `*.checkpoint` URLs, kNN), and the marker its pickle would create never appears.
 
-Each crafted file is first shown to be live: torch's own reader creates the marker.
+Each crafted file is first shown to be live: torch's own reader creates the marker. Checkpoints write their
+non-tensor entries as tagged JSON, never as pickles; entries pickled by older checkpoints still load weights-only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import os
 import pickle
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+from torch import nn
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
 from extrema import ckpt, contract, entry, interop, rundir
 from extrema.models.extrema import ExtreMA
-from extrema.safe_dcp import SafeFsspecReader, UnsafeCheckpoint
+from extrema.optim import LARS, build_adamw, param_groups, set_hyperparams
+from extrema.safe_dcp import JSON_MAGIC, SafeFsspecReader, UnsafeCheckpoint, decode_state, encode_state
 from extrema.spec import ModelSpec
 from tests.stage_runs import TINY_EXPERIMENT, checkpointed_model, make_run
 from tests.test_probe import PROBE
@@ -64,13 +72,17 @@ def craft_metadata(step_dir: Path, marker: Path) -> None:
 
 
 def craft_entry(step_dir: Path, fqn: str, marker: Path) -> None:
-    """Put a torch.save'd MakesMarker in place of a non-tensor entry's bytes; later entries and .metadata follow."""
+    """Put a torch.save'd MakesMarker in place of a non-tensor entry's bytes."""
+    buf = io.BytesIO()
+    torch.save(MakesMarker(marker), buf)
+    replace_entry(step_dir, fqn, buf.getvalue())
+
+
+def replace_entry(step_dir: Path, fqn: str, payload: bytes) -> None:
+    """Put `payload` in place of a non-tensor entry's bytes; later entries and .metadata follow."""
     meta = pickle.loads((step_dir / ".metadata").read_bytes())  # our own checkpoint: trusted
     index = next(i for i in meta.storage_data if i.fqn == fqn)
     info = meta.storage_data[index]
-    buf = io.BytesIO()
-    torch.save(MakesMarker(marker), buf)
-    payload = buf.getvalue()
     shard = step_dir / info.relative_path
     data = shard.read_bytes()
     shard.write_bytes(data[: info.offset] + payload + data[info.offset + info.length :])
@@ -194,3 +206,141 @@ def test_a_checkpoint_url_with_crafted_metadata_fails_the_stage_and_runs_nothing
     assert not (tmp_path / "marker").exists()
     error = contract.read_status(str(tmp_path / "run" / stage))["error"]
     assert f"{step_dir}/.metadata: refused to load posix.mkdir" in error, error
+
+
+def entry_bytes(step_dir: Path) -> dict[str, bytes]:
+    """The stored bytes of every non-tensor entry of a step, by FQN."""
+    meta = SafeFsspecReader(str(step_dir)).read_metadata()
+    out = {}
+    for fqn, item in meta.state_dict_metadata.items():
+        if isinstance(item, BytesStorageMetadata):
+            info = meta.storage_data[MetadataIndex(fqn)]
+            out[fqn] = (step_dir / info.relative_path).read_bytes()[info.offset : info.offset + info.length]
+    return out
+
+
+def test_a_pretrain_checkpoint_pickles_no_non_tensor_entry(reference: Path) -> None:
+    for step in (2, 4):
+        stored = entry_bytes(reference / "pretrain" / "ckpt" / f"step-{step}")
+        assert {"extra.step", "extra.knn", "optim.param_groups.0.betas", "optim.param_groups.0.params"} <= stored.keys()
+        for fqn, data in stored.items():
+            assert data.startswith(JSON_MAGIC) and not data.startswith((b"\x80", b"PK")), (fqn, data[:20])
+        assert decode_state(stored["extra.step"]) == step
+        assert type(decode_state(stored["optim.param_groups.0.betas"])) is tuple
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equal with the same types all the way down (NaN equals NaN; -0.0 differs from 0.0)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    return bool(a == b)
+
+
+VALUES: dict[str, Any] = {
+    "int": 3,
+    "big": -(2**70),
+    "float": 1.5,
+    "whole": 1.0,
+    "tiny": 5e-324,
+    "neg_zero": -0.0,
+    "nan": math.nan,
+    "inf": math.inf,
+    "neg_inf": -math.inf,
+    "betas": (0.9, 0.95),
+    "none": None,
+    "yes": True,
+    "no": False,
+    "text": 'naïve "json" \\ \n {"tuple": []} \ud800',
+    "empty": "",
+    "list": [1, 2.5, "x", None, False],
+    # DCP splits dicts (and lists holding containers) into entries of their own; a tuple is one entry
+    "nested": ({"a": (1, [2.0, None, math.nan]), "b": {"c": "d", "e": ()}}, [[], {}], {}, ("x", -math.inf)),
+}
+
+
+def test_json_state_round_trips_through_ckpt_save_and_load(tmp_path: Path) -> None:
+    for name, value in VALUES.items():
+        assert same(decode_state(encode_state(value, name)), value), name
+    url = ckpt.save(str(tmp_path / "ckpt"), 1, {"extra": dict(VALUES), "w": torch.arange(3.0)})
+    assert all(data.startswith(JSON_MAGIC) for data in entry_bytes(Path(url)).values())
+    back: dict[str, Any] = {"extra": dict.fromkeys(VALUES), "w": torch.zeros(3)}
+    ckpt.load(url, back)
+    assert same(back["extra"], VALUES) and torch.equal(back["w"], torch.arange(3.0))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd", "lars"])
+def test_optimizer_hyperparameters_round_trip_as_json(tmp_path: Path, optimizer: str) -> None:
+    def build(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+        groups = param_groups(model, 0.05)
+        if optimizer == "adamw":
+            return model, build_adamw(groups, 1e-3, (0.9, 0.95))
+        if optimizer == "sgd":
+            return model, torch.optim.SGD(groups, lr=0.1, momentum=0.9)
+        return model, LARS(groups, lr=0.1, weight_decay=0.05)
+
+    model, opt = build(0)
+    model(torch.randn(2, 3)).sum().backward()
+    opt.step()
+    set_hyperparams(opt, 0.25, 0.01)
+    url = ckpt.save(str(tmp_path / "ckpt"), 1, ckpt.training_state(model, opt, {"step": 1}))
+    assert all(data.startswith(JSON_MAGIC) for data in entry_bytes(Path(url)).values())
+    fresh, fresh_opt = build(1)
+    set_hyperparams(fresh_opt, 9.0, 9.0)  # DCP loads the keys the template has: wd_enabled too
+    ckpt.load_training_state(url, fresh, fresh_opt, ckpt.training_state(fresh, fresh_opt, {"step": 0}))
+    hyper = [[{k: v for k, v in g.items() if k != "params"} for g in o.param_groups] for o in (opt, fresh_opt)]
+    assert same(hyper[1], hyper[0])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), fresh.parameters()))
+
+
+def test_a_background_save_writes_json_too(tmp_path: Path) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        url = ckpt.save(str(tmp_path / "ckpt"), 1, {"extra": {"step": 1, "t": (1, 2.0)}}, background=True)
+        ckpt.wait_pending()
+    finally:
+        dist.destroy_process_group()
+    assert [decode_state(data) for data in entry_bytes(Path(url)).values()] == [1, (1, 2.0)]
+
+
+@pytest.mark.parametrize(
+    ("value", "where", "what"),
+    [
+        ({"ok": 1, "bad": {1, 2}}, "extra.x['bad']", "set"),
+        (np.float64(0.5), "extra.x", "float64"),
+        ([torch.float32], "extra.x[0]", "dtype"),
+        ({1: "a"}, "extra.x", "dict key 1 \\(int\\)"),
+        (torch.device("cpu"), "extra.x", "device"),
+    ],
+)
+def test_non_json_state_is_refused_naming_the_key(tmp_path: Path, value: Any, where: str, what: str) -> None:
+    with pytest.raises(TypeError, match=rf"checkpoint entry {re.escape(where)}[ :].*{what}"):
+        encode_state(value, "extra.x")
+    inside = re.escape("extra.x[0]" + where.removeprefix("extra.x"))  # in a tuple, which DCP does not split up
+    with pytest.raises(ckpt.CheckpointError, match=rf"not saved: TypeError: checkpoint entry {inside}[ :].*{what}"):
+        ckpt.save(str(tmp_path / "ckpt"), 1, {"extra": {"x": (value,)}})
+    assert not ckpt.complete_steps(str(tmp_path / "ckpt"))
+
+
+def test_an_old_pickled_checkpoint_still_loads(tmp_path: Path) -> None:
+    url = str(tmp_path / "step-1")
+    dcp.save({"extra": dict(VALUES), "w": torch.arange(3.0)}, storage_writer=FsspecWriter(url))
+    assert all(data.startswith(b"PK") for data in entry_bytes(Path(url)).values())  # torch.save's zip format
+    back: dict[str, Any] = {"extra": dict.fromkeys(VALUES), "w": torch.zeros(3)}
+    ckpt.load(url, back)
+    assert same(back["extra"], VALUES) and torch.equal(back["w"], torch.arange(3.0))
+
+
+@pytest.mark.parametrize("payload", [b'{"set":[1]}', b'{"float":"1e999"}', b"NaN", b"[1,2]", b'{"tuple":[1]', b"\xff"])
+def test_a_malformed_json_entry_is_refused_naming_it(reference: Path, tmp_path: Path, payload: bytes) -> None:
+    step_dir = copy_run(reference, tmp_path / "run") / "step-4"
+    replace_entry(step_dir, "extra.knn", JSON_MAGIC + payload)
+    with pytest.raises(ckpt.CheckpointError, match=f"{re.escape(str(step_dir))}/{SHARD}: entry extra.knn is not valid"):
+        ckpt.load(str(step_dir), nested("extra.knn"))
