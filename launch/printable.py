@@ -32,6 +32,11 @@ def printable(text: str) -> str:
     return _UNPRINTABLE.sub(_escape, text) if _UNPRINTABLE.search(text) else text
 
 
+def printable_lines(text: str) -> str:
+    """`text` made printable line by line: its line breaks are kept (a table cell may span lines)."""
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
 def clip(text: str, limit: int = SHOWN) -> str:
     """`text` cut to at most `limit` characters, '...' marking the cut."""
     return text if len(text) <= limit else text[: max(0, limit - 3)] + "..."

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from launch.printable import printable
+from launch.printable import printable, printable_lines
 
 RICH_ROWS = 1000
 MAX_WIDTH = 60
@@ -106,7 +106,7 @@ def show(
 ) -> None:
     """Print rows as a rich table (cell styles by column name per row), or, past RICH_ROWS rows, the summary of
     `pairs` (stage, state) and every row as aligned text."""
-    rows = [[printable(v) for v in row] for row in rows]  # cells made elsewhere (errors, metrics) are shown safely too
+    rows = [[printable_lines(v) for v in row] for row in rows]  # cells made elsewhere are shown safely too
     columns, title = [printable(c) for c in columns], printable(title)
     if len(rows) <= RICH_ROWS:
         table = Table(title=title)
