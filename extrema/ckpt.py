@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from extrema import contract, lease, rundir
-from extrema.dist import barrier
+from extrema.dist import barrier, side_group
 from extrema.safe_dcp import JsonSavePlanner, SafeFsspecReader
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -249,7 +249,9 @@ def save(ckpt_dir: str, step: int, state: dict[str, Any], background: bool = Fal
     writer = DurableWriter(url)
     with saving(url):
         if background and dist.is_initialized():
-            _pending.append((dcp.async_save(state, storage_writer=writer, planner=JsonSavePlanner()), ckpt_dir, step))
+            group = side_group()
+            future = dcp.async_save(state, storage_writer=writer, planner=JsonSavePlanner(), process_group=group)
+            _pending.append((future, ckpt_dir, step))
             return url
         dcp.save(state, storage_writer=writer, planner=JsonSavePlanner())
     point_latest(ckpt_dir, step)

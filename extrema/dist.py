@@ -107,6 +107,20 @@ def thread_names() -> list[str]:
     return names
 
 
+_side_groups: dict[int, Any] = {}
+
+
+def side_group() -> Any:
+    """A gloo process group apart from the default one, created collectively on first use in a world: for
+    collectives that run in a background thread (DCP's async save), which must never interleave with training's
+    on the default group (they hang). Released by `release_world`."""
+    key = id(dist.group.WORLD)
+    if key not in _side_groups:
+        _side_groups.clear()
+        _side_groups[key] = dist.new_group(backend="gloo")
+    return _side_groups[key]
+
+
 def release_world() -> None:
     """Destroy every process group and join gloo's worker threads while the interpreter is whole.
 
@@ -118,6 +132,7 @@ def release_world() -> None:
     """
     if not dist.is_initialized():
         return
+    _side_groups.clear()
     drop_mesh_caches()
     gc.collect()
     dist.destroy_process_group()
