@@ -27,6 +27,7 @@ from launch import store, tables
 from launch.results_view import collect, results_view, show_view
 from launch.sweep import load_runs
 from launch.target import open_target
+from tests.processes import interruptible
 from tests.test_cli import TINY, cli
 
 DESIGNS = ("cait", "avgpool")
@@ -224,7 +225,10 @@ def test_ctrl_c_stops_watching_with_130(tmp_path: Path) -> None:
     in_flight_store(tmp_path / "runs")
     command = [sys.executable, "-m", "launch.cli", "status", str(TINY), "--root", str(tmp_path / "runs"), "--watch"]
     env = {**os.environ, "FORCE_COLOR": "1", "COLUMNS": "160"}  # a live display that draws at once
-    proc = subprocess.Popen([*command, "--interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc = subprocess.Popen(
+        [*command, "--interval", "0.2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+        preexec_fn=interruptible,
+    )  # fmt: skip
     seen, deadline = b"", time.monotonic() + 30
     assert proc.stdout is not None
     while b"stages ended" not in seen and time.monotonic() < deadline:

@@ -22,6 +22,8 @@ import yaml
 from extrema import lease
 from launch import store
 from launch.cli import main
+from launch.sweep import load_runs
+from tests.processes import interruptible
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "jobs" / "tiny.yaml"
@@ -51,7 +53,9 @@ def driver(path: Path, *extra: str) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "launch.cli", "sweep", str(path), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = open(path.parent / f"driver-{time.monotonic_ns()}.log", "w+")  # noqa: SIM115 - closed by output()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True, preexec_fn=interruptible
+    )
     proc.log = log  # type: ignore[attr-defined]
     return proc
 
@@ -223,9 +227,11 @@ def test_a_disk_filling_during_submission_leaves_nothing_stuck(tmp_path: Path, t
 
 def test_ctrl_c_during_a_large_submission_leaves_nothing_stuck(tmp_path: Path) -> None:
     path = sweep_file(tmp_path, sweep={"grid": {"pretrain.seed": list(range(3000))}})
+    _, runs = load_runs(path)
     proc = driver(path)
     with reaped(proc):
-        wait_for(lambda: len(list((tmp_path / "runs").glob("tiny/*/pretrain/status.json"))) > 50, 120, "submission")
+        early = tmp_path / "runs" / "tiny" / runs[100].run_id / "pretrain" / "status.json"  # one of the first written
+        wait_for(early.exists, 120, "submission")
         os.kill(proc.pid, signal.SIGINT)
         out = output(proc, 120)
     assert proc.returncode == 130, out[-2000:]

@@ -23,6 +23,7 @@ from launch import store
 from launch.backends.base import Job, State
 from launch.backends.local import LocalBackend
 from launch.cli import main
+from tests.processes import interruptible
 
 TINY = Path(__file__).resolve().parent.parent / "jobs" / "tiny.yaml"
 
@@ -261,7 +262,10 @@ def test_ctrl_c_stops_children_and_leaves_them_resumable(tmp_path: Path, sig: si
         ids = backend.submit(jobs, "")
         sys.exit(run_blocking(backend, ids, {{j.key: j for j in jobs}}, Console()))
     """)
-    proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", driver], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=interruptible,
+    )  # fmt: skip
     deadline = time.monotonic() + 20
     while not events(tmp_path) and time.monotonic() < deadline:
         time.sleep(0.05)

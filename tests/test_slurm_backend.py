@@ -306,7 +306,7 @@ def test_preemption_requeues_and_resumes_to_the_same_result(slurm_cluster: Slurm
     slurm_cluster.run("scontrol", "update", f"JobId={target}", "StartTime=now")
 
     final = wait_states(backend, ids, FINAL)
-    logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted((tmp_path / "logs").rglob("*")) if p.is_file())
+    logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted((tmp_path / "logs").rglob("*_log.*")))
     assert final == {"hit/pretrain": State.COMPLETED, "ref/pretrain": State.COMPLETED}, logs
     hit, ref = (doc(f"{r}/pretrain/result.json") for r in runs)
     assert hit == ref and hit["steps"] == 6
