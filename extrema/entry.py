@@ -54,11 +54,6 @@ def now() -> float:
     return time.time()
 
 
-def update_status(stage_dir: str, **fields: Any) -> dict[str, Any]:
-    """Merge fields into `<stage_dir>/status.json` (atomic write) and return the new status."""
-    return contract.update_status(stage_dir, **fields)
-
-
 def job_id_from_env() -> str | None:
     """The backend's job id, when the process runs under one."""
     for var in JOB_ID_VARS:
@@ -120,7 +115,7 @@ def commit_status(stage_dir: str, **fields: Any) -> dict[str, Any] | None:
     except lease.LeaseLost as e:
         print(f"extrema.entry: not recording {fields.get('state')}: {e}", file=sys.stderr, flush=True)
         return None
-    return update_status(stage_dir, **fields)
+    return contract.update_status(stage_dir, **fields)
 
 
 def ending(e: BaseException | None) -> tuple[str, int]:

@@ -1,7 +1,7 @@
 """A DCP reader that runs no code from the checkpoint it reads; a save planner that pickles nothing but `.metadata`.
 
-torch's own reader unpickles `.metadata` with plain `pickle.load` and the default load planner reads each non-tensor
-entry with `torch.load(weights_only=False)`, so a crafted step directory runs arbitrary code when it is loaded.
+torch's own reader unpickles `.metadata` with plain `pickle.load`, and its default load planner unpickles each
+non-tensor entry with a full (not weights-only) `torch.load`, so a crafted step directory runs code when loaded.
 `SafeFsspecReader` unpickles `.metadata` admitting only the classes DCP writes there (`METADATA_GLOBALS`, found by
 unpickling this project's 1-process, DDP and FSDP checkpoints with a recording `find_class`) and every torch dtype.
 `JsonSavePlanner` writes each non-tensor entry (the loop state and optimizer hyperparameters) as `JSON_MAGIC` and a

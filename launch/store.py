@@ -27,7 +27,6 @@ MANIFEST = "manifest.json"
 UNREADABLE = "unreadable"  # the state shown for a stage whose status.json cannot be read (not a stage state)
 STUCK_AFTER_S = 3600.0  # a submission recorded from another host without a job id for this long was interrupted
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def safe_name(name: str, what: str = "name") -> str:

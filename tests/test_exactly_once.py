@@ -5,7 +5,6 @@ large sweep is being submitted."""
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import signal
@@ -21,19 +20,9 @@ import yaml
 
 from extrema import lease
 from launch import store
-from launch.cli import main
 from launch.sweep import load_runs
 from tests.processes import interruptible
-
-REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "jobs" / "tiny.yaml"
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
+from tests.test_cli import TINY, cli
 
 
 def sweep_file(tmp_path: Path, **changes: Any) -> Path:
@@ -135,19 +124,23 @@ def slow_sweep(tmp_path: Path) -> Path:
     )  # fmt: skip
 
 
-def running_pretrain(tmp_path: Path) -> tuple[Path, Path]:
-    (stage,) = (tmp_path / "runs" / "tiny").glob("*/pretrain")
-    return stage, stage / "metrics.jsonl"
-
-
-def test_driver_killed_then_status_cancel_and_sweep_tell_the_truth(tmp_path: Path) -> None:
+def orphaned_pretrain(tmp_path: Path) -> tuple[Path, Path, lease.Holder]:
+    """The slow sweep's file, its pretrain stage and the attempt that owns it, running on after its driver was
+    killed with -9 once the stage had logged."""
     path = slow_sweep(tmp_path)
     first = driver(path)
     with reaped(first):
         wait_for(lambda: list((tmp_path / "runs").glob("tiny/*/pretrain/metrics.jsonl")), 120, "pretrain to log")
-        stage, _ = running_pretrain(tmp_path)
+        (stage,) = (tmp_path / "runs" / "tiny").glob("*/pretrain")
+        owner = lease.live_holder(str(stage))
+        assert owner is not None
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
+    return path, stage, owner
+
+
+def test_driver_killed_then_status_cancel_and_sweep_tell_the_truth(tmp_path: Path) -> None:
+    path, stage, _ = orphaned_pretrain(tmp_path)
     trainers = entry_pids(tmp_path / "runs")
     assert len(trainers) == 1  # the stage process outlives its driver (own session)
     code, out, _ = cli("status", str(path))
@@ -171,15 +164,7 @@ def test_driver_killed_then_status_cancel_and_sweep_tell_the_truth(tmp_path: Pat
 
 
 def test_driver_killed_then_the_next_sweep_adopts_the_running_stage(tmp_path: Path) -> None:
-    path = slow_sweep(tmp_path)
-    first = driver(path)
-    with reaped(first):
-        wait_for(lambda: list((tmp_path / "runs").glob("tiny/*/pretrain/metrics.jsonl")), 120, "pretrain to log")
-        stage, _ = running_pretrain(tmp_path)
-        owner = lease.live_holder(str(stage))
-        assert owner is not None
-        os.kill(first.pid, signal.SIGKILL)
-        first.wait(timeout=30)
+    path, stage, owner = orphaned_pretrain(tmp_path)
     second = driver(path)
     with reaped(second):
         peak = 0

@@ -3,8 +3,6 @@ and reason, the documented exit code (3) is returned, and nothing is followed ou
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import shutil
 from collections.abc import Callable
@@ -13,18 +11,8 @@ from pathlib import Path
 import pytest
 
 from launch import store
-from launch.cli import main
 from launch.target import DAMAGED
-
-REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "jobs" / "tiny.yaml"
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(list(args))
-    return code, out.getvalue(), err.getvalue()
+from tests.test_cli import TINY, cli
 
 
 @pytest.fixture(scope="module")

@@ -98,16 +98,6 @@ def demand(job: Job) -> tuple[int, int]:
     return r.cpus_per_task * r.processes_per_node, r.gpus_per_node
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class LocalBackend:
     """Runs stage jobs as local subprocesses (no shell), in dependency order, within `max_parallel`, CPUs and GPUs."""
 
@@ -206,7 +196,7 @@ class LocalBackend:
         m = _ID.fullmatch(job_id)
         if not m:
             return State.UNKNOWN
-        if m.group(3) != self.host or _alive(int(m.group(1))):
+        if m.group(3) != self.host or lease.process_alive(int(m.group(1)), None):
             return None
         return State.CANCELLED
 
