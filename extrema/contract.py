@@ -50,6 +50,11 @@ EXIT_LEASE_LOST = 4  # another attempt owns the stage: this one committed nothin
 EXIT_UPSTREAM_FAILED = 5  # a backend's driver found an upstream stage failed or cancelled: nothing ran
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
+# How a backend hands the launcher's network settings to every rank of a stage (extrema.dist reads them).
+COLLECTIVE_TIMEOUT_ENV = "EXTREMA_COLLECTIVE_TIMEOUT_S"
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
+INTERFACE_ENVS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+
 STATUS = "status.json"
 RESULT = "result.json"
 MAX_RECORD_BYTES = 1 << 20  # a status or result record larger than this is damaged, not read

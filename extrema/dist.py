@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import gc
 import importlib
+import json
 import os
 import signal
+import socket
 import sys
 import threading
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,8 +21,13 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel
 
+from extrema.contract import COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT_S, env_float
+
 if TYPE_CHECKING:
     from extrema.models.extrema import ExtreMA
+
+
+RANK_RECORD_BYTES = 512  # one rank's {"host", "pid"} as JSON, padded, in the all-gather of `rank_places`
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,11 @@ def env_rank() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def collective_timeout() -> timedelta:
+    """How long a rank waits in one collective (and at rendezvous): the launcher's setting, 600 s by default."""
+    return timedelta(seconds=env_float(COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT_S))
+
+
 def init_world() -> World:
     """Join (or reuse) the default process group when the world has more than one process."""
     rank, size, local = env_rank()
@@ -59,7 +72,7 @@ def init_world() -> World:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=size)
+        dist.init_process_group(backend, rank=rank, world_size=size, timeout=collective_timeout())
     if dist.is_initialized():
         rank, size = dist.get_rank(), dist.get_world_size()
     return World(rank, size, local, device)
@@ -144,6 +157,27 @@ def release_world() -> None:
             file=sys.stderr,
             flush=True,
         )
+
+
+def rank_places() -> list[dict[str, Any]]:
+    """Every rank's {"rank", "host", "pid"} in rank order (one all-gather of fixed-size JSON when distributed)."""
+    mine = {"host": socket.gethostname(), "pid": os.getpid()}
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [{"rank": 0, **mine}]
+    raw = json.dumps(mine).encode()[:RANK_RECORD_BYTES]
+    row = torch.zeros(RANK_RECORD_BYTES, dtype=torch.uint8)  # JSON never holds a NUL byte: zeros are padding
+    row[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else row.device
+    rows = all_gather_rows(row.to(device)[None]).cpu()
+    places = []
+    for rank, r in enumerate(rows):
+        text = bytes(r.tolist()).rstrip(b"\0").decode(errors="replace")
+        try:
+            place = json.loads(text)
+        except ValueError:
+            place = {"host": text[:255], "pid": None}
+        places.append({"rank": rank, "host": str(place.get("host")), "pid": place.get("pid")})
+    return places
 
 
 def barrier() -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
+import socket
 import sys
 import time
 import traceback
@@ -38,6 +40,7 @@ class Preempted(Exception):
     """Raised by a stage that stopped at a preemption signal after saving a checkpoint."""
 
 
+COLLECTIVE_ERROR = re.compile(r"gloo|nccl|timed out|connection (?:reset|closed|refused)|broken pipe", re.IGNORECASE)
 JOB_ID_VARS = ("SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID", "RAY_JOB_SUBMISSION_ID", "EXTREMA_JOB_ID")
 
 
@@ -106,6 +109,43 @@ def agree(decision: bool, world: int) -> bool:
     flag = torch.tensor([1.0 if decision else 0.0], device=device)
     torch.distributed.broadcast(flag, src=0)
     return bool(flag.item() > 0)
+
+
+class CollectiveFailed(RuntimeError):
+    """A collective between the ranks of a stage failed or timed out: a peer, its node or the link is gone."""
+
+
+def places(world: int) -> list[dict[str, Any]]:
+    """Every rank's host and pid, in rank order (gathered across ranks when there are several)."""
+    if world == 1:
+        return [{"rank": 0, "host": socket.gethostname(), "pid": os.getpid()}]
+    from extrema.dist import rank_places
+
+    return rank_places()
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """Whether an exception (or one it chains) is a failed or timed-out collective."""
+    import torch.distributed as dist
+
+    for c in contract.chain(e):
+        if isinstance(c, dist.DistError) or (isinstance(c, RuntimeError) and COLLECTIVE_ERROR.search(str(c))):
+            return True
+    return False
+
+
+def peer_note(e: BaseException, ranks: list[dict[str, Any]], rank: int) -> str:
+    """What failed and where the other ranks ran, so that the record names the node that went away."""
+    mine = next((r["host"] for r in ranks if r["rank"] == rank), socket.gethostname())
+    others = [r for r in ranks if r["rank"] != rank]
+    remote = [r for r in others if r["host"] != mine]
+    shown = ", ".join(f"rank {r['rank']} on {r['host']}" for r in (remote or others)[:8])
+    where = "on other nodes" if remote else "on this node"
+    timeout = contract.env_float(contract.COLLECTIVE_TIMEOUT_ENV, contract.DEFAULT_COLLECTIVE_TIMEOUT_S)
+    return (
+        f"collective between ranks failed on rank {rank} ({mine}); ranks {where}: {shown} "
+        f"(a node, a rank or the link to it went away; collective timeout {timeout:g} s): {contract.describe_error(e)}"
+    )
 
 
 def commit_status(stage_dir: str, **fields: Any) -> dict[str, Any] | None:
@@ -186,13 +226,14 @@ def attempt(run_dir: str, stage: str, stage_dir: str) -> dict[str, Any]:
         print(f"extrema.entry: {stage_dir} was completed by an earlier attempt; not run again", file=sys.stderr)
         return done or {}
     fn = stage_fn(stage)  # imported once this attempt owns the stage: a waiting attempt stays light
+    ranks = places(world)
     if rank == 0:
         try:
             prev = contract.read_status(stage_dir)
         except contract.Unreadable as e:  # replaced below by this attempt's record, which notes the damage
             print(f"extrema.entry: {e}", file=sys.stderr, flush=True)
             prev = {}
-        info = rundir.provenance(world)
+        info = rundir.provenance(world, ranks)
         lease.fence("provenance")
         rundir.write_json(rundir.join(stage_dir, "provenance.json"), info)
         commit_status(
@@ -204,10 +245,16 @@ def attempt(run_dir: str, stage: str, stage_dir: str) -> dict[str, Any]:
             finished_at=None,
             error=None,
             host=info["host"],
+            hosts=info["hosts"],
             pid=os.getpid(),
             job_id=job_id_from_env() or prev.get("job_id"),
         )
-    result = fn(spec, stage_dir)
+    try:
+        result = fn(spec, stage_dir)
+    except Exception as e:
+        if world > 1 and is_collective_failure(e):
+            raise CollectiveFailed(peer_note(e, ranks, rank)) from e
+        raise
     if rank == 0:
         lease.fence("result")
         rundir.write_json(rundir.join(stage_dir, contract.RESULT), result)

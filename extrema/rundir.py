@@ -136,8 +136,9 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
-def provenance(world_size: int) -> dict[str, Any]:
-    """Everything needed to say where a result came from."""
+def provenance(world_size: int, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Everything needed to say where a result came from; `ranks`: every rank's {"rank", "host", "pid"}."""
+    ranks = ranks or [{"rank": 0, "host": socket.gethostname(), "pid": os.getpid()}]
     return {
         **git_state(),
         "packages": package_versions(),
@@ -145,4 +146,6 @@ def provenance(world_size: int) -> dict[str, Any]:
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "world_size": world_size,
+        "hosts": list(dict.fromkeys(str(r["host"]) for r in ranks)),
+        "ranks": ranks,
     }

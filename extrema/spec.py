@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from extrema.contract import DEFAULT_COLLECTIVE_TIMEOUT_S
+
 StageName = Literal["pretrain", "knn", "probe", "finetune", "detect", "inpaint"]
 BUILT_STAGES: tuple[str, ...] = ("pretrain", "knn", "probe", "finetune", "detect", "inpaint")
 
@@ -423,6 +425,7 @@ SBATCH_FIELDS: dict[str, tuple[re.Pattern[str], str]] = {
 SBATCH_OPTION = (re.compile(r"[a-z][a-z0-9-]{0,63}"), "long option names of lowercase letters, digits and '-'")
 SBATCH_VALUE = (re.compile(r"[A-Za-z0-9_.,:@%=+/\[\]-]{0,512}"), "letters, digits and _ . , : @ % = + / [ ] -")
 # Options submitit or the Slurm backend set itself; overriding them would break logs, arrays or requeueing.
+INTERFACE = re.compile(r"[A-Za-z0-9_.:-]{1,15}")  # Linux IFNAMSIZ; no '/' or whitespace
 MANAGED_SBATCH_OPTIONS = frozenset(
     {"array", "dependency", "error", "job-name", "open-mode", "output", "parsable", "signal", "wrap", "wckey"}
 )
@@ -469,6 +472,23 @@ class ResourcesSpec(Spec):
     qos: str | None = None
     constraint: str | None = None
     sbatch_extra: dict[str, str] = Field(default_factory=dict, description="extra sbatch options, name -> value")
+    network_interface: str | None = Field(
+        None, description="network interface for collectives between nodes (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME)"
+    )
+    collective_timeout_s: float = Field(
+        DEFAULT_COLLECTIVE_TIMEOUT_S,
+        gt=0,
+        le=86_400,
+        allow_inf_nan=False,
+        description="seconds a rank waits in one collective",
+    )
+
+    @field_validator("network_interface")
+    @classmethod
+    def _interface(cls, value: str | None) -> str | None:
+        if value is not None and not INTERFACE.fullmatch(value):
+            raise ValueError(f"{_quoted(value)} is not a network interface name (1-15 of letters, digits, _ . : -)")
+        return value
 
     @field_validator(*SBATCH_FIELDS)
     @classmethod

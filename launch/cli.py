@@ -196,6 +196,8 @@ def cmd_logs(args: argparse.Namespace, out: Console) -> int:
     key = store.job_key(args.run, args.stage)
     stage_dir = store.stage_url(target.url, args.run, args.stage)
     offsets: dict[str, int] = {}
+    lines: dict[str, logs.Lines] = {}
+    ranks: object = None
     broken: set[str] = set()
     state: str | None = None
     try:
@@ -205,8 +207,11 @@ def cmd_logs(args: argparse.Namespace, out: Console) -> int:
             if args.follow:
                 state = reconcile(target.url, {key: status}, target.launcher, target.manifest, write=True).states[key]
             address = ray_address(status, target.launcher) if status.get("backend") == "ray" else None
-            sources = logs.sources(stage_dir, status, target.manifest, address)
+            fresh = logs.stage_ranks(stage_dir)
+            sources = logs.sources(stage_dir, status, target.manifest, address, fresh)
             for src in sources:
+                if src.name not in lines or fresh != ranks:
+                    lines.setdefault(src.name, logs.Lines(src.label)).label = src.label
                 try:
                     chunk = src.read(offsets.get(src.name, 0))
                 except Exception as e:
@@ -217,11 +222,14 @@ def cmd_logs(args: argparse.Namespace, out: Console) -> int:
                 named = len(sources) > 1 or not src.name.startswith(stage_dir)  # a lone logs/ file goes bare
                 if chunk and not offsets.get(src.name) and named:
                     out.print(Text(f"==> {src.name} <==", style="bold"))
-                if chunk:
-                    sys.stdout.write(chunk.decode(errors="replace"))
+                text = lines[src.name].feed(chunk.decode(errors="replace"), final=not args.follow)
+                if text:
+                    sys.stdout.write(text)
                     sys.stdout.flush()
                 offsets[src.name] = offsets.get(src.name, 0) + len(chunk)
+            ranks = fresh
             if not args.follow or state not in store.IN_FLIGHT:
+                sys.stdout.write("".join(pending.feed("", final=True) for pending in lines.values()))
                 if not any(offsets.values()):
                     out.print(f"no logs yet for {key} ({state or 'not submitted'})")
                 return FAILED if args.follow and state == "failed" else OK

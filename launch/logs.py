@@ -13,22 +13,91 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from extrema import rundir
+from extrema import contract, rundir
 from launch import store
 
 SLURM_JOB_ID = re.compile(r"\d+(?:_\d+)?")  # as launch.backends.slurm checks them, without importing submitit
 SLURM_LOG = r"_(\d+)_log\.(out|err)"
 
 
+SUBMITIT_START = re.compile(r"Starting with JobEnvironment\(job_id=[^,]*, hostname=([^,\s]+),")
+RAY_PREFIX = re.compile(r"\((?:[A-Za-z_][\w.]* )?pid=(\d+)(?:, ip=([0-9A-Fa-f.:]+))?\) ?")
+
+
 @dataclass(frozen=True)
 class LogSource:
-    """One log: a name to show and a reader of its bytes from an offset."""
+    """One log: a name to show, a reader of its bytes from an offset, and what names each line's node and rank."""
 
     name: str
     read: Callable[[int], bytes]
+    label: Callable[[str], str] | None = None  # a complete line -> the line with its node and rank in front
+
+
+class Lines:
+    """Labels the lines of one log as its chunks arrive; a line cut between two chunks is labelled once."""
+
+    def __init__(self, label: Callable[[str], str] | None) -> None:
+        self.label = label
+        self.partial = ""
+
+    def feed(self, text: str, final: bool = False) -> str:
+        """The labelled complete lines of `text` (and the pending partial line when `final`)."""
+        if self.label is None:
+            return text
+        text, self.partial = self.partial + text, ""
+        lines = text.splitlines(keepends=True)
+        if lines and not lines[-1].endswith(("\n", "\r")) and not final:
+            self.partial = lines.pop()
+        return "".join(self.label(line) for line in lines)
+
+
+def rank_hosts(ranks: object) -> dict[int, str]:
+    """rank -> host from provenance's `ranks` list (entries that are not well-formed are skipped)."""
+    out: dict[int, str] = {}
+    for r in ranks if isinstance(ranks, list) else []:
+        if isinstance(r, dict) and isinstance(r.get("rank"), int) and isinstance(r.get("host"), str):
+            out[r["rank"]] = r["host"]
+    return out
+
+
+def slurm_label(rank: int, host: str | None) -> Callable[[str], str]:
+    """Labels a Slurm task's lines `[<node> rank <r>]`; the node is taken from each attempt's submitit header
+    (requeued attempts append to the same file and may run elsewhere), else from provenance."""
+    seen = {"host": host or "?"}
+
+    def label(line: str) -> str:
+        m = SUBMITIT_START.search(line)
+        if m:
+            seen["host"] = m.group(1)
+        return f"[{seen['host']} rank {rank}] {line}"
+
+    return label
+
+
+def ray_label(ranks: object) -> Callable[[str], str]:
+    """Labels the Ray workers' lines of a job log `[<node> rank <r>]` by their pid (from provenance), else by
+    their node's address; the driver's own lines stay as they are."""
+    by_pid = {
+        r["pid"]: (r["rank"], r["host"])
+        for r in (ranks if isinstance(ranks, list) else [])
+        if isinstance(r, dict) and isinstance(r.get("pid"), int) and isinstance(r.get("rank"), int)
+    }
+
+    def label(line: str) -> str:
+        m = RAY_PREFIX.match(line)
+        if m is None:
+            return line
+        rest = line[m.end() :]
+        pid = int(m.group(1))
+        if pid in by_pid:
+            rank, host = by_pid[pid]
+            return f"[{host} rank {rank}] {rest}"
+        return f"[{m.group(2) or 'pid ' + m.group(1)}] {rest}"
+
+    return label
 
 
 def file_source(url: str) -> LogSource:
@@ -58,6 +127,20 @@ def slurm_files(log_dir: str, job_id: str) -> list[str]:
     return [fs.unstrip_protocol(p) if "://" in log_dir else p for *_, p in sorted(found)]
 
 
+def slurm_rank(url: str) -> int:
+    """The task (rank) of a submitit log file `<job id>_<rank>_log.<out|err>`."""
+    return int(re.findall(SLURM_LOG, url.rsplit("/", 1)[-1])[-1][0])
+
+
+def stage_ranks(stage_dir: str) -> object:
+    """provenance.json's `ranks` of a stage (every rank's host and pid), or None when there is none to read."""
+    try:
+        record = contract.read_record(rundir.join(stage_dir, "provenance.json"))
+    except contract.Unreadable:
+        return None
+    return record.get("ranks") if isinstance(record, dict) else None
+
+
 def ray_source(address: str, job_id: str) -> LogSource:
     """The driver log of a Ray job, fetched whole from the job API on each read."""
     from launch.backends.ray import RayBackend
@@ -72,17 +155,27 @@ def ray_log_name(job_id: str) -> str:
 
 
 def sources(
-    stage_dir: str, status: Mapping[str, Any], manifest: Mapping[str, Any] | None, ray_address: str | None
+    stage_dir: str,
+    status: Mapping[str, Any],
+    manifest: Mapping[str, Any] | None,
+    ray_address: str | None,
+    ranks: object = None,
 ) -> list[LogSource]:
-    """Every log of a stage: its `logs/` files, then those of its current Slurm or Ray job."""
+    """Every log of a stage: its `logs/` files, then those of its current Slurm or Ray job. `ranks` (provenance's
+    list of every rank's host and pid) names each line's node and rank in a Slurm task's or Ray job's log."""
     found = store.log_files(stage_dir)
     out = [file_source(u) for u in found]
     job_id, backend = str(status.get("job_id") or ""), status.get("backend")
     log_dir = (manifest or {}).get("log_dir")
     if backend == "slurm" and job_id and isinstance(log_dir, str):
-        out += [file_source(u) for u in slurm_files(log_dir, job_id)]
-    if backend == "ray" and job_id and ray_address and not any(u.endswith("/" + ray_log_name(job_id)) for u in found):
-        out.append(ray_source(ray_address, job_id))
+        hosts = rank_hosts(ranks)
+        for u in slurm_files(log_dir, job_id):
+            rank = slurm_rank(u)
+            out.append(replace(file_source(u), label=slurm_label(rank, hosts.get(rank))))
+    if backend == "ray" and job_id:
+        out = [replace(o, label=ray_label(ranks)) if o.name.endswith("/" + ray_log_name(job_id)) else o for o in out]
+        if ray_address and not any(u.endswith("/" + ray_log_name(job_id)) for u in found):
+            out.append(replace(ray_source(ray_address, job_id), label=ray_label(ranks)))
     return out
 
 

@@ -82,6 +82,9 @@ def status_table(target: Target) -> StatusTable:
             latest = _latest(state, s, found.get(key), store.stage_url(target.url, run.run_id, stage))
             if key in seen.holders:
                 latest = f"{latest} (pid {seen.holders[key].pid} on {seen.holders[key].host})"
+            hosts = s.get("hosts")
+            if state == RUNNING and isinstance(hosts, list) and len(hosts) > 1:
+                latest = f"{latest} on nodes {', '.join(map(str, hosts[:8]))}"
             swept = (cell(flat.get(p)) for p in paths)
             rows.append((run.run_id, stage, *swept, cell(state), cell(s.get("attempts")), _elapsed(s), latest,
                          cell(s.get("job_id"))))  # fmt: skip

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from extrema import ckpt, entry, rundir
+from extrema import ckpt, contract, entry, rundir
 from extrema.models.extrema import ExtreMA
 from extrema.spec import RunSpec
 from launch.backends.ray_head import free_ports
@@ -234,8 +236,14 @@ def test_distributed_preemption_agrees_across_ranks(tmp_path: Path) -> None:
     make_run(str(tmp_path), {**SETUP, "pretrain": {**SETUP["pretrain"], "steps": 400, "ckpt_every": 1000}})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     cmd += ["--master_addr", "127.0.0.1", "-m", "extrema.entry", str(tmp_path), "pretrain"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for(
         lambda: any(r.get("step", 0) >= 20 for r in rundir.read_jsonl(str(tmp_path / "pretrain" / "metrics.jsonl")))
     )
@@ -251,3 +259,53 @@ def test_distributed_preemption_agrees_across_ranks(tmp_path: Path) -> None:
     assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= set(
         os.listdir(tmp_path / "pretrain" / "ckpt" / f"step-{step}")
     )
+
+
+def start_ranks(run_dir: Path, timeout_s: float) -> list[subprocess.Popen]:
+    """Two plain processes of one stage (RANK/WORLD_SIZE as any launcher sets them) with a short collective timeout."""
+    base = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    base.update({"WORLD_SIZE": "2", contract.COLLECTIVE_TIMEOUT_ENV: str(timeout_s)})
+    cmd = [sys.executable, "-m", "extrema.entry", str(run_dir), "pretrain"]
+    return [
+        subprocess.Popen(
+            cmd,
+            env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+
+
+@pytest.mark.parametrize("fault", ["kill", "freeze"])
+def test_a_lost_rank_fails_the_stage_within_the_collective_timeout_naming_it(tmp_path: Path, fault: str) -> None:
+    """A rank killed (its peer sees the connection close) or frozen (its peer hears nothing, as behind a cut link):
+    rank 0 stops within the collective timeout and records a failure that names the lost rank and its host."""
+    make_run(str(tmp_path), {**SETUP, "pretrain": {**SETUP["pretrain"], "steps": 2000, "ckpt_every": 1000}})
+    ranks = start_ranks(tmp_path, timeout_s=8)
+    try:
+        metrics = str(tmp_path / "pretrain" / "metrics.jsonl")
+        wait_for(lambda: any(r.get("step", 0) >= 3 for r in rundir.read_jsonl(metrics)))
+        prov = json.loads((tmp_path / "pretrain" / "provenance.json").read_text())
+        assert [r["rank"] for r in prov["ranks"]] == [0, 1]
+        assert [r["pid"] for r in prov["ranks"]] == [p.pid for p in ranks]
+        os.kill(ranks[1].pid, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+        t0 = time.monotonic()
+        code = ranks[0].wait(timeout=60)
+        took = time.monotonic() - t0
+        stderr = ranks[0].stderr.read() if ranks[0].stderr else ""
+        assert code == contract.EXIT_FAILED, stderr[-3000:]
+        assert took < 8 + 20, took  # the timeout, plus the step in flight and the teardown
+        status = json.loads((tmp_path / "pretrain" / "status.json").read_text())
+        assert status["state"] == "failed" and status["hosts"] == [socket.gethostname()]
+        assert f"rank 1 on {socket.gethostname()}" in status["error"], status["error"]
+        assert "collective timeout 8 s" in status["error"]
+        if fault == "freeze":
+            assert "timed out" in status["error"].lower(), status["error"]
+    finally:
+        for p in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()

@@ -59,6 +59,18 @@ class Job:
             return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *entry]
         return [sys.executable, *entry]
 
+    def env(self) -> dict[str, str]:
+        """Environment every rank of the job gets: the collective timeout and, when set, the network interface."""
+        return network_env(self.resources)
+
+
+def network_env(r: ResourcesSpec) -> dict[str, str]:
+    """The launcher's network settings as the environment variables extrema.dist, gloo and NCCL read."""
+    env = {contract.COLLECTIVE_TIMEOUT_ENV: f"{r.collective_timeout_s:g}"}
+    if r.network_interface:
+        env.update(dict.fromkeys(contract.INTERFACE_ENVS, r.network_interface))
+    return env
+
 
 class Backend(Protocol):
     """Submit stage jobs, ask their states, cancel them."""

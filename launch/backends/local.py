@@ -45,8 +45,8 @@ _ENDED = (State.COMPLETED, State.FAILED, State.CANCELLED)
 
 
 def job_env(job: Job, job_id: str, gpus: tuple[str, ...], base: Mapping[str, str]) -> dict[str, str]:
-    """The environment a local job starts with: `base` plus its job id, its GPUs and its CPU thread budget."""
-    env = {**base, "EXTREMA_JOB_ID": job_id, "PYTHONUNBUFFERED": "1"}
+    """The environment a local job starts with: `base` plus its job id, network settings, GPUs and CPU threads."""
+    env = {**base, **job.env(), "EXTREMA_JOB_ID": job_id, "PYTHONUNBUFFERED": "1"}
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     r = job.resources

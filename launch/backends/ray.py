@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from extrema.contract import EXIT_UPSTREAM_FAILED
+from extrema.contract import DEFAULT_COLLECTIVE_TIMEOUT_S, EXIT_UPSTREAM_FAILED
 from launch.backends.base import Job, State
 
 if TYPE_CHECKING:
@@ -82,11 +82,28 @@ def driver_command(
     gpus = r.gpus_per_node / r.processes_per_node if r.gpus_per_node else 0
     argv = [python, "-m", "launch.backends.ray", f"--address={address}", f"--job-id={job_id}"]
     argv += [f"--after={a}" for a in after]
-    argv += [f"--cpus={r.cpus_per_task}", f"--gpus={gpus:g}", f"--workers={r.world_size}"]
+    argv += [f"--cpus={r.cpus_per_task}", f"--gpus={gpus:g}", f"--workers={r.world_size}", f"--nodes={r.nodes}"]
+    argv += [f"--collective-timeout={r.collective_timeout_s:g}"]
     argv += [f"--max-failures={max_failures}"]
     if storage:
         argv.append(f"--storage={storage}")
     return [*argv, "--", job.run_dir, job.stage]
+
+
+def job_runtime_env(base: dict[str, Any] | None, job: Job) -> dict[str, Any]:
+    """The Ray runtime environment of a job: `base` with the job's network settings added to its env_vars (they
+    reach the driver, the task or every Ray Train worker of the job)."""
+    env = dict(base or {})
+    env["env_vars"] = {**(env.get("env_vars") or {}), **job.env()}
+    return env
+
+
+def placement(nodes: int, workers: int) -> str:
+    """Ray Train's placement strategy: one worker per node on distinct nodes (STRICT_SPREAD) when a stage asks for
+    as many nodes as workers; spread as evenly as Ray can otherwise; packed on one node for a one-node stage."""
+    if nodes <= 1:
+        return "PACK"
+    return "STRICT_SPREAD" if nodes == workers else "SPREAD"
 
 
 class RayBackend:
@@ -140,7 +157,7 @@ class RayBackend:
             self.client.submit_job(
                 entrypoint=shlex.join(argv),
                 submission_id=sid,
-                runtime_env=self.runtime_env,
+                runtime_env=job_runtime_env(self.runtime_env, j),
                 metadata={"key": j.key, "run_dir": j.run_dir, "stage": j.stage},
                 entrypoint_num_cpus=0,
             )
@@ -227,8 +244,15 @@ def run_stage(args: argparse.Namespace, job_id: str) -> None:
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"run_dir": args.run_dir, "stage": args.stage, "job_id": job_id},
-        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.gpus > 0, resources_per_worker=resources),
-        torch_config=TorchConfig(backend="nccl" if args.gpus else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=args.workers,
+            use_gpu=args.gpus > 0,
+            resources_per_worker=resources,
+            placement_strategy=placement(args.nodes, args.workers),
+        ),
+        torch_config=TorchConfig(
+            backend="nccl" if args.gpus else "gloo", timeout_s=max(1, round(args.collective_timeout))
+        ),
         run_config=RunConfig(
             name=re.sub(r"[^A-Za-z0-9_.-]", "-", job_id),
             storage_path=args.storage,
@@ -247,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus", type=float, default=1.0, help="CPUs per rank")
     parser.add_argument("--gpus", type=float, default=0.0, help="GPUs per rank")
     parser.add_argument("--workers", type=int, default=1, help="ranks (world size)")
+    parser.add_argument("--nodes", type=int, default=1, help="nodes the ranks are spread over")
+    parser.add_argument(
+        "--collective-timeout", type=float, default=DEFAULT_COLLECTIVE_TIMEOUT_S, help="seconds per collective"
+    )
     parser.add_argument("--max-failures", type=int, default=1, help="retries after a failure")
     parser.add_argument("--storage", default=None, help="Ray Train storage path")
     parser.add_argument("--poll", type=float, default=1.0, help="seconds between upstream status checks")

@@ -22,9 +22,11 @@ they are applied again here for specs built any other way.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -312,17 +314,67 @@ def requeue_after_preemption() -> None:
     time.sleep(60)  # submitit's handler requeues and exits the process from here
 
 
-class StageCall(Checkpointable):
-    """What a Slurm task runs: one stage of one run, read from the run store; requeued as itself when preempted."""
+def resolve_ipv4(host: str) -> str | None:
+    """The first IPv4 address a host name resolves to here (the node's own resolver), else None."""
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM)
+    except OSError:
+        return None
+    return str(infos[0][4][0]) if infos else None
 
-    def __init__(self, run_dir: str, stage: str) -> None:
+
+def node_addr(node: str, timeout_s: float = CLIENT_TIMEOUT_S) -> str | None:
+    """NodeAddr of a node as slurmctld knows it (`scontrol show node`), else None."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "node", "--", node], capture_output=True, text=True, timeout=timeout_s, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    m = re.search(r"\bNodeAddr=(\S+)", out.stdout)
+    return m.group(1) if m and out.returncode == 0 else None
+
+
+def rendezvous_address(first_node: str, num_nodes: int) -> str:
+    """Where every rank meets rank 0: the address of the allocation's first node. Across nodes it is never a
+    loopback address (the other nodes could not reach it): the node's resolved name, else slurmctld's NodeAddr,
+    else a RuntimeError that says so."""
+    resolved = resolve_ipv4(first_node)
+    if num_nodes == 1:
+        return resolved or first_node
+    tried = [f"{first_node} resolves to {resolved or 'nothing'}"]
+    for candidate in (resolved, node_addr(first_node)):
+        address = candidate if candidate is None else resolve_ipv4(candidate)
+        if address and not ipaddress.ip_address(address).is_loopback:
+            return address
+        if candidate is not resolved:
+            tried.append(f"its NodeAddr is {candidate or 'unknown'}")
+    raise RuntimeError(
+        f"no rendezvous address reachable from other nodes for {first_node}: {'; '.join(tried)} "
+        "(fix the node's name resolution or its NodeAddr)"
+    )
+
+
+class StageCall(Checkpointable):
+    """What a Slurm task runs: one stage of one run, read from the run store; requeued as itself when preempted.
+
+    `env` (the launcher's network settings, `Job.env()`) is exported before the stage starts. Several tasks meet
+    at the first node of the allocation (`rendezvous_address`) on a port derived from the job id.
+    """
+
+    def __init__(self, run_dir: str, stage: str, env: Mapping[str, str] | None = None) -> None:
         self.run_dir = run_dir
         self.stage = stage
+        self.env = dict(env or {})
 
     def __call__(self) -> int:
         """Run `extrema.entry` for the stage; raise on a non-zero exit so that Slurm marks the task FAILED."""
-        if submitit.JobEnvironment().num_tasks > 1:
-            TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+        os.environ.update(getattr(self, "env", {}))  # calls pickled before `env` existed have none
+        job = submitit.JobEnvironment()
+        if job.num_tasks > 1:
+            world = TorchDistributedEnvironment()
+            world.master_addr = rendezvous_address(world.master_addr, job.num_nodes)
+            world.export(set_cuda_visible_devices=False, overwrite=True)
         from extrema import entry
 
         code = entry.main([self.run_dir, self.stage])
@@ -339,7 +391,7 @@ class StageCall(Checkpointable):
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
         """Requeue the same call; progress is in the run store, not in this object."""
-        return DelayedSubmission(StageCall(self.run_dir, self.stage))
+        return DelayedSubmission(StageCall(self.run_dir, self.stage, getattr(self, "env", {})))
 
     def __repr__(self) -> str:
         return f"StageCall({self.run_dir!r}, {self.stage!r})"
@@ -399,7 +451,7 @@ class SlurmBackend:
                 **executor_parameters(r, job_name(chunk[0]), dependency, self.array_parallelism, self.setup)
             )
             with ex.batch():
-                handles = [ex.submit(StageCall(j.run_dir, j.stage)) for j in chunk]
+                handles = [ex.submit(StageCall(j.run_dir, j.stage, j.env())) for j in chunk]
             return [h.job_id for h in handles]
 
         return send_arrays(jobs, self.max_array_size, sbatch)

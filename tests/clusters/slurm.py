@@ -15,7 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,12 +79,27 @@ class SlurmCluster:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-def slurm_conf(c: SlurmCluster, cpus: int, memory_mb: int) -> str:
-    """slurm.conf of the private cluster (accounting through slurmdbd)."""
+def slurm_conf(
+    c: SlurmCluster,
+    nodes: Mapping[str, str],
+    cpus: int,
+    memory_mb: int,
+    controller: str = "localhost",
+    slurmd_timeout: int = 30,
+) -> str:
+    """slurm.conf of the private cluster (accounting through slurmdbd); `nodes` maps node name -> address."""
     r = c.root
+    # With several nodes, each slurmd gets its own spool dir, pid and log file (%n: the node name).
+    node = ".%n" if len(nodes) > 1 else ""
+    spool = f"{r}/spool/%n" if node else f"{r}/spool"
+    node_lines = "".join(
+        f"NodeName={name} NodeAddr={addr} CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN\n"
+        for name, addr in nodes.items()
+    )
+    names = ",".join(nodes)
     return f"""\
 ClusterName={c.cluster_name}
-SlurmctldHost=localhost
+SlurmctldHost={controller}
 SlurmctldPort={c.ports["slurmctld"]}
 SlurmdPort={c.ports["slurmd"]}
 AuthType=auth/munge
@@ -93,11 +108,11 @@ AuthInfo=socket={c.munge_socket}
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
+SlurmdSpoolDir={spool}
 SlurmctldPidFile={r}/run/slurmctld.pid
-SlurmdPidFile={r}/run/slurmd.pid
+SlurmdPidFile={r}/run/slurmd{node}.pid
 SlurmctldLogFile={r}/log/slurmctld.log
-SlurmdLogFile={r}/log/slurmd.log
+SlurmdLogFile={r}/log/slurmd{node}.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -111,13 +126,12 @@ AccountingStorageHost=localhost
 AccountingStoragePort={c.ports["slurmdbd"]}
 AccountingStoragePass={c.munge_socket}
 JobCompType=jobcomp/none
-SlurmdTimeout=30
+SlurmdTimeout={slurmd_timeout}
 InactiveLimit=0
 KillWait=5
 MinJobAge=300
 MaxArraySize={c.max_array_size}
-NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
-PartitionName={c.partition} Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+{node_lines}PartitionName={c.partition} Nodes={names} Default=YES MaxTime=INFINITE State=UP
 """
 
 
@@ -188,42 +202,63 @@ def node_idle(c: SlurmCluster) -> bool:
     return out.startswith("idle")
 
 
+def cluster_ports() -> dict[str, int]:
+    """Free ports for slurmctld, slurmd, slurmdbd and MariaDB."""
+    names = ("slurmctld", "slurmd", "slurmdbd", "mariadb")
+    return dict(zip(names, free_ports(len(names))))
+
+
+def write_confs(c: SlurmCluster, slurm_conf_text: str) -> None:
+    """Create the cluster's directories and write slurm.conf and slurmdbd.conf."""
+    for sub in ("etc", "munge", "state", "spool", "log", "run", "db"):
+        (c.root / sub).mkdir(parents=True, exist_ok=True)
+    c.conf.write_text(slurm_conf_text)
+    (c.root / "etc" / "slurmdbd.conf").write_text(slurmdbd_conf(c))
+    (c.root / "etc" / "slurmdbd.conf").chmod(0o600)
+
+
+def start_accounting(c: SlurmCluster) -> None:
+    """Start munged, a private MariaDB and slurmdbd, and register the cluster with the accounting."""
+    root = c.root
+    key = root / "munge" / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    (root / "munge").chmod(0o700)
+    spawn(c, "munged", ["munged", "--foreground", "--force", f"--socket={c.munge_socket}", f"--key-file={key}",
+                        f"--pid-file={root}/run/munged.pid", f"--log-file={root}/log/munged.log",
+                        f"--seed-file={root}/munge/munged.seed"])  # fmt: skip
+    c.run("mariadb-install-db", "--no-defaults", "--user=root", f"--datadir={root}/db/data",
+          "--auth-root-authentication-method=normal", "--skip-test-db", timeout=120)  # fmt: skip
+    spawn(c, "mariadbd", ["mariadbd", "--no-defaults", "--user=root", f"--datadir={root}/db/data",
+                          f"--socket={root}/db/mysqld.sock", f"--port={c.ports['mariadb']}",
+                          "--bind-address=127.0.0.1", f"--pid-file={root}/run/mariadbd.pid",
+                          f"--log-error={root}/log/mariadbd.log", "--innodb-buffer-pool-size=64M",
+                          "--skip-name-resolve"])  # fmt: skip
+    wait_until(lambda: alive(c, "munged") and c.munge_socket.exists(), START_TIMEOUT_S, "munged")
+    wait_until(lambda: mariadb_ready(c), START_TIMEOUT_S, "mariadbd", interval_s=0.2)
+    grant = (
+        f"CREATE USER IF NOT EXISTS '{DB_USER}'@'127.0.0.1' IDENTIFIED BY '{DB_PASS}';"
+        f" GRANT ALL ON slurm_acct_db.* TO '{DB_USER}'@'127.0.0.1';"
+    )
+    c.run("mariadb", "--no-defaults", "-S", f"{root}/db/mysqld.sock", "-uroot", "-e", grant)
+    spawn(c, "slurmdbd", ["slurmdbd", "-D"])
+    wait_until(lambda: alive(c, "slurmdbd") and port_open(c.ports["slurmdbd"]), START_TIMEOUT_S, "slurmdbd")
+    c.run("sacctmgr", "-i", "add", "cluster", c.cluster_name)
+
+
+def start_slurmctld(c: SlurmCluster, argv: list[str]) -> None:
+    """Start slurmctld with `argv` (`slurmctld -D -i`, possibly wrapped) and wait until it listens."""
+    spawn(c, "slurmctld", argv)
+    wait_until(lambda: alive(c, "slurmctld") and port_open(c.ports["slurmctld"]), START_TIMEOUT_S, "slurmctld")
+
+
 def start_slurm(root: Path, max_array_size: int = MAX_ARRAY_SIZE) -> SlurmCluster:
     """Start munge, MariaDB, slurmdbd, slurmctld and slurmd under `root`; return once the node is idle."""
-    names = ("slurmctld", "slurmd", "slurmdbd", "mariadb")
-    c = SlurmCluster(root=root, ports=dict(zip(names, free_ports(len(names)))), max_array_size=max_array_size)
-    for sub in ("etc", "munge", "state", "spool", "log", "run", "db"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
-    c.conf.write_text(slurm_conf(c, os.cpu_count() or 1, memory_mb()))
-    (root / "etc" / "slurmdbd.conf").write_text(slurmdbd_conf(c))
-    (root / "etc" / "slurmdbd.conf").chmod(0o600)
+    c = SlurmCluster(root=root, ports=cluster_ports(), max_array_size=max_array_size)
+    write_confs(c, slurm_conf(c, {"localhost": "127.0.0.1"}, os.cpu_count() or 1, memory_mb()))
     try:
-        key = root / "munge" / "munge.key"
-        key.write_bytes(os.urandom(1024))
-        key.chmod(0o400)
-        (root / "munge").chmod(0o700)
-        spawn(c, "munged", ["munged", "--foreground", "--force", f"--socket={c.munge_socket}", f"--key-file={key}",
-                            f"--pid-file={root}/run/munged.pid", f"--log-file={root}/log/munged.log",
-                            f"--seed-file={root}/munge/munged.seed"])  # fmt: skip
-        c.run("mariadb-install-db", "--no-defaults", "--user=root", f"--datadir={root}/db/data",
-              "--auth-root-authentication-method=normal", "--skip-test-db", timeout=120)  # fmt: skip
-        spawn(c, "mariadbd", ["mariadbd", "--no-defaults", "--user=root", f"--datadir={root}/db/data",
-                              f"--socket={root}/db/mysqld.sock", f"--port={c.ports['mariadb']}",
-                              "--bind-address=127.0.0.1", f"--pid-file={root}/run/mariadbd.pid",
-                              f"--log-error={root}/log/mariadbd.log", "--innodb-buffer-pool-size=64M",
-                              "--skip-name-resolve"])  # fmt: skip
-        wait_until(lambda: alive(c, "munged") and c.munge_socket.exists(), START_TIMEOUT_S, "munged")
-        wait_until(lambda: mariadb_ready(c), START_TIMEOUT_S, "mariadbd", interval_s=0.2)
-        grant = (
-            f"CREATE USER IF NOT EXISTS '{DB_USER}'@'127.0.0.1' IDENTIFIED BY '{DB_PASS}';"
-            f" GRANT ALL ON slurm_acct_db.* TO '{DB_USER}'@'127.0.0.1';"
-        )
-        c.run("mariadb", "--no-defaults", "-S", f"{root}/db/mysqld.sock", "-uroot", "-e", grant)
-        spawn(c, "slurmdbd", ["slurmdbd", "-D"])
-        wait_until(lambda: alive(c, "slurmdbd") and port_open(c.ports["slurmdbd"]), START_TIMEOUT_S, "slurmdbd")
-        c.run("sacctmgr", "-i", "add", "cluster", c.cluster_name)
-        spawn(c, "slurmctld", ["slurmctld", "-D", "-i"])
-        wait_until(lambda: alive(c, "slurmctld") and port_open(c.ports["slurmctld"]), START_TIMEOUT_S, "slurmctld")
+        start_accounting(c)
+        start_slurmctld(c, ["slurmctld", "-D", "-i"])
         spawn(c, "slurmd", ["slurmd", "-D", "-N", "localhost"])
         wait_until(lambda: node_idle(c), START_TIMEOUT_S, "slurmd to register an idle node", interval_s=0.2)
     except BaseException:
@@ -244,11 +279,11 @@ def cancel_all_jobs(c: SlurmCluster) -> None:
 
 
 def stop_slurm(c: SlurmCluster) -> None:
-    """Cancel what is left, then TERM each daemon by PID: slurmd, slurmctld, slurmdbd, mariadbd, munged."""
+    """Cancel what is left, then TERM each daemon by PID in reverse start order: slurmd(s), slurmctld, slurmdbd,
+    mariadbd, munged."""
     cancel_all_jobs(c)
-    for name in ("slurmd", "slurmctld", "slurmdbd", "mariadbd", "munged"):
-        proc = c.procs.get(name)
-        if proc is None or proc.poll() is not None:
+    for proc in reversed(list(c.procs.values())):
+        if proc.poll() is not None:
             continue
         proc.send_signal(signal.SIGTERM)
         try:

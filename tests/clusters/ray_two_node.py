@@ -1,0 +1,238 @@
+"""A two-node Ray cluster on one machine: the head on n1 and a worker on n2 of a `tests.clusters.netns` network.
+
+Each node is `ray start --block` run on its node with the launcher's `head_env` (a private HOME, no token auth, no
+usage stats), its own temp dir, `--node-ip-address` and explicit non-default ports, and two CPUs (so that only a
+placement strategy, not the CPU count, forces work onto distinct nodes). The head's dashboard listens on every
+address, so the job API answers from the test process at `address`. Stopped by PID (never `ray stop`): each
+node's process tree gets TERM, then KILL, then whatever is left in the namespaces is killed.
+
+    pytest -m ray            # fixture `ray_two_nodes`; RAY_ADDRESS is NOT set for the session
+
+Pass `address` (or `gcs_address` from a process on a node) explicitly, or run clients with `env=cluster.env`,
+which carries RAY_ADDRESS=`address`; the single-node `ray_cluster` sets RAY_ADDRESS to its own head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from launch.backends.ray_head import PORT_NAMES, WORKER_PORTS, free_ports, head_env, ray_executable
+from tests.clusters import port_open, require_module, wait_until
+from tests.clusters.netns import TwoNodeNetwork, require_network, start_network, stop_network
+from tests.clusters.ray import INSTALL_HINT
+
+HEAD, WORKER = "n1", "n2"
+NUM_CPUS = 2
+OBJECT_STORE_BYTES = 200_000_000
+START_TIMEOUT_S = 120.0
+STOP_GRACE_S = 5.0
+# The ports a worker node needs too; the GCS, dashboard and Ray Client ports are the head's alone.
+NODE_PORTS = tuple(p for p in PORT_NAMES if p not in ("gcs", "dashboard", "client_server"))
+
+
+@dataclass
+class TwoNodeRay:
+    """A running two-node Ray cluster: its directory, network, ports and `ray start --block` processes."""
+
+    root: Path
+    net: TwoNodeNetwork
+    ports: dict[str, dict[str, int]]
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def head_ip(self) -> str:
+        """n1's address."""
+        return self.net.nodes[HEAD].address
+
+    @property
+    def address(self) -> str:
+        """The dashboard URL, for `JobSubmissionClient` and RAY_ADDRESS."""
+        return f"http://{self.head_ip}:{self.ports[HEAD]['dashboard']}"
+
+    @property
+    def gcs_address(self) -> str:
+        """The GCS address, for `ray.init(address=...)` in a process on a node."""
+        return f"{self.head_ip}:{self.ports[HEAD]['gcs']}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The environment for clients of this cluster (RAY_ADDRESS is its dashboard URL)."""
+        return {**head_env(self.root), "RAY_ADDRESS": self.address}
+
+    def alive_nodes(self) -> list[dict[str, object]]:
+        """The nodes the GCS reports alive, as the dashboard lists them; empty while it does not answer."""
+        try:
+            with urllib.request.urlopen(f"{self.address}/nodes?view=summary", timeout=5) as r:
+                summary = json.load(r)["data"]["summary"]
+        except (OSError, ValueError, KeyError):
+            return []
+        return [n["raylet"] for n in summary if n.get("raylet", {}).get("state") == "ALIVE"]
+
+    def kill_worker_node(self) -> list[int]:
+        """SIGKILL every process of n2 (the worker node dies); the PIDs killed."""
+        killed = self.net.kill_node(WORKER)
+        self.procs[WORKER].wait(timeout=STOP_GRACE_S)
+        return killed
+
+    def start_worker_node(self) -> None:
+        """Start the n2 worker (again) and wait until the GCS reports exactly two alive nodes, one of them new."""
+        before = {n["nodeId"] for n in self.alive_nodes()}
+        start_node(self, WORKER)
+
+        def joined() -> bool:
+            alive = self.alive_nodes()
+            return len(alive) == 2 and any(n["nodeId"] not in before for n in alive)
+
+        wait_until(joined, START_TIMEOUT_S, "the Ray worker node to join", interval_s=0.5)
+
+
+def start_node(c: TwoNodeRay, name: str) -> None:
+    """`ray start --block` on the node: the head on n1, a worker joining it elsewhere."""
+    node_dir = c.root / name
+    (node_dir / "home").mkdir(parents=True, exist_ok=True)
+    (node_dir / "tmp").mkdir(exist_ok=True)
+    # Fresh ports on every start: a restarted node must not wait for its predecessor's ports to be released.
+    all_ports = free_ports(len(PORT_NAMES) + WORKER_PORTS)
+    ports = c.ports[name] = dict(zip(PORT_NAMES, all_ports))
+    workers = all_ports[len(PORT_NAMES) :]
+    argv = [
+        ray_executable(), "start", "--block", "--disable-usage-stats", f"--temp-dir={node_dir / 'tmp'}",
+        f"--node-ip-address={c.net.nodes[name].address}", f"--num-cpus={NUM_CPUS}",
+        f"--object-store-memory={OBJECT_STORE_BYTES}", f"--node-manager-port={ports['node_manager']}",
+        f"--object-manager-port={ports['object_manager']}",
+        f"--dashboard-agent-listen-port={ports['dashboard_agent_listen']}",
+        f"--dashboard-agent-grpc-port={ports['dashboard_agent_grpc']}",
+        f"--metrics-export-port={ports['metrics_export']}", f"--runtime-env-agent-port={ports['runtime_env_agent']}",
+        f"--worker-port-list={','.join(map(str, workers))}",
+    ]  # fmt: skip
+    if name == HEAD:
+        argv += [
+            "--head", f"--port={ports['gcs']}", "--include-dashboard=true", "--dashboard-host=0.0.0.0",
+            f"--dashboard-port={ports['dashboard']}", f"--ray-client-server-port={ports['client_server']}",
+        ]  # fmt: skip
+    else:
+        argv.append(f"--address={c.gcs_address}")
+    env = {**head_env(node_dir), "TMPDIR": str(node_dir / "tmp"), "RAY_TMPDIR": str(node_dir / "tmp")}
+    env.pop("RAY_ADDRESS", None)
+    with open(node_dir / "ray-start.out", "ab") as out:
+        c.procs[name] = subprocess.Popen(
+            c.net.wrap(name, argv), env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
+        )
+
+
+def check_running(c: TwoNodeRay) -> None:
+    """RuntimeError with its output when a `ray start` has exited."""
+    for name, proc in c.procs.items():
+        if proc.poll() is not None:
+            out = (c.root / name / "ray-start.out").read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"ray start on {name} exited with {proc.returncode}:\n{out}")
+
+
+def gcs_listens(c: TwoNodeRay) -> bool:
+    """The head's GCS accepts connections from this (the root) namespace."""
+    check_running(c)
+    return port_open(c.ports[HEAD]["gcs"], c.head_ip)
+
+
+def head_ready(c: TwoNodeRay) -> bool:
+    """The job API answers from this (the root) namespace."""
+    check_running(c)
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        JobSubmissionClient(c.address).list_jobs()
+    except Exception:
+        return False
+    return True
+
+
+def start_ray_two_nodes(net: TwoNodeNetwork) -> TwoNodeRay:
+    """Start the head on n1 and the worker on n2; return once the job API answers and both nodes are alive."""
+    # Ray's Unix socket paths live under the temp dirs and must stay short (about 100 characters).
+    root = Path(tempfile.mkdtemp(prefix="extrema-ray2-", dir="/tmp"))
+    (root / "home").mkdir()
+    c = TwoNodeRay(root, net, {})
+    try:
+        start_node(c, HEAD)
+        # The worker needs only the GCS; the dashboard comes up meanwhile.
+        wait_until(lambda: gcs_listens(c), START_TIMEOUT_S, "the Ray head's GCS", interval_s=0.2)
+        start_node(c, WORKER)
+        wait_until(lambda: head_ready(c) and len(c.alive_nodes()) == 2, START_TIMEOUT_S, "two alive Ray nodes", 0.3)
+    except BaseException:
+        stop_ray_two_nodes(c)
+        raise
+    return c
+
+
+def process_tree(pid: int) -> list[int]:
+    """The process and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    return tree
+
+
+def stop_ray_two_nodes(c: TwoNodeRay) -> None:
+    """TERM each `ray start --block`, then KILL its process tree and whatever is left on the nodes; remove its dir."""
+    for name in (WORKER, HEAD):
+        proc = c.procs.get(name)
+        if proc is None:
+            continue
+        # `ray start --block` does not always stop its node on TERM: collect the tree first, KILL it after a grace.
+        tree = process_tree(proc.pid)
+        if proc.poll() is None:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=STOP_GRACE_S)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=STOP_GRACE_S)
+        c.net.kill_node(name)
+    shutil.rmtree(c.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodeRay]:
+    """A two-node Ray cluster (head on n1, worker on n2) for the whole test session; RAY_ADDRESS is left alone."""
+    require_network()
+    require_module("ray", INSTALL_HINT)
+    t0 = time.perf_counter()
+    net = start_network(tmp_path_factory.mktemp("ray2n"))
+    try:
+        cluster = start_ray_two_nodes(net)
+    except BaseException:
+        stop_network(net)
+        raise
+    pids = {name: p.pid for name, p in cluster.procs.items()}
+    print(f"\nray_two_nodes: started in {time.perf_counter() - t0:.1f} s at {cluster.address} (pids {pids})")
+    try:
+        yield cluster
+    finally:
+        t0 = time.perf_counter()
+        try:
+            stop_ray_two_nodes(cluster)
+        finally:
+            stop_network(net)
+        print(f"\nray_two_nodes: stopped in {time.perf_counter() - t0:.1f} s")
