@@ -29,7 +29,7 @@ from launch.backends.slurm import (
     planned_arrays,
     to_state,
 )
-from tests.cluster_sweeps import FAST, FAST_KNN, FINAL, TINY, cli
+from tests.cluster_sweeps import FAST, FAST_KNN, FINAL, TINY, cli, release_requeued
 from tests.clusters.slurm import SlurmCluster
 from tests.stage_runs import make_run
 
@@ -303,7 +303,7 @@ def test_preemption_requeues_and_resumes_to_the_same_result(slurm_cluster: Slurm
         assert time.monotonic() < deadline, "the job was not requeued"
         time.sleep(0.2)
     assert backend.status([target]) == {target: State.PENDING}
-    slurm_cluster.run("scontrol", "update", f"JobId={target}", "StartTime=now")
+    release_requeued(slurm_cluster.run, target)
 
     final = wait_states(backend, ids, FINAL)
     logs = "\n".join(f"== {p}\n{p.read_text()[-3000:]}" for p in sorted((tmp_path / "logs").rglob("*_log.*")))

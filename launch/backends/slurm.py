@@ -291,12 +291,22 @@ def to_state(slurm_state: str, reason: str = "") -> State:
     return SLURM_STATES.get(slurm_state, State.UNKNOWN)
 
 
-def job_running(job_id: str, timeout_s: float = CLIENT_TIMEOUT_S) -> bool:
-    """Whether Slurm still has the job RUNNING (not cancelled, preempted or requeued by Slurm itself)."""
-    out = subprocess.run(
-        ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=timeout_s, check=False
-    )
-    return out.stdout.strip() == "RUNNING"
+def job_running(job_id: str, timeout_s: float = CLIENT_TIMEOUT_S, tries: int = 5, pause_s: float = 2.0) -> bool:
+    """Whether Slurm still has the job RUNNING (not cancelled, preempted or requeued by Slurm itself). A busy
+    controller that does not answer is asked again; one that never answers counts as RUNNING (the job's own
+    process is still running, and a requeue of an ended job is refused by Slurm, not done twice)."""
+    for attempt in range(tries):
+        try:
+            out = subprocess.run(
+                ["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=timeout_s
+            )
+        except subprocess.TimeoutExpired:
+            out = None
+        if out is not None and out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip() == "RUNNING"
+        if attempt + 1 < tries:
+            time.sleep(pause_s)
+    return True
 
 
 def requeue_after_preemption() -> None:
