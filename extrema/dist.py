@@ -73,6 +73,7 @@ def init_world() -> World:
         os.environ.setdefault("MASTER_PORT", "29500")
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=rank, world_size=size, timeout=collective_timeout())
+        _owned.add(id(dist.group.WORLD))
     if dist.is_initialized():
         rank, size = dist.get_rank(), dist.get_world_size()
     return World(rank, size, local, device)
@@ -121,6 +122,7 @@ def thread_names() -> list[str]:
 
 
 _side_groups: dict[int, Any] = {}
+_owned: set[int] = set()  # default groups this process created (a launcher such as Ray Train owns the others)
 
 
 def side_group() -> Any:
@@ -135,7 +137,8 @@ def side_group() -> Any:
 
 
 def release_world() -> None:
-    """Destroy every process group and join gloo's worker threads while the interpreter is whole.
+    """Destroy every process group this process created and join gloo's worker threads while the interpreter is
+    whole. A world a launcher set up (Ray Train) stays: the launcher destroys it when its workers end.
 
     A gloo worker frees a finished collective's tensors itself, taking the GIL to drop their Python objects. If
     the interpreter is finalising by then, CPython ends that thread with pthread_exit, whose unwinding through
@@ -145,9 +148,16 @@ def release_world() -> None:
     """
     if not dist.is_initialized():
         return
+    owned = id(dist.group.WORLD) in _owned
+    for group in _side_groups.values():
+        if not owned:  # the launcher destroys its own world later, and every group with it; ours go now
+            dist.destroy_process_group(group)
     _side_groups.clear()
     drop_mesh_caches()
     gc.collect()
+    if not owned:
+        return
+    _owned.clear()
     dist.destroy_process_group()
     left = thread_names().count(GLOO_WORKER)
     if left:
@@ -178,6 +188,24 @@ def rank_places() -> list[dict[str, Any]]:
             place = {"host": text[:255], "pid": None}
         places.append({"rank": rank, "host": str(place.get("host")), "pid": place.get("pid")})
     return places
+
+
+MAIN_WAIT = timedelta(days=7)  # how long other ranks wait for rank 0 to be ready (its death ends the wait sooner)
+
+
+def wait_for_main(key: str) -> None:
+    """Rank 0 sets `key` in the process group's store; the other ranks wait for it there, not in a collective, so
+    that rank 0 may take its time (waiting for a stage's lease) without the collective timeout ending the wait.
+    The store lives with rank 0 (or its launcher): if that dies, the wait ends with an error at once."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    from torch.distributed import distributed_c10d
+
+    store = distributed_c10d._get_default_store()
+    if dist.get_rank() == 0:
+        store.set(key, "1")
+    else:
+        store.wait([key], MAIN_WAIT)
 
 
 def barrier() -> None:

@@ -103,9 +103,10 @@ def agree(decision: bool, world: int) -> bool:
         return decision
     import torch
 
-    from extrema.dist import init_world
+    from extrema.dist import init_world, wait_for_main
 
     device = init_world().device
+    wait_for_main("extrema/stage-owned")  # rank 0 may wait long for the lease: the others wait without a timeout
     flag = torch.tensor([1.0 if decision else 0.0], device=device)
     torch.distributed.broadcast(flag, src=0)
     return bool(flag.item() > 0)
@@ -227,6 +228,9 @@ def attempt(run_dir: str, stage: str, stage_dir: str) -> dict[str, Any]:
         return done or {}
     fn = stage_fn(stage)  # imported once this attempt owns the stage: a waiting attempt stays light
     ranks = places(world)
+    if world > 1:
+        print(f"extrema.entry: rank {rank} of {world} on {socket.gethostname()} (pid {os.getpid()}): {stage_dir}",
+              file=sys.stderr, flush=True)  # fmt: skip
     if rank == 0:
         try:
             prev = contract.read_status(stage_dir)

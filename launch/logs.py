@@ -24,7 +24,8 @@ SLURM_LOG = r"_(\d+)_log\.(out|err)"
 
 
 SUBMITIT_START = re.compile(r"Starting with JobEnvironment\(job_id=[^,]*, hostname=([^,\s]+),")
-RAY_PREFIX = re.compile(r"\((?:[A-Za-z_][\w.]* )?pid=(\d+)(?:, ip=([0-9A-Fa-f.:]+))?\) ?")
+COLOR = r"(?:\x1b\[[0-9;]*m)*"  # Ray colours the prefix when its driver writes to a terminal
+RAY_PREFIX = re.compile(COLOR + r"\((?:[A-Za-z_][\w.]* )?pid=(\d+)(?:, ip=([0-9A-Fa-f.:]+))?\) ?" + COLOR + " ?")
 
 
 @dataclass(frozen=True)

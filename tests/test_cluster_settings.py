@@ -31,14 +31,18 @@ def test_placement_spreads_one_worker_per_node() -> None:
     assert placement(2, 8) == "SPREAD"
 
 
-def test_network_settings_reach_every_rank_through_the_environment() -> None:
+def test_network_settings_reach_every_rank_through_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EXTREMA_LEASE_TTL_S", "10")
+    monkeypatch.setenv("EXTREMA_JOB_ID", "mine")
     r = ResourcesSpec(nodes=2, network_interface="eth0", collective_timeout_s=45)
     env = network_env(r)
     assert env == {contract.COLLECTIVE_TIMEOUT_ENV: "45", "GLOO_SOCKET_IFNAME": "eth0", "NCCL_SOCKET_IFNAME": "eth0"}
     assert network_env(ResourcesSpec()) == {contract.COLLECTIVE_TIMEOUT_ENV: "600"}
     job = Job("r/pretrain", "file:///x/s/r", "pretrain", (), r)
     merged = job_runtime_env({"pip": ["x"], "env_vars": {"A": "1"}}, job)
-    assert merged == {"pip": ["x"], "env_vars": {"A": "1", **env}}
+    assert merged["pip"] == ["x"] and merged["env_vars"]["A"] == "1" and merged["env_vars"]["RAY_DEDUP_LOGS"] == "0"
+    assert merged["env_vars"]["EXTREMA_LEASE_TTL_S"] == "10" and "EXTREMA_JOB_ID" not in merged["env_vars"]
+    assert env.items() <= merged["env_vars"].items()
     with pytest.raises(ValueError, match="not a network interface name"):
         ResourcesSpec(network_interface="eth0; rm")
 
@@ -58,6 +62,7 @@ def test_ray_worker_lines_are_named_by_the_ranks_pids() -> None:
     assert label("(RayTrainWorker pid=200, ip=10.77.5.12) loss 1.0\n") == "[n2 rank 1] loss 1.0\n"
     assert label("(pid=100, ip=10.77.5.11) x\n") == "[n1 rank 0] x\n"
     assert label("(RayTrainWorker pid=300, ip=10.77.5.12) y\n") == "[10.77.5.12] y\n"
+    assert label("\x1b[36m(RayTrainWorker pid=100, ip=10.77.5.11)\x1b[0m z\n") == "[n1 rank 0] z\n"
     assert label("driver line\n") == "driver line\n"
     assert logs.rank_hosts([*ranks, {"rank": "x"}, 3]) == {0: "n1", 1: "n2"}
 

@@ -29,6 +29,7 @@ from tests.stage_runs import TINY_EXPERIMENT, checkpointed_model, merge
 
 STEPS = 30
 COLLECTIVE_TIMEOUT_S = 8
+LEASE_TTL_S = 10
 EXPERIMENT = merge(
     TINY_EXPERIMENT,
     {
@@ -176,6 +177,7 @@ def test_slurm_fsdp_across_two_nodes_equals_one_node_two_processes(
     for node, rank in (("n1", 0), ("n2", 1)):
         tagged = [line for line in out.splitlines() if line.startswith(f"[{node} rank {rank}] ")]
         assert any("Starting with JobEnvironment" in line for line in tagged), out[-3000:]
+        assert any(f"extrema.entry: rank {rank} of 2 on {node}" in line for line in tagged), out[-3000:]
 
 
 @pytest.mark.slurm
@@ -275,6 +277,8 @@ def on_two_node_ray(ray_two_nodes: TwoNodeRay, monkeypatch: pytest.MonkeyPatch) 
     """The CLI talks to the two-node Ray cluster; one thread per rank, as in the reference."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # A lost node's attempt cannot be asked whether it lives: its lease is free once its heartbeat is this old.
+    monkeypatch.setenv("EXTREMA_LEASE_TTL_S", str(LEASE_TTL_S))
     yield ray_two_nodes
 
 
@@ -300,7 +304,8 @@ def test_ray_fsdp_across_two_nodes_equals_one_node_two_processes(
     assert code == 0, out
     hosts = dict((r["rank"], r["host"]) for r in prov["ranks"])
     for rank, node in hosts.items():
-        assert any(line.startswith(f"[{node} rank {rank}] ") for line in out.splitlines()), out[-3000:]
+        mine = f"[{node} rank {rank}] extrema.entry: rank {rank} of 2 on {node}"
+        assert any(line.startswith(mine) for line in out.splitlines()), out[-3000:]
 
 
 @pytest.mark.ray
@@ -313,6 +318,9 @@ def test_ray_worker_node_lost_mid_run_retries_from_the_checkpoint_and_ends_equal
     assert cluster.kill_worker_node()
     time.sleep(2)
     cluster.start_worker_node()
-    assert wait_state(path, run, {"completed", "failed"}, 300, tmp_path) == "completed", status_of(run)
+    state = wait_state(path, run, {"completed", "failed"}, 300, tmp_path)
+    if state != "completed":
+        print(cli("logs", str(tmp_path / "runs" / "mn"), "--run", run.name, "--stage", "pretrain")[1])
+    assert state == "completed", status_of(run)
     assert status_of(run)["attempts"] == 2
     assert_equal_models(run, one_node_two_processes)

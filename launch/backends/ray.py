@@ -28,7 +28,7 @@ import shlex
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from extrema.contract import DEFAULT_COLLECTIVE_TIMEOUT_S, EXIT_UPSTREAM_FAILED
@@ -92,10 +92,17 @@ def driver_command(
 
 def job_runtime_env(base: dict[str, Any] | None, job: Job) -> dict[str, Any]:
     """The Ray runtime environment of a job: `base` with the job's network settings added to its env_vars (they
-    reach the driver, the task or every Ray Train worker of the job)."""
+    reach the driver, the task or every Ray Train worker of the job), the submitter's EXTREMA_* settings, and the
+    driver's log deduplication off (it merges the ranks' lines that differ only in numbers)."""
     env = dict(base or {})
-    env["env_vars"] = {**(env.get("env_vars") or {}), **job.env()}
+    env["env_vars"] = {**(env.get("env_vars") or {}), **forwarded(os.environ), **job.env(), "RAY_DEDUP_LOGS": "0"}
     return env
+
+
+def forwarded(environ: Mapping[str, str]) -> dict[str, str]:
+    """The submitter's EXTREMA_* settings (lease timing and the like), which a Slurm job inherits with the rest of
+    the environment and a Ray job would not; a job id is each job's own."""
+    return {k: v for k, v in environ.items() if k.startswith("EXTREMA_") and k != "EXTREMA_JOB_ID"}
 
 
 def placement(nodes: int, workers: int) -> str:

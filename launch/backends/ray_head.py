@@ -87,9 +87,16 @@ def ray_executable() -> str:
     return str(beside) if beside.exists() else (shutil.which("ray") or "ray")
 
 
-def head_env(root: Path) -> dict[str, str]:
-    """The environment of the head and of the jobs it runs: a private HOME, no token auth, no usage stats."""
-    return {**os.environ, "HOME": str(root / "home"), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+def head_env(root: Path, gcs_address: str | None = None) -> dict[str, str]:
+    """The environment of a node and of every process it starts: a private HOME, no token auth, no usage stats,
+    and RAY_ADDRESS naming its own cluster (Ray's internal clients otherwise look for "the" Ray of the machine and
+    give up when they find two)."""
+    env = {**os.environ, "HOME": str(root / "home"), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    if gcs_address:
+        env["RAY_ADDRESS"] = gcs_address
+    else:
+        env.pop("RAY_ADDRESS", None)
+    return env
 
 
 def head_argv(root: Path, ports: list[int], num_cpus: int | None, object_store_bytes: int | None) -> list[str]:
@@ -140,7 +147,7 @@ def start_head(
     with open(root / "ray-start.out", "ab") as out:
         proc = subprocess.Popen(
             head_argv(root, ports, num_cpus, object_store_bytes),
-            env=head_env(root),
+            env=head_env(root, f"127.0.0.1:{ports[0]}"),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
