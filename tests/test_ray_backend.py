@@ -61,7 +61,8 @@ def test_driver_command_carries_the_stage_its_resources_and_upstream_ids() -> No
     argv = driver_command(j, "sid-1", "http://head:8265", ["up-1", "up-2"], "python3", 2, "/logs")
     assert argv == [
         "python3", "-m", "launch.backends.ray", "--address=http://head:8265", "--job-id=sid-1",
-        "--after=up-1", "--after=up-2", "--cpus=3", "--gpus=1", "--workers=2", "--max-failures=2",
+        "--after=up-1", "--after=up-2", "--cpus=3", "--gpus=1", "--workers=2", "--nodes=1",
+        "--collective-timeout=600", "--max-failures=2",
         "--storage=/logs", "--", "file:///runs/sw/r0", "pretrain",
     ]  # fmt: skip
     assert submission_id("ab12/knn").startswith("extrema-ab12-knn-")

@@ -194,12 +194,16 @@ def test_states_from_sacct_and_squeue_lines() -> None:
     assert parse_max_array_size("MaxArraySize            = 1001\nMaxJobCount = 10000\n") == 1001
 
 
-def test_stage_call_requeues_as_itself_carrying_only_the_run_and_stage() -> None:
-    call = StageCall("file:///runs/sw/r0", "pretrain")
+def test_stage_call_requeues_as_itself_carrying_only_the_run_stage_and_network_settings() -> None:
+    env = {"EXTREMA_COLLECTIVE_TIMEOUT_S": "30", "GLOO_SOCKET_IFNAME": "eth0"}
+    call = StageCall("file:///runs/sw/r0", "pretrain", env)
     again = call.checkpoint()
     assert isinstance(again.function, StageCall) and again.function is not call
-    assert vars(again.function) == {"run_dir": "file:///runs/sw/r0", "stage": "pretrain"}
+    assert vars(again.function) == {"run_dir": "file:///runs/sw/r0", "stage": "pretrain", "env": env}
     assert again.args == () and again.kwargs == {}
+    old = StageCall.__new__(StageCall)  # a call pickled before `env` existed requeues without one
+    old.__dict__.update(run_dir="file:///runs/sw/r0", stage="pretrain")
+    assert vars(old.checkpoint().function)["env"] == {}
 
 
 # --- real Slurm ------------------------------------------------------------------------------------------------
