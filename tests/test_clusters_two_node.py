@@ -62,6 +62,17 @@ print("HOSTS=" + json.dumps(sorted(ray.get(refs, timeout=60))))
 """
 
 
+def wait_job(c: TwoNodeSlurmCluster, job_id: str, timeout_s: float) -> str:
+    """Poll slurmctld until the job has left PENDING/RUNNING/COMPLETING; its last state."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = c.run("scontrol", "-o", "show", "job", job_id, check=False).stdout
+        state = next((f.split("=", 1)[1] for f in out.split() if f.startswith("JobState=")), "UNKNOWN")
+        if state not in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING") or time.monotonic() > deadline:
+            return state
+        time.sleep(0.5)
+
+
 @pytest.mark.slurm
 def test_gloo_all_reduce_spans_both_slurm_nodes(slurm_two_nodes: TwoNodeSlurmCluster, tmp_path: Path) -> None:
     c = slurm_two_nodes
@@ -69,12 +80,12 @@ def test_gloo_all_reduce_spans_both_slurm_nodes(slurm_two_nodes: TwoNodeSlurmClu
     (tmp_path / "all_reduce.py").write_text(ALL_REDUCE)
     script = tmp_path / "job.sh"
     script.write_text(f"#!/bin/sh\nexec srun {sys.executable} {tmp_path / 'all_reduce.py'} {tmp_path}\n")
-    sbatch = c.run(
-        "sbatch", "--wait", "-N2", "--ntasks-per-node=1", "--time=3", f"--output={tmp_path / 'job.out'}",
-        str(script), timeout=180, check=False,
-    )  # fmt: skip
-    log = (tmp_path / "job.out").read_text() if (tmp_path / "job.out").exists() else ""
-    assert sbatch.returncode == 0, f"{sbatch.stdout}{sbatch.stderr}\n{log}"
+    out = tmp_path / "job.out"
+    sbatch = c.run("sbatch", "--parsable", "-N2", "--ntasks-per-node=1", "--time=3", f"--output={out}", str(script))
+    job_id = sbatch.stdout.strip()
+    state = wait_job(c, job_id, timeout_s=180)
+    log = out.read_text() if out.exists() else ""
+    assert state == "COMPLETED", f"job {job_id} ended {state}:\n{log}"
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["sum"] for r in ranks] == [3.0, 3.0]
     assert sorted(r["host"] for r in ranks) == ["n1", "n2"]
@@ -82,9 +93,13 @@ def test_gloo_all_reduce_spans_both_slurm_nodes(slurm_two_nodes: TwoNodeSlurmClu
 
 
 @pytest.mark.ray
-def test_strict_spread_tasks_run_on_both_ray_nodes(ray_two_nodes: TwoNodeRay, tmp_path: Path) -> None:
+def test_strict_spread_tasks_run_on_both_ray_nodes(
+    ray_two_nodes: TwoNodeRay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
+    # Ray's clients prefer RAY_ADDRESS to their address argument, and `ray_cluster` may have set it to its own head.
+    monkeypatch.setenv("RAY_ADDRESS", ray_two_nodes.address)
     script = tmp_path / "spread.py"
     script.write_text(SPREAD)
     client = JobSubmissionClient(ray_two_nodes.address)

@@ -276,7 +276,6 @@ def test_slurm_link_cut_mid_run_ends_every_rank_within_the_timeout_then_the_retr
 def on_two_node_ray(ray_two_nodes: TwoNodeRay, monkeypatch: pytest.MonkeyPatch) -> Iterator[TwoNodeRay]:
     """The CLI talks to the two-node Ray cluster; one thread per rank, as in the reference."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     # A lost node's attempt cannot be asked whether it lives: its lease is free once its heartbeat is this old.
     monkeypatch.setenv("EXTREMA_LEASE_TTL_S", str(LEASE_TTL_S))
     yield ray_two_nodes

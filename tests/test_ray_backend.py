@@ -195,3 +195,17 @@ def test_cli_ray_without_an_address_starts_its_own_head_and_stops_it(
     assert code == 0 and "launch.backends.ray: running" in out and out.count("\n") >= kept.read_text().count("\n")
     code, out = cli("status", url)
     assert code == 0 and out.count("│ completed │") == 2
+
+
+@pytest.mark.ray
+def test_the_given_address_wins_over_ray_address_in_the_environment(
+    ray_cluster: RayCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray's client prefers RAY_ADDRESS / RAY_API_SERVER_ADDRESS to the address it is given; a sweep's
+    `launcher.ray_address` must not be redirected by them."""
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")
+    backend = RayBackend(ray_cluster.address)
+    assert backend.client.get_address() == ray_cluster.address
+    assert backend.status(["extrema-no-such-job"]) == {"extrema-no-such-job": State.UNKNOWN}
+    assert os.environ["RAY_ADDRESS"] == "http://127.0.0.1:9"  # put back

@@ -49,6 +49,22 @@ RAY_STATES: dict[str, State] = {
 UPSTREAM_FAILED_EXIT = EXIT_UPSTREAM_FAILED
 
 
+ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+
+
+def job_client(address: str) -> JobSubmissionClient:
+    """A job client of exactly this cluster. Ray's own client takes RAY_API_SERVER_ADDRESS or RAY_ADDRESS over the
+    address it is given, which would send a sweep meant for `launcher.ray_address` to another cluster; they are
+    hidden while it connects (it keeps the address it resolved)."""
+    from ray.job_submission import JobSubmissionClient
+
+    saved = {k: os.environ.pop(k) for k in ADDRESS_VARIABLES if k in os.environ}
+    try:
+        return JobSubmissionClient(address)
+    finally:
+        os.environ.update(saved)
+
+
 def unknown_job(error: RuntimeError) -> bool:
     """Whether the job API refused a request because it knows no such job (HTTP 404), not for another reason."""
     return "status code 404" in str(error)
@@ -143,9 +159,7 @@ class RayBackend:
         if self._client is None:
             if not self.address:
                 raise RuntimeError("no Ray cluster address: set launcher.ray_address or RAY_ADDRESS")
-            from ray.job_submission import JobSubmissionClient
-
-            self._client = JobSubmissionClient(self.address)
+            self._client = job_client(self.address)
         return self._client
 
     def submit(self, jobs: Sequence[Job], log_dir: str) -> dict[str, str]:
@@ -217,9 +231,7 @@ def wait_for(address: str, upstream: Sequence[str], poll_s: float) -> str | None
     """Block until every upstream job has ended; the first one that did not succeed, else None."""
     if not upstream:
         return None
-    from ray.job_submission import JobSubmissionClient
-
-    client = JobSubmissionClient(address)
+    client = job_client(address)
     pending = list(upstream)
     while pending:
         for i in list(pending):

@@ -1,8 +1,11 @@
-"""Real clusters for tests: a private Slurm (`tests.clusters.slurm`) and a local Ray head (`tests.clusters.ray`).
+"""Real clusters for tests: a private Slurm (`tests.clusters.slurm`) and a local Ray head (`tests.clusters.ray`),
+and both again as two nodes on a private network of this machine (`tests.clusters.slurm_two_node`,
+`tests.clusters.ray_two_node`, on `tests.clusters.netns`).
 
-Both are session-scoped pytest fixtures. Load them from `tests/conftest.py` with
-`pytest_plugins = ["tests.clusters.slurm", "tests.clusters.ray"]`. What a cluster needs and cannot find (a binary,
-root, a Python package) skips its tests with the reason, except under CI (`CI=true`), where it fails them.
+All are session-scoped pytest fixtures, loaded from `tests/conftest.py` through `pytest_plugins`. What a cluster
+needs and cannot find (a binary, root, a Python package, the right to create network namespaces) skips its tests
+with the reason, except under CI (`CI=true`), where it fails them. The single-node fixtures set SLURM_CONF and
+RAY_ADDRESS for the session; the two-node ones set nothing: pass their `env` or address explicitly.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ node's namespace (the same name on both nodes, so GLOO_SOCKET_IFNAME=eth0 works)
 private /24 that no interface of the machine uses, n1 is `.11`, n2 is `.12`. A command runs "on" a node through
 `TwoNodeNetwork.wrap`: the node's network namespace (entered with nsenter: `ip netns exec` remounts /sys and hides
 the cgroup mounts), its own UTS namespace with the node's hostname, and its own mount namespace with a private
-hosts file bind-mounted over /etc/hosts (the machine's /etc/hosts is never touched). Names carry a random suffix,
+hosts file and resolv.conf bind-mounted over the machine's (which are never touched). Names carry a random suffix,
 so two test sessions on the machine never collide; `stop_network` asserts that nothing of the network is left.
 """
 
@@ -33,8 +33,11 @@ SUBNET_LOCK = Path("/tmp/extrema-netns.lock")
 NODE_NAMES = ("n1", "n2")
 STOP_TIMEOUT_S = 15.0
 IP_TIMEOUT_S = 30.0
-# Runs argv[1:] after `sh` binds the hosts file ($1) and sets the hostname ($2); never interpolates user strings.
-ENTER = 'mount --bind "$1" /etc/hosts && hostname "$2" && shift 2 && exec "$@"'
+# Binds the hosts file ($1) and resolv.conf ($2), sets the hostname ($3), then runs the rest of the arguments.
+ENTER = 'mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/resolv.conf && hostname "$3" && shift 3 && exec "$@"'
+# The machine's name server is out of reach from the nodes: every lookup that misses the hosts file (a reverse
+# lookup by torch's c10d, for one) would wait for its timeouts. Nothing listens on a node's 127.0.0.1:53.
+RESOLV_CONF = "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n"
 
 
 @dataclass
@@ -62,6 +65,11 @@ class TwoNodeNetwork:
     nodes: dict[str, Node]
     hosts_file: Path
 
+    @property
+    def resolv_conf(self) -> Path:
+        """The resolv.conf of the nodes and `ctl`, beside the hosts file."""
+        return self.hosts_file.with_name("resolv.conf")
+
     def wrap(self, node_name: str, argv: Sequence[str]) -> list[str]:
         """argv that runs the command on the node (its network, hostname and hosts file)."""
         node = self.nodes[node_name]
@@ -72,7 +80,8 @@ class TwoNodeNetwork:
         return self._enter("ctl", argv)
 
     def _enter(self, hostname: str, argv: Sequence[str]) -> list[str]:
-        return ["unshare", "--uts", "--mount", "sh", "-c", ENTER, "sh", str(self.hosts_file), hostname, *argv]
+        resolv = str(self.resolv_conf)
+        return ["unshare", "--uts", "--mount", "sh", "-c", ENTER, "sh", str(self.hosts_file), resolv, hostname, *argv]
 
     def cut(self, node_name: str) -> None:
         """Take the node's link down: it can no longer reach the other node nor `ctl`."""
@@ -126,14 +135,23 @@ def pids_in(netns_inode: int) -> list[int]:
     return pids
 
 
-def used_subnets() -> set[ipaddress.IPv4Network]:
-    """The /24 networks of every IPv4 address and route of the root namespace."""
-    nets = set()
+def used_networks() -> list[ipaddress.IPv4Network]:
+    """The networks of every IPv4 address and route of the root namespace (the default route left out)."""
+    nets = []
     for line in ip("-o", "-4", "addr", "show").stdout.splitlines() + ip("-4", "route").stdout.splitlines():
         for word in line.split():
             with contextlib.suppress(ValueError):
-                nets.add(ipaddress.ip_network(word, strict=False).supernet(new_prefix=24))
+                nets.append(ipaddress.IPv4Network(word, strict=False))
     return nets
+
+
+def free_subnet() -> str:
+    """A 10.77.X.0/24 that no address or route of this machine overlaps, as "10.77.X"."""
+    used = used_networks()
+    free = [x for x in range(256) if not any(ipaddress.IPv4Network(f"10.77.{x}.0/24").overlaps(n) for n in used)]
+    if not free:
+        raise RuntimeError("no free 10.77.X.0/24 subnet on this machine")
+    return f"10.77.{random.choice(free)}"
 
 
 def require_network() -> None:
@@ -153,11 +171,7 @@ def start_network(root: Path) -> TwoNodeNetwork:
     try:
         with open(SUBNET_LOCK, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            used = used_subnets()
-            free = [x for x in range(256) if ipaddress.ip_network(f"10.77.{x}.0/24") not in used]
-            if not free:
-                raise RuntimeError("no free 10.77.X.0/24 subnet on this machine")
-            base = f"10.77.{random.choice(free)}"
+            base = free_subnet()
             net.bridge_address = f"{base}.1"
             ip("link", "add", net.bridge, "type", "bridge")
             ip("addr", "add", f"{net.bridge_address}/24", "dev", net.bridge)
@@ -176,8 +190,10 @@ def start_network(root: Path) -> TwoNodeNetwork:
             ip("-n", node.netns, "link", "set", "eth0", "up")
             ip("-n", node.netns, "link", "set", "lo", "up")
             ip("-n", node.netns, "route", "add", "default", "via", net.bridge_address)
-        hosts = ["127.0.0.1 localhost", "::1 localhost", f"{net.bridge_address} ctl"]
-        net.hosts_file.write_text("\n".join(hosts + [f"{n.address} {n.name}" for n in net.nodes.values()]) + "\n")
+        named = {"ctl": net.bridge_address, **{n.name: n.address for n in net.nodes.values()}}
+        hosts = ["127.0.0.1 localhost", "::1 localhost"] + [f"{a} {n}" for n, a in named.items()]
+        net.hosts_file.write_text("\n".join(hosts) + "\n")
+        net.resolv_conf.write_text(RESOLV_CONF)
     except BaseException:
         stop_network(net)
         raise
@@ -198,8 +214,8 @@ def leftovers(net: TwoNodeNetwork, inodes: dict[str, int]) -> list[str]:
             left.append(f"processes {pids} in {node.netns}")
     if net.bridge in links:
         left.append(f"bridge {net.bridge}")
-    if str(net.hosts_file) in Path("/proc/self/mountinfo").read_text():
-        left.append(f"mount of {net.hosts_file}")
+    mounts = Path("/proc/self/mountinfo").read_text()
+    left += [f"mount of {f}" for f in (net.hosts_file, net.resolv_conf) if str(f) in mounts]
     return left
 
 

@@ -8,8 +8,11 @@ node's process tree gets TERM, then KILL, then whatever is left in the namespace
 
     pytest -m ray            # fixture `ray_two_nodes`; RAY_ADDRESS is NOT set for the session
 
-Pass `address` (or `gcs_address` from a process on a node) explicitly, or run clients with `env=cluster.env`,
-which carries RAY_ADDRESS=`address`; the single-node `ray_cluster` sets RAY_ADDRESS to its own head.
+Ray's clients prefer RAY_ADDRESS to the address they are given (`JobSubmissionClient(address)` and
+`ray.init(address=...)` alike), and the single-node `ray_cluster` sets RAY_ADDRESS to its own head for the session.
+So a test of this cluster sets it for itself, `monkeypatch.setenv("RAY_ADDRESS", ray_two_nodes.address)`, and runs
+job clients with `env=cluster.env` (RAY_ADDRESS: the dashboard URL) and `ray.init()` drivers, which may run in the
+test's own namespace too, with `env=cluster.driver_env` (RAY_ADDRESS: the GCS address).
 """
 
 from __future__ import annotations
@@ -69,8 +72,13 @@ class TwoNodeRay:
 
     @property
     def env(self) -> dict[str, str]:
-        """The environment for clients of this cluster (RAY_ADDRESS is its dashboard URL)."""
+        """The environment for job clients of this cluster (RAY_ADDRESS is its dashboard URL)."""
         return {**head_env(self.root), "RAY_ADDRESS": self.address}
+
+    @property
+    def driver_env(self) -> dict[str, str]:
+        """The environment for a `ray.init()` driver, on a node or here (RAY_ADDRESS is the GCS address)."""
+        return {**head_env(self.root), "RAY_ADDRESS": self.gcs_address}
 
     def alive_nodes(self) -> list[dict[str, object]]:
         """The nodes the GCS reports alive, as the dashboard lists them; empty while it does not answer."""
@@ -125,8 +133,7 @@ def start_node(c: TwoNodeRay, name: str) -> None:
         ]  # fmt: skip
     else:
         argv.append(f"--address={c.gcs_address}")
-    env = {**head_env(node_dir), "TMPDIR": str(node_dir / "tmp"), "RAY_TMPDIR": str(node_dir / "tmp")}
-    env.pop("RAY_ADDRESS", None)
+    env = {**head_env(node_dir, c.gcs_address), "TMPDIR": str(node_dir / "tmp"), "RAY_TMPDIR": str(node_dir / "tmp")}
     with open(node_dir / "ray-start.out", "ab") as out:
         c.procs[name] = subprocess.Popen(
             c.net.wrap(name, argv), env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
@@ -150,13 +157,12 @@ def gcs_listens(c: TwoNodeRay) -> bool:
 def head_ready(c: TwoNodeRay) -> bool:
     """The job API answers from this (the root) namespace."""
     check_running(c)
-    from ray.job_submission import JobSubmissionClient
-
+    # Plain HTTP: Ray's JobSubmissionClient would ask whatever cluster RAY_ADDRESS names instead of `address`.
     try:
-        JobSubmissionClient(c.address).list_jobs()
-    except Exception:
+        with urllib.request.urlopen(f"{c.address}/api/jobs/", timeout=5) as r:
+            return r.status == 200
+    except OSError:
         return False
-    return True
 
 
 def start_ray_two_nodes(net: TwoNodeNetwork) -> TwoNodeRay:
@@ -226,7 +232,10 @@ def ray_two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodeR
         stop_network(net)
         raise
     pids = {name: p.pid for name, p in cluster.procs.items()}
-    print(f"\nray_two_nodes: started in {time.perf_counter() - t0:.1f} s at {cluster.address} (pids {pids})")
+    print(
+        f"\nray_two_nodes: started in {time.perf_counter() - t0:.1f} s at {cluster.address} on bridge {net.bridge}"
+        f" under {cluster.root} (pids {pids})"
+    )
     try:
         yield cluster
     finally:

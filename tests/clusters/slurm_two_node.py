@@ -8,7 +8,9 @@ SlurmdTimeout (10 s) and comes back by itself once its slurmd registers again (R
     pytest -m slurm          # fixture `slurm_two_nodes`; SLURM_CONF is NOT set for the session
 
 SLURM_CONF stays whatever it was (the single-node `slurm_cluster` sets it to its own cluster): reach this cluster
-with `cluster.run(...)` or pass `env=cluster.env` to every Slurm client; jobs inherit that environment.
+with `cluster.run(...)` or pass `env=cluster.env` to every Slurm client (jobs inherit that environment); code that
+reads os.environ (the launcher's Slurm backend) needs `monkeypatch.setenv("SLURM_CONF", str(cluster.conf))` in the
+test.
 """
 
 from __future__ import annotations
@@ -152,7 +154,10 @@ def slurm_two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNod
     except BaseException:
         stop_network(net)
         raise
-    print(f"\nslurm_two_nodes: started in {time.perf_counter() - t0:.1f} s under {root} (pids {cluster.pids})")
+    print(
+        f"\nslurm_two_nodes: started in {time.perf_counter() - t0:.1f} s under {root} on bridge {net.bridge}"
+        f" {net.bridge_address} (pids {cluster.pids})"
+    )
     try:
         yield cluster
     finally:
