@@ -20,7 +20,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from extrema import contract, lease, rundir
+from extrema import code, contract, lease, rundir
 from extrema.spec import RunSpec
 
 StageFn = Callable[[RunSpec, str], dict[str, Any]]
@@ -149,6 +149,20 @@ def peer_note(e: BaseException, ranks: list[dict[str, Any]], rank: int) -> str:
     )
 
 
+def code_changes(stage_dir: str, current: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stage's code-change record for this attempt; CodeChanged when it would resume checkpoints another
+    snapshot wrote without EXTREMA_ALLOW_CODE_CHANGE."""
+    from extrema import ckpt
+
+    try:
+        previous = contract.read_record(rundir.join(stage_dir, "provenance.json"))
+    except contract.Unreadable:
+        previous = None
+    has_checkpoint = ckpt.latest_step(rundir.join(stage_dir, "ckpt")) is not None
+    allowed = os.environ.get(code.ALLOW_CHANGE_ENV, "") not in ("", "0")
+    return code.changes_on_resume(previous, current, has_checkpoint, allowed, now())
+
+
 def commit_status(stage_dir: str, **fields: Any) -> dict[str, Any] | None:
     """Write status fields if this process still owns the stage (or holds no lease); None when it lost it."""
     try:
@@ -238,6 +252,7 @@ def attempt(run_dir: str, stage: str, stage_dir: str) -> dict[str, Any]:
             print(f"extrema.entry: {e}", file=sys.stderr, flush=True)
             prev = {}
         info = rundir.provenance(world, ranks)
+        info["code_changes"] = code_changes(stage_dir, info)
         lease.fence("provenance")
         rundir.write_json(rundir.join(stage_dir, "provenance.json"), info)
         commit_status(
@@ -250,6 +265,7 @@ def attempt(run_dir: str, stage: str, stage_dir: str) -> dict[str, Any]:
             error=None,
             host=info["host"],
             hosts=info["hosts"],
+            code=info.get("code") or info.get("code_source"),
             pid=os.getpid(),
             job_id=job_id_from_env() or prev.get("job_id"),
         )

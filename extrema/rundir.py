@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import socket
 import subprocess
 import uuid
@@ -14,6 +13,8 @@ from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
+
+from extrema import code, environment
 
 PROVENANCE_PACKAGES = ("extrema", "torch", "torchvision", "numpy", "pydantic", "fsspec", "pyarrow", "submitit", "ray")
 
@@ -139,10 +140,12 @@ def package_versions() -> dict[str, str | None]:
 def provenance(world_size: int, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Everything needed to say where a result came from; `ranks`: every rank's {"rank", "host", "pid"}."""
     ranks = ranks or [{"rank": 0, "host": socket.gethostname(), "pid": os.getpid()}]
+    ident = code.identity()
     return {
-        **git_state(),
+        **(git_state() if ident["code"] is None else {}),
+        **environment.describe(),
+        **ident,
         "packages": package_versions(),
-        "python": platform.python_version(),
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "world_size": world_size,

@@ -34,6 +34,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from rich.text import Text
 
 from extrema import lease, rundir
 from launch import logs, results, roots, store, tables
+from launch import snapshot as snapshots
 from launch.backends.base import BACKENDS, adopts_running, make_backend
 from launch.backends.local import stop_attempts
 from launch.errors import DamagedStore, InvalidSweep, UsageError
@@ -50,7 +52,7 @@ from launch.reconcile import ray_address, reconcile
 from launch.results_view import cmd_plot, cmd_results, cmd_viz_attention, positive, query
 from launch.status_view import show_status, status_code, status_table, watch_status
 from launch.submit import Submission, needs_local_ray, submit
-from launch.sweep import STAGE_ORDER, load_runs
+from launch.sweep import STAGE_ORDER, LauncherSpec, load_runs
 from launch.tables import cell
 from launch.target import (
     DAMAGED,
@@ -63,8 +65,6 @@ from launch.target import (
     print_unreadable,
     swept_axes,
 )
-
-__all__ = ["BACKENDS", "UsageError", "main", "make_backend"]
 
 __all__ = ["BACKENDS", "UsageError", "main", "make_backend"]
 
@@ -110,6 +110,8 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
     print_notes(out, seen)
     print_unreadable(out, problems)
     where = launcher.backend + (" (a local Ray head started for this sweep)" if needs_local_ray(launcher) else "")
+    use_snapshot = launcher.snapshot if args.snapshot is None else args.snapshot == "on"
+    snapshot = take_snapshot(use_snapshot, out) if todo else None
     if args.dry_run:
         out.print(f"dry run: would submit {len(todo)} of {len(jobs)} jobs to {where}; nothing written")
         return OK
@@ -133,8 +135,39 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
     by_run = {r.run_id: r for r in runs}
     specs = {j.key: by_run[store.split_key(j.key)[0]].spec(sweep.name, j.stage) for j in todo}
     previous = {j.key: statuses[j.key] for j in todo}
-    code = submit(Submission(url, todo, specs, manifest, log_dir, previous), launcher, out)
+    code_id = None
+    if snapshot is not None:
+        code_id, code_dir = store_snapshot(snapshot, url, launcher, log_dir)
+        manifest["code"] = {"id": code_id, "git_sha": snapshot.git_sha, "changed": list(snapshot.changed)}
+        todo = [replace(j, code_dir=code_dir, allow_code_change=args.allow_code_change) for j in todo]
+    elif args.allow_code_change:
+        todo = [replace(j, allow_code_change=True) for j in todo]
+    code = submit(Submission(url, todo, specs, manifest, log_dir, previous, code_id), launcher, out)
     return code if code != OK else held_back
+
+
+def take_snapshot(use: bool, out: Console) -> snapshots.Snapshot | None:
+    """The code snapshot of this submission (None when switched off), with a warning naming uncommitted changes."""
+    if not use:
+        out.print("code snapshot off: jobs import the project from wherever it is installed when they start")
+        return None
+    try:
+        snap = snapshots.take()
+    except (snapshots.SnapshotError, OSError) as e:
+        raise UsageError(f"cannot snapshot the code ({e}); `--snapshot off` runs without one") from None
+    if snap.changed:
+        shown = ", ".join(snap.changed[:10]) + (f" and {len(snap.changed) - 10} more" if len(snap.changed) > 10 else "")
+        out.print(Text(f"warning: uncommitted changes go into the code snapshot: {shown}", style="yellow"))
+    out.print(f"code snapshot {snap.id} ({len(snap.files)} files, git {(snap.git_sha or 'none')[:12]})")
+    return snap
+
+
+def store_snapshot(snap: snapshots.Snapshot, url: str, launcher: LauncherSpec, log_dir: str) -> tuple[str, str]:
+    """Save the snapshot in the run store; (its id, the local directory jobs of this backend import it from)."""
+    code_url = snapshots.save(snap, url)
+    shared = roots.is_local(url) or launcher.backend != "slurm"
+    cache = snapshots.default_cache() if shared else Path(log_dir.split("://", 1)[-1]) / "code"
+    return snap.id, str(snapshots.local_copy(code_url, cache))
 
 
 def cmd_status(args: argparse.Namespace, out: Console) -> int:
@@ -271,6 +304,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help="override root: the run store URL (default ./runs)")
     p.add_argument("--dry-run", action="store_true", help="print the plan; submit and write nothing")
     p.add_argument("--retry-failed", action="store_true", help="resubmit failed stages too")
+    p.add_argument(
+        "--snapshot",
+        choices=("on", "off"),
+        help="run the code as it is now, stored in the run store (on; default: launcher.snapshot, true), or "
+        "whatever is installed when each job starts (off)",
+    )
+    p.add_argument(
+        "--allow-code-change",
+        action="store_true",
+        help="let stages resume checkpoints written by other code (recorded in their provenance)",
+    )
     p = command(
         "status",
         cmd_status,
@@ -306,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument(
         "--pivot", nargs=2, metavar=("ROWS", "COLUMNS"), help="one metric: ROWS axis down, COLUMNS across"
     )
+    p.add_argument("--code", metavar="ID", help="only stages that ran this code snapshot (an id or its start)")
     p.add_argument("--metric", help="the metric of --pivot (e.g. knn_top1)")
     p.add_argument("--stage", choices=STAGE_ORDER, help="the stage of --pivot's metric, when several report it")
     p = command(

@@ -35,6 +35,7 @@ TYPED: dict[str, pa.DataType] = {
     "host": pa.string(),
     "git_sha": pa.string(),
     "git_dirty": pa.bool_(),
+    "code": pa.string(),
     "world_size": pa.int64(),
     "error": pa.string(),
 }
@@ -74,6 +75,7 @@ def _row(entry: store.RunEntry, stage: str, status: Any, result: Any, prov: Any,
         host=prov.get("host") or status.get("host"),
         git_sha=prov.get("git_sha"),
         git_dirty=prov.get("git_dirty"),
+        code=prov.get("code") or prov.get("code_source"),
         world_size=prov.get("world_size"),
         error=status.get("error"),
     )

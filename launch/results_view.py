@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -154,6 +155,8 @@ def cmd_results(args: argparse.Namespace, out: Console) -> int:
         raise UsageError("--pivot ROWS COLUMNS needs --metric M (the metric in the cells)")
     target = open_target(args.target, args.root)
     table, seen, problems = collect(target)
+    if args.code:
+        table = table.filter(pc.starts_with(table.column("code").fill_null(""), args.code))
     view = results_view(args, target.url, table)
     if args.out:
         try:

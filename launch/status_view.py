@@ -69,7 +69,7 @@ def status_table(target: Target) -> StatusTable:
     problems = [*target.problems, *store.unreadable(statuses)]
     problems += [str(d) for d in found.values() if isinstance(d, store.Unreadable)]
     paths = swept_axes(target.runs)
-    columns = ("run", "stage", *paths, "state", "attempts", "elapsed", "latest", "job id")
+    columns = ("run", "stage", *paths, "state", "attempts", "elapsed", "latest", "job id", "code")
     rows, styles, pairs = [], [], []
     for run in target.runs:
         flat = results.flatten(run.overrides)
@@ -86,8 +86,9 @@ def status_table(target: Target) -> StatusTable:
             if state == RUNNING and isinstance(hosts, list) and len(hosts) > 1:
                 latest = f"{latest} on nodes {', '.join(map(str, hosts[:8]))}"
             swept = (cell(flat.get(p)) for p in paths)
+            code = str(s.get("code") or s.get("submitted_code") or "")[:12]
             rows.append((run.run_id, stage, *swept, cell(state), cell(s.get("attempts")), _elapsed(s), latest,
-                         cell(s.get("job_id"))))  # fmt: skip
+                         cell(s.get("job_id")), code))  # fmt: skip
             styles.append({"state": tables.STATE_STYLES.get(state or "", "")})
             pairs.append((stage, state))
     return StatusTable(columns, rows, styles, pairs, seen, keys, problems)

@@ -169,9 +169,14 @@ def submitter() -> dict[str, Any]:
 
 
 def mark_submitted(
-    stage: str, backend: str, job_id: str | None, submitted_at: float | None = None, by: dict[str, Any] | None = None
+    stage: str,
+    backend: str,
+    job_id: str | None,
+    submitted_at: float | None = None,
+    by: dict[str, Any] | None = None,
+    code: str | None = None,
 ) -> dict[str, Any] | None:
-    """Record a submission: state pending, the backend, its job id, the time and the submitter.
+    """Record a submission: state pending, the backend, its job id, the time, the submitter and the code snapshot.
 
     Not over a stage that a live attempt owns (its record says running; it is left as it is): returns None.
     """
@@ -184,6 +189,7 @@ def mark_submitted(
         job_id=job_id,
         submitted_at=submitted_at if submitted_at is not None else time.time(),
         submitted_by=by or submitter(),
+        submitted_code=code,
         error=None,
         finished_at=None,
     )

@@ -44,6 +44,7 @@ class Submission:
     manifest: dict[str, Any]
     log_dir: str
     previous: Mapping[str, dict[str, Any]]  # job key -> status.json before this submission
+    code: str | None = None  # the id of the code snapshot the jobs run (launch.snapshot), None without one
 
 
 @contextlib.contextmanager
@@ -128,7 +129,7 @@ def submit(s: Submission, launcher: LauncherSpec, out: Console) -> int:
             for job in s.jobs:
                 stage = rundir.join(job.run_dir, job.stage)
                 rundir.write_json(rundir.join(stage, "spec.json"), s.specs[job.key].model_dump(mode="json"))
-                store.mark_submitted(stage, launcher.backend, None, now)
+                store.mark_submitted(stage, launcher.backend, None, now, code=s.code)
                 written.append(job)
         except OSError as e:
             _put_back(written, s.previous)

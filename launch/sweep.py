@@ -54,6 +54,7 @@ class LauncherSpec(BaseModel):
     max_parallel: int = Field(1, ge=1, description="local backend: stage jobs run at once")
     ray_address: str | None = Field(None, description="ray backend: cluster address; a local Ray when unset")
     slurm_folder: str | None = Field(None, description="slurm backend: submitit log folder; <root>/<sweep>/logs")
+    snapshot: bool = Field(True, description="jobs run a snapshot of the code taken at submission (launch.snapshot)")
 
     @model_validator(mode="before")
     @classmethod

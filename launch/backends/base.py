@@ -9,6 +9,7 @@ judge, and raises when the backend cannot be asked at all; callers then keep the
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from extrema import contract
+from extrema.code import ALLOW_CHANGE_ENV
 from extrema.spec import ResourcesSpec
 from launch.errors import UsageError
 
@@ -50,6 +52,8 @@ class Job:
     stage: str
     after: tuple[str, ...]  # keys of jobs that must complete first (afterok)
     resources: ResourcesSpec
+    code_dir: str | None = None  # a local copy of the submission's code snapshot to import from (launch.snapshot)
+    allow_code_change: bool = False  # the stage may resume checkpoints written by other code
 
     def command(self) -> list[str]:
         """The process to start: `extrema.entry` on the run directory, under torchrun for several local ranks."""
@@ -60,8 +64,18 @@ class Job:
         return [sys.executable, *entry]
 
     def env(self) -> dict[str, str]:
-        """Environment every rank of the job gets: the collective timeout and, when set, the network interface."""
-        return network_env(self.resources)
+        """Environment every rank of the job gets: the collective timeout and, when set, the network interface,
+        and the permission to resume across a code change when given."""
+        env = network_env(self.resources)
+        if self.allow_code_change:
+            env[ALLOW_CHANGE_ENV] = "1"
+        return env
+
+
+def code_env(code_dir: str, pythonpath: str | None) -> dict[str, str]:
+    """What makes a Python process import the project from a snapshot directory: it goes first on PYTHONPATH, and
+    the current directory (a checkout, perhaps edited since) is kept off sys.path (PYTHONSAFEPATH, Python 3.11+)."""
+    return {"PYTHONPATH": os.pathsep.join([code_dir, *([pythonpath] if pythonpath else [])]), "PYTHONSAFEPATH": "1"}
 
 
 def network_env(r: ResourcesSpec) -> dict[str, str]:

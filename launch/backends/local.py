@@ -34,7 +34,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from extrema import contract, lease, rundir
 from launch import store
-from launch.backends.base import Job, State
+from launch.backends.base import Job, State, code_env
 
 if TYPE_CHECKING:
     from launch.sweep import LauncherSpec
@@ -47,6 +47,8 @@ _ENDED = (State.COMPLETED, State.FAILED, State.CANCELLED)
 def job_env(job: Job, job_id: str, gpus: tuple[str, ...], base: Mapping[str, str]) -> dict[str, str]:
     """The environment a local job starts with: `base` plus its job id, network settings, GPUs and CPU threads."""
     env = {**base, **job.env(), "EXTREMA_JOB_ID": job_id, "PYTHONUNBUFFERED": "1"}
+    if job.code_dir:
+        env.update(code_env(job.code_dir, base.get("PYTHONPATH")))
     if gpus:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
     r = job.resources

@@ -111,6 +111,8 @@ def job_runtime_env(base: dict[str, Any] | None, job: Job) -> dict[str, Any]:
     reach the driver, the task or every Ray Train worker of the job), the submitter's EXTREMA_* settings, and the
     driver's log deduplication off (it merges the ranks' lines that differ only in numbers)."""
     env = dict(base or {})
+    if job.code_dir:  # Ray packs it, serves it to every node and starts the driver and workers inside it
+        env["working_dir"] = job.code_dir
     env["env_vars"] = {**(env.get("env_vars") or {}), **forwarded(os.environ), **job.env(), "RAY_DEDUP_LOGS": "0"}
     return env
 

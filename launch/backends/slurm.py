@@ -25,6 +25,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -40,7 +41,7 @@ from submitit.slurm.slurm import read_job_id
 
 from extrema.spec import SBATCH_FIELDS, ResourcesSpec, sbatch_option_problem, sbatch_text_problem
 from launch import roots
-from launch.backends.base import Job, State
+from launch.backends.base import Job, State, code_env
 
 CLIENT_TIMEOUT_S = 60.0
 JOB_ID = re.compile(r"\d+(?:_\d+)?")
@@ -365,6 +366,23 @@ def rendezvous_address(first_node: str, num_nodes: int) -> str:
     )
 
 
+SAFE_PATH = re.compile(r"/[A-Za-z0-9_.,:@%+=/-]{0,4000}")
+
+
+def code_setup(code_dir: str | None) -> list[str]:
+    """sbatch script lines that make every task (and its requeues) import the project from the submission's code
+    snapshot: before Python starts, since submitit unpickles the stage call with whatever it finds first."""
+    if code_dir is None:
+        return []
+    if not SAFE_PATH.fullmatch(code_dir) or ".." in code_dir.split("/"):
+        raise ValueError(f"code snapshot directory {code_dir!r} cannot go into an sbatch script")
+    env = code_env(code_dir, None)
+    return [
+        f"export PYTHONPATH={shlex.quote(env['PYTHONPATH'])}${{PYTHONPATH:+:$PYTHONPATH}}",
+        f"export PYTHONSAFEPATH={env['PYTHONSAFEPATH']}",
+    ]
+
+
 class StageCall(Checkpointable):
     """What a Slurm task runs: one stage of one run, read from the run store; requeued as itself when preempted.
 
@@ -457,8 +475,9 @@ class SlurmBackend:
         def sbatch(chunk: list[Job], dependency: str | None) -> list[str]:
             ex = self._executor(folder)
             r = chunk[0].resources
+            setup = [*self.setup, *code_setup(chunk[0].code_dir)]
             ex.update_parameters(
-                **executor_parameters(r, job_name(chunk[0]), dependency, self.array_parallelism, self.setup)
+                **executor_parameters(r, job_name(chunk[0]), dependency, self.array_parallelism, setup)
             )
             with ex.batch():
                 handles = [ex.submit(StageCall(j.run_dir, j.stage, j.env())) for j in chunk]
