@@ -67,7 +67,10 @@ def job(
 ) -> ScriptJob:
     run_id, stage = key.split("/")
     res = ResourcesSpec(**resources)
-    return ScriptJob(key, str(tmp / "s" / run_id), stage, after, res, str(tmp / "events"), seconds, code, ignore_term)
+    return ScriptJob(
+        key, str(tmp / "s" / run_id), stage, after, res,
+        events=str(tmp / "events"), seconds=seconds, code=code, ignore_term=ignore_term,
+    )  # fmt: skip
 
 
 def wait_all(backend: LocalBackend, ids: dict[str, str], timeout: float = 20.0) -> dict[str, State]:
