@@ -136,6 +136,15 @@ def side_group() -> Any:
     return _side_groups[key]
 
 
+def drop_side_groups(destroy: bool) -> None:
+    """Forget this world's side groups, destroying them first when asked. A function of its own, so that no local
+    variable keeps a group (and its gloo threads) alive while the world is destroyed."""
+    if destroy:
+        for group in _side_groups.values():
+            dist.destroy_process_group(group)
+    _side_groups.clear()
+
+
 def release_world() -> None:
     """Destroy every process group this process created and join gloo's worker threads while the interpreter is
     whole. A world a launcher set up (Ray Train) stays: the launcher destroys it when its workers end.
@@ -149,10 +158,7 @@ def release_world() -> None:
     if not dist.is_initialized():
         return
     owned = id(dist.group.WORLD) in _owned
-    for group in _side_groups.values():
-        if not owned:  # the launcher destroys its own world later, and every group with it; ours go now
-            dist.destroy_process_group(group)
-    _side_groups.clear()
+    drop_side_groups(destroy=not owned)  # a launcher's world is destroyed later, with every group in it
     drop_mesh_caches()
     gc.collect()
     if not owned:

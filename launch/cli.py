@@ -48,6 +48,7 @@ from launch.backends.base import BACKENDS, adopts_running, make_backend
 from launch.backends.local import stop_attempts
 from launch.errors import DamagedStore, InvalidSweep, UsageError
 from launch.pipeline import Decision, plan, select
+from launch.progress import Watch
 from launch.reconcile import ray_address, reconcile
 from launch.results_view import cmd_plot, cmd_results, cmd_viz_attention, positive, query
 from launch.status_view import show_status, status_code, status_table, watch_status
@@ -142,7 +143,8 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
         todo = [replace(j, code_dir=code_dir, allow_code_change=args.allow_code_change) for j in todo]
     elif args.allow_code_change:
         todo = [replace(j, allow_code_change=True) for j in todo]
-    code = submit(Submission(url, todo, specs, manifest, log_dir, previous, code_id), launcher, out)
+    watch = Watch("json" if args.json_events else "quiet" if args.quiet else "auto", args.progress_every)
+    code = submit(Submission(url, todo, specs, manifest, log_dir, previous, code_id), launcher, out, watch)
     return code if code != OK else held_back
 
 
@@ -310,6 +312,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the code as it is now, stored in the run store (on; default: launcher.snapshot, true), or "
         "whatever is installed when each job starts (off)",
     )
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", action="store_true", help="while stages run here, print only the stages that end")
+    shown.add_argument(
+        "--json-events",
+        action="store_true",
+        help="while stages run here, print one JSON object per event (state changes, progress) on standard output; "
+        "everything else goes to standard error",
+    )
+    p.add_argument(
+        "--progress-every",
+        type=positive,
+        default=30.0,
+        metavar="S",
+        help="without a terminal: seconds between the progress lines of a running stage (30)",
+    )
     p.add_argument(
         "--allow-code-change",
         action="store_true",
@@ -429,6 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else USAGE
+    if getattr(args, "json_events", False):  # standard output carries the events alone
+        out = Console(stderr=True, width=wide)
     try:
         code: int = args.fn(args, out)
         return code

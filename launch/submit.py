@@ -23,7 +23,7 @@ from extrema.contract import os_reason
 from launch import logs, store
 from launch.backends.base import Backend, Job, State, make_backend
 from launch.errors import UsageError
-from launch.progress import follow
+from launch.progress import Watch, follow
 from launch.sweep import LauncherSpec
 
 OK, FAILED, INTERRUPTED = 0, 1, 130
@@ -80,11 +80,13 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def run_blocking(backend: Backend, ids: dict[str, str], jobs: dict[str, Job], console: Console) -> int:
+def run_blocking(
+    backend: Backend, ids: dict[str, str], jobs: dict[str, Job], console: Console, watch: Watch | None = None
+) -> int:
     """Show progress until the submitted jobs end; on Ctrl-C (or SIGTERM, SIGHUP) stop them cleanly, resumable."""
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        final = follow(backend, ids, jobs, console)
+        final = follow(backend, ids, jobs, console, watch=watch)
     except KeyboardInterrupt:
         console.print("interrupted: stopping running stages (SIGTERM) ...")
         with _sigint_ignored():
@@ -120,7 +122,7 @@ def _put_back(jobs: list[Job], previous: Mapping[str, dict[str, Any]]) -> None:
             rundir.write_json(rundir.join(job.run_dir, job.stage, "status.json"), previous[job.key])
 
 
-def submit(s: Submission, launcher: LauncherSpec, out: Console) -> int:
+def submit(s: Submission, launcher: LauncherSpec, out: Console, watch: Watch | None = None) -> int:
     """Write specs, record the submission, submit; block with progress when the stages run here."""
     with backend_for(launcher, out) as (backend, head):
         now = time.time()
@@ -158,7 +160,7 @@ def submit(s: Submission, launcher: LauncherSpec, out: Console) -> int:
             return OK
         by_key = {j.key: j for j in s.jobs}
         try:
-            return run_blocking(backend, ids, by_key, out)
+            return run_blocking(backend, ids, by_key, out, watch)
         finally:
             if head is not None:
                 _keep_ray_logs(ids, by_key, str(head["address"]))

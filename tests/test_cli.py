@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -372,3 +373,34 @@ def test_big_tables_are_a_summary_and_aligned_rows(monkeypatch: pytest.MonkeyPat
     assert lines[-9].split() == ["run", "stage", "state"] and [line.split()[0] for line in lines[-7:]] == [
         f"r{i}" for i in range(7)
     ]
+
+
+def test_progress_without_a_terminal_plain_quiet_and_json(tmp_path: Path) -> None:
+    """Piped output (as under nohup or `| tee log`): plain progress lines and state changes while the stages run;
+    --quiet only the stages that end; --json-events one JSON object per line, nothing else on standard output."""
+    base = [sys.executable, "-m", "launch.cli", "sweep", str(TINY)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def sweep(root: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        cmd = [*base, "--root", str(tmp_path / root), *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+
+    plain = sweep("plain", "--progress-every", "0.5")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    lines = plain.stdout.splitlines()
+    assert any(re.search(r"running  \S+/pretrain  step \d+/4  loss \d+\.\d+  \d+ img/s", line) for line in lines)
+    assert sum(bool(re.search(r"completed  \S+/(pretrain|knn)  \(\d+\.\d s\)$", line)) for line in lines) == 4
+    assert lines[-1].endswith("all 4 stages have ended: 4 completed")
+
+    quiet = sweep("quiet", "--quiet")
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    watched = [line for line in quiet.stdout.splitlines() if re.match(r"\d{4}-\d\d-\d\d ", line)]
+    assert len(watched) == 5 and all("completed" in line or "have ended" in line for line in watched), watched
+
+    events = sweep("json", "--json-events", "--progress-every", "0.5")
+    assert events.returncode == 0, events.stderr[-3000:]
+    parsed = [json.loads(line) for line in events.stdout.splitlines()]  # every line is an event
+    ended = {e["key"] for e in parsed if e["event"] == "state" and e["state"] == "completed"}
+    assert len(ended) == 4 and parsed[-1]["event"] == "done" and parsed[-1]["counts"] == {"completed": 4}
+    assert any(e["event"] == "progress" and e["total_steps"] == 4 for e in parsed)
+    assert "submitted 4 of 4 jobs" in events.stderr
