@@ -10,6 +10,7 @@ checkpoint) is fenced by the lease. Exit codes (`extrema.contract`): 0 done, 1 f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import re
@@ -20,7 +21,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from extrema import code, contract, lease, rundir
+from extrema import code, contract, lease, rundir, trackers
 from extrema.spec import RunSpec
 
 StageFn = Callable[[RunSpec, str], dict[str, Any]]
@@ -270,7 +271,8 @@ def attempt(run_dir: str, stage: str, stage_dir: str) -> dict[str, Any]:
             job_id=job_id_from_env() or prev.get("job_id"),
         )
     try:
-        result = fn(spec, stage_dir)
+        with trackers.opened(spec, stage_dir) if rank == 0 else contextlib.nullcontext():
+            result = fn(spec, stage_dir)
     except Exception as e:
         if world > 1 and is_collective_failure(e):
             raise CollectiveFailed(peer_note(e, ranks, rank)) from e

@@ -87,21 +87,30 @@ class MetricsLog:
     """An append-only JSON-lines log that is rewritten atomically on flush, so it works on object stores."""
 
     def __init__(self, url: str, keep_after_step: int | None = None) -> None:
+        from extrema import trackers
+
         self.url = url
         self.records = read_jsonl(url)
+        self.trackers = trackers.active()  # TensorBoard / W&B of this stage, when its spec asks for them
         if keep_after_step is not None:
             # On resume, drop records from steps the resumed run will log again.
             self.records = [r for r in self.records if r.get("step", -1) <= keep_after_step]
+        if self.trackers is not None:
+            self.trackers.resumed_at(keep_after_step, self.records)
 
     def log(self, record: dict[str, Any], flush: bool = False) -> None:
-        """Append one record; write the file when flush is set."""
+        """Append one record (and send its numbers to the stage's trackers); write the file when flush is set."""
         self.records.append(record)
+        if self.trackers is not None:
+            self.trackers.publish(record)
         if flush:
             self.flush()
 
     def flush(self) -> None:
         """Write all records atomically."""
         write_text_atomic(self.url, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records))
+        if self.trackers is not None:
+            self.trackers.flush()
 
 
 def git_state(repo: Path | None = None) -> dict[str, Any]:

@@ -402,6 +402,22 @@ class Experiment(Spec):
         return p.steps if p.steps is not None else max(1, math.ceil(p.epochs * self.steps_per_epoch(dataset_len)))
 
 
+class WandbSpec(Spec):
+    """Weights & Biases: one W&B run per stage, grouped by sweep and run id, resumed with the stage."""
+
+    project: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
+    entity: str | None = Field(None, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    tags: list[str] = Field(default_factory=list, max_length=64)
+
+
+class LoggingSpec(Spec):
+    """Where metrics go besides metrics.jsonl. Not part of a run's identity."""
+
+    tensorboard: bool = Field(False, description="TensorBoard event files in each stage's tensorboard/ directory")
+    wandb: WandbSpec | None = None
+
+
 class RunSpec(Spec):
     """What one stage job executes: the resolved experiment plus where it sits in its sweep."""
 
@@ -410,6 +426,7 @@ class RunSpec(Spec):
     stage: StageName
     experiment: Experiment
     overrides: dict[str, Any] = Field(default_factory=dict, description="the swept values that made this run")
+    logging: LoggingSpec = LoggingSpec()
 
 
 # What may reach an sbatch script: one set of rules, applied when a ResourcesSpec is validated (every backend, at

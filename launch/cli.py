@@ -134,7 +134,10 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
         out.print("nothing to submit: every job is completed, in flight, failed or waiting (see the action column)")
         return held_back
     by_run = {r.run_id: r for r in runs}
-    specs = {j.key: by_run[store.split_key(j.key)[0]].spec(sweep.name, j.stage) for j in todo}
+    specs = {
+        j.key: by_run[store.split_key(j.key)[0]].spec(sweep.name, j.stage).model_copy(update={"logging": sweep.logging})
+        for j in todo
+    }
     previous = {j.key: statuses[j.key] for j in todo}
     code_id = None
     if snapshot is not None:

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from extrema.spec import Experiment, ResourcesSpec, RunSpec, StageName
+from extrema.spec import Experiment, LoggingSpec, ResourcesSpec, RunSpec, StageName
 from launch import roots, store
 from launch.errors import InvalidSweep, Loc, Problem
 from launch.printable import clip, shown
@@ -126,6 +126,7 @@ class SweepFile(BaseModel):
     base: dict[str, Any]
     sweep: Axes | None = None
     launcher: LauncherSpec = LauncherSpec()
+    logging: LoggingSpec = LoggingSpec()
     root: str = "./runs"
     max_runs: int = Field(
         MAX_RUNS, ge=1, le=MAX_RUNS_CEILING, description="a sweep of more runs is refused before it is expanded"

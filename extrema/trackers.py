@@ -1,0 +1,194 @@
+"""Metrics to TensorBoard and Weights & Biases, besides metrics.jsonl, as a stage's `logging` section asks.
+
+`extrema.entry` opens the trackers of the stage it runs on rank 0 (`opened`); every record a stage writes to its
+metrics log (`rundir.MetricsLog`) is published to them, numbers only, at the record's step. A resumed attempt
+continues where its checkpoint is: TensorBoard is told to purge the events past that step (the killed attempt
+logged them; this one logs them again), and the W&B run of the stage (its id derived from sweep, run and stage)
+is resumed, so steps are never duplicated. Both libraries are optional extras (`pip install 'extrema[track]'`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+from extrema import rundir
+from extrema.spec import RunSpec
+
+TENSORBOARD_DIR = "tensorboard"
+WANDB_DIR = "wandb"
+
+
+def wandb_id(spec: RunSpec) -> str:
+    """The W&B run id of a stage: the same for every attempt, so a resumed attempt continues the same W&B run."""
+    return hashlib.sha256(f"{spec.sweep}/{spec.run_id}/{spec.stage}".encode()).hexdigest()[:16]
+
+
+def scalars(record: dict[str, Any]) -> dict[str, float]:
+    """The numeric fields of a metrics record (booleans and the step itself left out)."""
+    return {
+        k: float(v)
+        for k, v in record.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+    }
+
+
+def hyperparameters(spec: RunSpec) -> dict[str, Any]:
+    """The resolved experiment as flat dotted keys with plain values (lists as JSON text)."""
+    out: dict[str, Any] = {}
+
+    def walk(value: Any, key: str) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(value, (bool, int, float, str)):
+            out[key] = value
+        elif value is not None:
+            out[key] = json.dumps(value)
+
+    walk(spec.experiment.model_dump(mode="json"), "")
+    return out
+
+
+class Trackers:
+    """The trackers of one stage attempt; opened lazily at the first record, when the resume step is known."""
+
+    def __init__(self, spec: RunSpec, stage_dir: str) -> None:
+        self.spec = spec
+        self.stage_dir = stage_dir
+        self.resume_step: int | None = None
+        self.earlier: list[dict[str, Any]] = []
+        self.unavailable = False
+        self._tb: Any = None
+        self._tb_local: str | None = None
+        self._wandb: Any = None
+
+    def resumed_at(self, step: int | None, earlier: list[dict[str, Any]] | None = None) -> None:
+        """The step this attempt continues after (None or 0: from the start) and the records logged up to it."""
+        self.resume_step = step or None
+        self.earlier = list(earlier or [])
+
+    def _open(self) -> None:
+        try:
+            self._open_all()
+        except ImportError as e:  # an optional extra that is not installed: say so once, keep training
+            print(f"extrema.trackers: {e}; install 'extrema[track]' to log there", file=sys.stderr, flush=True)
+            self.unavailable = True
+
+    def _open_all(self) -> None:
+        if self.spec.logging.tensorboard and self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard.summary import hparams
+
+            target = rundir.join(self.stage_dir, TENSORBOARD_DIR)
+            local = target if "://" not in target or target.startswith("file://") else None
+            self._tb_local = local.removeprefix("file://") if local else tempfile.mkdtemp(prefix="extrema-tb-")
+            purge = self.resume_step + 1 if self.resume_step else None
+            self._tb = SummaryWriter(self._tb_local, purge_step=purge)
+            if purge is None:
+                experiment, start, end = hparams(hyperparameters(self.spec), {})
+                for summary in (experiment, start, end):
+                    self._tb.file_writer.add_summary(summary)
+                self._tb.add_text("spec", f"```\n{self.spec.model_dump_json(indent=2)}\n```")
+        w = self.spec.logging.wandb
+        if w is not None and w.mode != "disabled" and self._wandb is None:
+            import wandb
+
+            where = rundir.join(self.stage_dir, WANDB_DIR)
+            local = where.removeprefix("file://") if "://" not in where or where.startswith("file://") else None
+            os.makedirs(local or tempfile.gettempdir(), exist_ok=True)
+            self._wandb = wandb.init(
+                project=w.project,
+                entity=w.entity,
+                mode=w.mode,
+                tags=w.tags,
+                id=wandb_id(self.spec),
+                resume="allow",
+                group=f"{self.spec.sweep}/{self.spec.run_id}",
+                name=f"{self.spec.run_id}/{self.spec.stage}",
+                job_type=self.spec.stage,
+                config=self.spec.model_dump(mode="json"),
+                dir=local,
+                reinit="finish_previous",
+            )
+            # A W&B run that holds none of the steps before the resume (offline files of a killed attempt are
+            # often unflushed; a first online attempt may have never synced) gets them from metrics.jsonl.
+            for record in self.earlier:
+                step = record.get("step")
+                values = scalars(record)
+                if isinstance(step, int) and values and step >= int(getattr(self._wandb, "step", 0) or 0):
+                    self._wandb.log(values, step=step)
+
+    def publish(self, record: dict[str, Any]) -> None:
+        """Send a metrics record's numbers to every tracker, at its step."""
+        values = scalars(record)
+        if not values or "step" not in record or self.unavailable:
+            return
+        self._open()
+        step = int(record["step"])
+        if self._tb is not None:
+            for key, value in values.items():
+                self._tb.add_scalar(key, value, step)
+        if self._wandb is not None and step >= int(getattr(self._wandb, "step", 0) or 0):
+            self._wandb.log(values, step=step)  # a resumed W&B run holds the steps before its `step` already
+
+    def flush(self) -> None:
+        """Write what the trackers hold (TensorBoard's event file; object stores get a copy)."""
+        if self._tb is not None:
+            self._tb.flush()
+            self._upload()
+
+    def _upload(self) -> None:
+        target = rundir.join(self.stage_dir, TENSORBOARD_DIR)
+        if self._tb_local is None or self._tb_local == target.removeprefix("file://"):
+            return
+        fs, path = rundir.filesystem(target)
+        for name in os.listdir(self._tb_local):
+            fs.put_file(os.path.join(self._tb_local, name), f"{path}/{name}")
+
+    def close(self) -> None:
+        """Flush and close every tracker."""
+        if self._tb is not None:
+            self.flush()
+            self._tb.close()
+            if self._tb_local and self._tb_local.startswith(tempfile.gettempdir() + "/extrema-tb-"):
+                shutil.rmtree(self._tb_local, ignore_errors=True)
+            self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+_active: Trackers | None = None
+
+
+def active() -> Trackers | None:
+    """The trackers of the stage this process runs (rank 0), if any."""
+    return _active
+
+
+@contextlib.contextmanager
+def opened(spec: RunSpec, stage_dir: str) -> Iterator[Trackers | None]:
+    """The stage's trackers for the span of an attempt (None when its spec asks for none); closed at the end, an
+    unavailable library reported once without stopping the stage."""
+    global _active
+    wanted = spec.logging.tensorboard or (spec.logging.wandb is not None and spec.logging.wandb.mode != "disabled")
+    if not wanted:
+        yield None
+        return
+    _active = Trackers(spec, stage_dir)
+    try:
+        yield _active
+    finally:
+        t, _active = _active, None
+        try:
+            t.close()
+        except Exception as e:  # a tracker must never turn a finished stage into a failed one
+            print(f"extrema.trackers: closing failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
