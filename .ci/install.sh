@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
-  dataset-fashion-mnist slurmctld slurmd slurm-client munge slurmdbd mariadb-server iproute2 util-linux >/dev/null
-python3 -m pip install -q --disable-pip-version-check -e ".[dev,slurm,ray,detect]"
+  dataset-fashion-mnist slurmctld slurmd slurm-client munge slurmdbd mariadb-server iproute2 util-linux chromium >/dev/null
+python3 -m pip install -q --disable-pip-version-check -e ".[dev,slurm,ray,detect,track]"

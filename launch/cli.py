@@ -7,6 +7,7 @@
     extrema-launch results FILE|URL --group-by [AXIS ...]             (mean, std, count over seeds)
     extrema-launch results FILE|URL --pivot ROWS COLUMNS --metric M [--stage S]
     extrema-launch plot    FILE|URL --out DIR [--axis AXIS]
+    extrema-launch report  FILE|URL --out report.html
     extrema-launch viz attention FILE|URL --run ID [--images I ...] [--queries cls|P ...] [--out DIR]
     extrema-launch cancel  FILE|URL [--run ID]
     extrema-launch logs    FILE|URL --run ID --stage S [--follow]
@@ -173,6 +174,19 @@ def store_snapshot(snap: snapshots.Snapshot, url: str, launcher: LauncherSpec, l
     shared = roots.is_local(url) or launcher.backend != "slurm"
     cache = snapshots.default_cache() if shared else Path(log_dir.split("://", 1)[-1]) / "code"
     return snap.id, str(snapshots.local_copy(code_url, cache))
+
+
+def cmd_report(args: argparse.Namespace, out: Console) -> int:
+    """Write one self-contained HTML file of the sweep: status, results, figures, pictures, provenance."""
+    from launch import report
+
+    target = open_target(args.target, args.root)
+    try:
+        size = report.write(target, args.out)
+    except OSError as e:
+        raise UsageError(f"cannot write --out {args.out}: {type(e).__name__}: {e}") from None
+    out.print(f"wrote {args.out} ({size / 1e6:.1f} MB), a page that needs no network")
+    return OK
 
 
 def cmd_status(args: argparse.Namespace, out: Console) -> int:
@@ -424,6 +438,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("target", metavar="FILE|URL", help=target_help)
     p.add_argument("--run", help="only this run id")
+    p.add_argument("--root", help="run store URL when FILE was swept with --root")
+    p = command(
+        "report",
+        cmd_report,
+        "write one self-contained HTML page of a sweep",
+        "The sweep and its axes, the status table, results averaged over seeds, every figure of `plot`, the\n"
+        "runs' attention maps and inpainting pictures, and provenance, in one file that opens without a network.\n"
+        "Exit codes: 0, 2 invalid input.",
+    )
+    p.add_argument("target", metavar="FILE|URL", help=target_help)
+    p.add_argument("--out", required=True, metavar="PATH", help="the HTML file (a path or URL)")
     p.add_argument("--root", help="run store URL when FILE was swept with --root")
     p = command(
         "logs",
