@@ -88,6 +88,17 @@ def ask(
         return None, f"{name}{where}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
+def in_flight(status: Mapping[str, Any]) -> bool:
+    """Whether the run store shows the stage pending, running or preempted."""
+    return status.get("state") in store.IN_FLIGHT
+
+
+def retried(status: Mapping[str, Any]) -> bool:
+    """Whether a stage recorded failed may still be retried by its own job (Ray retries a failed task or Ray Train
+    run within the job): the backend is asked, and a job still running means the stage is."""
+    return status.get("state") == FAILED and status.get("backend") == "ray"
+
+
 def reconcile(
     sweep_url: str,
     statuses: Mapping[str, Mapping[str, Any]],
@@ -108,7 +119,7 @@ def reconcile(
         if store.interrupted_submission(s):
             out.stuck.add(key)
             continue
-        if s.get("state") in store.IN_FLIGHT and s.get("job_id") and s.get("backend") in BACKENDS:
+        if (in_flight(s) or retried(s)) and s.get("job_id") and s.get("backend") in BACKENDS:
             name = str(s["backend"])
             cluster = ray_address(s, launcher) if name == "ray" else None
             groups.setdefault((name, cluster), {})[key] = str(s["job_id"])
@@ -120,6 +131,10 @@ def reconcile(
         for key, job_id in ids.items():
             state, why = settled(answer.get(job_id), name, job_id)
             if state is None:
+                continue
+            if retried(statuses[key]) and not in_flight(statuses[key]):
+                if state in (RUNNING, PENDING):  # the attempt failed; its job is trying again
+                    out.states[key] = state
                 continue
             if state in store.TERMINAL:
                 stage = store.stage_url(sweep_url, *store.split_key(key))

@@ -22,6 +22,8 @@ import yaml
 
 from extrema import rundir
 from launch import store
+from launch.status_view import status_table
+from launch.target import open_target
 from tests.cluster_sweeps import cli, release_requeued
 from tests.clusters.ray_two_node import TwoNodeRay
 from tests.clusters.slurm_two_node import TwoNodeSlurmCluster
@@ -139,12 +141,13 @@ def job_logs(tmp_path: Path) -> str:
 
 
 def wait_state(path: Path, run: Path, states: set[str], timeout_s: float, tmp_path: Path) -> str:
-    """Ask `status` (which reconciles with Slurm) until the stage is in one of `states`; that state."""
+    """Ask what `status` shows (the run store reconciled with the backend) until the stage is in one of `states`;
+    that state. A stage whose attempt failed while its Ray job retries shows running, as it is."""
     seen: dict[str, str] = {}
+    key = f"{run.name}/pretrain"
 
     def reached() -> bool:
-        cli("status", str(path))
-        seen["state"] = str(status_of(run).get("state"))
+        seen["state"] = str(status_table(open_target(str(path), None)).seen.states.get(key))
         return seen["state"] in states
 
     try:

@@ -44,13 +44,14 @@ def test_spec_status_and_manifest_round_trip(root: str) -> None:
     assert RunSpec.model_validate(rundir.read_json(f"{stage}/spec.json")) == spec
 
     assert store.read_status(stage) == {}
-    store.mark_submitted(stage, "local", "local-1-0@h", submitted_at=100.0)
+    store.mark_submitted(stage, "local", "local-1-0@h", submitted_at=100.0, code="c0de")
     assert store.read_status(stage) == {
         "state": "pending",
         "backend": "local",
         "job_id": "local-1-0@h",
         "submitted_at": 100.0,
         "submitted_by": store.submitter(),
+        "submitted_code": "c0de",
         "error": None,
         "finished_at": None,
     }
