@@ -1,6 +1,7 @@
 """`extrema-launch`: run sweeps of ExtreMA experiments and look after them.
 
     extrema-launch sweep   FILE [--backend local|slurm|ray] [--root URL] [--dry-run] [--retry-failed]
+                           [--snapshot on|off] [--allow-code-change] [--quiet | --json-events] [--progress-every S]
     extrema-launch status  FILE|URL
     extrema-launch status  FILE|URL --watch [--interval S]
     extrema-launch results FILE|URL [--format table|csv|parquet|json] [--out PATH]
@@ -12,7 +13,8 @@
     extrema-launch cancel  FILE|URL [--run ID]
     extrema-launch logs    FILE|URL --run ID --stage S [--follow]
 
-FILE|URL is a sweep YAML file or the `<root>/<sweep>` URL of a run store.
+FILE|URL is a sweep YAML file or the `<root>/<sweep>` URL of a run store. Every job runs the code snapshot its
+`sweep` took (`<root>/<sweep>/code/<id>/`), not whatever is installed when it starts (`--snapshot off`).
 
 Backends: `local` runs the stages on this machine and shows progress until they end (Ctrl-C stops them,
 resumably). `slurm` and `ray` return once the jobs are submitted. `ray` submits to launcher.ray_address, else
