@@ -119,14 +119,16 @@ def wait_for(check: Callable[[], bool], timeout_s: float, what: str) -> None:
         time.sleep(0.2)
 
 
-def sabotage(proj: Path, module: str) -> None:
-    """Edit a module of the copy so that importing it fails, and show that it does."""
+def sabotage(proj: Path, module: str) -> float:
+    """Edit a module of the copy so that importing it fails, and show that it does; the time of the edit."""
     with open(proj / module, "a") as f:
         f.write(SABOTAGE)
+    edited = time.time()
     name = module.removesuffix(".py").replace("/", ".")
     probe = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=proj, env=launcher_env(proj),
                            capture_output=True, text=True, timeout=120)  # fmt: skip
     assert probe.returncode != 0 and "edited after the sweep was submitted" in probe.stderr, probe.stderr[-2000:]
+    return edited
 
 
 def assert_ran_snapshot(run: Path, stage: str, snapshot_id: str, from_store: bool = True) -> None:
@@ -215,12 +217,12 @@ def test_resuming_across_a_code_change_is_refused_unless_allowed() -> None:
 
 def test_local_jobs_run_the_submitted_code_and_a_resume_across_a_change_is_refused(tmp_path: Path) -> None:
     proj = project_copy(tmp_path)
-    path = sweep_file(proj, {"backend": "local", "resources": {"cpus_per_task": 1}}, ["pretrain", "knn"], steps=40)
+    path = sweep_file(proj, {"backend": "local", "resources": {"cpus_per_task": 1}}, ["pretrain", "knn"], steps=30)
     driver = subprocess.Popen(cli_command("sweep", str(path)), cwd=proj, env=launcher_env(proj), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=interruptible)  # fmt: skip
     try:
         wait_for(lambda: len(runs_of(proj)) == 1 and step(run_dir(proj)) >= 3, 120, "step 3")
-        sabotage(proj, "extrema/stages/knn.py")  # knn starts after this edit
+        edited = sabotage(proj, "extrema/stages/knn.py")  # knn starts after this edit
         out, _ = driver.communicate(timeout=300)
     finally:
         if driver.poll() is None:
@@ -230,10 +232,11 @@ def test_local_jobs_run_the_submitted_code_and_a_resume_across_a_change_is_refus
     run = run_dir(proj)
     assert_ran_snapshot(run, "pretrain", first)
     assert_ran_snapshot(run, "knn", first)
+    assert record(run, "knn", "status.json")["started_at"] > edited  # it imported its code after the edit
 
     # An unfinished pretrain with checkpoints from `first`, then a benign edit: the next submission is new code.
     subprocess.run([*GIT, "-C", str(proj), "checkout", "-q", "--", "extrema/stages/knn.py"], check=True)
-    path = sweep_file(proj, {"backend": "local", "resources": {"cpus_per_task": 1}}, ["pretrain"], steps=400)
+    path = sweep_file(proj, {"backend": "local", "resources": {"cpus_per_task": 1}}, ["pretrain"], steps=60)
     driver = subprocess.Popen(cli_command("sweep", str(path)), cwd=proj, env=launcher_env(proj), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=interruptible)  # fmt: skip
     try:
@@ -292,11 +295,12 @@ def test_ray_jobs_run_the_submitted_code(ray_cluster: RayCluster, tmp_path: Path
     path = sweep_file(proj, {"backend": "ray", "ray_address": ray_cluster.address}, ["pretrain", "knn"])
     sent = run_cli(proj, "sweep", str(path))
     assert sent.returncode == 0, sent.stdout[-3000:] + sent.stderr[-3000:]
-    sabotage(proj, "extrema/stages/knn.py")
+    edited = sabotage(proj, "extrema/stages/knn.py")
     (snap,) = snapshot_ids(proj)
     run = run_dir(proj)
     wait_for(lambda: (run / "knn" / "status.json").is_file() and record(run, "knn", "status.json").get("state") in (
         "completed", "failed"), 240, "knn to end")  # fmt: skip
     assert_ran_snapshot(run, "pretrain", snap, from_store=False)
     assert_ran_snapshot(run, "knn", snap, from_store=False)
+    assert record(run, "knn", "status.json")["started_at"] > edited
     assert "working_dir_files" in record(run, "knn", "provenance.json")["code_path"]
