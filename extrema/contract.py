@@ -32,6 +32,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
 from typing import Any
 
 from extrema import rundir
@@ -164,6 +165,16 @@ def describe_error(exc: BaseException) -> str:
 def is_full_disk(exc: BaseException) -> bool:
     """Whether a full disk (or quota) is anywhere in the exception's chain."""
     return any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain(exc))
+
+
+def collective_timeout_s() -> float:
+    """Seconds a rank waits in one collective: the launcher's setting (COLLECTIVE_TIMEOUT_ENV), else the default."""
+    return env_float(COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT_S)
+
+
+def this_process(rank: int = 0) -> dict[str, Any]:
+    """This process's place in a stage's world: {"rank", "host", "pid"}."""
+    return {"rank": rank, "host": socket.gethostname(), "pid": os.getpid()}
 
 
 def env_float(name: str, default: float) -> float:

@@ -7,7 +7,6 @@ import importlib
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel
 
-from extrema.contract import COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT_S, env_float
+from extrema.contract import collective_timeout_s, this_process
 
 if TYPE_CHECKING:
     from extrema.models.extrema import ExtreMA
@@ -57,7 +56,7 @@ def env_rank() -> tuple[int, int, int]:
 
 def collective_timeout() -> timedelta:
     """How long a rank waits in one collective (and at rendezvous): the launcher's setting, 600 s by default."""
-    return timedelta(seconds=env_float(COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT_S))
+    return timedelta(seconds=collective_timeout_s())
 
 
 def init_world() -> World:
@@ -177,10 +176,10 @@ def release_world() -> None:
 
 def rank_places() -> list[dict[str, Any]]:
     """Every rank's {"rank", "host", "pid"} in rank order (one all-gather of fixed-size JSON when distributed)."""
-    mine = {"host": socket.gethostname(), "pid": os.getpid()}
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [{"rank": 0, **mine}]
-    raw = json.dumps(mine).encode()[:RANK_RECORD_BYTES]
+        return [this_process()]
+    mine = this_process()
+    raw = json.dumps({"host": mine["host"], "pid": mine["pid"]}).encode()[:RANK_RECORD_BYTES]
     row = torch.zeros(RANK_RECORD_BYTES, dtype=torch.uint8)  # JSON never holds a NUL byte: zeros are padding
     row[: len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else row.device

@@ -120,7 +120,7 @@ class CollectiveFailed(RuntimeError):
 def places(world: int) -> list[dict[str, Any]]:
     """Every rank's host and pid, in rank order (gathered across ranks when there are several)."""
     if world == 1:
-        return [{"rank": 0, "host": socket.gethostname(), "pid": os.getpid()}]
+        return [contract.this_process()]
     from extrema.dist import rank_places
 
     return rank_places()
@@ -143,7 +143,7 @@ def peer_note(e: BaseException, ranks: list[dict[str, Any]], rank: int) -> str:
     remote = [r for r in others if r["host"] != mine]
     shown = ", ".join(f"rank {r['rank']} on {r['host']}" for r in (remote or others)[:8])
     where = "on other nodes" if remote else "on this node"
-    timeout = contract.env_float(contract.COLLECTIVE_TIMEOUT_ENV, contract.DEFAULT_COLLECTIVE_TIMEOUT_S)
+    timeout = contract.collective_timeout_s()
     return (
         f"collective between ranks failed on rank {rank} ({mine}); ranks {where}: {shown} "
         f"(a node, a rank or the link to it went away; collective timeout {timeout:g} s): {contract.describe_error(e)}"

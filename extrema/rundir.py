@@ -13,6 +13,7 @@ from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 from extrema import code, environment
 
@@ -31,6 +32,12 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem of a URL and the path inside it."""
     fs, path = url_to_fs(url)
     return fs, path
+
+
+def local_path(url: str) -> str | None:
+    """The path of a URL on this machine's filesystem (a plain path or file://), else None."""
+    fs, path = filesystem(url)
+    return str(path) if isinstance(fs, LocalFileSystem) else None
 
 
 def exists(url: str) -> bool:
@@ -148,7 +155,9 @@ def package_versions() -> dict[str, str | None]:
 
 def provenance(world_size: int, ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Everything needed to say where a result came from; `ranks`: every rank's {"rank", "host", "pid"}."""
-    ranks = ranks or [{"rank": 0, "host": socket.gethostname(), "pid": os.getpid()}]
+    from extrema import contract
+
+    ranks = ranks or [contract.this_process()]
     ident = code.identity()
     return {
         **(git_state() if ident["code"] is None else {}),

@@ -68,6 +68,7 @@ class Trackers:
         self.unavailable = False
         self._tb: Any = None
         self._tb_local: str | None = None
+        self._tb_remote: str | None = None
         self._wandb: Any = None
 
     def resumed_at(self, step: int | None, earlier: list[dict[str, Any]] | None = None) -> None:
@@ -88,8 +89,9 @@ class Trackers:
             from torch.utils.tensorboard.summary import hparams
 
             target = rundir.join(self.stage_dir, TENSORBOARD_DIR)
-            local = target if "://" not in target or target.startswith("file://") else None
-            self._tb_local = local.removeprefix("file://") if local else tempfile.mkdtemp(prefix="extrema-tb-")
+            local = rundir.local_path(target)
+            self._tb_remote = None if local else target  # an object store gets copies of a local directory
+            self._tb_local = local or tempfile.mkdtemp(prefix="extrema-tb-")
             purge = self.resume_step + 1 if self.resume_step else None
             self._tb = SummaryWriter(self._tb_local, purge_step=purge)
             if purge is None:
@@ -101,8 +103,7 @@ class Trackers:
         if w is not None and w.mode != "disabled" and self._wandb is None:
             import wandb
 
-            where = rundir.join(self.stage_dir, WANDB_DIR)
-            local = where.removeprefix("file://") if "://" not in where or where.startswith("file://") else None
+            local = rundir.local_path(rundir.join(self.stage_dir, WANDB_DIR))
             os.makedirs(local or tempfile.gettempdir(), exist_ok=True)
             self._wandb = wandb.init(
                 project=w.project,
@@ -146,10 +147,9 @@ class Trackers:
             self._upload()
 
     def _upload(self) -> None:
-        target = rundir.join(self.stage_dir, TENSORBOARD_DIR)
-        if self._tb_local is None or self._tb_local == target.removeprefix("file://"):
+        if self._tb_remote is None or self._tb_local is None:
             return
-        fs, path = rundir.filesystem(target)
+        fs, path = rundir.filesystem(self._tb_remote)
         for name in os.listdir(self._tb_local):
             fs.put_file(os.path.join(self._tb_local, name), f"{path}/{name}")
 
@@ -158,7 +158,7 @@ class Trackers:
         if self._tb is not None:
             self.flush()
             self._tb.close()
-            if self._tb_local and self._tb_local.startswith(tempfile.gettempdir() + "/extrema-tb-"):
+            if self._tb_remote is not None and self._tb_local is not None:
                 shutil.rmtree(self._tb_local, ignore_errors=True)
             self._tb = None
         if self._wandb is not None:

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from extrema import code, rundir
-from launch import roots
 
 PACKAGES = ("extrema", "launch")
 MAX_FILES = 5_000
@@ -155,8 +154,9 @@ def local_copy(url: str, cache: Path) -> Path:
     """A local directory to import the snapshot at `url` from: its own `files/` when the store is local, else a
     verified copy under `cache/<id>/` (fetched once; the manifest is written last there too)."""
     manifest = code.read_manifest(rundir.join(url, code.MANIFEST))
-    if roots.is_local(url):
-        return Path(rundir.filesystem(rundir.join(url, code.FILES))[1])
+    local = rundir.local_path(rundir.join(url, code.FILES))
+    if local is not None:
+        return Path(local)
     target = cache / manifest["id"]
     if (target / code.MANIFEST).is_file():
         return target / code.FILES

@@ -20,13 +20,13 @@ import pytest
 import torch
 import yaml
 
-from extrema import rundir
+from extrema import ckpt, rundir
 from launch import store
 from launch.status_view import status_table
 from launch.target import open_target
 from tests.cluster_sweeps import cli, release_requeued
 from tests.clusters.ray_two_node import TwoNodeRay
-from tests.clusters.slurm_two_node import TwoNodeSlurmCluster
+from tests.clusters.slurm_two_node import USABLE, TwoNodeSlurmCluster
 from tests.stage_runs import TINY_EXPERIMENT, checkpointed_model, merge
 
 STEPS = 30
@@ -217,9 +217,20 @@ def test_slurm_two_node_preemption_stops_both_nodes_at_one_step_and_resumes_equa
 
 def ckpt_steps(run: Path) -> dict[int, bool]:
     """Checkpoint steps of the pretrain stage -> complete."""
-    from extrema import ckpt
-
     return ckpt.list_steps(str(run / "pretrain" / "ckpt"))
+
+
+def wait_mid_run(run: Path, timeout_s: float) -> None:
+    """Wait until the stage has a complete checkpoint and has gone past it (step 7, checkpoints every 5)."""
+    wait_for(lambda: any(ckpt_steps(run).values()) and steps_logged(run) >= 7, timeout_s, "a checkpoint and step 7")
+
+
+def retry_to_the_end(path: Path, run: Path, reference: Path, tmp_path: Path) -> None:
+    """`sweep --retry-failed`, then the stage completes equal to the reference."""
+    code, out = cli("sweep", str(path), "--retry-failed")
+    assert code == 0, out
+    assert wait_state(path, run, {"completed", "failed"}, 180, tmp_path) == "completed", job_logs(tmp_path)
+    assert_equal_models(run, reference)
 
 
 @pytest.mark.slurm
@@ -228,7 +239,7 @@ def test_slurm_node_lost_mid_run_fails_naming_it_then_the_retry_resumes_equal(
 ) -> None:
     cluster = on_two_node_slurm
     path, run = slurm_sweep(tmp_path, cluster)
-    wait_for(lambda: any(ckpt_steps(run).values()) and steps_logged(run) >= 7, 120, "a checkpoint and step 7")
+    wait_mid_run(run, 120)
     killed = cluster.kill_node("n2")
     assert killed
     took = wait_for(lambda: status_of(run).get("state") == "failed", 60, "the stage to be recorded failed")
@@ -240,11 +251,8 @@ def test_slurm_node_lost_mid_run_fails_naming_it_then_the_retry_resumes_equal(
     assert resumed_from < STEPS
 
     cluster.start_node("n2")
-    code, out = cli("sweep", str(path), "--retry-failed")
-    assert code == 0, out
-    assert wait_state(path, run, {"completed", "failed"}, 180, tmp_path) == "completed", job_logs(tmp_path)
+    retry_to_the_end(path, run, one_node_two_processes, tmp_path)
     assert status_of(run)["attempts"] == 2
-    assert_equal_models(run, one_node_two_processes)
 
 
 @pytest.mark.slurm
@@ -253,7 +261,7 @@ def test_slurm_link_cut_mid_run_ends_every_rank_within_the_timeout_then_the_retr
 ) -> None:
     cluster = on_two_node_slurm
     path, run = slurm_sweep(tmp_path, cluster)
-    wait_for(lambda: any(ckpt_steps(run).values()) and steps_logged(run) >= 7, 120, "a checkpoint and step 7")
+    wait_mid_run(run, 120)
     ranks = {n: entry_pids(cluster.net.pids(n)) for n in ("n1", "n2")}
     assert ranks["n1"] and ranks["n2"], ranks
     cluster.cut("n2")
@@ -267,12 +275,9 @@ def test_slurm_link_cut_mid_run_ends_every_rank_within_the_timeout_then_the_retr
     finally:
         cluster.restore("n2")
     assert wait_state(path, run, {"failed"}, 90, tmp_path) == "failed"
-    if cluster.node_state("n2") not in ("idle", "mixed", "allocated"):
+    if cluster.node_state("n2") not in USABLE:
         cluster.start_node("n2")
-    code, out = cli("sweep", str(path), "--retry-failed")
-    assert code == 0, out
-    assert wait_state(path, run, {"completed", "failed"}, 180, tmp_path) == "completed", job_logs(tmp_path)
-    assert_equal_models(run, one_node_two_processes)
+    retry_to_the_end(path, run, one_node_two_processes, tmp_path)
 
 
 @pytest.fixture
@@ -316,7 +321,7 @@ def test_ray_worker_node_lost_mid_run_retries_from_the_checkpoint_and_ends_equal
 ) -> None:
     cluster = on_two_node_ray
     path, run = ray_sweep(tmp_path, cluster)
-    wait_for(lambda: any(ckpt_steps(run).values()) and steps_logged(run) >= 7, 180, "a checkpoint and step 7")
+    wait_mid_run(run, 180)
     assert cluster.kill_worker_node()
     time.sleep(2)
     cluster.start_worker_node()
