@@ -29,7 +29,7 @@ from typing import Any
 from extrema import lease
 from extrema.contract import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING
 from launch import store
-from launch.backends.base import BACKENDS, State, make_backend
+from launch.backends.base import BACKENDS, State, make_backend, retries_in_job
 from launch.backends.ray_head import head_gone
 from launch.sweep import LauncherSpec
 
@@ -94,9 +94,9 @@ def in_flight(status: Mapping[str, Any]) -> bool:
 
 
 def retried(status: Mapping[str, Any]) -> bool:
-    """Whether a stage recorded failed may still be retried by its own job (Ray retries a failed task or Ray Train
-    run within the job): the backend is asked, and a job still running means the stage is."""
-    return status.get("state") == FAILED and status.get("backend") == "ray"
+    """Whether a stage recorded failed may still be retried by its own job (`retries_in_job` backends): the
+    backend is asked, and a job still running means the stage is."""
+    return status.get("state") == FAILED and retries_in_job(str(status.get("backend")))
 
 
 def reconcile(

@@ -91,6 +91,7 @@ class Backend(Protocol):
 
     name: str
     adopts_running: bool  # True: a job submitted for a stage another attempt runs waits for it (local jobs)
+    retries_in_job: bool  # True: a job may run a failed stage again by itself (Ray task retries, Ray Train)
 
     def submit(self, jobs: Sequence[Job], log_dir: str) -> dict[str, str]:
         """Submit jobs (given in dependency order; `after` keys name jobs of this call or already-completed ones).
@@ -117,6 +118,14 @@ def backend_class(name: str) -> Any:
         return getattr(importlib.import_module(module), attr)
     except ImportError as e:
         raise UsageError(f"backend {name!r} is not available here: {e}") from None
+
+
+def retries_in_job(name: str) -> bool:
+    """Whether a backend's job may run a stage again after an attempt recorded it failed (False when unknown)."""
+    try:
+        return bool(getattr(backend_class(name), "retries_in_job", False))
+    except UsageError:
+        return False
 
 
 def adopts_running(name: str) -> bool:

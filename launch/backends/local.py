@@ -105,6 +105,7 @@ class LocalBackend:
 
     name = "local"
     adopts_running = True
+    retries_in_job = False
 
     def __init__(
         self, max_parallel: int = 1, grace_s: float = 10.0, cpus: int | None = None, gpus: Sequence[str] | None = None

@@ -136,6 +136,7 @@ class RayBackend:
 
     name = "ray"
     adopts_running = False
+    retries_in_job = True  # the driver's task is retried (max_retries), a Ray Train run by its FailureConfig
 
     def __init__(
         self,

@@ -430,6 +430,7 @@ class SlurmBackend:
 
     name = "slurm"
     adopts_running = False
+    retries_in_job = False
 
     def __init__(
         self,
