@@ -111,9 +111,10 @@ def main() -> None:
     ckpt.restore(os.path.join(root, "ckpt"), model, opt, {"step": 0})
     load_s = time.perf_counter() - t
     t = time.perf_counter()
-    ckpt.save(os.path.join(root, "ckpt"), 2, ckpt.training_state(model, opt, {"step": 2}), background=True)
+    saver = ckpt.Saver(os.path.join(root, "ckpt"))
+    saver.save(2, ckpt.training_state(model, opt, {"step": 2}), background=True)
     stall_s = time.perf_counter() - t
-    ckpt.wait_pending()
+    saver.wait()
     async_total = time.perf_counter() - t
 
     gb = nbytes / 1e9

@@ -1,8 +1,8 @@
 """Checkpoints with torch.distributed.checkpoint (DCP) on any fsspec URL.
 
-Layout: `<ckpt>/step-<N>/` written by DCP; its `.metadata` file (renamed into place last) marks it complete,
-and `<ckpt>/latest` names the newest complete step after the commit. A step directory without `.metadata`
-is never chosen and is removed by `clean_incomplete`. Works in one plain process and under FSDP/DDP.
+Layout: `<ckpt>/step-<N>/` written by DCP; its `.metadata` file (renamed into place last) marks it complete, and
+the newest complete step is the latest. A step directory without `.metadata` is never chosen and is removed by
+`clean_incomplete`. Works in one plain process and under FSDP/DDP.
 
 Commits are durable and fenced (`DurableWriter`): shards and their directory entries reach the disk before
 `.metadata` is renamed into place, and only while this attempt still holds its stage's lease. Resuming
@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
@@ -120,7 +121,7 @@ def apply_retention(ckpt_dir: str, keep_last: int, keep_every: int | None = None
     return doomed
 
 
-def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]) -> dict[str, Any]:
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, extra: Any) -> dict[str, Any]:
     """The DCP state dict of a training job: model, optimizer (FQN-keyed, shard-aware) and extras."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     return {"model": model_sd, "optim": optim_sd, "extra": extra}
@@ -212,50 +213,45 @@ def saving(url: str) -> Iterator[None]:
         raise CheckpointError(f"checkpoint {url} was not saved: {reason(e)}") from e
 
 
-_pending: list[tuple[Any, str, int]] = []
+def save(ckpt_dir: str, step: int, state: dict[str, Any]) -> str:
+    """Write one checkpoint collectively and return its URL once DCP has committed `.metadata` durably.
 
-
-def point_latest(ckpt_dir: str, step: int | None) -> None:
-    """Move the `latest` pointer to a step (remove it for None), fenced by the lease; rank 0 writes."""
-    if not is_rank0():
-        return
-    url = rundir.join(ckpt_dir, "latest")
-    lease.fence(f"moving {url} to step {step}")
-    if step is not None:
-        rundir.write_text_atomic(url, f"step-{step}\n")
-    elif rundir.exists(url):
-        fs, path = rundir.filesystem(url)
-        fs.rm(path)
-
-
-def wait_pending() -> None:
-    """Block until a background save has committed, then move the `latest` pointer to it."""
-    while _pending:
-        future, ckpt_dir, step = _pending.pop(0)
-        with saving(step_url(ckpt_dir, step)):
-            future.result()
-        point_latest(ckpt_dir, step)
-
-
-def save(ckpt_dir: str, step: int, state: dict[str, Any], background: bool = False) -> str:
-    """Write one checkpoint collectively; `latest` moves only after DCP has committed `.metadata` durably.
-
-    With `background`, tensors are staged to host memory and written by a thread while training goes on;
-    a later save (or `wait_pending`) waits for it first. Background saves need a process group.
     CheckpointError when it fails (a full disk says so); LeaseLost when this attempt no longer owns the stage.
     """
-    wait_pending()
     url = step_url(ckpt_dir, step)
-    writer = DurableWriter(url)
     with saving(url):
-        if background and dist.is_initialized():
-            group = side_group()
-            future = dcp.async_save(state, storage_writer=writer, planner=JsonSavePlanner(), process_group=group)
-            _pending.append((future, ckpt_dir, step))
-            return url
-        dcp.save(state, storage_writer=writer, planner=JsonSavePlanner())
-    point_latest(ckpt_dir, step)
+        dcp.save(state, storage_writer=DurableWriter(url), planner=JsonSavePlanner())
     return url
+
+
+class Saver:
+    """A stage's checkpoint writer: blocking saves, or one background save in flight that the next save (or
+    `wait`) completes first. Background saves stage tensors to host memory and need a process group."""
+
+    def __init__(self, ckpt_dir: str) -> None:
+        self.ckpt_dir = ckpt_dir
+        self._pending: tuple[Any, int] | None = None  # (DCP's async-save future, step)
+
+    def wait(self) -> None:
+        """Block until the background save in flight (if any) has committed; CheckpointError when it failed."""
+        if self._pending is not None:
+            future, step = self._pending
+            self._pending = None
+            with saving(step_url(self.ckpt_dir, step)):
+                future.result()
+
+    def save(self, step: int, state: dict[str, Any], background: bool = False) -> str:
+        """Write step N (in the background when asked and a process group exists); returns its URL."""
+        self.wait()
+        if not (background and dist.is_initialized()):
+            return save(self.ckpt_dir, step, state)
+        url = step_url(self.ckpt_dir, step)
+        with saving(url):
+            future = dcp.async_save(
+                state, storage_writer=DurableWriter(url), planner=JsonSavePlanner(), process_group=side_group()
+            )
+        self._pending = (future, step)
+        return url
 
 
 def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -376,30 +372,26 @@ def load_training_state(url: str, model: nn.Module, optimizer: torch.optim.Optim
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def restore(
-    ckpt_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict[str, Any]
-) -> dict[str, Any] | None:
-    """Resume from the newest complete step that loads: fills model and optimizer, returns the saved extras (None if
-    fresh). A step that fails is set aside (logged, recorded, moved) and the next older one is tried; every rank
-    takes the same decision. CheckpointError when none loads after one failed part-way through filling the model.
+def restore(ckpt_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer, extra: Any) -> Any | None:
+    """Resume from the newest complete step that loads: fills model and optimizer and returns the saved extras (a
+    DCP `Stateful` given as `extra` is filled in place and returned; a dict template comes back as a new dict), or
+    None when there is no checkpoint. A step that fails is set aside (logged, recorded, moved) and the next older
+    one is tried; every rank takes the same decision. CheckpointError when none loads after one failed part-way
+    through filling the model.
     """
     clean_incomplete(ckpt_dir)
     barrier()
-    skipped, touched = False, None
+    touched = None
     for step in from_rank0(complete_steps(ckpt_dir) if is_rank0() else None):
         url = step_url(ckpt_dir, step)
         why = from_rank0(attempt(verify, url) if is_rank0() else None)
         if why is None:
-            touched, state = step, training_state(model, optimizer, dict(extra))
+            template = extra if isinstance(extra, Stateful) else dict(extra)
+            touched, state = step, training_state(model, optimizer, template)
             why = first_failure(attempt(load_training_state, url, model, optimizer, state))
             if why is None:
-                if skipped:
-                    point_latest(ckpt_dir, step)
-                return dict(state["extra"])
+                return extra if isinstance(extra, Stateful) else dict(state["extra"])
         set_aside(ckpt_dir, step, why)
-        skipped = True
-    if skipped:
-        point_latest(ckpt_dir, None)
     if touched is not None:
         raise CheckpointError(
             f"no checkpoint under {ckpt_dir} loads; step {touched} failed part-way, so the model may hold some of its"

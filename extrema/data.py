@@ -24,6 +24,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
 from extrema import augment
+from extrema.dist import World
 from extrema.spec import DataSpec
 
 IMAGENET_MEAN, IMAGENET_STD = augment.IMAGENET_MEAN, augment.IMAGENET_STD
@@ -332,6 +333,11 @@ class TwoViewTransform:
         return self.normalize(self.color(x)), self.normalize(self.color(x))
 
 
+def eval_crop_pct(img_size: int) -> float:
+    """Evaluation centre-crop fraction: 0.875 at ImageNet sizes, none for small images."""
+    return 1.0 if img_size <= 64 else 0.875
+
+
 def eval_geometry(img_size: int, crop_pct: float = 0.875) -> Callable[[Tensor], Tensor]:
     """uint8 -> uint8: resize the short side to img_size / crop_pct, centre-crop img_size."""
     if not 0 < crop_pct <= 1:
@@ -454,6 +460,24 @@ def step_loader(
         # its worker base seed from the global RNG, which the training step's drop path consumes.
         generator=torch.Generator().manual_seed(0),
     )
+
+
+def step_batches(
+    dataset: Dataset,
+    batch_size: int,
+    seed: int,
+    start_step: int,
+    total_steps: int,
+    world: World,
+    num_workers: int,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+) -> DataLoader:
+    """This rank's share of every global batch from `start_step` on, in step order: the training input of every
+    stage. Items are (epoch, index) keys of a dataset seeded by (seed, epoch, index), so a resumed run sees the
+    same samples."""
+    n = len(dataset)  # type: ignore[arg-type]
+    sampler = StepBatchSampler(n, batch_size, seed, start_step, total_steps, world.rank, world.size)
+    return step_loader(dataset, sampler, num_workers, collate_fn)
 
 
 def ordered_loader(

@@ -228,6 +228,11 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a stage's `precision`: bf16 on GPU (and on CPU when asked), None for fp32."""
+    return torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else None
+
+
 def broadcast_buffers(module: nn.Module) -> None:
     """Give every rank rank 0's buffers (BatchNorm statistics), which DDP only syncs at each training forward:
     after the last step each rank holds the statistics of its own batch."""

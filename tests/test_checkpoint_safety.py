@@ -95,7 +95,7 @@ def replace_entry(step_dir: Path, fqn: str, payload: bytes) -> None:
 
 
 def nested(fqn: str) -> dict[str, Any]:
-    """A DCP load template asking for one non-tensor entry, e.g. 'extra.knn'."""
+    """A DCP load template asking for one non-tensor entry, e.g. 'extra.init_top1'."""
     head, _, rest = fqn.partition(".")
     return {head: nested(rest) if "." in rest else {rest: None}}
 
@@ -107,8 +107,8 @@ def test_the_crafted_files_run_code_through_torchs_own_reader(reference: Path, t
         FsspecReader(str(ckpt_dir / "step-4")).read_metadata()
     assert (tmp_path / "by-metadata").exists()
 
-    craft_entry(ckpt_dir / "step-2", "extra.knn", tmp_path / "by-entry")
-    dcp.load(nested("extra.knn"), storage_reader=FsspecReader(str(ckpt_dir / "step-2")))
+    craft_entry(ckpt_dir / "step-2", "extra.init_top1", tmp_path / "by-entry")
+    dcp.load(nested("extra.init_top1"), storage_reader=FsspecReader(str(ckpt_dir / "step-2")))
     assert (tmp_path / "by-entry").exists()
 
 
@@ -158,10 +158,10 @@ def test_crafted_rank_local_metadata_is_refused(reference: Path, tmp_path: Path)
 
 def test_a_crafted_entry_is_refused_by_ckpt_load(reference: Path, tmp_path: Path) -> None:
     step_dir = copy_run(reference, tmp_path / "run") / "step-4"
-    craft_entry(step_dir, "extra.knn", tmp_path / "marker")
+    craft_entry(step_dir, "extra.init_top1", tmp_path / "marker")
     with pytest.raises(ckpt.CheckpointError) as caught:
-        ckpt.load(str(step_dir), nested("extra.knn"))
-    assert f"{step_dir}/{SHARD}: entry extra.knn does not load weights-only" in str(caught.value)
+        ckpt.load(str(step_dir), nested("extra.init_top1"))
+    assert f"{step_dir}/{SHARD}: entry extra.init_top1 does not load weights-only" in str(caught.value)
     assert "posix.mkdir" in str(caught.value)
     assert not (tmp_path / "marker").exists()
 
@@ -187,7 +187,7 @@ def test_resume_sets_aside_a_step_with_crafted_metadata(reference: Path, tmp_pat
     resumes_past(tmp_path / "run", reference, tmp_path / "marker", ".metadata: refused to load posix.mkdir")
 
 
-@pytest.mark.parametrize("fqn", ["extra.knn", "optim.param_groups.0.lr"])
+@pytest.mark.parametrize("fqn", ["extra.init_top1", "optim.param_groups.0.lr"])
 def test_resume_sets_aside_a_step_with_a_crafted_entry(reference: Path, tmp_path: Path, fqn: str) -> None:
     ckpt_dir = copy_run(reference, tmp_path / "run")
     craft_entry(ckpt_dir / "step-4", fqn, tmp_path / "marker")
@@ -222,7 +222,12 @@ def entry_bytes(step_dir: Path) -> dict[str, bytes]:
 def test_a_pretrain_checkpoint_pickles_no_non_tensor_entry(reference: Path) -> None:
     for step in (2, 4):
         stored = entry_bytes(reference / "pretrain" / "ckpt" / f"step-{step}")
-        assert {"extra.step", "extra.knn", "optim.param_groups.0.betas", "optim.param_groups.0.params"} <= stored.keys()
+        assert {
+            "extra.step",
+            "extra.init_top1",
+            "optim.param_groups.0.betas",
+            "optim.param_groups.0.params",
+        } <= stored.keys()
         for fqn, data in stored.items():
             assert data.startswith(JSON_MAGIC) and not data.startswith((b"\x80", b"PK")), (fqn, data[:20])
         assert decode_state(stored["extra.step"]) == step
@@ -303,8 +308,9 @@ def test_optimizer_hyperparameters_round_trip_as_json(tmp_path: Path, optimizer:
 def test_a_background_save_writes_json_too(tmp_path: Path) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        url = ckpt.save(str(tmp_path / "ckpt"), 1, {"extra": {"step": 1, "t": (1, 2.0)}}, background=True)
-        ckpt.wait_pending()
+        saver = ckpt.Saver(str(tmp_path / "ckpt"))
+        url = saver.save(1, {"extra": {"step": 1, "t": (1, 2.0)}}, background=True)
+        saver.wait()
     finally:
         dist.destroy_process_group()
     assert [decode_state(data) for data in entry_bytes(Path(url)).values()] == [1, (1, 2.0)]
@@ -341,6 +347,8 @@ def test_an_old_pickled_checkpoint_still_loads(tmp_path: Path) -> None:
 @pytest.mark.parametrize("payload", [b'{"set":[1]}', b'{"float":"1e999"}', b"NaN", b"[1,2]", b'{"tuple":[1]', b"\xff"])
 def test_a_malformed_json_entry_is_refused_naming_it(reference: Path, tmp_path: Path, payload: bytes) -> None:
     step_dir = copy_run(reference, tmp_path / "run") / "step-4"
-    replace_entry(step_dir, "extra.knn", JSON_MAGIC + payload)
-    with pytest.raises(ckpt.CheckpointError, match=f"{re.escape(str(step_dir))}/{SHARD}: entry extra.knn is not valid"):
-        ckpt.load(str(step_dir), nested("extra.knn"))
+    replace_entry(step_dir, "extra.init_top1", JSON_MAGIC + payload)
+    with pytest.raises(
+        ckpt.CheckpointError, match=f"{re.escape(str(step_dir))}/{SHARD}: entry extra.init_top1 is not valid"
+    ):
+        ckpt.load(str(step_dir), nested("extra.init_top1"))

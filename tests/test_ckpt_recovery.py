@@ -95,7 +95,7 @@ def test_resume_skips_a_corrupt_step_and_ends_as_uninterrupted(reference: Path, 
     aside = list((ckpt_dir / ckpt.CORRUPT_DIR).iterdir())
     assert len(aside) == 1 and aside[0].name.startswith(f"step-{bad}-")
     assert sorted((p.name, p.stat().st_size) for p in aside[0].iterdir()) == corrupted
-    assert ckpt.complete_steps(str(ckpt_dir)) == [12, 8, 4] and (ckpt_dir / "latest").read_text() == "step-12\n"
+    assert ckpt.complete_steps(str(ckpt_dir)) == [12, 8, 4]
     assert_same(checkpointed_model(stage), checkpointed_model(reference / "pretrain"))
 
 
@@ -164,7 +164,7 @@ def test_shards_and_directory_are_fsynced_before_metadata_is_renamed(tmp_path: P
     assert shard < entries < marker < first(step_dir, True) < first(tmp_path / "ckpt", True), synced
 
 
-def test_commit_and_latest_are_fenced_by_the_lease(tmp_path: Path) -> None:
+def test_commit_is_fenced_by_the_lease(tmp_path: Path) -> None:
     stage = str(tmp_path / "stage")
     ckpt_dir = rundir.join(stage, "ckpt")
     held = lease.try_acquire(stage)
@@ -177,9 +177,7 @@ def test_commit_and_latest_are_fenced_by_the_lease(tmp_path: Path) -> None:
         with pytest.raises(lease.LeaseLost):
             ckpt.save(ckpt_dir, 2, ckpt.training_state(model, opt, {"step": 2}))
         assert ckpt.list_steps(ckpt_dir) == {1: True, 2: False}
-        with pytest.raises(lease.LeaseLost):
-            ckpt.point_latest(ckpt_dir, 2)
-        assert (tmp_path / "stage" / "ckpt" / "latest").read_text() == "step-1\n"
+        assert ckpt.latest_step(ckpt_dir) == 1
     finally:
         lease.hold(None)
 
@@ -218,7 +216,7 @@ def test_a_step_that_fails_part_way_with_no_older_one_stops_the_run(tmp_path: Pa
     zero_out(tmp_path / "stage" / "ckpt" / "step-1")
     with pytest.raises(ckpt.CheckpointError, match="failed part-way"):
         ckpt.restore(ckpt_dir, model, opt, {"step": 0})
-    assert ckpt.complete_steps(ckpt_dir) == [] and not (tmp_path / "stage" / "ckpt" / "latest").exists()
+    assert ckpt.complete_steps(ckpt_dir) == []
     assert ckpt.restore(ckpt_dir, model, opt, {"step": 0}) is None  # the next attempt starts afresh
 
 

@@ -126,8 +126,6 @@ def test_checkpoint_round_trip_on_memory_filesystem() -> None:
     url = f"memory://ckpt-{random.randrange(10**9)}"
     ckpt.save(url, 5, ckpt.training_state(model, opt, {"step": 5, "knn": '{"init_top1": 61.5}'}))
     assert ckpt.latest_step(url) == 5
-    with rundir.filesystem(url)[0].open(rundir.filesystem(url + "/latest")[1], "r") as f:
-        assert f.read() == "step-5\n"
     fresh = ExtreMA(RunSpec.model_validate(_spec_json()).experiment.model)
     extra = ckpt.restore(
         url, fresh, torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad]), {"step": 0, "knn": "{}"}

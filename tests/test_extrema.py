@@ -1,14 +1,19 @@
 """Masking, losses and the EMA target of the ExtreMA module."""
 
+import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from extrema.data import StepBatchSampler, seed_of
 from extrema.models.extrema import ExtreMA, byol_loss, check_masks_fit, infonce_loss, random_masks
 from extrema.spec import Experiment, ModelSpec, visible_count
+from extrema.stages.pretrain import SampleMasks
 
 TINY = ModelSpec(arch="vit_pico", mlp_dim=128, proj_dim=32, drop_path_rate=0.0)
 
@@ -138,3 +143,21 @@ def test_gradients_reach_online_and_predictor_only() -> None:
     assert all(p.grad is not None for p in model.online.parameters())
     assert all(p.grad is not None for p in model.predictor.parameters())
     assert all(p.grad is None for p in model.target.parameters())
+
+
+GOLDEN_MASKS = Path(__file__).parent / "golden" / "masks.json"
+
+
+def test_mask_indices_and_batch_order_for_a_seed_are_golden() -> None:
+    """The visible patches each image gets and the order of the batches are a function of the seed alone: a change
+    to either changes what every run trains on (UPDATE_GOLDEN=1 rewrites the file on purpose)."""
+    sample = SampleMasks(64, 3, 0.75, "disjoint")
+    got = {
+        "disjoint": random_masks(2, 64, 3, 0.75, "disjoint", generator=torch.Generator().manual_seed(7)).tolist(),
+        "independent": random_masks(2, 16, 2, 0.5, "independent", generator=torch.Generator().manual_seed(7)).tolist(),
+        "per_sample": [sample(torch.Generator().manual_seed(seed_of(0, 0, i, 1))).tolist() for i in range(2)],
+        "batches": [[list(key) for key in b] for _, b in zip(range(3), StepBatchSampler(20, 4, 0, 0, 3, 1, 2))],
+    }
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN_MASKS.write_text(json.dumps(got) + "\n")
+    assert got == json.loads(GOLDEN_MASKS.read_text())

@@ -11,7 +11,8 @@ import torch
 from extrema import entry, interop, rundir
 from extrema.models.vit import build_vit
 from extrema.spec import ProbeSpec
-from extrema.stages.probe import frozen_encoder, holdout_split, probe_features
+from extrema.stages.probe import frozen_encoder, probe_features
+from extrema.supervised import holdout_split
 from tests.stage_runs import checkpointed_model, make_run
 from tests.test_interop import save_pretrain_checkpoint
 

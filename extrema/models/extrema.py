@@ -15,21 +15,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from extrema.models.vit import VisionTransformer, build_vit
-from extrema.spec import ModelSpec, visible_count
+from extrema.spec import ModelSpec, masks_fit_problem, visible_count
 
 Sampling = Literal["disjoint", "independent"]
 
 
 def check_masks_fit(num_patches: int, num_masks: int, ratio: float, sampling: Sampling) -> int:
     """Visible tokens per mask K; raises ValueError when the masks cannot be drawn."""
-    k = visible_count(num_patches, ratio)
-    if k < 1:
-        raise ValueError(f"mask ratio {ratio} leaves no visible token of {num_patches}")
-    if sampling == "disjoint" and num_masks * k > num_patches:
-        raise ValueError(
-            f"{num_masks} disjoint masks of {k} visible tokens need {num_masks * k} > {num_patches} patches"
-        )
-    return k
+    problem = masks_fit_problem(num_patches, num_masks, ratio, sampling)
+    if problem:
+        raise ValueError(f"masks: {problem}")
+    return visible_count(num_patches, ratio)
 
 
 def random_masks(

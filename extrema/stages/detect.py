@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 from torchvision.models.detection import MaskRCNN
 
 from extrema import coco_eval, data, interop, rundir
@@ -37,12 +36,12 @@ from extrema.detection_data import (
     model_target,
     train_transform,
 )
-from extrema.dist import Preemption, World, init_world
+from extrema.dist import Preemption, World, autocast_dtype, init_world
 from extrema.models.detector import DISCARDED_KEYS, STRIDES, build_detector, feature_blocks
 from extrema.optim import build_adamw, param_groups, set_hyperparams
 from extrema.spec import DetectSpec, Experiment, RunSpec
-from extrema.stages.probe import SPLIT_SEED, autocast_dtype
-from extrema.stages.step_end import StepEnd, loop_state
+from extrema.step_end import Cadence, LoopState, StepEnd
+from extrema.supervised import SPLIT_SEED, step_counts
 
 REFERENCE_EPOCHS = 12  # the 1x schedule the lr steps are given in
 LOSSES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
@@ -92,14 +91,6 @@ def build_model(
     return model
 
 
-def train_loader(
-    samples: SeededDetection, d: DetectSpec, start_step: int, total_steps: int, world: World, workers: int
-) -> DataLoader:
-    """This rank's share of every global batch from start_step on, in step order (resumes exactly)."""
-    sampler = data.StepBatchSampler(len(samples), d.batch_size, d.seed, start_step, total_steps, world.rank, world.size)
-    return data.step_loader(samples, sampler, workers, collate)
-
-
 @torch.no_grad()
 def evaluate(
     model: MaskRCNN, val: CocoDetection, val_idx: list[int], d: DetectSpec, world: World, workers: int
@@ -131,22 +122,11 @@ def evaluate(
     return scores[0]
 
 
-def fresh_extra() -> dict[str, Any]:
-    """Checkpointed loop state: the step, loss sums since the last log, and the last COCO numbers (-1: none yet).
-
-    Flat scalars only: DCP restores the keys the template has, so a nested dict would come back empty.
-    """
-    return {**loop_state(LOSSES), **{k: -1.0 for k in RESULT_KEYS}}
-
-
-def keep_scores(extra: dict[str, Any], epoch: float, scores: dict[str, float]) -> None:
-    """Keep the last COCO numbers in the loop state (the result reports the final evaluation)."""
-    extra.update(scores)
-
-
 def protocol(exp: Experiment, d: DetectSpec, world: World, **derived: Any) -> dict[str, Any]:
     """Every setting that changes the numbers: the stage spec plus the model, data and derived quantities."""
-    settings = d.model_dump(mode="json", exclude={"eval_batch_size", "ckpt_every", "canvas_dir"})
+    settings = d.model_dump(
+        mode="json", exclude={"eval_batch_size", "ckpt_every", "keep_last", "keep_every", "canvas_dir"}
+    )
     return {
         **settings,
         "arch": exp.model.arch,
@@ -172,10 +152,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     train, val = detection_sets(exp, d, stage_dir, world)
     train_idx = data.subset_indices(len(train), d.train_size, SPLIT_SEED)
     val_idx = data.subset_indices(len(val), d.val_size, SPLIT_SEED)
-    if len(train_idx) < d.batch_size:
-        raise ValueError(f"{len(train_idx)} training images are fewer than detect.batch_size {d.batch_size}")
-    steps_per_epoch = len(train_idx) // d.batch_size
-    total_steps = max(1, math.ceil(d.epochs * steps_per_epoch))
+    steps_per_epoch, total_steps, _ = step_counts(len(train_idx), d.batch_size, d.epochs)
     eval_every = max(1, round(d.eval_every_epochs * steps_per_epoch)) if d.eval_every_epochs else None
 
     source = None if d.init == "random" else interop.weights_source(d.checkpoint, stage_dir)
@@ -192,26 +169,28 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     groups = param_groups(model, d.weight_decay, layer_decay=d.layer_decay, num_layers=depth)
     optimizer = build_adamw(groups, lr=d.lr, betas=d.betas)
 
-    step_end = StepEnd.resume(
-        world,
-        stage_dir,
-        steps_per_epoch,
-        total_steps,
-        d.ckpt_every,
-        model,
-        optimizer,
-        lambda: evaluate(model, val, val_idx, d, world, workers),
-        fresh=fresh_extra,
-        record=keep_scores,
-        losses=LOSSES,
-        eval_every=eval_every or total_steps,
-        log_every=d.log_every,
+    step_end = StepEnd(
+        world=world,
+        stage_dir=stage_dir,
+        module=model,
+        optimizer=optimizer,
+        loop=LoopState(LOSSES, RESULT_KEYS),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        cadence=Cadence(
+            log_every=d.log_every,
+            eval_every=eval_every or total_steps,
+            ckpt_every=d.ckpt_every,
+            keep_last=d.keep_last,
+            keep_every=d.keep_every,
+        ),
+        evaluate=lambda: evaluate(model, val, val_idx, d, world, workers),
     )
-    start_step, extra = step_end.start_step, step_end.extra
+    start_step = step_end.resume()
 
     transform = train_transform(d.train_scales, d.max_size, d.crop_scales, d.crop_size)
     samples = SeededDetection(train, train_idx, transform, d.seed)
-    loader = train_loader(samples, d, start_step, total_steps, world, workers)
+    loader = data.step_batches(samples, d.batch_size, d.seed, start_step, total_steps, world, workers, collate)
 
     model.train()
     running = torch.zeros(len(LOSSES), device=world.device)
@@ -232,12 +211,12 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             running += torch.stack([losses[k].detach() for k in LOSSES])
-            step_end(step + 1, lr, running, preemption)
+            step_end(step + 1, running, preemption, lr=lr)
 
     return {
-        **{f"detect_{k}": float(extra[k]) for k in RESULT_KEYS},
-        "steps": int(extra["step"]),
-        "epochs": int(extra["step"]) / steps_per_epoch,
+        **{f"detect_{k}": step_end.loop.values[k] for k in RESULT_KEYS},
+        "steps": step_end.loop.step,
+        "epochs": step_end.loop.step / steps_per_epoch,
         "checkpoint": source,
         "protocol": protocol(
             exp,

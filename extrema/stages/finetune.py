@@ -20,22 +20,12 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import InterpolationMode, v2
 
-from extrema import data, interop
-from extrema.dist import Preemption, init_world
+from extrema import data, interop, supervised
+from extrema.dist import Preemption, autocast_dtype, init_world
 from extrema.models.classifier import Classifier, discarded_keys, fresh_keys
 from extrema.optim import build_adamw, cosine_schedule, param_groups, scaled_lr, set_hyperparams
 from extrema.spec import Experiment, FinetuneSpec, RunSpec
-from extrema.stages.probe import (
-    SeededSamples,
-    autocast_dtype,
-    evaluate,
-    labelled_splits,
-    protocol,
-    step_counts,
-    train_loader,
-    val_loader,
-)
-from extrema.stages.step_end import StepEnd, outcome
+from extrema.step_end import accuracy_outcome
 
 
 def train_transform(img_size: int, f: FinetuneSpec) -> Callable[[Tensor], Tensor]:
@@ -96,8 +86,8 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     world = init_world()
     amp = autocast_dtype(f.precision, world.device)
 
-    splits = labelled_splits(exp, f)
-    steps_per_epoch, total_steps, warmup_steps = step_counts(
+    splits = supervised.labelled_splits(exp, f)
+    steps_per_epoch, total_steps, warmup_steps = supervised.step_counts(
         len(splits.train_idx), f.batch_size, f.epochs, f.warmup_epochs
     )
     peak_lr = scaled_lr(f.base_lr, f.batch_size)
@@ -115,20 +105,14 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     )
     optimizer = build_adamw(groups, lr=peak_lr, betas=f.betas)
 
-    vals = val_loader(splits, img_size, f.eval_batch_size, world, exp.data.num_workers)
-    step_end = StepEnd.resume(
-        world,
-        stage_dir,
-        steps_per_epoch,
-        total_steps,
-        f.ckpt_every,
-        model,
-        optimizer,
-        lambda: evaluate(model, vals, world, amp),
+    vals = supervised.val_loader(splits, img_size, f.eval_batch_size, world, exp.data.num_workers)
+    steps = (steps_per_epoch, total_steps)
+    step_end = supervised.classifier_step_end(
+        world, stage_dir, f, model, optimizer, steps, lambda: supervised.evaluate(model, vals, world, amp)
     )
-    start_step, extra = step_end.start_step, step_end.extra
-    samples = SeededSamples(splits.train, splits.train_idx, train_transform(img_size, f), f.seed)
-    loader = train_loader(samples, f.batch_size, f.seed, start_step, total_steps, world, exp.data.num_workers)
+    start_step = step_end.resume()
+    samples = supervised.SeededSamples(splits.train, splits.train_idx, train_transform(img_size, f), f.seed)
+    loader = data.step_batches(samples, f.batch_size, f.seed, start_step, total_steps, world, exp.data.num_workers)
 
     model.train()
     running = torch.zeros((), device=world.device)
@@ -152,12 +136,12 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
                 nn.utils.clip_grad_norm_(model.parameters(), f.clip_grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            step_end(step + 1, lr, running, preemption)
+            step_end(step + 1, running, preemption, lr=lr)
 
     return {
-        **outcome("finetune", extra),
-        "steps": int(extra["step"]),
-        "epochs": int(extra["step"]) / steps_per_epoch,
+        **accuracy_outcome("finetune", step_end.loop),
+        "steps": step_end.loop.step,
+        "epochs": step_end.loop.step / steps_per_epoch,
         "checkpoint": source,
-        "protocol": protocol(exp, f, splits, world, lr=peak_lr, steps=total_steps, img_size=img_size),
+        "protocol": supervised.protocol(exp, f, splits, world, lr=peak_lr, steps=total_steps, img_size=img_size),
     }

@@ -24,11 +24,11 @@ from torch import Tensor, nn
 from extrema import ckpt, data, interop, rundir, viz
 from extrema.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
 from extrema.dist import init_world
+from extrema.knn_monitor import eval_images
 from extrema.models.extrema import random_masks
 from extrema.models.vit import Block, VisionTransformer, sincos_pos_embed_2d
 from extrema.optim import build_adamw, cosine_schedule, param_groups, set_hyperparams
 from extrema.spec import InpaintSpec, RunSpec
-from extrema.stages.knn import eval_images
 
 EVAL_BATCH = 256
 

@@ -10,7 +10,6 @@ latest complete checkpoint if there is one.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from typing import Any
@@ -20,19 +19,14 @@ from torch import nn
 
 from extrema import ckpt, data, rundir
 from extrema.augment import two_views
-from extrema.dist import PREEMPT_CHECK_EVERY, Preemption, World, all_reduce_mean, gather_keys, init_world, wrap
-from extrema.entry import Preempted
+from extrema.dist import Preemption, World, autocast_dtype, gather_keys, init_world, wrap
+from extrema.knn_monitor import knn_monitor, pixel_knn
 from extrema.models.extrema import ExtreMA, Sampling, random_masks
 from extrema.optim import build_adamw, cosine_schedule, ema_momentum, param_groups, scaled_lr, set_hyperparams
 from extrema.spec import Experiment, PretrainSpec, RunSpec
-from extrema.stages.knn import knn_monitor, pixel_knn
+from extrema.step_end import UNSET, Cadence, LoopState, StepEnd
 
-
-def autocast_dtype(p: PretrainSpec, device: torch.device) -> torch.dtype | None:
-    """bf16 on GPU (and on CPU when asked), None for fp32."""
-    if p.precision == "bf16" or (p.precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+KNN_START = ("init_top1", "init_top5", "pixels_top1", "pixels_top5")  # kept across restarts for the result
 
 
 def color_on_device(exp: Experiment, device: torch.device) -> bool:
@@ -60,31 +54,6 @@ def make_views(exp: Experiment, train_set: data.LabeledImages, device_color: boo
         exp.model.resolved_img_size, exp.data.augmentation, exp.data.crop_min, device_color=device_color
     )
     return data.PretrainViews(train_set, transform, exp.pretrain.seed, mask_fn)
-
-
-def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """RNG states the training step consumes (drop path): CPU, and CUDA when used."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    """Restore what `rng_state` saved."""
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def extra_state(step: int, world: World, knn_log: dict[str, float]) -> dict[str, Any]:
-    """Non-model checkpoint state; each rank stores its own RNG under its own key.
-
-    DCP fills a loaded state into the keys the caller provides, so the kNN log (whose keys are unknown before
-    loading) travels as one JSON string.
-    """
-    rng = rng_state(world.device)
-    return {"step": step, "world_size": world.size, "knn": json.dumps(knn_log), f"rng_rank{world.rank}": rng}
 
 
 def train_step(
@@ -128,7 +97,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     exp, p = spec.experiment, spec.experiment.pretrain
     world = init_world()
     torch.manual_seed(p.seed)  # identical initial weights on every rank
-    amp = autocast_dtype(p, world.device)
+    amp = autocast_dtype(p.precision, world.device)
 
     train_set = data.build_dataset(exp.data, "train", seed=p.seed)
     steps_per_epoch = exp.steps_per_epoch(len(train_set))
@@ -145,38 +114,48 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     groups = param_groups(trainable, p.weight_decay, no_decay_names=("pos_embed", "cls_token"))
     optimizer = build_adamw(groups, lr=scaled_lr(p.base_lr, p.batch_size), betas=p.betas)
 
-    ckpt_dir = rundir.join(stage_dir, "ckpt")
-    torch.manual_seed(p.seed + world.rank)  # drop path differs by rank
-    saved = ckpt.restore(ckpt_dir, core, optimizer, extra_state(0, world, {}))
-    start_step = int(saved["step"]) if saved else 0
-    if saved and int(saved["world_size"]) == world.size:
-        set_rng_state(saved[f"rng_rank{world.rank}"], world.device)
-    knn_log: dict[str, float] = json.loads(saved["knn"]) if saved else {}
-    metrics = rundir.MetricsLog(rundir.join(stage_dir, "metrics.jsonl"), keep_after_step=start_step)
-
-    def evaluate_knn(step: int) -> dict[str, float]:
+    def evaluate_knn() -> dict[str, float]:
         encoder = core.target.encoder if exp.knn.encoder == "ema" else core.online.encoder
-        out = knn_monitor(encoder, exp, world, amp)
-        if world.is_main:
-            metrics.log({"step": step, "epoch": step / steps_per_epoch, **{f"knn_{k}": v for k, v in out.items()}})
-            metrics.flush()
-        return out
+        return {f"knn_{k}": v for k, v in knn_monitor(encoder, exp, world, amp).items()}
 
+    step_end = StepEnd(
+        world=world,
+        stage_dir=stage_dir,
+        module=core,
+        optimizer=optimizer,
+        loop=LoopState(values=KNN_START, rng=world),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        cadence=Cadence(
+            log_every=p.log_every,
+            eval_every=knn_every,
+            ckpt_every=p.ckpt_every,
+            epochs=False,
+            eval_last=False,
+            log_evaluations=False,
+            keep_last=p.keep_last,
+            keep_every=p.keep_every,
+            background=p.async_save,
+        ),
+        evaluate=evaluate_knn if knn_every and p.knn_monitor else None,
+    )
+    torch.manual_seed(p.seed + world.rank)  # drop path differs by rank (a resumed run restores each rank's state)
+    start_step = step_end.resume()
+    start = step_end.loop.values
     if start_step == 0 and p.knn_monitor:
-        knn_log = {f"init_{k}": v for k, v in evaluate_knn(0).items()}
-        knn_log.update({f"pixels_{k}": v for k, v in pixel_knn(exp, world).items()})
+        initial = evaluate_knn()
+        step_end.log({"step": 0, "total_steps": total_steps, "epoch": 0.0, **initial})
+        start.update({f"init_{k.removeprefix('knn_')}": v for k, v in initial.items()})
+        start.update({f"pixels_{k}": v for k, v in pixel_knn(exp, world).items()})
 
     device_color = color_on_device(exp, world.device)
     color = exp.data.augmentation == "spatial_consistent_color"
     views = make_views(exp, train_set, device_color)
-    sampler = data.StepBatchSampler(
-        len(train_set), p.batch_size, p.seed, start_step, total_steps, world.rank, world.size
-    )
-    loader = data.step_loader(views, sampler, exp.data.num_workers)
+    loader = data.step_batches(views, p.batch_size, p.seed, start_step, total_steps, world, exp.data.num_workers)
 
     model.train()
     running = torch.zeros((), device=world.device)
-    t0, images_seen, step = time.perf_counter(), 0, start_step
+    t0 = time.perf_counter()
     with Preemption() as preemption:
         for step, batch in enumerate(loader, start=start_step):
             lr = cosine_schedule(step, total_steps, scaled_lr(p.base_lr, p.batch_size), p.min_lr, warmup_steps)
@@ -187,39 +166,20 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
             set_hyperparams(optimizer, lr, wd)
             core.update_target(momentum)
             running += train_step(loss_module, optimizer, batch, p, world, amp, device_color, color)
-            images_seen += p.batch_size
-            done = step + 1
-            if done % p.log_every == 0 or done == total_steps:
-                n = p.log_every if done % p.log_every == 0 else done % p.log_every
-                loss = all_reduce_mean(running).item() / n
-                elapsed = time.perf_counter() - t0
-                running.zero_()
-                if world.is_main:
-                    record = {"step": done, "total_steps": total_steps, "epoch": done / steps_per_epoch, "loss": loss}
-                    record.update(lr=lr, wd=wd, momentum=momentum, images_per_s=images_seen / max(elapsed, 1e-9))
-                    metrics.log(record, flush=True)
-            if knn_every and done % knn_every == 0 and done != total_steps:
-                evaluate_knn(done)
-            last = done == total_steps
-            stop = (world.size == 1 or done % PREEMPT_CHECK_EVERY == 0) and preemption.should_stop(world.device)
-            if done % p.ckpt_every == 0 or last or stop:
-                state = ckpt.training_state(core, optimizer, extra_state(done, world, knn_log))
-                ckpt.save(ckpt_dir, done, state, background=p.async_save and not (last or stop))
-                ckpt.apply_retention(ckpt_dir, p.keep_last, p.keep_every)
-            if stop:
-                ckpt.wait_pending()
-                raise Preempted(f"preempted at step {done}; checkpoint saved")
-    ckpt.wait_pending()
-    step = max(step + 1, start_step)
+            speed = (step + 1 - start_step) * p.batch_size / max(time.perf_counter() - t0, 1e-9)
+            step_end(step + 1, running, preemption, lr=lr, wd=wd, momentum=momentum, images_per_s=speed)
+    steps = step_end.loop.step
 
     export_encoders(core, stage_dir, world)
-    final = evaluate_knn(step) if p.knn_monitor else {}
-    result: dict[str, Any] = {"steps": step, "epochs": step / steps_per_epoch, "total_steps": total_steps}
-    result.update({f"knn_{k}": v for k, v in final.items()})
-    result.update({f"knn_{k}": v for k, v in knn_log.items()})
-    if "top1" in final and "init_top1" in knn_log:
-        result["knn_gain_top1"] = final["top1"] - knn_log["init_top1"]
-    losses = [r["loss"] for r in metrics.records if "loss" in r]
+    result: dict[str, Any] = {"steps": steps, "epochs": steps / steps_per_epoch, "total_steps": total_steps}
+    if p.knn_monitor:
+        final = evaluate_knn()
+        step_end.log({"step": steps, "total_steps": total_steps, "epoch": steps / steps_per_epoch, **final})
+        result.update(final)
+        result.update({f"knn_{k}": v for k, v in step_end.loop.given(*KNN_START).items()})
+        if "init_top1" in start and start["init_top1"] != UNSET:
+            result["knn_gain_top1"] = final["knn_top1"] - start["init_top1"]
+    losses = [r["loss"] for r in step_end.metrics.records if "loss" in r]
     if losses:
         result["loss_final"] = losses[-1]
     result["world_size"] = world.size

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from extrema.models.vit import VisionTransformer
-
-Feature = Literal["instance", "instance_prenorm", "patch_mean"]
 
 
 def knn_predict(
@@ -52,32 +47,3 @@ def knn_accuracy(
     scores = knn_predict(bank, bank_labels, queries, num_classes, k, temperature)
     acc = topk_accuracy(scores, labels)
     return {"top1": acc[1], "top5": acc[5]}
-
-
-def features(encoder: VisionTransformer, images: Tensor, feature: Feature = "instance") -> Tensor:
-    """Representation of a batch: LN(instance), the pre-norm instance, or the mean of the patch tokens."""
-    if feature == "instance":
-        return encoder(images)
-    inst, patches = encoder.forward_features(images)
-    return inst if feature == "instance_prenorm" else patches.mean(dim=1)
-
-
-@torch.no_grad()
-def extract(
-    encoder: VisionTransformer,
-    batches: Iterable[tuple[Tensor, Tensor]],
-    feature: Feature,
-    device: torch.device,
-    dtype: torch.dtype | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Features and labels of every batch, on the CPU, with the encoder in eval mode."""
-    was_training = encoder.training
-    encoder.eval()
-    feats, labels = [], []
-    for x, y in batches:
-        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            f = features(encoder, x.to(device, non_blocking=True), feature)
-        feats.append(f.float().cpu())
-        labels.append(y)
-    encoder.train(was_training)
-    return torch.cat(feats), torch.cat(labels)

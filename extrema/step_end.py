@@ -1,0 +1,206 @@
+"""The end of every training step, for every training stage (pretrain, probe, finetune, detect).
+
+After each optimizer step `StepEnd` folds the running losses into the checkpointed loop state when a log line or a
+checkpoint is due, evaluates when due, logs, saves (in the background when asked) and prunes checkpoints, and
+stops cleanly when preempted. `LoopState` is what the loop itself carries across a restart: it travels in the
+checkpoint as a DCP `Stateful`, so a resumed stage continues its step count, its partial loss sums, its
+evaluation numbers and (for pretrain) each rank's random state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from extrema import ckpt, rundir
+from extrema.dist import PREEMPT_CHECK_EVERY, Preemption, World, all_reduce_mean, broadcast_buffers
+from extrema.entry import Preempted
+
+UNSET = -1.0  # an evaluation number not taken yet (every number the stages record is >= 0)
+
+
+class LoopState:
+    """The step, each loss part's sum (and the steps it covers) since the last log line, and named numbers.
+
+    `values` names the numbers the stage keeps (evaluations, best scores, pretrain's initial kNN), each UNSET
+    until given. With `rng`, each rank's random state is kept too and restored when the world size is the same.
+    DCP restores the keys the template has, so every key exists from the start (flat scalars and tensors only).
+    """
+
+    def __init__(self, losses: Iterable[str] = ("loss",), values: Iterable[str] = (), rng: World | None = None) -> None:
+        self.step = 0
+        self.loss_steps = 0
+        self.sums = dict.fromkeys(losses, 0.0)
+        self.values = dict.fromkeys(values, UNSET)
+        self.rng = rng
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpointed form."""
+        out: dict[str, Any] = {"step": self.step, "loss_steps": self.loss_steps}
+        out.update({f"{name}_sum": v for name, v in self.sums.items()})
+        out.update(self.values)
+        if self.rng is not None:
+            out["world_size"] = self.rng.size
+            out[f"rng_rank{self.rng.rank}"] = rng_state(self.rng.device)
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the checkpointed form back."""
+        self.step, self.loss_steps = int(state["step"]), int(state["loss_steps"])
+        self.sums = {name: float(state[f"{name}_sum"]) for name in self.sums}
+        self.values = {name: float(state[name]) for name in self.values}
+        if self.rng is not None and int(state["world_size"]) == self.rng.size:
+            set_rng_state(state[f"rng_rank{self.rng.rank}"], self.rng.device)
+
+    def given(self, *names: str) -> dict[str, float]:
+        """The named values that are set."""
+        return {n: self.values[n] for n in names if self.values[n] != UNSET}
+
+
+def rng_state(device: torch.device) -> dict[str, Tensor]:
+    """RNG states a training step consumes (drop path): CPU, and CUDA when used."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Tensor], device: torch.device) -> None:
+    """Restore what `rng_state` saved."""
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+ACCURACY = ("top1", "top5")
+
+
+def accuracy_values() -> tuple[str, ...]:
+    """The values a classifier stage keeps: last and best top-1/top-5 and the epoch of the best top-1."""
+    return (*(f"last_{k}" for k in ACCURACY), *(f"best_{k}" for k in ACCURACY), "best_epoch")
+
+
+def keep_accuracy(loop: LoopState, epoch: float, scores: dict[str, float]) -> None:
+    """Record an evaluation as the last one, and keep the best top-1 (with its epoch) and the best top-5."""
+    v = loop.values
+    v["last_top1"], v["last_top5"] = scores["top1"], scores["top5"]
+    if scores["top1"] > v["best_top1"]:
+        v["best_top1"], v["best_epoch"] = scores["top1"], epoch
+    v["best_top5"] = max(v["best_top5"], scores["top5"])
+
+
+def keep_last(loop: LoopState, epoch: float, scores: dict[str, float]) -> None:
+    """Record an evaluation's numbers under their own names (the result reports the final one)."""
+    loop.values.update(scores)
+
+
+def accuracy_outcome(name: str, loop: LoopState) -> dict[str, float]:
+    """A classifier stage's result metrics: last and best top-1/top-5, and the epoch of the best top-1."""
+    return {f"{name}_{k.removeprefix('last_')}": loop.values[k] for k in accuracy_values()}
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """When the end of a step logs, evaluates and saves: every N steps (None: not by count), at every epoch end
+    (`epochs`: log and save, and evaluate unless `eval_every` is set), and at the last step."""
+
+    log_every: int | None = None
+    eval_every: int | None = None
+    ckpt_every: int | None = None
+    epochs: bool = True
+    eval_last: bool = True  # evaluate after the last step (pretrain evaluates after exporting instead)
+    log_evaluations: bool = True  # an evaluation also writes the loss so far (else its own line)
+    keep_last: int = 2
+    keep_every: int | None = None
+    background: bool = False  # save in the background, except at the last step and when stopping
+
+
+Evaluate = Callable[[], dict[str, float]]
+Record = Callable[[LoopState, float, dict[str, float]], None]
+
+
+@dataclass(kw_only=True)
+class StepEnd:
+    """What every training loop does after each optimizer step. Build it, then `resume()` before the loop."""
+
+    world: World
+    stage_dir: str
+    module: nn.Module  # the unwrapped model: checkpointed, and in eval mode while evaluated
+    optimizer: torch.optim.Optimizer
+    loop: LoopState
+    steps_per_epoch: int
+    total_steps: int
+    cadence: Cadence
+    evaluate: Evaluate | None = None
+    record: Record = keep_last
+    metrics: rundir.MetricsLog = field(init=False)
+    saver: ckpt.Saver = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.saver = ckpt.Saver(rundir.join(self.stage_dir, "ckpt"))
+
+    def resume(self) -> int:
+        """Restore the newest complete checkpoint into module, optimizer and loop state (nothing when there is
+        none), open the metrics log without the records past that step, and return the steps already taken."""
+        ckpt.restore(self.saver.ckpt_dir, self.module, self.optimizer, self.loop)
+        self.metrics = rundir.MetricsLog(rundir.join(self.stage_dir, "metrics.jsonl"), keep_after_step=self.loop.step)
+        return self.loop.step
+
+    def log(self, row: dict[str, Any]) -> None:
+        """Write one metrics line (rank 0)."""
+        if self.world.is_main:
+            self.metrics.log(row, flush=True)
+
+    def __call__(self, done: int, running: Tensor, preemption: Preemption, **row: float) -> None:
+        """Bookkeeping after step `done` (1-based); `row` adds to its log line (lr, ...). Raises Preempted after
+        saving when asked to stop."""
+        c, loop = self.cadence, self.loop
+        epoch = done / self.steps_per_epoch
+        last = done == self.total_steps
+        epoch_end = c.epochs and (done % self.steps_per_epoch == 0 or last)
+        every = c.eval_every
+        due = self.evaluate is not None and (
+            (last and c.eval_last)
+            or bool(every and done % every == 0 and (c.eval_last or not last))
+            or (every is None and epoch_end)
+        )
+        check = self.world.size == 1 or done % PREEMPT_CHECK_EVERY == 0
+        stop = check and preemption.should_stop(self.world.device)
+        save = last or epoch_end or stop or bool(c.ckpt_every and done % c.ckpt_every == 0) or (due and c.epochs)
+        log = last or epoch_end or bool(c.log_every and done % c.log_every == 0) or (due and c.log_evaluations)
+        if save or log:
+            for name, value in zip(loop.sums, all_reduce_mean(running).reshape(-1).tolist()):
+                loop.sums[name] += value
+            loop.loss_steps += done - loop.step
+            loop.step = done
+            running.zero_()
+        scores: dict[str, float] = {}
+        if due:
+            assert self.evaluate is not None
+            broadcast_buffers(self.module)  # every rank evaluates the model that is checkpointed (rank 0's)
+            self.module.eval()
+            scores = self.evaluate()
+            self.module.train()
+            self.record(loop, epoch, scores)
+        head = {"step": done, "total_steps": self.total_steps, "epoch": epoch}
+        if log:
+            parts = {name: s / max(loop.loss_steps, 1) for name, s in loop.sums.items()}
+            loop.sums = dict.fromkeys(loop.sums, 0.0)
+            loop.loss_steps = 0
+            shown = parts if len(parts) > 1 else {}
+            self.log({**head, "loss": sum(parts.values()), **row, **shown, **scores})
+        elif scores:
+            self.log({**head, **scores})
+        if save:
+            background = c.background and not (last or stop)
+            self.saver.save(done, ckpt.training_state(self.module, self.optimizer, loop), background=background)
+            ckpt.apply_retention(self.saver.ckpt_dir, c.keep_last, c.keep_every)
+        if stop:
+            self.saver.wait()
+            raise Preempted(f"preempted at step {done}; checkpoint saved")
+        if last:
+            self.saver.wait()
