@@ -61,9 +61,7 @@ def step_lr(step: int, steps_per_epoch: int, d: DetectSpec) -> float:
 def detection_sets(exp: Experiment, d: DetectSpec, stage_dir: str, world: World) -> tuple[CocoDetection, CocoDetection]:
     """(train, val) detection sets: COCO files at the spec's URLs, or the canvas set (built once, by rank 0)."""
     if d.dataset == "coco":
-        missing = d.missing_urls()
-        if missing:
-            raise ValueError(f"detect: dataset 'coco' needs {', '.join(missing)}")
+        # Experiment validation refuses a 'coco' detect stage without its four URLs.
         assert d.train_annotations and d.train_images and d.val_annotations and d.val_images
         train = (d.train_annotations, d.train_images)
         val = (d.val_annotations, d.val_images)
