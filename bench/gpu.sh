@@ -13,3 +13,4 @@ run 45 python bench/pretrain_step.py --arch vit_base --batch 256 --steps 10 --me
 run 100 python bench/pretrain_step.py --arch vit_base --batch 256 --steps 10 --memory --compile
 run 70 python bench/pretrain_step.py --arch vit_small --batch 512 --steps 10 --memory --compile
 run 45 python bench/max_batch.py --arch vit_base --ratio 0.8 --masks 5
+run 60 python bench/imagenet_loader.py --quick --gpu

@@ -18,14 +18,16 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
-from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.datasets.utils import download_url
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
-from extrema import augment
+from extrema import augment, decode
 from extrema.dist import World
-from extrema.spec import DataSpec
+from extrema.object_store import ProcessFs, access_error
+from extrema.shard_format import IMAGE_EXTENSIONS, list_image_folder
+from extrema.shards import ShardedImages
+from extrema.spec import DataSpec, StorageSpec
 
 IMAGENET_MEAN, IMAGENET_STD = augment.IMAGENET_MEAN, augment.IMAGENET_STD
 # torchvision 0.29 warns on every decode that decoding moves to torchcodec; decoding still works.
@@ -198,36 +200,38 @@ def fashion_mnist(spec: DataSpec, split: Split) -> FashionMNIST:
 class FsImageFolder(Dataset[tuple[Tensor, int]]):
     """ImageNet layout `<split_dir>/<class>/<image>` on any fsspec URL; classes sorted, images decoded to RGB."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, storage: StorageSpec | None = None, decoding: decode.Decoding | None = None) -> None:
         self.url = url
-        self.fs, self.path = url_to_fs(url)
-        root = self.path.rstrip("/")
-        if not self.fs.isdir(root):
-            raise FileNotFoundError(f"image folder split directory {url!r} does not exist")
-        dirs = [e["name"].rstrip("/") for e in self.fs.ls(root, detail=True) if e["type"] == "directory"]
-        self.classes = sorted(d.rsplit("/", 1)[-1] for d in dirs)
-        if not self.classes:
-            raise FileNotFoundError(f"image folder {url!r} has no class subdirectories (<class>/<image> expected)")
-        index = {c: i for i, c in enumerate(self.classes)}
-        samples: list[tuple[str, int]] = []
-        for f in sorted(self.fs.find(root)):
-            rel = f[len(root) :].lstrip("/") if f.startswith(root) else f
-            cls, _, rest = rel.partition("/")
-            if rest and cls in index and f.lower().endswith(IMG_EXTENSIONS):
-                samples.append((f, index[cls]))
+        self.decoding = decoding or decode.Decoding()
+        self.source = ProcessFs(url, storage)  # made again in each loader worker: s3fs is not fork-safe
+        try:
+            self.classes, samples = list_image_folder(self.source.get(), self.source.path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(str(e).replace(repr(self.source.path.rstrip("/")), repr(url))) from None
+        except OSError as e:
+            raise access_error(e, url, storage) from e
         empty = sorted(set(self.classes) - {self.classes[t] for _, t in samples})
         if empty:
-            raise FileNotFoundError(f"image folder {url!r}: no images ({', '.join(IMG_EXTENSIONS)}) in {empty[:5]}")
+            raise FileNotFoundError(f"image folder {url!r}: no images ({', '.join(IMAGE_EXTENSIONS)}) in {empty[:5]}")
         self.samples = samples
         self.targets = torch.tensor([t for _, t in samples], dtype=torch.int64)
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+    @property
+    def fs(self) -> Any:
+        """This process's filesystem of the folder."""
+        return self.source.get()
+
+    def encoded(self, i: int) -> tuple[bytes, int]:
+        """The image file's bytes and its class."""
         path, target = self.samples[i]
-        data = torch.frombuffer(bytearray(self.fs.cat_file(path)), dtype=torch.uint8)
-        return decode_image(data, mode=ImageReadMode.RGB), target
+        return self.fs.cat_file(path), target
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        data, target = self.encoded(i)
+        return decode.decode_rgb(data), target
 
 
 # -------------------------------------------------------------------------------------------------- Synthetic
@@ -276,11 +280,13 @@ def build_dataset(spec: DataSpec, split: Split, seed: int = 0) -> LabeledImages:
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if spec.dataset == "fashion_mnist":
         return fashion_mnist(spec, split)
-    if spec.dataset == "imagefolder":
+    if spec.dataset in ("imagefolder", "shards"):
         if not spec.root:
-            raise ValueError("dataset 'imagefolder' needs data.root")
+            raise ValueError(f"dataset {spec.dataset!r} needs data.root")
         sub = spec.train_split if split == "train" else spec.val_split
-        return FsImageFolder(f"{spec.root.rstrip('/')}/{sub}")
+        decoding = decode.Decoding(spec.reduced_decode, spec.decode)
+        reader = FsImageFolder if spec.dataset == "imagefolder" else ShardedImages
+        return reader(f"{spec.root.rstrip('/')}/{sub}", spec.storage, decoding)
     if spec.dataset == "synthetic":
         return SyntheticImages(spec.synthetic_size, seed_of(seed, 0 if split == "train" else 1))
     raise ValueError(f"unknown dataset {spec.dataset!r}")
@@ -309,6 +315,7 @@ class TwoViewTransform:
             raise ValueError(f"unknown augmentation {augmentation!r}")
         self.augmentation = augmentation
         self.device_color = device_color
+        self.size = img_size
         self.geometry = v2.Compose(
             [v2.RandomResizedCrop(img_size, scale=(crop_min, 1.0), antialias=True), v2.RandomHorizontalFlip()]
         )
@@ -321,7 +328,44 @@ class TwoViewTransform:
         self.normalize = v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)
 
     def __call__(self, img: Tensor) -> tuple[Tensor, Tensor]:
-        crop = self.geometry(img)
+        return self.views(self.geometry(img))
+
+    def crop_params(self, height: int, width: int) -> tuple[int, int, int, int, bool]:
+        """(top, left, h, w, flip) for an image of that size, drawn from the global RNG exactly as `geometry` draws."""
+        crop, flip = self.geometry.transforms
+        p = crop.make_params([decode.shape_only(height, width)])
+        return p["top"], p["left"], p["height"], p["width"], bool(torch.rand(1) < flip.p)
+
+    def crop_encoded(self, data: bytes, reduced: bool) -> Tensor:
+        """The uint8 crop of an encoded image, as `geometry` cuts it from the full decode; with `reduced`, a JPEG
+        whose crop is 2, 4 or 8 times the output size is decoded at that fraction (the same region, one resample)."""
+        try:
+            header = decode.read_header(data) if reduced else None
+        except (OSError, ValueError):  # a format PIL cannot read: torchvision may
+            header = None
+        if header is None or not header.jpeg:
+            return self.geometry(decode.decode_rgb(data))
+        top, left, h, w, flip = self.crop_params(header.height, header.width)
+        scale = decode.dct_scale(h, w, self.size)
+        if scale == 1:
+            crop = F.resized_crop(decode.decode_rgb(data), top, left, h, w, [self.size, self.size], antialias=True)
+        else:
+            crop = decode.reduced_crop(data, (top, left, h, w), self.size, scale)
+        return F.horizontal_flip(crop) if flip else crop
+
+    def deferred(self, data: bytes) -> tuple[Tensor, Tensor, Tensor]:
+        """For decoding on the device: the encoded bytes, (top, left, h, w, flip) and the views' colour parameters,
+        drawn as the host path draws them."""
+        header = decode.read_header(data)
+        geometry = torch.tensor(self.crop_params(header.height, header.width), dtype=torch.int64)
+        if self.augmentation == "spatial":
+            return decode.as_tensor(data), geometry, torch.empty(0)
+        shape = decode.shape_only(self.size, self.size)
+        color = torch.stack([augment.sample_color_params(self.jitter, shape) for _ in range(2)])
+        return decode.as_tensor(data), geometry, color
+
+    def views(self, crop: Tensor) -> tuple[Tensor, Tensor]:
+        """The two views of a uint8 crop; with `device_color`, the crop and its views' colour parameters."""
         if self.device_color:
             if self.augmentation == "spatial":
                 return crop, torch.empty(0)
@@ -404,10 +448,11 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
             yield [(epoch, i) for i in perm[start : start + local].tolist()]
 
 
-class PretrainViews(Dataset[tuple[Tensor, Tensor, Tensor]]):
+class PretrainViews(Dataset[tuple[Tensor, ...]]):
     """(view1, view2, masks) of item (epoch, index); all its randomness derives from (seed, epoch, index) only.
 
-    With a `device_color` transform the first two items are (uint8 crop, colour parameters) instead.
+    With a `device_color` transform the first two items are (uint8 crop, colour parameters) instead. A dataset of
+    encoded images decoded on the device gives (encoded bytes, crop geometry, colour parameters, masks).
     """
 
     def __init__(
@@ -422,17 +467,29 @@ class PretrainViews(Dataset[tuple[Tensor, Tensor, Tensor]]):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    @property
+    def device_decode(self) -> bool:
+        """Whether images reach the training process encoded, to be decoded there (data.decode: gpu)."""
+        return isinstance(self.base, decode.EncodedImages) and self.base.decoding.device == "gpu"
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, ...]:
         epoch, index = key
-        img, _ = self.base[index]
+        encoded = self.base.encoded(index)[0] if isinstance(self.base, decode.EncodedImages) else None
+        img = self.base[index][0] if encoded is None else None
         # v2 transforms draw from the global CPU generator: seed it per sample inside a fork that restores the
         # caller's state. Only the CPU generator: torch.manual_seed would also reseed CUDA (and is 100x slower).
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed_of(self.seed, epoch, index, 0))
-            view1, view2 = self.transform(img)
+            if encoded is None:
+                views: tuple[Tensor, ...] = self.transform(img)  # type: ignore[arg-type]
+            elif self.device_decode:
+                views = self.transform.deferred(encoded)
+            else:
+                reduced = self.base.decoding.reduced  # type: ignore[attr-defined]
+                views = self.transform.views(self.transform.crop_encoded(encoded, reduced))
         if self.mask_fn is None:
-            return view1, view2, torch.empty(0)
-        return view1, view2, self.mask_fn(torch.Generator().manual_seed(seed_of(self.seed, epoch, index, 1)))
+            return (*views, torch.empty(0))
+        return (*views, self.mask_fn(torch.Generator().manual_seed(seed_of(self.seed, epoch, index, 1))))
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -471,13 +528,42 @@ def step_batches(
     world: World,
     num_workers: int,
     collate_fn: Callable[[list[Any]], Any] | None = None,
-) -> DataLoader:
+) -> DataLoader | DeviceDecodedBatches:
     """This rank's share of every global batch from `start_step` on, in step order: the training input of every
     stage. Items are (epoch, index) keys of a dataset seeded by (seed, epoch, index), so a resumed run sees the
     same samples."""
     n = len(dataset)  # type: ignore[arg-type]
     sampler = StepBatchSampler(n, batch_size, seed, start_step, total_steps, world.rank, world.size)
+    if isinstance(dataset, PretrainViews) and dataset.device_decode:
+        loader = step_loader(dataset, sampler, num_workers, collate_encoded)
+        return DeviceDecodedBatches(loader, dataset.transform, world.device)
     return step_loader(dataset, sampler, num_workers, collate_fn)
+
+
+def collate_encoded(items: list[tuple[Tensor, ...]]) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+    """A batch of encoded items: the images stay a list of byte tensors; geometry, colour and masks are stacked."""
+    datas, geometry, color, masks = zip(*items)
+    return list(datas), torch.stack(geometry), torch.stack(color), torch.stack(masks)
+
+
+class DeviceDecodedBatches:
+    """Batches decoded and cropped on the training device (batched nvJPEG on CUDA; the CPU without one), handed on
+    as the host path hands them: (uint8 crops, colour parameters, masks) with colour on the device, else the views."""
+
+    def __init__(self, loader: DataLoader, transform: TwoViewTransform, device: torch.device) -> None:
+        self.loader, self.transform, self.device = loader, transform, device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        color = self.transform.augmentation == "spatial_consistent_color"
+        for datas, geometry, params, masks in self.loader:
+            crops = decode.crop_batch(decode.decode_batch(datas, self.device), geometry, self.transform.size)
+            if self.transform.device_color:
+                yield crops, params.to(self.device, non_blocking=True), masks
+            else:
+                yield (*augment.two_views(crops, params, color), masks)
 
 
 def ordered_loader(

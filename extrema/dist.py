@@ -11,7 +11,7 @@ import sys
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -226,6 +226,22 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
+
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def data_parallel(module: M, world: World) -> tuple[M, nn.Module]:
+    """A supervised stage's model on its device, and what its loop calls: DDP over several ranks (with BatchNorm
+    synchronised across GPUs; SyncBatchNorm runs on GPUs only), the model itself in one process."""
+    if world.size > 1 and world.device.type == "cuda":
+        module = cast(M, nn.SyncBatchNorm.convert_sync_batchnorm(module))
+    module = module.to(world.device)
+    if world.size == 1:
+        return module, module
+    return module, DistributedDataParallel(
+        module, device_ids=[world.device.index] if world.device.type == "cuda" else None
+    )
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

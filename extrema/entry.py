@@ -32,6 +32,7 @@ STAGE_MODULES: dict[str, str] = {
     "finetune": "extrema.stages.finetune",
     "detect": "extrema.stages.detect",
     "inpaint": "extrema.stages.inpaint",
+    "locality": "extrema.stages.locality",
 }
 
 EXIT_REQUEUE = contract.EXIT_REQUEUE  # the stage saved a checkpoint after a preemption signal: requeue it

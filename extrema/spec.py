@@ -7,10 +7,11 @@ import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from extrema.contract import DEFAULT_COLLECTIVE_TIMEOUT_S
 
-StageName = Literal["pretrain", "knn", "probe", "finetune", "detect", "inpaint"]
+StageName = Literal["pretrain", "knn", "probe", "finetune", "detect", "inpaint", "locality"]
 
 # name -> (embed_dim, depth, num_heads, patch_size, img_size). The first four are the paper's
 # architectures (patch 16, 224 px); the rest are CPU-sized presets for tests and the demo.
@@ -23,6 +24,15 @@ PRESETS: dict[str, tuple[int, int, int, int, int]] = {
     "vit_nano": (128, 4, 4, 4, 32),
     "vit_micro": (192, 6, 3, 4, 32),
 }
+
+
+LOCATED = "located"  # the pydantic error type of `located` errors; their context holds `at` and `reason`
+
+
+def located(at: str, reason: str) -> PydanticCustomError:
+    """The error a model validator raises about a field below it (`at`: its dotted path from the model): reported
+    at that field, with the reason alone."""
+    return PydanticCustomError(LOCATED, "{at}: {reason}", {"at": at, "reason": reason})
 
 
 class Spec(BaseModel):
@@ -102,11 +112,54 @@ class MaskingSpec(Spec):
     sampling: Literal["disjoint", "independent"] = "disjoint"
 
 
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+class StorageSpec(Spec):
+    """How to reach an object store (s3:// through s3fs). Holds no secret: credentials come from the environment
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile, an instance role) or the variables named here."""
+
+    endpoint_url: str | None = Field(
+        None,
+        pattern=r"^https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/-]*)?$",
+        description="S3-compatible endpoint (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL when unset)",
+    )
+    region: str | None = Field(None, pattern=r"^[a-z0-9-]{1,32}$")
+    profile: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="a named profile of ~/.aws")
+    key_env: str | None = Field(None, description="environment variable holding the access key id")
+    secret_env: str | None = Field(None, description="environment variable holding the secret access key")
+    anon: bool = Field(False, description="unsigned requests (public buckets)")
+    connect_timeout_s: float = Field(10, gt=0, le=600)
+    retries: int = Field(3, ge=0, le=20, description="attempts after the first on a failed request")
+
+    @model_validator(mode="after")
+    def _credentials(self) -> StorageSpec:
+        for name in (self.key_env, self.secret_env):
+            if name is not None and not ENV_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+        if (self.key_env is None) != (self.secret_env is None):
+            raise ValueError("key_env and secret_env go together: name both variables or neither")
+        if self.anon and (self.key_env or self.profile):
+            raise ValueError("anon: unsigned requests use no credentials; remove key_env/secret_env/profile")
+        return self
+
+
 class DataSpec(Spec):
     """Where images come from and how the two views are made."""
 
-    dataset: Literal["imagefolder", "fashion_mnist", "synthetic"] = "imagefolder"
-    root: str | None = Field(None, description="fsspec URL: ImageFolder root, or directory of Fashion-MNIST IDX files")
+    dataset: Literal["imagefolder", "shards", "fashion_mnist", "synthetic"] = "imagefolder"
+    root: str | None = Field(
+        None,
+        description="fsspec URL: ImageFolder root, shard root (`extrema-launch data shard`), or directory of "
+        "Fashion-MNIST IDX files",
+    )
+    storage: StorageSpec | None = Field(None, description="object-store settings for s3:// roots (no secrets)")
+    decode: Literal["cpu", "gpu"] = Field(
+        "cpu", description="gpu: pretraining decodes JPEG batches with nvJPEG on the device (CPU when there is none)"
+    )
+    reduced_decode: bool = Field(
+        True, description="decode JPEGs at 1/2, 1/4 or 1/8 size when the crop is that much larger than the output"
+    )
     train_split: str = "train"
     val_split: str = "val"
     augmentation: Literal["spatial_consistent_color", "spatial"] = "spatial_consistent_color"
@@ -120,9 +173,20 @@ class DataSpec(Spec):
 
     @model_validator(mode="after")
     def _root_given(self) -> DataSpec:
-        if self.dataset == "imagefolder" and not self.root:
-            raise ValueError("root is required for dataset 'imagefolder'")
+        if self.dataset in ("imagefolder", "shards") and not self.root:
+            raise ValueError(f"root is required for dataset {self.dataset!r}")
+        if self.decode == "gpu" and self.color_on_device is False:
+            raise ValueError("decode 'gpu' finishes the views on the device: color_on_device cannot be false")
         return self
+
+
+def canvas_problem(objects: tuple[int, int], scale: tuple[float, float]) -> str | None:
+    """Why canvas settings (garments per canvas, garment size range) are invalid, else None."""
+    if not 1 <= objects[0] <= objects[1]:
+        return f"canvas_objects {objects}: need 1 <= min <= max"
+    if not 0 < scale[0] <= scale[1]:
+        return f"canvas_scale {scale}: need 0 < min <= max"
+    return None
 
 
 class Retention(Spec):
@@ -159,6 +223,9 @@ class PretrainSpec(Retention):
     compile: bool = Field(False, description="torch.compile the encoders (masks have a fixed size: shapes are static)")
     knn_monitor: bool = Field(True, description="kNN accuracy (knn settings) at the start, periodically and at the end")
     knn_every_epochs: float | None = Field(None, gt=0, description="kNN monitor period; only at start and end if unset")
+    init_from: str | None = Field(
+        None, description="start from this official ExtreMA .pth or DCP step (every part, both branches); resuming wins"
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -205,7 +272,7 @@ class DownstreamSpec(Retention):
         if self.batch_size % self.accum_steps:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
         if self.init == "random" and self.checkpoint:
-            raise ValueError("checkpoint: not used with init 'random'; remove one of them")
+            raise located("checkpoint", "not used with init 'random'; remove one of them")
         return self
 
 
@@ -318,12 +385,10 @@ class DetectSpec(Retention):
     @model_validator(mode="after")
     def _consistent(self) -> DetectSpec:
         if self.init == "random" and self.checkpoint:
-            raise ValueError("checkpoint: not used with init 'random'; remove one of them")
-        lo, hi = self.canvas_objects
-        if not 1 <= lo <= hi:
-            raise ValueError(f"canvas_objects {self.canvas_objects}: need 1 <= min <= max")
-        if not 0 < self.canvas_scale[0] <= self.canvas_scale[1]:
-            raise ValueError(f"canvas_scale {self.canvas_scale}: need 0 < min <= max")
+            raise located("checkpoint", "not used with init 'random'; remove one of them")
+        problem = canvas_problem(self.canvas_objects, self.canvas_scale)
+        if problem:
+            raise ValueError(problem)
         if not 0 < self.crop_size[0] <= self.crop_size[1]:
             raise ValueError(f"crop_size {self.crop_size}: need 0 < min <= max")
         if not self.train_scales or min(self.train_scales) <= 0:
@@ -370,6 +435,48 @@ class InpaintSpec(Spec):
         return self
 
 
+class LocalitySpec(Spec):
+    """Figure 2: how well the [cls] attention localises objects (DINO's protocol), scored against ground truth.
+
+    The class token's attention over the patches (mean over heads; also each head alone) keeps the patches that
+    hold `mass` of it; scored by Jaccard against the union of the objects' masks and by CorLoc (the box of the
+    largest 4-connected component of kept patches hits an object's box at IoU >= 0.5). `avgpool` has no class
+    token: its result says not applicable.
+    """
+
+    init: Literal["pretrained", "random"] = Field("pretrained", description="random: the untrained baseline")
+    checkpoint: str | None = Field(
+        None, description="DCP step or ckpt dir, an official/timm .pth or .safetensors; the run's pretrain when unset"
+    )
+    encoder: Literal["ema", "student"] = "ema"
+    mass: float = Field(0.6, gt=0, lt=1, description="share of the attention mass the kept patches hold")
+    dataset: Literal["coco", "fashion_mnist_canvas"] = Field(
+        "fashion_mnist_canvas", description="a COCO-format set with masks at the URLs below, or garment canvases"
+    )
+    annotations: str | None = Field(None, description="fsspec URL of the COCO annotations JSON (e.g. val2017)")
+    images: str | None = Field(None, description="fsspec URL of its image directory")
+    img_size: int | None = Field(None, gt=0, description="images are resized to this square; the model's when unset")
+    max_images: int | None = Field(None, gt=0, description="seeded subset of the images with objects; all when unset")
+    canvas_dir: str | None = Field(None, description="where the canvas set is built; <stage dir>/canvas when unset")
+    canvas_size: int = Field(48, ge=16, description="side of the canvas images")
+    canvas_images: int = Field(500, gt=0)
+    canvas_objects: tuple[int, int] = Field((1, 2), description="min and max garments per canvas")
+    canvas_scale: tuple[float, float] = Field((0.8, 1.2), description="garment size range, in units of 28 px")
+    batch_size: int = Field(64, gt=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LocalitySpec:
+        if self.init == "random" and self.checkpoint:
+            raise located("checkpoint", "not used with init 'random'; remove one of them")
+        if self.dataset == "coco" and not (self.annotations and self.images):
+            raise ValueError("dataset 'coco' needs annotations and images (fsspec URLs)")
+        problem = canvas_problem(self.canvas_objects, self.canvas_scale)
+        if problem:
+            raise ValueError(problem)
+        return self
+
+
 class Experiment(Spec):
     """One complete experiment: the model, its data, and the settings of each stage it runs."""
 
@@ -382,22 +489,23 @@ class Experiment(Spec):
     finetune: FinetuneSpec = FinetuneSpec()
     detect: DetectSpec = DetectSpec()
     inpaint: InpaintSpec = InpaintSpec()
+    locality: LocalitySpec = LocalitySpec()
 
     @model_validator(mode="after")
     def _consistent(self) -> Experiment:
         if not self.stages:
-            raise ValueError("stages: at least one stage is required")
+            raise located("stages", "at least one stage is required")
         if len(set(self.stages)) != len(self.stages):
-            raise ValueError("stages: each stage may appear once")
+            raise located("stages", "each stage may appear once")
         if "detect" in self.stages and self.detect.missing_urls():
-            raise ValueError(f"detect: dataset 'coco' needs {', '.join(self.detect.missing_urls())} (fsspec URLs)")
+            raise located("detect", f"dataset 'coco' needs {', '.join(self.detect.missing_urls())} (fsspec URLs)")
         worst = max(self.inpaint.ratios)
         if "inpaint" in self.stages and visible_count(self.model.num_patches, worst) < 1:
-            raise ValueError(f"inpaint.ratios: {worst} leaves no visible token of {self.model.num_patches}")
+            raise located("inpaint.ratios", f"{worst} leaves no visible token of {self.model.num_patches}")
         m = self.pretrain.masking
         problem = masks_fit_problem(self.model.num_patches, m.num_masks, m.ratio, m.sampling)
         if problem:
-            raise ValueError(f"pretrain.masking: {problem}")
+            raise located("pretrain.masking", problem)
         return self
 
     def steps_per_epoch(self, dataset_len: int) -> int:

@@ -1,10 +1,11 @@
 """Figures of one run: last-layer attention maps (Figure 3) and inpainting rows (Figure 4), PNG and SVG.
 
-Attention probabilities are recomputed, opt-in, from the last block's own q/k weights on the inputs that block
-receives, so the SDPA path used in training stays as it is. Query "cls" is the instance token: the class token's
-class-attention map in the last class-attention block for `cait`, the input class token's row in the last
-self-attention block for `vit` (`avgpool` has none). An integer query is a patch index (row-major) whose row of
-the last self-attention block is shown. matplotlib is imported on first use and renders with Agg.
+Attention probabilities come from the model's own `last_self_attention` and `cls_attention`, recomputed opt-in
+from the last layers' q/k weights, so the SDPA path used in training stays as it is. Query "cls" is the instance
+token: the class token's class-attention map in the last class-attention block for `cait`, the input class
+token's row in the last self-attention block for `vit` (`avgpool` has none). An integer query is a patch index
+(row-major) whose row of the last self-attention block is shown. matplotlib is imported on first use and renders
+with Agg.
 
     python -c "from extrema.viz import render_attention; print(render_attention('runs/demo/<run-id>'))"
 """
@@ -18,17 +19,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from extrema import data, figures, interop, rundir
+from extrema import data, figures, rundir, weights
 from extrema.augment import normalize
-from extrema.models.vit import (
-    Attention,
-    Block,
-    ClassAttention,
-    ClassAttentionBlock,
-    VisionTransformer,
-    build_vit,
-    gather_visible,
-)
+from extrema.models.vit import VisionTransformer, build_vit
 from extrema.spec import ModelSpec, RunSpec
 
 Query = int | Literal["cls"]
@@ -37,54 +30,20 @@ Query = int | Literal["cls"]
 # ------------------------------------------------------------------------------------------ the probabilities
 
 
-def self_attention_probs(attn: Attention, x: Tensor) -> Tensor:
-    """softmax(q kᵀ / sqrt(d_head)) of a self-attention layer on its (normed) input (B, T, D) -> (B, heads, T, T)."""
-    b, t, d = x.shape
-    h = attn.num_heads
-    q, k, _ = attn.qkv(x).reshape(b, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
-    return (q @ k.transpose(-2, -1) * (d // h) ** -0.5).softmax(dim=-1)
-
-
-def class_attention_probs(attn: ClassAttention, u: Tensor) -> Tensor:
-    """The class token's attention over [class, patches] (B, 1+K, D) of a class-attention layer -> (B, h, 1, 1+K)."""
-    b, n, d = u.shape
-    h = attn.num_heads
-    q = attn.q(u[:, :1]).reshape(b, 1, h, d // h).transpose(1, 2)
-    k = attn.k(u).reshape(b, n, h, d // h).transpose(1, 2)
-    return (q @ k.transpose(-2, -1) * (d // h) ** -0.5).softmax(dim=-1)
-
-
 @torch.no_grad()
 def last_attention(encoder: VisionTransformer, images: Tensor, visible: Tensor | None = None) -> dict[str, Tensor]:
     """Head-wise probabilities of the last layers: "self" (B, h, T, T) of the last self-attention block (T = N, or
     1 + N with the `vit` class token first) and, for `cait`, "class" (B, h, 1, 1 + N) of the last class-attention
     block (keys: class token, then patches). `visible` (1, B, K) restricts the patches as in training."""
-    tokens = encoder.embed(images)
-    if visible is not None:
-        tokens = gather_visible(tokens, visible)
-    if encoder.cls_design == "vit":
-        assert encoder.cls_token is not None
-        tokens = torch.cat([encoder.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
-    *body, last = encoder.blocks
-    assert isinstance(last, Block)
-    for blk in body:
-        tokens = blk(tokens)
-    out = {"self": self_attention_probs(last.attn, last.norm1(tokens))}
-    if encoder.cls_design == "cait":
-        patches = last(tokens)
-        assert encoder.cls_token is not None
-        cls = encoder.cls_token.expand(patches.shape[0], -1, -1).to(patches.dtype)
-        *ca_body, ca_last = encoder.blocks_token
-        assert isinstance(ca_last, ClassAttentionBlock)
-        for ca in ca_body:
-            cls = ca(cls, patches)
-        out["class"] = class_attention_probs(ca_last.attn, ca_last.norm1(torch.cat([cls, patches], dim=1)))
+    out = {"self": encoder.last_self_attention(images, visible)}
+    if encoder.has_cls_query and encoder.num_prefix_tokens == 0:  # the class token lives outside the blocks
+        out["class"] = encoder.cls_attention(images, visible, class_key=True).unsqueeze(2)
     return out
 
 
 def default_queries(encoder: VisionTransformer, grid: int) -> list[Query]:
     """The instance token (when the design has one) and three patches on the diagonal."""
-    head: list[Query] = ["cls"] if encoder.cls_design != "avgpool" else []
+    head: list[Query] = ["cls"] if encoder.has_cls_query else []
     return head + [(grid * i // 4) * grid + grid * i // 4 for i in (1, 2, 3)]
 
 
@@ -93,19 +52,21 @@ def attention_maps(encoder: VisionTransformer, images: Tensor, queries: Sequence
 
     A map sums to one over all keys, so to one minus the class token's share over the patches shown.
     """
-    probs = last_attention(encoder, images)
     grid_h, grid_w = images.shape[-2] // encoder.patch_size, images.shape[-1] // encoder.patch_size
-    offset = 1 if encoder.cls_design == "vit" else 0
+    offset = encoder.num_prefix_tokens
+    with torch.no_grad():
+        rows = encoder.last_self_attention(images) if any(q != "cls" for q in queries) else None
+        cls = encoder.cls_attention(images) if "cls" in queries else None
     maps = []
     for q in queries:
         if q == "cls":
-            if encoder.cls_design == "avgpool":
-                raise ValueError("the avgpool design has no class token to query; give patch indices")
-            row = probs["class"][:, :, 0, 1:] if encoder.cls_design == "cait" else probs["self"][:, :, 0, 1:]
+            assert cls is not None
+            row = cls
         else:
             if not 0 <= int(q) < grid_h * grid_w:
                 raise ValueError(f"query patch {q} is outside the {grid_h}x{grid_w} grid")
-            row = probs["self"][:, :, offset + int(q), offset:]
+            assert rows is not None
+            row = rows[:, :, offset + int(q), offset:]
         maps.append(row.mean(dim=1).reshape(-1, grid_h, grid_w))
     return torch.stack(maps, dim=1)
 
@@ -121,24 +82,22 @@ def run_spec(run_dir: str, stage: str = "pretrain") -> RunSpec:
     return RunSpec.model_validate(raw)
 
 
-def frozen_encoder(model: ModelSpec, source: str, branch: interop.Branch) -> VisionTransformer:
+def frozen_encoder(model: ModelSpec, source: str, branch: weights.Branch) -> VisionTransformer:
     """The encoder a ModelSpec describes, strictly loaded from a resolved weights URL, in eval mode, frozen."""
     encoder = build_vit(model, drop_path_rate=0.0)
-    weights = interop.encoder_weights(source, branch)
-    interop.use_pos_embed(encoder, weights.pop("pos_embed", None), learnable=False)
-    interop.load_strict(encoder, weights, source)
+    weights.load_encoder(encoder, source, branch)
     return encoder.requires_grad_(False).eval()
 
 
-def load_encoder(run_dir: str, branch: interop.Branch = "ema", checkpoint: str | None = None) -> VisionTransformer:
-    """The run's encoder: `checkpoint` if given, else the pretrain export, else the newest pretrain checkpoint."""
+def load_encoder(run_dir: str, branch: weights.Branch = "ema", checkpoint: str | None = None) -> VisionTransformer:
+    """The run's encoder: `checkpoint` (any kind) if given, else the pretrain export, else the newest pretrain step."""
     export = rundir.join(run_dir, "pretrain", "export", f"encoder_{branch}.pt")
     if checkpoint:
-        source = interop.resolve(checkpoint)
+        source = weights.resolve(checkpoint)
     elif rundir.exists(export):
         source = export
     else:
-        source = interop.resolve(rundir.join(run_dir, "pretrain", "ckpt"))
+        source = weights.weights_source(None, rundir.join(run_dir, "viz"))
     return frozen_encoder(run_spec(run_dir).experiment.model, source, branch)
 
 
@@ -183,7 +142,7 @@ def render_attention(
     out_dir: str | None = None,
     images: Sequence[int] = (0, 1, 2, 3),
     queries: Sequence[Query] | None = None,
-    branch: interop.Branch = "ema",
+    branch: weights.Branch = "ema",
     split: Literal["train", "val"] = "val",
 ) -> AttentionFigure:
     """Figure 3 of a run: per image (rows) the input and each query's head-averaged last-layer attention map

@@ -12,6 +12,8 @@
     extrema-launch viz attention FILE|URL --run ID [--images I ...] [--queries cls|P ...] [--out DIR]
     extrema-launch cancel  FILE|URL [--run ID]
     extrema-launch logs    FILE|URL --run ID --stage S [--follow]
+    extrema-launch export  FILE|URL --run ID [--branch ema|student] --format timm|official|safetensors --out PATH
+    extrema-launch data shard SRC_URL DST_URL [--shard-size 1GB]
 
 FILE|URL is a sweep YAML file or the `<root>/<sweep>` URL of a run store. Every job runs the code snapshot its
 `sweep` took (`<root>/<sweep>/code/<id>/`), not whatever is installed when it starts (`--snapshot off`).
@@ -45,35 +47,33 @@ from rich.console import Console
 from rich.text import Text
 
 from extrema import lease, rundir
-from launch import logs, results, roots, store, tables
+from launch import export_command, logs, results, roots, shard_command, store, tables
 from launch import snapshot as snapshots
-from launch.backends.base import BACKENDS, adopts_running, make_backend
-from launch.backends.local import stop_attempts
-from launch.errors import DamagedStore, InvalidSweep, UsageError
-from launch.pipeline import Decision, plan, select
-from launch.progress import Watch
-from launch.reconcile import ray_address, reconcile
-from launch.results_view import cmd_plot, cmd_results, cmd_viz_attention, positive, query
-from launch.status_view import show_status, status_code, status_table, watch_status
-from launch.submit import Submission, needs_local_ray, submit
-from launch.sweep import STAGE_ORDER, LauncherSpec, load_runs
-from launch.tables import cell
-from launch.target import (
+from launch.addressed import (
     DAMAGED,
     FAILED,
     INTERRUPTED,
     OK,
     USAGE,
-    open_target,
+    open_addressed,
     print_notes,
     print_unreadable,
     swept_axes,
 )
+from launch.backends.base import BACKENDS, backend_class, in_flight_groups, make_backend
+from launch.backends.local import stop_attempts
+from launch.errors import DamagedStore, InvalidSweep, UsageError
+from launch.pipeline import Decision, plan, select
+from launch.progress import Watch
+from launch.reconcile import reconcile
+from launch.results_view import cmd_plot, cmd_results, cmd_viz_attention, positive, query
+from launch.status_view import show_status, status_code, status_table, watch_status
+from launch.submit import Submission, submit
+from launch.sweep import STAGE_ORDER, LauncherSpec, load_runs
+from launch.tables import cell
 
-__all__ = ["BACKENDS", "UsageError", "main", "make_backend"]
 
-
-def show_plan(out: Console, title: str, decisions: Sequence[Decision], runs: Sequence[store.RunEntry]) -> None:
+def show_plan(out: Console, title: str, decisions: Sequence[Decision], runs: Sequence[store.StoredRun]) -> None:
     """The plan: one row per job with its swept values, its state and what this submission does with it."""
     by_id = {r.run_id: results.flatten(r.overrides) for r in runs}
     paths = swept_axes(runs)
@@ -95,8 +95,6 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
     launcher = sweep.launcher
     if url.startswith("memory://") and not args.dry_run:
         raise UsageError("root memory:// lives in this process only; the stages run in other processes")
-    if launcher.backend not in BACKENDS:
-        raise UsageError(f"unknown backend {launcher.backend!r}")
     roots.check_usable(url, write=not args.dry_run)
     jobs = plan(runs, launcher, url)
     statuses = store.read_statuses(url, [j.key for j in jobs])
@@ -106,14 +104,16 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
     except store.Unreadable as e:
         old_manifest, problems = None, [*problems, f"{e} (kept beside as {store.MANIFEST}.damaged-<time>)"]
     seen = reconcile(url, statuses, launcher, old_manifest, write=not args.dry_run)
-    adopt = {k for k in seen.holders if adopts_running(launcher.backend)}
+    kind = backend_class(launcher.backend)
+    adopt = {k for k in seen.holders if kind.adopts_running}
     decisions = select(jobs, seen.states, args.retry_failed, stuck=seen.stuck, adopt=adopt)
-    entries = [store.RunEntry(r.run_id, r.stages, r.overrides) for r in runs]
+    listed = [r.stored() for r in runs]
     todo = [d.job for d in decisions if d.submit]
-    show_plan(out, f"sweep {sweep.name}: {len(runs)} runs, {len(jobs)} jobs -> {url}", decisions, entries)
+    show_plan(out, f"sweep {sweep.name}: {len(runs)} runs, {len(jobs)} jobs -> {url}", decisions, listed)
     print_notes(out, seen)
     print_unreadable(out, problems)
-    where = launcher.backend + (" (a local Ray head started for this sweep)" if needs_local_ray(launcher) else "")
+    private = kind.private_cluster(launcher)
+    where = launcher.backend + (f" ({private.what})" if private else "")
     use_snapshot = launcher.snapshot if args.snapshot is None else args.snapshot == "on"
     snapshot = take_snapshot(use_snapshot, out) if todo else None
     if args.dry_run:
@@ -173,8 +173,8 @@ def take_snapshot(use: bool, out: Console) -> snapshots.Snapshot | None:
 def store_snapshot(snap: snapshots.Snapshot, url: str, launcher: LauncherSpec, log_dir: str) -> tuple[str, str]:
     """Save the snapshot in the run store; (its id, the local directory jobs of this backend import it from)."""
     code_url = snapshots.save(snap, url)
-    shared = roots.is_local(url) or launcher.backend != "slurm"
-    cache = snapshots.default_cache() if shared else Path(log_dir.split("://", 1)[-1]) / "code"
+    on_log_dir = backend_class(launcher.backend).shared_log_dir and not roots.is_local(url)
+    cache = Path(log_dir.split("://", 1)[-1]) / "code" if on_log_dir else snapshots.default_cache()
     return snap.id, str(snapshots.local_copy(code_url, cache))
 
 
@@ -182,7 +182,7 @@ def cmd_report(args: argparse.Namespace, out: Console) -> int:
     """Write one self-contained HTML file of the sweep: status, results, figures, pictures, provenance."""
     from launch import report
 
-    target = open_target(args.target, args.root)
+    target = open_addressed(args.target, args.root)
     try:
         size = report.write(target, args.out)
     except OSError as e:
@@ -193,7 +193,7 @@ def cmd_report(args: argparse.Namespace, out: Console) -> int:
 
 def cmd_status(args: argparse.Namespace, out: Console) -> int:
     """One table of every run and stage: state, attempts, elapsed time, latest metric; backends asked."""
-    target = open_target(args.target, args.root)
+    target = open_addressed(args.target, args.root)
     if args.watch:
         return watch_status(target, out, args.interval)
     view = status_table(target)
@@ -203,7 +203,7 @@ def cmd_status(args: argparse.Namespace, out: Console) -> int:
 
 def cmd_cancel(args: argparse.Namespace, out: Console) -> int:
     """Cancel the pending, running and preempted stages of a sweep (or of one run) and record them cancelled."""
-    target = open_target(args.target, args.root)
+    target = open_addressed(args.target, args.root)
     runs = target.runs
     if args.run:
         runs = [r for r in runs if r.run_id == args.run]
@@ -214,17 +214,10 @@ def cmd_cancel(args: argparse.Namespace, out: Console) -> int:
     stages = {k: store.stage_url(target.url, *store.split_key(k)) for k in keys}
     holders = {k: h for k in keys if not statuses[k].get(store.UNREADABLE) and (h := lease.live_holder(stages[k]))}
     live = [k for k in keys if statuses[k].get("state") in store.IN_FLIGHT or k in holders]
-    groups: dict[tuple[str, str | None], dict[str, str]] = {}
-    for k in live:
-        s = statuses[k]
-        if s.get("job_id") and s.get("backend") in BACKENDS:
-            cluster = ray_address(s, target.launcher) if s["backend"] == "ray" else None
-            groups.setdefault((str(s["backend"]), cluster), {})[k] = str(s["job_id"])
     kept: list[str] = []
-    for (name, cluster), ids in groups.items():
-        launcher = target.launcher.model_copy(update={"ray_address": cluster}) if name == "ray" else target.launcher
+    for (name, address), ids in in_flight_groups({k: statuses[k] for k in live}, target.launcher).items():
         try:
-            make_backend(name, launcher).cancel(list(ids.values()))
+            make_backend(name, target.launcher, address).cancel(list(ids.values()))
         except Exception as e:
             kept += list(ids)
             out.print(Text(f"could not cancel {len(ids)} {name} job(s): {type(e).__name__}: {e}", style="red"))
@@ -241,7 +234,7 @@ def cmd_cancel(args: argparse.Namespace, out: Console) -> int:
 
 def cmd_logs(args: argparse.Namespace, out: Console) -> int:
     """Print a stage's logs (local files, Slurm job files, Ray job log); with --follow until the stage ends."""
-    target = open_target(args.target, args.root)
+    target = open_addressed(args.target, args.root)
     run = next((r for r in target.runs if r.run_id == args.run), None)
     if run is None:
         raise UsageError(f"run {args.run!r} is not part of {target.url}")
@@ -260,9 +253,8 @@ def cmd_logs(args: argparse.Namespace, out: Console) -> int:
             state = status.get("state")
             if args.follow:
                 state = reconcile(target.url, {key: status}, target.launcher, target.manifest, write=True).states[key]
-            address = ray_address(status, target.launcher) if status.get("backend") == "ray" else None
             fresh = logs.stage_ranks(stage_dir)
-            sources = logs.sources(stage_dir, status, target.manifest, address, fresh)
+            sources = logs.sources(stage_dir, status, target.manifest, target.launcher, fresh)
             for src in sources:
                 if src.name not in lines or fresh != ranks:
                     lines.setdefault(src.name, logs.Lines(src.label)).label = src.label
@@ -465,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", required=True, choices=STAGE_ORDER, help="stage")
     p.add_argument("--follow", action="store_true", help="keep printing until the stage ends")
     p.add_argument("--root", help="run store URL when FILE was swept with --root")
+    export_command.add_parser(sub)
+    shard_command.add_parser(sub)
     return parser
 
 

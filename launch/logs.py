@@ -2,9 +2,10 @@
 
 - the files in `<run-dir>/<stage>/logs/`: the local backend's `local.log` (appended across attempts), and the
   `ray-<job id>.log` copies a sweep saves there before it stops the local Ray head it started;
-- a Slurm job's submitit files in the sweep's log folder: `<job id>_<rank>_log.out` and `.err`, rank by rank
-  (job ids are `<array>_<index>` or `<id>`; requeued attempts append to the same files);
-- a Ray job's driver log (the stage's output included), read through the cluster's job API.
+- what the stage's backend keeps of its job (`Backend.job_logs`): a Slurm job's submitit files in the sweep's log
+  folder, `<job id>_<rank>_log.out` and `.err`, rank by rank (job ids are `<array>_<index>` or `<id>`; requeued
+  attempts append to the same files); a Ray job's driver log (the stage's output included), read through the
+  cluster's job API. The readers and line labels of those formats are here.
 
 Each source reads from an offset, so that `extrema-launch logs --follow` prints only what is new.
 """
@@ -13,13 +14,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from extrema import contract, rundir
 from launch import store
+from launch.backends.base import RecordedJob, recorded_class
+from launch.backends.slurm_plan import JOB_ID
 
-SLURM_JOB_ID = re.compile(r"\d+(?:_\d+)?")  # as launch.backends.slurm checks them, without importing submitit
+if TYPE_CHECKING:
+    from launch.sweep import LauncherSpec
+
 SLURM_LOG = r"_(\d+)_log\.(out|err)"
 
 
@@ -116,7 +121,7 @@ def file_source(url: str) -> LogSource:
 
 def slurm_files(log_dir: str, job_id: str) -> list[str]:
     """The submitit stdout/stderr files of one Slurm job or array task, rank 0 first, .out before .err."""
-    if not SLURM_JOB_ID.fullmatch(job_id):
+    if not JOB_ID.fullmatch(job_id):
         return []
     fs, path = rundir.filesystem(log_dir)
     pattern = re.compile(re.escape(job_id) + SLURM_LOG)
@@ -142,46 +147,17 @@ def stage_ranks(stage_dir: str) -> object:
     return record.get("ranks") if isinstance(record, dict) else None
 
 
-def ray_source(address: str, job_id: str) -> LogSource:
-    """The driver log of a Ray job, fetched whole from the job API on each read."""
-    from launch.backends.ray import RayBackend
-
-    backend = RayBackend(address)
-    return LogSource(f"ray job {job_id} at {address}", lambda offset: backend.logs(job_id).encode()[offset:])
-
-
-def ray_log_name(job_id: str) -> str:
-    """The name under which a Ray job's log is kept in the stage's `logs/` directory."""
-    return f"ray-{store.safe_name(job_id, 'job id')}.log"
-
-
 def sources(
     stage_dir: str,
     status: Mapping[str, Any],
     manifest: Mapping[str, Any] | None,
-    ray_address: str | None,
+    launcher: LauncherSpec,
     ranks: object = None,
 ) -> list[LogSource]:
-    """Every log of a stage: its `logs/` files, then those of its current Slurm or Ray job. `ranks` (provenance's
-    list of every rank's host and pid) names each line's node and rank in a Slurm task's or Ray job's log."""
-    found = store.log_files(stage_dir)
-    out = [file_source(u) for u in found]
-    job_id, backend = str(status.get("job_id") or ""), status.get("backend")
-    log_dir = (manifest or {}).get("log_dir")
-    if backend == "slurm" and job_id and isinstance(log_dir, str):
-        hosts = rank_hosts(ranks)
-        for u in slurm_files(log_dir, job_id):
-            rank = slurm_rank(u)
-            out.append(replace(file_source(u), label=slurm_label(rank, hosts.get(rank))))
-    if backend == "ray" and job_id:
-        out = [replace(o, label=ray_label(ranks)) if o.name.endswith("/" + ray_log_name(job_id)) else o for o in out]
-        if ray_address and not any(u.endswith("/" + ray_log_name(job_id)) for u in found):
-            out.append(replace(ray_source(ray_address, job_id), label=ray_label(ranks)))
-    return out
-
-
-def save_ray_log(stage_dir: str, address: str, job_id: str) -> None:
-    """Copy a Ray job's log into the stage's `logs/` directory (before the cluster that keeps it goes away)."""
-    from launch.backends.ray import RayBackend
-
-    rundir.write_text_atomic(rundir.join(stage_dir, "logs", ray_log_name(job_id)), RayBackend(address).logs(job_id))
+    """Every log of a stage: its `logs/` files, then those its backend keeps of its current job. `ranks`
+    (provenance's list of every rank's host and pid) names each line's node and rank where the backend can."""
+    kept = [file_source(u) for u in store.log_files(stage_dir)]
+    job_id, backend = str(status.get("job_id") or ""), recorded_class(status.get("backend"))
+    if not job_id or backend is None:
+        return kept
+    return backend.job_logs(kept, RecordedJob(job_id, status, manifest, launcher, ranks))

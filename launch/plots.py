@@ -22,7 +22,16 @@ from extrema import figures, rundir
 from launch import aggregate, results, store
 
 CURVE_METRICS = ("loss", "knn_top1")
-RESULT_METRICS = ("knn_top1", "knn_gain_top1", "probe_top1", "finetune_top1", "inpaint_relative_mse_r75")
+RESULT_METRICS = (
+    "knn_top1",
+    "knn_gain_top1",
+    "probe_top1",
+    "finetune_top1",
+    "inpaint_relative_mse_r75",
+    "locality_jaccard",
+    "locality_corloc",
+)
+LOCALITY_METRICS = ("locality_jaccard", "locality_corloc")
 LABELS = {
     "loss": "training loss",
     "knn_top1": "kNN top-1 accuracy (%)",
@@ -30,6 +39,8 @@ LABELS = {
     "probe_top1": "linear probe top-1 (%)",
     "finetune_top1": "finetune top-1 (%)",
     "inpaint_relative_mse_r75": "inpainting MSE at 75% masking / mean-image MSE",
+    "locality_jaccard": "Jaccard of the [cls] attention vs object masks (%)",
+    "locality_corloc": "CorLoc of the [cls] attention (%)",
     "model.cls_token": "class token",
     "pretrain.masking.ratio": "masking ratio",
     "pretrain.masking.num_masks": "number of masks",
@@ -73,12 +84,12 @@ class Plotted:
 # --------------------------------------------------------------------------------------------- the data
 
 
-def line_keys(runs: Sequence[store.RunEntry], axis: str) -> dict[str, tuple[str, list[store.RunEntry]]]:
+def line_keys(runs: Sequence[store.StoredRun], axis: str) -> dict[str, tuple[str, list[store.StoredRun]]]:
     """Runs grouped into lines: by `axis` and every other non-seed swept value; key -> (label, runs)."""
     flat = {r.run_id: results.flatten(r.overrides) for r in runs}
     paths = list(dict.fromkeys(p for f in flat.values() for p in f))
     others = [p for p in paths if p != axis and p not in aggregate.seed_axes(paths)]
-    lines: dict[str, tuple[str, list[store.RunEntry]]] = {}
+    lines: dict[str, tuple[str, list[store.StoredRun]]] = {}
     for r in runs:
         f = flat[r.run_id]
         parts = [(axis, f[axis])] if axis in f else []
@@ -90,7 +101,7 @@ def line_keys(runs: Sequence[store.RunEntry], axis: str) -> dict[str, tuple[str,
     return lines
 
 
-def read_metrics(sweep_url: str, runs: Sequence[store.RunEntry], stage: str = "pretrain") -> dict[str, list[dict]]:
+def read_metrics(sweep_url: str, runs: Sequence[store.StoredRun], stage: str = "pretrain") -> dict[str, list[dict]]:
     """Each run's `<stage>/metrics.jsonl` records (empty when absent), by run id."""
     urls = [rundir.join(store.stage_url(sweep_url, r.run_id, stage), "metrics.jsonl") for r in runs]
     with ThreadPoolExecutor(_READERS) as pool:
@@ -114,7 +125,7 @@ def mean_series(text: str, points: Mapping[str, Mapping[int, tuple[float, float]
 
 def curves(
     sweep_url: str,
-    runs: Sequence[store.RunEntry],
+    runs: Sequence[store.StoredRun],
     axis: str = "model.cls_token",
     metrics: Iterable[str] = CURVE_METRICS,
 ) -> dict[str, list[Series]]:
@@ -194,7 +205,7 @@ def _draw_line(ax: Any, s: Series, color: Any) -> None:
 
 def plot_curves(
     sweep_url: str,
-    runs: Sequence[store.RunEntry],
+    runs: Sequence[store.StoredRun],
     out_dir: str,
     axis: str = "model.cls_token",
     name: str = "fig1_curves",
@@ -269,9 +280,68 @@ def plot_metric(
     return Plotted(name, figures.save(fig, out_dir, name), text, {metric: lines})
 
 
+def plot_locality(
+    table: pa.Table, axis: str, out_dir: str, sweep_name: str = "", name: str = "fig2_locality"
+) -> Plotted:
+    """Figure 2: Jaccard and CorLoc of the class token's attention, grouped bars (mean ± std over seeds) by `axis`,
+    one bar per combination of the other swept axes (e.g. pretrained vs random init); `n/a` where a design has
+    no class token to query."""
+    agg = [r for r in aggregate.aggregate(table).to_pylist() if r["stage"] == "locality"]
+    if not agg:
+        raise ValueError("no locality results")
+    keep, _ = aggregate.resolve_by(table, None)
+    others = [a for a in keep if a not in (axis, "stages")]
+    xs = aggregate.ordered_values([r.get(axis) for r in agg])
+    groups: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in agg:
+        text = ", ".join(f"{short(a)}={'base' if r.get(a) is None else r.get(a)}" for a in others) or "runs"
+        groups.setdefault(text, {})[aggregate.value_key(r.get(axis))] = r
+    fig = figures.new_figure(5.2 * len(LOCALITY_METRICS), 4.2)
+    axes = fig.subplots(1, len(LOCALITY_METRICS), squeeze=False)[0]
+    colors = _colors(len(groups))
+    width = 0.8 / max(len(groups), 1)
+    panels: dict[str, list[Series]] = {}
+    from matplotlib.patches import Patch
+
+    for ax, metric in zip(axes, LOCALITY_METRICS):
+        panels[metric] = []
+        for i, (text, by_x) in enumerate(groups.items()):
+            rows = [by_x.get(aggregate.value_key(x), {}) for x in xs]
+            mean = [r.get(f"{metric}.mean") for r in rows]
+            std = [r.get(f"{metric}.std") for r in rows]
+            count = [int(r.get(f"{metric}.count") or 0) for r in rows]
+            offsets = [j + (i - (len(groups) - 1) / 2) * width for j in range(len(xs))]
+            for x, m, sd in zip(offsets, mean, std):
+                if m is None:
+                    ax.text(x, 1.0, "n/a", ha="center", va="bottom", fontsize=7, color="0.4")
+                else:
+                    ax.bar(x, m, width, yerr=sd or 0.0, color=colors[i], capsize=3)
+            ids = [i for r in rows for i in (r.get("run_ids") or [])]
+            nan = float("nan")
+            panels[metric].append(Series(text, xs, [nan if m is None else m for m in mean], std, count, ids))
+        ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+        ax.set_xlim(-0.6, len(xs) - 0.4)
+        ax.set_xlabel(label(axis))
+        ax.set_ylabel(label(metric))
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3, axis="y")
+    handles = [
+        Patch(color=colors[i], label=f"{s.label} (n={max(s.count, default=0)})")
+        for i, s in enumerate(panels[LOCALITY_METRICS[0]])
+    ]
+    axes[-1].legend(handles=handles, fontsize=7)
+    ids = [i for lines in panels.values() for s in lines for i in s.run_ids]
+    text = caption(
+        sweep_name or "?", ids, "patches holding locality.mass of the [cls] attention; mean over seeds, ±1 std"
+    )
+    fig.suptitle(f"Localisation of the class token's attention by {label(axis)}", fontsize=11)
+    fig.text(0.0, -0.01, text, fontsize=7, va="top", ha="left", color="0.3")
+    return Plotted(name, figures.save(fig, out_dir, name), text, panels)
+
+
 def plot_sweep(
     sweep_url: str,
-    runs: Sequence[store.RunEntry],
+    runs: Sequence[store.StoredRun],
     table: pa.Table,
     out_dir: str,
     axis: str = "model.cls_token",
@@ -286,6 +356,8 @@ def plot_sweep(
     keep, _ = aggregate.resolve_by(table, None)
     agg = aggregate.aggregate(table)
     present = [m for m in metrics if f"{m}.count" in agg.column_names]
+    if any(m in present for m in LOCALITY_METRICS) and axis in keep:
+        out.append(plot_locality(table, axis, out_dir, sweep_name))
     for metric in present:
         stages = [r["stage"] for r in agg.to_pylist() if r[f"{metric}.count"]]
         for stage in dict.fromkeys(stages):

@@ -16,12 +16,14 @@ submitting process is not needed), and:
   the next `sweep` resumes it;
 - the backend cannot be asked (no address, unreachable): the store's word stands, and a note says so.
 
+Stages are asked in groups, one per backend and cluster (`launch.backends.base.in_flight_groups`), each through
+its backend's `states`.
+
 Corrections are written to status.json (only when `write`), never over a terminal state the stage wrote itself.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,8 +31,7 @@ from typing import Any
 from extrema import lease
 from extrema.contract import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING
 from launch import store
-from launch.backends.base import BACKENDS, State, make_backend, retries_in_job
-from launch.backends.ray_head import head_gone
+from launch.backends.base import State, Unreachable, backend_class, in_flight_groups, recorded_class
 from launch.sweep import LauncherSpec
 
 ENDED = (State.COMPLETED, State.FAILED, State.CANCELLED, State.UNKNOWN)
@@ -64,27 +65,16 @@ def settled(seen: State | None, backend: str, job_id: str) -> tuple[str | None, 
     return None, ""
 
 
-def ray_address(status: Mapping[str, Any], launcher: LauncherSpec) -> str | None:
-    """The Ray cluster a stage was submitted to: recorded at submission, else the launcher's, else RAY_ADDRESS."""
-    recorded = status.get("cluster")
-    return str(recorded) if recorded else launcher.ray_address or os.environ.get("RAY_ADDRESS") or None
-
-
 def ask(
-    name: str, cluster: str | None, launcher: LauncherSpec, manifest: Mapping[str, Any] | None, job_ids: list[str]
+    name: str, address: str | None, launcher: LauncherSpec, manifest: Mapping[str, Any] | None, job_ids: list[str]
 ) -> tuple[dict[str, State] | None, str]:
     """The backend's states of its jobs, or None and the reason when it cannot be asked."""
-    if name == "ray":
-        head = (manifest or {}).get("ray_head")
-        if isinstance(head, dict) and head.get("address") == cluster and head_gone(head):
-            return dict.fromkeys(job_ids, State.UNKNOWN), ""
-        if not cluster:
-            return None, "ray: no cluster address recorded, in launcher.ray_address or RAY_ADDRESS"
-        launcher = launcher.model_copy(update={"ray_address": cluster})
     try:
-        return make_backend(name, launcher).status(job_ids), ""
+        return backend_class(name).states(launcher, address, manifest, job_ids), ""
+    except Unreachable as e:
+        return None, f"{name}: {e}"
     except Exception as e:
-        where = f" at {cluster}" if cluster else ""
+        where = f" at {address}" if address else ""
         return None, f"{name}{where}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
@@ -96,7 +86,10 @@ def in_flight(status: Mapping[str, Any]) -> bool:
 def retried(status: Mapping[str, Any]) -> bool:
     """Whether a stage recorded failed may still be retried by its own job (`retries_in_job` backends): the
     backend is asked, and a job still running means the stage is."""
-    return status.get("state") == FAILED and retries_in_job(str(status.get("backend")))
+    if status.get("state") != FAILED:
+        return False
+    backend = recorded_class(status.get("backend"))
+    return backend is not None and backend.retries_in_job
 
 
 def reconcile(
@@ -108,7 +101,7 @@ def reconcile(
 ) -> Reconciled:
     """Each job's state from the run store, corrected by its backend for jobs the store shows in flight."""
     out = Reconciled({k: s.get("state") for k, s in statuses.items()})
-    groups: dict[tuple[str, str | None], dict[str, str]] = {}
+    asked: dict[str, Mapping[str, Any]] = {}
     for key, s in statuses.items():
         if s.get("state") in (None, COMPLETED, store.UNREADABLE):
             continue
@@ -119,12 +112,10 @@ def reconcile(
         if store.interrupted_submission(s):
             out.stuck.add(key)
             continue
-        if (in_flight(s) or retried(s)) and s.get("job_id") and s.get("backend") in BACKENDS:
-            name = str(s["backend"])
-            cluster = ray_address(s, launcher) if name == "ray" else None
-            groups.setdefault((name, cluster), {})[key] = str(s["job_id"])
-    for (name, cluster), ids in groups.items():
-        answer, note = ask(name, cluster, launcher, manifest, list(ids.values()))
+        if in_flight(s) or retried(s):
+            asked[key] = s
+    for (name, address), ids in in_flight_groups(asked, launcher).items():
+        answer, note = ask(name, address, launcher, manifest, list(ids.values()))
         if answer is None:
             out.notes.append(f"could not ask {note}; {len(ids)} stage(s) show the run store's state")
             continue

@@ -19,10 +19,10 @@ import pyarrow as pa
 
 from extrema import rundir
 from launch import aggregate
+from launch.addressed import Addressed, swept_axes
 from launch.results_view import collect
 from launch.status_view import status_table
 from launch.tables import short_cell
-from launch.target import Target, swept_axes
 
 PICTURES = ("viz/*.png", "*/viz/*.png", "inpaint/*.png")  # under a run directory
 MAX_PICTURE_BYTES = 8 << 20
@@ -50,7 +50,7 @@ def table_html(header: Sequence[str], rows: Sequence[Sequence[object]], state_co
     return "".join(out)
 
 
-def figures_html(target: Target, table: pa.Table) -> str:
+def figures_html(target: Addressed, table: pa.Table) -> str:
     """Every figure of `plot`, inline as SVG; a note when there is none or matplotlib is missing."""
     try:
         from launch import plots
@@ -72,7 +72,7 @@ def figures_html(target: Target, table: pa.Table) -> str:
     return "".join(parts) or '<p class="note">no figures yet</p>'
 
 
-def pictures_html(target: Target) -> str:
+def pictures_html(target: Addressed) -> str:
     """The attention maps and inpainting pictures of the runs, inline as PNG (bounded in number and size)."""
     parts: list[str] = []
     for run in target.runs:
@@ -112,7 +112,7 @@ def provenance_html(table: pa.Table) -> str:
     return table_html(columns, rows, columns.index("state") if "state" in columns else None)
 
 
-def render(target: Target) -> str:
+def render(target: Addressed) -> str:
     """The report of a sweep as one HTML document."""
     table, _, problems = collect(target)
     status = status_table(target)
@@ -144,7 +144,7 @@ def render(target: Target) -> str:
     )
 
 
-def write(target: Target, out: str) -> int:
+def write(target: Addressed, out: str) -> int:
     """Write the report to a path or URL; its size in bytes."""
     text = render(target)
     rundir.write_text_atomic(out, text)

@@ -55,7 +55,7 @@ def flatten(doc: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _row(entry: store.RunEntry, stage: str, status: Any, result: Any, prov: Any, now: float) -> dict[str, Any]:
+def _row(entry: store.StoredRun, stage: str, status: Any, result: Any, prov: Any, now: float) -> dict[str, Any]:
     status = status if isinstance(status, dict) else {}
     prov = prov if isinstance(prov, dict) else {}
     started, finished = status.get("started_at"), status.get("finished_at")
@@ -84,7 +84,7 @@ def _row(entry: store.RunEntry, stage: str, status: Any, result: Any, prov: Any,
 
 def rows(
     sweep_url: str,
-    runs: Sequence[store.RunEntry],
+    runs: Sequence[store.StoredRun],
     statuses: Mapping[str, Any] | None = None,
     problems: list[str] | None = None,
 ) -> list[dict[str, Any]]:
@@ -133,7 +133,7 @@ def to_table(records: Sequence[dict[str, Any]]) -> pa.Table:
 
 def collect(
     sweep_url: str,
-    runs: Sequence[store.RunEntry],
+    runs: Sequence[store.StoredRun],
     statuses: Mapping[str, Any] | None = None,
     problems: list[str] | None = None,
 ) -> pa.Table:

@@ -15,11 +15,11 @@ from rich.text import Text
 
 from extrema import contract
 from launch import aggregate, plots, results, store, tables
+from launch.addressed import DAMAGED, FAILED, FORMATS, OK, Addressed, open_addressed, print_notes, print_unreadable
 from launch.errors import UsageError
 from launch.printable import printable
 from launch.reconcile import Reconciled, reconcile
 from launch.tables import short_cell
-from launch.target import DAMAGED, FAILED, FORMATS, OK, Target, open_target, print_notes, print_unreadable
 
 
 def results_format(fmt: str | None, out_path: str | None) -> str:
@@ -36,7 +36,7 @@ def results_format(fmt: str | None, out_path: str | None) -> str:
     return fmt or str(inferred)
 
 
-def collect(target: Target) -> tuple[pa.Table, Reconciled, list[str]]:
+def collect(target: Addressed) -> tuple[pa.Table, Reconciled, list[str]]:
     """The sweep's results table (a row per run and stage), after asking the backends about in-flight stages,
     and `path: reason` of every unreadable record (their fields are empty)."""
     keys = [k for r in target.runs for k in r.job_keys()]
@@ -153,7 +153,7 @@ def cmd_results(args: argparse.Namespace, out: Console) -> int:
         raise UsageError("--metric and --stage go with --pivot ROWS COLUMNS")
     if args.pivot is not None and not args.metric:
         raise UsageError("--pivot ROWS COLUMNS needs --metric M (the metric in the cells)")
-    target = open_target(args.target, args.root)
+    target = open_addressed(args.target, args.root)
     table, seen, problems = collect(target)
     if args.code:
         table = table.filter(pc.starts_with(table.column("code").fill_null(""), args.code))
@@ -175,7 +175,7 @@ def cmd_results(args: argparse.Namespace, out: Console) -> int:
 
 def cmd_plot(args: argparse.Namespace, out: Console) -> int:
     """The sweep's figures (training curves, metrics against swept axes) as PNG and SVG in --out."""
-    target = open_target(args.target, args.root)
+    target = open_addressed(args.target, args.root)
     table, seen, problems = collect(target)
     axes, _ = aggregate.resolve_by(table, None)
     if args.axis is not None and args.axis not in axes:
@@ -222,7 +222,7 @@ def positive(text: str) -> float:
 
 def cmd_viz_attention(args: argparse.Namespace, out: Console) -> int:
     """Figure 3 of one run: last-layer attention maps of chosen queries over chosen images."""
-    target = open_target(args.target, args.root)
+    target = open_addressed(args.target, args.root)
     run = next((r for r in target.runs if r.run_id == args.run), None)
     if run is None:
         raise UsageError(f"run {args.run!r} is not part of {target.url}")

@@ -15,10 +15,10 @@ from extrema import rundir
 from extrema.contract import COMPLETED, RUNNING
 from extrema.contract import FAILED as FAILED_STATE
 from launch import results, store, tables
+from launch.addressed import DAMAGED, ENDED_STATES, FAILED, OK, Addressed, print_notes, print_unreadable, swept_axes
 from launch.progress import latest_progress
 from launch.reconcile import Reconciled, reconcile
 from launch.tables import cell
-from launch.target import DAMAGED, ENDED_STATES, FAILED, OK, Target, print_notes, print_unreadable, swept_axes
 
 
 def _latest(state: str | None, status: dict[str, Any], result: Any, stage_dir: str) -> str:
@@ -57,7 +57,7 @@ class StatusTable:
     problems: list[str]  # `path: reason` of every unreadable record (its row shows `unreadable`)
 
 
-def status_table(target: Target) -> StatusTable:
+def status_table(target: Addressed) -> StatusTable:
     """Every run and stage of the sweep with its state (asking the backends), attempts, elapsed and latest metric."""
     keys = [k for r in target.runs for k in r.job_keys()]
     statuses = store.read_statuses(target.url, keys)
@@ -117,7 +117,7 @@ def _rendered(out: Console, view: StatusTable, title: str) -> Text:
     return Text.from_ansi(buf.getvalue().rstrip("\n"))
 
 
-def _reread(target: Target) -> Target:
+def _reread(target: Addressed) -> Addressed:
     """The target with its manifest read again (a URL target's runs too): a sweep may (re)submit meanwhile."""
     try:
         manifest = store.read_manifest(target.url)
@@ -126,13 +126,13 @@ def _reread(target: Target) -> Target:
     if manifest is None:
         return target
     try:
-        runs = target.runs if target.sweep is not None else store.entries_of(target.url, manifest)
+        runs = target.runs if target.sweep is not None else store.stored_runs_of(target.url, manifest)
     except store.Unreadable:
         return target
     return replace(target, manifest=manifest, runs=runs)
 
 
-def watch_status(target: Target, out: Console, interval: float) -> int:
+def watch_status(target: Addressed, out: Console, interval: float) -> int:
     """Refresh the status table every `interval` seconds until every stage has ended; then status's exit code."""
     try:
         with Live(console=out, auto_refresh=False, transient=False) as live:

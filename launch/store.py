@@ -72,8 +72,10 @@ def split_key(key: str) -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
-class RunEntry:
-    """One run of a sweep as the store lists it: its id, its stages and the swept values that made it."""
+class StoredRun:
+    """One run as the run store's manifest lists it: its id, its stages and the swept values that made it. What
+    `status`, `results` and `plot` know of a run without its sweep file (`launch.sweep.Run` is the run with its
+    validated experiment)."""
 
     run_id: str
     stages: tuple[str, ...]
@@ -89,18 +91,18 @@ def read_manifest(sweep: str) -> dict[str, Any] | None:
     return contract.read_record(rundir.join(sweep, MANIFEST))
 
 
-def entries_of(url: str, manifest: dict[str, Any]) -> list[RunEntry]:
+def stored_runs_of(url: str, manifest: dict[str, Any]) -> list[StoredRun]:
     """The runs a manifest lists; Unreadable (naming the manifest) when its run list is malformed."""
     try:
-        return entries(manifest)
+        return stored_runs(manifest)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise Unreadable(rundir.join(url, MANIFEST), f"malformed run list ({type(e).__name__}: {e})") from None
 
 
-def entries(manifest: dict[str, Any]) -> list[RunEntry]:
+def stored_runs(manifest: dict[str, Any]) -> list[StoredRun]:
     """The runs listed by a manifest, in submission order."""
     return [
-        RunEntry(safe_name(r["run_id"], "run id"), tuple(safe_name(s, "stage") for s in r["stages"]), r["overrides"])
+        StoredRun(safe_name(r["run_id"], "run id"), tuple(safe_name(s, "stage") for s in r["stages"]), r["overrides"])
         for r in manifest.get("runs", [])
     ]
 
@@ -137,11 +139,9 @@ def write_manifest(sweep: str, manifest: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def write_spec(sweep: str, spec: RunSpec) -> str:
-    """Write `<stage>/spec.json` of a run and return the stage URL."""
-    url = stage_url(sweep, spec.run_id, spec.stage)
-    rundir.write_json(rundir.join(url, "spec.json"), spec.model_dump(mode="json"))
-    return url
+def write_spec(stage: str, spec: RunSpec) -> None:
+    """Write the RunSpec a stage executes as its `spec.json` (what `python -m extrema.entry` reads)."""
+    rundir.write_json(rundir.join(stage, "spec.json"), spec.model_dump(mode="json"))
 
 
 def damaged(url: str, reason: str) -> dict[str, Any]:
@@ -155,11 +155,6 @@ def read_status(stage: str) -> dict[str, Any]:
         return contract.read_status(stage)
     except Unreadable as e:
         return damaged(e.url, e.reason)
-
-
-def set_status(stage: str, **fields: Any) -> dict[str, Any]:
-    """Merge fields into a stage's status.json (atomic write)."""
-    return contract.update_status(stage, **fields)
 
 
 def submitter() -> dict[str, Any]:
@@ -182,7 +177,7 @@ def mark_submitted(
     """
     if lease.live_holder(stage) is not None:
         return None
-    return set_status(
+    return contract.update_status(
         stage,
         state=contract.PENDING,
         backend=backend,
@@ -218,7 +213,7 @@ def mark_ended(stage: str, state: str, error: str) -> dict[str, Any] | None:
     the new status or None."""
     if read_status(stage).get("state") in TERMINAL or lease.live_holder(stage) is not None:
         return None
-    return set_status(stage, state=state, error=error, finished_at=time.time())
+    return contract.update_status(stage, state=state, error=error, finished_at=time.time())
 
 
 def _read_local(path: str) -> Any:

@@ -1,14 +1,14 @@
 """Submitting the chosen jobs of a sweep: specs, status records and manifest, the backend call, and, for sweeps
-that run here (the local backend, or a local Ray head started for the sweep), progress until the stages end.
+that run here (a backend that `runs_here`, or a private cluster started for the sweep), progress until the stages
+end.
 
-Nothing is written before the backend is ready: a local Ray head that fails to start leaves the store untouched.
+Nothing is written before the backend is ready: a private cluster that fails to start leaves the store untouched.
 When the backend refuses the submission, every status.json touched is put back as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import time
 from collections.abc import Iterator, Mapping
@@ -19,19 +19,13 @@ from rich.console import Console
 from rich.text import Text
 
 from extrema import rundir
-from extrema.contract import os_reason
-from launch import logs, store
-from launch.backends.base import Backend, Job, State, make_backend
-from launch.errors import UsageError
+from extrema.contract import os_reason, update_status
+from launch import store
+from launch.backends.base import Backend, Job, State, backend_class
 from launch.progress import Watch, follow
 from launch.sweep import LauncherSpec
 
 OK, FAILED, INTERRUPTED = 0, 1, 130
-
-
-def needs_local_ray(launcher: LauncherSpec) -> bool:
-    """Whether a ray sweep has no cluster to go to (no launcher.ray_address, no RAY_ADDRESS): it starts its own."""
-    return launcher.backend == "ray" and not (launcher.ray_address or os.environ.get("RAY_ADDRESS"))
 
 
 @dataclass
@@ -49,22 +43,15 @@ class Submission:
 
 @contextlib.contextmanager
 def backend_for(launcher: LauncherSpec, out: Console) -> Iterator[tuple[Backend, dict[str, Any] | None]]:
-    """The backend to submit to, and the record of the local Ray head started for it (stopped on exit)."""
-    if not needs_local_ray(launcher):
-        yield make_backend(launcher.backend, launcher), None
+    """The backend to submit to, and the manifest record of the private cluster started for it (stopped on exit;
+    None when the launcher names a cluster or the backend needs none)."""
+    kind = backend_class(launcher.backend)
+    private = kind.private_cluster(launcher)
+    if private is None:
+        yield kind.from_launcher(launcher), None
         return
-    try:
-        from launch.backends import ray_head
-
-        out.print("no Ray cluster address (launcher.ray_address, RAY_ADDRESS): starting a local Ray head ...")
-        head = ray_head.start_head()
-    except ImportError as e:
-        raise UsageError(f"backend 'ray' is not available here: {e}") from None
-    out.print(f"local Ray head at {head.address} (pid {head.pid}); it stops when this sweep ends")
-    try:
-        yield make_backend("ray", launcher.model_copy(update={"ray_address": head.address})), head.record()
-    finally:
-        ray_head.stop_head(head)
+    with private.start(out) as (there, record):
+        yield kind.from_launcher(there), record
 
 
 @contextlib.contextmanager
@@ -108,12 +95,6 @@ def run_blocking(
     return FAILED if any(s in (State.FAILED, State.UNKNOWN) for s in final.values()) else OK
 
 
-def _keep_ray_logs(ids: Mapping[str, str], jobs: Mapping[str, Job], address: str) -> None:
-    for key, job_id in ids.items():
-        with contextlib.suppress(Exception):
-            logs.save_ray_log(rundir.join(jobs[key].run_dir, jobs[key].stage), address, job_id)
-
-
 def _put_back(jobs: list[Job], previous: Mapping[str, dict[str, Any]]) -> None:
     """Restore the status records a failed submission touched, as far as the store lets us; a record that cannot
     be restored stays pending without a job id, which the next `sweep` submits again."""
@@ -124,13 +105,13 @@ def _put_back(jobs: list[Job], previous: Mapping[str, dict[str, Any]]) -> None:
 
 def submit(s: Submission, launcher: LauncherSpec, out: Console, watch: Watch | None = None) -> int:
     """Write specs, record the submission, submit; block with progress when the stages run here."""
-    with backend_for(launcher, out) as (backend, head):
+    with backend_for(launcher, out) as (backend, private):
         now = time.time()
         written: list[Job] = []
         try:
             for job in s.jobs:
                 stage = rundir.join(job.run_dir, job.stage)
-                rundir.write_json(rundir.join(stage, "spec.json"), s.specs[job.key].model_dump(mode="json"))
+                store.write_spec(stage, s.specs[job.key])
                 store.mark_submitted(stage, launcher.backend, None, now, code=s.code)
                 written.append(job)
         except OSError as e:
@@ -143,24 +124,21 @@ def submit(s: Submission, launcher: LauncherSpec, out: Console, watch: Watch | N
             _put_back(s.jobs, s.previous)
             out.print(Text(f"submission to {launcher.backend} failed: {type(e).__name__}: {e}", style="red"))
             return FAILED
-        cluster = getattr(backend, "address", None) if launcher.backend == "ray" else None
-        extra = {"cluster": cluster} if cluster else {}
+        extra = {"cluster": backend.address} if backend.address else {}
         record = {k: {"job_id": v, "backend": launcher.backend, "submitted_at": now, **extra} for k, v in ids.items()}
         try:
             for job in s.jobs:
                 if job.key in ids:
-                    store.set_status(rundir.join(job.run_dir, job.stage), job_id=ids[job.key], **extra)
-            store.write_manifest(
-                s.url, {**s.manifest, "jobs": record, "submitted_at": now, **({"ray_head": head} if head else {})}
-            )
+                    update_status(rundir.join(job.run_dir, job.stage), job_id=ids[job.key], **extra)
+            store.write_manifest(s.url, {**s.manifest, "jobs": record, "submitted_at": now, **(private or {})})
         except OSError as e:  # the jobs are out; each stage records its own job id when it starts
             out.print(Text(f"jobs submitted, but recording their ids failed: {os_reason(e)}", style="red"))
         out.print(f"submitted {len(ids)} of {len(s.jobs)} jobs to {launcher.backend}")
-        if launcher.backend != "local" and head is None:
+        if not backend.runs_here and private is None:
             return OK
         by_key = {j.key: j for j in s.jobs}
         try:
             return run_blocking(backend, ids, by_key, out, watch)
         finally:
-            if head is not None:
-                _keep_ray_logs(ids, by_key, str(head["address"]))
+            if private is not None:
+                backend.keep_logs(ids, by_key)

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from extrema.spec import Experiment, LoggingSpec, ResourcesSpec, RunSpec, StageName
+from extrema.spec import LOCATED, Experiment, LoggingSpec, ResourcesSpec, RunSpec, StageName, located
 from launch import roots, store
 from launch.errors import InvalidSweep, Loc, Problem
 from launch.printable import clip, shown
@@ -91,7 +91,7 @@ class LauncherSpec(BaseModel):
         # partition, account, qos, constraint and sbatch_extra are checked by ResourcesSpec itself (extrema.spec)
         for label, res in [("resources", self.resources), *((f"stages.{k}", v) for k, v in self.stages.items())]:
             if self.backend == "local" and res.nodes > 1:
-                raise ValueError(f"{label}.nodes: the local backend runs on this machine only (nodes: 1)")
+                raise located(f"{label}.nodes", "the local backend runs on this machine only (nodes: 1)")
         return self
 
     def resources_for(self, stage: str) -> ResourcesSpec:
@@ -146,16 +146,20 @@ class SweepFile(BaseModel):
     @model_validator(mode="after")
     def _slurm_logs(self) -> SweepFile:
         if self.launcher.backend == "slurm" and self.launcher.slurm_folder is None and not roots.is_local(self.root):
-            raise ValueError(
-                f"launcher.slurm_folder: the slurm backend writes its logs to a shared filesystem; the root "
-                f"{shown(self.root)} is not one, so set launcher.slurm_folder to a shared directory"
+            raise located(
+                "launcher.slurm_folder",
+                f"the slurm backend writes its logs to a shared filesystem; the root {shown(self.root)} is not one, "
+                "so set launcher.slurm_folder to a shared directory",
             )
         return self
 
 
 @dataclass(frozen=True)
 class Run:
-    """One resolved run: its id, the swept values that made it, and the validated experiment."""
+    """One run of a sweep as `expand()` resolves it from the file: its id, the swept values that made it, the
+    validated experiment and its stages. Each stage becomes an `extrema.spec.RunSpec` (`spec()`, written as the
+    stage's spec.json) and a `launch.backends.base.Job` (`launch.pipeline.plan`); the manifest keeps it as a
+    `launch.store.StoredRun` (`stored()`)."""
 
     run_id: str
     overrides: dict[str, Any]
@@ -167,6 +171,10 @@ class Run:
         return RunSpec(
             sweep=sweep, run_id=self.run_id, stage=stage, experiment=self.experiment, overrides=self.overrides
         )  # type: ignore[arg-type]
+
+    def stored(self) -> store.StoredRun:
+        """The run as the run store's manifest lists it."""
+        return store.StoredRun(self.run_id, self.stages, self.overrides)
 
 
 def canonical_json(value: Any) -> str:
@@ -285,7 +293,7 @@ Point = tuple[dict[str, Any], dict[str, Loc]]  # (path -> value, path -> where i
 
 def _axis_paths(problems: list[Problem], loc: Loc, paths: list[str]) -> None:
     for p in paths:
-        reason = path_error(p) if isinstance(p, str) else "a dotted path must be a string"
+        reason = path_error(p)
         if reason:
             problems.append(Problem("", (*loc, p), reason))
 
@@ -294,7 +302,7 @@ class _PathIndex:
     """Dotted paths, asked in time linear in a path's depth whether they set the same value as another path."""
 
     def __init__(self, paths: Iterable[str]) -> None:
-        self.paths = {p for p in paths if isinstance(p, str)}
+        self.paths = set(paths)
         self.inside = {".".join(p.split(".")[:i]): p for p in self.paths for i in range(1, p.count(".") + 1)}
 
     def clash(self, path: str) -> str | None:
@@ -335,7 +343,7 @@ def _points(axes: Axes | None, problems: list[Problem], max_runs: int = MAX_RUNS
         *((f"runs[{i}]", list(r), in_fixed) for i, r in enumerate(runs or [])),
     ):
         for p in paths:  # runs may share paths with each other, not with the grid or the zip
-            clash = against.clash(p) if isinstance(p, str) else None
+            clash = against.clash(p)
             if clash is not None:
                 owner = "grid" if clash in grid else "zip"
                 problems.append(Problem("", ("sweep",), f"{p} is set by both sweep.{owner} and sweep.{label}"))
@@ -386,21 +394,17 @@ def _reason(err: Any, root: type[BaseModel], loc: Loc) -> str:
     return f"{msg} (got {shown(err.get('input'), 60)})"
 
 
-_LEADING_PATH = re.compile(r"([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*): (.+)", re.DOTALL)
-
-
 def validation_problems(error: ValidationError, root: type[BaseModel], prefix: Loc = ()) -> list[Problem]:
-    """One Problem per pydantic error, located by its dotted path under `prefix`.
-
-    A model-level check that names a field first ("pretrain.masking: ...") is located at that field.
-    """
+    """One Problem per pydantic error, located by its dotted path under `prefix` (a `located` error: at the field
+    it names below that path)."""
     out = []
     for err in error.errors(include_url=False):
         loc: Loc = tuple(err["loc"])
-        reason = _reason(err, root, loc)
-        match = _LEADING_PATH.fullmatch(reason) if err["type"] == "value_error" else None
-        if match:
-            loc, reason = (*loc, *match.group(1).split(".")), match.group(2)
+        if err["type"] == LOCATED:
+            ctx = err.get("ctx") or {}
+            loc, reason = (*loc, *str(ctx["at"]).split(".")), str(ctx["reason"])
+        else:
+            reason = _reason(err, root, loc)
         out.append(Problem("", (*prefix, *loc), reason))
     return out
 
@@ -413,9 +417,6 @@ def _run_problems(error: ValidationError, overrides: dict[str, Any], origin: dic
     out = []
     for problem in validation_problems(error, Experiment):
         path = ".".join(str(p) for p in problem.loc)
-        if not path:
-            match = re.match(r"([a-z_][a-z0-9_.]*)[: ]", problem.reason)
-            path = match.group(1) if match else ""
         owner = next(
             (p for p in origin if path and (path == p or path.startswith(p + ".") or p.startswith(path + "."))), None
         )

@@ -27,7 +27,7 @@ from torch import nn
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
-from extrema import ckpt, contract, entry, interop, rundir
+from extrema import ckpt, contract, entry, rundir, weights
 from extrema.models.extrema import ExtreMA
 from extrema.optim import LARS, build_adamw, param_groups, set_hyperparams
 from extrema.safe_dcp import JSON_MAGIC, SafeFsspecReader, UnsafeCheckpoint, decode_state, encode_state
@@ -129,7 +129,7 @@ LOADERS: dict[str, Callable[[str], Any]] = {
     "ckpt.verify": ckpt.verify,
     "ckpt.load": lambda url: ckpt.load(url, nested("extra.step")),
     "ckpt.load_module (knn)": load_target_encoder,
-    "interop.encoder_weights (probe, finetune, detect, inpaint)": lambda url: interop.encoder_weights(url, "ema"),
+    "weights.encoder_weights (probe, finetune, detect, inpaint)": lambda url: weights.encoder_weights(url, "ema"),
 }
 
 

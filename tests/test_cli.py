@@ -22,11 +22,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
+from extrema.contract import update_status
 from extrema.spec import Experiment, MaskingSpec, ModelSpec, PretrainSpec, ResourcesSpec
 from launch import store, tables
-from launch.backends.base import State
+from launch.backends.base import State, make_backend
 from launch.backends.local import LocalBackend
-from launch.cli import UsageError, main, make_backend
+from launch.cli import main
+from launch.errors import UsageError
 from launch.reconcile import settled
 from launch.results_view import results_format
 from launch.sweep import Axes, LauncherSpec, SweepFile, load_runs
@@ -61,7 +63,13 @@ def test_launch_never_imports_torch() -> None:
 
 
 @pytest.mark.parametrize(
-    "command", [[], ["sweep"], ["status"], ["results"], ["cancel"], ["logs"], ["plot"], ["viz"], ["viz", "attention"]]
+    "command",
+    [
+        *([c] for c in ("sweep", "status", "results", "cancel", "logs", "plot", "viz", "export", "data")),
+        [],
+        ["viz", "attention"],
+        ["data", "shard"],
+    ],
 )
 def test_every_command_has_help(command: list[str]) -> None:
     code, out, _ = cli(*command, "--help")
@@ -259,10 +267,10 @@ def test_in_flight_jobs_are_checked_with_their_backend(tmp_path: Path) -> None:
     ).stdout.strip()
     host = os.uname().nodename
     a, b = (r.run_id for r in runs)
-    store.set_status(
+    update_status(
         store.stage_url(url, a, "pretrain"), state="running", backend="local", job_id=f"local-{dead}-0@{host}"
     )
-    store.set_status(
+    update_status(
         store.stage_url(url, b, "pretrain"), state="running", backend="local", job_id=f"local-{os.getpid()}-0@{host}"
     )
     before = store.read_statuses(url, [f"{a}/pretrain", f"{b}/pretrain"])
@@ -348,7 +356,7 @@ def test_a_failing_stage_exits_1_and_is_only_retried_on_request(tmp_path: Path) 
     url = store.sweep_url(root, "tiny")
     manifest = store.read_manifest(url)
     assert manifest is not None
-    (run,) = store.entries(manifest)
+    (run,) = store.stored_runs(manifest)
     pretrain, knn = (store.read_status(store.stage_url(url, run.run_id, s)) for s in ("pretrain", "knn"))
     assert pretrain["state"] == "failed" and "no-such-images" in pretrain["error"]
     assert knn["state"] == "failed" and knn["error"] == f"not run: upstream {run.run_id}/pretrain failed"

@@ -23,10 +23,11 @@ import pytest
 import yaml
 from rich.console import Console
 
+from extrema.contract import update_status
 from launch import store, tables
+from launch.addressed import open_addressed
 from launch.results_view import collect, results_view, show_view
 from launch.sweep import load_runs
-from launch.target import open_target
 from tests.processes import interruptible
 from tests.test_cli import TINY, cli
 
@@ -120,7 +121,7 @@ def test_group_by_gives_the_hand_computed_means_over_seeds(swept: Swept, tmp_pat
 
 
 def test_plain_results_fit_an_80_column_terminal(swept: Swept) -> None:
-    target = open_target(swept.url, None)
+    target = open_addressed(swept.url, None)
     table, _, _ = collect(target)
     view = results_view(argparse.Namespace(group_by=None, pivot=None), swept.url, table)
     assert tables.table_width([max(len(h), 10) for h in view.header]) > 80  # too wide as one table
@@ -203,15 +204,15 @@ def in_flight_store(root: Path) -> tuple[str, str]:
     job = f"local-{os.getpid()}-0@{os.uname().nodename}"
     for r in runs:
         for stage in r.stages:
-            store.set_status(store.stage_url(url, r.run_id, stage), state="completed", backend="local", job_id=job)
+            update_status(store.stage_url(url, r.run_id, stage), state="completed", backend="local", job_id=job)
     live = store.stage_url(url, runs[-1].run_id, "knn")
-    store.set_status(live, state="running")
+    update_status(live, state="running")
     return url, live
 
 
 def test_status_watch_waits_until_every_stage_has_ended(tmp_path: Path) -> None:
     _, live = in_flight_store(tmp_path / "runs")
-    threading.Timer(1.0, store.set_status, args=(live,), kwargs={"state": "failed", "error": "boom"}).start()
+    threading.Timer(1.0, update_status, args=(live,), kwargs={"state": "failed", "error": "boom"}).start()
     start = time.monotonic()
     code, out, _ = cli("status", str(TINY), "--root", str(tmp_path / "runs"), "--watch", "--interval", "0.2")
     assert time.monotonic() - start >= 1.0, "returned before the running stage ended"

@@ -19,7 +19,7 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.ops import box_iou
 
-from extrema import coco_eval, entry, interop, rundir
+from extrema import coco_eval, entry, rundir, weights
 from extrema.data import FASHION_MNIST_DEBIAN_DIR, fashion_mnist
 from extrema.detection_data import CocoDetection, build_canvas_set, train_transform
 from extrema.dist import World
@@ -29,7 +29,7 @@ from extrema.spec import DataSpec, DetectSpec, Experiment, ModelSpec
 from extrema.stages.detect import build_model, detection_sets, evaluate, step_lr
 from tests.stage_runs import TINY_EXPERIMENT, checkpointed_model, make_run, merge
 from tests.test_distributed import torchrun
-from tests.test_interop import save_pretrain_checkpoint
+from tests.weight_sources import save_pretrain_checkpoint
 
 # pycocotools' mask decoding warns on every call under numpy 2; the masks are right all the same.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -151,7 +151,7 @@ def test_bf16_backbone_feeds_fp32_heads() -> None:
 def test_backbone_loads_the_pretrained_student_strictly(tmp_path: Path) -> None:
     exp = make_run(str(tmp_path), {"stages": ["pretrain", "detect"], "detect": DETECT})
     pretrained = save_pretrain_checkpoint(str(tmp_path / "pretrain" / "ckpt"), exp.model)
-    url = interop.resolve(str(tmp_path / "pretrain" / "ckpt"))
+    url = weights.resolve(str(tmp_path / "pretrain" / "ckpt"))
     student = pretrained.online.encoder.state_dict()
     model = build_model(exp, exp.detect, 10, url, None)
     enc = model.backbone.body.encoder.state_dict()

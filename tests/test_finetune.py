@@ -8,14 +8,14 @@ from typing import Any
 import pytest
 import torch
 
-from extrema import entry, interop, rundir
+from extrema import entry, rundir, weights
 from extrema.models.classifier import Classifier
-from extrema.models.vit import sincos_pos_embed_2d
+from extrema.models.vit import resize_pos_embed, sincos_pos_embed_2d
 from extrema.optim import param_groups
 from extrema.spec import FinetuneSpec, ModelSpec
 from extrema.stages.finetune import build_classifier, mix_batch, train_transform
 from tests.stage_runs import checkpointed_model, make_run
-from tests.test_interop import official_checkpoint, save_pretrain_checkpoint
+from tests.weight_sources import official_checkpoint, save_pretrain_checkpoint
 
 FINETUNE: dict[str, Any] = {
     "epochs": 2,
@@ -37,7 +37,7 @@ def finetune_run(run: Path, finetune: dict[str, Any] | None = None) -> Any:
 
 def test_layer_decay_groups_of_the_classifier() -> None:
     model = Classifier(PICO, num_classes=10)
-    interop.use_pos_embed(model.encoder, None, learnable=True)
+    weights.use_pos_embed(model.encoder, None, learnable=True)
     depth, decay = model.num_layers, 0.75
     groups = param_groups(model, 0.05, ("pos_embed", "cls_token"), layer_decay=decay, num_layers=depth)
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
@@ -84,7 +84,7 @@ def test_train_transform_gives_normalized_crops() -> None:
 
 def test_cait_classifier_drops_class_token_and_gets_a_fresh_norm(tmp_path: Path) -> None:
     exp, pretrained = finetune_run(tmp_path)
-    url = interop.resolve(str(tmp_path / "pretrain" / "ckpt"))
+    url = weights.resolve(str(tmp_path / "pretrain" / "ckpt"))
     model = build_classifier(exp, exp.finetune, 10, url)
     names = dict(model.named_parameters())
     assert not any("cls_token" in n or "blocks_token" in n for n in names)
@@ -108,7 +108,7 @@ def test_official_table_is_interpolated_to_a_new_resolution(tmp_path: Path) -> N
     torch.save(official_checkpoint(), url)
     model = build_classifier(exp, FinetuneSpec(img_size=48, checkpoint=url), 10, url)
     assert model.encoder.pos_embed.shape == (1, 144, 64)
-    expected = interop.resize_pos_embed(sincos_pos_embed_2d(64, 8, 8).unsqueeze(0), 12)
+    expected = resize_pos_embed(sincos_pos_embed_2d(64, 8, 8).unsqueeze(0), 12)
     torch.testing.assert_close(model.encoder.pos_embed.data, expected)
     assert model(torch.randn(2, 3, 48, 48)).shape == (2, 10)
     with pytest.raises(ValueError, match="not a multiple of patch size"):

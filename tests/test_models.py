@@ -53,7 +53,7 @@ def test_sincos_layout_matches_mae() -> None:
 @pytest.mark.parametrize("img", [32, 48])
 def test_designs_shapes(design: str, img: int) -> None:
     torch.manual_seed(0)
-    enc = VisionTransformer(img_size=img, patch_size=4, embed_dim=64, depth=2, num_heads=2, cls_token=design)
+    enc = VisionTransformer(img_size=img, patch_size=4, embed_dim=64, depth=2, num_heads=2, cls_design=design)
     x = torch.randn(3, 3, img, img)
     inst, patches = enc.forward_features(x)
     n = (img // 4) ** 2
@@ -72,7 +72,7 @@ def test_position_embedding_for_other_resolution() -> None:
 
 def test_cait_patch_tokens_not_updated_by_class_attention() -> None:
     torch.manual_seed(0)
-    enc = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, cls_token="cait")
+    enc = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, cls_design="cait")
     x = torch.randn(2, 3, 32, 32)
     _, patches = enc.forward_features(x)
     torch.testing.assert_close(patches, enc.forward_blocks(enc.embed(x)))
@@ -83,7 +83,7 @@ def test_cait_patch_tokens_not_updated_by_class_attention() -> None:
 
 def test_vit_design_class_token_is_never_masked_and_attends_everywhere() -> None:
     torch.manual_seed(0)
-    enc = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, cls_token="vit")
+    enc = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, cls_design="vit")
     assert len(enc.blocks_token) == 0
     tokens = enc.embed(torch.randn(2, 3, 32, 32))
     out = enc.forward_blocks(tokens)
@@ -94,7 +94,7 @@ def test_vit_design_class_token_is_never_masked_and_attends_everywhere() -> None
 
 
 def test_avgpool_design_has_no_class_token() -> None:
-    enc = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, cls_token="avgpool")
+    enc = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2, cls_design="avgpool")
     assert enc.cls_token is None and len(enc.blocks_token) == 0
     x = torch.randn(2, 3, 32, 32)
     inst, patches = enc.forward_features(x)
@@ -122,3 +122,27 @@ def test_gather_visible_is_mask_major() -> None:
     for mi in range(m):
         for bi in range(b):
             torch.testing.assert_close(out[mi * b + bi], tokens[bi, visible[mi, bi]])
+
+
+@pytest.mark.parametrize("design", ["cait", "vit", "avgpool"])
+def test_timm_named_parts_agree_with_the_forward_pass(design: str) -> None:
+    torch.manual_seed(0)
+    enc = VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=2, cls_design=design).eval()  # type: ignore[arg-type]
+    x = torch.randn(2, 3, 32, 32)
+    inst, patches = enc.forward_features(x)
+    torch.testing.assert_close(enc.forward_head(inst), enc(x))
+    taps = enc.forward_intermediates(x, (2, 0, 2))
+    assert [t.shape for t in taps] == [(2, 64, 64)] * 3
+    torch.testing.assert_close(taps[0], patches)
+    torch.testing.assert_close(taps[1], enc.blocks[0](enc.prefix(enc.embed(x)))[:, enc.num_prefix_tokens :])
+    if design == "avgpool":
+        assert not enc.has_cls_query
+        with pytest.raises(ValueError, match="no class token"):
+            enc.cls_attention(x)
+        return
+    full = enc.cls_attention(x, class_key=True)
+    assert full.shape == (2, 2, 65)
+    torch.testing.assert_close(full.sum(-1), torch.ones(2, 2))
+    torch.testing.assert_close(enc.cls_attention(x), full[:, :, 1:])
+    if design == "vit":
+        torch.testing.assert_close(full, enc.last_self_attention(x)[:, :, 0])

@@ -22,8 +22,8 @@ import yaml
 
 from extrema import ckpt, rundir
 from launch import store
+from launch.addressed import open_addressed
 from launch.status_view import status_table
-from launch.target import open_target
 from tests.cluster_sweeps import cli, release_requeued
 from tests.clusters.ray_two_node import TwoNodeRay
 from tests.clusters.slurm_two_node import USABLE, TwoNodeSlurmCluster
@@ -147,7 +147,7 @@ def wait_state(path: Path, run: Path, states: set[str], timeout_s: float, tmp_pa
     key = f"{run.name}/pretrain"
 
     def reached() -> bool:
-        seen["state"] = str(status_table(open_target(str(path), None)).seen.states.get(key))
+        seen["state"] = str(status_table(open_addressed(str(path), None)).seen.states.get(key))
         return seen["state"] in states
 
     try:

@@ -33,7 +33,7 @@ SWEEP["base"]["pretrain"] = SWEEP["base"]["pretrain"] | {"knn_monitor": True, "k
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[store.RunEntry]]:
+def swept(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[store.StoredRun]]:
     """Run the sweep for real (local backend, three pretrain stages) and return its URL and runs."""
     root = tmp_path_factory.mktemp("plots")
     path = root / "sweep.yaml"
@@ -42,7 +42,7 @@ def swept(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[store.Run
     url = store.sweep_url(str(root / "runs"), "plots")
     manifest = store.read_manifest(url)
     assert manifest is not None
-    return url, store.entries(manifest)
+    return url, store.stored_runs(manifest)
 
 
 def png_size(path: str) -> tuple[int, int]:
@@ -61,7 +61,7 @@ def logged(url: str, run_id: str, metric: str) -> dict[int, tuple[float, float]]
 
 
 def test_figure_one_is_written_and_plots_the_logged_metrics(
-    swept: tuple[str, list[store.RunEntry]], tmp_path: Path
+    swept: tuple[str, list[store.StoredRun]], tmp_path: Path
 ) -> None:
     url, runs = swept
     fig = plots.plot_curves(url, runs, str(tmp_path))
@@ -90,7 +90,7 @@ def test_figure_one_is_written_and_plots_the_logged_metrics(
     assert len(fig.panels["knn_top1"][0].x) == 1 + 4 / 2  # at init, every half epoch (4 steps of 16 of 64 images)
 
 
-def test_metric_against_an_axis_uses_the_result_files(swept: tuple[str, list[store.RunEntry]], tmp_path: Path) -> None:
+def test_metric_against_an_axis_uses_the_result_files(swept: tuple[str, list[store.StoredRun]], tmp_path: Path) -> None:
     url, runs = swept
     table = results.collect(url, runs)
     fig = plots.plot_metric(table, "model.cls_token", "knn_top1", str(tmp_path), sweep_name="plots")
@@ -105,11 +105,11 @@ def test_metric_against_an_axis_uses_the_result_files(swept: tuple[str, list[sto
     assert 600 < w < 2000 and 400 < h < 1500
 
 
-def test_plot_sweep_draws_every_figure_without_torch(swept: tuple[str, list[store.RunEntry]], tmp_path: Path) -> None:
+def test_plot_sweep_draws_every_figure_without_torch(swept: tuple[str, list[store.StoredRun]], tmp_path: Path) -> None:
     url, _ = swept
     code = (
         "import sys; from launch import plots, results, store; "
-        f"url = {url!r}; runs = store.entries(store.read_manifest(url)); "
+        f"url = {url!r}; runs = store.stored_runs(store.read_manifest(url)); "
         f"figs = plots.plot_sweep(url, runs, results.collect(url, runs), {str(tmp_path)!r}); "
         "print(' '.join(f.name for f in figs)); assert 'torch' not in sys.modules, 'torch was imported'"
     )

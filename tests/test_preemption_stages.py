@@ -21,8 +21,8 @@ from extrema import ckpt, entry
 from tests.stage_runs import checkpointed_model, make_run
 from tests.test_detect import DETECT, needs_fashion_mnist
 from tests.test_finetune import FINETUNE
-from tests.test_interop import save_pretrain_checkpoint
 from tests.test_probe import PROBE
+from tests.weight_sources import save_pretrain_checkpoint
 
 WORKERS = {"data": {"num_workers": 1}}
 # Enough steps that the stage is still training when the signal arrives; its step-2 checkpoint says the loop runs.

@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 import torch
 
-from extrema import entry, interop, rundir
+from extrema import entry, rundir, weights
 from extrema.models.vit import build_vit
 from extrema.spec import ProbeSpec
 from extrema.stages.probe import frozen_encoder, probe_features
 from extrema.supervised import holdout_split
 from tests.stage_runs import checkpointed_model, make_run
-from tests.test_interop import save_pretrain_checkpoint
+from tests.weight_sources import save_pretrain_checkpoint
 
 PROBE: dict[str, Any] = {
     "epochs": 2,
@@ -132,7 +132,7 @@ def test_mismatched_checkpoint_stops_the_stage_naming_keys(tmp_path: Path) -> No
 def test_probe_takes_the_chosen_branch_and_feature(tmp_path: Path) -> None:
     exp = make_run(str(tmp_path), {"stages": ["pretrain", "probe"]})
     model = save_pretrain_checkpoint(str(tmp_path / "ckpt"), exp.model)
-    url = interop.resolve(str(tmp_path / "ckpt"))
+    url = weights.resolve(str(tmp_path / "ckpt"))
     x = torch.randn(6, 3, 32, 32)
     for branch, expected in (("ema", model.target.encoder), ("student", model.online.encoder)):
         p = ProbeSpec(encoder=branch)  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from extrema import rundir
+from extrema.contract import update_status
 from extrema.spec import ResourcesSpec
 from launch import store
 from launch.backends.base import Job, State
@@ -140,7 +141,7 @@ def test_cli_sweep_returns_at_once_then_logs_status_and_cancel_ask_ray(ray_clust
     code, out = cli("sweep", str(path), "--root", root)  # to RAY_ADDRESS, the fixture's head
     assert code == 0 and "submitted 2 of 2 jobs to ray" in out, out
     url = store.sweep_url(root, "tiny")
-    short, long = store.entries(store.read_manifest(url) or {})
+    short, long = store.stored_runs(store.read_manifest(url) or {})
     long_dir = store.stage_url(url, long.run_id, "pretrain")
     assert store.read_status(long_dir)["cluster"] == ray_cluster.address
 
@@ -159,7 +160,7 @@ def test_cli_sweep_returns_at_once_then_logs_status_and_cancel_ask_ray(ray_clust
     assert code == 0 and f"cancelled 1 stage job(s): {long.run_id}/pretrain" in out
     long_id = store.read_status(long_dir)["job_id"]
     assert wait_states(RayBackend(ray_cluster.address), {"long": long_id}, timeout_s=60) == {"long": State.CANCELLED}
-    store.set_status(long_dir, state="running", job_id="extrema-no-such-job")  # as if the job had vanished
+    update_status(long_dir, state="running", job_id="extrema-no-such-job")  # as if the job had vanished
     code, out = cli("status", url)
     assert code == 0 and "│ cancelled │" in out
     assert (
@@ -186,7 +187,7 @@ def test_cli_ray_without_an_address_starts_its_own_head_and_stops_it(
     head = manifest["ray_head"]
     with pytest.raises(ProcessLookupError):
         os.kill(head["pid"], 0)  # stopped by its PID when the sweep ended
-    (run,) = store.entries(manifest)
+    (run,) = store.stored_runs(manifest)
     for stage in ("pretrain", "knn"):
         status = store.read_status(store.stage_url(url, run.run_id, stage))
         assert status["state"] == "completed" and status["cluster"] == head["address"]

@@ -6,9 +6,11 @@ squeue/sacct. The fixture's MaxArraySize is 2, so a sweep of three runs exercise
 
 from __future__ import annotations
 
+import os
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +18,12 @@ import pytest
 import yaml
 
 from extrema import rundir
+from extrema.contract import update_status
 from extrema.spec import ResourcesSpec
 from launch import store
 from launch.backends.base import Job, State
-from launch.backends.slurm import (
-    SlurmBackend,
-    StageCall,
-    afterok,
-    parse_max_array_size,
-    parse_states,
-    plan_arrays,
-    planned_arrays,
-    to_state,
-)
+from launch.backends.slurm import SlurmBackend, StageCall, parse_states, sbatch_script, to_state
+from launch.backends.slurm_plan import afterok, parse_max_array_size, plan_arrays, planned_arrays
 from tests.cluster_sweeps import FAST, FAST_KNN, FINAL, TINY, cli, release_requeued
 from tests.clusters.slurm import SlurmCluster
 from tests.stage_runs import make_run
@@ -194,6 +189,54 @@ def test_states_from_sacct_and_squeue_lines() -> None:
     assert parse_max_array_size("MaxArraySize            = 1001\nMaxJobCount = 10000\n") == 1001
 
 
+GOLDEN_SBATCH = Path(__file__).resolve().parent / "golden" / "sbatch"
+
+
+def golden_jobs() -> list[Job]:
+    """Three runs of pretrain (two nodes of four GPU ranks, every sbatch field set) and knn (one small task)."""
+    big = res(
+        partition="gpu",
+        account="vision",
+        qos="high",
+        constraint="a100",
+        nodes=2,
+        processes_per_node=4,
+        gpus_per_node=4,
+        cpus_per_task=8,
+        mem_gb=200,
+        time_min=1440,
+        sbatch_extra={"exclusive": "", "container-image": "/images/extrema.sqsh"},
+    )
+    small = res(partition="cpu", mem_gb=31.5, time_min=5)
+    runs = [f"/shared/runs/ablation/r{i}" for i in range(3)]
+    pre = [replace(job(r, "pretrain", resources=big), code_dir="/shared/logs/code/0123abcd") for r in runs]
+    return pre + [job(r, "knn", (f"r{i}/pretrain",), resources=small) for i, r in enumerate(runs)]
+
+
+def test_sbatch_scripts_are_golden_without_a_cluster() -> None:
+    """The sbatch script of every array a fixed job set becomes, as submitit writes it; UPDATE_GOLDEN=1 rewrites
+    tests/golden/sbatch/ on purpose."""
+    jobs = golden_jobs()
+    by_key = {j.key: j for j in jobs}
+    backend = SlurmBackend(setup=["module load cuda"])
+    folder = Path("/shared/logs")
+    arrays = [([by_key[k] for k in keys], dependency) for keys, dependency in planned_arrays(jobs, max_size=2)]
+    scripts = {
+        f"{i}.sh": sbatch_script(backend.parameters(chunk, dependency), folder, len(chunk), "python3")
+        for i, (chunk, dependency) in enumerate(arrays, start=1)
+    }
+    if os.environ.get("UPDATE_GOLDEN"):
+        GOLDEN_SBATCH.mkdir(exist_ok=True)
+        for old in GOLDEN_SBATCH.glob("*.sh"):
+            old.unlink()
+        for name, text in scripts.items():
+            (GOLDEN_SBATCH / name).write_text(text)
+    assert sorted(scripts) == sorted(p.name for p in GOLDEN_SBATCH.glob("*.sh"))
+    for name, text in scripts.items():
+        assert text == (GOLDEN_SBATCH / name).read_text(), name
+    assert "#SBATCH --dependency=aftercorr:1\n" in scripts["3.sh"] and "#SBATCH --mem=32256MB\n" in scripts["3.sh"]
+
+
 def test_stage_call_requeues_as_itself_carrying_only_the_run_stage_and_network_settings() -> None:
     env = {"EXTREMA_COLLECTIVE_TIMEOUT_S": "30", "GLOO_SOCKET_IFNAME": "eth0"}
     call = StageCall("file:///runs/sw/r0", "pretrain", env)
@@ -259,6 +302,9 @@ def test_array_sweep_end_to_end_with_a_failed_run(slurm_cluster: SlurmCluster, t
     assert len(list(logs.glob("*_submission.sh"))) == 4  # one sbatch per array chunk
     script = (logs / f"{knn_array}_submission.sh").read_text()
     assert script == golden_script(logs, f"aftercorr:{pre_array}", "e2e.knn")
+    assert script == sbatch_script(
+        backend.parameters(jobs[3:5], f"aftercorr:{pre_array}"), logs, 2, shlex.quote(sys.executable)
+    ), "sbatch_script renders what submitit submits"
     assert f"--dependency=afterok:{pre_single}\n" in (logs / f"{ids['r2/knn']}_submission.sh").read_text()
 
     states = wait_states(backend, ids, FINAL)
@@ -369,7 +415,7 @@ def test_cli_sweep_returns_at_once_then_logs_follow_and_status_ask_slurm(
     assert code == 0 and "submitted 2 of 2 jobs to slurm" in out, out
     assert time.monotonic() - t0 < 30, "sweep returns once submitted"
     url = store.sweep_url(root, "tiny")
-    (run,) = store.entries(store.read_manifest(url) or {})
+    (run,) = store.stored_runs(store.read_manifest(url) or {})
     knn_id = store.read_status(store.stage_url(url, run.run_id, "knn"))["job_id"]
 
     code, out = cli("logs", url, "--run", run.run_id, "--stage", "knn", "--follow")
@@ -393,13 +439,13 @@ def test_status_records_jobs_cancelled_or_vanished_behind_the_stores_back(
     assert cli("sweep", str(path), "--root", root)[0] == 0
     url = store.sweep_url(root, "tiny")
     kept, vanished, scancelled = (
-        store.stage_url(url, r.run_id, "pretrain") for r in store.entries(store.read_manifest(url) or {})
+        store.stage_url(url, r.run_id, "pretrain") for r in store.stored_runs(store.read_manifest(url) or {})
     )
     assert "_" not in store.read_status(scancelled)["job_id"]  # MaxArraySize 2: the third run is a job of its own
     slurm_cluster.run("scancel", store.read_status(scancelled)["job_id"])
     gone = store.read_status(vanished)["job_id"]
     slurm_cluster.run("scancel", gone)
-    store.set_status(vanished, job_id="999999")  # a job id this cluster never had
+    update_status(vanished, job_id="999999")  # a job id this cluster never had
 
     code, out = cli("status", url)
 

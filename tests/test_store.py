@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extrema import rundir
+from extrema.contract import update_status
 from extrema.spec import RunSpec
 from launch import results, store
 from launch.sweep import load_runs
@@ -39,7 +40,8 @@ def test_spec_status_and_manifest_round_trip(root: str) -> None:
     url = store.sweep_url(root, "tiny")
     assert url == f"{root}/tiny"
     run_id, spec = tiny_specs()[0]
-    stage = store.write_spec(url, spec)
+    stage = store.stage_url(url, spec.run_id, spec.stage)
+    store.write_spec(stage, spec)
     assert stage == f"{root}/tiny/{run_id}/pretrain"
     assert RunSpec.model_validate(rundir.read_json(f"{stage}/spec.json")) == spec
 
@@ -55,7 +57,7 @@ def test_spec_status_and_manifest_round_trip(root: str) -> None:
         "error": None,
         "finished_at": None,
     }
-    store.set_status(stage, state="completed", attempts=1)
+    update_status(stage, state="completed", attempts=1)
     assert store.mark_ended(stage, "cancelled", "too late") is None
     assert store.read_status(stage)["state"] == "completed"
     assert store.read_statuses(url, [f"{run_id}/pretrain", f"{run_id}/knn"])[f"{run_id}/knn"] == {}
@@ -79,7 +81,7 @@ def test_spec_status_and_manifest_round_trip(root: str) -> None:
         },
     )
     assert merged == store.read_manifest(url)
-    assert [e.run_id for e in store.entries(merged)] == ["b", "a"]
+    assert [e.run_id for e in store.stored_runs(merged)] == ["b", "a"]
     assert set(merged["jobs"]) == {"b/pretrain", "a/knn"} and merged["created_at"] == 1.0
 
 
@@ -135,22 +137,22 @@ def test_roots_are_made_absolute_and_checked(tmp_path: Path, monkeypatch: pytest
             store.normalize_root(root)
 
 
-def fill(url: str) -> list[store.RunEntry]:
+def fill(url: str) -> list[store.StoredRun]:
     """A sweep as stages leave it: two completed pretrain stages, one failed knn, one never started."""
     entries = [
-        store.RunEntry("r1", ("pretrain", "knn"), {"model.cls_token": "cait", "pretrain.masking": {"ratio": 0.75}}),
-        store.RunEntry("r2", ("pretrain", "knn"), {"model.cls_token": "vit", "pretrain.masking": {"ratio": 0.5}}),
+        store.StoredRun("r1", ("pretrain", "knn"), {"model.cls_token": "cait", "pretrain.masking": {"ratio": 0.75}}),
+        store.StoredRun("r2", ("pretrain", "knn"), {"model.cls_token": "vit", "pretrain.masking": {"ratio": 0.5}}),
     ]
     for i, run in enumerate(("r1", "r2")):
         stage = store.stage_url(url, run, "pretrain")
-        store.set_status(
+        update_status(
             stage, state="completed", attempts=1, started_at=1000.0 + i, finished_at=1010.5 + i, job_id=f"j{i}"
         )
         rundir.write_json(f"{stage}/result.json", {"loss_final": 0.5 + i, "steps": 4, "knn": {"top1": 60.0 + i}})
         rundir.write_json(
             f"{stage}/provenance.json", {"git_sha": "abc", "git_dirty": False, "world_size": 1, "host": "h"}
         )
-    store.set_status(store.stage_url(url, "r1", "knn"), state="failed", attempts=2, error="boom")
+    update_status(store.stage_url(url, "r1", "knn"), state="failed", attempts=2, error="boom")
     return entries
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from launch import store
-from launch.target import DAMAGED
+from launch.addressed import DAMAGED
 from tests.test_cli import TINY, cli
 
 

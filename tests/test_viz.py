@@ -19,7 +19,7 @@ DESIGNS = ("cait", "vit", "avgpool")
 
 def encoder(design: str) -> VisionTransformer:
     torch.manual_seed(0)
-    enc = VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, cls_token=design)  # type: ignore[arg-type]
+    enc = VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=4, cls_design=design)  # type: ignore[arg-type]
     for p in enc.parameters():  # away from the near-uniform attention of the initialisation
         p.data.add_(0.2 * torch.randn_like(p))
     return enc.eval()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from extrema.models.vit import ClsToken, VisionTransformer
+from extrema.models.vit import ClsDesign, VisionTransformer
 from extrema.spec import ModelSpec
 
 HEAD_INIT_STD = 0.02
@@ -31,17 +31,17 @@ class LinearProbe(nn.Module):
         return self.linear(self.bn(features))
 
 
-def finetune_design(design: ClsToken) -> ClsToken:
+def finetune_design(design: ClsDesign) -> ClsDesign:
     """The encoder design the classifier is built with: `cait` becomes mean pooling over the patch tokens."""
     return "avgpool" if design == "cait" else design
 
 
-def discarded_keys(design: ClsToken) -> tuple[str, ...]:
+def discarded_keys(design: ClsDesign) -> tuple[str, ...]:
     """Pretrained encoder keys the classifier does not use: for `cait`, class token, CA blocks and instance norm."""
     return ("cls_token", "blocks_token.*", "norm.*") if design == "cait" else ()
 
 
-def fresh_keys(design: ClsToken) -> tuple[str, ...]:
+def fresh_keys(design: ClsDesign) -> tuple[str, ...]:
     """Classifier encoder keys that start from scratch: for `cait`, the new LayerNorm after the mean pooling."""
     return ("norm.*",) if design == "cait" else ()
 
@@ -54,7 +54,7 @@ class Classifier(nn.Module):
     ) -> None:
         super().__init__()
         dim, depth, heads = spec.dims
-        self.design: ClsToken = spec.cls_token
+        self.design: ClsDesign = spec.cls_token
         self.encoder = VisionTransformer(
             img_size=img_size or spec.resolved_img_size,
             patch_size=spec.resolved_patch_size,
@@ -62,7 +62,7 @@ class Classifier(nn.Module):
             embed_dim=dim,
             depth=depth,
             num_heads=heads,
-            cls_token=finetune_design(spec.cls_token),
+            cls_design=finetune_design(spec.cls_token),
             drop_path_rate=drop_path_rate,
             attn_drop_rate=spec.attn_drop_rate,
         )

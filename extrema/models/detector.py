@@ -20,7 +20,6 @@ from collections import OrderedDict
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
@@ -30,7 +29,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from extrema.augment import IMAGENET_MEAN, IMAGENET_STD
-from extrema.models.vit import ClsToken, VisionTransformer
+from extrema.models.vit import ClsDesign, VisionTransformer
 from extrema.spec import DetectSpec, ModelSpec
 
 STRIDES = (4, 8, 16, 32)
@@ -38,7 +37,7 @@ REFERENCE_BLOCKS = (3, 5, 7, 11)  # CAE's out_indices for a 12-block ViT
 REFERENCE_DEPTH = 12
 REFERENCE_PATCH = 16  # ... of patch size 16, for strides 4, 8, 16, 32
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
-NO_CLASS_TOKEN: ClsToken = "avgpool"  # the encoder design without any class token
+NO_CLASS_TOKEN: ClsDesign = "avgpool"  # the encoder design without any class token
 # Pretrained encoder keys the detector does not use: every class token, the class-attention blocks, the final
 # norm (the pyramid reads raw block outputs) and a stored position table (the sin-cos one is rebuilt per grid).
 DISCARDED_KEYS = ("cls_token", "blocks_token.*", "norm.*", "pos_embed")
@@ -87,8 +86,8 @@ class ViTPyramid(nn.Module):
         activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        if encoder.cls_design != NO_CLASS_TOKEN:
-            raise ValueError("the detection encoder must have no class token (build it with cls_token='avgpool')")
+        if encoder.cls_token is not None:
+            raise ValueError("the detection encoder must have no class token (build it with cls_design='avgpool')")
         if len(blocks) != len(STRIDES) or not all(0 <= b < encoder.depth for b in blocks):
             raise ValueError(f"blocks {blocks}: need {len(STRIDES)} indices below the depth {encoder.depth}")
         self.encoder = encoder
@@ -102,16 +101,8 @@ class ViTPyramid(nn.Module):
         b, _, h, w = x.shape
         if h % p or w % p:
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
-        tokens = self.encoder.embed(x)
-        grids: dict[int, Tensor] = {}
-        for i, blk in enumerate(self.encoder.blocks[: max(self.blocks) + 1]):
-            if self.activation_checkpointing and self.training:
-                tokens = checkpoint(blk, tokens, use_reentrant=False)
-            else:
-                tokens = blk(tokens)
-            if i in self.blocks:
-                grids[i] = tokens.transpose(1, 2).reshape(b, -1, h // p, w // p)
-        return [adapt(grids[i]) for adapt, i in zip(self.adapters, self.blocks)]
+        taps = self.encoder.forward_intermediates(x, self.blocks, self.activation_checkpointing and self.training)
+        return [adapt(t.transpose(1, 2).reshape(b, -1, h // p, w // p)) for adapt, t in zip(self.adapters, taps)]
 
 
 class ViTFPN(nn.Module):
@@ -157,7 +148,7 @@ def detection_encoder(model: ModelSpec, drop_path_rate: float) -> VisionTransfor
         embed_dim=dim,
         depth=depth,
         num_heads=heads,
-        cls_token=NO_CLASS_TOKEN,
+        cls_design=NO_CLASS_TOKEN,
         drop_path_rate=drop_path_rate,
         attn_drop_rate=model.attn_drop_rate,
     )

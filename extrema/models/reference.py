@@ -1,15 +1,14 @@
-"""A straightforward ExtreMA loss for checking the optimised path: a Python loop over masks, attention written
-out by hand, in the parameters' dtype (the tests use float64). It reads the parameters of an `ExtreMA` module, so
-both compute the same function."""
+"""A straightforward ExtreMA loss for checking the optimised path: a Python loop over masks, self-attention written
+out by hand (the design's readout is the model's own), in the parameters' dtype (the tests use float64). It reads
+the parameters of an `ExtreMA` module, so both compute the same function."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from extrema.models.extrema import ExtreMA, byol_loss
-from extrema.models.vit import Attention, Block, ClassAttentionBlock, VisionTransformer
+from extrema.models.vit import Attention, Block, VisionTransformer
 
 
 def attention(attn: Attention, x: Tensor) -> Tensor:
@@ -31,43 +30,19 @@ def block(blk: Block, x: Tensor) -> Tensor:
     return x + blk.mlp(blk.norm2(x))
 
 
-def class_attention_block(blk: ClassAttentionBlock, cls: Tensor, patches: Tensor) -> Tensor:
-    """CaiT block: the class token attends to itself and the patches."""
-    u = blk.norm1(torch.cat([cls, patches], dim=1))
-    a = blk.attn
-    d = u.shape[-1]
-    q, k, v = a.q(u[:, :1]), a.k(u), a.v(u)
-    h = a.num_heads
-    heads = []
-    for i in range(h):
-        sl = slice(i * d // h, (i + 1) * d // h)
-        w = (q[..., sl] @ k[..., sl].transpose(1, 2)) / (d // h) ** 0.5
-        heads.append(w.softmax(dim=-1) @ v[..., sl])
-    cls = cls + blk.gamma_1 * a.proj(torch.cat(heads, dim=-1))
-    return cls + blk.gamma_2 * blk.mlp(blk.norm2(cls))
-
-
 def encode(enc: VisionTransformer, x: Tensor, visible: Tensor | None) -> Tensor:
-    """Normalised instance representation of images, keeping only `visible` (B, K) patches if given."""
+    """Normalised instance representation of images, keeping only `visible` (B, K) patches if given.
+
+    The self-attention blocks are written out here; the design's readout (class token, class attention, pooling)
+    and the final norm are the model's own (`prefix`, `pool`, `forward_head`).
+    """
     tokens = enc.patch_embed(x).flatten(2).transpose(1, 2) + enc.pos_embed
     if visible is not None:
         tokens = torch.stack([tokens[i, visible[i]] for i in range(tokens.shape[0])])
-    if enc.cls_design == "vit":
-        assert enc.cls_token is not None
-        tokens = torch.cat([enc.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+    tokens = enc.prefix(tokens)
     for blk in enc.blocks:
         tokens = block(blk, tokens)  # type: ignore[arg-type]
-    if enc.cls_design == "vit":
-        inst = tokens[:, 0]
-    elif enc.cls_design == "avgpool":
-        inst = tokens.mean(dim=1)
-    else:
-        assert enc.cls_token is not None
-        cls = enc.cls_token.expand(tokens.shape[0], -1, -1)
-        for ca in enc.blocks_token:
-            cls = class_attention_block(ca, cls, tokens)  # type: ignore[arg-type]
-        inst = cls[:, 0]
-    return F.layer_norm(inst, (inst.shape[-1],), enc.norm.weight, enc.norm.bias, enc.norm.eps)
+    return enc.forward_head(enc.pool(tokens))
 
 
 def reference_loss(model: ExtreMA, x1: Tensor, x2: Tensor, visible: Tensor) -> Tensor:

@@ -1,21 +1,31 @@
 """Vision Transformer with a fixed 2-D sin-cos position embedding and three class-token designs.
 
 Shapes: B images, N = (H/p)*(W/p) patch tokens, K <= N visible tokens, D embedding width.
-`cls_token`: "cait" (class token only in late class-attention blocks), "vit" (class token at the input),
-"avgpool" (mean of the output tokens). No distributed code lives here.
+`cls_design` (the spec's `model.cls_token`): "cait" (class token only in late class-attention blocks), "vit" (class
+token at the input), "avgpool" (mean of the output tokens); `cls_token` is the class token itself (a Parameter).
+No distributed code lives here.
+
+The model names its parts like timm, and nothing outside this file walks its insides: `forward_features` (images
+-> pre-norm instance and patch tokens), `forward_head` (the final norm: the instance representation),
+`forward_intermediates` (patch tokens after chosen blocks), `last_self_attention` and `cls_attention` (attention
+probabilities of the last layers, recomputed opt-in beside the SDPA path). A new class-token design changes this
+file (and the export mapping in `extrema.weights`) only.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from extrema.spec import ModelSpec
 
-ClsToken = Literal["cait", "vit", "avgpool"]
+ClsDesign = Literal["cait", "vit", "avgpool"]
 
 
 def sincos_pos_embed_1d(dim: int, positions: Tensor) -> Tensor:
@@ -32,6 +42,26 @@ def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int) -> Tensor:
     rows, cols = torch.meshgrid(torch.arange(grid_h), torch.arange(grid_w), indexing="ij")
     emb = torch.cat([sincos_pos_embed_1d(dim // 2, cols.flatten()), sincos_pos_embed_1d(dim // 2, rows.flatten())], 1)
     return emb.float()
+
+
+def grid_of(num_tokens: int) -> int:
+    """Side of a square grid of num_tokens patches; ValueError when it is not square."""
+    side = math.isqrt(num_tokens)
+    if side * side != num_tokens:
+        raise ValueError(f"position table of {num_tokens} patches is not a square grid")
+    return side
+
+
+def resize_pos_embed(table: Tensor, grid_h: int, grid_w: int | None = None) -> Tensor:
+    """(1, n*n, D) patch position table -> (1, grid_h*grid_w, D), bicubic-interpolated when the grid differs."""
+    grid_w = grid_h if grid_w is None else grid_w
+    side = grid_of(table.shape[1])
+    if side == grid_h == grid_w:
+        return table
+    d = table.shape[-1]
+    img = table.reshape(1, side, side, d).permute(0, 3, 1, 2).float()
+    img = F.interpolate(img, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+    return img.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, d).to(table.dtype)
 
 
 class DropPath(nn.Module):
@@ -78,6 +108,12 @@ class Attention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
         return self.proj(x.transpose(1, 2).reshape(b, n, d))
 
+    def probs(self, x: Tensor) -> Tensor:
+        """softmax(q kᵀ / sqrt(d_head)) on the (normed) input (B, T, D) -> (B, heads, T, T)."""
+        b, t, d = x.shape
+        q, k, _ = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        return (q @ k.transpose(-2, -1) * (d // self.num_heads) ** -0.5).softmax(dim=-1)
+
 
 class Block(nn.Module):
     """Pre-norm transformer block without layer scale."""
@@ -118,6 +154,14 @@ class ClassAttention(nn.Module):
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(b, 1, d))
 
+    def probs(self, u: Tensor) -> Tensor:
+        """The class token's attention over [class, patches] (B, 1+K, D) -> (B, heads, 1, 1+K)."""
+        b, n, d = u.shape
+        h = self.num_heads
+        q = self.q(u[:, :1]).reshape(b, 1, h, d // h).transpose(1, 2)
+        k = self.k(u).reshape(b, n, h, d // h).transpose(1, 2)
+        return (q @ k.transpose(-2, -1) * (d // h) ** -0.5).softmax(dim=-1)
+
 
 class ClassAttentionBlock(nn.Module):
     """CaiT block updating only the class token, with layer scale and no dropout or drop path."""
@@ -149,7 +193,7 @@ class VisionTransformer(nn.Module):
         depth: int = 12,
         num_heads: int = 12,
         mlp_ratio: float = 4.0,
-        cls_token: ClsToken = "cait",
+        cls_design: ClsDesign = "cait",
         class_attention_layers: int = 2,
         layer_scale_init: float = 0.1,
         drop_path_rate: float = 0.0,
@@ -158,19 +202,20 @@ class VisionTransformer(nn.Module):
         super().__init__()
         self.img_size, self.patch_size, self.embed_dim, self.depth = img_size, patch_size, embed_dim, depth
         self.num_heads = num_heads
-        self.cls_design: ClsToken = cls_token
+        self.cls_design: ClsDesign = cls_design
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         grid = img_size // patch_size
         self.register_buffer("pos_embed", sincos_pos_embed_2d(embed_dim, grid, grid).unsqueeze(0), persistent=False)
+        self.sincos_table = True  # False once a table from elsewhere replaces it (extrema.weights.use_pos_embed)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, dpr[i], attn_drop_rate) for i in range(depth)
         )
         self.cls_token: nn.Parameter | None = None
         self.blocks_token = nn.ModuleList()
-        if cls_token in ("cait", "vit"):
+        if cls_design in ("cait", "vit"):
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        if cls_token == "cait":
+        if cls_design == "cait":
             self.blocks_token = nn.ModuleList(
                 ClassAttentionBlock(embed_dim, num_heads, mlp_ratio, layer_scale_init)
                 for _ in range(class_attention_layers)
@@ -194,11 +239,24 @@ class VisionTransformer(nn.Module):
             nn.init.normal_(self.cls_token, std=0.02)
 
     def pos_embed_for(self, grid_h: int, grid_w: int) -> Tensor:
-        """Position table for a grid; recomputed when the resolution differs from the built one."""
+        """Position table for a grid; for another grid than the built one, the sin-cos table is recomputed (a
+        table loaded from elsewhere, `sincos_table` False, is interpolated instead)."""
         pe: Tensor = self.pos_embed  # type: ignore[assignment]
         if grid_h * grid_w == pe.shape[1] and grid_h == grid_w == self.img_size // self.patch_size:
             return pe
+        if not self.sincos_table:
+            return resize_pos_embed(pe, grid_h, grid_w)
         return sincos_pos_embed_2d(self.embed_dim, grid_h, grid_w).unsqueeze(0).to(pe.device)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens in front of the patches in the self-attention blocks (timm's name): 1 for `vit`, else 0."""
+        return 1 if self.cls_design == "vit" else 0
+
+    @property
+    def has_cls_query(self) -> bool:
+        """Whether a class token queries the patches (`vit`, `cait`); `avgpool` has none."""
+        return self.cls_design != "avgpool"
 
     def embed(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) -> patch tokens with position embedding (B, N, D)."""
@@ -206,11 +264,21 @@ class VisionTransformer(nn.Module):
         _, _, gh, gw = x.shape
         return x.flatten(2).transpose(1, 2) + self.pos_embed_for(gh, gw).to(x.dtype)
 
-    def forward_blocks(self, tokens: Tensor) -> Tensor:
-        """Self-attention blocks over (B, K, D) tokens; the `vit` design prepends its class token first."""
+    def visible_tokens(self, x: Tensor, visible: Tensor | None = None) -> Tensor:
+        """Images -> embedded patch tokens (B, N, D), or the visible ones of M masks (M*B, K, D), mask-major."""
+        tokens = self.embed(x)
+        return tokens if visible is None else gather_visible(tokens, visible)
+
+    def prefix(self, tokens: Tensor) -> Tensor:
+        """Patch tokens (B, K, D) -> the sequence the self-attention blocks see (the `vit` class token first)."""
         if self.cls_design == "vit":
             assert self.cls_token is not None
             tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
+        return tokens
+
+    def forward_blocks(self, tokens: Tensor) -> Tensor:
+        """Self-attention blocks over (B, K, D) tokens; the `vit` design prepends its class token first."""
+        tokens = self.prefix(tokens)
         for blk in self.blocks:
             tokens = blk(tokens)
         return tokens
@@ -237,16 +305,59 @@ class VisionTransformer(nn.Module):
 
     def _features(self, x: Tensor, visible: Tensor | None) -> tuple[Tensor, Tensor]:
         # Shared by forward and forward_features: FSDP wraps each of those two entry points separately.
-        tokens = self.embed(x)
-        if visible is not None:
-            tokens = gather_visible(tokens, visible)
-        out = self.forward_blocks(tokens)
-        patches = out[:, 1:] if self.cls_design == "vit" else out
-        return self.pool(out), patches
+        out = self.forward_blocks(self.visible_tokens(x, visible))
+        return self.pool(out), out[:, self.num_prefix_tokens :]
+
+    def forward_head(self, instance: Tensor) -> Tensor:
+        """Pre-norm instance (B, D) from forward_features -> the instance representation (the final norm)."""
+        return self.norm(instance)
 
     def forward(self, x: Tensor, visible: Tensor | None = None) -> Tensor:
         """Images -> normalised instance representation (B', D)."""
-        return self.norm(self._features(x, visible)[0])
+        return self.forward_head(self._features(x, visible)[0])
+
+    def forward_intermediates(self, x: Tensor, indices: Sequence[int], checkpointing: bool = False) -> list[Tensor]:
+        """Images -> the patch tokens (B, N, D) after each block in `indices` (in that order; repeats allowed).
+
+        Blocks past the deepest index are not run; `checkpointing` recomputes each block in the backward pass.
+        """
+        tokens = self.prefix(self.embed(x))
+        wanted = set(indices)
+        taken: dict[int, Tensor] = {}
+        for i, blk in enumerate(self.blocks[: max(indices) + 1]):
+            tokens = checkpoint(blk, tokens, use_reentrant=False) if checkpointing else blk(tokens)
+            if i in wanted:
+                taken[i] = tokens[:, self.num_prefix_tokens :]
+        return [taken[i] for i in indices]
+
+    def last_self_attention(self, x: Tensor, visible: Tensor | None = None) -> Tensor:
+        """Head-wise attention probabilities of the last self-attention block (B, h, T, T), recomputed from its
+        q/k weights; T = num_prefix_tokens + K (the `vit` class token first). `visible` (1, B, K) as in training."""
+        tokens = self.prefix(self.visible_tokens(x, visible))
+        *body, last = self.blocks
+        assert isinstance(last, Block)
+        for blk in body:
+            tokens = blk(tokens)
+        return last.attn.probs(last.norm1(tokens))
+
+    def cls_attention(self, x: Tensor, visible: Tensor | None = None, class_key: bool = False) -> Tensor:
+        """The class token's head-wise attention over the patches (B, h, K): its row in the last self-attention
+        block (`vit`) or in the last class-attention block (`cait`). With `class_key`, the class token's own key
+        leads (B, h, 1+K). ValueError for `avgpool`, which has no class token to query."""
+        if not self.has_cls_query:
+            raise ValueError("the avgpool design has no class token to query; give patch indices")
+        if self.cls_design == "vit":
+            row = self.last_self_attention(x, visible)[:, :, 0]
+        else:
+            assert self.cls_token is not None
+            patches = self.forward_blocks(self.visible_tokens(x, visible))
+            cls = self.cls_token.expand(patches.shape[0], -1, -1).to(patches.dtype)
+            *body, last = self.blocks_token
+            assert isinstance(last, ClassAttentionBlock)
+            for blk in body:
+                cls = blk(cls, patches)
+            row = last.attn.probs(last.norm1(torch.cat([cls, patches], dim=1)))[:, :, 0]
+        return row if class_key else row[:, :, 1:]
 
 
 def gather_visible(tokens: Tensor, visible: Tensor) -> Tensor:
@@ -267,7 +378,7 @@ def build_vit(spec: ModelSpec, drop_path_rate: float | None = None) -> VisionTra
         embed_dim=dim,
         depth=depth,
         num_heads=heads,
-        cls_token=spec.cls_token,
+        cls_design=spec.cls_token,
         class_attention_layers=spec.class_attention_layers,
         layer_scale_init=spec.layer_scale_init,
         drop_path_rate=spec.drop_path_rate if drop_path_rate is None else drop_path_rate,

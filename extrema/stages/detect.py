@@ -23,10 +23,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torchvision.models.detection import MaskRCNN
 
-from extrema import coco_eval, data, interop, rundir
+from extrema import coco_eval, data, rundir, weights
 from extrema.detection_data import (
     CocoDetection,
     EvalImages,
@@ -36,7 +35,7 @@ from extrema.detection_data import (
     model_target,
     train_transform,
 )
-from extrema.dist import Preemption, World, autocast_dtype, init_world
+from extrema.dist import Preemption, World, autocast_dtype, data_parallel, init_world
 from extrema.models.detector import DISCARDED_KEYS, STRIDES, build_detector, feature_blocks
 from extrema.optim import build_adamw, param_groups, set_hyperparams
 from extrema.spec import DetectSpec, Experiment, RunSpec
@@ -85,7 +84,7 @@ def build_model(
         model = build_detector(exp.model, d, num_classes, amp)
     if source is not None:
         encoder = model.backbone.body.encoder
-        interop.load_strict(encoder, interop.encoder_weights(source, d.encoder), source, discard=DISCARDED_KEYS)
+        weights.load_encoder(encoder, source, d.encoder, discard=DISCARDED_KEYS)
     return model
 
 
@@ -153,16 +152,9 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     steps_per_epoch, total_steps, _ = step_counts(len(train_idx), d.batch_size, d.epochs)
     eval_every = max(1, round(d.eval_every_epochs * steps_per_epoch)) if d.eval_every_epochs else None
 
-    source = None if d.init == "random" else interop.weights_source(d.checkpoint, stage_dir)
+    source = None if d.init == "random" else weights.weights_source(d.checkpoint, stage_dir)
     model = build_model(exp, d, len(train.classes), source, amp)
-    if world.size > 1 and world.device.type == "cuda":  # SyncBatchNorm runs on GPUs only
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(world.device)
-    trained: nn.Module = model
-    if world.size > 1:
-        trained = DistributedDataParallel(
-            model, device_ids=[world.device.index] if world.device.type == "cuda" else None
-        )
+    model, trained = data_parallel(model, world)
     depth = model.backbone.body.encoder.depth
     groups = param_groups(model, d.weight_decay, layer_decay=d.layer_decay, num_layers=depth)
     optimizer = build_adamw(groups, lr=d.lr, betas=d.betas)

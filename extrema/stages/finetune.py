@@ -20,8 +20,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import InterpolationMode, v2
 
-from extrema import data, interop, supervised
-from extrema.dist import Preemption, autocast_dtype, init_world
+from extrema import data, supervised, weights
+from extrema.dist import Preemption, autocast_dtype, data_parallel, init_world
 from extrema.models.classifier import Classifier, discarded_keys, fresh_keys
 from extrema.optim import build_adamw, cosine_schedule, param_groups, scaled_lr, set_hyperparams
 from extrema.spec import Experiment, FinetuneSpec, RunSpec
@@ -70,12 +70,18 @@ def build_classifier(exp: Experiment, f: FinetuneSpec, num_classes: int, source:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(f.seed)
         model = Classifier(exp.model, num_classes, img_size, f.drop_path_rate)
-    weights = interop.encoder_weights(source, f.encoder) if source is not None else {}
-    interop.use_pos_embed(model.encoder, weights.pop("pos_embed", None), learnable=f.pos_embed == "learnable")
-    if source is not None:
+    learnable = f.pos_embed == "learnable"
+    if source is None:
+        weights.use_pos_embed(model.encoder, None, learnable=learnable)
+    else:
         design = exp.model.cls_token
-        interop.load_strict(
-            model.encoder, weights, source, discard=discarded_keys(design), fresh=(*fresh_keys(design), "pos_embed")
+        weights.load_encoder(
+            model.encoder,
+            source,
+            f.encoder,
+            discard=discarded_keys(design),
+            fresh=fresh_keys(design),
+            learnable_pos=learnable,
         )
     return model
 
@@ -92,14 +98,9 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     )
     peak_lr = scaled_lr(f.base_lr, f.batch_size)
 
-    source = None if f.init == "random" else interop.weights_source(f.checkpoint, stage_dir)
-    model = build_classifier(exp, f, splits.num_classes, source).to(world.device)
+    source = None if f.init == "random" else weights.weights_source(f.checkpoint, stage_dir)
+    model, trained = data_parallel(build_classifier(exp, f, splits.num_classes, source), world)
     img_size = model.encoder.img_size
-    trained: nn.Module = model
-    if world.size > 1:
-        trained = DistributedDataParallel(
-            model, device_ids=[world.device.index] if world.device.type == "cuda" else None
-        )
     groups = param_groups(
         model, f.weight_decay, ("pos_embed", "cls_token"), layer_decay=f.layer_decay, num_layers=model.num_layers
     )

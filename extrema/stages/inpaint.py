@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from extrema import ckpt, data, interop, rundir, viz
+from extrema import ckpt, data, rundir, viz, weights
 from extrema.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
 from extrema.dist import init_world
 from extrema.knn_monitor import eval_images
@@ -213,7 +213,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
         raise ValueError("inpaint runs in one process: set its resources to processes_per_node 1, nodes 1")
     torch.manual_seed(s.seed)
     amp = torch.bfloat16 if world.device.type == "cuda" else None
-    source = interop.weights_source(s.checkpoint, stage_dir)
+    source = weights.weights_source(s.checkpoint, stage_dir)
     encoder = viz.frozen_encoder(exp.model, source, s.encoder).to(world.device)
     size = exp.model.resolved_img_size
     train_x, _ = eval_images(exp.data, size, "train", s.train_size, s.seed, 0, 1)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from extrema import ckpt, data, rundir
+from extrema import ckpt, data, rundir, weights
 from extrema.augment import two_views
 from extrema.dist import Preemption, World, autocast_dtype, gather_keys, init_world, wrap
 from extrema.knn_monitor import knn_monitor, pixel_knn
@@ -105,7 +105,10 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     warmup_steps = p.warmup_epochs * steps_per_epoch
     knn_every = math.ceil(p.knn_every_epochs * steps_per_epoch) if p.knn_every_epochs else None
 
-    model = ExtreMA(exp.model).to(world.device)
+    model = ExtreMA(exp.model)
+    if p.init_from:  # every part of the model, both branches; a resumed run's checkpoint replaces them below
+        weights.load_extrema(model, p.init_from)
+    model = model.to(world.device)
     loss_module, core = wrap(model, world, p.strategy, bf16=world.device.type == "cuda" and amp is not None)
     if p.compile:
         core.online.encoder.compile()

@@ -14,11 +14,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
+from torch import Tensor
 
-from extrema import data, interop, supervised
-from extrema.dist import Preemption, autocast_dtype, init_world
+from extrema import data, supervised, weights
+from extrema.dist import Preemption, autocast_dtype, data_parallel, init_world
 from extrema.models.classifier import LinearProbe
 from extrema.models.vit import VisionTransformer, build_vit
 from extrema.optim import LARS, cosine_schedule, param_groups, scaled_lr, set_hyperparams
@@ -39,9 +38,7 @@ def frozen_encoder(exp: Experiment, p: ProbeSpec, source: str | None) -> VisionT
         torch.manual_seed(p.seed)
         encoder = build_vit(exp.model, drop_path_rate=0.0)
     if source is not None:
-        weights = interop.encoder_weights(source, p.encoder)
-        interop.use_pos_embed(encoder, weights.pop("pos_embed", None), learnable=False)
-        interop.load_strict(encoder, weights, source)
+        weights.load_encoder(encoder, source, p.encoder)
     return encoder.requires_grad_(False).eval()
 
 
@@ -58,19 +55,12 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     )
     peak_lr = scaled_lr(p.base_lr, p.batch_size)
 
-    source = None if p.init == "random" else interop.weights_source(p.checkpoint, stage_dir)
+    source = None if p.init == "random" else weights.weights_source(p.checkpoint, stage_dir)
     encoder = frozen_encoder(exp, p, source).to(world.device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(p.seed)
         head = LinearProbe(encoder.embed_dim, splits.num_classes)
-    if world.size > 1 and world.device.type == "cuda":  # SyncBatchNorm runs on GPUs only
-        head = nn.SyncBatchNorm.convert_sync_batchnorm(head)
-    head = head.to(world.device)
-    trained: nn.Module = head
-    if world.size > 1:
-        trained = DistributedDataParallel(
-            head, device_ids=[world.device.index] if world.device.type == "cuda" else None
-        )
+    head, trained = data_parallel(head, world)
     groups = param_groups(head, p.weight_decay, no_decay_names=())
     optimizer: torch.optim.Optimizer
     if p.optimizer == "lars":

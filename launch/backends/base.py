@@ -1,9 +1,15 @@
-"""The backend seam: a stage `Job`, its `State`, and the three-call `Backend` Protocol.
+"""The backend seam: a stage `Job`, its `State`, and the `Backend` Protocol, which carries everything that differs
+from backend to backend; nothing outside `launch/backends` names a backend.
 
-Backends are named in `BACKENDS` and imported on demand by `make_backend`, which builds one with
-`Cls.from_launcher(launcher)` (a `launch.sweep.LauncherSpec`) when the class defines that classmethod, else `Cls()`.
-`status` answers UNKNOWN for a job the backend positively does not know (it vanished), leaves out ids it cannot
-judge, and raises when the backend cannot be asked at all; callers then keep the run store's word.
+Backends are named in `BACKENDS` and imported on demand by `backend_class`; `make_backend` builds one with
+`Cls.from_launcher(launcher, address)` (a `launch.sweep.LauncherSpec`, and the cluster a recorded job went to).
+Three calls do the work: `submit`, `status`, `cancel`. `status` answers UNKNOWN for a job the backend positively
+does not know (it vanished), leaves out ids it cannot judge, and raises when the backend cannot be asked at all;
+callers then keep the run store's word. The rest are class-level facts and hooks with defaults (a backend keeps
+those it agrees with): whether its jobs wait for a live attempt (`adopts_running`) or retry a failed stage by
+themselves (`retries_in_job`), whether `sweep` stays while the stages run (`runs_here`), where a recorded job's
+cluster is (`recorded_address`), the cluster a sweep starts for itself (`private_cluster`) and what to keep before
+it stops (`keep_logs`), and where a job's logs are (`job_logs`).
 """
 
 from __future__ import annotations
@@ -11,10 +17,11 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from extrema import contract
 from extrema.code import ALLOW_CHANGE_ENV
@@ -22,6 +29,9 @@ from extrema.spec import ResourcesSpec
 from launch.errors import UsageError
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
+    from launch.logs import LogSource
     from launch.sweep import LauncherSpec
 
 BACKENDS = {
@@ -45,7 +55,8 @@ class State(str, Enum):
 
 @dataclass(frozen=True)
 class Job:
-    """One stage of one run, as a backend executes it."""
+    """One stage of one run as a backend submits it (`launch.pipeline.plan` makes them): the run directory and stage
+    `extrema.entry` runs (its spec.json holds the RunSpec), the jobs it waits for, and its resources."""
 
     key: str  # "<run_id>/<stage>"
     run_dir: str  # URL <root>/<sweep>/<run_id>
@@ -86,12 +97,69 @@ def network_env(r: ResourcesSpec) -> dict[str, str]:
     return env
 
 
-class Backend(Protocol):
-    """Submit stage jobs, ask their states, cancel them."""
+@dataclass(frozen=True)
+class PrivateCluster:
+    """A cluster a sweep starts for itself when its launcher names none, and stops when the sweep ends."""
 
-    name: str
-    adopts_running: bool  # True: a job submitted for a stage another attempt runs waits for it (local jobs)
-    retries_in_job: bool  # True: a job may run a failed stage again by itself (Ray task retries, Ray Train)
+    what: str  # as the plan shows it: "a local Ray head started for this sweep"
+    # Starts it (printing what it does); yields the launcher pointing at it and the manifest entries recording it.
+    start: Callable[[Console], AbstractContextManager[tuple[LauncherSpec, dict[str, Any]]]]
+
+
+@dataclass(frozen=True)
+class RecordedJob:
+    """A stage's current job as the run store records it, with what its backend needs to find the job's logs."""
+
+    job_id: str
+    status: Mapping[str, Any]  # the stage's status.json
+    manifest: Mapping[str, Any] | None  # the sweep's manifest (its log folder)
+    launcher: LauncherSpec
+    ranks: object = None  # provenance's list of every rank's host and pid, to label each line
+
+
+class Unreachable(Exception):
+    """A backend that cannot be asked about its jobs, for a reason the message says in full."""
+
+
+class Backend(Protocol):
+    """Submit stage jobs, ask their states, cancel them; and everything else that differs from backend to backend.
+
+    Every backend class subclasses this explicitly and keeps the defaults it agrees with.
+    """
+
+    name: ClassVar[str]
+    adopts_running: ClassVar[bool] = False  # a job submitted for a stage another attempt runs waits for it
+    retries_in_job: ClassVar[bool] = False  # a job may run a failed stage again by itself (Ray retries)
+    runs_here: ClassVar[bool] = False  # the stages run as children of `sweep`, which shows progress until they end
+    shared_log_dir: ClassVar[bool] = False  # the log folder is on a filesystem every node sees: jobs' copies go there
+    address: str | None = None  # the cluster this backend submits to, recorded with each job (None: one place)
+
+    @classmethod
+    def from_launcher(cls, launcher: LauncherSpec, address: str | None = None) -> Backend:
+        """The backend for a sweep's launcher settings, at the cluster `address` when given."""
+        return cls()
+
+    @classmethod
+    def recorded_address(cls, status: Mapping[str, Any], launcher: LauncherSpec) -> str | None:
+        """The cluster a stage's job went to, from its status record (else the launcher's); None: one place."""
+        return None
+
+    @classmethod
+    def private_cluster(cls, launcher: LauncherSpec) -> PrivateCluster | None:
+        """The cluster a sweep of these launcher settings starts for itself, or None when it needs none."""
+        return None
+
+    @classmethod
+    def states(
+        cls, launcher: LauncherSpec, address: str | None, manifest: Mapping[str, Any] | None, job_ids: Sequence[str]
+    ) -> dict[str, State]:
+        """The states of jobs recorded at `address` (see `status`); Unreachable when they cannot be asked."""
+        return cls.from_launcher(launcher, address).status(job_ids)
+
+    @classmethod
+    def job_logs(cls, kept: list[LogSource], job: RecordedJob) -> list[LogSource]:
+        """Every log of a stage's job: the stage's own `logs/` files (`kept`) and those the backend keeps."""
+        return kept
 
     def submit(self, jobs: Sequence[Job], log_dir: str) -> dict[str, str]:
         """Submit jobs (given in dependency order; `after` keys name jobs of this call or already-completed ones).
@@ -108,34 +176,47 @@ class Backend(Protocol):
         """Cancel the given backend jobs."""
         ...
 
+    def keep_logs(self, ids: Mapping[str, str], jobs: Mapping[str, Job]) -> None:
+        """Save what the jobs' logs need before a private cluster that holds them stops (ids: job key -> id)."""
 
-def backend_class(name: str) -> Any:
+
+def backend_class(name: str) -> type[Backend]:
     """The class of a backend by name, imported on demand; UsageError when it cannot be."""
     if name not in BACKENDS:
         raise UsageError(f"unknown backend {name!r} (known: {', '.join(BACKENDS)})")
     module, _, attr = BACKENDS[name].partition(":")
     try:
-        return getattr(importlib.import_module(module), attr)
+        cls: type[Backend] = getattr(importlib.import_module(module), attr)
     except ImportError as e:
         raise UsageError(f"backend {name!r} is not available here: {e}") from None
+    return cls
 
 
-def retries_in_job(name: str) -> bool:
-    """Whether a backend's job may run a stage again after an attempt recorded it failed (False when unknown)."""
+def recorded_class(name: object) -> type[Backend] | None:
+    """The class of the backend a status record names, or None when it is unknown or not available here."""
     try:
-        return bool(getattr(backend_class(name), "retries_in_job", False))
+        return backend_class(name) if isinstance(name, str) else None
     except UsageError:
-        return False
+        return None
 
 
-def adopts_running(name: str) -> bool:
-    """Whether a backend's jobs can follow a stage that a live attempt owns (they wait on its lease, here)."""
-    return bool(getattr(backend_class(name), "adopts_running", False))
+def make_backend(name: str, launcher: LauncherSpec, address: str | None = None) -> Backend:
+    """Import a backend by name and build it from the launcher settings (at `address`); UsageError when it cannot
+    be."""
+    return backend_class(name).from_launcher(launcher, address)
 
 
-def make_backend(name: str, launcher: LauncherSpec) -> Backend:
-    """Import a backend by name and build it from the launcher settings; UsageError when it cannot be."""
-    cls = backend_class(name)
-    factory = getattr(cls, "from_launcher", None)
-    backend: Backend = factory(launcher) if factory is not None else cls()
-    return backend
+def in_flight_groups(
+    statuses: Mapping[str, Mapping[str, Any]], launcher: LauncherSpec
+) -> dict[tuple[str, str | None], dict[str, str]]:
+    """The recorded jobs of these stages (job key -> status record) grouped by backend and cluster address:
+    (backend name, address) -> job key -> job id. Records without a job id or a known backend are left out."""
+    groups: dict[tuple[str, str | None], dict[str, str]] = {}
+    for key, s in statuses.items():
+        name = s.get("backend")
+        if not s.get("job_id") or name not in BACKENDS:
+            continue
+        cls = recorded_class(name)
+        address = cls.recorded_address(s, launcher) if cls is not None else None
+        groups.setdefault((str(name), address), {})[key] = str(s["job_id"])
+    return groups

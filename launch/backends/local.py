@@ -34,7 +34,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from extrema import contract, lease, rundir
 from launch import store
-from launch.backends.base import Job, State, code_env
+from launch.backends.base import Backend, Job, State, code_env
 
 if TYPE_CHECKING:
     from launch.sweep import LauncherSpec
@@ -100,12 +100,12 @@ def demand(job: Job) -> tuple[int, int]:
     return r.cpus_per_task * r.processes_per_node, r.gpus_per_node
 
 
-class LocalBackend:
+class LocalBackend(Backend):
     """Runs stage jobs as local subprocesses (no shell), in dependency order, within `max_parallel`, CPUs and GPUs."""
 
     name = "local"
-    adopts_running = True
-    retries_in_job = False
+    adopts_running = True  # a job for a stage a live attempt owns waits on its lease (extrema.lease)
+    runs_here = True
 
     def __init__(
         self, max_parallel: int = 1, grace_s: float = 10.0, cpus: int | None = None, gpus: Sequence[str] | None = None
@@ -122,8 +122,8 @@ class LocalBackend:
         self._counter = itertools.count()
 
     @classmethod
-    def from_launcher(cls, launcher: LauncherSpec) -> LocalBackend:
-        """The backend a sweep's launcher section asks for."""
+    def from_launcher(cls, launcher: LauncherSpec, address: str | None = None) -> LocalBackend:
+        """The backend a sweep's launcher section asks for (this machine: no address)."""
         return cls(max_parallel=launcher.max_parallel)
 
     def submit(self, jobs: Sequence[Job], log_dir: str) -> dict[str, str]:

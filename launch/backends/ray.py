@@ -16,26 +16,35 @@ The driver
 
 Stopping a Ray job (`cancel`) kills its driver and with it the task or trainer the driver owns. The cluster is
 `address`, else RAY_ADDRESS, never one found by guessing; `extrema-launch sweep` starts a private local head
-(`launch.backends.ray_head`) when neither is set. Nothing here imports torch or ray at module level.
+(`private_cluster`, `launch.backends.ray_head`) when neither is set, and copies each job's log into its stage's
+`logs/` before it stops that head (`keep_logs`). Nothing here imports torch or ray at module level.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shlex
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from extrema import rundir
 from extrema.contract import DEFAULT_COLLECTIVE_TIMEOUT_S, EXIT_UPSTREAM_FAILED
-from launch.backends.base import Job, State
+from launch import store
+from launch.backends.base import Backend, Job, PrivateCluster, RecordedJob, State, Unreachable
+from launch.backends.ray_head import head_gone, start_head, stop_head
+from launch.errors import UsageError
+from launch.logs import LogSource, ray_label
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
+    from rich.console import Console
 
     from launch.sweep import LauncherSpec
 
@@ -47,6 +56,7 @@ RAY_STATES: dict[str, State] = {
     "STOPPED": State.CANCELLED,
 }
 UPSTREAM_FAILED_EXIT = EXIT_UPSTREAM_FAILED
+HEAD_RECORD = "ray_head"  # the manifest's record of the private head a sweep started (RayHead.record())
 
 
 ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
@@ -131,11 +141,10 @@ def placement(nodes: int, workers: int) -> str:
     return "STRICT_SPREAD" if nodes == workers else "SPREAD"
 
 
-class RayBackend:
+class RayBackend(Backend):
     """Submit stage jobs as Ray jobs; status from `get_job_status`; cancel with `stop_job`."""
 
     name = "ray"
-    adopts_running = False
     retries_in_job = True  # the driver's task is retried (max_retries), a Ray Train run by its FailureConfig
 
     def __init__(
@@ -152,9 +161,52 @@ class RayBackend:
         self._client: JobSubmissionClient | None = None
 
     @classmethod
-    def from_launcher(cls, launcher: LauncherSpec) -> RayBackend:
-        """The backend for a sweep's launcher settings (cluster address; RAY_ADDRESS when unset)."""
-        return cls(address=launcher.ray_address)
+    def from_launcher(cls, launcher: LauncherSpec, address: str | None = None) -> RayBackend:
+        """The backend of the cluster at `address`, else launcher.ray_address, else RAY_ADDRESS."""
+        return cls(address=address or launcher.ray_address)
+
+    @classmethod
+    def recorded_address(cls, status: Mapping[str, Any], launcher: LauncherSpec) -> str | None:
+        """The cluster a stage was submitted to: recorded at submission, else the launcher's, else RAY_ADDRESS."""
+        recorded = status.get("cluster")
+        return str(recorded) if recorded else launcher.ray_address or os.environ.get("RAY_ADDRESS") or None
+
+    @classmethod
+    def private_cluster(cls, launcher: LauncherSpec) -> PrivateCluster | None:
+        """A local Ray head, when the sweep has no cluster to go to (no launcher.ray_address, no RAY_ADDRESS)."""
+        if launcher.ray_address or os.environ.get("RAY_ADDRESS"):
+            return None
+        return PrivateCluster("a local Ray head started for this sweep", lambda out: local_head(launcher, out))
+
+    @classmethod
+    def states(
+        cls, launcher: LauncherSpec, address: str | None, manifest: Mapping[str, Any] | None, job_ids: Sequence[str]
+    ) -> dict[str, State]:
+        """The states of jobs at `address`; UNKNOWN for every one when it was the sweep's own head, now stopped."""
+        head = (manifest or {}).get(HEAD_RECORD)
+        if isinstance(head, dict) and head.get("address") == address and head_gone(head):
+            return dict.fromkeys(job_ids, State.UNKNOWN)
+        if not address:
+            raise Unreachable("no cluster address recorded, in launcher.ray_address or RAY_ADDRESS")
+        return cls(address=address).status(job_ids)
+
+    @classmethod
+    def job_logs(cls, kept: list[LogSource], job: RecordedJob) -> list[LogSource]:
+        """The stage's own files (its kept job log among them), else the job's log from the cluster; workers'
+        lines labelled with their node and rank."""
+        job_id = job.job_id
+        name = "/" + ray_log_name(job_id)
+        label = ray_label(job.ranks)
+        out = [replace(o, label=label) if o.name.endswith(name) else o for o in kept]
+        address = cls.recorded_address(job.status, job.launcher)
+        if address and not any(o.name.endswith(name) for o in kept):
+            backend = cls(address)
+
+            def read(offset: int) -> bytes:  # the job API returns the whole log each time
+                return backend.logs(job_id).encode()[offset:]
+
+            out.append(LogSource(f"ray job {job_id} at {address}", read, label))
+        return out
 
     @property
     def client(self) -> JobSubmissionClient:
@@ -212,6 +264,34 @@ class RayBackend:
     def logs(self, job_id: str) -> str:
         """The driver's log of a Ray job (the stage's output included)."""
         return str(self.client.get_job_logs(job_id))
+
+    def keep_logs(self, ids: Mapping[str, str], jobs: Mapping[str, Job]) -> None:
+        """Copy each job's log into its stage's `logs/` (the private head that keeps them is about to stop)."""
+        for key, job_id in ids.items():
+            with contextlib.suppress(Exception):
+                stage = rundir.join(jobs[key].run_dir, jobs[key].stage)
+                rundir.write_text_atomic(rundir.join(stage, "logs", ray_log_name(job_id)), self.logs(job_id))
+
+
+def ray_log_name(job_id: str) -> str:
+    """The name under which a Ray job's log is kept in the stage's `logs/` directory."""
+    return f"ray-{store.safe_name(job_id, 'job id')}.log"
+
+
+@contextlib.contextmanager
+def local_head(launcher: LauncherSpec, out: Console) -> Iterator[tuple[LauncherSpec, dict[str, Any]]]:
+    """A private local Ray head for one sweep: the launcher pointing at it and its manifest record; stopped on
+    exit."""
+    try:
+        out.print("no Ray cluster address (launcher.ray_address, RAY_ADDRESS): starting a local Ray head ...")
+        head = start_head()
+    except ImportError as e:
+        raise UsageError(f"backend 'ray' is not available here: {e}") from None
+    out.print(f"local Ray head at {head.address} (pid {head.pid}); it stops when this sweep ends")
+    try:
+        yield launcher.model_copy(update={"ray_address": head.address}), {HEAD_RECORD: head.record()}
+    finally:
+        stop_head(head)
 
 
 def run_entry(run_dir: str, stage: str, job_id: str) -> int:

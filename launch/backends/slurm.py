@@ -1,10 +1,5 @@
-"""Slurm backend through submitit: job arrays per stage and resources, dependencies, requeue on preemption.
-
-Jobs are grouped by dependency level, sweep, stage and resources; each group goes out as job arrays of at most
-`MaxArraySize` tasks (read once from `scontrol show config`), one `sbatch` per array. A downstream array whose
-task i waits for exactly task i of one upstream array uses `aftercorr:<array>`, so a failed run holds back only
-its own downstream task; any other dependency is `afterok` on the per-task ids `<array>_<i>` (or on a whole
-array when every task of it is awaited).
+"""Slurm backend through submitit: the plans of `launch.backends.slurm_plan` sent as sbatch job arrays, their states
+from sacct/squeue, cancel with scancel, and `StageCall`, what every task runs.
 
 Every task runs `StageCall(run_dir, stage)`, which calls `extrema.entry.main([run_dir, stage])`. On preemption or
 timeout (SIGUSR2, sent `signal_delay_s` before the time limit) submitit calls `StageCall.checkpoint()`, which
@@ -12,12 +7,7 @@ requeues the same call: training state lives in the run store, and the stage res
 checkpoint. A stage that catches the signal itself saves a checkpoint and exits with 3; the signal is then handed
 back to submitit, which requeues. Ranks of a multi-task stage get MASTER_ADDR/PORT, RANK, WORLD_SIZE and
 LOCAL_RANK from submitit's job environment. A downstream task whose dependency can never be satisfied (its
-upstream failed) is reported CANCELLED.
-
-Every value that reaches the sbatch script (partition, account, qos, constraint, extra options, job names) is
-checked against a strict character set first; anything else is a ValueError naming the field. The resource rules
-are extrema.spec's (SBATCH_FIELDS, SBATCH_OPTION, SBATCH_VALUE), which already refused them at sweep validation;
-they are applied again here for specs built any other way.
+upstream failed) is reported CANCELLED. MaxArraySize is read once from `scontrol show config`.
 """
 
 from __future__ import annotations
@@ -25,27 +15,37 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import shlex
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import submitit
-from submitit.core.utils import JobPaths
 from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment
-from submitit.slurm.slurm import read_job_id
+from submitit.slurm.slurm import _make_sbatch_string, read_job_id
 
-from extrema.spec import SBATCH_FIELDS, ResourcesSpec, sbatch_option_problem, sbatch_text_problem
-from launch import roots
-from launch.backends.base import Job, State, code_env
+from launch import logs
+from launch.backends.base import Backend, Job, RecordedJob, State
+from launch.backends.slurm_plan import (
+    checked_ids,
+    code_setup,
+    job_name,
+    log_folder,
+    parse_max_array_size,
+    sbatch_parameters,
+    send_arrays,
+    submitit_command,
+    validate_resources,
+)
+
+if TYPE_CHECKING:
+    from launch.sweep import LauncherSpec
 
 CLIENT_TIMEOUT_S = 60.0
-JOB_ID = re.compile(r"\d+(?:_\d+)?")
-JOB_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,200}")
 SLURM_STATES: dict[str, State] = {
     "PENDING": State.PENDING,
     "REQUEUED": State.PENDING,
@@ -74,192 +74,6 @@ SLURM_STATES: dict[str, State] = {
 }
 
 
-def checked(value: str, pattern: re.Pattern[str], field: str, allowed: str) -> str:
-    """The value when it fully matches the pattern and has no '..'; else ValueError naming the field."""
-    if not pattern.fullmatch(value) or ".." in value:
-        raise ValueError(f"{field}: {value!r} cannot go into an sbatch script; allowed: {allowed}")
-    return value
-
-
-def validate_resources(r: ResourcesSpec) -> None:
-    """Refuse any resource value that could change the sbatch script beyond its own option (extrema.spec's rules)."""
-    for field, rule in SBATCH_FIELDS.items():
-        value = getattr(r, field)
-        reason = None if value is None else sbatch_text_problem(value, rule)
-        if reason:
-            raise ValueError(f"resources.{field}: {reason}")
-    for key, value in r.sbatch_extra.items():
-        reason = sbatch_option_problem(key, value)
-        if reason:
-            raise ValueError(f"resources.sbatch_extra: {reason}")
-
-
-def job_name(job: Job) -> str:
-    """Slurm job name `<sweep>.<stage>`, from the run directory `<root>/<sweep>/<run_id>`."""
-    sweep = job.run_dir.rstrip("/").split("/")[-2] if job.run_dir.count("/") else "extrema"
-    return checked(f"{sweep}.{job.stage}", JOB_NAME, "job name", "letters, digits and _ . + - (no whitespace)")
-
-
-def log_folder(log_dir: str) -> Path:
-    """The local (shared) directory for sbatch scripts, pickles and logs; `file://` URLs allowed."""
-    if not roots.is_local(log_dir):  # the rule launcher.slurm_folder is validated with
-        raise ValueError(f"log_dir: Slurm needs a path on a shared filesystem, not {log_dir!r}")
-    path = log_dir.split("://", 1)[-1]
-    if any(ch in path for ch in "\n\r\0"):
-        raise ValueError(f"log_dir: {log_dir!r} contains a control character")
-    return Path(path)
-
-
-def log_files(log_dir: str, job_id: str) -> tuple[Path, Path]:
-    """(stdout, stderr) files of a submitted job or array task."""
-    paths = JobPaths(log_folder(log_dir), job_id=job_id, task_id=0)
-    return paths.stdout, paths.stderr
-
-
-def signal_delay_s(time_min: int) -> int:
-    """Seconds before the time limit at which Slurm sends USR2 (checkpoint and requeue)."""
-    return max(10, min(90, time_min * 6))
-
-
-def executor_parameters(
-    r: ResourcesSpec, name: str, dependency: str | None, array_parallelism: int, setup: Sequence[str] = ()
-) -> dict[str, Any]:
-    """submitit AutoExecutor parameters for one array (values already validated)."""
-    params: dict[str, Any] = {
-        "name": name,
-        "nodes": r.nodes,
-        "tasks_per_node": r.processes_per_node,
-        "cpus_per_task": r.cpus_per_task,
-        "timeout_min": r.time_min,
-        "slurm_signal_delay_s": signal_delay_s(r.time_min),
-        "slurm_array_parallelism": array_parallelism,
-    }
-    if r.gpus_per_node:
-        params["gpus_per_node"] = r.gpus_per_node
-    if r.mem_gb is not None:
-        params["mem_gb"] = r.mem_gb
-    optional = {
-        "slurm_partition": r.partition,
-        "slurm_account": r.account,
-        "slurm_qos": r.qos,
-        "slurm_constraint": r.constraint,
-        "slurm_dependency": dependency,
-    }
-    params.update({k: v for k, v in optional.items() if v is not None})
-    if r.sbatch_extra:
-        params["slurm_additional_parameters"] = {k: (v if v else True) for k, v in r.sbatch_extra.items()}
-    if setup:
-        params["slurm_setup"] = list(setup)
-    return params
-
-
-def dependency_levels(jobs: Sequence[Job]) -> dict[str, int]:
-    """Longest chain of in-call dependencies above each job; jobs must come after the jobs they wait for."""
-    keys = {j.key for j in jobs}
-    if len(keys) != len(jobs):
-        raise ValueError("jobs: duplicate job keys")
-    level: dict[str, int] = {}
-    for j in jobs:
-        ups = [a for a in j.after if a in keys]
-        for a in ups:
-            if a not in level:
-                raise ValueError(f"jobs: {j.key} comes before {a}, which it waits for")
-        level[j.key] = 1 + max((level[a] for a in ups), default=-1)
-    return level
-
-
-def array_groups(jobs: Sequence[Job]) -> list[list[Job]]:
-    """Jobs grouped by (level, job name, resources), levels in order, groups in order of first appearance."""
-    level = dependency_levels(jobs)
-    groups: dict[tuple[int, str, str], list[Job]] = {}
-    for j in jobs:
-        groups.setdefault((level[j.key], job_name(j), j.resources.model_dump_json()), []).append(j)
-    return [groups[k] for k in sorted(groups, key=lambda k: k[0])]
-
-
-def task_sort_key(job_id: str) -> tuple[int, int]:
-    """Numeric order of `<id>` and `<array>_<i>` ids."""
-    base, _, index = job_id.partition("_")
-    return int(base), int(index) if index else -1
-
-
-def afterok(job_ids: set[str], array_sizes: Mapping[str, int]) -> str | None:
-    """`afterok:` on the given ids, naming a whole array when every one of its tasks is awaited."""
-    if not job_ids:
-        return None
-    tasks: dict[str, set[int]] = {}
-    for i in job_ids:
-        base, _, index = i.partition("_")
-        if index:
-            tasks.setdefault(base, set()).add(int(index))
-    whole = {b for b, idx in tasks.items() if idx == set(range(array_sizes.get(b, -1)))}
-    out = {i for i in job_ids if i.partition("_")[0] not in whole} | whole
-    return "afterok:" + ":".join(sorted(out, key=task_sort_key))
-
-
-def plan_arrays(
-    group: Sequence[Job], ids: Mapping[str, str], array_sizes: Mapping[str, int], max_size: int
-) -> list[tuple[list[Job], str | None]]:
-    """Split one group into arrays with their dependency: aftercorr where task i waits for exactly task i of one
-    upstream array, else afterok, in chunks of at most max_size."""
-    corr: dict[str, dict[int, Job]] = {}
-    for j in group:
-        ups = [ids[a] for a in j.after if a in ids]
-        if len(ups) == 1 and "_" in ups[0]:
-            base, _, index = ups[0].partition("_")
-            corr.setdefault(base, {}).setdefault(int(index), j)
-    plans: list[tuple[list[Job], str | None]] = []
-    placed: set[str] = set()
-    for base, by_index in corr.items():
-        if len(by_index) > 1 and sorted(by_index) == list(range(len(by_index))) and len(by_index) <= max_size:
-            chunk = [by_index[i] for i in range(len(by_index))]
-            plans.append((chunk, f"aftercorr:{base}"))
-            placed.update(j.key for j in chunk)
-    rest = [j for j in group if j.key not in placed]
-    for start in range(0, len(rest), max_size):
-        chunk = rest[start : start + max_size]
-        awaited = {ids[a] for j in chunk for a in j.after if a in ids}
-        plans.append((chunk, afterok(awaited, array_sizes)))
-    return plans
-
-
-def send_arrays(
-    jobs: Sequence[Job], max_size: int, sbatch: Callable[[list[Job], str | None], list[str]]
-) -> dict[str, str]:
-    """Send every array of the jobs with `sbatch(chunk, dependency) -> ids`, one call per array, levels in order;
-    job key -> id. `SlurmBackend.submit` passes a real submission, `planned_arrays` a stand-in."""
-    ids: dict[str, str] = {}
-    array_sizes: dict[str, int] = {}
-    for group in array_groups(jobs):
-        for chunk, dependency in plan_arrays(group, ids, array_sizes, max_size):
-            got = sbatch(chunk, dependency)
-            ids.update(zip((j.key for j in chunk), got))
-            array_sizes[got[0].partition("_")[0]] = len(got)
-    return ids
-
-
-def planned_arrays(jobs: Sequence[Job], max_size: int) -> list[tuple[list[str], str | None]]:
-    """The arrays `submit` sends, one `sbatch` each, as (job keys, dependency), with stand-in job ids 1, 2, ...
-    (an array of one job is a plain job, as submitit submits it). Pure: nothing is submitted."""
-    sent: list[tuple[list[str], str | None]] = []
-
-    def stand_in(chunk: list[Job], dependency: str | None) -> list[str]:
-        sent.append(([j.key for j in chunk], dependency))
-        base = str(len(sent))
-        return [base] if len(chunk) == 1 else [f"{base}_{i}" for i in range(len(chunk))]
-
-    send_arrays(jobs, max_size, stand_in)
-    return sent
-
-
-def parse_max_array_size(config: str) -> int:
-    """MaxArraySize from `scontrol show config` output."""
-    m = re.search(r"^MaxArraySize\s*=\s*(\d+)", config, re.MULTILINE)
-    if m is None:
-        raise RuntimeError("scontrol show config did not report MaxArraySize")
-    return int(m.group(1))
-
-
 def parse_states(text: str) -> dict[str, tuple[str, str]]:
     """`JobID|State|Reason` lines (sacct -P / squeue) -> job id -> (state, reason), array ranges expanded."""
     out: dict[str, tuple[str, str]] = {}
@@ -274,15 +88,6 @@ def parse_states(text: str) -> dict[str, tuple[str, str]]:
                 for index in range(int(split[1]), int(split[2]) + 1):
                     out[f"{split[0]}_{index}"] = (state, reason)
     return out
-
-
-def checked_ids(job_ids: Sequence[str]) -> list[str]:
-    """Distinct Slurm job ids (`<id>` or `<array>_<i>`); ValueError for anything else, never an option."""
-    ids = list(dict.fromkeys(job_ids))
-    for i in ids:
-        if not JOB_ID.fullmatch(i):
-            raise ValueError(f"job id {i!r} is not a Slurm job id (<id> or <array>_<index>)")
-    return ids
 
 
 def to_state(slurm_state: str, reason: str = "") -> State:
@@ -366,21 +171,11 @@ def rendezvous_address(first_node: str, num_nodes: int) -> str:
     )
 
 
-SAFE_PATH = re.compile(r"/[A-Za-z0-9_.,:@%+=/-]{0,4000}")
-
-
-def code_setup(code_dir: str | None) -> list[str]:
-    """sbatch script lines that make every task (and its requeues) import the project from the submission's code
-    snapshot: before Python starts, since submitit unpickles the stage call with whatever it finds first."""
-    if code_dir is None:
-        return []
-    if not SAFE_PATH.fullmatch(code_dir) or ".." in code_dir.split("/"):
-        raise ValueError(f"code snapshot directory {code_dir!r} cannot go into an sbatch script")
-    env = code_env(code_dir, None)
-    return [
-        f"export PYTHONPATH={shlex.quote(env['PYTHONPATH'])}${{PYTHONPATH:+:$PYTHONPATH}}",
-        f"export PYTHONSAFEPATH={env['PYTHONSAFEPATH']}",
-    ]
+def sbatch_script(params: Mapping[str, Any], folder: Path, tasks: int, python: str) -> str:
+    """The sbatch script submitit writes for one array of `tasks` tasks (a plain job for one) with these
+    `sbatch_parameters`, logs and pickles in `folder`; nothing is submitted, no cluster is needed."""
+    count = tasks if tasks > 1 else None
+    return str(_make_sbatch_string(command=submitit_command(python, folder), folder=folder, map_count=count, **params))
 
 
 class StageCall(Checkpointable):
@@ -425,12 +220,11 @@ class StageCall(Checkpointable):
         return f"StageCall({self.run_dir!r}, {self.stage!r})"
 
 
-class SlurmBackend:
+class SlurmBackend(Backend):
     """Submit stage jobs to Slurm as job arrays through submitit; status from sacct/squeue; cancel with scancel."""
 
     name = "slurm"
-    adopts_running = False
-    retries_in_job = False
+    shared_log_dir = True  # launcher.slurm_folder: scripts, pickles and logs every node reads
 
     def __init__(
         self,
@@ -448,6 +242,22 @@ class SlurmBackend:
         self.setup = tuple(setup)
         self.timeout_s = timeout_s
 
+    @classmethod
+    def from_launcher(cls, launcher: LauncherSpec, address: str | None = None) -> SlurmBackend:
+        """The backend of the cluster this machine submits to (no address: `sbatch` knows it)."""
+        return cls()
+
+    @classmethod
+    def job_logs(cls, kept: list[logs.LogSource], job: RecordedJob) -> list[logs.LogSource]:
+        """The stage's own files, then its job's submitit files in the sweep's log folder, rank by rank, each line
+        labelled with its node and rank."""
+        log_dir = (job.manifest or {}).get("log_dir")
+        if not isinstance(log_dir, str):
+            return kept
+        hosts = logs.rank_hosts(job.ranks)
+        tasks = [(u, logs.slurm_rank(u)) for u in logs.slurm_files(log_dir, job.job_id)]
+        return [*kept, *(replace(logs.file_source(u), label=logs.slurm_label(r, hosts.get(r))) for u, r in tasks)]
+
     def _client(self, *argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(list(argv), capture_output=True, text=True, timeout=self.timeout_s, check=False)
 
@@ -461,11 +271,8 @@ class SlurmBackend:
             self._max_array_size = parse_max_array_size(out.stdout)
         return max(1, self._max_array_size)
 
-    def _executor(self, folder: Path) -> submitit.AutoExecutor:
-        kwargs: dict[str, Any] = {"slurm_max_num_timeout": self.max_num_timeout}
-        if self.python is not None:
-            kwargs["slurm_python"] = self.python
-        return submitit.AutoExecutor(folder=folder, cluster="slurm", **kwargs)
+    def _executor(self, folder: Path) -> submitit.SlurmExecutor:
+        return submitit.SlurmExecutor(folder=folder, max_num_timeout=self.max_num_timeout, python=self.python)
 
     def submit(self, jobs: Sequence[Job], log_dir: str) -> dict[str, str]:
         """Submit jobs (in dependency order) as arrays; return job key -> Slurm id (`<array>_<i>` or `<id>`)."""
@@ -475,16 +282,17 @@ class SlurmBackend:
 
         def sbatch(chunk: list[Job], dependency: str | None) -> list[str]:
             ex = self._executor(folder)
-            r = chunk[0].resources
-            setup = [*self.setup, *code_setup(chunk[0].code_dir)]
-            ex.update_parameters(
-                **executor_parameters(r, job_name(chunk[0]), dependency, self.array_parallelism, setup)
-            )
+            ex.update_parameters(**self.parameters(chunk, dependency))
             with ex.batch():
                 handles = [ex.submit(StageCall(j.run_dir, j.stage, j.env())) for j in chunk]
             return [h.job_id for h in handles]
 
         return send_arrays(jobs, self.max_array_size, sbatch)
+
+    def parameters(self, chunk: Sequence[Job], dependency: str | None) -> dict[str, Any]:
+        """The sbatch parameters of one array of jobs (same resources, same job name) waiting on `dependency`."""
+        setup = [*self.setup, *code_setup(chunk[0].code_dir)]
+        return sbatch_parameters(chunk[0].resources, job_name(chunk[0]), dependency, self.array_parallelism, setup)
 
     def status(self, job_ids: Sequence[str]) -> dict[str, State]:
         """State of each job: from sacct, or squeue for jobs accounting does not know (yet).

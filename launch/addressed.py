@@ -1,4 +1,4 @@
-"""What a command line addresses (a sweep file or a run-store URL) and the exit codes every command shares."""
+"""The sweep a command line addresses (a sweep file or a run-store URL), and the exit codes every command shares."""
 
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "jso
 
 
 @dataclass
-class Target:
-    """A sweep addressed on the command line: its store URL, its runs and launcher, and the file if any."""
+class Addressed:
+    """The sweep a command line addresses: its store URL, its runs and launcher, and the file if any."""
 
     url: str
-    runs: list[store.RunEntry]
+    runs: list[store.StoredRun]
     launcher: LauncherSpec
     manifest: dict[str, Any] | None
     sweep: SweepFile | None = None
@@ -38,17 +38,17 @@ def is_sweep_file(arg: str) -> bool:
     return arg.endswith((".yaml", ".yml")) or ("://" not in arg and Path(arg).is_file())
 
 
-def open_target(arg: str, root: str | None = None) -> Target:
-    """Resolve FILE|URL into the sweep it names."""
+def open_addressed(arg: str, root: str | None = None) -> Addressed:
+    """Resolve FILE|URL into the sweep it addresses."""
     if is_sweep_file(arg):
         sweep, runs = load_runs(arg, root=root)
         url = store.sweep_url(sweep.root, sweep.name)
         roots.check_usable(url, write=False)
-        entries = [store.RunEntry(r.run_id, r.stages, r.overrides) for r in runs]
+        listed = [r.stored() for r in runs]
         try:
-            return Target(url, entries, sweep.launcher, store.read_manifest(url), sweep)
+            return Addressed(url, listed, sweep.launcher, store.read_manifest(url), sweep)
         except store.Unreadable as e:  # the file says what the runs are; the manifest only adds job records
-            return Target(url, entries, sweep.launcher, None, sweep, [str(e)])
+            return Addressed(url, listed, sweep.launcher, None, sweep, [str(e)])
     try:
         url = store.normalize_root(arg)
     except ValueError as e:
@@ -64,14 +64,14 @@ def open_target(arg: str, root: str | None = None) -> Target:
         raise UsageError(f"{arg}: not a sweep file, and no {store.MANIFEST} there")
     try:
         launcher = LauncherSpec.model_validate(manifest.get("launcher", {}))
-        return Target(url, store.entries_of(url, manifest), launcher, manifest)
+        return Addressed(url, store.stored_runs_of(url, manifest), launcher, manifest)
     except store.Unreadable as e:
         raise DamagedStore(str(e)) from None
     except ValidationError as e:
         raise DamagedStore(f"{url}/{store.MANIFEST}: malformed launcher ({e.error_count()} problems)") from None
 
 
-def swept_axes(runs: Sequence[store.RunEntry]) -> list[str]:
+def swept_axes(runs: Sequence[store.StoredRun]) -> list[str]:
     """Every swept dotted path of the runs, in first-seen order."""
     return list(dict.fromkeys(p for r in runs for p in results.flatten(r.overrides)))
 
