@@ -280,6 +280,15 @@ def plot_metric(
     return Plotted(name, figures.save(fig, out_dir, name), text, {metric: lines})
 
 
+def _setting(row: dict[str, Any], axis: str) -> Any:
+    """A swept axis's value in a result row; where the run left it at the base's, what the stage's protocol says
+    it was (e.g. `locality.init` -> `protocol.init`), else "base"."""
+    if row.get(axis) is not None:
+        return row[axis]
+    recorded = row.get(f"protocol.{axis.rsplit('.', 1)[-1]}")
+    return "base" if recorded is None else recorded
+
+
 def plot_locality(
     table: pa.Table, axis: str, out_dir: str, sweep_name: str = "", name: str = "fig2_locality"
 ) -> Plotted:
@@ -294,7 +303,7 @@ def plot_locality(
     xs = aggregate.ordered_values([r.get(axis) for r in agg])
     groups: dict[str, dict[str, dict[str, Any]]] = {}
     for r in agg:
-        text = ", ".join(f"{short(a)}={'base' if r.get(a) is None else r.get(a)}" for a in others) or "runs"
+        text = ", ".join(f"{short(a)}={_setting(r, a)}" for a in others) or "runs"
         groups.setdefault(text, {})[aggregate.value_key(r.get(axis))] = r
     fig = figures.new_figure(5.2 * len(LOCALITY_METRICS), 4.2)
     axes = fig.subplots(1, len(LOCALITY_METRICS), squeeze=False)[0]
