@@ -27,7 +27,8 @@ class LoopState:
     """The step, each loss part's sum (and the steps it covers) since the last log line, and named numbers.
 
     `values` names the numbers the stage keeps (evaluations, best scores, pretrain's initial kNN), each UNSET
-    until given. With `rng`, each rank's random state is kept too and restored when the world size is the same.
+    until given. With `rng`, each rank's random state is kept too and restored when the world size is the same
+    (`restore_rng`, after the rest: a world that grew finds no state for its new ranks and keeps their seeded one).
     DCP restores the keys the template has, so every key exists from the start (flat scalars and tensors only).
     """
 
@@ -37,6 +38,8 @@ class LoopState:
         self.sums = dict.fromkeys(losses, 0.0)
         self.values = dict.fromkeys(values, UNSET)
         self.rng = rng
+        self.saved_world_size: int | None = None
+        self.restoring = False  # a restore's template leaves the RNG out: the saved world may have had fewer ranks
 
     def state_dict(self) -> dict[str, Any]:
         """The checkpointed form."""
@@ -45,7 +48,8 @@ class LoopState:
         out.update(self.values)
         if self.rng is not None:
             out["world_size"] = self.rng.size
-            out[f"rng_rank{self.rng.rank}"] = rng_state(self.rng.device)
+            if not self.restoring:
+                out[self.rng_key] = rng_state(self.rng.device)
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -53,8 +57,23 @@ class LoopState:
         self.step, self.loss_steps = int(state["step"]), int(state["loss_steps"])
         self.sums = {name: float(state[f"{name}_sum"]) for name in self.sums}
         self.values = {name: float(state[name]) for name in self.values}
-        if self.rng is not None and int(state["world_size"]) == self.rng.size:
-            set_rng_state(state[f"rng_rank{self.rng.rank}"], self.rng.device)
+        if self.rng is not None:
+            self.saved_world_size = int(state["world_size"])
+
+    @property
+    def rng_key(self) -> str:
+        """This rank's RNG entry in the checkpoint."""
+        assert self.rng is not None
+        return f"rng_rank{self.rng.rank}"
+
+    def restore_rng(self, step_url: str) -> None:
+        """After a restore from `step_url`: take this rank's RNG state back when the world has the same size (each
+        rank saved its own), else keep the seeded one. Collective: every rank takes the same decision."""
+        if self.rng is None or self.saved_world_size != self.rng.size:
+            return
+        state = {"extra": {self.rng_key: rng_state(self.rng.device)}}
+        ckpt.load(step_url, state)
+        set_rng_state(state["extra"][self.rng_key], self.rng.device)
 
     def given(self, *names: str) -> dict[str, float]:
         """The named values that are set."""
@@ -146,7 +165,13 @@ class StepEnd:
     def resume(self) -> int:
         """Restore the newest complete checkpoint into module, optimizer and loop state (nothing when there is
         none), open the metrics log without the records past that step, and return the steps already taken."""
-        ckpt.restore(self.saver.ckpt_dir, self.module, self.optimizer, self.loop)
+        self.loop.restoring = True
+        try:
+            restored = ckpt.restore(self.saver.ckpt_dir, self.module, self.optimizer, self.loop)
+        finally:
+            self.loop.restoring = False
+        if restored is not None:
+            self.loop.restore_rng(ckpt.step_url(self.saver.ckpt_dir, self.loop.step))
         self.metrics = rundir.MetricsLog(rundir.join(self.stage_dir, "metrics.jsonl"), keep_after_step=self.loop.step)
         return self.loop.step
 

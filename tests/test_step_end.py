@@ -77,3 +77,39 @@ def test_a_restart_continues_the_partial_loss_sums_and_the_numbers(tmp_path: Pat
     assert [r["step"] for r in cut] == [r["step"] for r in whole] == [4, 6, 8, 12]
     # Step 8's loss covers steps 7-8 across the restart (the running sum was folded at 7: float32 vs float64 order).
     assert [r.get("loss") for r in cut] == pytest.approx([r.get("loss") for r in whole], rel=1e-6)
+
+
+def test_each_ranks_random_state_comes_back_and_a_grown_world_keeps_its_checkpoint(tmp_path: Path) -> None:
+    """Same world size: the saved RNG state is restored. More ranks than were saved (rank 1 of 2 resuming a
+    one-process run): the checkpoint still loads (never set aside) and the new rank keeps its seeded state."""
+    model = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    saved = LoopState(rng=WORLD)
+    saved.step = 3
+    torch.manual_seed(123)
+    ckpt.save(str(tmp_path / "ckpt"), 3, ckpt.training_state(model, optimizer, saved))
+    expected = torch.rand(4)  # what the run would draw next
+
+    def resumed(world: World) -> StepEnd:
+        end = StepEnd(
+            world=world,
+            stage_dir=str(tmp_path),
+            module=model,
+            optimizer=optimizer,
+            loop=LoopState(rng=world),
+            steps_per_epoch=4,
+            total_steps=8,
+            cadence=Cadence(),
+        )
+        torch.manual_seed(7)
+        assert end.resume() == 3
+        return end
+
+    resumed(WORLD)
+    assert torch.equal(torch.rand(4), expected)
+    grown = resumed(World(1, 2, 1, torch.device("cpu")))
+    assert grown.loop.saved_world_size == 1 and ckpt.complete_steps(str(tmp_path / "ckpt")) == [3]
+    torch.manual_seed(7)
+    seeded = torch.rand(4)
+    resumed(World(1, 2, 1, torch.device("cpu")))
+    assert torch.equal(torch.rand(4), seeded) and not (tmp_path / "ckpt" / ckpt.CORRUPT_DIR).exists()
