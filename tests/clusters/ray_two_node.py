@@ -42,6 +42,7 @@ NUM_CPUS = 2
 OBJECT_STORE_BYTES = 200_000_000
 START_TIMEOUT_S = 120.0
 STOP_GRACE_S = 5.0
+HEALTH_CHECK_FAILURES = 10  # missed health checks (3 s apart) before the GCS declares a node dead
 # The ports a worker node needs too; the GCS, dashboard and Ray Client ports are the head's alone.
 NODE_PORTS = tuple(p for p in PORT_NAMES if p not in ("gcs", "dashboard", "client_server"))
 
@@ -134,6 +135,9 @@ def start_node(c: TwoNodeRay, name: str) -> None:
     else:
         argv.append(f"--address={c.gcs_address}")
     env = {**head_env(node_dir, c.gcs_address), "TMPDIR": str(node_dir / "tmp"), "RAY_TMPDIR": str(node_dir / "tmp")}
+    # A node is declared dead after this many missed health checks (3 s apart); Ray's 5 let a raylet starved of the
+    # two shared cores by training be declared dead mid-retry. A killed node is still found dead in about 30 s.
+    env["RAY_health_check_failure_threshold"] = str(HEALTH_CHECK_FAILURES)
     with open(node_dir / "ray-start.out", "ab") as out:
         c.procs[name] = subprocess.Popen(
             c.net.wrap(name, argv), env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True
