@@ -112,7 +112,7 @@ def keep_accuracy(loop: LoopState, epoch: float, scores: dict[str, float]) -> No
     v["best_top5"] = max(v["best_top5"], scores["top5"])
 
 
-def keep_last(loop: LoopState, epoch: float, scores: dict[str, float]) -> None:
+def keep_scores(loop: LoopState, epoch: float, scores: dict[str, float]) -> None:
     """Record an evaluation's numbers under their own names (the result reports the final one)."""
     loop.values.update(scores)
 
@@ -155,7 +155,7 @@ class StepEnd:
     total_steps: int
     cadence: Cadence
     evaluate: Evaluate | None = None
-    record: Record = keep_last
+    record: Record = keep_scores
     metrics: rundir.MetricsLog = field(init=False)
     saver: ckpt.Saver = field(init=False)
 

@@ -180,7 +180,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
         step_end.log({"step": steps, "total_steps": total_steps, "epoch": steps / steps_per_epoch, **final})
         result.update(final)
         result.update({f"knn_{k}": v for k, v in step_end.loop.given(*KNN_START).items()})
-        if "init_top1" in start and start["init_top1"] != UNSET:
+        if start["init_top1"] != UNSET:
             result["knn_gain_top1"] = final["knn_top1"] - start["init_top1"]
     losses = [r["loss"] for r in step_end.metrics.records if "loss" in r]
     if losses:
