@@ -355,9 +355,9 @@ class TwoViewTransform:
 
     def deferred(self, data: bytes) -> tuple[Tensor, Tensor, Tensor]:
         """For decoding on the device: the encoded bytes, (top, left, h, w, flip) and the views' colour parameters,
-        drawn as the host path draws them."""
-        header = decode.read_header(data)
-        geometry = torch.tensor(self.crop_params(header.height, header.width), dtype=torch.int64)
+        drawn as the host path draws them. Any format `decode.decode_rgb` reads: the size from the header where PIL
+        reads it, else from a CPU decode."""
+        geometry = torch.tensor(self.crop_params(*decode.image_size(data)), dtype=torch.int64)
         if self.augmentation == "spatial":
             return decode.as_tensor(data), geometry, torch.empty(0)
         shape = decode.shape_only(self.size, self.size)
