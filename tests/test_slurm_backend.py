@@ -70,6 +70,17 @@ def wait_states(
         time.sleep(1)
 
 
+def step_cpus(cluster: SlurmCluster, job_id: str, timeout_s: float = 30) -> int | None:
+    """CPUs Slurm allocated to step 0 of a job (the srun that runs the task), from accounting; None if unknown."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = cluster.run("sacct", "-n", "-P", "-o", "JobID,AllocCPUS", "-j", job_id, check=False).stdout
+        cpus = {f: c for f, _, c in (line.partition("|") for line in out.split()) if f.endswith(".0")}
+        if cpus or time.monotonic() > deadline:
+            return int(next(iter(cpus.values()))) if cpus else None
+        time.sleep(1)
+
+
 # --- pure: validation, planning, parsing -------------------------------------------------------------------------
 
 INJECTIONS = [
@@ -79,6 +90,8 @@ INJECTIONS = [
     ("qos", "$(reboot)", "resources.qos"),
     ("constraint", "gpu`id`", "resources.constraint"),
     ("constraint", "a&b\n", "resources.constraint"),
+    ("cpus_per_task", "2 --uid=0", "resources.cpus_per_task"),  # goes onto the srun line as well
+    ("cpus_per_task", 0, "resources.cpus_per_task"),
 ]
 
 
@@ -89,7 +102,7 @@ def unchecked(**kw: Any) -> ResourcesSpec:
 
 @pytest.mark.parametrize(("field", "value", "named"), INJECTIONS)
 def test_injection_in_a_resource_is_refused_before_submission(
-    tmp_path: Path, field: str, value: str, named: str
+    tmp_path: Path, field: str, value: Any, named: str
 ) -> None:
     with pytest.raises(ValueError, match=field):  # at validation, by the one rule set in extrema.spec
         res(**{field: value})
@@ -235,6 +248,13 @@ def test_sbatch_scripts_are_golden_without_a_cluster() -> None:
     for name, text in scripts.items():
         assert text == (GOLDEN_SBATCH / name).read_text(), name
     assert "#SBATCH --dependency=aftercorr:1\n" in scripts["3.sh"] and "#SBATCH --mem=32256MB\n" in scripts["3.sh"]
+    # srun gets cpus_per_task itself: Slurm 22.05 to 23.02 srun does not inherit it from sbatch.
+    for i, (chunk, _) in enumerate(arrays, start=1):
+        text, cpus = scripts[f"{i}.sh"], chunk[0].resources.cpus_per_task
+        (srun,) = [line for line in text.splitlines() if line.startswith("srun ")]
+        assert f"#SBATCH --cpus-per-task={cpus}\n" in text and f" --cpus-per-task={cpus} " in srun, i
+        assert srun.index("--cpus-per-task") < srun.index(" -u -m submitit"), i  # srun's option, not the command's
+    assert {chunk[0].resources.cpus_per_task for chunk, _ in arrays} == {8, 1}
 
 
 def test_stage_call_requeues_as_itself_carrying_only_the_run_stage_and_network_settings() -> None:
@@ -275,7 +295,7 @@ def golden_script(folder: Path, dependency: str, name: str) -> str:
 
 # command
 export SUBMITIT_EXECUTOR=slurm
-srun --unbuffered --output {f}/%A_%a_%t_log.out --error {f}/%A_%a_%t_log.err {shlex.quote(sys.executable)} -u -m submitit.core._submit {f}
+srun --unbuffered --output {f}/%A_%a_%t_log.out --error {f}/%A_%a_%t_log.err --cpus-per-task=1 {shlex.quote(sys.executable)} -u -m submitit.core._submit {f}
 """  # noqa: E501
 
 
@@ -408,7 +428,8 @@ def test_status_and_cancel_against_squeue_and_sacct(slurm_cluster: SlurmCluster,
 def test_cli_sweep_returns_at_once_then_logs_follow_and_status_ask_slurm(
     slurm_cluster: SlurmCluster, tmp_path: Path
 ) -> None:
-    path = slurm_sweep(tmp_path / "s.yaml", None, ["pretrain", "knn"])
+    # Two CPUs (the whole node) per task: on Slurm 22.05 to 23.02 srun inherits them only from its own argument.
+    path = slurm_sweep(tmp_path / "s.yaml", None, ["pretrain", "knn"], cpus_per_task=2)
     root = str(tmp_path / "runs")
     t0 = time.monotonic()
     code, out = cli("sweep", str(path), "--root", root)
@@ -424,6 +445,11 @@ def test_cli_sweep_returns_at_once_then_logs_follow_and_status_ask_slurm(
     assert f"/{knn_id}_0_log.out <==" in out and "Starting with JobEnvironment" in out  # submitit's own log lines
     code, out = cli("status", url)
     assert code == 0 and out.count("│ completed │") == 2 and "knn_top1=" in out, out
+    pretrain_id = store.read_status(store.stage_url(url, run.run_id, "pretrain"))["job_id"]
+    for job_id in (pretrain_id, knn_id):  # the task's step (what srun ran) got the job's cpus_per_task
+        script = Path(rundir.join(url, "logs").split("://", 1)[-1], f"{job_id.split('_')[0]}_submission.sh")
+        assert "#SBATCH --cpus-per-task=2\n" in script.read_text() and " --cpus-per-task=2 " in script.read_text()
+        assert step_cpus(slurm_cluster, job_id) == 2, slurm_cluster.run("sacct", "-j", job_id, "-P").stdout
     code, out = cli("sweep", str(path), "--root", root)
     assert code == 0 and "nothing to submit" in out
 

@@ -10,6 +10,10 @@ code snapshot's path) is checked against a strict character set first; anything 
 field. The resource rules are extrema.spec's (SBATCH_FIELDS, SBATCH_OPTION, SBATCH_VALUE), which already refused
 them at sweep validation; they are applied again here for specs built any other way.
 
+Every task gets its `cpus_per_task` from srun's own `--cpus-per-task` as well as from `#SBATCH --cpus-per-task`:
+Slurm 22.05 to 23.02 srun reads neither SLURM_CPUS_PER_TASK nor (before 23.11) SRUN_CPUS_PER_TASK, so a step
+launched without the argument lays out (and binds) one CPU per task whatever the job was given.
+
 `launch.backends.slurm` submits these plans through submitit; `planned_arrays` and `sbatch_parameters` show them
 without a cluster.
 """
@@ -37,8 +41,17 @@ def checked(value: str, pattern: re.Pattern[str], field: str, allowed: str) -> s
     return value
 
 
+def task_cpus(r: ResourcesSpec) -> int:
+    """cpus_per_task, which goes onto the srun line: a whole number of at least 1, else ValueError."""
+    n = r.cpus_per_task
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"resources.cpus_per_task: {n!r} cannot go into an sbatch script; allowed: whole numbers >= 1")
+    return n
+
+
 def validate_resources(r: ResourcesSpec) -> None:
     """Refuse any resource value that could change the sbatch script beyond its own option (extrema.spec's rules)."""
+    task_cpus(r)
     for field, rule in SBATCH_FIELDS.items():
         value = getattr(r, field)
         reason = None if value is None else sbatch_text_problem(value, rule)
@@ -80,12 +93,15 @@ def sbatch_parameters(
     r: ResourcesSpec, name: str, dependency: str | None, array_parallelism: int, setup: Sequence[str] = ()
 ) -> dict[str, Any]:
     """The parameters of one array's sbatch script, named as submitit's SlurmExecutor takes them (values already
-    validated): `SlurmExecutor.update_parameters(**p)` submits with them, `render.sbatch_script` shows the script."""
+    validated): `SlurmExecutor.update_parameters(**p)` submits with them, `slurm.sbatch_script` shows the script.
+    srun gets `--cpus-per-task` itself (`srun_args`): it inherits it from sbatch only on Slurm < 22.05 or >= 23.11."""
+    cpus = task_cpus(r)
     params: dict[str, Any] = {
         "job_name": name,
         "nodes": r.nodes,
         "ntasks_per_node": r.processes_per_node,
-        "cpus_per_task": r.cpus_per_task,
+        "cpus_per_task": cpus,
+        "srun_args": [f"--cpus-per-task={cpus}"],
         "time": r.time_min,
         "signal_delay_s": signal_delay_s(r.time_min),
         "array_parallelism": array_parallelism,

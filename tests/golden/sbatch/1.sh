@@ -28,4 +28,4 @@ export PYTHONSAFEPATH=1
 
 # command
 export SUBMITIT_EXECUTOR=slurm
-srun --unbuffered --output /shared/logs/%A_%a_%t_log.out --error /shared/logs/%A_%a_%t_log.err python3 -u -m submitit.core._submit /shared/logs
+srun --unbuffered --output /shared/logs/%A_%a_%t_log.out --error /shared/logs/%A_%a_%t_log.err --cpus-per-task=8 python3 -u -m submitit.core._submit /shared/logs
