@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU measurement in one call (about five minutes on one H100/H200); installs nothing; prints tables.
+# Every GPU check and measurement in one call (about ten minutes on one H100/H200: the smoke checks first, then
+# the measurements); installs nothing; prints tables.
 #   bash bench/gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +9,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 # Each command has its own limit so that the whole script stays within about five minutes (300 s of limits).
 run() { local limit=$1; shift; echo; echo "\$ $* (limit ${limit} s)"; timeout "$limit" "$@" || echo "(exit $?)"; }
+run 330 bash bench/gpu_smoke.sh
 run 40 python -m pytest -q -m gpu tests/test_gpu.py
 run 45 python bench/pretrain_step.py --arch vit_base --batch 256 --steps 10 --memory
 run 100 python bench/pretrain_step.py --arch vit_base --batch 256 --steps 10 --memory --compile

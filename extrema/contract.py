@@ -55,6 +55,15 @@ EXIT_INTERRUPTED = 130  # Ctrl-C
 COLLECTIVE_TIMEOUT_ENV = "EXTREMA_COLLECTIVE_TIMEOUT_S"
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
 INTERFACE_ENVS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
+# NCCL failures raise in the failing rank instead of killing it (2: abort the communicators only; torch's default
+# tears the process down, so no failed record would be written), and the flight recorder keeps the last
+# collectives of every rank, dumped on a timeout (into the stage directory: extrema.entry names the file).
+NCCL_ENV = {
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2",
+    "TORCH_FR_BUFFER_SIZE": "2000",
+    "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+}
+FLIGHT_RECORDER_DIR = "flight_recorder"  # in a stage directory on a filesystem: NCCL's per-rank dumps
 
 STATUS = "status.json"
 RESULT = "result.json"

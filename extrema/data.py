@@ -581,6 +581,9 @@ def ordered_loader(
         collate_fn=collate_fn,
         pin_memory=torch.cuda.is_available(),
         worker_init_fn=ignore_stop_signals,
+        # An evaluation inside training (the kNN monitor) must not draw from the global RNG, which drop path
+        # consumes: a resumed run first evaluates at another step than an uninterrupted one.
+        generator=torch.Generator().manual_seed(0),
     )
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
+import itertools
 import json
 import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -17,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel
 
 from extrema.contract import collective_timeout_s, this_process
@@ -67,6 +70,8 @@ def init_world() -> World:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    if device.type == "cuda":
+        allow_tf32()
     if size > 1 and not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
@@ -76,6 +81,36 @@ def init_world() -> World:
     if dist.is_initialized():
         rank, size = dist.get_rank(), dist.get_world_size()
     return World(rank, size, local, device)
+
+
+def allow_tf32() -> None:
+    """fp32 matmuls and convolutions on CUDA in TF32 (10-bit mantissa inputs, fp32 accumulation): the usual setting
+    for training; bf16 autocast regions are unaffected."""
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+
+
+def processes_per_node(world_size: int) -> int:
+    """Ranks per node from the launcher (torchrun's or Ray Train's LOCAL_WORLD_SIZE, Slurm's SLURM_NTASKS_PER_NODE);
+    the whole world when none says (one node)."""
+    for var in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return world_size
+
+
+def shard_mesh(world: World, strategy: str) -> Any:
+    """FSDP2's device mesh: flat over every rank (fsdp), or HSDP's (nodes, ranks per node) with parameters sharded
+    within a node and replicated across nodes (hsdp: the usual choice for models of ~100M parameters on several
+    nodes, whose all-gathers then stay inside a node)."""
+    if strategy != "hsdp":
+        return init_device_mesh(world.device.type, (world.size,))
+    per_node = processes_per_node(world.size)
+    if world.size % per_node:
+        raise ValueError(f"hsdp: world size {world.size} is not a multiple of {per_node} ranks per node")
+    shape = (world.size // per_node, per_node)
+    return init_device_mesh(world.device.type, shape, mesh_dim_names=("replicate", "shard"))
 
 
 # DTensor's global caches (sharding propagation, redistribute plans, mesh topology) keep every DeviceMesh they saw,
@@ -213,6 +248,17 @@ def wait_for_main(key: str) -> None:
         store.wait([key], MAIN_WAIT)
 
 
+_main_sections = itertools.count()
+
+
+def after_main(name: str) -> None:
+    """Call on every rank after a section only rank 0 runs (COCO scoring, a large write): the other ranks wait in
+    the store, with no collective timeout, until rank 0 is through, so that the collective which follows (its
+    broadcast) starts when every rank is there. A rank-0-only section longer than the collective timeout would
+    otherwise end the job (NCCL's watchdog tears a waiting rank down)."""
+    wait_for_main(f"extrema/main-section/{name}/{next(_main_sections)}")
+
+
 def barrier() -> None:
     """Synchronise all ranks (no-op without a process group)."""
     if dist.is_initialized():
@@ -257,12 +303,13 @@ def broadcast_buffers(module: nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def apply_fsdp(model: ExtreMA, world: World, bf16: bool) -> ExtreMA:
-    """FSDP2: shard every transformer block, each head and each branch of online and target alike, then the root.
+def apply_fsdp(model: ExtreMA, world: World, bf16: bool, strategy: str = "fsdp") -> ExtreMA:
+    """FSDP2 (or HSDP): shard every transformer block, each head and each branch of online and target alike, then
+    the root, and make the whole model the root at once.
 
     Online and target are sharded identically, so the EMA update is a shard-local foreach with no gathers.
     """
-    mesh = init_device_mesh(world.device.type, (world.size,))
+    mesh = shard_mesh(world, strategy)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
     kwargs: dict[str, Any] = {"mesh": mesh}
     if mp is not None:
@@ -276,17 +323,40 @@ def apply_fsdp(model: ExtreMA, world: World, bf16: bool) -> ExtreMA:
         fully_shard(branch, **kwargs)
     fully_shard(model.predictor, **kwargs)
     fully_shard(model, **kwargs)
+    settle_root(model)
     return model
 
 
+def settle_root(model: nn.Module) -> None:
+    """Make `model` the FSDP2 root now. FSDP2 makes the first sharded module to run forward the root; when that is
+    a part (the kNN monitor runs the target encoder before any training step), the part keeps unsharded parameters
+    and the whole model's first forward fails. torch has no public call for this lazy initialisation."""
+    state = model._get_fsdp_state()  # type: ignore[operator]
+    state._lazy_init()
+
+
 def wrap(model: ExtreMA, world: World, strategy: str, bf16: bool) -> tuple[nn.Module, ExtreMA]:
-    """(module to call for the loss, the ExtreMA underneath) for strategy fsdp | ddp | none."""
+    """(module to call for the loss, the ExtreMA underneath) for strategy fsdp | hsdp | ddp | none."""
     if world.size == 1 or strategy == "none":
         return model, model
-    if strategy == "fsdp":
-        return apply_fsdp(model, world, bf16), model
+    if strategy in ("fsdp", "hsdp"):
+        return apply_fsdp(model, world, bf16, strategy), model
     ids = [world.device.index] if world.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids), model
+
+
+@contextlib.contextmanager
+def gradient_sync(module: nn.Module, sync: bool) -> Iterator[None]:
+    """The backward passes inside reduce gradients across ranks only when `sync`: a micro-batch of gradient
+    accumulation that is not the last keeps its gradients local (FSDP2's requires_gradient_sync, DDP's no_sync)."""
+    if isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(sync)
+        yield
+    elif isinstance(module, DistributedDataParallel) and not sync:
+        with module.no_sync():
+            yield
+    else:
+        yield
 
 
 def gather_keys(k: torch.Tensor) -> tuple[torch.Tensor, int]:

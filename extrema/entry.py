@@ -99,6 +99,23 @@ def completed_result(stage_dir: str) -> dict[str, Any] | None:
         return None
 
 
+def nccl_possible() -> bool:
+    """Whether this process may use NCCL (a GPU is visible to it), without importing torch."""
+    return os.environ.get("CUDA_VISIBLE_DEVICES", "unset") not in ("", "-1") and os.path.exists("/dev/nvidiactl")
+
+
+def flight_recorder(stage_dir: str) -> None:
+    """NCCL's flight-recorder dumps (on a collective timeout) go to the stage directory when it is on a filesystem
+    (`flight_recorder/rank_<r>`); elsewhere torch's default place (/tmp/nccl_trace_rank_<r>) on each node."""
+    path = rundir.local_path(stage_dir)
+    if path is None or "TORCH_FR_DUMP_TEMP_FILE" in os.environ:
+        return
+    folder = os.path.join(path, contract.FLIGHT_RECORDER_DIR)
+    with contextlib.suppress(OSError):  # not writable: torch's default place
+        os.makedirs(folder, exist_ok=True)
+        os.environ["TORCH_FR_DUMP_TEMP_FILE"] = os.path.join(folder, "rank_")
+
+
 def agree(decision: bool, world: int) -> bool:
     """Rank 0's decision, on every rank (a broadcast when several processes run the stage)."""
     if world == 1:
@@ -234,6 +251,8 @@ def attempt(run_dir: str, stage: str, stage_dir: str) -> dict[str, Any]:
     if stage not in STAGE_MODULES:
         raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGE_MODULES)}")
     rank, world = world_info()
+    if world > 1 and nccl_possible():
+        flight_recorder(stage_dir)
     done: dict[str, Any] | None = None
     mine: lease.Lease | None = None
     if rank == 0:

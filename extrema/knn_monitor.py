@@ -1,6 +1,13 @@
-"""The kNN monitor: features of an encoder on this rank's slice of a split, gathered, scored against a bank.
+"""The kNN monitor: features of an encoder on this rank's slice of a split, scored against a bank.
 
 Serves the pretrain stage (monitor), the knn stage (evaluation of a checkpoint) and inpaint (its images).
+
+Shared across ranks and bounded: each rank decodes and embeds only its slice of the bank and of the queries; the
+bank's features are gathered on every rank's device, each rank searches its own queries there in chunks, and the
+hit counts are summed over ranks. Host memory per rank is its slice of the uint8 images (cached for the run:
+bank/world + val/world images) plus one batch; device memory is the bank's features (bank x dim x 4 bytes) plus a
+chunk of similarities. The raw-pixel baseline takes the same path with pixels, average-pooled to at most
+PIXEL_SIDE pixels a side (3 x 32 x 32 = 3,072 values per image), so its bank is bounded at any resolution.
 """
 
 from __future__ import annotations
@@ -10,13 +17,15 @@ from functools import cache
 from typing import Literal
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 from extrema import data
 from extrema.augment import normalize
 from extrema.dist import World, all_gather_rows
 from extrema.models.vit import VisionTransformer
-from extrema.neighbors import knn_accuracy
+from extrema.neighbors import accuracy_of, knn_hits
 from extrema.spec import DataSpec, Experiment
 
 Feature = Literal["instance", "instance_prenorm", "patch_mean"]
@@ -63,31 +72,47 @@ def extract(
     device: torch.device,
     dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Features and labels of every batch, on the CPU, with the encoder in eval mode."""
+    """Features (float32) and labels of every batch, on `device`, with the encoder in eval mode."""
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
     for x, y in batches:
         with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             f = features(encoder, x.to(device, non_blocking=True), feature)
-        feats.append(f.float().cpu())
-        labels.append(y)
+        feats.append(f.float())
+        labels.append(y.to(device, non_blocking=True))
     encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)
+
+
+def gather_bank(feats: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Every rank's (features, labels) rows, in rank order, on every rank's device."""
+    gathered = all_gather_rows(torch.cat([feats, labels.unsqueeze(1).to(feats.dtype)], 1))
+    return gathered[:, :-1], gathered[:, -1].long()
 
 
 def extract_all(
     encoder: VisionTransformer, exp: Experiment, split: str, limit: int | None, world: World, amp: torch.dtype | None
 ) -> tuple[Tensor, Tensor]:
-    """Features and labels of a split, each rank extracting its slice, gathered on every rank."""
-    feats, labels = extract(encoder, eval_batches(exp, split, limit, world), exp.knn.feature, world.device, amp)
-    gathered = all_gather_rows(torch.cat([feats, labels.unsqueeze(1).float()], 1).to(world.device)).cpu()
-    return gathered[:, :-1], gathered[:, -1].long()
+    """Features and labels of a split, each rank extracting its slice, gathered on every rank's device."""
+    return gather_bank(*extract(encoder, eval_batches(exp, split, limit, world), exp.knn.feature, world.device, amp))
 
 
 def num_classes(exp: Experiment) -> int:
     """Number of classes of the training split."""
     return len(_dataset(exp.data, "train", exp.pretrain.seed).classes)
+
+
+def shared_accuracy(
+    bank: Tensor, bank_y: Tensor, queries: Tensor, query_y: Tensor, exp: Experiment
+) -> dict[str, float]:
+    """kNN accuracy of every rank's queries against the (gathered) bank: each rank searches its own slice on its
+    device, and the hit counts are summed over ranks."""
+    k = exp.knn
+    hits = knn_hits(bank, bank_y, queries, query_y, num_classes(exp), k.k, k.temperature)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(hits)
+    return accuracy_of(hits)
 
 
 @torch.no_grad()
@@ -97,19 +122,29 @@ def knn_monitor(
     """Top-1/top-5 weighted kNN accuracy of the encoder: train-split bank, validation-split queries."""
     k = exp.knn
     bank, bank_y = extract_all(encoder, exp, "train", k.bank_size, world, amp)
-    val, val_y = extract_all(encoder, exp, "val", k.val_size, world, amp)
-    return knn_accuracy(bank, bank_y, val, val_y, num_classes(exp), k.k, k.temperature)
+    queries, query_y = extract(encoder, eval_batches(exp, "val", k.val_size, world), k.feature, world.device, amp)
+    return shared_accuracy(bank, bank_y, queries, query_y, exp)
+
+
+PIXEL_SIDE = 32  # the pixel baseline's images are average-pooled to at most this many pixels a side
+
+
+def pixels(x: Tensor) -> Tensor:
+    """Normalised images (B, 3, H, W) -> flat pixel vectors, average-pooled to at most PIXEL_SIDE a side."""
+    if max(x.shape[-2:]) > PIXEL_SIDE:
+        x = F.adaptive_avg_pool2d(x, (min(x.shape[-2], PIXEL_SIDE), min(x.shape[-1], PIXEL_SIDE)))
+    return x.flatten(1).float()
+
+
+def pixel_slice(exp: Experiment, split: str, limit: int | None, world: World) -> tuple[Tensor, Tensor]:
+    """This rank's slice of a split as pixel vectors and labels, on the rank's device."""
+    xs, ys = zip(*[(pixels(x), y.to(world.device)) for x, y in eval_batches(exp, split, limit, world)])
+    return torch.cat(xs), torch.cat(ys)
 
 
 def pixel_knn(exp: Experiment, world: World) -> dict[str, float]:
     """The same kNN protocol on raw normalised pixels: the floor a representation should beat."""
     k = exp.knn
-    single = World(0, 1, 0, world.device)
-
-    def flat(split: str, limit: int | None) -> tuple[Tensor, Tensor]:
-        xs, ys = zip(*[(x.flatten(1).cpu(), y) for x, y in eval_batches(exp, split, limit, single)])
-        return torch.cat(xs), torch.cat(ys)
-
-    bank, bank_y = flat("train", k.bank_size)
-    val, val_y = flat("val", k.val_size)
-    return knn_accuracy(bank, bank_y, val, val_y, num_classes(exp), k.k, k.temperature)
+    bank, bank_y = gather_bank(*pixel_slice(exp, "train", k.bank_size, world))
+    queries, query_y = pixel_slice(exp, "val", k.val_size, world)
+    return shared_accuracy(bank, bank_y, queries, query_y, exp)

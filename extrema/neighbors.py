@@ -33,17 +33,37 @@ def knn_predict(
     return torch.cat(out)
 
 
+def topk_hits(scores: Tensor, labels: Tensor, ks: Iterable[int] = (1, 5)) -> dict[int, Tensor]:
+    """Number of rows whose label is among the k highest scores, for each k, as 0-d tensors (no host sync)."""
+    ranked = scores.argsort(dim=1, descending=True)
+    hits = ranked == labels.view(-1, 1).to(ranked.device)
+    return {k: hits[:, : min(k, scores.shape[1])].any(dim=1).sum() for k in ks}
+
+
 def topk_accuracy(scores: Tensor, labels: Tensor, ks: Iterable[int] = (1, 5)) -> dict[int, float]:
     """Percentage of rows whose label is among the k highest scores, for each k."""
-    ranked = scores.argsort(dim=1, descending=True)
-    hits = ranked == labels.view(-1, 1)
-    return {k: 100.0 * hits[:, : min(k, scores.shape[1])].any(dim=1).float().mean().item() for k in ks}
+    return {k: 100.0 * h.item() / max(scores.shape[0], 1) for k, h in topk_hits(scores, labels, ks).items()}
+
+
+def knn_hits(
+    bank: Tensor, bank_labels: Tensor, queries: Tensor, labels: Tensor, num_classes: int, k: int, temperature: float
+) -> Tensor:
+    """(top-1 hits, top-5 hits, queries) of a slice of queries against the whole bank, as a float64 tensor on the
+    bank's device: slices of one query set add up to the whole set's counts."""
+    scores = knn_predict(bank, bank_labels.to(bank.device), queries.to(bank.device), num_classes, k, temperature)
+    hits = topk_hits(scores, labels)
+    n = torch.tensor(float(queries.shape[0]), dtype=torch.float64, device=bank.device)
+    return torch.stack([hits[1].double(), hits[5].double(), n])
+
+
+def accuracy_of(hits: Tensor) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (percent) from `knn_hits` counts (summed over slices)."""
+    top1, top5, n = hits.tolist()
+    return {"top1": 100.0 * top1 / max(n, 1.0), "top5": 100.0 * top5 / max(n, 1.0)}
 
 
 def knn_accuracy(
     bank: Tensor, bank_labels: Tensor, queries: Tensor, labels: Tensor, num_classes: int, k: int, temperature: float
 ) -> dict[str, float]:
     """Top-1 and top-5 kNN accuracy (percent) of queries against a labelled bank."""
-    scores = knn_predict(bank, bank_labels, queries, num_classes, k, temperature)
-    acc = topk_accuracy(scores, labels)
-    return {"top1": acc[1], "top5": acc[5]}
+    return accuracy_of(knn_hits(bank, bank_labels, queries, labels, num_classes, k, temperature))

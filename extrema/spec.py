@@ -12,6 +12,7 @@ from pydantic_core import PydanticCustomError
 from extrema.contract import DEFAULT_COLLECTIVE_TIMEOUT_S
 
 StageName = Literal["pretrain", "knn", "probe", "finetune", "detect", "inpaint", "locality"]
+SINGLE_PROCESS_STAGES = frozenset({"inpaint", "locality"})  # evaluations that run in one process only
 
 # name -> (embed_dim, depth, num_heads, patch_size, img_size). The first four are the paper's
 # architectures (patch 16, 224 px); the rest are CPU-sized presets for tests and the demo.
@@ -219,8 +220,15 @@ class PretrainSpec(Retention):
     log_every: int = Field(20, ge=1, description="steps between loss logs (the only host syncs)")
     ckpt_every: int = Field(1000, ge=1, description="steps between checkpoints")
     async_save: bool = Field(False, description="write periodic checkpoints in the background")
-    strategy: Literal["fsdp", "ddp", "none"] = Field("fsdp", description="data parallelism with several processes")
-    compile: bool = Field(False, description="torch.compile the encoders (masks have a fixed size: shapes are static)")
+    strategy: Literal["fsdp", "hsdp", "ddp", "none"] = Field(
+        "fsdp",
+        description="data parallelism with several processes: fsdp shards over every rank, hsdp shards within a node "
+        "and replicates across nodes, ddp replicates",
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile each transformer block before sharding (masks have a fixed size: static shapes)",
+    )
     knn_monitor: bool = Field(True, description="kNN accuracy (knn settings) at the start, periodically and at the end")
     knn_every_epochs: float | None = Field(None, gt=0, description="kNN monitor period; only at start and end if unset")
     init_from: str | None = Field(
@@ -561,6 +569,7 @@ SBATCH_VALUE = (re.compile(r"[A-Za-z0-9_.,:@%=+/\[\]-]{0,512}"), "letters, digit
 INTERFACE = re.compile(r"[A-Za-z0-9_.:-]{1,15}")  # Linux IFNAMSIZ; no '/' or whitespace
 MANAGED_SBATCH_OPTIONS = frozenset(
     {"array", "dependency", "error", "job-name", "open-mode", "output", "parsable", "signal", "wrap", "wckey"}
+    | {"cpus-per-task", "nodes", "ntasks-per-node", "gpus-per-node"}  # resources fields; the srun line repeats some
 )
 
 

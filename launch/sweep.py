@@ -25,7 +25,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from extrema.spec import LOCATED, Experiment, LoggingSpec, ResourcesSpec, RunSpec, StageName, located
+from extrema.spec import (
+    LOCATED,
+    SINGLE_PROCESS_STAGES,
+    Experiment,
+    LoggingSpec,
+    ResourcesSpec,
+    RunSpec,
+    StageName,
+    located,
+)
 from launch import roots, store
 from launch.errors import InvalidSweep, Loc, Problem
 from launch.printable import clip, shown
@@ -448,6 +457,25 @@ def _validated_sections(base: dict[str, Any]) -> dict[str, BaseModel]:
     return out
 
 
+def one_process_problems(launcher: LauncherSpec, stages: tuple[str, ...], reported: set[str]) -> list[Problem]:
+    """A stage that runs in one process only (SINGLE_PROCESS_STAGES) given several by the launcher: refused before
+    submission, once per stage (`reported` collects the stages already named)."""
+    problems = []
+    for stage in stages:
+        r = launcher.resources_for(stage)
+        if stage in SINGLE_PROCESS_STAGES and r.nodes * r.processes_per_node > 1 and stage not in reported:
+            reported.add(stage)
+            problems.append(
+                Problem(
+                    "",
+                    ("launcher", "stages", stage) if stage in launcher.stages else ("launcher", "resources"),
+                    f"{stage} runs in one process, not {r.nodes} x {r.processes_per_node}: give it its own resources, "
+                    f"launcher.stages.{stage}: {{nodes: 1, processes_per_node: 1}}",
+                )
+            )
+    return problems
+
+
 def expand(sweep: SweepFile) -> list[Run]:
     """Every run of a sweep, in a stable order; InvalidSweep listing every problem found."""
     problems: list[Problem] = []
@@ -455,6 +483,7 @@ def expand(sweep: SweepFile) -> list[Run]:
     runs: list[Run] = []
     seen: dict[str, int] = {}
     ids = RunIds()
+    seen_stages: set[str] = set()
     fixed = _validated_sections(sweep.base)
     for i, (overrides, origin) in enumerate(points):
         touched = {p.split(".", 1)[0] for p in overrides}
@@ -486,6 +515,7 @@ def expand(sweep: SweepFile) -> list[Run]:
                     Problem("", ("base", "stages"), f"{s} needs pretrain in stages or a {s}.checkpoint URL")
                 )
             continue
+        problems.extend(one_process_problems(sweep.launcher, experiment.stages, seen_stages))
         runs.append(Run(rid, overrides, experiment, ordered_stages(experiment)))
     if problems:
         raise InvalidSweep(problems)

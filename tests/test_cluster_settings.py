@@ -34,10 +34,18 @@ def test_placement_spreads_one_worker_per_node() -> None:
 def test_network_settings_reach_every_rank_through_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EXTREMA_LEASE_TTL_S", "10")
     monkeypatch.setenv("EXTREMA_JOB_ID", "mine")
+    for var in contract.NCCL_ENV:
+        monkeypatch.delenv(var, raising=False)
     r = ResourcesSpec(nodes=2, network_interface="eth0", collective_timeout_s=45)
     env = network_env(r)
-    assert env == {contract.COLLECTIVE_TIMEOUT_ENV: "45", "GLOO_SOCKET_IFNAME": "eth0", "NCCL_SOCKET_IFNAME": "eth0"}
-    assert network_env(ResourcesSpec()) == {contract.COLLECTIVE_TIMEOUT_ENV: "600"}
+    nccl = {
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "2",
+        "TORCH_FR_BUFFER_SIZE": "2000",
+        "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+    }
+    net = {"GLOO_SOCKET_IFNAME": "eth0", "NCCL_SOCKET_IFNAME": "eth0"}
+    assert env == {contract.COLLECTIVE_TIMEOUT_ENV: "45", **net, **nccl}
+    assert network_env(ResourcesSpec()) == {contract.COLLECTIVE_TIMEOUT_ENV: "600", **nccl}
     job = Job("r/pretrain", "file:///x/s/r", "pretrain", (), r)
     merged = job_runtime_env({"pip": ["x"], "env_vars": {"A": "1"}}, job)
     assert merged["pip"] == ["x"] and merged["env_vars"]["A"] == "1" and merged["env_vars"]["RAY_DEDUP_LOGS"] == "0"
@@ -45,6 +53,8 @@ def test_network_settings_reach_every_rank_through_the_environment(monkeypatch: 
     assert env.items() <= merged["env_vars"].items()
     with pytest.raises(ValueError, match="not a network interface name"):
         ResourcesSpec(network_interface="eth0; rm")
+    monkeypatch.setenv("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")  # the submitter's own choice is left to reach the job
+    assert "TORCH_NCCL_ASYNC_ERROR_HANDLING" not in network_env(ResourcesSpec())
 
 
 def test_slurm_task_lines_name_their_node_and_rank_even_across_requeues_and_cut_chunks() -> None:

@@ -18,6 +18,7 @@ import torch
 
 from extrema import ckpt, contract, entry, rundir
 from extrema.models.extrema import ExtreMA
+from extrema.safe_dcp import SafeFsspecReader
 from extrema.spec import RunSpec
 from launch.backends.ray_head import free_ports
 from tests.stage_runs import make_run, without_key_bias
@@ -81,6 +82,37 @@ def test_two_processes_match_one_on_the_same_global_batch(single: Path, tmp_path
         assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= set(files)
     export = ckpt.read_torch(str(tmp_path / "pretrain" / "export" / "encoder_ema.pt"))
     torch.testing.assert_close(export["norm.weight"], one["target.encoder.norm.weight"], rtol=1e-4, atol=1e-5)
+
+
+def two_node_torchrun(run_dir: Path) -> list[subprocess.CompletedProcess]:
+    """The pretrain stage as two one-process "nodes": two torchrun agents meeting at one rendezvous, so that each
+    rank sees LOCAL_WORLD_SIZE=1 as on two machines."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1"]
+    cmd += ["--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "hsdp"]
+    cmd += ["-m", "extrema.entry", str(run_dir), "pretrain"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    agents = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in "ab"]
+    done = []
+    for agent in agents:
+        out, err = agent.communicate(timeout=240)
+        done.append(subprocess.CompletedProcess(cmd, agent.returncode, out, err))
+    return done
+
+
+def test_hsdp_across_two_nodes_replicates_and_matches_one_process(single: Path, tmp_path: Path) -> None:
+    make_run(str(tmp_path), {**SETUP, "pretrain": {**SETUP["pretrain"], "strategy": "hsdp"}})
+    for proc in two_node_torchrun(tmp_path):
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert losses(tmp_path) == pytest.approx(losses(single), rel=1e-4, abs=1e-5)
+    one, two = without_key_bias(weights(single)), without_key_bias(weights(tmp_path))
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5, msg=k)
+    # (2 nodes, 1 rank each): parameters are replicated across the nodes, not sharded: each tensor is one whole
+    # chunk in the checkpoint (FSDP over the same two ranks saves two halves).
+    meta = SafeFsspecReader(str(tmp_path / "pretrain" / "ckpt" / "step-6")).read_metadata().state_dict_metadata
+    params = {k: m for k, m in meta.items() if k.startswith("model.") and hasattr(m, "chunks")}
+    assert params and all(len(m.chunks) == 1 for m in params.values()), {k: len(m.chunks) for k, m in params.items()}
 
 
 def test_background_saves_with_two_processes_match_the_synchronous_run(single: Path, tmp_path: Path) -> None:

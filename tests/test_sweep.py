@@ -345,3 +345,17 @@ def test_fast_run_ids_equal_the_definition_whatever_the_axes_touch(tmp_path: Pat
 
 def test_every_stage_name_is_planned_with_pretrain_first() -> None:
     assert STAGE_ORDER[0] == "pretrain" and set(STAGE_ORDER) == set(typing.get_args(StageName))
+
+
+def test_a_one_process_stage_given_several_processes_is_refused_before_submission(tmp_path: Path) -> None:
+    stages = "  data: {dataset: synthetic}\n  stages: [pretrain, locality]\n"
+    text = BASE.replace("  data: {dataset: synthetic}\n", stages)
+    text += "sweep:\n  grid:\n    pretrain.seed: [0, 1]\nlauncher:\n  resources: {processes_per_node: 2}\n"
+    (msg,) = problems(write(tmp_path, text))  # once, not once per run
+    assert "launcher.resources: locality runs in one process, not 1 x 2" in msg
+    assert "launcher.stages.locality: {nodes: 1, processes_per_node: 1}" in msg
+    ok = text + "  stages:\n    locality: {processes_per_node: 1}\n"
+    assert len(load_runs(write(tmp_path, ok, "ok.yaml"))[1]) == 2
+    bad = text + "  stages:\n    locality: {processes_per_node: 3}\n"
+    (msg,) = problems(write(tmp_path, bad, "bad.yaml"))
+    assert "launcher.stages.locality: locality runs in one process, not 1 x 3" in msg

@@ -35,7 +35,7 @@ from extrema.detection_data import (
     model_target,
     train_transform,
 )
-from extrema.dist import Preemption, World, autocast_dtype, data_parallel, init_world
+from extrema.dist import Preemption, World, after_main, autocast_dtype, data_parallel, init_world
 from extrema.models.detector import DISCARDED_KEYS, STRIDES, build_detector, feature_blocks
 from extrema.optim import build_adamw, param_groups, set_hyperparams
 from extrema.spec import DetectSpec, Experiment, RunSpec
@@ -68,8 +68,7 @@ def detection_sets(exp: Experiment, d: DetectSpec, stage_dir: str, world: World)
         directory = d.canvas_dir or rundir.join(stage_dir, "canvas")
         if world.is_main:
             canvas_sets(exp.data, d, directory)
-        if dist.is_initialized():
-            dist.barrier()
+        after_main("canvas")
         sets = canvas_sets(exp.data, d, directory)
         train, val = sets["train"], sets["val"]
     return CocoDetection(*train, drop_empty=True), CocoDetection(*val)
@@ -115,6 +114,7 @@ def evaluate(
             masks = [r for part in gathered for r in part[1]]
     scores = [coco_eval.evaluate(val.coco, boxes, masks, [val.ids[i] for i in val_idx]) if world.is_main else {}]
     if dist.is_initialized():
+        after_main("coco-eval")
         dist.broadcast_object_list(scores, src=0)
     return scores[0]
 

@@ -10,18 +10,16 @@ cross-entropy over `accum_steps` micro-batches -> step), top-1/top-5 at every ep
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from torchvision.transforms import InterpolationMode, v2
 
 from extrema import data, supervised, weights
-from extrema.dist import Preemption, autocast_dtype, data_parallel, init_world
+from extrema.dist import Preemption, autocast_dtype, data_parallel, gradient_sync, init_world
 from extrema.models.classifier import Classifier, discarded_keys, fresh_keys
 from extrema.optim import build_adamw, cosine_schedule, param_groups, scaled_lr, set_hyperparams
 from extrema.spec import Experiment, FinetuneSpec, RunSpec
@@ -127,8 +125,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
             x, soft = mix_batch(x, y, splits.num_classes, f.mixup, f.cutmix, data.seed_of(f.seed, world.rank, step, 1))
             chunks = list(zip(x.chunk(f.accum_steps), soft.chunk(f.accum_steps)))
             for i, (cx, cy) in enumerate(chunks):
-                defer = isinstance(trained, DistributedDataParallel) and i < len(chunks) - 1
-                with trained.no_sync() if defer else contextlib.nullcontext():  # type: ignore[operator]
+                with gradient_sync(trained, sync=i == len(chunks) - 1):
                     with torch.autocast(world.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
                         loss = F.cross_entropy(trained(cx).float(), cy, label_smoothing=f.label_smoothing)
                     (loss / len(chunks)).backward()

@@ -11,6 +11,7 @@ latest complete checkpoint if there is one.
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch import nn
 
 from extrema import ckpt, data, rundir, weights
 from extrema.augment import two_views
-from extrema.dist import Preemption, World, autocast_dtype, gather_keys, init_world, wrap
+from extrema.dist import Preemption, World, autocast_dtype, gather_keys, gradient_sync, init_world, wrap
 from extrema.knn_monitor import knn_monitor, pixel_knn
 from extrema.models.extrema import ExtreMA, Sampling, random_masks
 from extrema.optim import build_adamw, cosine_schedule, ema_momentum, param_groups, scaled_lr, set_hyperparams
@@ -72,16 +73,31 @@ def train_step(
         x1, x2 = two_views(x1, x2, color)
     visible = masks.transpose(0, 1)  # (B, M, K) from the loader -> (M, B, K), mask-major
     total = torch.zeros((), device=world.device)
-    for c1, c2, cv in zip(x1.chunk(p.accum_steps), x2.chunk(p.accum_steps), visible.chunk(p.accum_steps, dim=1)):
-        with torch.autocast(world.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-            loss = model(c1, c2, cv, p.loss, p.temperature, p.symmetric, gather_keys)
-        (loss / p.accum_steps).backward()
+    chunks = list(zip(x1.chunk(p.accum_steps), x2.chunk(p.accum_steps), visible.chunk(p.accum_steps, dim=1)))
+    for i, (c1, c2, cv) in enumerate(chunks):
+        with gradient_sync(model, sync=i == len(chunks) - 1):
+            with torch.autocast(world.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                loss = model(c1, c2, cv, p.loss, p.temperature, p.symmetric, gather_keys)
+            (loss / p.accum_steps).backward()
         total += loss.detach() / p.accum_steps
     if p.clip_grad is not None:
         nn.utils.clip_grad_norm_([q for q in model.parameters() if q.grad is not None], p.clip_grad)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total
+
+
+COMPILE_BACKEND_ENV = "EXTREMA_COMPILE_BACKEND"  # torch.compile's backend (inductor unless set; tests use aot_eager)
+
+
+def compile_blocks(model: ExtreMA) -> None:
+    """torch.compile every transformer block of both branches in place, before any sharding: FSDP2's hooks then stay
+    outside the compiled regions (a whole model compiled after sharding breaks its graph at every sharded block).
+    Blocks of one kind share their compiled code; parameter names are unchanged."""
+    backend = os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
+    for branch in (model.online, model.target):
+        for block in [*branch.encoder.blocks, *branch.encoder.blocks_token]:
+            block.compile(backend=backend)
 
 
 def export_encoders(model: ExtreMA, stage_dir: str, world: World) -> None:
@@ -109,10 +125,9 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     if p.init_from:  # every part of the model, both branches; a resumed run's checkpoint replaces them below
         weights.load_extrema(model, p.init_from)
     model = model.to(world.device)
-    loss_module, core = wrap(model, world, p.strategy, bf16=world.device.type == "cuda" and amp is not None)
     if p.compile:
-        core.online.encoder.compile()
-        core.target.encoder.compile()
+        compile_blocks(model)
+    loss_module, core = wrap(model, world, p.strategy, bf16=world.device.type == "cuda" and amp is not None)
     trainable = nn.ModuleDict({"online": core.online, "predictor": core.predictor})
     groups = param_groups(trainable, p.weight_decay, no_decay_names=("pos_embed", "cls_token"))
     optimizer = build_adamw(groups, lr=scaled_lr(p.base_lr, p.batch_size), betas=p.betas)

@@ -90,8 +90,10 @@ def code_env(code_dir: str, pythonpath: str | None) -> dict[str, str]:
 
 
 def network_env(r: ResourcesSpec) -> dict[str, str]:
-    """The launcher's network settings as the environment variables extrema.dist, gloo and NCCL read."""
-    env = {contract.COLLECTIVE_TIMEOUT_ENV: f"{r.collective_timeout_s:g}"}
+    """The launcher's network settings as the environment variables extrema.dist, gloo and NCCL read, and NCCL's
+    error handling and flight recorder (contract.NCCL_ENV) where the submitter's environment does not set them."""
+    env = {k: v for k, v in contract.NCCL_ENV.items() if k not in os.environ}
+    env[contract.COLLECTIVE_TIMEOUT_ENV] = f"{r.collective_timeout_s:g}"
     if r.network_interface:
         env.update(dict.fromkeys(contract.INTERFACE_ENVS, r.network_interface))
     return env
