@@ -3,7 +3,8 @@ that run here (a backend that `runs_here`, or a private cluster started for the 
 end.
 
 Nothing is written before the backend is ready: a private cluster that fails to start leaves the store untouched.
-When the backend refuses the submission, every status.json touched is put back as it was.
+When the backend refuses the submission, every status.json touched is put back as it was. A run store on an object
+store is first probed for the conditional writes the stage lease relies on, and refused (exit code 2) without them.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from rich.text import Text
 
 from extrema import rundir
 from extrema.contract import os_reason, update_status
+from extrema.lease import probe_conditional_writes
 from launch import store
 from launch.backends.base import Backend, Job, State, backend_class
+from launch.errors import UsageError
 from launch.progress import Watch, follow
 from launch.sweep import LauncherSpec
 
@@ -103,8 +106,23 @@ def _put_back(jobs: list[Job], previous: Mapping[str, dict[str, Any]]) -> None:
             rundir.write_json(rundir.join(job.run_dir, job.stage, "status.json"), previous[job.key])
 
 
+def check_leases_hold(url: str) -> None:
+    """Refuse (UsageError) a run store on an object store that ignores conditional writes: there two attempts of a
+    stage could both take its lease. Local and shared filesystems are not probed (their exclusive create is a link)."""
+    if rundir.local_path(url) is not None:
+        return
+    why = probe_conditional_writes(url)
+    if why is not None:
+        raise UsageError(f"run store {url} cannot hold stage leases, it ignores conditional writes: {why}")
+
+
 def submit(s: Submission, launcher: LauncherSpec, out: Console, watch: Watch | None = None) -> int:
     """Write specs, record the submission, submit; block with progress when the stages run here."""
+    try:
+        check_leases_hold(s.url)
+    except OSError as e:
+        out.print(Text(f"submission stopped before any job was sent: {os_reason(e)}", style="red"))
+        return FAILED
     with backend_for(launcher, out) as (backend, private):
         now = time.time()
         written: list[Job] = []
