@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import os
 import re
@@ -182,6 +183,11 @@ def code_changes(stage_dir: str, current: dict[str, Any]) -> list[dict[str, Any]
     return code.changes_on_resume(previous, current, has_checkpoint, allowed, now())
 
 
+def note_trackers(stage_dir: str, disabled: dict[str, str]) -> None:
+    """Record in the stage's status which trackers this attempt disabled, and why."""
+    commit_status(stage_dir, trackers={name: f"disabled: {why}" for name, why in disabled.items()})
+
+
 def commit_status(stage_dir: str, **fields: Any) -> dict[str, Any] | None:
     """Write status fields if this process still owns the stage (or holds no lease); None when it lost it."""
     try:
@@ -284,6 +290,7 @@ def attempt(run_dir: str, stage: str, stage_dir: str) -> dict[str, Any]:
             started_at=now(),
             finished_at=None,
             error=None,
+            trackers=None,
             host=info["host"],
             hosts=info["hosts"],
             code=info.get("code") or info.get("code_source"),
@@ -291,7 +298,8 @@ def attempt(run_dir: str, stage: str, stage_dir: str) -> dict[str, Any]:
             job_id=job_id_from_env() or prev.get("job_id"),
         )
     try:
-        with trackers.opened(spec, stage_dir) if rank == 0 else contextlib.nullcontext():
+        note = functools.partial(note_trackers, stage_dir)
+        with trackers.opened(spec, stage_dir, note) if rank == 0 else contextlib.nullcontext():
             result = fn(spec, stage_dir)
     except Exception as e:
         if world > 1 and is_collective_failure(e):

@@ -190,11 +190,42 @@ def canvas_problem(objects: tuple[int, int], scale: tuple[float, float]) -> str 
     return None
 
 
+# A field marked WHEN_SET is part of a run's identity only when it differs from its default: fields added after runs
+# exist keep every earlier run's id (`identity`).
+WHEN_SET: dict[str, Any] = {"identity": "when_set"}
+
+
+def identity(model: BaseModel) -> Any:
+    """The JSON form of a spec that a run's id hashes: every field, less WHEN_SET fields at their default."""
+    return _prune(model, model.model_dump(mode="json"))
+
+
+def _prune(model: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        extra = info.json_schema_extra
+        if isinstance(extra, dict) and extra.get("identity") == "when_set" and value == info.default:
+            dumped.pop(name, None)
+        elif isinstance(value, BaseModel) and isinstance(dumped.get(name), dict):
+            _prune(value, dumped[name])
+    return dumped
+
+
 class Retention(Spec):
-    """How many complete checkpoints a training stage keeps."""
+    """How many complete checkpoints a training stage keeps, and what it does when training diverges."""
 
     keep_last: int = Field(2, ge=1, description="complete checkpoints kept")
     keep_every: int | None = Field(None, ge=1, description="also keep checkpoints at multiples of this step")
+    on_nonfinite: Literal["fail", "skip"] = Field(
+        "fail",
+        description="a non-finite loss, gradient or parameter: fail the stage at once, keeping the last finite "
+        "checkpoint (checked at log and checkpoint steps, no per-step sync), or skip that optimizer step (one "
+        "host sync per step) and fail after max_skipped_steps",
+        json_schema_extra=WHEN_SET,
+    )
+    max_skipped_steps: int = Field(
+        10, ge=0, description="on_nonfinite skip: skipped steps allowed in a stage", json_schema_extra=WHEN_SET
+    )
 
 
 class PretrainSpec(Retention):

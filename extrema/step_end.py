@@ -9,11 +9,14 @@ evaluation numbers and (for pretrain) each rank's random state.
 
 from __future__ import annotations
 
+import math
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from extrema import ckpt, rundir
@@ -21,6 +24,35 @@ from extrema.dist import PREEMPT_CHECK_EVERY, Preemption, World, all_reduce_mean
 from extrema.entry import Preempted
 
 UNSET = -1.0  # an evaluation number not taken yet (every number the stages record is >= 0)
+SKIPPED = "skipped_steps"  # the loop value counting the optimizer steps skipped for non-finite numbers
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss, gradient or parameter: the stage fails, its last checkpoint is finite."""
+
+
+def local_tensor(t: Tensor) -> Tensor:
+    """A tensor's local part (a DTensor's shard; a plain tensor itself)."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+def all_finite(tensors: Iterable[Tensor], device: torch.device) -> Tensor:
+    """A 0-d bool tensor on `device`: every element of every tensor is finite (no host sync)."""
+    parts = [local_tensor(t).detach() for t in tensors]
+    parts = [t for t in parts if t.numel()]
+    if not parts:
+        return torch.ones((), dtype=torch.bool, device=device)
+    norms = torch._foreach_norm([t.float() for t in parts])  # one pass; a NaN or inf anywhere makes its norm so
+    return torch.isfinite(torch.stack(norms)).all().to(device)
+
+
+def everywhere(flag: Tensor) -> bool:
+    """Whether a bool flag holds on every rank (a MIN all-reduce when distributed; one host sync)."""
+    t = flag.to(torch.float32).reshape(1)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0)
 
 
 class LoopState:
@@ -156,11 +188,56 @@ class StepEnd:
     cadence: Cadence
     evaluate: Evaluate | None = None
     record: Record = keep_scores
+    on_nonfinite: str = "fail"  # the stage spec's on_nonfinite: fail | skip
+    max_skipped_steps: int = 0
     metrics: rundir.MetricsLog = field(init=False)
     saver: ckpt.Saver = field(init=False)
+    first_bad: Tensor = field(init=False)  # the first step whose running loss was not finite, on the device; -1
 
     def __post_init__(self) -> None:
         self.saver = ckpt.Saver(rundir.join(self.stage_dir, "ckpt"))
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=self.world.device)
+        if self.on_nonfinite == "skip":
+            self.loop.values.setdefault(SKIPPED, 0.0)
+
+    def update_allowed(self, step: int, loss: Tensor, parameters: Iterable[Tensor]) -> bool:
+        """Whether optimizer step `step` (1-based) may apply these gradients. `fail`: always, with no sync (a
+        divergence is caught at the next log or checkpoint step, before anything is saved). `skip`: only when the
+        loss and every gradient are finite on every rank (one host sync); a skipped step is counted and logged,
+        and more than `max_skipped_steps` of them end the stage as diverged."""
+        if self.on_nonfinite != "skip":
+            return True
+        grads = [p.grad for p in parameters if p.grad is not None]
+        finite = all_finite([loss.reshape(-1), *grads], self.world.device)
+        if everywhere(finite):
+            return True
+        skipped = int(self.loop.values[SKIPPED]) + 1
+        self.loop.values[SKIPPED] = float(skipped)
+        print(f"extrema: step {step}: non-finite loss or gradient; step skipped ({skipped} of at most "
+              f"{self.max_skipped_steps})", file=sys.stderr, flush=True)  # fmt: skip
+        if skipped > self.max_skipped_steps:
+            self.diverge(step, f"{skipped} non-finite steps skipped, more than max_skipped_steps")
+        return False
+
+    def diverge(self, step: int, what: str) -> None:
+        """End the stage as diverged at `step`: wait for a checkpoint still being written (it holds the last
+        finite state), then raise Diverged."""
+        self.saver.wait()
+        raise Diverged(f"diverged at step {step} ({what})")
+
+    def check_finite(self, done: int, losses: list[float]) -> None:
+        """At a log or checkpoint step: Diverged when a logged loss or (at log steps) a parameter is not finite."""
+        if all(math.isfinite(v) for v in losses) and everywhere(
+            all_finite(self.module.parameters(), self.world.device)
+        ):
+            return
+        first = self.first_bad.clone().reshape(1)
+        if dist.is_initialized():
+            first[first < 0] = done
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        step = int(first.item()) if first.item() >= 0 else done
+        bad = next((v for v in losses if not math.isfinite(v)), None)
+        self.diverge(step, f"loss {bad}" if bad is not None else "a parameter is not finite")
 
     def resume(self) -> int:
         """Restore the newest complete checkpoint into module, optimizer and loop state (nothing when there is
@@ -193,12 +270,16 @@ class StepEnd:
             or bool(every and done % every == 0 and (c.eval_last or not last))
             or (every is None and epoch_end)
         )
+        bad = ~torch.isfinite(running).all()
+        self.first_bad = torch.where(bad & (self.first_bad < 0), done, self.first_bad)
         check = self.world.size == 1 or done % PREEMPT_CHECK_EVERY == 0
         stop = check and preemption.should_stop(self.world.device)
         save = last or epoch_end or stop or bool(c.ckpt_every and done % c.ckpt_every == 0) or (due and c.epochs)
         log = last or epoch_end or bool(c.log_every and done % c.log_every == 0) or (due and c.log_evaluations)
         if save or log:
-            for name, value in zip(loop.sums, all_reduce_mean(running).reshape(-1).tolist()):
+            reduced = all_reduce_mean(running).reshape(-1).tolist()
+            self.check_finite(done, reduced)  # before anything is logged or saved
+            for name, value in zip(loop.sums, reduced):
                 loop.sums[name] += value
             loop.loss_steps += done - loop.step
             loop.step = done
@@ -217,7 +298,8 @@ class StepEnd:
             loop.sums = dict.fromkeys(loop.sums, 0.0)
             loop.loss_steps = 0
             shown = parts if len(parts) > 1 else {}
-            self.log({**head, "loss": sum(parts.values()), **row, **shown, **scores})
+            skips = {SKIPPED: int(loop.values[SKIPPED])} if SKIPPED in loop.values else {}
+            self.log({**head, "loss": sum(parts.values()), **row, **shown, **skips, **scores})
         elif scores:
             self.log({**head, **scores})
         if save:

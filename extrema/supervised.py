@@ -147,4 +147,6 @@ def classifier_step_end(
         cadence=Cadence(ckpt_every=s.ckpt_every, keep_last=s.keep_last, keep_every=s.keep_every),
         evaluate=evaluate,
         record=keep_accuracy,
+        on_nonfinite=s.on_nonfinite,
+        max_skipped_steps=s.max_skipped_steps,
     )

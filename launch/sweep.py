@@ -33,6 +33,7 @@ from extrema.spec import (
     ResourcesSpec,
     RunSpec,
     StageName,
+    identity,
     located,
 )
 from launch import roots, store
@@ -196,8 +197,8 @@ def _digest(text: str) -> str:
 
 
 def run_id(experiment: Experiment) -> str:
-    """10 hex digits of the sha256 of the experiment's canonical JSON (sorted keys, no spaces)."""
-    return _digest(canonical_json(experiment.model_dump(mode="json")))
+    """10 hex digits of the sha256 of the experiment's canonical JSON (sorted keys, no spaces; `spec.identity`)."""
+    return _digest(canonical_json(identity(experiment)))
 
 
 class RunIds:
@@ -222,7 +223,10 @@ class RunIds:
             if seen is not None and (seen[0] is value or (type(seen[0]) is type(value) and seen[0] == value)):
                 text = seen[1]
             else:
-                text = canonical_json(experiment.model_dump(mode="json", include={name})[name])
+                dumped = identity(value) if isinstance(value, BaseModel) else None
+                text = canonical_json(
+                    dumped if dumped is not None else experiment.model_dump(mode="json", include={name})[name]
+                )
                 self._last[name] = (value, text)
             parts.append(key + text)
         return _digest("{" + ",".join(parts) + "}")

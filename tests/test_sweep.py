@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from extrema.spec import Experiment, ResourcesSpec, StageName
+from extrema.spec import Experiment, ResourcesSpec, StageName, identity
 from launch.backends.base import Job
 from launch.errors import InvalidSweep
 from launch.pipeline import plan, select
@@ -359,3 +359,15 @@ def test_a_one_process_stage_given_several_processes_is_refused_before_submissio
     bad = text + "  stages:\n    locality: {processes_per_node: 3}\n"
     (msg,) = problems(write(tmp_path, bad, "bad.yaml"))
     assert "launcher.stages.locality: locality runs in one process, not 1 x 3" in msg
+
+
+def test_a_field_added_later_counts_in_the_run_id_only_when_set(tmp_path: Path) -> None:
+    """`on_nonfinite` (WHEN_SET) at its default leaves every earlier run's id as it was; set, it makes a new run."""
+    plain = load_runs(write(tmp_path, BASE, "a.yaml"))[1][0]
+    default = BASE.replace("steps: 2,", "steps: 2, on_nonfinite: fail, max_skipped_steps: 10,")
+    skip = BASE.replace("steps: 2,", "steps: 2, on_nonfinite: skip,")
+    assert load_runs(write(tmp_path, default, "b.yaml"))[1][0].run_id == plain.run_id
+    other = load_runs(write(tmp_path, skip, "c.yaml"))[1][0]
+    assert other.run_id != plain.run_id and other.run_id == run_id(other.experiment)
+    assert "on_nonfinite" not in json.dumps(identity(plain.experiment))
+    assert identity(other.experiment)["pretrain"]["on_nonfinite"] == "skip"

@@ -124,3 +124,59 @@ def test_both_trackers_hold_every_step_once_after_a_kill_and_resume(tmp_path: Pa
     assert sorted(set(steps)) == list(range(1, STEPS + 1))
     last = {int(row["_step"]): row["loss"] for row in history}
     assert [last[s] for s in range(1, STEPS + 1)] == pytest.approx([losses[s] for s in range(1, STEPS + 1)])
+
+
+def free_port() -> int:
+    """A localhost port nothing listens on."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def failing_tracker_run(tmp_path: Path, logging: dict[str, Any], env: dict[str, str]) -> tuple[int, str, Path]:
+    """A short pretrain stage with the given trackers in a process of its own: (exit code, stderr, run dir)."""
+    exp = Experiment.model_validate(merge(TINY_EXPERIMENT, {"pretrain": {"steps": 4, "ckpt_every": 2}}))
+    spec = RunSpec.model_validate(
+        {"sweep": "t", "run_id": "r0", "stage": "pretrain", "experiment": exp.model_dump(), "logging": logging}
+    )
+    rundir.write_json(str(tmp_path / "pretrain" / "spec.json"), spec.model_dump(mode="json"))
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HOME": str(tmp_path), **env}
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        if var not in env:
+            full_env.pop(var, None)
+    cmd = [sys.executable, "-m", "extrema.entry", str(tmp_path), "pretrain"]
+    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=240)
+    return proc.returncode, proc.stderr, tmp_path
+
+
+def assert_trained_without(tracker: str, code: int, stderr: str, run_dir: Path) -> None:
+    """The stage completed, every step is in metrics.jsonl, one warning named the tracker, status notes it."""
+    assert code == 0, stderr[-3000:]
+    assert sorted(logged_losses(run_dir)) == [1, 2, 3, 4]
+    assert stderr.count(f"extrema.trackers: {tracker} disabled for this attempt") == 1, stderr[-3000:]
+    status = json.loads((run_dir / "pretrain" / "status.json").read_text())
+    assert status["state"] == "completed"
+    assert status["trackers"][tracker].startswith("disabled: "), status
+
+
+def test_a_tensorboard_directory_that_cannot_be_made_does_not_stop_the_stage(tmp_path: Path) -> None:
+    (tmp_path / "pretrain").mkdir(parents=True)
+    (tmp_path / "pretrain" / trackers.TENSORBOARD_DIR).write_text("a file where the event directory goes")
+    code, err, run = failing_tracker_run(tmp_path, {"tensorboard": True}, {})
+    assert_trained_without("tensorboard", code, err, run)
+
+
+def test_wandb_online_without_an_api_key_does_not_stop_the_stage(tmp_path: Path) -> None:
+    logging = {"wandb": {"project": "p", "mode": "online"}}
+    code, err, run = failing_tracker_run(tmp_path, logging, {"WANDB_BASE_URL": f"http://127.0.0.1:{free_port()}"})
+    assert_trained_without("wandb", code, err, run)
+
+
+def test_an_unreachable_wandb_server_does_not_stop_the_stage(tmp_path: Path) -> None:
+    logging = {"tensorboard": True, "wandb": {"project": "p", "mode": "online"}}
+    env = {"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{free_port()}", "WANDB_INIT_TIMEOUT": "5"}
+    code, err, run = failing_tracker_run(tmp_path, logging, env)
+    assert_trained_without("wandb", code, err, run)
+    assert [s for s, _ in tensorboard_scalars(run, "loss")] == [1, 2, 3, 4]  # the other tracker carried on

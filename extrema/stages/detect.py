@@ -175,6 +175,8 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
             keep_every=d.keep_every,
         ),
         evaluate=lambda: evaluate(model, val, val_idx, d, world, workers),
+        on_nonfinite=d.on_nonfinite,
+        max_skipped_steps=d.max_skipped_steps,
     )
     start_step = step_end.resume()
 
@@ -198,9 +200,11 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
             loss.backward()  # type: ignore[union-attr]
             if d.clip_grad is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), d.clip_grad)
-            optimizer.step()
+            parts = torch.stack([losses[k].detach() for k in LOSSES])
+            if step_end.update_allowed(step + 1, parts, model.parameters()):
+                optimizer.step()
+                running += parts
             optimizer.zero_grad(set_to_none=True)
-            running += torch.stack([losses[k].detach() for k in LOSSES])
             step_end(step + 1, running, preemption, lr=lr)
 
     return {

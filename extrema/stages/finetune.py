@@ -124,15 +124,18 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
             x, y = x.to(world.device, non_blocking=True), y.to(world.device, non_blocking=True)
             x, soft = mix_batch(x, y, splits.num_classes, f.mixup, f.cutmix, data.seed_of(f.seed, world.rank, step, 1))
             chunks = list(zip(x.chunk(f.accum_steps), soft.chunk(f.accum_steps)))
+            step_loss = torch.zeros((), device=world.device)
             for i, (cx, cy) in enumerate(chunks):
                 with gradient_sync(trained, sync=i == len(chunks) - 1):
                     with torch.autocast(world.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
                         loss = F.cross_entropy(trained(cx).float(), cy, label_smoothing=f.label_smoothing)
                     (loss / len(chunks)).backward()
-                running += loss.detach() / len(chunks)
+                step_loss += loss.detach() / len(chunks)
             if f.clip_grad is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), f.clip_grad)
-            optimizer.step()
+            if step_end.update_allowed(step + 1, step_loss, model.parameters()):
+                optimizer.step()
+                running += step_loss
             optimizer.zero_grad(set_to_none=True)
             step_end(step + 1, running, preemption, lr=lr)
 

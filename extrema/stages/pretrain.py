@@ -10,9 +10,11 @@ latest complete checkpoint if there is one.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -66,8 +68,10 @@ def train_step(
     amp: torch.dtype | None,
     device_color: bool,
     color: bool,
+    allow: Callable[[torch.Tensor], bool] = lambda loss: True,
 ) -> torch.Tensor:
-    """One optimizer step over `accum_steps` micro-batches; returns the mean loss as a device tensor (no sync)."""
+    """One optimizer step over `accum_steps` micro-batches; returns the mean loss as a device tensor (no sync).
+    `allow(loss)` decides whether the gradients are applied (StepEnd.update_allowed); a skipped step returns 0."""
     x1, x2, masks = (t.to(world.device, non_blocking=True) for t in batch)
     if device_color:
         x1, x2 = two_views(x1, x2, color)
@@ -82,9 +86,11 @@ def train_step(
         total += loss.detach() / p.accum_steps
     if p.clip_grad is not None:
         nn.utils.clip_grad_norm_([q for q in model.parameters() if q.grad is not None], p.clip_grad)
-    optimizer.step()
+    applied = allow(total)
+    if applied:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return total
+    return total if applied else torch.zeros_like(total)
 
 
 COMPILE_BACKEND_ENV = "EXTREMA_COMPILE_BACKEND"  # torch.compile's backend (inductor unless set; tests use aot_eager)
@@ -156,6 +162,8 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
             background=p.async_save,
         ),
         evaluate=evaluate_knn if knn_every and p.knn_monitor else None,
+        on_nonfinite=p.on_nonfinite,
+        max_skipped_steps=p.max_skipped_steps,
     )
     torch.manual_seed(p.seed + world.rank)  # drop path differs by rank (a resumed run restores each rank's state)
     start_step = step_end.resume()
@@ -183,7 +191,8 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
             momentum = ema_momentum(step, total_steps, p.ema_momentum)
             set_hyperparams(optimizer, lr, wd)
             core.update_target(momentum)
-            running += train_step(loss_module, optimizer, batch, p, world, amp, device_color, color)
+            allow = functools.partial(step_end.update_allowed, step + 1, parameters=core.parameters())
+            running += train_step(loss_module, optimizer, batch, p, world, amp, device_color, color, allow)
             speed = (step + 1 - start_step) * p.batch_size / max(time.perf_counter() - t0, 1e-9)
             step_end(step + 1, running, preemption, lr=lr, wd=wd, momentum=momentum, images_per_s=speed)
     steps = step_end.loop.step

@@ -95,9 +95,10 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
                 feats = torch.cat([probe_features(encoder, chunk, p) for chunk in x.chunk(p.accum_steps)])
             loss = F.cross_entropy(trained(feats.float()), y)
             loss.backward()
-            optimizer.step()
+            if step_end.update_allowed(step + 1, loss.detach(), trained.parameters()):
+                optimizer.step()
+                running += loss.detach()
             optimizer.zero_grad(set_to_none=True)
-            running += loss.detach()
             step_end(step + 1, running, preemption, lr=lr)
 
     return {
