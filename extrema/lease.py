@@ -49,7 +49,7 @@ from typing import Any
 from fsspec.implementations.local import LocalFileSystem
 
 from extrema import conditional_writes, rundir
-from extrema.contract import MAX_RECORD_BYTES, Unreadable, env_float, parse_record
+from extrema.contract import MAX_RECORD_BYTES, Unreadable, env_float, parse_record, read_bytes
 
 LEASE_DIR = "lease"
 _GEN = re.compile(r"^(\d{1,12})\.json$")
@@ -248,8 +248,12 @@ def read_holder(stage_dir: str, gen: int) -> Holder:
             if got is None:
                 return Holder(gen, {}, url, "gone since it was listed")
             data, etag = got
-        else:
-            data = fs.cat_file(path)
+        else:  # a regular file inside the stage directory, at most a record's size (a pipe or a link out is damage)
+            local = rundir.local_path(stage_dir)
+            read = read_bytes(url, MAX_RECORD_BYTES, inside=os.path.realpath(local) if local else None)
+            if read is None:
+                return Holder(gen, {}, url, "gone since it was listed")
+            data = read
         record = parse_record(url, data)
     except Unreadable as e:
         return Holder(gen, {}, url, e.reason, etag)

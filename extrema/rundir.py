@@ -84,9 +84,11 @@ def read_jsonl(url: str) -> list[dict[str, Any]]:
     out = []
     for line in lines:
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(line)
+        except (ValueError, RecursionError):  # a line cut by a crash, or nested past the parser's depth
             continue
+        if isinstance(record, dict):
+            out.append(record)
     return out
 
 

@@ -46,7 +46,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from extrema import lease, rundir
+from extrema import contract, lease, rundir
 from launch import export_command, logs, results, roots, shard_command, store, tables
 from launch import snapshot as snapshots
 from launch.addressed import (
@@ -179,16 +179,20 @@ def store_snapshot(snap: snapshots.Snapshot, url: str, launcher: LauncherSpec, l
 
 
 def cmd_report(args: argparse.Namespace, out: Console) -> int:
-    """Write one self-contained HTML file of the sweep: status, results, figures, pictures, provenance."""
+    """Write one self-contained HTML file of the sweep: status, results, figures, pictures, provenance (nothing
+    written into the run store); exit 3 when a record or picture of it is unreadable (listed)."""
+    from extrema.contract import os_reason
     from launch import report
 
     target = open_addressed(args.target, args.root)
+    page, problems = report.render(target)
     try:
-        size = report.write(target, args.out)
+        size = report.write(args.out, page)
     except OSError as e:
-        raise UsageError(f"cannot write --out {args.out}: {type(e).__name__}: {e}") from None
+        raise UsageError(f"cannot write --out {args.out}: {os_reason(e)}") from None
     out.print(f"wrote {args.out} ({size / 1e6:.1f} MB), a page that needs no network")
-    return OK
+    print_unreadable(out, problems)
+    return DAMAGED if problems else OK
 
 
 def cmd_status(args: argparse.Namespace, out: Console) -> int:
@@ -202,7 +206,8 @@ def cmd_status(args: argparse.Namespace, out: Console) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace, out: Console) -> int:
-    """Cancel the pending, running and preempted stages of a sweep (or of one run) and record them cancelled."""
+    """Cancel the pending, running and preempted stages of a sweep (or of one run) and record them cancelled; a
+    local attempt is signalled only when its process is proven to be the stage's (else: "not stopped: <why>")."""
     target = open_addressed(args.target, args.root)
     runs = target.runs
     if args.run:
@@ -221,15 +226,20 @@ def cmd_cancel(args: argparse.Namespace, out: Console) -> int:
         except Exception as e:
             kept += list(ids)
             out.print(Text(f"could not cancel {len(ids)} {name} job(s): {type(e).__name__}: {e}", style="red"))
-    for k, why in stop_attempts({k: h for k, h in holders.items() if k not in kept}).items():
+    for k, why in stop_attempts(target.url, {k: h for k, h in holders.items() if k not in kept}).items():
         kept.append(k)
-        out.print(Text(f"could not stop {k}: {why}", style="red"), soft_wrap=True)
+        out.print(Text(f"{k}: not stopped: {why}", style="red"), soft_wrap=True)
     done = [k for k in live if k not in kept]
+    unrecorded = 0
     for k in done:
-        store.mark_ended(stages[k], "cancelled", "cancelled by user")
+        try:
+            store.record_ended(stages[k], "cancelled", "cancelled by user")
+        except OSError as e:  # a read-only store: the job is stopped, the record cannot say so
+            unrecorded += 1
+            out.print(Text(f"{k}: stopped, not recorded: {contract.os_reason(e)}", style="yellow"), soft_wrap=True)
     out.print(f"cancelled {len(done)} stage job(s)" + (f": {', '.join(done)}" if done else ""))
     print_unreadable(out, store.unreadable(statuses))
-    return FAILED if kept else DAMAGED if store.unreadable(statuses) else OK
+    return FAILED if kept or unrecorded else DAMAGED if store.unreadable(statuses) else OK
 
 
 def cmd_logs(args: argparse.Namespace, out: Console) -> int:
@@ -267,7 +277,7 @@ def cmd_logs(args: argparse.Namespace, out: Console) -> int:
                     continue
                 named = len(sources) > 1 or not src.name.startswith(stage_dir)  # a lone logs/ file goes bare
                 if chunk and not offsets.get(src.name) and named:
-                    out.print(Text(f"==> {src.name} <==", style="bold"))
+                    out.print(Text(logs.heading(src.name), style="bold"), soft_wrap=True)
                 text = lines[src.name].feed(chunk.decode(errors="replace"), final=not args.follow)
                 if text:
                     sys.stdout.write(text)

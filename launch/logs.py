@@ -1,7 +1,9 @@
 """Where a stage's logs are and how to read them, whichever backend ran it.
 
-- the files in `<run-dir>/<stage>/logs/`: the local backend's `local.log` (appended across attempts), and the
-  `ray-<job id>.log` copies a sweep saves there before it stops the local Ray head it started;
+- the files in `<run-dir>/<stage>/logs/`: the local backend's `local.<n>.log`, one per attempt, in the order the
+  attempts started (an older store's single `local.log`, appended across attempts, before them), each shown under
+  a header line naming its attempt; then the `ray-<job id>.log` copies a sweep saves there before it stops the
+  local Ray head it started;
 - what the stage's backend keeps of its job (`Backend.job_logs`): a Slurm job's submitit files in the sweep's log
   folder, `<job id>_<rank>_log.out` and `.err`, rank by rank (job ids are `<array>_<index>` or `<id>`; requeued
   attempts append to the same files); a Ray job's driver log (the stage's output included), read through the
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from launch.sweep import LauncherSpec
 
 SLURM_LOG = r"_(\d+)_log\.(out|err)"
+LOCAL_LOG = re.compile(r"local(?:\.(\d{1,9}))?\.log")  # local.<n>.log per attempt; local.log in older stores
 
 
 SUBMITIT_START = re.compile(r"Starting with JobEnvironment\(job_id=[^,]*, hostname=([^,\s]+),")
@@ -119,6 +122,32 @@ def file_source(url: str) -> LogSource:
     return LogSource(url, read)
 
 
+def local_attempt(url: str) -> int | None:
+    """The attempt number of a local backend log (`local.<n>.log`; 0 for an older store's single `local.log`), or
+    None for another file."""
+    m = LOCAL_LOG.fullmatch(url.rstrip("/").rsplit("/", 1)[-1])
+    return None if m is None else int(m.group(1) or 0)
+
+
+def in_attempt_order(urls: list[str]) -> list[str]:
+    """A stage's `logs/` files: the local backend's attempt logs first, in the order the attempts started, then
+    the others by name."""
+
+    def key(url: str) -> tuple[int, int, str]:
+        n = local_attempt(url)
+        return (0, n, url) if n is not None else (1, 0, url)
+
+    return sorted(urls, key=key)
+
+
+def heading(name: str) -> str:
+    """The line shown above a log: `==> attempt <n>: <name> <==` for a local backend's attempt log."""
+    n = local_attempt(name)
+    if n is None:
+        return f"==> {name} <=="
+    return f"==> attempt {n}: {name} <==" if n else f"==> earlier attempts, one file: {name} <=="
+
+
 def slurm_files(log_dir: str, job_id: str) -> list[str]:
     """The submitit stdout/stderr files of one Slurm job or array task, rank 0 first, .out before .err."""
     if not JOB_ID.fullmatch(job_id):
@@ -156,7 +185,7 @@ def sources(
 ) -> list[LogSource]:
     """Every log of a stage: its `logs/` files, then those its backend keeps of its current job. `ranks`
     (provenance's list of every rank's host and pid) names each line's node and rank where the backend can."""
-    kept = [file_source(u) for u in store.log_files(stage_dir)]
+    kept = [file_source(u) for u in in_attempt_order(store.log_files(stage_dir))]
     job_id, backend = str(status.get("job_id") or ""), recorded_class(status.get("backend"))
     if not job_id or backend is None:
         return kept

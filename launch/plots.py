@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from extrema import figures, rundir
+from extrema import contract, figures, rundir
 from launch import aggregate, results, store
 
 CURVE_METRICS = ("loss", "knn_top1")
@@ -104,8 +104,16 @@ def line_keys(runs: Sequence[store.StoredRun], axis: str) -> dict[str, tuple[str
 def read_metrics(sweep_url: str, runs: Sequence[store.StoredRun], stage: str = "pretrain") -> dict[str, list[dict]]:
     """Each run's `<stage>/metrics.jsonl` records (empty when absent), by run id."""
     urls = [rundir.join(store.stage_url(sweep_url, r.run_id, stage), "metrics.jsonl") for r in runs]
+    tree = store.real_tree(sweep_url)
+
+    def read(url: str) -> list[dict]:
+        try:
+            return contract.read_lines(url, inside=tree)  # bounded, depth-checked, never through a link out
+        except contract.Unreadable:
+            return []
+
     with ThreadPoolExecutor(_READERS) as pool:
-        docs = list(pool.map(rundir.read_jsonl, urls))
+        docs = list(pool.map(read, urls))
     return {r.run_id: d for r, d in zip(runs, docs)}
 
 

@@ -13,8 +13,9 @@ import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import IO, Any, Literal
+from typing import IO, Annotated, Any, Literal
 
+from pydantic import Field, ValidationError
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -27,16 +28,35 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from extrema import rundir
+from extrema import contract, rundir
 from launch.backends.base import Backend, Job, State
 
 ENDED = frozenset({State.COMPLETED, State.FAILED, State.CANCELLED})
+TAIL_BYTES = 256 << 10  # the end of metrics.jsonl read for the newest progress
 
 
-def latest_progress(stage_dir: str) -> dict[str, Any]:
-    """The newest step, total_steps and loss a stage logged (empty before its first log line)."""
+class ProgressRecord(contract.Record):
+    """The fields of a metrics.jsonl record the progress view reads; a record with any of them wrong is skipped."""
+
+    step: contract.Count | None = None
+    total_steps: Annotated[int, Field(ge=1, le=1 << 40)] | None = None
+    loss: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    images_per_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+
+
+def latest_progress(stage_dir: str, tree: str | None = None) -> dict[str, Any]:
+    """The newest step, total_steps, loss and images/s a stage logged, from the end of its metrics.jsonl (empty
+    before its first line, or when the file cannot be read or, with `tree`, leads outside that directory)."""
+    try:
+        records = contract.read_lines(rundir.join(stage_dir, "metrics.jsonl"), TAIL_BYTES, tree, tail=True)
+    except contract.Unreadable:
+        return {}
     out: dict[str, Any] = {}
-    for record in rundir.read_jsonl(rundir.join(stage_dir, "metrics.jsonl")):
+    for record in records:
+        try:
+            ProgressRecord.model_validate(record)
+        except ValidationError:
+            continue
         if "total_steps" in record:
             out.update(step=record.get("step"), total_steps=record["total_steps"])
         if "loss" in record:

@@ -3,7 +3,8 @@
 A stage's own process writes its status.json (running, completed, failed, preempted). What it cannot write is
 what happened to it from outside: a job cancelled while it waited, killed by the cluster, or gone altogether.
 First the stage's lease (`extrema.lease`): while a live attempt holds it, the stage is running, whatever its
-status.json says (a sweep driver killed with -9 leaves its local stages running, and they are shown so). A pending
+status.json says (a sweep driver killed with -9 leaves its local stages running, and they are shown so); a
+damaged lease record counts as expired and is listed as unreadable. A pending
 record without a job id whose submission was interrupted (the submitting process is gone) is marked `stuck`, so
 that the next `sweep` submits it again. Then, for every other stage the store shows pending, running or preempted,
 the backend that holds its job is asked (by `squeue`/`sacct`, the Ray job API or the PID of a local sweep; the
@@ -20,6 +21,8 @@ Stages are asked in groups, one per backend and cluster (`launch.backends.base.i
 its backend's `states`.
 
 Corrections are written to status.json (only when `write`), never over a terminal state the stage wrote itself.
+A store that refuses the first write (mounted read-only, no permission, full) gets no more: the corrections are
+shown, and one note says they were not recorded.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from extrema import lease
-from extrema.contract import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING
+from extrema.contract import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, os_reason
 from launch import store
 from launch.backends.base import State, Unreachable, backend_class, in_flight_groups, recorded_class
 from launch.sweep import LauncherSpec
@@ -46,6 +49,7 @@ class Reconciled:
     corrected: dict[str, str] = field(default_factory=dict)  # key -> error recorded with the corrected state
     holders: dict[str, lease.Holder] = field(default_factory=dict)  # key -> the live attempt that owns the stage
     stuck: set[str] = field(default_factory=set)  # pending without a job: the submission was interrupted
+    problems: list[str] = field(default_factory=list)  # `path: reason` of lease records that cannot be read
 
 
 def settled(seen: State | None, backend: str, job_id: str) -> tuple[str | None, str]:
@@ -101,12 +105,17 @@ def reconcile(
 ) -> Reconciled:
     """Each job's state from the run store, corrected by its backend for jobs the store shows in flight."""
     out = Reconciled({k: s.get("state") for k, s in statuses.items()})
+    refused: str | None = None  # why the store would not take the first correction: no more are tried
+    unrecorded = 0
     asked: dict[str, Mapping[str, Any]] = {}
     for key, s in statuses.items():
         if s.get("state") in (None, COMPLETED, store.UNREADABLE):
             continue
-        holder = lease.live_holder(store.stage_url(sweep_url, *store.split_key(key)))
-        if holder is not None:
+        stage = store.stage_url(sweep_url, *store.split_key(key))
+        holder = lease.current(stage)
+        if holder is not None and holder.damage is not None:
+            out.problems.append(f"{holder.url}: {holder.damage}")
+        elif holder is not None and holder.why_free() is None:
             out.states[key], out.holders[key] = RUNNING, holder
             continue
         if store.interrupted_submission(s):
@@ -134,7 +143,15 @@ def reconcile(
                     state = now
                 else:
                     out.corrected[key] = why
-                    if write:
-                        store.mark_ended(stage, state, why)
+                    if write and refused is None:
+                        try:
+                            store.record_ended(stage, state, why)
+                        except OSError as e:
+                            refused = f"{os_reason(e, path=False)}: {stage}"
+                    if write and refused is not None:
+                        unrecorded += 1
             out.states[key] = state
+    if refused is not None:
+        note = f"the run store takes no writes here ({refused}): {unrecorded} correction(s) shown, not recorded"
+        out.notes.append(note)
     return out

@@ -4,6 +4,10 @@ The page holds the sweep and its axes, the status table (backends asked), the re
 (mean ± std (n)), every figure `plot` draws (inline SVG), the attention maps and inpainting pictures the runs have
 (inline PNG), and each stage's provenance (host, git sha, code snapshot, world size). Nothing is fetched: no
 scripts, no styles, no images from elsewhere.
+
+Making the page writes nothing into the run store (the backends' corrections are shown, not recorded), and reads
+nothing from outside it: a picture that is a link out of the sweep's directory, not a PNG or too large is listed
+with the unreadable records, never inlined.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from extrema import rundir
-from launch import aggregate
+from extrema import contract, rundir
+from launch import aggregate, store
 from launch.addressed import Addressed, swept_axes
 from launch.results_view import collect
 from launch.status_view import status_table
@@ -26,6 +30,7 @@ from launch.tables import short_cell
 
 PICTURES = ("viz/*.png", "*/viz/*.png", "inpaint/*.png")  # under a run directory
 MAX_PICTURE_BYTES = 8 << 20
+PNG = b"\x89PNG\r\n\x1a\n"
 MAX_PICTURES = 48
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -72,22 +77,40 @@ def figures_html(target: Addressed, table: pa.Table) -> str:
     return "".join(parts) or '<p class="note">no figures yet</p>'
 
 
-def pictures_html(target: Addressed) -> str:
-    """The attention maps and inpainting pictures of the runs, inline as PNG (bounded in number and size)."""
+def picture(url: str, tree: str | None) -> bytes:
+    """The bytes of one PNG of the sweep; Unreadable when it cannot be read, leads outside `tree`, is larger than
+    MAX_PICTURE_BYTES or is not a PNG."""
+    data = contract.read_bytes(url, MAX_PICTURE_BYTES, tree)
+    if data is None:
+        raise contract.Unreadable(url, "vanished while the report was made")
+    if len(data) > MAX_PICTURE_BYTES:
+        raise contract.Unreadable(url, f"more than the {MAX_PICTURE_BYTES:,} bytes a picture may have")
+    if not data.startswith(PNG):
+        raise contract.Unreadable(url, "not a PNG image")
+    return data
+
+
+def pictures_html(target: Addressed, problems: list[str]) -> str:
+    """The attention maps and inpainting pictures of the runs, inline as PNG (bounded in number and size); those
+    that cannot be shown go to `problems` as `path: reason`."""
     parts: list[str] = []
+    tree = store.real_tree(target.url)
     for run in target.runs:
         base = rundir.join(target.url, run.run_id)
         fs, path = rundir.filesystem(base)
-        for pattern in PICTURES:
-            for found in sorted(fs.glob(f"{path}/{pattern}")):
-                if len(parts) >= MAX_PICTURES or fs.size(found) > MAX_PICTURE_BYTES:
-                    continue
-                data = base64.b64encode(fs.cat_file(found)).decode()
-                name = f"{run.run_id}/{found[len(path) + 1 :]}"
-                parts.append(
-                    f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
-                    f"<figcaption>{html.escape(name)}</figcaption></figure>"
-                )
+        found = sorted({f for pattern in PICTURES for f in fs.glob(f"{path}/{pattern}")})
+        for name in found[: max(0, MAX_PICTURES - len(parts))]:
+            url = fs.unstrip_protocol(name) if "://" in base else name
+            try:
+                data = base64.b64encode(picture(url, tree)).decode()
+            except contract.Unreadable as e:
+                problems.append(str(e))
+                continue
+            shown = f"{run.run_id}/{name[len(path) + 1 :]}"
+            parts.append(
+                f'<figure><img alt="{html.escape(shown)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{html.escape(shown)}</figcaption></figure>"
+            )
     return "".join(parts) or '<p class="note">no attention maps or inpainting pictures in these runs</p>'
 
 
@@ -112,13 +135,16 @@ def provenance_html(table: pa.Table) -> str:
     return table_html(columns, rows, columns.index("state") if "state" in columns else None)
 
 
-def render(target: Addressed) -> str:
-    """The report of a sweep as one HTML document."""
-    table, _, problems = collect(target)
-    status = status_table(target)
+def render(target: Addressed) -> tuple[str, list[str]]:
+    """The report of a sweep as one HTML document, and `path: reason` of every record or picture it could not
+    read (listed on the page too)."""
+    status = status_table(target, write=False)
+    table, _, problems = collect(target, write=False)
+    problems = list(dict.fromkeys([*status.problems, *problems]))
     name = target.url.rstrip("/").rsplit("/", 1)[-1]
     axes = swept_axes(target.runs)
     state_col = status.columns.index("state")
+    pictures = pictures_html(target, problems)
     sections = [
         f"<h1>extrema sweep {html.escape(name)}</h1>",
         f"<p>{html.escape(target.url)} · {len(target.runs)} runs · swept: {html.escape(', '.join(axes) or 'nothing')}"
@@ -130,22 +156,22 @@ def render(target: Addressed) -> str:
         "<h2>Figures</h2>",
         figures_html(target, table),
         "<h2>Attention maps and inpainting</h2>",
-        pictures_html(target),
+        pictures,
         "<h2>Provenance</h2>",
         provenance_html(table),
     ]
     if problems:
         sections += ["<h2>Unreadable records</h2>", "<ul>", *(f"<li>{html.escape(p)}</li>" for p in problems), "</ul>"]
-    return (
+    page = (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>extrema {html.escape(name)}</title><style>{STYLE}</style></head><body>"
         + "\n".join(sections)
         + "</body></html>\n"
     )
+    return page, problems
 
 
-def write(target: Addressed, out: str) -> int:
-    """Write the report to a path or URL; its size in bytes."""
-    text = render(target)
-    rundir.write_text_atomic(out, text)
-    return len(text.encode())
+def write(out: str, page: str) -> int:
+    """Write the page to a path or URL (atomically); its size in bytes."""
+    rundir.write_text_atomic(out, page)
+    return len(page.encode())

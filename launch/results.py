@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from extrema import rundir
+from extrema import contract, rundir
 from launch import store
 
 Format = Literal["parquet", "csv", "json"]
@@ -90,7 +90,8 @@ def rows(
 ) -> list[dict[str, Any]]:
     """One dict per run and stage, read from the run store (status.json from `statuses` by job key when given).
 
-    An unreadable file leaves its fields empty and is appended to `problems` as `path: reason`.
+    An unreadable file leaves its fields empty and is appended to `problems` as `path: reason`; so is a stage
+    directory that leads outside the store, whose files are not read.
     """
     pairs = [(r, s, store.stage_url(sweep_url, r.run_id, s)) for r in runs for s in r.stages]
     names = (
@@ -98,15 +99,20 @@ def rows(
         if statuses is not None
         else ("status.json", "result.json", "provenance.json")
     )
-    docs = store.read_many([rundir.join(url, n) for _, _, url in pairs for n in names])
+    tree = store.local_tree(sweep_url)
+    away = {url for _, _, url in pairs if tree is not None and tree.leaves(url)}
+    wanted = [rundir.join(url, n) for _, _, url in pairs if url not in away for n in names]
+    found = dict(zip(wanted, store.read_many(sweep_url, wanted)))
     if problems is not None:
-        problems += [str(d) for d in docs if isinstance(d, store.Unreadable)]
-    n = len(names)
+        problems += [f"{url}: {contract.LEAVES}" for url in away if statuses is None]  # else listed with them
+        problems += [str(d) for d in found.values() if isinstance(d, store.Unreadable)]
     now = time.time()
     out = []
-    for i, (r, s, _) in enumerate(pairs):
-        status = statuses.get(store.job_key(r.run_id, s)) if statuses is not None else docs[n * i]
-        out.append(_row(r, s, status, docs[n * i + n - 2], docs[n * i + n - 1], now))
+    for r, s, url in pairs:
+        status, result, prov = (found.get(rundir.join(url, n)) for n in ("status.json", *names[-2:]))
+        if statuses is not None:
+            status = statuses.get(store.job_key(r.run_id, s))
+        out.append(_row(r, s, status, result, prov, now))
     return out
 
 

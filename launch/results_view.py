@@ -36,13 +36,14 @@ def results_format(fmt: str | None, out_path: str | None) -> str:
     return fmt or str(inferred)
 
 
-def collect(target: Addressed) -> tuple[pa.Table, Reconciled, list[str]]:
-    """The sweep's results table (a row per run and stage), after asking the backends about in-flight stages,
-    and `path: reason` of every unreadable record (their fields are empty)."""
+def collect(target: Addressed, write: bool = True) -> tuple[pa.Table, Reconciled, list[str]]:
+    """The sweep's results table (a row per run and stage), after asking the backends about in-flight stages
+    (their corrections recorded when `write` and the store takes them), and `path: reason` of every unreadable
+    record (their fields are empty)."""
     keys = [k for r in target.runs for k in r.job_keys()]
     statuses = store.read_statuses(target.url, keys)
-    problems = [*target.problems, *store.unreadable(statuses)]
-    seen = reconcile(target.url, statuses, target.launcher, target.manifest, write=True)
+    seen = reconcile(target.url, statuses, target.launcher, target.manifest, write=write)
+    problems = [*target.problems, *store.unreadable(statuses), *seen.problems]
     for key, why in seen.corrected.items():
         statuses[key] = {**statuses[key], "state": seen.states[key], "error": why}
     for key in seen.holders:
@@ -168,8 +169,9 @@ def cmd_results(args: argparse.Namespace, out: Console) -> int:
         show_view(out, view)
     else:
         sys.stdout.write(results.encode(view.table, fmt).decode())  # type: ignore[arg-type]
-    print_notes(out, seen)
-    print_unreadable(Console(stderr=True) if fmt != "table" and not args.out else out, problems)
+    beside = Console(stderr=True) if fmt != "table" and not args.out else out  # standard output carries the data
+    print_notes(beside, seen)
+    print_unreadable(beside, problems)
     return DAMAGED if problems else OK
 
 

@@ -5,28 +5,36 @@ checkout, every tracked file as it is in the working tree (uncommitted changes i
 git does not ignore; outside a checkout, the installed packages' files. Its id is a hash of every path and content,
 so the same code is stored once: `<sweep>/code/<id>/manifest.json` (written last: a snapshot without it is
 incomplete) beside `<sweep>/code/<id>/files/{extrema,launch}/...`, on any fsspec URL. Jobs import from a local
-copy of `files/` (`local_copy`): the store itself when it is a local path, else a cache directory.
+copy of `files/` (`local_copy`): the store itself when it is a local path, else a cache directory; either is
+verified first (`extrema.code.verify`), and a manifest with a name outside the packages is refused before anything
+is written. Every job verifies its copy again when it starts (`extrema.code.guard`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from extrema import code, rundir
+from launch.errors import UsageError
 
-PACKAGES = ("extrema", "launch")
-MAX_FILES = 5_000
-MAX_BYTES = 64 << 20  # the whole snapshot; a tree larger than this is refused (something unexpected is in it)
+PACKAGES = code.PACKAGES
+MAX_FILES = code.MAX_FILES
+MAX_BYTES = code.MAX_BYTES  # the whole snapshot; a tree larger than this is refused (something unexpected is in it)
 GIT_TIMEOUT_S = 30.0
 
 
-class SnapshotError(Exception):
-    """The source tree cannot be snapshotted (too large, unreadable) or a stored snapshot is damaged."""
+class SnapshotError(UsageError):
+    """The source tree cannot be snapshotted (too large, unreadable, a name a snapshot cannot hold) or a stored
+    snapshot is damaged or not what its id says."""
 
 
 @dataclass(frozen=True)
@@ -109,6 +117,10 @@ def take(root: Path | None = None) -> Snapshot:
     files: dict[str, bytes] = {}
     total = 0
     for p in paths:
+        try:
+            code.check_name(p)
+        except code.SnapshotRefused as e:
+            raise SnapshotError(f"{root}: {e}") from None
         data = (root / p).read_bytes()
         total += len(data)
         if total > MAX_BYTES:
@@ -151,28 +163,71 @@ def save(snapshot: Snapshot, sweep_url: str) -> str:
 
 
 def local_copy(url: str, cache: Path) -> Path:
-    """A local directory to import the snapshot at `url` from: its own `files/` when the store is local, else a
-    verified copy under `cache/<id>/` (fetched once; the manifest is written last there too)."""
-    manifest = code.read_manifest(rundir.join(url, code.MANIFEST))
+    """A verified local directory to import the snapshot at `url` from: its own `files/` when the store is local,
+    else a copy under `cache/<id>/` (fetched once into a fresh directory, verified, then renamed into place).
+    SnapshotError when the manifest, a name, a file, the id or the directory's name is not what it should be."""
+    try:
+        manifest = code.read_manifest(rundir.join(url, code.MANIFEST))
+    except code.SnapshotRefused as e:
+        raise SnapshotError(str(e)) from None
+    snapshot_id = manifest["id"]
+    if url.rstrip("/").rsplit("/", 1)[-1] != snapshot_id:
+        raise SnapshotError(f"{url}: holds snapshot {snapshot_id}, not the one its directory is named after")
     local = rundir.local_path(rundir.join(url, code.FILES))
     if local is not None:
-        return Path(local)
-    target = cache / manifest["id"]
-    if (target / code.MANIFEST).is_file():
-        return target / code.FILES
+        return verified(Path(local), f"remove {url} and submit again to store this code afresh")
+    target = cache / snapshot_id
+    if os.path.lexists(target / code.MANIFEST):
+        return verified(target / code.FILES, f"remove {target} to fetch it again")
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{snapshot_id}-", dir=cache))
+    try:
+        fetch(url, manifest, staging / snapshot_id)
+        verified(staging / snapshot_id / code.FILES)
+        if os.path.lexists(target) and not os.path.lexists(target / code.MANIFEST):
+            shutil.rmtree(target)  # an incomplete copy: the manifest is written last
+        with contextlib.suppress(OSError):  # another process may have put its copy in place first
+            (staging / snapshot_id).rename(target)
+    except OSError as e:
+        raise SnapshotError(f"{url}: cannot copy it to {cache}: {e}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return verified(target / code.FILES)
+
+
+def fetch(url: str, manifest: dict[str, Any], into: Path) -> None:
+    """Copy the listed files of the snapshot at `url` into the new directory `into` (files/, then the manifests);
+    every name was checked by `code.read_manifest`, and every file is created, never opened through a link."""
+    into.mkdir()
     fs, _ = rundir.filesystem(url)
+    total = 0
     for path, digest in manifest["files"].items():
-        with fs.open(rundir.filesystem(rundir.join(url, code.FILES, path))[1], "rb") as f:
-            data = f.read(MAX_BYTES + 1)
+        try:
+            with fs.open(rundir.filesystem(rundir.join(url, code.FILES, path))[1], "rb") as f:
+                data = f.read(MAX_BYTES + 1)
+        except FileNotFoundError:
+            raise SnapshotError(f"{url}: {path} is missing") from None
+        total += len(data)
+        if total > MAX_BYTES:
+            raise SnapshotError(f"{url}: its files exceed {MAX_BYTES >> 20} MiB")
         if hashlib.sha256(data).hexdigest() != digest:
             raise SnapshotError(f"{url}: {path} does not match the snapshot's manifest")
-        dest = target / code.FILES / path
+        dest = into / code.FILES / path
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(data)
+        with open(dest, "xb") as out:
+            out.write(data)
     text = json.dumps(manifest, indent=2, sort_keys=True)
-    (target / code.FILES / code.INSIDE).write_text(text)
-    (target / code.MANIFEST).write_text(text)
-    return target / code.FILES
+    (into / code.FILES / code.INSIDE).write_text(text)
+    (into / code.MANIFEST).write_text(text)
+
+
+def verified(files_dir: Path, remedy: str = "") -> Path:
+    """`files_dir` once `code.verify` accepts it; SnapshotError (with the remedy, when given) otherwise."""
+    try:
+        code.verify(files_dir)
+    except (code.SnapshotRefused, OSError) as e:
+        raise SnapshotError(f"{code.REFUSED}: {e} (in {files_dir})" + (f"; {remedy}" if remedy else "")) from None
+    return files_dir
 
 
 def default_cache() -> Path:

@@ -12,7 +12,7 @@ from rich.live import Live
 from rich.text import Text
 
 from extrema import rundir
-from extrema.contract import COMPLETED, RUNNING
+from extrema.contract import COMPLETED, RESULT, RUNNING
 from extrema.contract import FAILED as FAILED_STATE
 from launch import results, store, tables
 from launch.addressed import DAMAGED, ENDED_STATES, FAILED, OK, Addressed, print_notes, print_unreadable, swept_axes
@@ -21,9 +21,9 @@ from launch.reconcile import Reconciled, reconcile
 from launch.tables import cell
 
 
-def _latest(state: str | None, status: dict[str, Any], result: Any, stage_dir: str) -> str:
+def _latest(state: str | None, status: dict[str, Any], result: Any, stage_dir: str, tree: str | None) -> str:
     if state == RUNNING:
-        p = latest_progress(stage_dir)
+        p = latest_progress(stage_dir, tree)
         loss = f" loss {p['loss']:.4f}" if isinstance(p.get("loss"), (int, float)) else ""
         return f"step {p['step']}/{p['total_steps']}{loss}" if p.get("total_steps") else "started"
     if isinstance(result, dict):
@@ -57,17 +57,19 @@ class StatusTable:
     problems: list[str]  # `path: reason` of every unreadable record (its row shows `unreadable`)
 
 
-def status_table(target: Addressed) -> StatusTable:
-    """Every run and stage of the sweep with its state (asking the backends), attempts, elapsed and latest metric."""
+def status_table(target: Addressed, write: bool = True) -> StatusTable:
+    """Every run and stage of the sweep with its state (asking the backends), attempts, elapsed and latest metric;
+    the backends' corrections are recorded when `write` and the store takes them."""
     keys = [k for r in target.runs for k in r.job_keys()]
     statuses = store.read_statuses(target.url, keys)
-    seen = reconcile(target.url, statuses, target.launcher, target.manifest, write=True)
+    seen = reconcile(target.url, statuses, target.launcher, target.manifest, write=write)
     states = seen.states
     done = [k for k in keys if states.get(k) == COMPLETED]
-    urls = [rundir.join(store.stage_url(target.url, *store.split_key(k)), "result.json") for k in done]
-    found = dict(zip(done, store.read_many(urls)))
-    problems = [*target.problems, *store.unreadable(statuses)]
+    urls = [rundir.join(store.stage_url(target.url, *store.split_key(k)), RESULT) for k in done]
+    found = dict(zip(done, store.read_many(target.url, urls)))
+    problems = [*target.problems, *store.unreadable(statuses), *seen.problems]
     problems += [str(d) for d in found.values() if isinstance(d, store.Unreadable)]
+    tree = store.real_tree(target.url)
     paths = swept_axes(target.runs)
     columns = ("run", "stage", *paths, "state", "attempts", "elapsed", "latest", "job id", "code")
     rows, styles, pairs = [], [], []
@@ -79,7 +81,7 @@ def status_table(target: Addressed) -> StatusTable:
                 s = {**s, "error": seen.corrected[key]}
             if key in seen.stuck:
                 s = {**s, "error": "submission interrupted before the job was sent; `sweep` submits it again"}
-            latest = _latest(state, s, found.get(key), store.stage_url(target.url, run.run_id, stage))
+            latest = _latest(state, s, found.get(key), store.stage_url(target.url, run.run_id, stage), tree)
             if key in seen.holders:
                 latest = f"{latest} (pid {seen.holders[key].pid} on {seen.holders[key].host})"
             hosts = s.get("hosts")

@@ -79,9 +79,9 @@ def sweep_file(proj: Path, launcher: dict[str, Any], stages: list[str], steps: i
 
 
 def runs_of(proj: Path) -> list[Path]:
-    """The run directories of the sweep."""
+    """The run directories of the sweep (those holding a pretrain stage; the sweep has other directories too)."""
     root = proj / "runs" / "snap"
-    return [p for p in root.iterdir() if p.is_dir() and p.name not in ("code", "logs")] if root.is_dir() else []
+    return [p for p in root.iterdir() if (p / "pretrain").is_dir()] if root.is_dir() else []
 
 
 def run_dir(proj: Path) -> Path:
@@ -178,20 +178,22 @@ def test_snapshots_on_an_object_store_are_fetched_verified_and_refused_when_tamp
         snapshot.local_copy(url, tmp_path / "other-cache")
 
 
-def test_a_process_importing_a_snapshot_knows_it_and_notices_edits_to_it(tmp_path: Path) -> None:
+def test_a_process_importing_a_snapshot_knows_it_and_refuses_edits_to_it(tmp_path: Path) -> None:
     snap = snapshot.take(REPO)
     files = snapshot.local_copy(snapshot.save(snap, str(tmp_path / "sweep")), tmp_path / "cache")
     probe = "import json; from extrema import code; print(json.dumps(code.identity()))"
     env = {**os.environ, "PYTHONPATH": str(files), "PYTHONSAFEPATH": "1"}
 
-    def identity() -> dict[str, Any]:
-        out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True)
-        return dict(json.loads(out.stdout))
+    def identity() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True)
 
-    assert identity()["code"] == snap.id and identity()["code_source"] == "snapshot"
+    intact = json.loads(identity().stdout)
+    assert intact["code"] == snap.id and intact["code_source"] == "snapshot"
     with open(files / "extrema" / "spec.py", "a") as f:
         f.write("# edited in place\n")
-    assert identity()["code_source"] == "snapshot (modified)"
+    edited = identity()  # refused as `extrema.code` is imported, before the edited module runs
+    assert edited.returncode == 2 and edited.stdout == "", edited.stdout
+    assert "code snapshot refused: extrema/spec.py differs from the snapshot's manifest" in edited.stderr
     assert code.identity()["code_source"] == "installed"  # this test process runs the checkout
 
 

@@ -333,3 +333,28 @@ def test_control_characters_in_swept_values_are_shown_escaped(tmp_path: Path) ->
         assert code == 0, (command, err)
         assert ESC not in out + err and chr(7) not in out + err, command
         assert "\\x1b[31mred" in out and "\\x1b]0;pwned\\x07" in out, (command, out)
+
+
+# --- a hostile run store: every record read is bounded before it is parsed ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "data"),
+    [
+        ("status.json", b"[" * 1_000_000),  # 1 MB of nesting, never closed
+        ("result.json", b'{"a":' * 200_000 + b"1" + b"}" * 200_000),
+        ("status.json", b'{"state": "completed", "attempts": ' + b"9" * 900_000 + b"}"),
+    ],
+    ids=["unclosed nesting", "deep result", "a 900,000-digit integer"],
+)
+def test_a_hostile_record_in_the_store_is_listed_fast_and_small(tmp_path: Path, name: str, data: bytes) -> None:
+    from tests.test_records_shape import finished
+
+    url = finished(tmp_path / "runs")
+    bad = sorted(Path(url).glob(f"*/pretrain/{name}"))[0]
+    bad.write_bytes(data)
+    for command in ("status", "results"):
+        code, err, seconds, peak_mb = run_bounded([command, url], tmp_path)
+        assert code == 3 and "Traceback" not in err, (command, err)
+        assert peak_mb < LIMIT_MB, f"{command}: {peak_mb:.0f} MB"
+        print(f"{command} of {name}: listed in {seconds:.2f} s, {peak_mb:.0f} MB")

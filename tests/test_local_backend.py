@@ -106,7 +106,7 @@ def test_runs_in_dependency_order_one_at_a_time(tmp_path: Path) -> None:
         ("start", "a/pretrain"), ("end", "a/pretrain"), ("start", "b/pretrain"), ("end", "b/pretrain"),
         ("start", "a/knn"), ("end", "a/knn"),
     ]  # fmt: skip
-    log = (tmp_path / "s" / "a" / "pretrain" / "logs" / "local.log").read_text()
+    log = (tmp_path / "s" / "a" / "pretrain" / "logs" / "local.1.log").read_text()
     assert f"job {ids['a/pretrain']}" in log and "hello from a/pretrain" in log and "to stderr a/pretrain" in log
 
 
@@ -157,7 +157,7 @@ def test_gpus_are_pinned_per_job_and_an_impossible_ask_fails(tmp_path: Path) -> 
     assert states == {"a/pretrain": State.COMPLETED, "b/pretrain": State.COMPLETED, "c/pretrain": State.COMPLETED,
                       "d/pretrain": State.FAILED}  # fmt: skip
     assert store.read_status(str(tmp_path / "s" / "d" / "pretrain"))["error"] == "asks 3 GPU(s); this machine has 2"
-    seen = {r: (tmp_path / "s" / r / "pretrain" / "logs" / "local.log").read_text() for r in "abc"}
+    seen = {r: (tmp_path / "s" / r / "pretrain" / "logs" / "local.1.log").read_text() for r in "abc"}
     assert "cuda=0" in seen["a"] and "cuda=1" in seen["b"] and ("cuda=0" in seen["c"] or "cuda=1" in seen["c"])
     s = spans(tmp_path)
     assert s["c/pretrain"][0] >= min(s["a/pretrain"][1], s["b/pretrain"][1]), "c waited for a free GPU"
@@ -169,7 +169,7 @@ def test_a_spec_that_sets_cpus_per_task_sets_the_thread_count(tmp_path: Path, mo
     backend = LocalBackend(max_parallel=2, cpus=2, gpus=())
     ids = backend.submit(jobs, "")
     assert set(wait_all(backend, ids).values()) == {State.COMPLETED}
-    seen = {r: (tmp_path / "s" / r / "pretrain" / "logs" / "local.log").read_text() for r in ("one", "free")}
+    seen = {r: (tmp_path / "s" / r / "pretrain" / "logs" / "local.1.log").read_text() for r in ("one", "free")}
     assert "omp=1" in seen["one"], seen["one"]
     assert "omp=None" in seen["free"], "a spec silent on CPUs leaves torch's own thread count"
 
@@ -187,7 +187,7 @@ def test_a_two_process_fsdp_stage_runs_under_torchrun_from_a_sweep_file(tmp_path
         code = main(["sweep", str(path), "--root", str(tmp_path / "runs")])
     assert code == 0, out.getvalue() + err.getvalue()
     (stage,) = (tmp_path / "runs" / "tiny").glob("*/pretrain")
-    log = (stage / "logs" / "local.log").read_text()
+    log = (stage / "logs" / "local.1.log").read_text()
     assert "-m torch.distributed.run --standalone --nproc_per_node=2 -m extrema.entry" in log.splitlines()[0]
     assert json.loads((stage / "provenance.json").read_text())["world_size"] == 2
     assert json.loads((stage / "result.json").read_text())["steps"] == 2

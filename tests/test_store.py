@@ -209,5 +209,5 @@ def test_read_many_keeps_order_and_gives_none_for_missing_files(root: str) -> No
     urls = [f"{root}/many/{i}.json" for i in range(6)]
     for i in (0, 2, 3, 5):
         rundir.write_json(urls[i], {"i": i})
-    assert store.read_many(urls) == [{"i": 0}, None, {"i": 2}, {"i": 3}, None, {"i": 5}]
-    assert store.read_many([]) == []
+    assert store.read_many(f"{root}/many", urls) == [{"i": 0}, None, {"i": 2}, {"i": 3}, None, {"i": 5}]
+    assert store.read_many(f"{root}/many", []) == []

@@ -8,11 +8,17 @@ threads per process (OMP_NUM_THREADS, unless already set). A job asking more GPU
 at once with the reason. Jobs asking no GPUs are not pinned (they see what this process sees). A job of several
 processes runs under torchrun (`Job.command`).
 
-Each job's stdout and stderr go, interleaved, to `<run-dir>/<stage>/logs/local.log` (appended across attempts, one
-header line per attempt). A job whose upstream failed is not run and is recorded as failed ("not run: upstream
-..."). `cancel` sends SIGTERM to the job's process group, waits `grace_s`, then SIGKILL, and records the stage as
-cancelled so that the next `sweep` resumes it. A stage marked cancelled in the run store by another process
-(`extrema-launch cancel`) is stopped at the next poll. Job ids are `local-<pid>-<n>@<host>`.
+Each job's stdout and stderr go, interleaved, to a log of its own, `<run-dir>/<stage>/logs/local.<n>.log` (n = 1,
+2, ... in the order the attempts started; created exclusively, never overwritten; its first line names the job, host
+and command). On an object store the log is written to a local file and uploaded when the job ends. A job that
+exits with 2 (bad invocation, a refused code snapshot) is recorded failed with the last line it printed. A job
+whose upstream failed is not run and is recorded as failed ("not run: upstream ..."). `cancel` sends SIGTERM to the
+job's process group, waits `grace_s`, then SIGKILL, and records the stage as cancelled so that the next `sweep`
+resumes it. A stage marked cancelled in the run store by another process (`extrema-launch cancel`) is stopped at
+the next poll. Job ids are `local-<pid>-<n>@<host>`.
+
+`stop_attempts` (`extrema-launch cancel`) stops attempts another process started, named by their lease records,
+but signals a process group only when it can prove it is the stage's attempt (`why_not_the_attempt`).
 """
 
 from __future__ import annotations
@@ -21,9 +27,11 @@ import contextlib
 import itertools
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -39,7 +47,9 @@ from launch.backends.base import Backend, Job, State, code_env
 if TYPE_CHECKING:
     from launch.sweep import LauncherSpec
 
-LOG_NAME = "local.log"
+LOG_PREFIX = "local"  # logs/local.<n>.log, one per attempt (launch.logs reads them in order)
+_LOG = re.compile(r"local\.(\d{1,9})\.log")
+LAST_LINE_BYTES = 4096
 _ID = re.compile(r"local-(\d+)-(\d+)@(.+)")
 _ENDED = (State.COMPLETED, State.FAILED, State.CANCELLED)
 
@@ -204,18 +214,13 @@ class LocalBackend(Backend):
         return State.CANCELLED
 
     def _start(self, t: _Task) -> None:
-        fs, path = rundir.filesystem(rundir.join(t.stage_dir, "logs", LOG_NAME))
-        if isinstance(fs, LocalFileSystem):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            t.log_path = path
-        else:
-            fd, t.log_path = tempfile.mkstemp(prefix="extrema-", suffix=".log")
-            os.close(fd)
-            t.upload_to = rundir.join(t.stage_dir, "logs", LOG_NAME)
-        t.log = open(t.log_path, "ab")  # noqa: SIM115 - closed when the job is reaped
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        t.log.write(f"=== {stamp} job {t.job_id} on {self.host}: {' '.join(t.job.command())}\n".encode())
-        t.log.flush()
+        header = f"=== {stamp} job {t.job_id} on {self.host}: {' '.join(t.job.command())}\n".encode()
+        try:
+            self._open_log(t, header)
+        except OSError as e:  # this stage's directory takes no writes: that stage fails, named; the others go on
+            self._end(t, State.FAILED, f"cannot write its log: {contract.os_reason(e)}", write=True)
+            return
         t.proc = subprocess.Popen(
             t.job.command(),
             stdin=subprocess.DEVNULL,
@@ -226,6 +231,18 @@ class LocalBackend(Backend):
         )
         t.started = time.time()
         t.state = State.RUNNING
+
+    def _open_log(self, t: _Task, header: bytes) -> None:
+        url = new_log(t.stage_dir, header)
+        fs, path = rundir.filesystem(url)
+        if isinstance(fs, LocalFileSystem):
+            t.log_path = path
+        else:
+            fd, t.log_path = tempfile.mkstemp(prefix="extrema-", suffix=".log")
+            with os.fdopen(fd, "wb") as f:
+                f.write(header)
+            t.upload_to = url
+        t.log = open(t.log_path, "ab")  # noqa: SIM115 - closed when the job is reaped
 
     def _reap(self, t: _Task) -> None:
         assert t.proc is not None
@@ -240,7 +257,10 @@ class LocalBackend(Backend):
         if stored == "cancelled" or t.returncode == contract.EXIT_REQUEUE:
             self._end(t, State.CANCELLED, "stopped at a signal (checkpoint saved); `sweep` resumes it", write=True)
             return
-        self._end(t, State.FAILED, f"exit code {t.returncode}", write=True)
+        error = f"exit code {t.returncode}"
+        if t.returncode == contract.EXIT_USAGE:  # refused before it ran: what it said is the reason
+            error = f"{last_line(t.log_path)} ({error})"
+        self._end(t, State.FAILED, error, write=True)
 
     def _terminate(self, tasks: list[_Task]) -> None:
         live = [t for t in tasks if t.proc is not None and t.proc.poll() is None]
@@ -267,36 +287,170 @@ class LocalBackend(Backend):
             t.log.close()
             t.log = None
             if t.upload_to:
-                fs, path = rundir.filesystem(t.upload_to)
-                fs.put_file(t.log_path, path)
-                os.unlink(t.log_path)
+                try:
+                    fs, path = rundir.filesystem(t.upload_to)
+                    fs.put_file(t.log_path, path)
+                    os.unlink(t.log_path)
+                except OSError as e:  # the log stays on this machine; the job's end is recorded all the same
+                    print(f"extrema: {t.job.key}: log kept at {t.log_path}: {contract.os_reason(e)}", file=sys.stderr)
         if write or (write is None and state != State.COMPLETED):
             store.mark_ended(t.stage_dir, state.value, error)
 
 
-def stop_attempts(holders: Mapping[str, lease.Holder], grace_s: float = 10.0) -> dict[str, str]:
-    """Stop the local stage processes that own these stages (by job key), whoever started them: SIGTERM to each
-    one's process group, SIGKILL after `grace_s`. Attempts of other backends are left to them. Returns
-    key -> why an attempt could not be stopped."""
+def new_log(stage_dir: str, header: bytes) -> str:
+    """The URL of a new attempt log of the stage, `logs/local.<n>.log` after the highest n there, created
+    exclusively with its header line (two jobs starting at once get two logs)."""
+    logs = rundir.join(stage_dir, "logs")
+    fs, path = rundir.filesystem(logs)
+    try:
+        names = [str(p).rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        names = []
+    n = max((int(m.group(1)) for name in names if (m := _LOG.fullmatch(name))), default=0)
+    while True:
+        n += 1
+        url = rundir.join(logs, f"{LOG_PREFIX}.{n}.log")
+        if lease.create_exclusive(url, header):
+            return url
+
+
+def last_line(path: str) -> str:
+    """The last line a job printed (from the end of its log), to say why it stopped."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - LAST_LINE_BYTES))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return "(its log cannot be read)"
+    lines = [line.strip() for line in tail.splitlines() if line.strip()]
+    return lines[-1][-500:] if lines else "(it printed nothing)"
+
+
+def proc_argv(pid: int) -> list[str] | None:
+    """The command line of a process of this host, or None when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read(1 << 20)
+    except OSError:
+        return None
+    return [a.decode(errors="surrogateescape") for a in raw.split(b"\0")[:-1]] if raw else None
+
+
+def parent(pid: int) -> int:
+    """The parent pid of a process of this host (0 when unknown)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().decode(errors="replace").rsplit(")", 1)[-1].split()  # state, ppid, pgrp, ...
+    except OSError:
+        return 0
+    return int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else 0
+
+
+def protected() -> set[int]:
+    """Pids and process groups never to signal: this process, its ancestors, and their process groups."""
+    out: set[int] = set()
+    pid = os.getpid()
+    while pid > 0 and pid not in out:
+        out.add(pid)
+        with contextlib.suppress(OSError):
+            out.add(os.getpgid(pid))
+        pid = parent(pid)
+    return out | {0, 1}
+
+
+def place(url: str, cwd: str | None) -> str | None:
+    """A run directory in one spelling: the real path of a local one (a relative one taken from `cwd`), else the URL
+    as its filesystem spells it; None when it cannot be told."""
+    try:
+        if "://" not in url:
+            if not os.path.isabs(url):
+                return os.path.realpath(os.path.join(cwd, url)) if cwd else None
+            return os.path.realpath(url)
+        fs, path = rundir.filesystem(url)
+        if isinstance(fs, LocalFileSystem):
+            return os.path.realpath(path)
+        return str(fs.unstrip_protocol(path)).rstrip("/")
+    except Exception:  # a command line that is not a URL fsspec knows
+        return None
+
+
+def runs_stage(argv: list[str], pid: int, run_dir: str, stage: str) -> bool:
+    """Whether a command line is `extrema.entry <run_dir> <stage>` as this backend starts it (`Job.command`):
+    `python -m extrema.entry`, torchrun's worker of it (`python -u -m ...`), or the torchrun that runs it."""
+    if len(argv) < 5 or argv[-4:-2] != ["-m", "extrema.entry"] or argv[-1] != stage:
+        return False
+    middle = argv[1:-4]
+    torchrun = middle[:2] == ["-m", "torch.distributed.run"] and all(a.startswith("--") for a in middle[2:])
+    if middle not in ([], ["-u"]) and not torchrun:
+        return False
+    try:
+        cwd: str | None = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        cwd = None
+    there = place(argv[-2], cwd)
+    return there is not None and there == place(run_dir, os.getcwd())
+
+
+def why_not_the_attempt(h: lease.Holder, run_dir: str, stage: str) -> str | None:
+    """Why the process group a lease record names cannot be proven to be this stage's local attempt, or None when
+    it is: its pid is not 1, this process or an ancestor (nor their groups), it started when the record says, it
+    runs `extrema.entry <run_dir> <stage>`, and its group is its own or that of the torchrun that started it."""
+    pid, pgid = h.pid, h.pgid
+    if pid <= 1 or pgid <= 1:
+        return f"the record names pid {pid}, process group {pgid}"
+    if pid in protected() or pgid in protected():
+        return f"the record names pid {pid}, process group {pgid}: this cancel's own process group or an ancestor"
+    recorded, started = h.record.get("pid_start"), lease.process_start(pid)
+    if recorded is None or started is None or str(recorded) != started:
+        return f"pid {pid} is not the process the record names (it started at {started}, the record says {recorded})"
+    argv = proc_argv(pid)
+    if argv is None or not runs_stage(argv, pid, run_dir, stage):
+        shown = shlex.join(argv)[:300] if argv else "unreadable"
+        return f"pid {pid} does not run extrema.entry {run_dir} {stage} (its command line: {shown})"
+    try:
+        group = os.getpgid(pid)
+    except OSError:
+        return f"pid {pid} is gone"
+    if group != pgid:
+        return f"pid {pid} is in process group {group}, not {pgid} as the record says"
+    if pgid != pid:
+        leader = proc_argv(pgid)
+        if parent(pid) != pgid or leader is None or not runs_stage(leader, pgid, run_dir, stage):
+            return f"process group {pgid} is led neither by pid {pid} nor by the torchrun that started it"
+    return None
+
+
+def stop_attempts(sweep_url: str, holders: Mapping[str, lease.Holder], grace_s: float = 10.0) -> dict[str, str]:
+    """Stop the local stage processes that own these stages of the sweep (by job key), whoever started them:
+    SIGTERM to each one's process group, SIGKILL after `grace_s`, each signal only after `why_not_the_attempt`
+    proved again that the group is the stage's attempt. Attempts of other backends are left to them. Returns
+    key -> why an attempt was not stopped."""
     failed: dict[str, str] = {}
-    targets: dict[str, lease.Holder] = {}
+    targets: dict[str, tuple[lease.Holder, str, str]] = {}
     for key, h in holders.items():
         if not _ID.fullmatch(str(h.record.get("job_id") or "")):
             continue
+        run_id, stage = store.split_key(key)
+        run_dir = store.run_url(sweep_url, run_id)
         if h.host != socket.gethostname():
             failed[key] = f"its local attempt runs on {h.host}: cancel it there"
-        elif not h.pgid or h.pgid == os.getpgid(0):
-            failed[key] = f"pid {h.pid} has no process group of its own"
-        elif h.running_here():
-            targets[key] = h
+            continue
+        if not h.running_here():
+            continue  # its process (as the record names it: pid and start time) is gone: nothing to stop
+        why = why_not_the_attempt(h, run_dir, stage)
+        if why is not None:
+            failed[key] = why
+        else:
+            targets[key] = (h, run_dir, stage)
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        for h in targets.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(h.pgid, sig)
+        for h, run_dir, stage in targets.values():
+            if why_not_the_attempt(h, run_dir, stage) is None:  # the pid may have ended and been reused since
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(h.pgid, sig)
         deadline = time.monotonic() + grace_s
-        while any(h.running_here() for h in targets.values()) and time.monotonic() < deadline:
+        while any(h.running_here() for h, _, _ in targets.values()) and time.monotonic() < deadline:
             time.sleep(0.1)
-        targets = {k: h for k, h in targets.items() if h.running_here()}
+        targets = {k: v for k, v in targets.items() if v[0].running_here()}
         if not targets:
             break
     failed.update(dict.fromkeys(targets, "still running after SIGKILL"))

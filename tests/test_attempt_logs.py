@@ -1,0 +1,76 @@
+"""Every attempt of a local stage keeps its own log, on a local path and on S3 (the moto server), and
+`extrema-launch logs` shows them all, in the order the attempts started, each under a header line; an older
+store's single `local.log` is shown before them."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import fsspec
+import pytest
+
+from extrema import rundir
+from launch import logs, store
+from launch.backends.base import State
+from launch.backends.local import LocalBackend
+from tests.s3server import S3Server, isolated_aws_env, s3_server  # noqa: F401  (fixture)
+from tests.test_cli import cli
+from tests.test_local_backend import ScriptJob, job, wait_all
+
+
+@pytest.fixture(params=["file", "s3"])
+def sweep(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A sweep URL (with a manifest listing run `a`, stage pretrain) on a local path or in a moto S3 bucket."""
+    if request.param == "file":
+        url = f"file://{tmp_path}/runs/sw"
+    else:
+        server: S3Server = request.getfixturevalue("s3_server")
+        isolated_aws_env(monkeypatch, tmp_path)
+        monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": server.endpoint})
+        bucket = f"logs-{uuid.uuid4().hex[:8]}"
+        server.make_bucket(bucket)
+        url = f"s3://{bucket}/runs/sw"
+    store.write_manifest(url, {"sweep": "sw", "runs": [{"run_id": "a", "stages": ["pretrain"], "overrides": {}}]})
+    return url
+
+
+def attempt(tmp_path: Path, url: str, code: int) -> State:
+    """One attempt at stage a/pretrain of the sweep: a script job that prints, then exits with `code`."""
+    base = job(tmp_path, "a/pretrain", code=code)
+    one = ScriptJob(base.key, rundir.join(url, "a"), "pretrain", (), base.resources, events=base.events, code=code)
+    backend = LocalBackend()
+    return wait_all(backend, backend.submit([one], ""))["a/pretrain"]
+
+
+def test_two_attempts_keep_two_logs_shown_in_order(sweep: str, tmp_path: Path) -> None:
+    assert attempt(tmp_path, sweep, code=1) == State.FAILED  # the attempt that failed, then the one that did not
+    assert attempt(tmp_path, sweep, code=0) == State.COMPLETED
+    stage = store.stage_url(sweep, "a", "pretrain")
+    found = logs.in_attempt_order(store.log_files(stage))
+    assert [u.rsplit("/", 1)[-1] for u in found] == ["local.1.log", "local.2.log"]
+    texts = [rundir.filesystem(u)[0].cat_file(rundir.filesystem(u)[1]).decode() for u in found]
+    assert all(t.startswith("=== ") and "hello from a/pretrain" in t and t.count("=== ") == 1 for t in texts)
+
+    code, out, _ = cli("logs", sweep, "--run", "a", "--stage", "pretrain")
+    assert code == 0, out
+    headers = [line for line in out.splitlines() if line.startswith("==> ")]
+    assert headers == [f"==> attempt 1: {found[0]} <==", f"==> attempt 2: {found[1]} <=="], out
+    first, second = out.split(headers[1])
+    assert first.count("hello from a/pretrain") == 1 and second.count("hello from a/pretrain") == 1
+
+
+def test_an_older_stores_single_log_is_shown_first(tmp_path: Path) -> None:
+    url = f"file://{tmp_path}/runs/sw"
+    store.write_manifest(url, {"sweep": "sw", "runs": [{"run_id": "a", "stages": ["pretrain"], "overrides": {}}]})
+    stage = store.stage_url(url, "a", "pretrain")
+    rundir.write_text_atomic(rundir.join(stage, "logs", "local.log"), "from the older launcher\n")
+    code, out, _ = cli("logs", url, "--run", "a", "--stage", "pretrain")
+    assert code == 0 and out == "from the older launcher\n", out  # a lone log goes bare, as before
+    assert attempt(tmp_path, url, code=0) == State.COMPLETED
+    for name in ("local.10.log", "ray-raysubmit_1.log"):
+        rundir.write_text_atomic(rundir.join(stage, "logs", name), f"{name}\n")
+    code, out, _ = cli("logs", url, "--run", "a", "--stage", "pretrain")
+    headers = [line.split(f"{stage}/logs/")[-1] for line in out.splitlines() if line.startswith("==> ")]
+    assert headers == ["local.log <==", "local.1.log <==", "local.10.log <==", "ray-raysubmit_1.log <=="], out
+    assert "==> earlier attempts, one file: " in out and out.index("older launcher") < out.index("hello from")
