@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -58,9 +59,34 @@ def write_text_atomic(url: str, text: str) -> None:
     fs.mv(tmp, path)
 
 
+NONFINITE = ".nonfinite"  # beside a number that was not finite (stored as null): "nan", "inf" or "-inf"
+
+
+def finite_json(obj: Any) -> Any:
+    """`obj` as standard JSON allows it: a non-finite float becomes null, and in an object the key
+    `<key>.nonfinite` beside it keeps what it was ("nan", "inf", "-inf"); lists and nested objects alike."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out[k] = finite_json(v)
+            if isinstance(v, float) and not math.isfinite(v):
+                out[f"{k}{NONFINITE}"] = str(v)
+        return out
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+    """Standard JSON text (never NaN or Infinity tokens: `finite_json`); keyword arguments as json.dumps."""
+    return json.dumps(finite_json(obj), allow_nan=False, default=str, **kwargs)
+
+
 def write_json(url: str, obj: Any) -> None:
-    """Write a JSON document atomically."""
-    write_text_atomic(url, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    """Write a JSON document atomically, as standard JSON (`dumps`)."""
+    write_text_atomic(url, dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def read_json(url: str) -> Any | None:
@@ -121,7 +147,7 @@ class MetricsLog:
             # On resume, drop records from steps the resumed run will log again.
             kept = [r for r in self.records if r.get("step", -1) <= keep_after_step]
             if self.local is not None and (len(kept) != len(self.records) or not ends_a_line(self.local)):
-                write_text_atomic(url, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+                write_text_atomic(url, "".join(dumps(r, sort_keys=True) + "\n" for r in kept))
             self.records = kept
         if self.trackers is not None:
             self.trackers.resumed_at(keep_after_step, self.records)
@@ -141,10 +167,10 @@ class MetricsLog:
             if self.pending:
                 os.makedirs(os.path.dirname(self.local) or ".", exist_ok=True)
                 with open(self.local, "a") as f:
-                    f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.pending))
+                    f.write("".join(dumps(r, sort_keys=True) + "\n" for r in self.pending))
                     f.flush()
         else:
-            write_text_atomic(self.url, "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.records))
+            write_text_atomic(self.url, "".join(dumps(r, sort_keys=True) + "\n" for r in self.records))
         self.pending = []
         if self.trackers is not None:
             self.trackers.flush()

@@ -9,7 +9,6 @@ so the view shows what the stage itself wrote, whichever process runs it.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -101,7 +100,7 @@ def follow(
         stream = watch.events or sys.stdout
 
         def emit(event: dict[str, Any]) -> None:
-            stream.write(json.dumps(event, sort_keys=True) + "\n")
+            stream.write(rundir.dumps(event, sort_keys=True) + "\n")
             stream.flush()
 
         return follow_plain(backend, ids, jobs, emit, interval, watch.every_s)

@@ -163,8 +163,9 @@ def encode(table: pa.Table, fmt: Format) -> bytes:
         pq.write_table(table, buf)
     elif fmt == "csv":
         pacsv.write_csv(_text_safe(table), buf)
-    elif fmt == "json":
-        buf.write(json.dumps(table.to_pylist(), indent=2, default=lambda v: v.isoformat()).encode() + b"\n")
+    elif fmt == "json":  # standard JSON: a non-finite number is null with `<column>.nonfinite` beside it
+        rows = rundir.finite_json(table.to_pylist())
+        buf.write(json.dumps(rows, indent=2, allow_nan=False, default=lambda v: v.isoformat()).encode() + b"\n")
     else:
         raise ValueError(f"unknown format {fmt!r}")
     return buf.getvalue()
