@@ -26,11 +26,11 @@ from rich.console import Console
 from rich.table import Table
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-from extrema import ckpt
 from extrema.models.extrema import ExtreMA
-from extrema.optim import build_adamw, param_groups
-from extrema.safe_dcp import JsonSavePlanner
 from extrema.spec import ModelSpec
+from extrema.train import ckpt
+from extrema.train.optim import build_adamw, param_groups
+from extrema.train.safe_dcp import JsonSavePlanner
 
 
 def state_bytes(state: dict) -> int:

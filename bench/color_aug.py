@@ -1,4 +1,4 @@
-"""Time of the batched colour augmentation (`extrema.augment.two_views`): the sync-free path against the old one.
+"""Time of the batched colour augmentation (`extrema.data.augment.two_views`): the sync-free path against the old one.
 
     python bench/color_aug.py [--runs 21] [--device cpu] [--threads N]
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from extrema.augment import color_jitter, sample_color_params, two_views
+from extrema.data.augment import color_jitter, sample_color_params, two_views
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the old path is kept once, as the tests' reference
 from tests.test_augment import old_apply_color, old_normalize

@@ -16,14 +16,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from extrema import data
-from extrema.augment import two_views
+from extrema.data import datasets, loaders, transforms
+from extrema.data.augment import two_views
 from extrema.models.extrema import ExtreMA, random_masks
 from extrema.spec import DataSpec, ModelSpec
 from extrema.stages.pretrain import SampleMasks
 
 
-def per_sample(views: data.PretrainViews, n: int) -> float:
+def per_sample(views: loaders.PretrainViews, n: int) -> float:
     """Images/s of __getitem__ in this process (one core)."""
     t = time.perf_counter()
     for i in range(n):
@@ -31,10 +31,10 @@ def per_sample(views: data.PretrainViews, n: int) -> float:
     return n / (time.perf_counter() - t)
 
 
-def loader_rate(views: data.PretrainViews, batch: int, steps: int, workers: int) -> float:
+def loader_rate(views: loaders.PretrainViews, batch: int, steps: int, workers: int) -> float:
     """Images/s of the DataLoader over `steps` batches after the first."""
-    sampler = data.StepBatchSampler(len(views), batch, 0, 0, steps + 1)
-    it = iter(data.step_loader(views, sampler, workers))
+    sampler = loaders.StepBatchSampler(len(views), batch, 0, 0, steps + 1)
+    it = iter(loaders.step_loader(views, sampler, workers))
     next(it)
     t = time.perf_counter()
     for _ in range(steps):
@@ -53,11 +53,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     args = ap.parse_args()
     spec = ModelSpec(arch=args.arch, mlp_dim=1024, drop_path_rate=0.0)
-    base = data.build_dataset(DataSpec(dataset=args.dataset, root=args.root), "train")
+    base = datasets.build_dataset(DataSpec(dataset=args.dataset, root=args.root), "train")
     masks = SampleMasks(spec.num_patches, 8, 0.9, "disjoint")
     size = spec.resolved_img_size
-    host = data.PretrainViews(base, data.TwoViewTransform(size, "spatial_consistent_color"), 0, masks)
-    dev = data.PretrainViews(base, data.TwoViewTransform(size, "spatial_consistent_color", device_color=True), 0, masks)
+    host = loaders.PretrainViews(base, transforms.TwoViewTransform(size, "spatial_consistent_color"), 0, masks)
+    dev = loaders.PretrainViews(
+        base, transforms.TwoViewTransform(size, "spatial_consistent_color", device_color=True), 0, masks
+    )
     rows = [
         ("per sample, colour on host (1 core)", per_sample(host, 500)),
         ("per sample, crop + colour parameters (1 core)", per_sample(dev, 500)),
@@ -67,7 +69,7 @@ def main() -> None:
         ),
         (f"DataLoader, crop only, {args.workers} worker(s)", loader_rate(dev, args.batch, args.steps, args.workers)),
     ]
-    crops, params, _ = next(iter(data.step_loader(dev, data.StepBatchSampler(len(base), args.batch, 0, 0, 1), 0)))
+    crops, params, _ = next(iter(loaders.step_loader(dev, loaders.StepBatchSampler(len(base), args.batch, 0, 0, 1), 0)))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     crops, params = crops.to(device), params.to(device)
     two_views(crops, params, True)

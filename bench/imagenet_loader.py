@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from extrema import data, decode
-from extrema.shard_format import ShardWriter
-from extrema.shards import ShardedImages
+from extrema.data import datasets, decode, loaders, transforms
+from extrema.data.shard_format import ShardWriter
+from extrema.data.shards import ShardedImages
 from extrema.spec import StorageSpec
 from extrema.stages.pretrain import SampleMasks
 from launch.backends.ray_head import free_ports
@@ -124,7 +124,7 @@ def startup(root: Path, files: int, shards: int) -> tuple[float, float]:
         str(root / "many_shards" / "train"), [(blob, k // per_class) for k in range(files)], 100, files // shards
     )
     t = time.perf_counter()
-    data.FsImageFolder(str(root / "many" / "train"))
+    datasets.FsImageFolder(str(root / "many" / "train"))
     folder = time.perf_counter() - t
     t = time.perf_counter()
     ShardedImages(str(root / "many_shards" / "train"))
@@ -154,7 +154,7 @@ def device_decode_rate(blobs: list[bytes], batch: int = 128, repeats: int = 5) -
     """Images/s of batched nvJPEG decoding + crop + resize to 224 on the GPU (data.decode: gpu)."""
     device = torch.device("cuda")
     datas = [decode.as_tensor(blobs[i % len(blobs)]) for i in range(batch)]
-    t = data.TwoViewTransform(CROP, "spatial_consistent_color", device_color=True)
+    t = transforms.TwoViewTransform(CROP, "spatial_consistent_color", device_color=True)
     geometry = torch.stack([t.deferred(blobs[i % len(blobs)])[1] for i in range(batch)])
     decode.crop_batch(decode.decode_batch(datas, device), geometry, CROP)
     torch.cuda.synchronize()
@@ -208,7 +208,7 @@ def main() -> None:
         write_shards_s3 = ShardWriter
         from fsspec.core import url_to_fs
 
-        from extrema.object_store import storage_options
+        from extrema.data.object_store import storage_options
 
         fs, path = url_to_fs("s3://bench/shards/train", **storage_options("s3://bench/shards/train", s3))
         w = write_shards_s3(fs, path, 10**12)
@@ -217,12 +217,12 @@ def main() -> None:
         w.finish([f"c{c:03d}" for c in range(10)])
 
         masks = SampleMasks(196, 5, 0.8, "disjoint")
-        host = data.TwoViewTransform(CROP, "spatial_consistent_color")
-        dev = data.TwoViewTransform(CROP, "spatial_consistent_color", device_color=True)
+        host = transforms.TwoViewTransform(CROP, "spatial_consistent_color")
+        dev = transforms.TwoViewTransform(CROP, "spatial_consistent_color", device_color=True)
         blobs = [b for b, _ in samples]
 
-        def views(base: data.LabeledImages, transform: data.TwoViewTransform) -> Callable[[int], object]:
-            v = data.PretrainViews(base, transform, 0, masks)
+        def views(base: datasets.LabeledImages, transform: transforms.TwoViewTransform) -> Callable[[int], object]:
+            v = loaders.PretrainViews(base, transform, 0, masks)
             return lambda i: v[(0, i % n)]
 
         def seeded(fn: Callable[[int], object]) -> Callable[[int], object]:
@@ -232,8 +232,8 @@ def main() -> None:
 
             return call
 
-        def folder(reduced: bool) -> data.FsImageFolder:
-            return data.FsImageFolder(str(tmp / "folder" / "train"), decoding=decode.Decoding(reduced))
+        def folder(reduced: bool) -> datasets.FsImageFolder:
+            return datasets.FsImageFolder(str(tmp / "folder" / "train"), decoding=decode.Decoding(reduced))
 
         def shards(url: str, storage: StorageSpec | None = None) -> ShardedImages:
             return ShardedImages(url, storage, decode.Decoding(True))
@@ -268,7 +268,7 @@ def main() -> None:
         objects = 300 if args.quick else 1000
         fs.pipe({f"bench/many/train/c{k % 10:03d}/{k:06d}.JPEG": b"x" for k in range(objects)})
         t = time.perf_counter()
-        data.FsImageFolder("s3://bench/many/train", s3)
+        datasets.FsImageFolder("s3://bench/many/train", s3)
         s3_folder = time.perf_counter() - t
         t = time.perf_counter()
         shards("s3://bench/shards/train", s3)

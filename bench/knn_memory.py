@@ -17,10 +17,10 @@ import subprocess
 
 import torch
 
-from extrema.dist import World
-from extrema.knn_monitor import knn_monitor, pixel_knn
+from extrema.eval.knn_monitor import knn_monitor, pixel_knn
 from extrema.models.vit import build_vit
 from extrema.spec import Experiment
+from extrema.train.dist import World
 
 
 def peak_rss_mb() -> float:

@@ -10,8 +10,8 @@ import argparse
 import torch
 
 from extrema.models.extrema import ExtreMA, random_masks
-from extrema.optim import build_adamw, param_groups
 from extrema.spec import ModelSpec
+from extrema.train.optim import build_adamw, param_groups
 
 
 def fits(model: ExtreMA, opt: torch.optim.Optimizer, batch: int, ratio: float, masks: int) -> bool:

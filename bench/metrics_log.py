@@ -1,4 +1,4 @@
-"""What one metrics line costs as the log grows: `rundir.MetricsLog` appending a record to a log of N lines, against
+"""What one metrics line costs as the log grows: `MetricsLog` appending a record to a log of N lines, against
 rewriting the whole log for each record (what the log did before), measured in the same run.
 
     python bench/metrics_log.py [--lines 1000 100000 1000000] [--records 20]
@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 import time
 
-from extrema import rundir
+from extrema.run import metrics_log, rundir
 
 
 def record(step: int) -> dict[str, float]:
@@ -41,7 +41,7 @@ def main() -> None:
             path = os.path.join(tmp, "metrics.jsonl")
             with open(path, "w") as f:
                 f.writelines(json.dumps(record(i), sort_keys=True) + "\n" for i in range(n))
-            log = rundir.MetricsLog(path, keep_after_step=n)
+            log = metrics_log.MetricsLog(path, keep_after_step=n)
             appends = []
             for i in range(args.records):
                 t0 = time.perf_counter()

@@ -19,11 +19,11 @@ import time
 
 import torch
 
-from extrema.dist import Preemption, World
 from extrema.models.extrema import ExtreMA, random_masks
-from extrema.optim import build_adamw, param_groups
 from extrema.spec import ModelSpec
-from extrema.step_end import Cadence, LoopState, StepEnd
+from extrema.train.dist import Preemption, World
+from extrema.train.optim import build_adamw, param_groups
+from extrema.train.step_end import Cadence, LoopState, StepEnd
 
 
 def run(mode: str | None, args: argparse.Namespace, world: World) -> float:

@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from extrema.models.extrema import ExtreMA, random_masks
-from extrema.optim import build_adamw, param_groups
 from extrema.spec import ModelSpec
+from extrema.train.optim import build_adamw, param_groups
 
 CONFIGS: list[tuple[str, float, int]] = [
     ("BYOL baseline (full views)", 0.0, 0),

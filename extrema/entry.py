@@ -1,9 +1,9 @@
 """`python -m extrema.entry <run-dir-url> <stage>`: run one stage of one run. The only thing any backend executes.
 
-Takes the stage's lease (`extrema.lease`; waiting while another live attempt owns the stage), then reads
+Takes the stage's lease (`extrema.run.lease`; waiting while another live attempt owns the stage), then reads
 `<run-dir>/<stage>/spec.json` (a RunSpec), records provenance and status beside it, runs the stage function and
 writes `result.json`. A stage that an earlier attempt completed is not run again. Every commit (status, result,
-checkpoint) is fenced by the lease. Exit codes (`extrema.contract`): 0 done, 1 failed, 2 bad invocation or spec,
+checkpoint) is fenced by the lease. Exit codes (`extrema.run.contract`): 0 done, 1 failed, 2 bad invocation or spec,
 3 preempted (a checkpoint was saved: requeue and it resumes), 4 the lease was lost (nothing committed).
 """
 
@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from extrema import code, contract, lease, rundir, trackers
+from extrema.run import code_snapshot, contract, lease, provenance, rundir, trackers
 from extrema.spec import RunSpec
 
 StageFn = Callable[[RunSpec, str], dict[str, Any]]
@@ -37,10 +37,6 @@ STAGE_MODULES: dict[str, str] = {
 }
 
 EXIT_REQUEUE = contract.EXIT_REQUEUE  # the stage saved a checkpoint after a preemption signal: requeue it
-
-
-class Preempted(Exception):
-    """Raised by a stage that stopped at a preemption signal after saving a checkpoint."""
 
 
 COLLECTIVE_ERROR = re.compile(r"gloo|nccl|timed out|connection (?:reset|closed|refused)|broken pipe", re.IGNORECASE)
@@ -123,7 +119,7 @@ def agree(decision: bool, world: int) -> bool:
         return decision
     import torch
 
-    from extrema.dist import init_world, wait_for_main
+    from extrema.train.dist import init_world, wait_for_main
 
     device = init_world().device
     wait_for_main("extrema/stage-owned")  # rank 0 may wait long for the lease: the others wait without a timeout
@@ -140,7 +136,7 @@ def places(world: int) -> list[dict[str, Any]]:
     """Every rank's host and pid, in rank order (gathered across ranks when there are several)."""
     if world == 1:
         return [contract.this_process()]
-    from extrema.dist import rank_places
+    from extrema.train.dist import rank_places
 
     return rank_places()
 
@@ -172,15 +168,15 @@ def peer_note(e: BaseException, ranks: list[dict[str, Any]], rank: int) -> str:
 def code_changes(stage_dir: str, current: dict[str, Any]) -> list[dict[str, Any]]:
     """The stage's code-change record for this attempt; CodeChanged when it would resume checkpoints another
     snapshot wrote without EXTREMA_ALLOW_CODE_CHANGE."""
-    from extrema import ckpt
+    from extrema.train import ckpt
 
     try:
         previous = contract.read_record(rundir.join(stage_dir, "provenance.json"))
     except contract.Unreadable:
         previous = None
     has_checkpoint = ckpt.latest_step(rundir.join(stage_dir, "ckpt")) is not None
-    allowed = os.environ.get(code.ALLOW_CHANGE_ENV, "") not in ("", "0")
-    return code.changes_on_resume(previous, current, has_checkpoint, allowed, now())
+    allowed = os.environ.get(code_snapshot.ALLOW_CHANGE_ENV, "") not in ("", "0")
+    return code_snapshot.changes_on_resume(previous, current, has_checkpoint, allowed, now())
 
 
 def note_trackers(stage_dir: str, disabled: dict[str, str]) -> None:
@@ -204,7 +200,7 @@ def ending(e: BaseException | None) -> tuple[str, int]:
         return contract.COMPLETED, contract.EXIT_OK
     if isinstance(e, lease.LeaseLost):
         return "lease lost", contract.EXIT_LEASE_LOST
-    if isinstance(e, Preempted):
+    if isinstance(e, contract.Preempted):
         return contract.PREEMPTED, contract.EXIT_REQUEUE
     if isinstance(e, KeyboardInterrupt):
         return contract.CANCELLED, contract.EXIT_INTERRUPTED
@@ -218,7 +214,7 @@ def record_end(stage_dir: str, e: BaseException) -> None:
         return
     if isinstance(e, KeyboardInterrupt):
         error = "interrupted"
-    elif isinstance(e, Preempted):
+    elif isinstance(e, contract.Preempted):
         error = str(e)
     else:
         error = contract.describe_error(e)  # torch's CheckpointException and others derive from BaseException
@@ -278,7 +274,7 @@ def attempt(run_dir: str, stage: str, stage_dir: str) -> dict[str, Any]:
         except contract.Unreadable as e:  # replaced below by this attempt's record, which notes the damage
             print(f"extrema.entry: {e}", file=sys.stderr, flush=True)
             prev = {}
-        info = rundir.provenance(world, ranks)
+        info = provenance.provenance(world, ranks)
         info["code_changes"] = code_changes(stage_dir, info)
         lease.fence("provenance")
         rundir.write_json(rundir.join(stage_dir, "provenance.json"), info)
@@ -344,13 +340,13 @@ def release_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        from extrema.dist import release_world
+        from extrema.train.dist import release_world
 
         release_world()
 
 
 if __name__ == "__main__":
-    # Run the imported module, not __main__, so stages raising `extrema.entry.Preempted` are caught here.
+    # Run the imported module, not __main__, so stages raising `extrema.run.contract.Preempted` are caught here.
     from extrema import entry
 
     sys.exit(entry.main())

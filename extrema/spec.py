@@ -9,7 +9,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from extrema.contract import DEFAULT_COLLECTIVE_TIMEOUT_S
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0  # seconds a collective may wait before the stage fails (launcher.resources)
+
 
 StageName = Literal["pretrain", "knn", "probe", "finetune", "detect", "inpaint", "locality"]
 SINGLE_PROCESS_STAGES = frozenset({"inpaint", "locality"})  # evaluations that run in one process only

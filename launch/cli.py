@@ -46,7 +46,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from extrema import contract, lease, rundir
+from extrema.run import contract, lease, rundir
 from launch import export_command, logs, results, roots, shard_command, store, tables
 from launch import snapshot as snapshots
 from launch.addressed import (
@@ -181,7 +181,7 @@ def store_snapshot(snap: snapshots.Snapshot, url: str, launcher: LauncherSpec, l
 def cmd_report(args: argparse.Namespace, out: Console) -> int:
     """Write one self-contained HTML file of the sweep: status, results, figures, pictures, provenance (nothing
     written into the run store); exit 3 when a record or picture of it is unreadable (listed)."""
-    from extrema.contract import os_reason
+    from extrema.run.contract import os_reason
     from launch import report
 
     target = open_addressed(args.target, args.root)

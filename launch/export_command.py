@@ -1,6 +1,6 @@
 """`extrema-launch export`: one run's pretrained weights as a timm, official ExtreMA or safetensors file.
 
-Torch is imported only when the command runs (`extrema.weights`), so the CLI stays light.
+Torch is imported only when the command runs (`extrema.train.weights`), so the CLI stays light.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ DESCRIPTION = (
     "               avgpool designs, timm's Cait for cait (layer scale one in its self-attention blocks)\n"
     "  safetensors  the same tensors in a .safetensors file, with the timm model's config in its metadata\n"
     "  official     the whole model, both branches, projectors and predictor, in the official release's layout\n"
-    "The timm model's constructor arguments are printed (extrema.weights.build_timm builds it).\n"
+    "The timm model's constructor arguments are printed (extrema.train.weights.build_timm builds it).\n"
     "Exit codes: 0, 2 invalid input (unknown run, no checkpoint yet, a bad --out)."
 )
 
@@ -46,12 +46,12 @@ def add_parser(subparsers: Any) -> None:
 
 
 def cmd_export(args: argparse.Namespace, out: Console) -> int:
-    """Export one run's weights (the torch work happens in extrema.weights, imported here only)."""
+    """Export one run's weights (the torch work happens in extrema.train.weights, imported here only)."""
     addressed = open_addressed(args.target, args.root)
     run = next((r for r in addressed.runs if r.run_id == args.run), None)
     if run is None:
         raise UsageError(f"run {args.run!r} is not part of {addressed.url}")
-    from extrema.weights import export_run  # imports torch: only here
+    from extrema.train.weights import export_run  # imports torch: only here
 
     try:
         done = export_run(store.run_url(addressed.url, run.run_id), args.branch, args.format, args.out, args.stage)

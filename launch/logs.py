@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from extrema import contract, rundir
+from extrema.run import contract, rundir
 from launch import store
 from launch.backends.base import RecordedJob, recorded_class
 from launch.backends.slurm_plan import JOB_ID

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from extrema.contract import CANCELLED, COMPLETED, FAILED
+from extrema.run.contract import CANCELLED, COMPLETED, FAILED
 from launch import store
 from launch.backends.base import Job
 from launch.sweep import STAGE_ORDER, LauncherSpec, Run, needs_pretrain

@@ -18,7 +18,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from extrema import contract, figures, rundir
+from extrema.run import contract, rundir
+from extrema.viz import figures
 from launch import aggregate, results, store
 
 CURVE_METRICS = ("loss", "knn_top1")

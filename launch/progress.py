@@ -27,7 +27,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from extrema import contract, rundir
+from extrema.run import contract, rundir
 from launch.backends.base import Backend, Job, State
 
 ENDED = frozenset({State.COMPLETED, State.FAILED, State.CANCELLED})

@@ -2,7 +2,7 @@
 
 A stage's own process writes its status.json (running, completed, failed, preempted). What it cannot write is
 what happened to it from outside: a job cancelled while it waited, killed by the cluster, or gone altogether.
-First the stage's lease (`extrema.lease`): while a live attempt holds it, the stage is running, whatever its
+First the stage's lease (`extrema.run.lease`): while a live attempt holds it, the stage is running, whatever its
 status.json says (a sweep driver killed with -9 leaves its local stages running, and they are shown so); a
 damaged lease record counts as expired and is listed as unreadable. A pending
 record without a job id whose submission was interrupted (the submitting process is gone) is marked `stuck`, so
@@ -31,8 +31,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from extrema import lease
-from extrema.contract import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, os_reason
+from extrema.run import lease
+from extrema.run.contract import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, os_reason
 from launch import store
 from launch.backends.base import State, Unreachable, backend_class, in_flight_groups, recorded_class
 from launch.sweep import LauncherSpec

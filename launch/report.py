@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from extrema import contract, rundir
+from extrema.run import contract, rundir
 from launch import aggregate, store
 from launch.addressed import Addressed, swept_axes
 from launch.results_view import collect

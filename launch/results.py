@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from extrema import contract, rundir
+from extrema.run import contract, rundir
 from launch import store
 
 Format = Literal["parquet", "csv", "json"]

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from extrema import contract
+from extrema.run import contract
 from launch import aggregate, plots, results, store, tables
 from launch.addressed import DAMAGED, FAILED, FORMATS, OK, Addressed, open_addressed, print_notes, print_unreadable
 from launch.errors import UsageError
@@ -230,7 +230,7 @@ def cmd_viz_attention(args: argparse.Namespace, out: Console) -> int:
         raise UsageError(f"run {args.run!r} is not part of {target.url}")
     if "pretrain" not in run.stages:
         raise UsageError(f"run {args.run} has no pretrain stage (its stages: {', '.join(run.stages)})")
-    from extrema.viz import render_attention  # imports torch: only here
+    from extrema.viz.attention import render_attention  # imports torch: only here
 
     try:
         figure = render_attention(

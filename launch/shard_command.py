@@ -19,8 +19,8 @@ from typing import Any
 from pydantic import ValidationError
 from rich.console import Console
 
-from extrema.object_store import DataSourceError, ProcessFs, access_error
-from extrema.shard_format import INDEX, join, parse_size, shard_image_folder
+from extrema.data.object_store import DataSourceError, ProcessFs, access_error
+from extrema.data.shard_format import INDEX, join, parse_size, shard_image_folder
 from extrema.spec import StorageSpec
 from launch.errors import UsageError
 

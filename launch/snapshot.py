@@ -6,8 +6,8 @@ git does not ignore; outside a checkout, the installed packages' files. Its id i
 so the same code is stored once: `<sweep>/code/<id>/manifest.json` (written last: a snapshot without it is
 incomplete) beside `<sweep>/code/<id>/files/{extrema,launch}/...`, on any fsspec URL. Jobs import from a local
 copy of `files/` (`local_copy`): the store itself when it is a local path, else a cache directory; either is
-verified first (`extrema.code.verify`), and a manifest with a name outside the packages is refused before anything
-is written. Every job verifies its copy again when it starts (`extrema.code.guard`).
+verified first (`code_snapshot.verify`), and a manifest with a name outside the packages is refused before anything
+is written. Every job verifies its copy again when it starts (`extrema.run.code_snapshot.guard`).
 """
 
 from __future__ import annotations
@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from extrema import code, rundir
+from extrema.run import code_snapshot, rundir
 from launch.errors import UsageError
 
-PACKAGES = code.PACKAGES
-MAX_FILES = code.MAX_FILES
-MAX_BYTES = code.MAX_BYTES  # the whole snapshot; a tree larger than this is refused (something unexpected is in it)
+PACKAGES = code_snapshot.PACKAGES
+MAX_FILES = code_snapshot.MAX_FILES
+MAX_BYTES = (
+    code_snapshot.MAX_BYTES
+)  # the whole snapshot; a tree larger than this is refused (something unexpected is in it)
 GIT_TIMEOUT_S = 30.0
 
 
@@ -50,12 +52,12 @@ class Snapshot:
     @property
     def id(self) -> str:
         """The content address of the snapshot."""
-        return code.snapshot_id(self.digests)
+        return code_snapshot.snapshot_id(self.digests)
 
 
 def source_root() -> Path:
     """The directory holding the `extrema` and `launch` packages this launcher runs from."""
-    return Path(code.__file__).resolve().parent.parent
+    return Path(code_snapshot.__file__).resolve().parents[2]
 
 
 def git(root: Path, *args: str) -> str | None:
@@ -118,8 +120,8 @@ def take(root: Path | None = None) -> Snapshot:
     total = 0
     for p in paths:
         try:
-            code.check_name(p)
-        except code.SnapshotRefused as e:
+            code_snapshot.check_name(p)
+        except code_snapshot.SnapshotRefused as e:
             raise SnapshotError(f"{root}: {e}") from None
         data = (root / p).read_bytes()
         total += len(data)
@@ -140,12 +142,12 @@ def code_url(sweep_url: str, snapshot_id: str) -> str:
 def save(snapshot: Snapshot, sweep_url: str) -> str:
     """Store the snapshot under the sweep (once: an existing complete copy is kept); its URL."""
     url = code_url(sweep_url, snapshot.id)
-    manifest_url = rundir.join(url, code.MANIFEST)
+    manifest_url = rundir.join(url, code_snapshot.MANIFEST)
     if rundir.exists(manifest_url):
         return url
     fs, _ = rundir.filesystem(url)
     for path, data in snapshot.files.items():
-        target = rundir.filesystem(rundir.join(url, code.FILES, path))[1]
+        target = rundir.filesystem(rundir.join(url, code_snapshot.FILES, path))[1]
         fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
         with fs.open(target, "wb") as f:
             f.write(data)
@@ -157,7 +159,7 @@ def save(snapshot: Snapshot, sweep_url: str) -> str:
         "source": snapshot.source,
     }
     text = json.dumps(manifest, indent=2, sort_keys=True)
-    rundir.write_text_atomic(rundir.join(url, code.FILES, code.INSIDE), text)
+    rundir.write_text_atomic(rundir.join(url, code_snapshot.FILES, code_snapshot.INSIDE), text)
     rundir.write_text_atomic(manifest_url, text)
     return url
 
@@ -167,24 +169,24 @@ def local_copy(url: str, cache: Path) -> Path:
     else a copy under `cache/<id>/` (fetched once into a fresh directory, verified, then renamed into place).
     SnapshotError when the manifest, a name, a file, the id or the directory's name is not what it should be."""
     try:
-        manifest = code.read_manifest(rundir.join(url, code.MANIFEST))
-    except code.SnapshotRefused as e:
+        manifest = code_snapshot.read_manifest(rundir.join(url, code_snapshot.MANIFEST))
+    except code_snapshot.SnapshotRefused as e:
         raise SnapshotError(str(e)) from None
     snapshot_id = manifest["id"]
     if url.rstrip("/").rsplit("/", 1)[-1] != snapshot_id:
         raise SnapshotError(f"{url}: holds snapshot {snapshot_id}, not the one its directory is named after")
-    local = rundir.local_path(rundir.join(url, code.FILES))
+    local = rundir.local_path(rundir.join(url, code_snapshot.FILES))
     if local is not None:
         return verified(Path(local), f"remove {url} and submit again to store this code afresh")
     target = cache / snapshot_id
-    if os.path.lexists(target / code.MANIFEST):
-        return verified(target / code.FILES, f"remove {target} to fetch it again")
+    if os.path.lexists(target / code_snapshot.MANIFEST):
+        return verified(target / code_snapshot.FILES, f"remove {target} to fetch it again")
     cache.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{snapshot_id}-", dir=cache))
     try:
         fetch(url, manifest, staging / snapshot_id)
-        verified(staging / snapshot_id / code.FILES)
-        if os.path.lexists(target) and not os.path.lexists(target / code.MANIFEST):
+        verified(staging / snapshot_id / code_snapshot.FILES)
+        if os.path.lexists(target) and not os.path.lexists(target / code_snapshot.MANIFEST):
             shutil.rmtree(target)  # an incomplete copy: the manifest is written last
         with contextlib.suppress(OSError):  # another process may have put its copy in place first
             (staging / snapshot_id).rename(target)
@@ -192,18 +194,18 @@ def local_copy(url: str, cache: Path) -> Path:
         raise SnapshotError(f"{url}: cannot copy it to {cache}: {e}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return verified(target / code.FILES)
+    return verified(target / code_snapshot.FILES)
 
 
 def fetch(url: str, manifest: dict[str, Any], into: Path) -> None:
     """Copy the listed files of the snapshot at `url` into the new directory `into` (files/, then the manifests);
-    every name was checked by `code.read_manifest`, and every file is created, never opened through a link."""
+    every name was checked by `code_snapshot.read_manifest`, and every file is created, never opened through a link."""
     into.mkdir()
     fs, _ = rundir.filesystem(url)
     total = 0
     for path, digest in manifest["files"].items():
         try:
-            with fs.open(rundir.filesystem(rundir.join(url, code.FILES, path))[1], "rb") as f:
+            with fs.open(rundir.filesystem(rundir.join(url, code_snapshot.FILES, path))[1], "rb") as f:
                 data = f.read(MAX_BYTES + 1)
         except FileNotFoundError:
             raise SnapshotError(f"{url}: {path} is missing") from None
@@ -212,21 +214,23 @@ def fetch(url: str, manifest: dict[str, Any], into: Path) -> None:
             raise SnapshotError(f"{url}: its files exceed {MAX_BYTES >> 20} MiB")
         if hashlib.sha256(data).hexdigest() != digest:
             raise SnapshotError(f"{url}: {path} does not match the snapshot's manifest")
-        dest = into / code.FILES / path
+        dest = into / code_snapshot.FILES / path
         dest.parent.mkdir(parents=True, exist_ok=True)
         with open(dest, "xb") as out:
             out.write(data)
     text = json.dumps(manifest, indent=2, sort_keys=True)
-    (into / code.FILES / code.INSIDE).write_text(text)
-    (into / code.MANIFEST).write_text(text)
+    (into / code_snapshot.FILES / code_snapshot.INSIDE).write_text(text)
+    (into / code_snapshot.MANIFEST).write_text(text)
 
 
 def verified(files_dir: Path, remedy: str = "") -> Path:
-    """`files_dir` once `code.verify` accepts it; SnapshotError (with the remedy, when given) otherwise."""
+    """`files_dir` once `code_snapshot.verify` accepts it; SnapshotError (with the remedy, when given) otherwise."""
     try:
-        code.verify(files_dir)
-    except (code.SnapshotRefused, OSError) as e:
-        raise SnapshotError(f"{code.REFUSED}: {e} (in {files_dir})" + (f"; {remedy}" if remedy else "")) from None
+        code_snapshot.verify(files_dir)
+    except (code_snapshot.SnapshotRefused, OSError) as e:
+        raise SnapshotError(
+            f"{code_snapshot.REFUSED}: {e} (in {files_dir})" + (f"; {remedy}" if remedy else "")
+        ) from None
     return files_dir
 
 

@@ -11,9 +11,9 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from extrema import rundir
-from extrema.contract import COMPLETED, RESULT, RUNNING
-from extrema.contract import FAILED as FAILED_STATE
+from extrema.run import rundir
+from extrema.run.contract import COMPLETED, RESULT, RUNNING
+from extrema.run.contract import FAILED as FAILED_STATE
 from launch import results, store, tables
 from launch.addressed import DAMAGED, ENDED_STATES, FAILED, OK, Addressed, print_notes, print_unreadable, swept_axes
 from launch.progress import latest_progress

@@ -28,8 +28,8 @@ from typing import Annotated, Any
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import AfterValidator, Field
 
-from extrema import contract, lease, rundir
-from extrema.contract import IN_FLIGHT, TERMINAL, Unreadable
+from extrema.run import contract, lease, rundir
+from extrema.run.contract import IN_FLIGHT, TERMINAL, Unreadable
 from extrema.spec import RunSpec
 from launch import roots
 

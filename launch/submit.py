@@ -19,9 +19,9 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from extrema import rundir
-from extrema.contract import os_reason, update_status
-from extrema.lease import probe_conditional_writes
+from extrema.run import rundir
+from extrema.run.contract import os_reason, update_status
+from extrema.run.lease import probe_conditional_writes
 from launch import store
 from launch.backends.base import Backend, Job, State, backend_class
 from launch.errors import UsageError

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from extrema.data import fashion_mnist
-from extrema.detection_data import build_canvas_set
+from extrema.data.datasets import fashion_mnist
+from extrema.data.detection import build_canvas_set
 from extrema.spec import DataSpec
 from launch.yamlfile import load_with_includes
 from tests.test_detect import DETECT as TEST_DETECT

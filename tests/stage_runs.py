@@ -7,9 +7,10 @@ from typing import Any
 
 import torch
 
-from extrema import ckpt, rundir
-from extrema.safe_dcp import SafeFsspecReader
+from extrema.run import rundir
 from extrema.spec import Experiment, RunSpec
+from extrema.train import ckpt
+from extrema.train.safe_dcp import SafeFsspecReader
 
 TINY_EXPERIMENT: dict[str, Any] = {
     "model": {"arch": "vit_pico", "mlp_dim": 128, "proj_dim": 32, "drop_path_rate": 0.1},

@@ -10,7 +10,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from extrema import rundir
+from extrema.run import rundir
 from launch import logs, store
 from launch.backends.base import State
 from launch.backends.local import LocalBackend

@@ -8,7 +8,7 @@ from torch.overrides import TorchFunctionMode
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2.functional._color import _hsv_to_rgb, _rgb_to_hsv
 
-from extrema.augment import (
+from extrema.data.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     NUM_COLOR_PARAMS,
@@ -74,12 +74,14 @@ def test_two_views_share_geometry_and_differ_in_colour() -> None:
 
 
 def test_device_colour_path_gives_the_same_views_as_the_per_sample_path() -> None:
-    from extrema import data
+    from extrema.data import datasets, loaders, transforms
     from extrema.spec import DataSpec
 
-    ds = data.build_dataset(DataSpec(dataset="synthetic", synthetic_size=16), "train")
-    host = data.PretrainViews(ds, data.TwoViewTransform(32, "spatial_consistent_color"), seed=3)
-    dev = data.PretrainViews(ds, data.TwoViewTransform(32, "spatial_consistent_color", device_color=True), seed=3)
+    ds = datasets.build_dataset(DataSpec(dataset="synthetic", synthetic_size=16), "train")
+    host = loaders.PretrainViews(ds, transforms.TwoViewTransform(32, "spatial_consistent_color"), seed=3)
+    dev = loaders.PretrainViews(
+        ds, transforms.TwoViewTransform(32, "spatial_consistent_color", device_color=True), seed=3
+    )
     keys = [(0, i) for i in range(16)]
     h1, h2, _ = zip(*[host[k] for k in keys])
     crops, params, _ = zip(*[dev[k] for k in keys])

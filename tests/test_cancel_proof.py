@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from extrema import lease
+from extrema.run import lease
 from launch import store
 from launch.backends import local
 from launch.sweep import load_runs

@@ -27,11 +27,13 @@ from torch import nn
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 
-from extrema import ckpt, contract, entry, rundir, weights
+from extrema import entry
 from extrema.models.extrema import ExtreMA
-from extrema.optim import LARS, build_adamw, param_groups, set_hyperparams
-from extrema.safe_dcp import JSON_MAGIC, SafeFsspecReader, UnsafeCheckpoint, decode_state, encode_state
+from extrema.run import contract, rundir
 from extrema.spec import ModelSpec
+from extrema.train import ckpt, weights
+from extrema.train.optim import LARS, build_adamw, param_groups, set_hyperparams
+from extrema.train.safe_dcp import JSON_MAGIC, SafeFsspecReader, UnsafeCheckpoint, decode_state, encode_state
 from tests.stage_runs import TINY_EXPERIMENT, checkpointed_model, make_run
 from tests.test_probe import PROBE
 

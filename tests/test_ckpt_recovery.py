@@ -15,7 +15,9 @@ import pytest
 import torch
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
-from extrema import ckpt, contract, entry, lease, rundir
+from extrema import entry
+from extrema.run import contract, lease, rundir
+from extrema.train import ckpt
 from launch.backends.ray_head import free_ports
 from tests.stage_runs import checkpointed_model, make_run
 
@@ -223,7 +225,7 @@ def test_a_step_that_fails_part_way_with_no_older_one_stops_the_run(tmp_path: Pa
 RANKS_SCRIPT = """
 import json, os, sys
 import torch, torch.distributed as dist
-from extrema import ckpt
+from extrema.train import ckpt
 dist.init_process_group("gloo")
 rank, ckpt_dir, out = dist.get_rank(), sys.argv[1], sys.argv[2]
 torch.manual_seed(0)

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rich.console import Console
 
-from extrema.contract import update_status
+from extrema.run.contract import update_status
 from extrema.spec import Experiment, MaskingSpec, ModelSpec, PretrainSpec, ResourcesSpec
 from launch import store, tables
 from launch.backends.base import State, make_backend

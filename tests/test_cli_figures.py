@@ -23,7 +23,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from extrema.contract import update_status
+from extrema.run.contract import update_status
 from launch import store, tables
 from launch.addressed import open_addressed
 from launch.results_view import collect, results_view, show_view

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from extrema import contract, entry
+from extrema import entry
+from extrema.run import contract
 from extrema.spec import ResourcesSpec
 from launch import logs
 from launch.backends.base import Job, network_env

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from extrema import code
+from extrema.run import code_snapshot
 from launch import snapshot
 from launch.progress import latest_progress
 from tests.cluster_sweeps import release_requeued
@@ -103,7 +103,7 @@ def step(run: Path) -> int:
 
 def snapshot_ids(proj: Path) -> list[str]:
     """The snapshots stored for the sweep, complete ones only."""
-    return sorted(p.name for p in (proj / "runs" / "snap" / "code").iterdir() if (p / code.MANIFEST).is_file())
+    return sorted(p.name for p in (proj / "runs" / "snap" / "code").iterdir() if (p / code_snapshot.MANIFEST).is_file())
 
 
 def record(run: Path, stage: str, name: str) -> dict[str, Any]:
@@ -181,7 +181,7 @@ def test_snapshots_on_an_object_store_are_fetched_verified_and_refused_when_tamp
 def test_a_process_importing_a_snapshot_knows_it_and_refuses_edits_to_it(tmp_path: Path) -> None:
     snap = snapshot.take(REPO)
     files = snapshot.local_copy(snapshot.save(snap, str(tmp_path / "sweep")), tmp_path / "cache")
-    probe = "import json; from extrema import code; print(json.dumps(code.identity()))"
+    probe = "import json; from extrema import code; print(json.dumps(code_snapshot.identity()))"
     env = {**os.environ, "PYTHONPATH": str(files), "PYTHONSAFEPATH": "1"}
 
     def identity() -> subprocess.CompletedProcess[str]:
@@ -191,27 +191,27 @@ def test_a_process_importing_a_snapshot_knows_it_and_refuses_edits_to_it(tmp_pat
     assert intact["code"] == snap.id and intact["code_source"] == "snapshot"
     with open(files / "extrema" / "spec.py", "a") as f:
         f.write("# edited in place\n")
-    edited = identity()  # refused as `extrema.code` is imported, before the edited module runs
+    edited = identity()  # refused as `extrema.run.code_snapshot` is imported, before the edited module runs
     assert edited.returncode == 2 and edited.stdout == "", edited.stdout
     assert "code snapshot refused: extrema/spec.py differs from the snapshot's manifest" in edited.stderr
-    assert code.identity()["code_source"] == "installed"  # this test process runs the checkout
+    assert code_snapshot.identity()["code_source"] == "installed"  # this test process runs the checkout
 
 
 def test_resuming_across_a_code_change_is_refused_unless_allowed() -> None:
     a = {"code": "a" * 20, "code_source": "snapshot"}
     b = {"code": "b" * 20, "code_source": "snapshot"}
-    assert code.changes_on_resume(None, b, True, False, 1.0) == []  # first attempt
-    assert code.changes_on_resume(a, a, True, False, 1.0) == []
-    assert code.changes_on_resume(a, b, False, False, 1.0) == []  # nothing to resume
-    assert code.changes_on_resume({"code": None}, b, True, False, 1.0) == []  # recorded before code was
-    with pytest.raises(code.CodeChanged, match=f"written by snapshot {'a' * 20}, this attempt runs snapshot"):
-        code.changes_on_resume(a, b, True, False, 1.0)
+    assert code_snapshot.changes_on_resume(None, b, True, False, 1.0) == []  # first attempt
+    assert code_snapshot.changes_on_resume(a, a, True, False, 1.0) == []
+    assert code_snapshot.changes_on_resume(a, b, False, False, 1.0) == []  # nothing to resume
+    assert code_snapshot.changes_on_resume({"code": None}, b, True, False, 1.0) == []  # recorded before code was
+    with pytest.raises(code_snapshot.CodeChanged, match=f"written by snapshot {'a' * 20}, this attempt runs snapshot"):
+        code_snapshot.changes_on_resume(a, b, True, False, 1.0)
     installed = {"code": None, "code_source": "installed"}
-    with pytest.raises(code.CodeChanged, match="written by the installed code"):
-        code.changes_on_resume(installed, b, True, False, 1.0)
-    allowed = code.changes_on_resume(a, b, True, True, 5.0)
+    with pytest.raises(code_snapshot.CodeChanged, match="written by the installed code"):
+        code_snapshot.changes_on_resume(installed, b, True, False, 1.0)
+    allowed = code_snapshot.changes_on_resume(a, b, True, True, 5.0)
     assert allowed == [{"from": "a" * 20, "to": "b" * 20, "allowed_at": 5.0}]
-    assert code.changes_on_resume({**b, "code_changes": allowed}, b, True, False, 6.0) == allowed
+    assert code_snapshot.changes_on_resume({**b, "code_changes": allowed}, b, True, False, 6.0) == allowed
 
 
 # --- real backends -----------------------------------------------------------------------------------------------

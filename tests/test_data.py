@@ -15,10 +15,10 @@ import torch
 from torchvision.io import encode_jpeg, encode_png
 from torchvision.transforms import v2
 
-from extrema import data
+from extrema.data import augment, datasets, loaders, transforms
 from extrema.spec import DataSpec
 
-DEBIAN = Path(data.FASHION_MNIST_DEBIAN_DIR)
+DEBIAN = Path(datasets.FASHION_MNIST_DEBIAN_DIR)
 needs_debian = pytest.mark.skipif(
     not (DEBIAN / "train-images-idx3-ubyte.gz").exists(), reason="apt-get install dataset-fashion-mnist"
 )
@@ -36,7 +36,7 @@ def write_fashion_files(url: str, n: int, gz: bool) -> None:
     for prefix in ("train", "t10k"):
         for kind in ("images-idx3", "labels-idx1"):
             name = f"{prefix}-{kind}-ubyte"
-            raw = idx_bytes(data.read_idx(str(DEBIAN / f"{name}.gz"))[:n])
+            raw = idx_bytes(datasets.read_idx(str(DEBIAN / f"{name}.gz"))[:n])
             with fs.open(f"{root}/{name}.gz" if gz else f"{root}/{name}", "wb") as f:
                 f.write(gzip.compress(raw, compresslevel=1) if gz else raw)
 
@@ -47,7 +47,7 @@ def write_fashion_files(url: str, n: int, gz: bool) -> None:
 @needs_debian
 def test_fashion_mnist_from_debian_files() -> None:
     spec = DataSpec(dataset="fashion_mnist")
-    train, val = data.build_dataset(spec, "train"), data.build_dataset(spec, "val")
+    train, val = datasets.build_dataset(spec, "train"), datasets.build_dataset(spec, "val")
     assert (len(train), len(val)) == (60000, 10000)
     assert train.classes == val.classes and len(train.classes) == 10 and train.classes[9] == "Ankle boot"
     img, label = train[0]
@@ -65,8 +65,8 @@ def test_fashion_mnist_root_wins_and_reads_any_fsspec_url(protocol: str, gz: boo
     root = f"memory://fm-{uuid.uuid4().hex}" if protocol == "memory" else f"file://{tmp_path}"
     write_fashion_files(root, 50, gz)
     spec = DataSpec(dataset="fashion_mnist", root=root)
-    train, val = data.build_dataset(spec, "train"), data.build_dataset(spec, "val")
-    full = data.build_dataset(DataSpec(dataset="fashion_mnist"), "train")
+    train, val = datasets.build_dataset(spec, "train"), datasets.build_dataset(spec, "val")
+    full = datasets.build_dataset(DataSpec(dataset="fashion_mnist"), "train")
     assert (len(train), len(val)) == (50, 50)
     assert torch.equal(train[7][0], full[7][0]) and train[7][1] == full[7][1]
 
@@ -74,9 +74,9 @@ def test_fashion_mnist_root_wins_and_reads_any_fsspec_url(protocol: str, gz: boo
 def test_fashion_mnist_not_found_names_every_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     empty, debian = tmp_path / "empty", tmp_path / "no-debian-package"
     empty.mkdir()
-    monkeypatch.setattr(data, "FASHION_MNIST_DEBIAN_DIR", str(debian))
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DEBIAN_DIR", str(debian))
     with pytest.raises(FileNotFoundError) as err:
-        data.build_dataset(DataSpec(dataset="fashion_mnist", root=str(empty)), "train")
+        datasets.build_dataset(DataSpec(dataset="fashion_mnist", root=str(empty)), "train")
     msg = str(err.value)
     assert str(empty) in msg and str(debian) in msg and "cache_dir" in msg
     assert "apt-get install dataset-fashion-mnist" in msg
@@ -85,16 +85,16 @@ def test_fashion_mnist_not_found_names_every_place(tmp_path: Path, monkeypatch: 
 @needs_debian
 def test_fashion_mnist_cache_dir_is_the_third_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_fashion_files(str(tmp_path / "cache"), 30, gz=True)
-    monkeypatch.setattr(data, "FASHION_MNIST_DEBIAN_DIR", str(tmp_path / "no-debian-package"))
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DEBIAN_DIR", str(tmp_path / "no-debian-package"))
     spec = DataSpec(dataset="fashion_mnist", root=str(tmp_path / "missing"), cache_dir=str(tmp_path / "cache"))
-    assert len(data.build_dataset(spec, "val")) == 30
+    assert len(datasets.build_dataset(spec, "val")) == 30
 
 
 def test_parse_idx_refuses_other_files() -> None:
     with pytest.raises(ValueError, match="IDX"):
-        data.parse_idx(b"\x89PNG\r\n\x1a\n")
+        datasets.parse_idx(b"\x89PNG\r\n\x1a\n")
     arr = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
-    assert np.array_equal(data.parse_idx(idx_bytes(arr)), arr)
+    assert np.array_equal(datasets.parse_idx(idx_bytes(arr)), arr)
 
 
 # ------------------------------------------------------------------------------------------------ ImageFolder
@@ -120,7 +120,7 @@ def write_image_folder(url: str, split: str, fmt: str) -> dict[str, torch.Tensor
 def test_image_folder_on_memory_url_decodes_png_exactly() -> None:
     root = f"memory://imgs-{uuid.uuid4().hex}"
     written = write_image_folder(root, "train", "png")
-    ds = data.build_dataset(DataSpec(dataset="imagefolder", root=root), "train")
+    ds = datasets.build_dataset(DataSpec(dataset="imagefolder", root=root), "train")
     assert ds.classes == ["ant", "zebra"] and len(ds) == 5
     assert torch.as_tensor(ds.targets).tolist() == [0, 0, 0, 1, 1]
     img, label = ds[3]
@@ -133,7 +133,7 @@ def test_image_folder_on_file_url_decodes_jpeg_and_grayscale(tmp_path: Path) -> 
     gray = torch.full((1, 8, 8), 77, dtype=torch.uint8)
     (tmp_path / "validation" / "zebra" / "gray.png").write_bytes(bytes(encode_png(gray).numpy()))
     spec = DataSpec(dataset="imagefolder", root=f"file://{tmp_path}", val_split="validation")
-    ds = data.build_dataset(spec, "val")
+    ds = datasets.build_dataset(spec, "val")
     assert len(ds) == 6
     img, label = ds[0]
     assert label == 0 and img.shape == written["ant/0"].shape and img.dtype == torch.uint8
@@ -146,14 +146,14 @@ def test_image_folder_on_file_url_decodes_jpeg_and_grayscale(tmp_path: Path) -> 
 def test_image_folder_errors_are_clear(tmp_path: Path) -> None:
     spec = DataSpec(dataset="imagefolder", root=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        data.build_dataset(spec, "train")
+        datasets.build_dataset(spec, "train")
     (tmp_path / "train").mkdir()
     with pytest.raises(FileNotFoundError, match="no class subdirectories"):
-        data.build_dataset(spec, "train")
+        datasets.build_dataset(spec, "train")
     (tmp_path / "train" / "cat").mkdir()
     (tmp_path / "train" / "cat" / "readme.txt").write_text("x")
     with pytest.raises(FileNotFoundError, match="no images"):
-        data.build_dataset(spec, "train")
+        datasets.build_dataset(spec, "train")
 
 
 # -------------------------------------------------------------------------------------------------- Synthetic
@@ -161,22 +161,22 @@ def test_image_folder_errors_are_clear(tmp_path: Path) -> None:
 
 def test_synthetic_is_seeded_and_splits_differ() -> None:
     spec = DataSpec(dataset="synthetic", synthetic_size=40)
-    train, val = data.build_dataset(spec, "train"), data.build_dataset(spec, "val")
-    again = data.build_dataset(spec, "train")
+    train, val = datasets.build_dataset(spec, "train"), datasets.build_dataset(spec, "val")
+    again = datasets.build_dataset(spec, "train")
     assert len(train) == len(val) == 40 and len(train.classes) == 10
     img, label = train[0]
     assert img.shape == (3, 32, 32) and img.dtype == torch.uint8 and 0 <= label < 10
     assert torch.bincount(torch.as_tensor(train.targets), minlength=10).tolist() == [4] * 10
     assert all(torch.equal(train[i][0], again[i][0]) for i in range(40))
     assert not torch.equal(train[0][0], val[0][0])
-    assert not torch.equal(train[0][0], data.build_dataset(spec, "train", seed=1)[0][0])
+    assert not torch.equal(train[0][0], datasets.build_dataset(spec, "train", seed=1)[0][0])
 
 
 def test_synthetic_classes_are_separable_by_nearest_neighbour() -> None:
     spec = DataSpec(dataset="synthetic", synthetic_size=200)
-    train, val = data.build_dataset(spec, "train"), data.build_dataset(spec, "val")
+    train, val = datasets.build_dataset(spec, "train"), datasets.build_dataset(spec, "val")
 
-    def feats(ds: data.LabeledImages) -> torch.Tensor:
+    def feats(ds: datasets.LabeledImages) -> torch.Tensor:
         x = torch.stack([ds[i][0] for i in range(len(ds))]).float().flatten(1)
         return torch.nn.functional.normalize(x - x.mean(1, keepdim=True), dim=1)
 
@@ -201,20 +201,20 @@ def comonotonic(a: torch.Tensor, b: torch.Tensor) -> bool:
 def test_two_view_shapes_and_spatial_returns_one_tensor() -> None:
     img = gray_noise().expand(3, -1, -1)
     for aug in ("spatial_consistent_color", "spatial"):
-        v1, v2_ = data.TwoViewTransform(32, aug)(img)  # type: ignore[arg-type]
+        v1, v2_ = transforms.TwoViewTransform(32, aug)(img)  # type: ignore[arg-type]
         assert v1.shape == v2_.shape == (3, 32, 32) and v1.dtype == torch.float32
         assert v1.min() > -2.2 and v1.max() < 2.7  # ImageNet-normalized [0, 1]
-    v1, v2_ = data.TwoViewTransform(32, "spatial")(img)
+    v1, v2_ = transforms.TwoViewTransform(32, "spatial")(img)
     assert v1 is v2_
     with pytest.raises(ValueError):
-        data.TwoViewTransform(32, "blur")  # type: ignore[arg-type]
+        transforms.TwoViewTransform(32, "blur")  # type: ignore[arg-type]
 
 
 def test_consistent_color_views_share_geometry() -> None:
     # On a gray image every colour op here (jitter in any order, grayscale) is one monotone map applied to
     # every pixel, so two views of the same crop order all pixel pairs alike; different crops do not.
     img = gray_noise().expand(3, -1, -1)
-    t = data.TwoViewTransform(32, "spatial_consistent_color")
+    t = transforms.TwoViewTransform(32, "spatial_consistent_color")
     differ = 0
     for seed in range(12):
         torch.manual_seed(seed)
@@ -229,7 +229,7 @@ def test_consistent_color_views_share_geometry() -> None:
 
 def test_consistent_color_views_differ_only_in_colour() -> None:
     img = torch.randint(0, 256, (3, 28, 28), generator=torch.Generator().manual_seed(2)).to(torch.uint8)
-    t = data.TwoViewTransform(32, "spatial_consistent_color")
+    t = transforms.TwoViewTransform(32, "spatial_consistent_color")
     differ = 0
     for seed in range(20):
         torch.manual_seed(seed)
@@ -245,21 +245,21 @@ def test_consistent_color_views_differ_only_in_colour() -> None:
 
 def test_eval_and_classify_transforms() -> None:
     img = gray_noise().expand(3, -1, -1).contiguous()
-    out = data.eval_transform(32)(img)
+    out = transforms.eval_transform(32)(img)
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
-    assert torch.equal(out, data.eval_transform(32)(img))
+    assert torch.equal(out, transforms.eval_transform(32)(img))
     just_resized = v2.Compose([v2.Resize(32), v2.ToDtype(torch.float32, scale=True)])(img)
-    mean, std = torch.tensor(data.IMAGENET_MEAN)[:, None, None], torch.tensor(data.IMAGENET_STD)[:, None, None]
-    assert torch.allclose(data.eval_transform(32, crop_pct=1.0)(img), (just_resized - mean) / std)
+    mean, std = torch.tensor(augment.IMAGENET_MEAN)[:, None, None], torch.tensor(augment.IMAGENET_STD)[:, None, None]
+    assert torch.allclose(transforms.eval_transform(32, crop_pct=1.0)(img), (just_resized - mean) / std)
     assert not torch.allclose(out, (just_resized - mean) / std)  # 0.875 crops the centre of a 36 px resize
-    assert data.classify_transform(16)(img).shape == (3, 16, 16)
+    assert transforms.classify_transform(16)(img).shape == (3, 16, 16)
 
 
 # ------------------------------------------------------------------------------------------------- Sampling
 
 
 def global_batches(num_items: int, batch: int, steps: int, world: int, start: int = 0) -> list[list[tuple[int, int]]]:
-    ranks = [list(data.StepBatchSampler(num_items, batch, 7, start, steps, r, world)) for r in range(world)]
+    ranks = [list(loaders.StepBatchSampler(num_items, batch, 7, start, steps, r, world)) for r in range(world)]
     return [[pair for r in ranks for pair in r[s]] for s in range(steps - start)]
 
 
@@ -267,7 +267,7 @@ def test_sampler_global_batch_is_independent_of_world_size() -> None:
     one = global_batches(50, 8, 14, world=1)
     assert len(one) == 14 and all(len(b) == 8 for b in one)
     assert global_batches(50, 8, 14, world=2) == one == global_batches(50, 8, 14, world=4)
-    assert len(data.StepBatchSampler(50, 8, 7, 3, 14, 1, 2)) == 11
+    assert len(loaders.StepBatchSampler(50, 8, 7, 3, 14, 1, 2)) == 11
 
 
 def test_sampler_resume_gives_exactly_the_tail() -> None:
@@ -287,25 +287,25 @@ def test_sampler_epochs_are_permutations() -> None:
         assert len(set(idx)) == len(idx) == 48 and set(idx) <= set(range(50))
         orders.append(idx)
     assert orders[0] != orders[1] != orders[2]
-    assert next(iter(data.StepBatchSampler(50, 8, 8, 0, 6))) != batches[0]  # another seed, another order
+    assert next(iter(loaders.StepBatchSampler(50, 8, 8, 0, 6))) != batches[0]  # another seed, another order
 
 
 def test_sampler_refuses_bad_shapes() -> None:
     with pytest.raises(ValueError, match="divisible"):
-        data.StepBatchSampler(50, 9, 0, 0, 10, 0, 2)
+        loaders.StepBatchSampler(50, 9, 0, 0, 10, 0, 2)
     with pytest.raises(ValueError, match="smaller"):
-        data.StepBatchSampler(5, 8, 0, 0, 10)
+        loaders.StepBatchSampler(5, 8, 0, 0, 10)
     with pytest.raises(ValueError, match="start_step"):
-        data.StepBatchSampler(50, 8, 0, 11, 10)
+        loaders.StepBatchSampler(50, 8, 0, 11, 10)
 
 
 # ----------------------------------------------------------------------------------------- Pretraining views
 
 
-def make_views(seed: int = 3) -> data.PretrainViews:
-    base = data.build_dataset(DataSpec(dataset="synthetic", synthetic_size=32), "train")
-    transform = data.TwoViewTransform(16, "spatial_consistent_color")
-    return data.PretrainViews(base, transform, seed, mask_fn=lambda g: torch.randperm(16, generator=g)[:4])
+def make_views(seed: int = 3) -> loaders.PretrainViews:
+    base = datasets.build_dataset(DataSpec(dataset="synthetic", synthetic_size=32), "train")
+    transform = transforms.TwoViewTransform(16, "spatial_consistent_color")
+    return loaders.PretrainViews(base, transform, seed, mask_fn=lambda g: torch.randperm(16, generator=g)[:4])
 
 
 def test_pretrain_views_depend_only_on_seed_epoch_index() -> None:
@@ -323,7 +323,7 @@ def test_pretrain_views_depend_only_on_seed_epoch_index() -> None:
     assert first[2].shape == (4,)
     for other in (views[(2, 5)], views[(1, 6)], make_views(seed=4)[(1, 5)]):
         assert not torch.equal(first[0], other[0]) and not torch.equal(first[2], other[2])
-    plain = data.PretrainViews(views.base, views.transform, 3)
+    plain = loaders.PretrainViews(views.base, views.transform, 3)
     assert plain[(1, 5)][2].numel() == 0 and torch.equal(plain[(1, 5)][0], first[0])
 
 
@@ -331,8 +331,8 @@ def test_step_loader_same_batches_for_any_workers_and_world_size() -> None:
     views = make_views()
 
     def batches(workers: int, rank: int, world: int, start: int = 0) -> list[list[torch.Tensor]]:
-        sampler = data.StepBatchSampler(len(views), 8, 1, start, 6, rank, world)
-        return list(data.step_loader(views, sampler, workers))
+        sampler = loaders.StepBatchSampler(len(views), 8, 1, start, 6, rank, world)
+        return list(loaders.step_loader(views, sampler, workers))
 
     serial = batches(0, 0, 1)
     assert len(serial) == 6
@@ -348,15 +348,15 @@ def test_step_loader_same_batches_for_any_workers_and_world_size() -> None:
 
 
 def test_eval_loader_order_and_seeded_limit() -> None:
-    base = data.build_dataset(DataSpec(dataset="synthetic", synthetic_size=60), "val")
-    transform = data.eval_transform(16, crop_pct=1.0)
-    labels = torch.cat([y for _, y in data.eval_loader(base, transform, 16, 0)])
+    base = datasets.build_dataset(DataSpec(dataset="synthetic", synthetic_size=60), "val")
+    transform = transforms.eval_transform(16, crop_pct=1.0)
+    labels = torch.cat([y for _, y in loaders.eval_loader(base, transform, 16, 0)])
     assert torch.equal(labels, torch.as_tensor(base.targets))
 
     def subset(seed: int) -> torch.Tensor:
-        return torch.cat([x for x, _ in data.eval_loader(base, transform, 8, 0, limit=20, seed=seed)])
+        return torch.cat([x for x, _ in loaders.eval_loader(base, transform, 8, 0, limit=20, seed=seed)])
 
     a = subset(0)
     assert a.shape == (20, 3, 16, 16)
     assert torch.equal(a, subset(0)) and not torch.equal(a, subset(1))
-    assert len(data.eval_loader(base, transform, 8, 0, limit=1000).dataset) == 60
+    assert len(loaders.eval_loader(base, transform, 8, 0, limit=1000).dataset) == 60

@@ -11,9 +11,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.io import encode_jpeg, encode_png
 
-from extrema import data, decode
-from extrema.dist import World
+from extrema.data import datasets, decode, loaders, transforms
 from extrema.spec import DataSpec
+from extrema.train.dist import World
 from tests.test_shards import shard, smooth_image, write_jpeg_folder
 
 
@@ -30,7 +30,7 @@ def seeded(fn, seed: int = 7):  # type: ignore[no-untyped-def]
 
 
 def test_reduced_decode_keeps_the_crop_region_and_the_random_draws() -> None:
-    t = data.TwoViewTransform(32, "spatial_consistent_color", crop_min=0.9)
+    t = transforms.TwoViewTransform(32, "spatial_consistent_color", crop_min=0.9)
     big = jpeg(400, 520)  # every crop of >= 90% area is over 8x the 32-px output: decoded at 1/8
     full, after_full = seeded(lambda: t.geometry(decode.decode_rgb(big)))
     reduced, after_reduced = seeded(lambda: t.crop_encoded(big, reduced=True))
@@ -45,7 +45,7 @@ def test_reduced_decode_keeps_the_crop_region_and_the_random_draws() -> None:
 
 @pytest.mark.parametrize("kind", ["small jpeg", "png"])
 def test_without_a_reduction_the_crop_is_the_full_decode_path(kind: str) -> None:
-    t = data.TwoViewTransform(32, "spatial_consistent_color")
+    t = transforms.TwoViewTransform(32, "spatial_consistent_color")
     img = smooth_image(torch.Generator().manual_seed(1), 50, 60)
     blob = jpeg(50, 60, 1) if kind == "small jpeg" else bytes(encode_png(img).numpy())
     full, after_full = seeded(lambda: t.geometry(decode.decode_rgb(blob)))
@@ -60,11 +60,11 @@ def test_device_decode_falls_back_to_the_cpu_with_the_host_batches(tmp_path: Pat
 
     def batches(decode_on: str) -> list[tuple[torch.Tensor, ...]]:
         spec = DataSpec(dataset="shards", root=str(tmp_path / "shards"), decode=decode_on, reduced_decode=False)  # type: ignore[arg-type]
-        base = data.build_dataset(spec, "train")
-        transform = data.TwoViewTransform(16, "spatial_consistent_color", device_color=True)
-        views = data.PretrainViews(base, transform, 3, mask_fn=lambda g: torch.randperm(16, generator=g)[:4])
+        base = datasets.build_dataset(spec, "train")
+        transform = transforms.TwoViewTransform(16, "spatial_consistent_color", device_color=True)
+        views = loaders.PretrainViews(base, transform, 3, mask_fn=lambda g: torch.randperm(16, generator=g)[:4])
         assert views.device_decode == (decode_on == "gpu")
-        return list(data.step_batches(views, 6, 3, 0, 4, world, 0))
+        return list(loaders.step_batches(views, 6, 3, 0, 4, world, 0))
 
     host, device = batches("cpu"), batches("gpu")
     assert len(host) == len(device) == 4
@@ -166,10 +166,10 @@ def test_device_decode_of_a_folder_of_odd_files_gives_the_host_batches(tmp_path:
 
     def batches(decode_on: str) -> list[tuple[torch.Tensor, ...]]:
         spec = DataSpec(dataset=dataset, root=str(tmp_path / dataset), decode=decode_on, reduced_decode=False)  # type: ignore[arg-type]
-        transform = data.TwoViewTransform(16, "spatial_consistent_color", device_color=True)
-        views = data.PretrainViews(data.build_dataset(spec, "train"), transform, 3)
+        transform = transforms.TwoViewTransform(16, "spatial_consistent_color", device_color=True)
+        views = loaders.PretrainViews(datasets.build_dataset(spec, "train"), transform, 3)
         assert len(views) == len(ODD) and views.device_decode == (decode_on == "gpu")
-        return list(data.step_batches(views, 4, 3, 0, 4, world, 0))
+        return list(loaders.step_batches(views, 4, 3, 0, 4, world, 0))
 
     host, device = batches("cpu"), batches("gpu")
     assert len(host) == len(device) == 4
@@ -201,6 +201,6 @@ def test_the_size_of_a_file_pil_cannot_read_comes_from_a_cpu_decode(monkeypatch:
 
     monkeypatch.setattr(decode, "read_header", unreadable)
     assert decode.image_size(blob) == size == tuple(decode.decode_rgb(blob).shape[1:])
-    t = data.TwoViewTransform(16, "spatial_consistent_color")
+    t = transforms.TwoViewTransform(16, "spatial_consistent_color")
     with_pil, _ = seeded(lambda: t.deferred(blob))
     assert with_pil[1].tolist() == seeded(lambda: list(t.crop_params(*size)))[0]

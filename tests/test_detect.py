@@ -19,14 +19,17 @@ from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.ops import box_iou
 
-from extrema import coco_eval, entry, rundir, weights
-from extrema.data import FASHION_MNIST_DEBIAN_DIR, fashion_mnist
-from extrema.detection_data import CocoDetection, build_canvas_set, train_transform
-from extrema.dist import World
+from extrema import entry
+from extrema.data.datasets import FASHION_MNIST_DEBIAN_DIR, fashion_mnist
+from extrema.data.detection import CocoDetection, build_canvas_set, train_transform
+from extrema.eval import coco_eval
 from extrema.models.detector import STRIDES, ViTPyramid, build_detector, feature_blocks
 from extrema.models.vit import VisionTransformer, sincos_pos_embed_2d
+from extrema.run import rundir
 from extrema.spec import DataSpec, DetectSpec, Experiment, ModelSpec
 from extrema.stages.detect import build_model, detection_sets, evaluate, step_lr
+from extrema.train import weights
+from extrema.train.dist import World
 from tests.stage_runs import TINY_EXPERIMENT, checkpointed_model, make_run, merge
 from tests.test_distributed import torchrun
 from tests.weight_sources import save_pretrain_checkpoint

@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from extrema import ckpt, contract, entry, rundir
+from extrema import entry
 from extrema.models.extrema import ExtreMA
-from extrema.safe_dcp import SafeFsspecReader
+from extrema.run import contract, rundir
 from extrema.spec import RunSpec
+from extrema.train import ckpt
+from extrema.train.safe_dcp import SafeFsspecReader
 from launch.backends.ray_head import free_ports
 from tests.stage_runs import make_run, without_key_bias
 

@@ -11,10 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from extrema import ckpt, contract, entry, rundir
-from extrema.dist import Preemption, World
-from extrema.safe_dcp import SafeFsspecReader
-from extrema.step_end import SKIPPED, Cadence, Diverged, LoopState, StepEnd
+from extrema import entry
+from extrema.run import contract, rundir
+from extrema.train import ckpt
+from extrema.train.dist import Preemption, World
+from extrema.train.safe_dcp import SafeFsspecReader
+from extrema.train.step_end import SKIPPED, Cadence, Diverged, LoopState, StepEnd
 from launch import store
 from tests.cluster_sweeps import cli
 from tests.stage_runs import TINY_EXPERIMENT, make_run

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yaml
 
-from extrema import lease
+from extrema.run import lease
 from launch import store
 from launch.sweep import load_runs
 from tests.processes import interruptible

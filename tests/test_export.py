@@ -13,10 +13,11 @@ import torch
 import yaml
 from rich.console import Console
 
-from extrema import entry, weights
+from extrema import entry
 from extrema.models.extrema import ExtreMA
 from extrema.models.vit import build_vit
 from extrema.spec import Experiment
+from extrema.train import weights
 from launch import export_command, store
 from launch.errors import UsageError
 from tests.stage_runs import checkpointed_model, make_run

@@ -10,7 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extrema.data import StepBatchSampler, seed_of
+from extrema.data.datasets import seed_of
+from extrema.data.loaders import StepBatchSampler
 from extrema.models.extrema import ExtreMA, byol_loss, check_masks_fit, infonce_loss, random_masks
 from extrema.spec import Experiment, ModelSpec, visible_count
 from extrema.stages.pretrain import SampleMasks

@@ -8,12 +8,14 @@ from typing import Any
 import pytest
 import torch
 
-from extrema import entry, rundir, weights
+from extrema import entry
 from extrema.models.classifier import Classifier
 from extrema.models.vit import resize_pos_embed, sincos_pos_embed_2d
-from extrema.optim import param_groups
+from extrema.run import rundir
 from extrema.spec import FinetuneSpec, ModelSpec
 from extrema.stages.finetune import build_classifier, mix_batch, train_transform
+from extrema.train import weights
+from extrema.train.optim import param_groups
 from tests.stage_runs import checkpointed_model, make_run
 from tests.weight_sources import official_checkpoint, save_pretrain_checkpoint
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from extrema.models.extrema import ExtreMA, random_masks
-from extrema.optim import build_adamw, param_groups
 from extrema.spec import ModelSpec
+from extrema.train.optim import build_adamw, param_groups
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -31,9 +31,9 @@ def test_bf16_training_is_finite_and_decreasing() -> None:
 def test_the_pretraining_step_never_waits_for_the_host() -> None:
     """The whole step (colour augmentation on the device, EMA update, masked forward and backward, clipping, AdamW)
     under CUDA's sync debug mode set to error: any host-device synchronisation raises."""
-    from extrema.dist import World
     from extrema.spec import PretrainSpec
     from extrema.stages.pretrain import train_step
+    from extrema.train.dist import World
 
     torch.manual_seed(0)
     model = ExtreMA(ModelSpec(arch="vit_micro", mlp_dim=512)).cuda().train()

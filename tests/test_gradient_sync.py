@@ -1,4 +1,4 @@
-"""Gradient accumulation reduces gradients once per optimizer step, not once per micro-batch (extrema.dist's
+"""Gradient accumulation reduces gradients once per optimizer step, not once per micro-batch (extrema.train.dist's
 `gradient_sync`), for FSDP2 and DDP, counted in two real gloo processes; the accumulated gradients are the same."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from extrema.dist import gradient_sync
+from extrema.train.dist import gradient_sync
 from launch.backends.ray_head import free_ports
 
 MICRO_BATCHES = 3

@@ -10,9 +10,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from extrema import ckpt, entry, rundir
+from extrema import entry
+from extrema.run import rundir
 from extrema.spec import Experiment, InpaintSpec
 from extrema.stages.inpaint import hidden_mask, patchify, unpatchify
+from extrema.train import ckpt
 from tests.stage_runs import TINY_EXPERIMENT, make_run, merge
 
 INPAINT = {

@@ -11,7 +11,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from extrema import rundir
+from extrema.run import metrics_log, rundir
 from tests.cluster_sweeps import TINY, cli
 
 
@@ -29,7 +29,7 @@ def test_records_and_logs_hold_only_standard_json(tmp_path: Path) -> None:
     doc = strict((tmp_path / "result.json").read_text())
     assert doc == {"loss_final": None, "loss_final.nonfinite": "nan", "knn": {"top1": None, "top1.nonfinite": "inf"},
                    "ok": 1.5}  # fmt: skip
-    log = rundir.MetricsLog(str(tmp_path / "metrics.jsonl"))
+    log = metrics_log.MetricsLog(str(tmp_path / "metrics.jsonl"))
     log.log({"step": 1, "loss": -math.inf, "big": 2**70}, flush=True)
     [line] = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert strict(line) == {"step": 1, "loss": None, "loss.nonfinite": "-inf", "big": 2**70}

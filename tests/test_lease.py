@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from extrema import contract, lease, rundir
+from extrema.run import contract, lease, rundir
 from tests.stage_runs import make_run
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from s3fs import S3FileSystem
 
-from extrema import lease
+from extrema.run import lease
 from launch.cli import main
 from tests.s3server import REPO, S3Server, isolated_aws_env, running_server
 

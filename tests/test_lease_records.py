@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from extrema import lease
+from extrema.run import lease
 
 
 def holder_record(**changes: Any) -> dict[str, Any]:

@@ -28,7 +28,7 @@ TTL_S = 2.0
 # A winner heartbeats until the stop file, then fences.
 RACER = """
 import json, os, socket, sys, time
-from extrema import lease
+from extrema.run import lease
 stage, go, later, stop = sys.argv[1:5]
 
 def take(at):

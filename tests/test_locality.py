@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from extrema import entry, locality
+from extrema import entry
+from extrema.eval import locality
 from tests.stage_runs import make_run
 
 

@@ -20,7 +20,8 @@ import pytest
 import torch
 import yaml
 
-from extrema import ckpt, rundir
+from extrema.run import rundir
+from extrema.train import ckpt
 from launch import store
 from launch.addressed import open_addressed
 from launch.status_view import status_table

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from extrema.optim import (
+from extrema.train.optim import (
     LARS,
     build_adamw,
     cosine_schedule,

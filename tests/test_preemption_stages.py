@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import torch
 
-from extrema import ckpt, entry
+from extrema import entry
+from extrema.train import ckpt
 from tests.stage_runs import checkpointed_model, make_run
 from tests.test_detect import DETECT, needs_fashion_mnist
 from tests.test_finetune import FINETUNE

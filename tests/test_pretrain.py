@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from extrema import ckpt, entry, rundir
+from extrema import entry
 from extrema.models.extrema import ExtreMA
+from extrema.run import rundir
+from extrema.train import ckpt
 from tests.stage_runs import make_run
 
 GOLDEN = Path(__file__).parent / "assets" / "golden_pretrain_loss.json"

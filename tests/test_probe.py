@@ -8,11 +8,13 @@ from typing import Any
 import pytest
 import torch
 
-from extrema import entry, rundir, weights
+from extrema import entry
+from extrema.eval.supervised import holdout_split
 from extrema.models.vit import build_vit
+from extrema.run import rundir
 from extrema.spec import ProbeSpec
 from extrema.stages.probe import frozen_encoder, probe_features
-from extrema.supervised import holdout_split
+from extrema.train import weights
 from tests.stage_runs import checkpointed_model, make_run
 from tests.weight_sources import save_pretrain_checkpoint
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from extrema import rundir
-from extrema.contract import update_status
+from extrema.run import rundir
+from extrema.run.contract import update_status
 from extrema.spec import ResourcesSpec
 from launch import store
 from launch.backends.base import Job, State

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from extrema.contract import update_status
+from extrema.run.contract import update_status
 from launch import store
 from tests.test_records_shape import finished
 

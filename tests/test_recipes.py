@@ -24,8 +24,9 @@ import pytest
 import torch
 import yaml
 
-from extrema import ckpt, rundir
+from extrema.run import rundir
 from extrema.spec import SINGLE_PROCESS_STAGES
+from extrema.train import ckpt
 from launch import store
 from launch.sweep import load_runs
 from tests.cluster_sweeps import cli

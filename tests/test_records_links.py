@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-from extrema import contract, rundir
+from extrema.run import contract, rundir
 from launch import store
 from launch.progress import latest_progress
 from tests.test_cli import cli

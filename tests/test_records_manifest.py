@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from extrema import contract, rundir
+from extrema.run import contract, rundir
 from launch import store
 from tests.test_cli import cli
 

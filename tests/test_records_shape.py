@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from extrema import contract, entry, rundir
-from extrema.contract import Unreadable, update_status
+from extrema import entry
+from extrema.run import contract, rundir
+from extrema.run.contract import Unreadable, update_status
 from launch import store
 from launch.addressed import DAMAGED
 from launch.sweep import load_runs

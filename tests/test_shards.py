@@ -20,10 +20,13 @@ import torch
 from rich.console import Console
 from torchvision.io import encode_jpeg
 
-from extrema import ckpt, data, entry, rundir, shard_format
-from extrema.object_store import DataSourceError
-from extrema.shards import ShardedImages
+from extrema import entry
+from extrema.data import datasets, loaders, shard_format, transforms
+from extrema.data.object_store import DataSourceError
+from extrema.data.shards import ShardedImages
+from extrema.run import rundir
 from extrema.spec import DataSpec, StorageSpec
+from extrema.train import ckpt
 from launch import shard_command
 from launch.backends.ray_head import free_ports
 from launch.errors import UsageError
@@ -82,8 +85,8 @@ def test_shards_are_webdataset_tars_in_imagefolder_order(folder: Path) -> None:
     index = json.loads((folder / "shards" / "train" / "index.json").read_text())
     assert index["classes"] == list(CLASSES) and index["samples"] == 48
     assert [s["bytes"] for s in index["shards"]] == [p.stat().st_size for p in shards]
-    tars = data.build_dataset(DataSpec(dataset="shards", root=f"file://{folder / 'shards'}"), "train")
-    files = data.build_dataset(DataSpec(dataset="imagefolder", root=str(folder / "folder")), "train")
+    tars = datasets.build_dataset(DataSpec(dataset="shards", root=f"file://{folder / 'shards'}"), "train")
+    files = datasets.build_dataset(DataSpec(dataset="imagefolder", root=str(folder / "folder")), "train")
     assert tars.classes == files.classes and torch.equal(torch.as_tensor(tars.targets), files.targets)
     pairs = [(tars[i], files[i]) for i in range(len(files))]
     assert all(torch.equal(a[0], b[0]) and a[1] == b[1] for a, b in pairs)
@@ -149,12 +152,12 @@ def test_index_sizes_are_bounded_and_a_stale_index_is_named(folder: Path, tmp_pa
 
 def test_same_batches_for_any_workers_and_world_size_and_as_imagefolder(folder: Path) -> None:
     def batches(dataset: str, root: Path, workers: int, world: int) -> list[torch.Tensor]:
-        base = data.build_dataset(DataSpec(dataset=dataset, root=str(root)), "train")  # type: ignore[arg-type]
-        views = data.PretrainViews(base, data.TwoViewTransform(16, "spatial_consistent_color"), 5)
+        base = datasets.build_dataset(DataSpec(dataset=dataset, root=str(root)), "train")  # type: ignore[arg-type]
+        views = loaders.PretrainViews(base, transforms.TwoViewTransform(16, "spatial_consistent_color"), 5)
         out = []
         for rank in range(world):
-            sampler = data.StepBatchSampler(len(base), 8, 5, 2, 9, rank, world)
-            out.append([b[0] for b in data.step_loader(views, sampler, workers)])
+            sampler = loaders.StepBatchSampler(len(base), 8, 5, 2, 9, rank, world)
+            out.append([b[0] for b in loaders.step_loader(views, sampler, workers)])
         return [torch.cat(parts) for parts in zip(*out)]
 
     reference = batches("imagefolder", folder / "folder", 0, 1)
@@ -233,11 +236,11 @@ def test_credentials_from_the_variables_the_spec_names(s3_shards: S3Server, tmp_
     monkeypatch.setenv("MY_KEY", KEY)
     monkeypatch.setenv("MY_SECRET", SECRET)
     spec = DataSpec.model_validate(s3_spec(s3_shards, "shards", key_env="MY_KEY", secret_env="MY_SECRET"))
-    ds = data.build_dataset(spec, "val")
+    ds = datasets.build_dataset(spec, "val")
     assert len(ds) == 6 and ds[5][0].shape[0] == 3
     monkeypatch.delenv("MY_SECRET")
     with pytest.raises(DataSourceError, match="MY_SECRET"):
-        data.build_dataset(spec, "val")
+        datasets.build_dataset(spec, "val")
 
 
 def test_wrong_bucket_missing_credentials_and_unreachable_endpoint_are_named(
@@ -258,11 +261,11 @@ def test_wrong_bucket_missing_credentials_and_unreachable_endpoint_are_named(
         {**s3_spec(s3_shards, "shards"), "storage": {"endpoint_url": dead, "retries": 0, "connect_timeout_s": 2}}
     )
     with pytest.raises(DataSourceError, match="endpoint cannot be reached"):
-        data.build_dataset(unreachable, "train")
+        datasets.build_dataset(unreachable, "train")
 
     isolated_aws_env(monkeypatch, tmp_path, credentials=False)
     with pytest.raises(DataSourceError, match="no credentials"):
-        data.build_dataset(DataSpec.model_validate(s3_spec(s3_shards, "shards")), "train")
+        datasets.build_dataset(DataSpec.model_validate(s3_spec(s3_shards, "shards")), "train")
 
 
 def test_storage_settings_are_validated_and_hold_no_secret() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from extrema import code, contract, rundir
+from extrema.run import code_snapshot, contract, rundir
 from extrema.spec import ResourcesSpec
 from launch import snapshot, store
 from launch.backends.base import Job, State
@@ -56,16 +56,16 @@ def write_snapshot(root: str, files: dict[str, bytes], listed: dict[str, str], s
                    dirname: str | None = None) -> str:  # fmt: skip
     """A snapshot written straight into a store, as anyone who can write there could: `files` at their names,
     a manifest listing `listed` (name -> sha256) under `snap_id` (its hash by default), in `code/<dirname>`."""
-    snap_id = snap_id or code.snapshot_id(listed)
+    snap_id = snap_id or code_snapshot.snapshot_id(listed)
     url = rundir.join(root, "sweep", "code", dirname or snap_id)
     fs, _ = rundir.filesystem(url)
     for name, data in files.items():
-        path = rundir.filesystem(rundir.join(url, code.FILES, name))[1]
+        path = rundir.filesystem(rundir.join(url, code_snapshot.FILES, name))[1]
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         fs.pipe_file(path, data)
     text = json.dumps({"id": snap_id, "files": listed})
-    rundir.write_text_atomic(rundir.join(url, code.FILES, code.INSIDE), text)
-    rundir.write_text_atomic(rundir.join(url, code.MANIFEST), text)
+    rundir.write_text_atomic(rundir.join(url, code_snapshot.FILES, code_snapshot.INSIDE), text)
+    rundir.write_text_atomic(rundir.join(url, code_snapshot.MANIFEST), text)
     return url
 
 
@@ -155,9 +155,9 @@ def python(files: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def test_a_process_refuses_a_snapshot_that_does_not_verify_before_running_it(
     snap: snapshot.Snapshot, tmp_path: Path
 ) -> None:
-    assert code.EXIT_REFUSED == contract.EXIT_USAGE
+    assert code_snapshot.EXIT_REFUSED == contract.EXIT_USAGE
     files = snapshot.local_copy(snapshot.save(snap, str(tmp_path / "store" / "sweep")), tmp_path / "cache")
-    ident = "import json; from extrema import code; print(json.dumps(code.identity()))"
+    ident = "import json; from extrema import code; print(json.dumps(code_snapshot.identity()))"
     intact = python(files, "-c", ident)
     assert intact.returncode == 0 and json.loads(intact.stdout)["code_source"] == "snapshot", intact.stderr
 

@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from extrema import ckpt, rundir
-from extrema.dist import Preemption, World
-from extrema.entry import Preempted
-from extrema.step_end import Cadence, LoopState, StepEnd
+from extrema.run import rundir
+from extrema.run.contract import Preempted
+from extrema.train import ckpt
+from extrema.train.dist import Preemption, World
+from extrema.train.step_end import Cadence, LoopState, StepEnd
 
 WORLD = World(0, 1, 0, torch.device("cpu"))
 LOSSES = [0.5 + 0.1 * i for i in range(12)]  # the loss of step i + 1

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extrema import rundir
-from extrema.contract import update_status
+from extrema.run import rundir
+from extrema.run.contract import update_status
 from extrema.spec import RunSpec
 from launch import results, store
 from launch.sweep import load_runs

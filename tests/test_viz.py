@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from extrema import entry, viz
-from extrema.augment import normalize
+from extrema import entry
+from extrema.data.augment import normalize
 from extrema.models.extrema import random_masks
 from extrema.models.vit import Block, ClassAttentionBlock, VisionTransformer, gather_visible
+from extrema.viz import attention
 from tests.stage_runs import make_run
 
 DESIGNS = ("cait", "vit", "avgpool")
@@ -29,7 +30,7 @@ def encoder(design: str) -> VisionTransformer:
 def test_probabilities_sum_to_one_and_are_the_ones_sdpa_uses(design: str) -> None:
     enc = encoder(design)
     x = torch.randn(3, 3, 32, 32)
-    probs = viz.last_attention(enc, x)
+    probs = attention.last_attention(enc, x)
     tokens = 64 + (design == "vit")
     assert probs["self"].shape == (3, 4, tokens, tokens)
     torch.testing.assert_close(probs["self"].sum(-1), torch.ones(3, 4, tokens))
@@ -65,7 +66,7 @@ def test_probabilities_sum_to_one_and_are_the_ones_sdpa_uses(design: str) -> Non
 def test_masked_inputs_attend_over_the_visible_tokens_only() -> None:
     enc = encoder("avgpool")
     visible = random_masks(2, 64, 1, 0.75, generator=torch.Generator().manual_seed(0))
-    probs = viz.last_attention(enc, torch.randn(2, 3, 32, 32), visible)
+    probs = attention.last_attention(enc, torch.randn(2, 3, 32, 32), visible)
     assert probs["self"].shape == (2, 4, 16, 16)
     torch.testing.assert_close(probs["self"].sum(-1), torch.ones(2, 4, 16))
     assert gather_visible(torch.zeros(2, 64, 1), visible).shape == (2, 16, 1)
@@ -75,11 +76,11 @@ def test_masked_inputs_attend_over_the_visible_tokens_only() -> None:
 def test_maps_are_head_means_over_the_patch_keys(design: str) -> None:
     enc = encoder(design)
     x = torch.randn(2, 3, 32, 32)
-    queries = viz.default_queries(enc, 8)
+    queries = attention.default_queries(enc, 8)
     assert queries[0] == "cls" if design != "avgpool" else "cls" not in queries
-    maps = viz.attention_maps(enc, x, queries)
+    maps = attention.attention_maps(enc, x, queries)
     assert maps.shape == (2, len(queries), 8, 8)
-    probs = viz.last_attention(enc, x)
+    probs = attention.last_attention(enc, x)
     sums = maps.sum((-1, -2))
     patch_queries = [i for i, q in enumerate(queries) if q != "cls"]
     offset = 1 if design == "vit" else 0
@@ -91,16 +92,16 @@ def test_maps_are_head_means_over_the_patch_keys(design: str) -> None:
         torch.testing.assert_close(sums[:, 0], 1 - probs["class"][:, :, 0, 0].mean(1))
     if design == "avgpool":
         with pytest.raises(ValueError, match="no class token"):
-            viz.attention_maps(enc, x, ["cls"])
+            attention.attention_maps(enc, x, ["cls"])
     with pytest.raises(ValueError, match="outside the 8x8 grid"):
-        viz.attention_maps(enc, x, [64])
+        attention.attention_maps(enc, x, [64])
 
 
 def test_render_attention_of_a_pretrained_run(tmp_path: Path) -> None:
     run_dir = str(tmp_path / "r0")
     make_run(run_dir, {"stages": ["pretrain"], "pretrain": {"steps": 4, "ckpt_every": 4}})
     entry.run_stage(run_dir, "pretrain")
-    fig = viz.render_attention(run_dir, images=(0, 5, 7))
+    fig = attention.render_attention(run_dir, images=(0, 5, 7))
     assert [Path(f).name for f in fig.files] == ["attention.png", "attention.svg"]
     assert Path(fig.files[0]).parent == tmp_path / "r0" / "viz"
     head = Path(fig.files[0]).read_bytes()[:24]
@@ -111,8 +112,8 @@ def test_render_attention_of_a_pretrained_run(tmp_path: Path) -> None:
     assert fig.images.dtype == torch.uint8 and fig.images.shape == (3, 3, 32, 32)
     # The export and the checkpoint hold the same EMA encoder: the maps agree whichever is read.
     ckpt_dir = str(tmp_path / "r0" / "pretrain" / "ckpt")
-    again = viz.attention_maps(
-        viz.load_encoder(run_dir, "ema", checkpoint=ckpt_dir),
+    again = attention.attention_maps(
+        attention.load_encoder(run_dir, "ema", checkpoint=ckpt_dir),
         normalize(fig.images.float() / 255),
         fig.queries,
     )

@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from extrema import ckpt, weights
 from extrema.models.classifier import Classifier, discarded_keys, fresh_keys
 from extrema.models.extrema import ExtreMA
 from extrema.models.vit import VisionTransformer, build_vit, resize_pos_embed, sincos_pos_embed_2d
 from extrema.spec import ModelSpec
+from extrema.train import ckpt, weights
 from tests.weight_sources import DEPTH, GRID, PICO, D, official_checkpoint, save_pretrain_checkpoint
 
 IMAGES = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))

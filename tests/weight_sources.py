@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from extrema import ckpt
 from extrema.models.extrema import ExtreMA
 from extrema.models.vit import sincos_pos_embed_2d
 from extrema.spec import ModelSpec
+from extrema.train import ckpt
 
 PICO = ModelSpec(arch="vit_pico", mlp_dim=32, proj_dim=16)  # D 64, depth 2, heads 2, patch 4, 32 px
 D, DEPTH, GRID = 64, 2, 8

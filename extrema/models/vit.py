@@ -9,7 +9,7 @@ The model names its parts like timm, and nothing outside this file walks its ins
 -> pre-norm instance and patch tokens), `forward_head` (the final norm: the instance representation),
 `forward_intermediates` (patch tokens after chosen blocks), `last_self_attention` and `cls_attention` (attention
 probabilities of the last layers, recomputed opt-in beside the SDPA path). A new class-token design changes this
-file (and the export mapping in `extrema.weights`) only.
+file (and the export mapping in `extrema.train.weights`) only.
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ class VisionTransformer(nn.Module):
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         grid = img_size // patch_size
         self.register_buffer("pos_embed", sincos_pos_embed_2d(embed_dim, grid, grid).unsqueeze(0), persistent=False)
-        self.sincos_table = True  # False once a table from elsewhere replaces it (extrema.weights.use_pos_embed)
+        self.sincos_table = True  # False once a table from elsewhere replaces it (extrema.train.weights.use_pos_embed)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, dpr[i], attn_drop_rate) for i in range(depth)

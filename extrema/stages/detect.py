@@ -25,8 +25,8 @@ import torch.distributed as dist
 from torch import nn
 from torchvision.models.detection import MaskRCNN
 
-from extrema import coco_eval, data, rundir, weights
-from extrema.detection_data import (
+from extrema.data import datasets, loaders
+from extrema.data.detection import (
     CocoDetection,
     EvalImages,
     SeededDetection,
@@ -35,12 +35,15 @@ from extrema.detection_data import (
     model_target,
     train_transform,
 )
-from extrema.dist import Preemption, World, after_main, autocast_dtype, data_parallel, init_world
+from extrema.eval import coco_eval
+from extrema.eval.supervised import SPLIT_SEED, step_counts
 from extrema.models.detector import DISCARDED_KEYS, STRIDES, build_detector, feature_blocks
-from extrema.optim import build_adamw, param_groups, set_hyperparams
+from extrema.run import rundir
 from extrema.spec import DetectSpec, Experiment, RunSpec
-from extrema.step_end import Cadence, LoopState, StepEnd
-from extrema.supervised import SPLIT_SEED, step_counts
+from extrema.train import weights
+from extrema.train.dist import Preemption, World, after_main, autocast_dtype, data_parallel, init_world
+from extrema.train.optim import build_adamw, param_groups, set_hyperparams
+from extrema.train.step_end import Cadence, LoopState, StepEnd
 
 REFERENCE_EPOCHS = 12  # the 1x schedule the lr steps are given in
 LOSSES = ("loss_objectness", "loss_rpn_box_reg", "loss_classifier", "loss_box_reg", "loss_mask")
@@ -94,7 +97,7 @@ def evaluate(
     """COCO box and mask AP of the model on the validation images (each rank runs a slice, rank 0 scores)."""
     per_rank = -(-len(val_idx) // world.size)
     mine = val_idx[world.rank * per_rank : (world.rank + 1) * per_rank]
-    loader = data.ordered_loader(EvalImages(val, mine), d.eval_batch_size, workers, collate)
+    loader = loaders.ordered_loader(EvalImages(val, mine), d.eval_batch_size, workers, collate)
     was_training = model.training
     model.eval()
     boxes: list[dict[str, Any]] = []
@@ -147,8 +150,8 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     workers = exp.data.num_workers
 
     train, val = detection_sets(exp, d, stage_dir, world)
-    train_idx = data.subset_indices(len(train), d.train_size, SPLIT_SEED)
-    val_idx = data.subset_indices(len(val), d.val_size, SPLIT_SEED)
+    train_idx = loaders.subset_indices(len(train), d.train_size, SPLIT_SEED)
+    val_idx = loaders.subset_indices(len(val), d.val_size, SPLIT_SEED)
     steps_per_epoch, total_steps, _ = step_counts(len(train_idx), d.batch_size, d.epochs)
     eval_every = max(1, round(d.eval_every_epochs * steps_per_epoch)) if d.eval_every_epochs else None
 
@@ -182,7 +185,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
 
     transform = train_transform(d.train_scales, d.max_size, d.crop_scales, d.crop_size)
     samples = SeededDetection(train, train_idx, transform, d.seed)
-    loader = data.step_batches(samples, d.batch_size, d.seed, start_step, total_steps, world, workers, collate)
+    loader = loaders.step_batches(samples, d.batch_size, d.seed, start_step, total_steps, world, workers, collate)
 
     model.train()
     running = torch.zeros(len(LOSSES), device=world.device)
@@ -191,7 +194,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
             lr = step_lr(step, steps_per_epoch, d)
             set_hyperparams(optimizer, lr)
             # Drop path and the RPN / RoI samplers draw from the global RNG: seed it per step for exact resumes.
-            torch.manual_seed(data.seed_of(d.seed, world.rank, step))
+            torch.manual_seed(datasets.seed_of(d.seed, world.rank, step))
             losses = trained(
                 [img.to(world.device, non_blocking=True) for img in images],
                 [model_target(t, world.device) for t in targets],

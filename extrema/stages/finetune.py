@@ -18,12 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode, v2
 
-from extrema import data, supervised, weights
-from extrema.dist import Preemption, autocast_dtype, data_parallel, gradient_sync, init_world
+from extrema.data import datasets, loaders, transforms
+from extrema.eval import supervised
 from extrema.models.classifier import Classifier, discarded_keys, fresh_keys
-from extrema.optim import build_adamw, cosine_schedule, param_groups, scaled_lr, set_hyperparams
 from extrema.spec import Experiment, FinetuneSpec, RunSpec
-from extrema.step_end import accuracy_outcome
+from extrema.train import weights
+from extrema.train.dist import Preemption, autocast_dtype, data_parallel, gradient_sync, init_world
+from extrema.train.optim import build_adamw, cosine_schedule, param_groups, scaled_lr, set_hyperparams
+from extrema.train.step_end import accuracy_outcome
 
 
 def train_transform(img_size: int, f: FinetuneSpec) -> Callable[[Tensor], Tensor]:
@@ -34,7 +36,7 @@ def train_transform(img_size: int, f: FinetuneSpec) -> Callable[[Tensor], Tensor
     ]
     if f.randaugment_ops > 0:
         ops.append(v2.RandAugment(num_ops=f.randaugment_ops, magnitude=f.randaugment_magnitude))
-    ops.append(data.to_normalized())
+    ops.append(transforms.to_normalized())
     if f.random_erasing > 0:
         ops.append(v2.RandomErasing(p=f.random_erasing, value="random"))
     return v2.Compose(ops)
@@ -111,7 +113,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     )
     start_step = step_end.resume()
     samples = supervised.SeededSamples(splits.train, splits.train_idx, train_transform(img_size, f), f.seed)
-    loader = data.step_batches(samples, f.batch_size, f.seed, start_step, total_steps, world, exp.data.num_workers)
+    loader = loaders.step_batches(samples, f.batch_size, f.seed, start_step, total_steps, world, exp.data.num_workers)
 
     model.train()
     running = torch.zeros((), device=world.device)
@@ -120,9 +122,11 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
             lr = cosine_schedule(step, total_steps, peak_lr, f.min_lr, warmup_steps)
             set_hyperparams(optimizer, lr)
             # Drop path draws from the global RNG: seed it per step so that a resumed run draws the same.
-            torch.manual_seed(data.seed_of(f.seed, world.rank, step))
+            torch.manual_seed(datasets.seed_of(f.seed, world.rank, step))
             x, y = x.to(world.device, non_blocking=True), y.to(world.device, non_blocking=True)
-            x, soft = mix_batch(x, y, splits.num_classes, f.mixup, f.cutmix, data.seed_of(f.seed, world.rank, step, 1))
+            x, soft = mix_batch(
+                x, y, splits.num_classes, f.mixup, f.cutmix, datasets.seed_of(f.seed, world.rank, step, 1)
+            )
             chunks = list(zip(x.chunk(f.accum_steps), soft.chunk(f.accum_steps)))
             step_loss = torch.zeros((), device=world.device)
             for i, (cx, cy) in enumerate(chunks):

@@ -21,14 +21,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from extrema import ckpt, data, rundir, viz, weights
-from extrema.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
-from extrema.dist import init_world
-from extrema.knn_monitor import eval_images
+from extrema.data import datasets
+from extrema.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalize
+from extrema.eval.knn_monitor import eval_images
 from extrema.models.extrema import random_masks
 from extrema.models.vit import Block, VisionTransformer, sincos_pos_embed_2d
-from extrema.optim import build_adamw, cosine_schedule, param_groups, set_hyperparams
+from extrema.run import rundir
 from extrema.spec import InpaintSpec, RunSpec
+from extrema.train import ckpt, weights
+from extrema.train.dist import init_world
+from extrema.train.optim import build_adamw, cosine_schedule, param_groups, set_hyperparams
+from extrema.viz import attention
 
 EVAL_BATCH = 256
 
@@ -125,7 +128,7 @@ def train(
     device = next(decoder.parameters()).device
     n, p = num_patches(encoder), encoder.patch_size
     optimizer = build_adamw(param_groups(decoder, s.weight_decay, no_decay_names=("mask_token",)), s.lr, (0.9, 0.95))
-    g = torch.Generator().manual_seed(data.seed_of(s.seed, 1))
+    g = torch.Generator().manual_seed(datasets.seed_of(s.seed, 1))
     losses = []
     decoder.train()
     for step in range(s.steps):
@@ -162,7 +165,7 @@ def evaluate(
     device = next(decoder.parameters()).device
     decoder.eval()
     n, p = num_patches(encoder), encoder.patch_size
-    g = torch.Generator().manual_seed(data.seed_of(seed, 2, round(ratio * 1000)))
+    g = torch.Generator().manual_seed(datasets.seed_of(seed, 2, round(ratio * 1000)))
     err = base = count = 0.0
     for i in range(0, images.shape[0], EVAL_BATCH):
         x = batch_of(images[i : i + EVAL_BATCH], device)
@@ -189,7 +192,7 @@ def samples(
     gray = patchify(torch.zeros_like(x), p)  # the dataset mean colour, once unnormalised
     masked, recon, shown = [], [], []
     for ratio in s.ratios:
-        g = torch.Generator().manual_seed(data.seed_of(s.seed, 3, round(ratio * 1000)))
+        g = torch.Generator().manual_seed(datasets.seed_of(s.seed, 3, round(ratio * 1000)))
         visible = random_masks(x.shape[0], n, 1, ratio, "independent", generator=g)[0].to(device)
         hidden = hidden_mask(visible, n).unsqueeze(-1)
         pred = reconstruct(encoder, decoder, x, visible, amp)
@@ -214,7 +217,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     torch.manual_seed(s.seed)
     amp = torch.bfloat16 if world.device.type == "cuda" else None
     source = weights.weights_source(s.checkpoint, stage_dir)
-    encoder = viz.frozen_encoder(exp.model, source, s.encoder).to(world.device)
+    encoder = attention.frozen_encoder(exp.model, source, s.encoder).to(world.device)
     size = exp.model.resolved_img_size
     train_x, _ = eval_images(exp.data, size, "train", s.train_size, s.seed, 0, 1)
     val_x, _ = eval_images(exp.data, size, "val", s.val_size, s.seed, 0, 1)
@@ -251,7 +254,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
             + ", ".join(f"{r:.0%} {result[f'inpaint_mse_{ratio_key(r)}']:.3f}/"
             f"{result[f'inpaint_baseline_mse_{ratio_key(r)}']:.3f}" for r in s.ratios)
         )  # fmt: skip
-        files = viz.render_inpaint(figure, stage_dir, title)
+        files = attention.render_inpaint(figure, stage_dir, title)
     result["figure"] = files[0] if files else None
     result["checkpoint"] = source
     result["protocol"] = {

@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
-from extrema import weights
-from extrema.dist import init_world
-from extrema.knn_monitor import knn_monitor
+from extrema.eval.knn_monitor import knn_monitor
 from extrema.models.vit import build_vit
 from extrema.spec import RunSpec
+from extrema.train import weights
+from extrema.train.dist import init_world
 
 
 def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:

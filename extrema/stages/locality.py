@@ -21,14 +21,15 @@ import torch
 from torch import Tensor
 from torchvision.transforms import v2
 
-from extrema import rundir, weights
-from extrema.augment import normalize
-from extrema.data import FASHION_MNIST_CLASSES, locate_fashion_mnist, read_idx, seed_of
-from extrema.detection_data import ANNOTATIONS, IMAGES, CocoDetection, build_canvas_set, canvas_info, canvas_set_ready
-from extrema.dist import init_world
-from extrema.locality import score_maps
+from extrema.data.augment import normalize
+from extrema.data.datasets import FASHION_MNIST_CLASSES, locate_fashion_mnist, read_idx, seed_of
+from extrema.data.detection import ANNOTATIONS, IMAGES, CocoDetection, build_canvas_set, canvas_info, canvas_set_ready
+from extrema.eval.locality import score_maps
 from extrema.models.vit import VisionTransformer, build_vit
+from extrema.run import rundir
 from extrema.spec import Experiment, LocalitySpec, RunSpec
+from extrema.train import weights
+from extrema.train.dist import init_world
 
 CANVAS_SOURCE = "t10k"  # held-out garments
 

@@ -20,14 +20,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from extrema import ckpt, data, rundir, weights
-from extrema.augment import two_views
-from extrema.dist import Preemption, World, autocast_dtype, gather_keys, gradient_sync, init_world, wrap
-from extrema.knn_monitor import knn_monitor, pixel_knn
+from extrema.data import datasets, loaders, transforms
+from extrema.data.augment import two_views
+from extrema.eval.knn_monitor import knn_monitor, pixel_knn
 from extrema.models.extrema import ExtreMA, Sampling, random_masks
-from extrema.optim import build_adamw, cosine_schedule, ema_momentum, param_groups, scaled_lr, set_hyperparams
+from extrema.run import rundir
 from extrema.spec import Experiment, PretrainSpec, RunSpec
-from extrema.step_end import UNSET, Cadence, LoopState, StepEnd
+from extrema.train import ckpt, weights
+from extrema.train.dist import Preemption, World, autocast_dtype, gather_keys, gradient_sync, init_world, wrap
+from extrema.train.optim import build_adamw, cosine_schedule, ema_momentum, param_groups, scaled_lr, set_hyperparams
+from extrema.train.step_end import UNSET, Cadence, LoopState, StepEnd
 
 KNN_START = ("init_top1", "init_top5", "pixels_top1", "pixels_top5")  # kept across restarts for the result
 
@@ -49,14 +51,14 @@ class SampleMasks:
         return random_masks(1, n, m, r, s, generator=g)[:, 0]
 
 
-def make_views(exp: Experiment, train_set: data.LabeledImages, device_color: bool) -> data.PretrainViews:
+def make_views(exp: Experiment, train_set: datasets.LabeledImages, device_color: bool) -> loaders.PretrainViews:
     """Two views per image plus the image's own masks, all seeded per sample."""
     m = exp.pretrain.masking
     mask_fn = SampleMasks(exp.model.num_patches, m.num_masks, m.ratio, m.sampling)
-    transform = data.TwoViewTransform(
+    transform = transforms.TwoViewTransform(
         exp.model.resolved_img_size, exp.data.augmentation, exp.data.crop_min, device_color=device_color
     )
-    return data.PretrainViews(train_set, transform, exp.pretrain.seed, mask_fn)
+    return loaders.PretrainViews(train_set, transform, exp.pretrain.seed, mask_fn)
 
 
 def train_step(
@@ -121,7 +123,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     torch.manual_seed(p.seed)  # identical initial weights on every rank
     amp = autocast_dtype(p.precision, world.device)
 
-    train_set = data.build_dataset(exp.data, "train", seed=p.seed)
+    train_set = datasets.build_dataset(exp.data, "train", seed=p.seed)
     steps_per_epoch = exp.steps_per_epoch(len(train_set))
     total_steps = exp.total_steps(len(train_set))
     warmup_steps = p.warmup_epochs * steps_per_epoch
@@ -177,7 +179,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     device_color = color_on_device(exp, world.device)
     color = exp.data.augmentation == "spatial_consistent_color"
     views = make_views(exp, train_set, device_color)
-    loader = data.step_batches(views, p.batch_size, p.seed, start_step, total_steps, world, exp.data.num_workers)
+    loader = loaders.step_batches(views, p.batch_size, p.seed, start_step, total_steps, world, exp.data.num_workers)
 
     model.train()
     running = torch.zeros((), device=world.device)

@@ -16,13 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from extrema import data, supervised, weights
-from extrema.dist import Preemption, autocast_dtype, data_parallel, init_world
+from extrema.data import loaders, transforms
+from extrema.eval import supervised
 from extrema.models.classifier import LinearProbe
 from extrema.models.vit import VisionTransformer, build_vit
-from extrema.optim import LARS, cosine_schedule, param_groups, scaled_lr, set_hyperparams
 from extrema.spec import Experiment, ProbeSpec, RunSpec
-from extrema.step_end import accuracy_outcome
+from extrema.train import weights
+from extrema.train.dist import Preemption, autocast_dtype, data_parallel, init_world
+from extrema.train.optim import LARS, cosine_schedule, param_groups, scaled_lr, set_hyperparams
+from extrema.train.step_end import accuracy_outcome
 
 
 def probe_features(encoder: VisionTransformer, x: Tensor, p: ProbeSpec) -> Tensor:
@@ -78,8 +80,8 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
         world, stage_dir, p, head, optimizer, steps, lambda: supervised.evaluate(predict, vals, world, amp)
     )
     start_step = step_end.resume()
-    samples = supervised.SeededSamples(splits.train, splits.train_idx, data.classify_transform(img_size), p.seed)
-    loader = data.step_batches(samples, p.batch_size, p.seed, start_step, total_steps, world, exp.data.num_workers)
+    samples = supervised.SeededSamples(splits.train, splits.train_idx, transforms.classify_transform(img_size), p.seed)
+    loader = loaders.step_batches(samples, p.batch_size, p.seed, start_step, total_steps, world, exp.data.num_workers)
 
     head.train()
     running = torch.zeros((), device=world.device)

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from extrema import contract
-from extrema.code import ALLOW_CHANGE_ENV
+from extrema.run import contract
+from extrema.run.code_snapshot import ALLOW_CHANGE_ENV
 from extrema.spec import ResourcesSpec
 from launch.errors import UsageError
 
@@ -90,7 +90,7 @@ def code_env(code_dir: str, pythonpath: str | None) -> dict[str, str]:
 
 
 def network_env(r: ResourcesSpec) -> dict[str, str]:
-    """The launcher's network settings as the environment variables extrema.dist, gloo and NCCL read, and NCCL's
+    """The launcher's network settings as the environment variables extrema.train.dist, gloo and NCCL read, and NCCL's
     error handling and flight recorder (contract.NCCL_ENV) where the submitter's environment does not set them."""
     env = {k: v for k, v in contract.NCCL_ENV.items() if k not in os.environ}
     env[contract.COLLECTIVE_TIMEOUT_ENV] = f"{r.collective_timeout_s:g}"

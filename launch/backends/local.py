@@ -40,7 +40,7 @@ from typing import IO, TYPE_CHECKING
 
 from fsspec.implementations.local import LocalFileSystem
 
-from extrema import contract, lease, rundir
+from extrema.run import contract, lease, rundir
 from launch import store
 from launch.backends.base import Backend, Job, State, code_env
 
@@ -114,7 +114,7 @@ class LocalBackend(Backend):
     """Runs stage jobs as local subprocesses (no shell), in dependency order, within `max_parallel`, CPUs and GPUs."""
 
     name = "local"
-    adopts_running = True  # a job for a stage a live attempt owns waits on its lease (extrema.lease)
+    adopts_running = True  # a job for a stage a live attempt owns waits on its lease (extrema.run.lease)
     runs_here = True
 
     def __init__(

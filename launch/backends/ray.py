@@ -34,8 +34,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from extrema import rundir
-from extrema.contract import DEFAULT_COLLECTIVE_TIMEOUT_S, EXIT_UPSTREAM_FAILED
+from extrema.run import rundir
+from extrema.run.contract import EXIT_UPSTREAM_FAILED
+from extrema.spec import DEFAULT_COLLECTIVE_TIMEOUT_S
 from launch import store
 from launch.backends.base import Backend, Job, PrivateCluster, RecordedJob, State, Unreachable
 from launch.backends.ray_head import head_gone, start_head, stop_head

@@ -42,9 +42,9 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from extrema import contract, lease, rundir
-from extrema.dist import barrier, side_group
-from extrema.safe_dcp import JsonSavePlanner, SafeFsspecReader
+from extrema.run import contract, lease, rundir
+from extrema.train.dist import barrier, side_group
+from extrema.train.safe_dcp import JsonSavePlanner, SafeFsspecReader
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 CORRUPT_DIR = "corrupt"
@@ -348,7 +348,7 @@ def set_aside(ckpt_dir: str, step: int, why: str) -> None:
     it again and a new save of step N starts in an empty directory."""
     url = step_url(ckpt_dir, step)
     if is_rank0():
-        print(f"extrema.ckpt: skipping checkpoint step {step} at {url}: {why}", file=sys.stderr, flush=True)
+        print(f"extrema.train.ckpt: skipping checkpoint step {step} at {url}: {why}", file=sys.stderr, flush=True)
         lease.fence(f"moving {url} aside")
         fs, path = rundir.filesystem(url)
         aside = rundir.join(ckpt_dir, CORRUPT_DIR, f"step-{step}-{int(time.time())}")

@@ -29,10 +29,11 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from extrema import ckpt, rundir
 from extrema.models.extrema import ExtreMA
 from extrema.models.vit import VisionTransformer, resize_pos_embed, sincos_pos_embed_2d
-from extrema.safe_dcp import SafeFsspecReader
+from extrema.run import rundir
+from extrema.train import ckpt
+from extrema.train.safe_dcp import SafeFsspecReader
 
 Branch = Literal["ema", "student"]
 OFFICIAL_PREFIXES: dict[Branch, tuple[str, ...]] = {

@@ -9,8 +9,8 @@ A snapshot directory is `<id>/manifest.json` beside `<id>/files/{extrema,launch}
 no links, every file has its listed sha256, the id is the hash of that list, and a directory laid out as
 `<id>/files` is named by that id. Every process that imports this package from a snapshot runs `guard` as this
 module is imported: before the stages and nearly all of the project's code, since every job imports it first
-(`extrema.entry` directly; Slurm's and Ray's workers through `launch.backends.base` -> `extrema.contract` ->
-`extrema.rundir`), and every requeue or retry is a new process that does so again. A snapshot that does not verify
+(`extrema.entry` directly; Slurm's and Ray's workers through `launch.backends.base` -> `extrema.run.contract` ->
+`extrema.run.rundir`), and every requeue or retry is a new process that does so again. A snapshot that does not verify
 stops the process with `extrema: code snapshot refused: <reason> (in <dir>)` and exit code 2 (the local backend
 records that line as the stage's error). `identity()` says which code runs, for provenance.
 """
@@ -104,7 +104,7 @@ def parse_manifest(raw: bytes, where: str) -> dict[str, Any]:
 
 def read_manifest(url: str) -> dict[str, Any]:
     """A snapshot manifest on any fsspec URL; SnapshotRefused (a ValueError) when it is missing or not valid."""
-    from extrema import rundir
+    from extrema.run import rundir
 
     fs, path = rundir.filesystem(url)
     try:
@@ -180,7 +180,7 @@ def verify(files_dir: Path) -> dict[str, Any]:
 
 def imported_from() -> Path:
     """The directory holding the `extrema` package this process imported (not resolved: a link in it counts)."""
-    return Path(os.path.abspath(__file__)).parent.parent
+    return Path(os.path.abspath(__file__)).parents[2]
 
 
 def in_snapshot(here: Path) -> bool:

@@ -7,7 +7,7 @@ token's row in the last self-attention block for `vit` (`avgpool` has none). An 
 (row-major) whose row of the last self-attention block is shown. matplotlib is imported on first use and renders
 with Agg.
 
-    python -c "from extrema.viz import render_attention; print(render_attention('runs/demo/<run-id>'))"
+    python -c "from extrema.viz.attention import render_attention; print(render_attention('runs/demo/<run-id>'))"
 """
 
 from __future__ import annotations
@@ -19,10 +19,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from extrema import data, figures, rundir, weights
-from extrema.augment import normalize
+from extrema.data import datasets, transforms
+from extrema.data.augment import normalize
 from extrema.models.vit import VisionTransformer, build_vit
+from extrema.run import rundir
 from extrema.spec import ModelSpec, RunSpec
+from extrema.train import weights
+from extrema.viz import figures
 
 Query = int | Literal["cls"]
 
@@ -104,9 +107,9 @@ def load_encoder(run_dir: str, branch: weights.Branch = "ema", checkpoint: str |
 def split_images(run_dir: str, indices: Sequence[int], split: Literal["train", "val"] = "val") -> Tensor:
     """Images of the run's dataset at the model's input size, centre-cropped as for evaluation (uint8 B x 3 x S x S)."""
     exp = run_spec(run_dir).experiment
-    ds = data.build_dataset(exp.data, split, seed=exp.pretrain.seed)
+    ds = datasets.build_dataset(exp.data, split, seed=exp.pretrain.seed)
     size = exp.model.resolved_img_size
-    geometry = data.eval_geometry(size, 1.0 if size <= 64 else 0.875)
+    geometry = transforms.eval_geometry(size, 1.0 if size <= 64 else 0.875)
     bad = [i for i in indices if not 0 <= i < len(ds)]
     if bad:
         raise ValueError(f"image indices {bad} are outside the {split} split of {len(ds)} images")

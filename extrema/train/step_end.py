@@ -19,9 +19,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from extrema import ckpt, rundir
-from extrema.dist import PREEMPT_CHECK_EVERY, Preemption, World, all_reduce_mean, broadcast_buffers
-from extrema.entry import Preempted
+from extrema.run import metrics_log, rundir
+from extrema.run.contract import Preempted
+from extrema.train import ckpt
+from extrema.train.dist import PREEMPT_CHECK_EVERY, Preemption, World, all_reduce_mean, broadcast_buffers
 
 UNSET = -1.0  # an evaluation number not taken yet (every number the stages record is >= 0)
 SKIPPED = "skipped_steps"  # the loop value counting the optimizer steps skipped for non-finite numbers
@@ -190,7 +191,7 @@ class StepEnd:
     record: Record = keep_scores
     on_nonfinite: str = "fail"  # the stage spec's on_nonfinite: fail | skip
     max_skipped_steps: int = 0
-    metrics: rundir.MetricsLog = field(init=False)
+    metrics: metrics_log.MetricsLog = field(init=False)
     saver: ckpt.Saver = field(init=False)
     first_bad: Tensor = field(init=False)  # the first step whose running loss was not finite, on the device; -1
 
@@ -249,7 +250,9 @@ class StepEnd:
             self.loop.restoring = False
         if restored is not None:
             self.loop.restore_rng(ckpt.step_url(self.saver.ckpt_dir, self.loop.step))
-        self.metrics = rundir.MetricsLog(rundir.join(self.stage_dir, "metrics.jsonl"), keep_after_step=self.loop.step)
+        self.metrics = metrics_log.MetricsLog(
+            rundir.join(self.stage_dir, "metrics.jsonl"), keep_after_step=self.loop.step
+        )
         return self.loop.step
 
     def log(self, row: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel
 
-from extrema.contract import collective_timeout_s, this_process
+from extrema.run.contract import collective_timeout_s, this_process
 
 if TYPE_CHECKING:
     from extrema.models.extrema import ExtreMA
@@ -202,7 +202,7 @@ def release_world() -> None:
     left = thread_names().count(GLOO_WORKER)
     if left:
         print(
-            f"extrema.dist: {left} gloo worker threads outlived destroy_process_group (something still holds the "
+            f"extrema.train.dist: {left} gloo worker threads outlived destroy_process_group (something still holds the "
             "process group); the process may abort at exit",
             file=sys.stderr,
             flush=True,

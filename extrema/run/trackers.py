@@ -1,7 +1,7 @@
 """Metrics to TensorBoard and Weights & Biases, besides metrics.jsonl, as a stage's `logging` section asks.
 
 `extrema.entry` opens the trackers of the stage it runs on rank 0 (`opened`); every record a stage writes to its
-metrics log (`rundir.MetricsLog`) is published to them, numbers only, at the record's step. A resumed attempt
+metrics log (`metrics_log.MetricsLog`) is published to them, numbers only, at the record's step. A resumed attempt
 continues where its checkpoint is: TensorBoard is told to purge the events past that step (the killed attempt
 logged them; this one logs them again), and the W&B run of the stage (its id derived from sweep, run and stage)
 is resumed, so steps are never duplicated. Both libraries are optional extras (`pip install 'extrema[track]'`).
@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from extrema import rundir
+from extrema.run import rundir
 from extrema.spec import RunSpec
 
 TENSORBOARD_DIR = "tensorboard"
@@ -88,13 +88,13 @@ class Trackers:
         hint = "; install 'extrema[track]' to log there" if isinstance(e, ImportError) else ""
         why = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         self.disabled[name] = why
-        print(f"extrema.trackers: {name} disabled for this attempt ({why}){hint}; training goes on",
+        print(f"extrema.run.trackers: {name} disabled for this attempt ({why}){hint}; training goes on",
               file=sys.stderr, flush=True)  # fmt: skip
         if self.note is not None:
             try:
                 self.note(dict(self.disabled))
             except Exception as err:  # the note is information: it must not fail the stage either
-                print(f"extrema.trackers: could not record it: {type(err).__name__}: {err}", file=sys.stderr)
+                print(f"extrema.run.trackers: could not record it: {type(err).__name__}: {err}", file=sys.stderr)
 
     def guarded(self, name: str, action: Callable[[], None]) -> None:
         """Run one tracker's action; any failure disables that tracker (never the stage)."""
@@ -230,4 +230,4 @@ def opened(spec: RunSpec, stage_dir: str, note: Note | None = None) -> Iterator[
         try:
             t.close()
         except Exception as e:  # a tracker must never turn a finished stage into a failed one
-            print(f"extrema.trackers: closing failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            print(f"extrema.run.trackers: closing failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)

@@ -1,4 +1,4 @@
-"""A map-style dataset over tar shards (extrema.shard_format) on any fsspec URL: one range request per image.
+"""A map-style dataset over tar shards (extrema.data.shard_format) on any fsspec URL: one range request per image.
 
 Start-up reads the split's index.json and members.bin (two requests); nothing lists individual images. Sample i
 is read from its shard by one range request covering its tar header and data; the header is checked against the
@@ -17,9 +17,9 @@ from fsspec.implementations.local import LocalFileSystem
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from extrema import decode
-from extrema.object_store import DataSourceError, ProcessFs, access_error, missing_bucket
-from extrema.shard_format import IMAGE_EXTENSIONS, ShardIndexError, join, member_header_name, read_index
+from extrema.data import decode
+from extrema.data.object_store import DataSourceError, ProcessFs, access_error, missing_bucket
+from extrema.data.shard_format import IMAGE_EXTENSIONS, ShardIndexError, join, member_header_name, read_index
 from extrema.spec import StorageSpec
 
 OPEN_FILES = 64  # local shard files kept open per process

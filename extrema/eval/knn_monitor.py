@@ -21,19 +21,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from extrema import data
-from extrema.augment import normalize
-from extrema.dist import World, all_gather_rows
+from extrema.data import datasets, loaders, transforms
+from extrema.data.augment import normalize
+from extrema.eval.neighbors import accuracy_of, knn_hits
 from extrema.models.vit import VisionTransformer
-from extrema.neighbors import accuracy_of, knn_hits
 from extrema.spec import DataSpec, Experiment
+from extrema.train.dist import World, all_gather_rows
 
 Feature = Literal["instance", "instance_prenorm", "patch_mean"]
 
 
 @cache
-def _dataset(spec: DataSpec, split: str, seed: int) -> data.LabeledImages:
-    return data.build_dataset(spec, split, seed=seed)  # type: ignore[arg-type]
+def _dataset(spec: DataSpec, split: str, seed: int) -> datasets.LabeledImages:
+    return datasets.build_dataset(spec, split, seed=seed)  # type: ignore[arg-type]
 
 
 @cache
@@ -42,8 +42,8 @@ def eval_images(
 ) -> tuple[Tensor, Tensor]:
     """This rank's slice of an evaluation split, resized and centre-cropped once per process (uint8)."""
     ds = _dataset(spec, split, seed)
-    geometry = data.eval_geometry(img_size, data.eval_crop_pct(img_size))
-    return data.eval_images(ds, geometry, spec.num_workers, limit, 0, rank, world_size)
+    geometry = transforms.eval_geometry(img_size, transforms.eval_crop_pct(img_size))
+    return loaders.eval_images(ds, geometry, spec.num_workers, limit, 0, rank, world_size)
 
 
 def eval_batches(exp: Experiment, split: str, limit: int | None, world: World) -> Iterator[tuple[Tensor, Tensor]]:

@@ -13,7 +13,7 @@ Every stage directory `<root>/<sweep>/<run-id>/<stage>/` holds `status.json`, th
 States and who writes them:
 
     pending    the launcher, at submission (not over a stage a live attempt owns)
-    running    the attempt that holds the stage's lease (`extrema.lease`), when it starts
+    running    the attempt that holds the stage's lease (`extrema.run.lease`), when it starts
     preempted  that attempt, after saving a checkpoint at a stop signal (the backend requeues it)
     completed  that attempt, after result.json is written
     failed     that attempt (an error), or the launcher (its job ended without a result, or an upstream failed)
@@ -52,7 +52,8 @@ from typing import Annotated, Any
 from fsspec.implementations.local import LocalFileSystem
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from extrema import rundir
+from extrema.run import rundir
+from extrema.spec import DEFAULT_COLLECTIVE_TIMEOUT_S
 
 PENDING, RUNNING, PREEMPTED = "pending", "running", "preempted"
 COMPLETED, FAILED, CANCELLED = "completed", "failed", "cancelled"
@@ -68,9 +69,13 @@ EXIT_LEASE_LOST = 4  # another attempt owns the stage: this one committed nothin
 EXIT_UPSTREAM_FAILED = 5  # a backend's driver found an upstream stage failed or cancelled: nothing ran
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
-# How a backend hands the launcher's network settings to every rank of a stage (extrema.dist reads them).
+
+class Preempted(Exception):
+    """Raised by a stage that stopped at a preemption signal after saving a checkpoint (exits EXIT_REQUEUE)."""
+
+
+# How a backend hands the launcher's network settings to every rank of a stage (extrema.train.dist reads them).
 COLLECTIVE_TIMEOUT_ENV = "EXTREMA_COLLECTIVE_TIMEOUT_S"
-DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
 INTERFACE_ENVS = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")
 # NCCL failures raise in the failing rank instead of killing it (2: abort the communicators only; torch's default
 # tears the process down, so no failed record would be written), and the flight recorder keeps the last
@@ -169,7 +174,7 @@ class Rank(Record):
 
 
 class ProvenanceRecord(Record):
-    """`provenance.json`: where a stage ran and with which code (`extrema.rundir.provenance`)."""
+    """`provenance.json`: where a stage ran and with which code (`extrema.run.provenance.provenance`)."""
 
     git_sha: str | None = None
     git_dirty: bool | None = None
@@ -187,7 +192,7 @@ SCHEMAS: dict[str, type[Record]] = {STATUS: StatusRecord, PROVENANCE: Provenance
 
 def schema_of(url: str) -> type[Record] | None:
     """The schema of a stage record by its name; None: any object (a result's metrics are free fields; a lease
-    record is checked by `extrema.lease`)."""
+    record is checked by `extrema.run.lease`)."""
     return SCHEMAS.get(url.rstrip("/").rsplit("/", 1)[-1])
 
 

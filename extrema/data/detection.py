@@ -24,9 +24,9 @@ from torchvision.io import ImageReadMode, decode_image, encode_png
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from extrema import rundir
-from extrema.coco_eval import coco_index, encode_mask
-from extrema.data import FASHION_MNIST_CLASSES, locate_fashion_mnist, read_idx, seed_of
+from extrema.data.datasets import FASHION_MNIST_CLASSES, locate_fashion_mnist, read_idx, seed_of
+from extrema.eval.coco_eval import coco_index, encode_mask
+from extrema.run import rundir
 from extrema.spec import DataSpec, DetectSpec
 
 Target = dict[str, Any]

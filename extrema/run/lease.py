@@ -48,8 +48,8 @@ from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 
-from extrema import conditional_writes, rundir
-from extrema.contract import MAX_RECORD_BYTES, Unreadable, env_float, parse_record, read_bytes
+from extrema.run import conditional_writes, rundir
+from extrema.run.contract import MAX_RECORD_BYTES, Unreadable, env_float, parse_record, read_bytes
 
 LEASE_DIR = "lease"
 _GEN = re.compile(r"^(\d{1,12})\.json$")
@@ -99,7 +99,7 @@ def skew_s() -> float:
 def _warn_once(key: str, text: str) -> None:
     if key not in _warned:
         _warned.add(key)
-        print(f"extrema.lease: {text}", file=sys.stderr, flush=True)
+        print(f"extrema.run.lease: {text}", file=sys.stderr, flush=True)
 
 
 def record_damage(record: dict[str, Any]) -> str | None:
@@ -335,7 +335,7 @@ class Lease:
             except LeaseLost:
                 return
             except Exception as e:  # the store is unreachable for now; fence() refuses once the TTL has passed
-                print(f"extrema.lease: heartbeat failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                print(f"extrema.run.lease: heartbeat failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
     def renew(self) -> None:
         """Write a fresh heartbeat, unless another attempt has taken the stage over (then LeaseLost)."""

@@ -13,11 +13,11 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from extrema import data
-from extrema.dist import World
-from extrema.neighbors import topk_accuracy
+from extrema.data import datasets, loaders, transforms
+from extrema.eval.neighbors import topk_accuracy
 from extrema.spec import Experiment, FinetuneSpec, ProbeSpec
-from extrema.step_end import Cadence, Evaluate, LoopState, StepEnd, accuracy_values, keep_accuracy
+from extrema.train.dist import World
+from extrema.train.step_end import Cadence, Evaluate, LoopState, StepEnd, accuracy_values, keep_accuracy
 
 DownstreamSpec = ProbeSpec | FinetuneSpec
 SPLIT_SEED = 0  # held-out splits and subsets depend on the dataset only, so every stage and run sees the same
@@ -27,9 +27,9 @@ SPLIT_SEED = 0  # held-out splits and subsets depend on the dataset only, so eve
 class Splits:
     """Training and validation images: datasets plus the indices used from each."""
 
-    train: data.LabeledImages
+    train: datasets.LabeledImages
     train_idx: list[int]
-    val: data.LabeledImages
+    val: datasets.LabeledImages
     val_idx: list[int]
     num_classes: int
     val_source: str
@@ -37,29 +37,31 @@ class Splits:
 
 def holdout_split(n: int, fraction: float) -> tuple[list[int], list[int]]:
     """(train, val) indices of a seeded split holding out ceil(fraction * n) items, each in increasing order."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(data.seed_of(SPLIT_SEED, n)))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(datasets.seed_of(SPLIT_SEED, n)))
     k = min(n - 1, max(1, math.ceil(fraction * n)))
     return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())
 
 
 def labelled_splits(exp: Experiment, s: DownstreamSpec) -> Splits:
     """The train split (or its seeded remainder) and the val split (or a seeded held-out part of train)."""
-    train = data.build_dataset(exp.data, "train", seed=exp.pretrain.seed)
+    train = datasets.build_dataset(exp.data, "train", seed=exp.pretrain.seed)
     if s.val_fraction is not None:
         train_idx, val_idx = holdout_split(len(train), s.val_fraction)
         val, source = train, f"train holdout {s.val_fraction:g}"
     else:
-        val = data.build_dataset(exp.data, "val", seed=exp.pretrain.seed)
+        val = datasets.build_dataset(exp.data, "val", seed=exp.pretrain.seed)
         train_idx, val_idx, source = list(range(len(train))), list(range(len(val))), "val"
-    train_idx = [train_idx[i] for i in data.subset_indices(len(train_idx), s.train_size, SPLIT_SEED)]
-    val_idx = [val_idx[i] for i in data.subset_indices(len(val_idx), s.val_size, SPLIT_SEED)]
+    train_idx = [train_idx[i] for i in loaders.subset_indices(len(train_idx), s.train_size, SPLIT_SEED)]
+    val_idx = [val_idx[i] for i in loaders.subset_indices(len(val_idx), s.val_size, SPLIT_SEED)]
     return Splits(train, train_idx, val, val_idx, len(train.classes), source)
 
 
 class SeededSamples(Dataset[tuple[Tensor, int]]):
     """Transformed (image, label) of item (epoch, i); its randomness derives from (seed, epoch, i) only."""
 
-    def __init__(self, base: data.LabeledImages, indices: list[int], transform: Callable[[Tensor], Tensor], seed: int):
+    def __init__(
+        self, base: datasets.LabeledImages, indices: list[int], transform: Callable[[Tensor], Tensor], seed: int
+    ):
         self.base, self.indices, self.transform, self.seed = base, indices, transform, seed
 
     def __len__(self) -> int:
@@ -69,7 +71,7 @@ class SeededSamples(Dataset[tuple[Tensor, int]]):
         epoch, i = key
         img, label = self.base[self.indices[i]]
         with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(data.seed_of(self.seed, epoch, i))
+            torch.default_generator.manual_seed(datasets.seed_of(self.seed, epoch, i))
             return self.transform(img), label
 
 
@@ -77,8 +79,10 @@ def val_loader(splits: Splits, img_size: int, batch_size: int, world: World, wor
     """This rank's contiguous slice of the validation images, resized and centre-cropped."""
     per_rank = -(-len(splits.val_idx) // world.size)
     mine = splits.val_idx[world.rank * per_rank : (world.rank + 1) * per_rank]
-    transformed = data.Transformed(splits.val, data.eval_transform(img_size, data.eval_crop_pct(img_size)))
-    return data.ordered_loader(Subset(transformed, mine), batch_size, workers)
+    transformed = loaders.Transformed(
+        splits.val, transforms.eval_transform(img_size, transforms.eval_crop_pct(img_size))
+    )
+    return loaders.ordered_loader(Subset(transformed, mine), batch_size, workers)
 
 
 @torch.no_grad()

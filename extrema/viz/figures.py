@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from extrema import rundir
+from extrema.run import rundir
 
 FORMATS = ("png", "svg")
 

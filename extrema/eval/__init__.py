@@ -1,0 +1,1 @@
+"""Evaluation: neighbours and the kNN monitor, classifier evaluation, locality scoring, COCO metrics."""

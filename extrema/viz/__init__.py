@@ -1,0 +1,1 @@
+"""Figures: plots of results, attention maps."""
