@@ -22,8 +22,9 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from extrema.run import code_snapshot, contract, lease, provenance, rundir, trackers
+from extrema.run import code_snapshot, contract, lease, provenance, rundir
 from extrema.spec import RunSpec
+from extrema.train import trackers
 
 StageFn = Callable[[RunSpec, str], dict[str, Any]]
 STAGE_MODULES: dict[str, str] = {

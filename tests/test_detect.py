@@ -20,6 +20,7 @@ from torchvision.io import ImageReadMode, decode_image
 from torchvision.ops import box_iou
 
 from extrema import entry
+from extrema.data import detection
 from extrema.data.datasets import FASHION_MNIST_DEBIAN_DIR, fashion_mnist
 from extrema.data.detection import CocoDetection, build_canvas_set, train_transform
 from extrema.eval import coco_eval
@@ -281,7 +282,7 @@ def ground_truth_document() -> dict[str, Any]:
                     "category_id": 10 + (k + image_id) % 2,
                     "bbox": box,
                     "area": int(mask.sum()),
-                    "segmentation": coco_eval.encode_mask(mask),
+                    "segmentation": detection.encode_mask(mask),
                     "iscrowd": 0,
                 }
             )
@@ -290,7 +291,7 @@ def ground_truth_document() -> dict[str, Any]:
 
 
 def test_cocoeval_scores_ground_truth_returned_as_detections_100() -> None:
-    gt = coco_eval.coco_index(ground_truth_document())
+    gt = detection.coco_index(ground_truth_document())
     boxes: list[dict[str, Any]] = []
     masks: list[dict[str, Any]] = []
     for image_id in gt.getImgIds():

@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 
-from extrema.run import rundir, trackers
+from extrema.run import rundir
 from extrema.spec import Experiment, RunSpec
+from extrema.train import trackers
 from tests.stage_runs import TINY_EXPERIMENT, merge
 
 LOGGING = {"tensorboard": True, "wandb": {"project": "extrema-test", "mode": "offline", "tags": ["t"]}}
@@ -155,7 +156,7 @@ def assert_trained_without(tracker: str, code: int, stderr: str, run_dir: Path) 
     """The stage completed, every step is in metrics.jsonl, one warning named the tracker, status notes it."""
     assert code == 0, stderr[-3000:]
     assert sorted(logged_losses(run_dir)) == [1, 2, 3, 4]
-    assert stderr.count(f"extrema.run.trackers: {tracker} disabled for this attempt") == 1, stderr[-3000:]
+    assert stderr.count(f"extrema.train.trackers: {tracker} disabled for this attempt") == 1, stderr[-3000:]
     status = json.loads((run_dir / "pretrain" / "status.json").read_text())
     assert status["state"] == "completed"
     assert status["trackers"][tracker].startswith("disabled: "), status

@@ -15,8 +15,8 @@ from torch import Tensor
 from torchvision.transforms import v2
 from torchvision.transforms.v2.functional._color import _rgb_to_hsv
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from extrema.models.vit import IMAGENET_MEAN, IMAGENET_STD
+
 # Per-view colour parameters: jitter applied?, brightness, contrast, saturation, hue, grayscale?, order (4 op ids).
 NUM_COLOR_PARAMS = 10
 JITTER_P, GRAYSCALE_P = 0.8, 0.2

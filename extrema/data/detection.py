@@ -7,12 +7,15 @@ A sample is (tv_tensors.Image uint8 (3, H, W), target) with target = {"boxes": B
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import pycocotools.mask as mask_utils
 import torch
 import torch.nn.functional as F
 from fsspec.core import url_to_fs
@@ -25,7 +28,6 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from extrema.data.datasets import FASHION_MNIST_CLASSES, locate_fashion_mnist, read_idx, seed_of
-from extrema.eval.coco_eval import coco_index, encode_mask
 from extrema.run import rundir
 from extrema.spec import DataSpec, DetectSpec
 
@@ -41,6 +43,22 @@ warnings.filterwarnings("ignore", message="__array__ implementation doesn't acce
 
 
 # ------------------------------------------------------------------------------------------------- COCO files
+
+
+def coco_index(dataset: Mapping[str, Any]) -> COCO:
+    """A pycocotools COCO object over an already parsed annotations document (no file, no printing)."""
+    coco = COCO()
+    coco.dataset = dict(dataset)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def encode_mask(mask: np.ndarray) -> dict[str, Any]:
+    """(H, W) binary mask -> compressed RLE with a JSON-ready `counts` string."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return dict(rle)
 
 
 def read_coco(url: str) -> COCO:

@@ -13,32 +13,16 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
-import pycocotools.mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor
+
+from extrema.data.detection import encode_mask
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the first six entries of COCOeval.stats
 IOU_TYPES = {"box": "bbox", "mask": "segm"}
 MASK_THRESHOLD = 0.5
 SIZE_RANGES = ((0, 32**2), (32**2, 96**2), (96**2, 1e10))  # COCOeval's small / medium / large areas
-
-
-def coco_index(dataset: Mapping[str, Any]) -> COCO:
-    """A pycocotools COCO object over an already parsed annotations document (no file, no printing)."""
-    coco = COCO()
-    coco.dataset = dict(dataset)
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
-
-
-def encode_mask(mask: np.ndarray) -> dict[str, Any]:
-    """(H, W) binary mask -> compressed RLE with a JSON-ready `counts` string."""
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
-    return dict(rle)
 
 
 def to_results(

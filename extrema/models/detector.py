@@ -28,8 +28,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from extrema.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from extrema.models.vit import ClsDesign, VisionTransformer
+from extrema.models.vit import IMAGENET_MEAN, IMAGENET_STD, ClsDesign, VisionTransformer
 from extrema.spec import DetectSpec, ModelSpec
 
 STRIDES = (4, 8, 16, 32)

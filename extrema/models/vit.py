@@ -25,6 +25,10 @@ from torch.utils.checkpoint import checkpoint
 
 from extrema.spec import ModelSpec
 
+# The pixel statistics every encoder takes its input normalised by (and the detector normalises raw pixels with).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 ClsDesign = Literal["cait", "vit", "avgpool"]
 
 

@@ -1,1 +1,1 @@
-"""The run contract, torch-free: URLs and JSON, status and leases, code snapshots, provenance, trackers."""
+"""The run contract, torch-free: URLs and JSON, status and leases, the metrics log, code snapshots, provenance."""

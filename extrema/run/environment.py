@@ -33,9 +33,9 @@ def cpu_model() -> str:
 
 def torch_build() -> dict[str, Any]:
     """torch's version and its CUDA, cuDNN and NCCL versions, and the visible GPUs (None/[] where absent)."""
-    if "torch" not in sys.modules:
+    torch: Any = sys.modules.get("torch")  # described only when the process has imported it (this layer never does)
+    if torch is None:
         return {}
-    import torch
 
     cuda = torch.cuda.is_available()
     nccl: Any = None

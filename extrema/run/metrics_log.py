@@ -3,21 +3,30 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Protocol
 
-from extrema.run import trackers
 from extrema.run.rundir import dumps, ends_a_line, local_path, read_jsonl, write_text_atomic
+
+
+class Mirror(Protocol):
+    """Where logged numbers are also sent (the stage's trackers: TensorBoard, W&B)."""
+
+    def resumed_at(self, step: int | None, records: list[dict[str, Any]]) -> None: ...
+
+    def publish(self, record: dict[str, Any]) -> None: ...
+
+    def flush(self) -> None: ...
 
 
 class MetricsLog:
     """An append-only JSON-lines log. On a filesystem each record is appended (a write of one line, whatever the
     log's length); on an object store, which cannot append, the whole log is rewritten atomically on flush."""
 
-    def __init__(self, url: str, keep_after_step: int | None = None) -> None:
+    def __init__(self, url: str, keep_after_step: int | None = None, mirror: Mirror | None = None) -> None:
         self.url = url
         self.local = local_path(url)
         self.records = read_jsonl(url)
-        self.trackers = trackers.active()  # TensorBoard / W&B of this stage, when its spec asks for them
+        self.trackers = mirror  # TensorBoard / W&B of this stage, when its spec asks for them
         self.pending: list[dict[str, Any]] = []  # records not written yet (appended on a filesystem)
         if keep_after_step is not None:
             # On resume, drop records from steps the resumed run will log again.

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from extrema.run import metrics_log, rundir
 from extrema.run.contract import Preempted
-from extrema.train import ckpt
+from extrema.train import ckpt, trackers
 from extrema.train.dist import PREEMPT_CHECK_EVERY, Preemption, World, all_reduce_mean, broadcast_buffers
 
 UNSET = -1.0  # an evaluation number not taken yet (every number the stages record is >= 0)
@@ -251,7 +251,7 @@ class StepEnd:
         if restored is not None:
             self.loop.restore_rng(ckpt.step_url(self.saver.ckpt_dir, self.loop.step))
         self.metrics = metrics_log.MetricsLog(
-            rundir.join(self.stage_dir, "metrics.jsonl"), keep_after_step=self.loop.step
+            rundir.join(self.stage_dir, "metrics.jsonl"), keep_after_step=self.loop.step, mirror=trackers.active()
         )
         return self.loop.step
 

@@ -88,13 +88,13 @@ class Trackers:
         hint = "; install 'extrema[track]' to log there" if isinstance(e, ImportError) else ""
         why = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         self.disabled[name] = why
-        print(f"extrema.run.trackers: {name} disabled for this attempt ({why}){hint}; training goes on",
+        print(f"extrema.train.trackers: {name} disabled for this attempt ({why}){hint}; training goes on",
               file=sys.stderr, flush=True)  # fmt: skip
         if self.note is not None:
             try:
                 self.note(dict(self.disabled))
             except Exception as err:  # the note is information: it must not fail the stage either
-                print(f"extrema.run.trackers: could not record it: {type(err).__name__}: {err}", file=sys.stderr)
+                print(f"extrema.train.trackers: could not record it: {type(err).__name__}: {err}", file=sys.stderr)
 
     def guarded(self, name: str, action: Callable[[], None]) -> None:
         """Run one tracker's action; any failure disables that tracker (never the stage)."""
@@ -230,4 +230,4 @@ def opened(spec: RunSpec, stage_dir: str, note: Note | None = None) -> Iterator[
         try:
             t.close()
         except Exception as e:  # a tracker must never turn a finished stage into a failed one
-            print(f"extrema.run.trackers: closing failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            print(f"extrema.train.trackers: closing failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
