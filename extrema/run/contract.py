@@ -47,6 +47,8 @@ import socket
 import stat
 import time
 import uuid
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Annotated, Any
 
 from fsspec.implementations.local import LocalFileSystem
@@ -55,9 +57,21 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from extrema.run import rundir
 from extrema.spec import DEFAULT_COLLECTIVE_TIMEOUT_S
 
-PENDING, RUNNING, PREEMPTED = "pending", "running", "preempted"
-COMPLETED, FAILED, CANCELLED = "completed", "failed", "cancelled"
-STATES = (PENDING, RUNNING, PREEMPTED, COMPLETED, FAILED, CANCELLED)
+
+class StageState(StrEnum):
+    """The state of a stage, as its status.json says it (the members are the strings written)."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    PREEMPTED = "preempted"  # stopped at a signal after a checkpoint, to be requeued
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+PENDING, RUNNING, PREEMPTED = StageState.PENDING, StageState.RUNNING, StageState.PREEMPTED
+COMPLETED, FAILED, CANCELLED = StageState.COMPLETED, StageState.FAILED, StageState.CANCELLED
+STATES = tuple(StageState)
 TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
 IN_FLIGHT = frozenset({PENDING, RUNNING, PREEMPTED})  # preempted: stopped at a signal, to be requeued
 
@@ -90,6 +104,83 @@ FLIGHT_RECORDER_DIR = "flight_recorder"  # in a stage directory on a filesystem:
 STATUS = "status.json"
 RESULT = "result.json"
 PROVENANCE = "provenance.json"
+SPEC = "spec.json"  # the run's spec as the launcher wrote it (the stage reads it)
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "ckpt"
+LOGS = "logs"
+TENSORBOARD = "tensorboard"
+
+
+@dataclass(frozen=True)
+class StageDir:
+    """A stage's directory in a run store (`<root>/<sweep>/<run>/<stage>`) and the files the contract puts in it."""
+
+    url: str
+
+    @classmethod
+    def of(cls, run_dir: str, stage: str) -> StageDir:
+        """The directory of `stage` in the run directory `run_dir`."""
+        return cls(rundir.join(run_dir, stage))
+
+    @property
+    def run_dir(self) -> str:
+        """The run directory holding this stage and its siblings."""
+        return self.url.rstrip("/").rsplit("/", 1)[0]
+
+    @property
+    def stage(self) -> str:
+        """The stage's name (its directory's)."""
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+    def sibling(self, stage: str) -> StageDir:
+        """Another stage of the same run (the pretrain stage a downstream stage reads, for one)."""
+        return StageDir.of(self.run_dir, stage)
+
+    def file(self, name: str) -> str:
+        """The URL of `name` in this stage directory."""
+        return rundir.join(self.url, name)
+
+    @property
+    def status(self) -> str:
+        """status.json: the stage's state, written by the stage and the launcher."""
+        return self.file(STATUS)
+
+    @property
+    def result(self) -> str:
+        """result.json: the finished stage's numbers."""
+        return self.file(RESULT)
+
+    @property
+    def provenance(self) -> str:
+        """provenance.json: where and with which code the stage ran."""
+        return self.file(PROVENANCE)
+
+    @property
+    def spec(self) -> str:
+        """spec.json: the run's spec."""
+        return self.file(SPEC)
+
+    @property
+    def metrics(self) -> str:
+        """metrics.jsonl: one JSON line per logged step."""
+        return self.file(METRICS)
+
+    @property
+    def checkpoints(self) -> str:
+        """ckpt/: one step-<n> directory per checkpoint."""
+        return self.file(CHECKPOINTS)
+
+    @property
+    def logs(self) -> str:
+        """logs/: one log per attempt."""
+        return self.file(LOGS)
+
+    @property
+    def tensorboard(self) -> str:
+        """tensorboard/: event files, when the spec asks for TensorBoard."""
+        return self.file(TENSORBOARD)
+
+
 MAX_RECORD_BYTES = 1 << 20  # a stage's record (status, result, provenance, lease) larger than this is damaged
 MAX_LOG_BYTES = 64 << 20  # of a JSON-lines log read whole (a long pretraining's metrics.jsonl is ~10 MB)
 MAX_DEPTH = 100  # nesting levels of a record: sweep values nest up to 64 (launch.yamlfile), records a few more
