@@ -23,19 +23,10 @@ from collections.abc import Callable
 from typing import Any
 
 from extrema.run import code_snapshot, contract, lease, provenance, rundir
-from extrema.spec import RunSpec
+from extrema.spec import STAGE_BY_NAME, RunSpec
 from extrema.train import trackers
 
 StageFn = Callable[[RunSpec, str], dict[str, Any]]
-STAGE_MODULES: dict[str, str] = {
-    "pretrain": "extrema.stages.pretrain",
-    "knn": "extrema.stages.knn",
-    "probe": "extrema.stages.probe",
-    "finetune": "extrema.stages.finetune",
-    "detect": "extrema.stages.detect",
-    "inpaint": "extrema.stages.inpaint",
-    "locality": "extrema.stages.locality",
-}
 
 EXIT_REQUEUE = contract.EXIT_REQUEUE  # the stage saved a checkpoint after a preemption signal: requeue it
 
@@ -46,9 +37,9 @@ JOB_ID_VARS = ("SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID", "RAY_JOB_SUBMISSION_ID", "E
 
 def stage_fn(stage: str) -> StageFn:
     """The `run(spec, stage_dir)` function of a stage, imported on demand."""
-    if stage not in STAGE_MODULES:
-        raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGE_MODULES)}")
-    fn: StageFn = importlib.import_module(STAGE_MODULES[stage]).run
+    if stage not in STAGE_BY_NAME:
+        raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGE_BY_NAME)}")
+    fn: StageFn = importlib.import_module(STAGE_BY_NAME[stage].module).run
     return fn
 
 
@@ -90,7 +81,7 @@ def take_stage(stage_dir: str) -> lease.Lease:
 def completed_result(stage_dir: str) -> dict[str, Any] | None:
     """The result of an earlier attempt that completed the stage, or None when it must run."""
     try:
-        if contract.read_status(stage_dir).get("state") != contract.COMPLETED:
+        if contract.read_status(stage_dir).get("state") != contract.StageState.COMPLETED:
             return None
         return contract.read_record(rundir.join(stage_dir, contract.RESULT))
     except contract.Unreadable:
@@ -172,10 +163,10 @@ def code_changes(stage_dir: str, current: dict[str, Any]) -> list[dict[str, Any]
     from extrema.train import ckpt
 
     try:
-        previous = contract.read_record(rundir.join(stage_dir, "provenance.json"))
+        previous = contract.read_record(contract.StageDir(stage_dir).provenance)
     except contract.Unreadable:
         previous = None
-    has_checkpoint = ckpt.latest_step(rundir.join(stage_dir, "ckpt")) is not None
+    has_checkpoint = ckpt.latest_step(contract.StageDir(stage_dir).checkpoints) is not None
     allowed = os.environ.get(code_snapshot.ALLOW_CHANGE_ENV, "") not in ("", "0")
     return code_snapshot.changes_on_resume(previous, current, has_checkpoint, allowed, now())
 
@@ -198,14 +189,14 @@ def commit_status(stage_dir: str, **fields: Any) -> dict[str, Any] | None:
 def ending(e: BaseException | None) -> tuple[str, int]:
     """The outcome an attempt ended with (recorded in its lease) and the process's exit code."""
     if e is None:
-        return contract.COMPLETED, contract.EXIT_OK
+        return contract.StageState.COMPLETED, contract.EXIT_OK
     if isinstance(e, lease.LeaseLost):
         return "lease lost", contract.EXIT_LEASE_LOST
     if isinstance(e, contract.Preempted):
-        return contract.PREEMPTED, contract.EXIT_REQUEUE
+        return contract.StageState.PREEMPTED, contract.EXIT_REQUEUE
     if isinstance(e, KeyboardInterrupt):
-        return contract.CANCELLED, contract.EXIT_INTERRUPTED
-    return contract.FAILED, contract.EXIT_FAILED
+        return contract.StageState.CANCELLED, contract.EXIT_INTERRUPTED
+    return contract.StageState.FAILED, contract.EXIT_FAILED
 
 
 def record_end(stage_dir: str, e: BaseException) -> None:
@@ -225,12 +216,12 @@ def record_end(stage_dir: str, e: BaseException) -> None:
 def run_stage(run_dir: str, stage: str) -> dict[str, Any]:
     """Run one stage from its spec.json, recording status, provenance and the result (rank 0 holds the lease
     for the whole attempt, records how it ended, and releases the lease with that outcome)."""
-    stage_dir = rundir.join(run_dir, stage)
+    stage_dir = contract.StageDir.of(run_dir, stage).url
     is_main = world_info()[0] == 0
-    outcome = contract.FAILED
+    outcome: str = contract.StageState.FAILED  # or 'lease lost'
     try:
         result = attempt(run_dir, stage, stage_dir)
-        outcome = contract.COMPLETED
+        outcome = contract.StageState.COMPLETED
         return result
     except SystemExit:
         raise
@@ -245,14 +236,14 @@ def run_stage(run_dir: str, stage: str) -> dict[str, Any]:
 
 def attempt(run_dir: str, stage: str, stage_dir: str) -> dict[str, Any]:
     """One attempt at a stage: take its lease, run it unless an earlier attempt completed it, write the result."""
-    raw = contract.read_record(rundir.join(stage_dir, "spec.json"))
+    raw = contract.read_record(contract.StageDir(stage_dir).spec)
     if raw is None:
         raise FileNotFoundError(f"no spec.json in {stage_dir}")
     spec = RunSpec.model_validate(raw)
     if spec.stage != stage:
         raise ValueError(f"{stage_dir}/spec.json is for stage {spec.stage!r}, not {stage!r}")
-    if stage not in STAGE_MODULES:
-        raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGE_MODULES)}")
+    if stage not in STAGE_BY_NAME:
+        raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGE_BY_NAME)}")
     rank, world = world_info()
     if world > 1 and nccl_possible():
         flight_recorder(stage_dir)
@@ -278,10 +269,10 @@ def attempt(run_dir: str, stage: str, stage_dir: str) -> dict[str, Any]:
         info = provenance.provenance(world, ranks)
         info["code_changes"] = code_changes(stage_dir, info)
         lease.fence("provenance")
-        rundir.write_json(rundir.join(stage_dir, "provenance.json"), info)
+        rundir.write_json(contract.StageDir(stage_dir).provenance, info)
         commit_status(
             stage_dir,
-            state=contract.RUNNING,
+            state=contract.StageState.RUNNING,
             attempts=int(prev.get("attempts", 0) or 0) + 1,
             lease_generation=mine.generation if mine else None,
             started_at=now(),
@@ -305,7 +296,7 @@ def attempt(run_dir: str, stage: str, stage_dir: str) -> dict[str, Any]:
     if rank == 0:
         lease.fence("result")
         rundir.write_json(rundir.join(stage_dir, contract.RESULT), result)
-        commit_status(stage_dir, state=contract.COMPLETED, finished_at=now())
+        commit_status(stage_dir, state=contract.StageState.COMPLETED, finished_at=now())
     return result
 
 
@@ -313,10 +304,10 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="python -m extrema.entry", description=__doc__)
     parser.add_argument("run_dir", help="run directory URL: <root>/<sweep>/<run-id>")
-    parser.add_argument("stage", choices=sorted(STAGE_MODULES))
+    parser.add_argument("stage", choices=sorted(STAGE_BY_NAME))
     args = parser.parse_args(argv)
     stage_dir = rundir.join(args.run_dir, args.stage)
-    if not rundir.exists(rundir.join(stage_dir, "spec.json")):
+    if not rundir.exists(contract.StageDir(stage_dir).spec):
         print(f"extrema.entry: no spec.json in {stage_dir}", file=sys.stderr)
         return contract.EXIT_USAGE
     code = contract.EXIT_OK
@@ -328,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         state, code = ending(e)
         if isinstance(e, lease.LeaseLost):
             print(f"extrema.entry: {e}; this attempt stops without committing", file=sys.stderr, flush=True)
-        elif state == contract.FAILED:
+        elif state == contract.StageState.FAILED:
             traceback.print_exc()
     finally:
         release_process_group()

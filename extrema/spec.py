@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -12,8 +13,30 @@ from pydantic_core import PydanticCustomError
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0  # seconds a collective may wait before the stage fails (launcher.resources)
 
 
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline: where its code lives and what it starts from."""
+
+    name: str  # also its settings' field in Experiment and its directory in a run
+    module: str  # the module whose `run(spec, stage_dir)` runs it (imported by the job entry only)
+    upstream: str | None = "pretrain"  # the stage whose checkpoint it starts from, unless its spec names another
+    single_process: bool = False  # an evaluation that runs in one process only
+
+
+# The one table of stages, in pipeline order (upstream first). A new stage: its module, its settings class with a
+# field of that name in Experiment (and its name in StageName, for the type checker), and a row here.
+STAGES = (
+    Stage("pretrain", "extrema.stages.pretrain", upstream=None),
+    Stage("knn", "extrema.stages.knn"),
+    Stage("probe", "extrema.stages.probe"),
+    Stage("finetune", "extrema.stages.finetune"),
+    Stage("detect", "extrema.stages.detect"),
+    Stage("inpaint", "extrema.stages.inpaint", single_process=True),
+    Stage("locality", "extrema.stages.locality", single_process=True),
+)
+STAGE_BY_NAME = {s.name: s for s in STAGES}
 StageName = Literal["pretrain", "knn", "probe", "finetune", "detect", "inpaint", "locality"]
-SINGLE_PROCESS_STAGES = frozenset({"inpaint", "locality"})  # evaluations that run in one process only
+SINGLE_PROCESS_STAGES = frozenset(s.name for s in STAGES if s.single_process)
 
 # name -> (embed_dim, depth, num_heads, patch_size, img_size). The first four are the paper's
 # architectures (patch 16, 224 px); the rest are CPU-sized presets for tests and the demo.
@@ -547,6 +570,16 @@ class Experiment(Spec):
         if problem:
             raise located("pretrain.masking", problem)
         return self
+
+    def starts_from(self, stage: str) -> str | None:
+        """The stage of this run whose checkpoint `stage` starts from: its upstream, unless its settings name a
+        checkpoint or ask for a random init (then None)."""
+        upstream = STAGE_BY_NAME[stage].upstream
+        settings = self.__dict__.get(stage)  # plain lookups: fast for big sweeps
+        values = settings.__dict__ if isinstance(settings, BaseModel) else {}
+        if upstream is None or values.get("checkpoint") or values.get("init", "pretrained") != "pretrained":
+            return None
+        return upstream
 
     def steps_per_epoch(self, dataset_len: int) -> int:
         """Optimizer steps in one epoch of `dataset_len` images (drop_last)."""

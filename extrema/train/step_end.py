@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from extrema.run import metrics_log, rundir
+from extrema.run import contract, metrics_log
 from extrema.run.contract import Preempted
 from extrema.train import ckpt, trackers
 from extrema.train.dist import PREEMPT_CHECK_EVERY, Preemption, World, all_reduce_mean, broadcast_buffers
@@ -196,7 +196,7 @@ class StepEnd:
     first_bad: Tensor = field(init=False)  # the first step whose running loss was not finite, on the device; -1
 
     def __post_init__(self) -> None:
-        self.saver = ckpt.Saver(rundir.join(self.stage_dir, "ckpt"))
+        self.saver = ckpt.Saver(contract.StageDir(self.stage_dir).checkpoints)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.world.device)
         if self.on_nonfinite == "skip":
             self.loop.values.setdefault(SKIPPED, 0.0)
@@ -251,7 +251,7 @@ class StepEnd:
         if restored is not None:
             self.loop.restore_rng(ckpt.step_url(self.saver.ckpt_dir, self.loop.step))
         self.metrics = metrics_log.MetricsLog(
-            rundir.join(self.stage_dir, "metrics.jsonl"), keep_after_step=self.loop.step, mirror=trackers.active()
+            contract.StageDir(self.stage_dir).metrics, keep_after_step=self.loop.step, mirror=trackers.active()
         )
         return self.loop.step
 

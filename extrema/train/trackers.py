@@ -23,10 +23,9 @@ import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from extrema.run import rundir
+from extrema.run import contract, rundir
 from extrema.spec import RunSpec
 
-TENSORBOARD_DIR = "tensorboard"
 WANDB_DIR = "wandb"
 WANDB_INIT_TIMEOUT_S = 60.0  # how long W&B may take to start a run before it is disabled (WANDB_INIT_TIMEOUT)
 Note = Callable[[dict[str, str]], None]  # records {tracker: why it is disabled} (in the stage's status record)
@@ -116,7 +115,7 @@ class Trackers:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
-        target = rundir.join(self.stage_dir, TENSORBOARD_DIR)
+        target = rundir.join(self.stage_dir, contract.TENSORBOARD)
         local = rundir.local_path(target)
         self._tb_remote = None if local else target  # an object store gets copies of a local directory
         self._tb_local = local or tempfile.mkdtemp(prefix="extrema-tb-")

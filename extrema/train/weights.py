@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from extrema.models.extrema import ExtreMA
 from extrema.models.vit import VisionTransformer, resize_pos_embed, sincos_pos_embed_2d
-from extrema.run import rundir
+from extrema.run import contract, rundir
 from extrema.train import ckpt
 from extrema.train.safe_dcp import SafeFsspecReader
 
@@ -412,7 +412,7 @@ def encoder_weights(url: str, branch: Branch) -> dict[str, Tensor]:
 
 def pretrain_checkpoint(stage_dir: str) -> str:
     """The newest complete step of the run's sibling `pretrain` stage."""
-    pretrain_ckpt = rundir.join(stage_dir.rstrip("/").rsplit("/", 1)[0], "pretrain", "ckpt")
+    pretrain_ckpt = contract.StageDir(stage_dir).sibling("pretrain").checkpoints
     step = ckpt.latest_step(pretrain_ckpt)
     if step is None:
         raise FileNotFoundError(f"no complete pretrain checkpoint under {pretrain_ckpt}; set a checkpoint URL")
@@ -504,11 +504,11 @@ def export_run(run_dir: str, branch: Branch, fmt: ExportFormat, out: str, stage:
 
     if stage != "pretrain":
         raise ValueError(f"stage {stage!r}: only the pretrain stage's checkpoints hold ExtreMA encoders")
-    raw = rundir.read_json(rundir.join(run_dir, stage, "spec.json"))
+    raw = rundir.read_json(contract.StageDir.of(run_dir, stage).spec)
     if raw is None:
         raise FileNotFoundError(f"no {stage}/spec.json in {run_dir}")
     model_spec = RunSpec.model_validate(raw).experiment.model
-    source = resolve(rundir.join(run_dir, stage, "ckpt"))
+    source = resolve(contract.StageDir.of(run_dir, stage).checkpoints)
     if fmt == "official":
         model = ExtreMA(model_spec)
         load_extrema(model, source)

@@ -22,7 +22,7 @@ from torch import Tensor
 from extrema.data import datasets, transforms
 from extrema.data.augment import normalize
 from extrema.models.vit import VisionTransformer, build_vit
-from extrema.run import rundir
+from extrema.run import contract, rundir
 from extrema.spec import ModelSpec, RunSpec
 from extrema.train import weights
 from extrema.viz import figures
@@ -79,7 +79,7 @@ def attention_maps(encoder: VisionTransformer, images: Tensor, queries: Sequence
 
 def run_spec(run_dir: str, stage: str = "pretrain") -> RunSpec:
     """The RunSpec of one stage of a run directory."""
-    raw = rundir.read_json(rundir.join(run_dir, stage, "spec.json"))
+    raw = rundir.read_json(contract.StageDir.of(run_dir, stage).spec)
     if raw is None:
         raise FileNotFoundError(f"no {stage}/spec.json in {run_dir}")
     return RunSpec.model_validate(raw)
