@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from extrema.models.vit import ClsDesign, VisionTransformer
+from extrema.models.designs import DESIGNS, ClsDesign
+from extrema.models.vit import VisionTransformer
 from extrema.spec import ModelSpec
 
 HEAD_INIT_STD = 0.02
@@ -33,17 +34,17 @@ class LinearProbe(nn.Module):
 
 def finetune_design(design: ClsDesign) -> ClsDesign:
     """The encoder design the classifier is built with: `cait` becomes mean pooling over the patch tokens."""
-    return "avgpool" if design == "cait" else design
+    return DESIGNS[design].finetune_as  # type: ignore[return-value]
 
 
 def discarded_keys(design: ClsDesign) -> tuple[str, ...]:
     """Pretrained encoder keys the classifier does not use: for `cait`, class token, CA blocks and instance norm."""
-    return ("cls_token", "blocks_token.*", "norm.*") if design == "cait" else ()
+    return DESIGNS[design].finetune_discards
 
 
 def fresh_keys(design: ClsDesign) -> tuple[str, ...]:
     """Classifier encoder keys that start from scratch: for `cait`, the new LayerNorm after the mean pooling."""
-    return ("norm.*",) if design == "cait" else ()
+    return DESIGNS[design].finetune_fresh
 
 
 class Classifier(nn.Module):

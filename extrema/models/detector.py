@@ -28,7 +28,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from extrema.models.vit import IMAGENET_MEAN, IMAGENET_STD, ClsDesign, VisionTransformer
+from extrema.models.designs import NO_CLASS_TOKEN
+from extrema.models.vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformer
 from extrema.spec import DetectSpec, ModelSpec
 
 STRIDES = (4, 8, 16, 32)
@@ -36,7 +37,6 @@ REFERENCE_BLOCKS = (3, 5, 7, 11)  # CAE's out_indices for a 12-block ViT
 REFERENCE_DEPTH = 12
 REFERENCE_PATCH = 16  # ... of patch size 16, for strides 4, 8, 16, 32
 ASPECT_RATIOS = (0.5, 1.0, 2.0)
-NO_CLASS_TOKEN: ClsDesign = "avgpool"  # the encoder design without any class token
 # Pretrained encoder keys the detector does not use: every class token, the class-attention blocks, the final
 # norm (the pyramid reads raw block outputs) and a stored position table (the sin-cos one is rebuilt per grid).
 DISCARDED_KEYS = ("cls_token", "blocks_token.*", "norm.*", "pos_embed")

@@ -9,27 +9,25 @@ The model names its parts like timm, and nothing outside this file walks its ins
 -> pre-norm instance and patch tokens), `forward_head` (the final norm: the instance representation),
 `forward_intermediates` (patch tokens after chosen blocks), `last_self_attention` and `cls_attention` (attention
 probabilities of the last layers, recomputed opt-in beside the SDPA path). A new class-token design changes this
-file (and the export mapping in `extrema.train.weights`) only.
+row in `extrema.models.designs` and its readout in `pool`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from extrema.models.designs import ClsDesign, design
 from extrema.spec import ModelSpec
 
 # The pixel statistics every encoder takes its input normalised by (and the detector normalises raw pixels with).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-ClsDesign = Literal["cait", "vit", "avgpool"]
 
 
 def sincos_pos_embed_1d(dim: int, positions: Tensor) -> Tensor:
@@ -207,6 +205,7 @@ class VisionTransformer(nn.Module):
         self.img_size, self.patch_size, self.embed_dim, self.depth = img_size, patch_size, embed_dim, depth
         self.num_heads = num_heads
         self.cls_design: ClsDesign = cls_design
+        self.design = design(cls_design)  # what this design asks of the encoder (extrema.models.designs)
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         grid = img_size // patch_size
         self.register_buffer("pos_embed", sincos_pos_embed_2d(embed_dim, grid, grid).unsqueeze(0), persistent=False)
@@ -217,9 +216,9 @@ class VisionTransformer(nn.Module):
         )
         self.cls_token: nn.Parameter | None = None
         self.blocks_token = nn.ModuleList()
-        if cls_design in ("cait", "vit"):
+        if self.design.class_token:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        if cls_design == "cait":
+        if self.design.late_blocks:
             self.blocks_token = nn.ModuleList(
                 ClassAttentionBlock(embed_dim, num_heads, mlp_ratio, layer_scale_init)
                 for _ in range(class_attention_layers)
@@ -255,12 +254,12 @@ class VisionTransformer(nn.Module):
     @property
     def num_prefix_tokens(self) -> int:
         """Tokens in front of the patches in the self-attention blocks (timm's name): 1 for `vit`, else 0."""
-        return 1 if self.cls_design == "vit" else 0
+        return self.design.prefix_tokens
 
     @property
     def has_cls_query(self) -> bool:
         """Whether a class token queries the patches (`vit`, `cait`); `avgpool` has none."""
-        return self.cls_design != "avgpool"
+        return self.design.class_token
 
     def embed(self, x: Tensor) -> Tensor:
         """Images (B, C, H, W) -> patch tokens with position embedding (B, N, D)."""
@@ -275,7 +274,7 @@ class VisionTransformer(nn.Module):
 
     def prefix(self, tokens: Tensor) -> Tensor:
         """Patch tokens (B, K, D) -> the sequence the self-attention blocks see (the `vit` class token first)."""
-        if self.cls_design == "vit":
+        if self.design.token_at_input:
             assert self.cls_token is not None
             tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype), tokens], dim=1)
         return tokens
@@ -289,9 +288,9 @@ class VisionTransformer(nn.Module):
 
     def pool(self, tokens: Tensor) -> Tensor:
         """Distributed tokens from forward_blocks -> pre-norm instance representation (B, D)."""
-        if self.cls_design == "vit":
+        if self.design.token_at_input:
             return tokens[:, 0]
-        if self.cls_design == "avgpool":
+        if not self.design.class_token:
             return tokens.mean(dim=1)
         assert self.cls_token is not None
         cls = self.cls_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype)
@@ -350,7 +349,7 @@ class VisionTransformer(nn.Module):
         leads (B, h, 1+K). ValueError for `avgpool`, which has no class token to query."""
         if not self.has_cls_query:
             raise ValueError("the avgpool design has no class token to query; give patch indices")
-        if self.cls_design == "vit":
+        if self.design.token_at_input:
             row = self.last_self_attention(x, visible)[:, :, 0]
         else:
             assert self.cls_token is not None

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from extrema.models.designs import Design
 from extrema.models.extrema import ExtreMA
 from extrema.models.vit import VisionTransformer, resize_pos_embed, sincos_pos_embed_2d
 from extrema.run import contract, rundir
@@ -188,6 +189,11 @@ def from_timm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 # ------------------------------------------------------------------------------------------------- exports
 
 
+def timm_fc_norm(row: Design) -> bool:
+    """Whether timm's ViT holds the design's final norm as `fc_norm` (after mean pooling) rather than `norm`."""
+    return row.timm_model == "vision_transformer" and not row.class_token
+
+
 def to_timm(encoder: VisionTransformer) -> dict[str, Tensor]:
     """Our encoder as a timm state dict for `build_timm(timm_config(encoder))`, exact for every design.
 
@@ -195,25 +201,25 @@ def to_timm(encoder: VisionTransformer) -> dict[str, Tensor]:
     with the final norm as `fc_norm`; `cait`: Cait with standard attention in its self-attention blocks (their
     layer scale set to one), the class-attention blocks as `blocks_token_only`.
     """
-    design = encoder.cls_design
+    row = encoder.design
     out: dict[str, Tensor] = {}
     for key, value in encoder.state_dict().items():
-        if key == "pos_embed" or (key == "cls_token" and design == "avgpool"):
+        if key == "pos_embed" or (key == "cls_token" and not row.class_token):
             continue
         name = key
         if key.startswith("patch_embed."):
             name = "patch_embed.proj." + key.removeprefix("patch_embed.")
-        elif key.startswith("norm.") and design == "avgpool":
+        elif key.startswith("norm.") and timm_fc_norm(row):
             name = "fc_norm." + key.removeprefix("norm.")
         elif key.startswith("blocks_token."):
             name = "blocks_token_only." + key.removeprefix("blocks_token.")
         out[name] = value.detach().clone().contiguous()
-    if design == "cait":
+    if row.timm_model == "cait":
         for i in range(encoder.depth):
             for g in ("gamma_1", "gamma_2"):
                 out[f"blocks.{i}.{g}"] = torch.ones(encoder.embed_dim, dtype=out["norm.weight"].dtype)
     pos = encoder.pos_embed.detach().clone()  # type: ignore[operator]
-    if design == "vit":
+    if row.token_at_input:
         pos = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
     out["pos_embed"] = pos.contiguous()
     return out
@@ -221,7 +227,7 @@ def to_timm(encoder: VisionTransformer) -> dict[str, Tensor]:
 
 def timm_config(encoder: VisionTransformer) -> dict[str, Any]:
     """{"model": "vision_transformer" | "cait", "kwargs": JSON-able constructor arguments} matching `to_timm`."""
-    design = encoder.cls_design
+    row = encoder.design
     hidden: int = encoder.blocks[0].mlp.fc1.out_features  # type: ignore[union-attr,assignment]
     kwargs: dict[str, Any] = {
         "img_size": encoder.img_size,
@@ -234,7 +240,7 @@ def timm_config(encoder: VisionTransformer) -> dict[str, Any]:
         "qkv_bias": True,
         "num_classes": 0,
     }
-    if design == "cait":
+    if row.timm_model == "cait":
         token_hidden: int = encoder.blocks_token[0].mlp.fc1.out_features  # type: ignore[union-attr,assignment]
         kwargs |= {
             "global_pool": "token",
@@ -244,9 +250,9 @@ def timm_config(encoder: VisionTransformer) -> dict[str, Any]:
         }
         return {"model": "cait", "kwargs": kwargs}
     kwargs |= {
-        "class_token": design == "vit",
-        "global_pool": "token" if design == "vit" else "avg",
-        "fc_norm": design == "avgpool",
+        "class_token": row.token_at_input,
+        "global_pool": "token" if row.token_at_input else "avg",
+        "fc_norm": timm_fc_norm(row),
     }
     return {"model": "vision_transformer", "kwargs": kwargs}
 

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from extrema.data import datasets, transforms
 from extrema.data.augment import normalize
+from extrema.models.designs import design
 from extrema.models.vit import VisionTransformer, build_vit
 from extrema.run import contract, rundir
 from extrema.spec import ModelSpec, RunSpec
@@ -175,7 +176,7 @@ def render_attention(
     axes[0][0].set_title("input", fontsize=8)
     for j, q in enumerate(chosen):
         axes[0][j + 1].set_title(query_title(q, grid), fontsize=8)
-    layer = "last class-attention block" if spec.experiment.model.cls_token == "cait" else "last block"
+    layer = design(spec.experiment.model.cls_token).attention_source or "none in this design"
     fig.suptitle(
         f"Attention of chosen queries, mean over heads · {spec.experiment.model.cls_token} design, {branch} encoder\n"
         f"class token: {layer}; patches: last self-attention block · sweep {spec.sweep}, run {spec.run_id}",
