@@ -35,7 +35,7 @@ from extrema.data.shard_format import ShardWriter
 from extrema.data.shards import ShardedImages
 from extrema.spec import StorageSpec
 from extrema.stages.pretrain import SampleMasks
-from launch.backends.ray_head import free_ports
+from launch.backends.ray.head import free_ports
 
 CROP = 224
 TARGET = 3000  # images/s a GPU node's input must sustain

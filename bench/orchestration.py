@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # for tests.clusters, the private Slurm
 
 from launch import store  # noqa: E402
-from launch.backends.slurm_plan import planned_arrays  # noqa: E402
+from launch.backends.slurm.plan import planned_arrays  # noqa: E402
 from launch.cli import main  # noqa: E402
 from launch.pipeline import plan  # noqa: E402
 from launch.sweep import Run, load_runs  # noqa: E402

@@ -63,6 +63,7 @@ from launch.addressed import (
 from launch.backends.base import BACKENDS, backend_class, in_flight_groups, make_backend
 from launch.backends.local import stop_attempts
 from launch.errors import DamagedStore, InvalidSweep, UsageError
+from launch.log_source import Lines
 from launch.pipeline import Decision, plan, select
 from launch.progress import Watch
 from launch.reconcile import reconcile
@@ -253,7 +254,7 @@ def cmd_logs(args: argparse.Namespace, out: Console) -> int:
     key = store.job_key(args.run, args.stage)
     stage_dir = store.stage_url(target.url, args.run, args.stage)
     offsets: dict[str, int] = {}
-    lines: dict[str, logs.Lines] = {}
+    lines: dict[str, Lines] = {}
     ranks: object = None
     broken: set[str] = set()
     state: str | None = None
@@ -267,7 +268,7 @@ def cmd_logs(args: argparse.Namespace, out: Console) -> int:
             sources = logs.sources(stage_dir, status, target.manifest, target.launcher, fresh)
             for src in sources:
                 if src.name not in lines or fresh != ranks:
-                    lines.setdefault(src.name, logs.Lines(src.label)).label = src.label
+                    lines.setdefault(src.name, Lines(src.label)).label = src.label
                 try:
                     chunk = src.read(offsets.get(src.name, 0))
                 except Exception as e:

@@ -90,6 +90,7 @@ def select(
         if job.key in stuck:
             reason = "submission was interrupted"
         else:
-            reason = {None: "new", FAILED: "retry", CANCELLED: "resume"}.get(state, f"resubmit ({state})")
+            reasons: dict[str | None, str] = {None: "new", FAILED: "retry", CANCELLED: "resume"}
+            reason = reasons.get(state, f"resubmit ({state})")
         out.append(Decision(job, state, True, reason))
     return out

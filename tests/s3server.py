@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from launch.backends.ray_head import free_ports
+from launch.backends.ray.head import free_ports
 
 KEY, SECRET = "test-access-key", "test-secret-key-not-a-real-one"
 REPO = Path(__file__).resolve().parent.parent

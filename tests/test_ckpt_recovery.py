@@ -18,7 +18,7 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from extrema import entry
 from extrema.run import contract, lease, rundir
 from extrema.train import ckpt
-from launch.backends.ray_head import free_ports
+from launch.backends.ray.head import free_ports
 from tests.stage_runs import checkpointed_model, make_run
 
 # Complete steps 4, 8 and 12, all kept.

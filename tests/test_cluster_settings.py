@@ -10,10 +10,12 @@ import pytest
 from extrema import entry
 from extrema.run import contract
 from extrema.spec import ResourcesSpec
-from launch import logs
 from launch.backends.base import Job, network_env
-from launch.backends.ray import job_runtime_env, placement
-from launch.backends.slurm import rendezvous_address
+from launch.backends.ray.backend import job_runtime_env, placement
+from launch.backends.ray.logs import ray_label
+from launch.backends.slurm.backend import rendezvous_address
+from launch.backends.slurm.logs import slurm_label, slurm_rank
+from launch.log_source import Lines, rank_hosts
 
 
 def test_rendezvous_is_the_first_nodes_address_and_never_loopback_across_nodes(
@@ -59,23 +61,23 @@ def test_network_settings_reach_every_rank_through_the_environment(monkeypatch: 
 
 
 def test_slurm_task_lines_name_their_node_and_rank_even_across_requeues_and_cut_chunks() -> None:
-    lines = logs.Lines(logs.slurm_label(1, "n2"))
+    lines = Lines(slurm_label(1, "n2"))
     header = "submitit INFO (x) - Starting with JobEnvironment(job_id=7, hostname=n3, local_rank=0(1), node=1(2), "
     text = lines.feed("step 1\nste") + lines.feed("p 2\n" + header + "global_rank=1(2))\nstep 3")
     assert text.splitlines() == ["[n2 rank 1] step 1", "[n2 rank 1] step 2", f"[n3 rank 1] {header}global_rank=1(2))"]
     assert lines.feed("", final=True) == "[n3 rank 1] step 3"
-    assert logs.slurm_rank("/logs/12_3_1_log.err") == 1
+    assert slurm_rank("/logs/12_3_1_log.err") == 1
 
 
 def test_ray_worker_lines_are_named_by_the_ranks_pids() -> None:
     ranks = [{"rank": 0, "host": "n1", "pid": 100}, {"rank": 1, "host": "n2", "pid": 200}]
-    label = logs.ray_label(ranks)
+    label = ray_label(ranks)
     assert label("(RayTrainWorker pid=200, ip=10.77.5.12) loss 1.0\n") == "[n2 rank 1] loss 1.0\n"
     assert label("(pid=100, ip=10.77.5.11) x\n") == "[n1 rank 0] x\n"
     assert label("(RayTrainWorker pid=300, ip=10.77.5.12) y\n") == "[10.77.5.12] y\n"
     assert label("\x1b[36m(RayTrainWorker pid=100, ip=10.77.5.11)\x1b[0m z\n") == "[n1 rank 0] z\n"
     assert label("driver line\n") == "driver line\n"
-    assert logs.rank_hosts([*ranks, {"rank": "x"}, 3]) == {0: "n1", 1: "n2"}
+    assert rank_hosts([*ranks, {"rank": "x"}, 3]) == {0: "n1", 1: "n2"}
 
 
 def test_a_failed_collective_names_the_other_ranks_nodes() -> None:

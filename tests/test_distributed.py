@@ -22,7 +22,7 @@ from extrema.run import contract, rundir
 from extrema.spec import RunSpec
 from extrema.train import ckpt
 from extrema.train.safe_dcp import SafeFsspecReader
-from launch.backends.ray_head import free_ports
+from launch.backends.ray.head import free_ports
 from tests.stage_runs import make_run, without_key_bias
 
 # drop path off: its per-sample draws cannot match across world sizes.

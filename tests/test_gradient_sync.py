@@ -15,7 +15,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from extrema.train.dist import gradient_sync
-from launch.backends.ray_head import free_ports
+from launch.backends.ray.head import free_ports
 
 MICRO_BATCHES = 3
 

@@ -16,7 +16,7 @@ from extrema.run.contract import update_status
 from extrema.spec import ResourcesSpec
 from launch import store
 from launch.backends.base import Job, State
-from launch.backends.ray import RayBackend, driver_command, storage_path, submission_id
+from launch.backends.ray.backend import RayBackend, driver_command, storage_path, submission_id
 from tests.cluster_sweeps import FAST_KNN, FINAL, TINY, cli
 from tests.clusters import require_module
 from tests.clusters.ray import INSTALL_HINT, RayCluster
@@ -61,7 +61,7 @@ def test_driver_command_carries_the_stage_its_resources_and_upstream_ids() -> No
     j = job("file:///runs/sw/r0", "pretrain", cpus_per_task=3, gpus_per_node=2, processes_per_node=2)
     argv = driver_command(j, "sid-1", "http://head:8265", ["up-1", "up-2"], "python3", 2, "/logs")
     assert argv == [
-        "python3", "-m", "launch.backends.ray", "--address=http://head:8265", "--job-id=sid-1",
+        "python3", "-m", "launch.backends.ray.backend", "--address=http://head:8265", "--job-id=sid-1",
         "--after=up-1", "--after=up-2", "--cpus=3", "--gpus=1", "--workers=2", "--nodes=1",
         "--collective-timeout=600", "--max-failures=2",
         "--storage=/logs", "--", "file:///runs/sw/r0", "pretrain",

@@ -31,13 +31,13 @@ from launch.errors import UsageError
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from launch.logs import LogSource
+    from launch.log_source import LogSource
     from launch.sweep import LauncherSpec
 
 BACKENDS = {
     "local": "launch.backends.local:LocalBackend",
-    "slurm": "launch.backends.slurm:SlurmBackend",
-    "ray": "launch.backends.ray:RayBackend",
+    "slurm": "launch.backends.slurm.backend:SlurmBackend",
+    "ray": "launch.backends.ray.backend:RayBackend",
 }
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from launch.backends.ray_head import free_ports  # noqa: F401  (re-exported for the fixtures)
+from launch.backends.ray.head import free_ports  # noqa: F401  (re-exported for the fixtures)
 
 
 def in_ci() -> bool:

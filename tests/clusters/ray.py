@@ -1,4 +1,4 @@
-"""A local Ray head for tests: the launcher's own `launch.backends.ray_head` (explicit free ports, a private HOME
+"""A local Ray head for tests: the launcher's own `launch.backends.ray.head` (explicit free ports, a private HOME
 and temp dir, stopped by PID; never `ray stop`), with two CPUs and a small object store.
 
     pytest -m ray            # fixture `ray_cluster`; sets RAY_ADDRESS (the dashboard URL) for the session
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from launch.backends.ray_head import RayHead, start_head, stop_head
+from launch.backends.ray.head import RayHead, start_head, stop_head
 from tests.clusters import require_module
 
 INSTALL_HINT = '.ci/install_clusters.sh (pip install "ray[default,train]")'

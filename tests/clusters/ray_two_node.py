@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.backends.ray_head import PORT_NAMES, WORKER_PORTS, free_ports, head_env, ray_executable
+from launch.backends.ray.head import PORT_NAMES, WORKER_PORTS, free_ports, head_env, ray_executable
 from tests.clusters import port_open, require_module, wait_until
 from tests.clusters.netns import TwoNodeNetwork, require_network, start_network, stop_network
 from tests.clusters.ray import INSTALL_HINT

@@ -14,7 +14,7 @@ Every task gets its `cpus_per_task` from srun's own `--cpus-per-task` as well as
 Slurm 22.05 to 23.02 srun reads neither SLURM_CPUS_PER_TASK nor (before 23.11) SRUN_CPUS_PER_TASK, so a step
 launched without the argument lays out (and binds) one CPU per task whatever the job was given.
 
-`launch.backends.slurm` submits these plans through submitit; `planned_arrays` and `sbatch_parameters` show them
+`launch.backends.slurm.backend` submits these plans through submitit; `planned_arrays` and `sbatch_parameters` show them
 without a cluster.
 """
 

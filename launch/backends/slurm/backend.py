@@ -1,4 +1,4 @@
-"""Slurm backend through submitit: the plans of `launch.backends.slurm_plan` sent as sbatch job arrays, their states
+"""Slurm backend through submitit: the plans of `launch.backends.slurm.plan` sent as sbatch job arrays, their states
 from sacct/squeue, cancel with scancel, and `StageCall`, what every task runs.
 
 Every task runs `StageCall(run_dir, stage)`, which calls `extrema.entry.main([run_dir, stage])`. On preemption or
@@ -28,9 +28,9 @@ import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment
 from submitit.slurm.slurm import _make_sbatch_string, read_job_id
 
-from launch import logs
 from launch.backends.base import Backend, Job, RecordedJob, State
-from launch.backends.slurm_plan import (
+from launch.backends.slurm.logs import slurm_files, slurm_label, slurm_rank
+from launch.backends.slurm.plan import (
     checked_ids,
     code_setup,
     job_name,
@@ -41,6 +41,7 @@ from launch.backends.slurm_plan import (
     submitit_command,
     validate_resources,
 )
+from launch.log_source import LogSource, file_source, rank_hosts
 
 if TYPE_CHECKING:
     from launch.sweep import LauncherSpec
@@ -248,15 +249,15 @@ class SlurmBackend(Backend):
         return cls()
 
     @classmethod
-    def job_logs(cls, kept: list[logs.LogSource], job: RecordedJob) -> list[logs.LogSource]:
+    def job_logs(cls, kept: list[LogSource], job: RecordedJob) -> list[LogSource]:
         """The stage's own files, then its job's submitit files in the sweep's log folder, rank by rank, each line
         labelled with its node and rank."""
         log_dir = (job.manifest or {}).get("log_dir")
         if not isinstance(log_dir, str):
             return kept
-        hosts = logs.rank_hosts(job.ranks)
-        tasks = [(u, logs.slurm_rank(u)) for u in logs.slurm_files(log_dir, job.job_id)]
-        return [*kept, *(replace(logs.file_source(u), label=logs.slurm_label(r, hosts.get(r))) for u, r in tasks)]
+        hosts = rank_hosts(job.ranks)
+        tasks = [(u, slurm_rank(u)) for u in slurm_files(log_dir, job.job_id)]
+        return [*kept, *(replace(file_source(u), label=slurm_label(r, hosts.get(r))) for u, r in tasks)]
 
     def _client(self, *argv: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(list(argv), capture_output=True, text=True, timeout=self.timeout_s, check=False)

@@ -2,7 +2,8 @@
 
 Each job's entrypoint is this module's small driver, submitted without entrypoint resources:
 
-    python -m launch.backends.ray --address URL --job-id ID [--after ID ...] --cpus C --gpus G --workers W RUN_DIR STAGE
+    python -m launch.backends.ray.backend --address URL --job-id ID [--after ID ...] \
+        --cpus C --gpus G --workers W RUN_DIR STAGE
 
 The driver
 1. waits until the Ray jobs it depends on have SUCCEEDED, and exits with 5 when one of them FAILED or was
@@ -16,7 +17,7 @@ The driver
 
 Stopping a Ray job (`cancel`) kills its driver and with it the task or trainer the driver owns. The cluster is
 `address`, else RAY_ADDRESS, never one found by guessing; `extrema-launch sweep` starts a private local head
-(`private_cluster`, `launch.backends.ray_head`) when neither is set, and copies each job's log into its stage's
+(`private_cluster`, `launch.backends.ray.head`) when neither is set, and copies each job's log into its stage's
 `logs/` before it stops that head (`keep_logs`). Nothing here imports torch or ray at module level.
 """
 
@@ -39,9 +40,10 @@ from extrema.run.contract import EXIT_UPSTREAM_FAILED
 from extrema.spec import DEFAULT_COLLECTIVE_TIMEOUT_S
 from launch import store
 from launch.backends.base import Backend, Job, PrivateCluster, RecordedJob, State, Unreachable
-from launch.backends.ray_head import head_gone, start_head, stop_head
+from launch.backends.ray.head import head_gone, start_head, stop_head
+from launch.backends.ray.logs import ray_label
 from launch.errors import UsageError
-from launch.logs import LogSource, ray_label
+from launch.log_source import LogSource
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -107,7 +109,7 @@ def driver_command(
     """argv of the driver that waits for `after`, then runs the job's stage on the cluster."""
     r = job.resources
     gpus = r.gpus_per_node / r.processes_per_node if r.gpus_per_node else 0
-    argv = [python, "-m", "launch.backends.ray", f"--address={address}", f"--job-id={job_id}"]
+    argv = [python, "-m", "launch.backends.ray.backend", f"--address={address}", f"--job-id={job_id}"]
     argv += [f"--after={a}" for a in after]
     argv += [f"--cpus={r.cpus_per_task}", f"--gpus={gpus:g}", f"--workers={r.world_size}", f"--nodes={r.nodes}"]
     argv += [f"--collective-timeout={r.collective_timeout_s:g}"]
@@ -367,7 +369,7 @@ def run_stage(args: argparse.Namespace, job_id: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Driver entry point of a Ray job; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m launch.backends.ray", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m launch.backends.ray.backend", description=__doc__)
     parser.add_argument("--address", required=True, help="dashboard URL of the cluster (to watch upstream jobs)")
     parser.add_argument("--job-id", default="ray", help="this job's submission id (recorded in status.json)")
     parser.add_argument("--after", action="append", default=[], help="submission id that must succeed first")

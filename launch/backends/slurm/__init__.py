@@ -1,0 +1,1 @@
+"""The Slurm backend: `plan` (sbatch parameters, arrays, dependencies; no submitit), `backend` (submitit), `logs`."""

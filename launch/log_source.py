@@ -1,0 +1,58 @@
+"""One log as the launcher reads it: a name, a reader of its bytes from an offset (so that `logs --follow` prints
+only what is new), and what labels each line with its node and rank. What every backend's log readers return."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from extrema.run import rundir
+
+
+@dataclass(frozen=True)
+class LogSource:
+    """One log: a name to show, a reader of its bytes from an offset, and what names each line's node and rank."""
+
+    name: str
+    read: Callable[[int], bytes]
+    label: Callable[[str], str] | None = None  # a complete line -> the line with its node and rank in front
+
+
+class Lines:
+    """Labels the lines of one log as its chunks arrive; a line cut between two chunks is labelled once."""
+
+    def __init__(self, label: Callable[[str], str] | None) -> None:
+        self.label = label
+        self.partial = ""
+
+    def feed(self, text: str, final: bool = False) -> str:
+        """The labelled complete lines of `text` (and the pending partial line when `final`)."""
+        if self.label is None:
+            return text
+        text, self.partial = self.partial + text, ""
+        lines = text.splitlines(keepends=True)
+        if lines and not lines[-1].endswith(("\n", "\r")) and not final:
+            self.partial = lines.pop()
+        return "".join(self.label(line) for line in lines)
+
+
+def rank_hosts(ranks: object) -> dict[int, str]:
+    """rank -> host from provenance's `ranks` list (entries that are not well-formed are skipped)."""
+    out: dict[int, str] = {}
+    for r in ranks if isinstance(ranks, list) else []:
+        if isinstance(r, dict) and isinstance(r.get("rank"), int) and isinstance(r.get("host"), str):
+            out[r["rank"]] = r["host"]
+    return out
+
+
+def file_source(url: str) -> LogSource:
+    """A log file on any fsspec URL."""
+
+    def read(offset: int) -> bytes:
+        fs, path = rundir.filesystem(url)
+        with fs.open(path, "rb") as f:
+            f.seek(offset)
+            data: bytes = f.read()
+        return data
+
+    return LogSource(url, read)
