@@ -235,6 +235,43 @@ def _prune(model: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
     return dumped
 
 
+class FromCheckpoint(Spec):
+    """A stage that reads a trained encoder: from a checkpoint URL, or from its run's pretrain stage."""
+
+    checkpoint: str | None = Field(
+        None,
+        description="DCP step or ckpt dir, or an official/timm .pth or .safetensors URL; the run's pretrain stage "
+        "when unset",
+    )
+
+
+class FromPretrained(FromCheckpoint):
+    """A stage that can also start from a random encoder, the from-scratch baseline."""
+
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained", description="random: the from-scratch (untrained) baseline; no checkpoint is read"
+    )
+
+    @model_validator(mode="after")
+    def _init_or_checkpoint(self) -> FromPretrained:
+        if self.init == "random" and self.checkpoint:
+            raise located("checkpoint", "not used with init 'random'; remove one of them")
+        return self
+
+
+class Batching(Spec):
+    """A global batch taken in accum_steps micro-batches."""
+
+    batch_size: int = Field(gt=0, description="global batch size")
+    accum_steps: int = Field(1, ge=1, description="gradient accumulation micro-steps per optimizer step")
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> Batching:
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
+        return self
+
+
 class Retention(Spec):
     """How many complete checkpoints a training stage keeps, and what it does when training diverges."""
 
@@ -252,13 +289,12 @@ class Retention(Spec):
     )
 
 
-class PretrainSpec(Retention):
+class PretrainSpec(Retention, Batching):
     """ExtreMA pretraining; defaults are the reference ViT-B recipe."""
 
     epochs: float = Field(300, gt=0)
     steps: int | None = Field(None, gt=0, description="total optimizer steps; overrides epochs when set")
     batch_size: int = Field(2048, gt=0, description="global batch size")
-    accum_steps: int = Field(1, ge=1, description="gradient accumulation micro-steps per optimizer step")
     base_lr: float = Field(1.5e-4, gt=0, description="lr = base_lr * batch_size / 256")
     min_lr: float = Field(0.0, ge=0)
     warmup_epochs: float = Field(40, ge=0)
@@ -291,14 +327,8 @@ class PretrainSpec(Retention):
     )
     seed: int = 0
 
-    @model_validator(mode="after")
-    def _batch_divides(self) -> PretrainSpec:
-        if self.batch_size % self.accum_steps:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
-        return self
 
-
-class KnnSpec(Spec):
+class KnnSpec(FromCheckpoint):
     """Weighted kNN on L2-normalised features (the DINO protocol)."""
 
     k: int = Field(20, ge=1)
@@ -308,18 +338,12 @@ class KnnSpec(Spec):
     bank_size: int | None = Field(10000, gt=0, description="training images in the memory bank; all when unset")
     val_size: int | None = Field(None, gt=0, description="validation images evaluated; all when unset")
     batch_size: int = Field(256, gt=0)
-    checkpoint: str | None = Field(None, description="checkpoint URL; the run's pretrain stage when unset")
 
 
-class DownstreamSpec(Retention):
+class DownstreamSpec(Retention, FromPretrained, Batching):
     """Settings shared by the stages that train on labels: weight source, data subsets, evaluation, resume."""
 
-    init: Literal["pretrained", "random"] = Field("pretrained", description="random: the from-scratch baseline")
-    checkpoint: str | None = Field(
-        None, description="DCP step or ckpt dir, or an official/timm .pth URL; the run's pretrain stage when unset"
-    )
     batch_size: int = Field(1024, gt=0, description="global batch size")
-    accum_steps: int = Field(1, ge=1, description="gradient accumulation micro-steps per optimizer step")
     train_size: int | None = Field(None, gt=0, description="seeded subset of training images; all when unset")
     val_fraction: float | None = Field(
         None, gt=0, lt=1, description="validate on this seeded fraction of the train split instead of the val split"
@@ -329,14 +353,6 @@ class DownstreamSpec(Retention):
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     ckpt_every: int | None = Field(None, ge=1, description="steps between checkpoints besides epoch ends")
     seed: int = 0
-
-    @model_validator(mode="after")
-    def _consistent(self) -> DownstreamSpec:
-        if self.batch_size % self.accum_steps:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by accum_steps {self.accum_steps}")
-        if self.init == "random" and self.checkpoint:
-            raise located("checkpoint", "not used with init 'random'; remove one of them")
-        return self
 
 
 class ProbeSpec(DownstreamSpec):
@@ -379,13 +395,9 @@ class FinetuneSpec(DownstreamSpec):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
 
 
-class DetectSpec(Retention):
+class DetectSpec(Retention, FromPretrained):
     """Mask R-CNN transfer with the ViT as backbone (the CAE recipe); defaults: the paper's Table 1 (ViT-B, COCO 1x)."""
 
-    init: Literal["pretrained", "random"] = Field("pretrained", description="random: the from-scratch baseline")
-    checkpoint: str | None = Field(
-        None, description="DCP step or ckpt dir, or an official/timm .pth URL; the run's pretrain stage when unset"
-    )
     encoder: Literal["student", "ema"] = "student"
     dataset: Literal["coco", "fashion_mnist_canvas"] = Field(
         "coco", description="COCO-format files at the URLs below, or the canvas set built from data's Fashion-MNIST"
@@ -447,8 +459,6 @@ class DetectSpec(Retention):
 
     @model_validator(mode="after")
     def _consistent(self) -> DetectSpec:
-        if self.init == "random" and self.checkpoint:
-            raise located("checkpoint", "not used with init 'random'; remove one of them")
         problem = canvas_problem(self.canvas_objects, self.canvas_scale)
         if problem:
             raise ValueError(problem)
@@ -466,12 +476,9 @@ class DetectSpec(Retention):
         return [u for u in urls if not getattr(self, u)] if self.dataset == "coco" else []
 
 
-class InpaintSpec(Spec):
+class InpaintSpec(FromCheckpoint):
     """Inpainting (Figure 4): a light pixel decoder trained briefly on the frozen encoder's visible tokens."""
 
-    checkpoint: str | None = Field(
-        None, description="DCP step or ckpt dir, or an official/timm .pth URL; the run's pretrain stage when unset"
-    )
     encoder: Literal["student", "ema"] = Field("student", description="student: the branch that saw masked inputs")
     ratios: tuple[float, ...] = Field(
         (0.5, 0.75, 0.9), description="masking ratios: drawn per training batch, each scored and shown"
@@ -498,7 +505,7 @@ class InpaintSpec(Spec):
         return self
 
 
-class LocalitySpec(Spec):
+class LocalitySpec(FromPretrained):
     """Figure 2: how well the [cls] attention localises objects (DINO's protocol), scored against ground truth.
 
     The class token's attention over the patches (mean over heads; also each head alone) keeps the patches that
@@ -507,10 +514,6 @@ class LocalitySpec(Spec):
     token: its result says not applicable.
     """
 
-    init: Literal["pretrained", "random"] = Field("pretrained", description="random: the untrained baseline")
-    checkpoint: str | None = Field(
-        None, description="DCP step or ckpt dir, an official/timm .pth or .safetensors; the run's pretrain when unset"
-    )
     encoder: Literal["ema", "student"] = "ema"
     mass: float = Field(0.6, gt=0, lt=1, description="share of the attention mass the kept patches hold")
     dataset: Literal["coco", "fashion_mnist_canvas"] = Field(
@@ -530,8 +533,6 @@ class LocalitySpec(Spec):
 
     @model_validator(mode="after")
     def _consistent(self) -> LocalitySpec:
-        if self.init == "random" and self.checkpoint:
-            raise located("checkpoint", "not used with init 'random'; remove one of them")
         if self.dataset == "coco" and not (self.annotations and self.images):
             raise ValueError("dataset 'coco' needs annotations and images (fsspec URLs)")
         problem = canvas_problem(self.canvas_objects, self.canvas_scale)
