@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+import pytest
+
 from extrema.run import metrics_log, rundir
 
 
@@ -37,10 +39,45 @@ def test_a_resume_drops_later_records_and_mends_a_partial_last_line(tmp_path: Pa
     assert [r["step"] for r in lines(path)] == [1, 2, 3, 4, 5, 6, 7]
 
 
-def test_an_object_store_log_is_rewritten_whole(tmp_path: Path) -> None:
-    url = "memory://metrics-log-test/metrics.jsonl"
+def test_an_object_store_log_is_written_in_parts_each_flush_rewriting_only_the_last(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = "memory://metrics-log-parts/pretrain/metrics.jsonl"
+    monkeypatch.setattr(metrics_log, "PART_BYTES", 200)
+    longest = len(rundir.dumps({"loss": 0.123456789, "step": 40}, sort_keys=True)) + 1
     log = metrics_log.MetricsLog(url)
-    for step in (1, 2, 3):
-        log.log({"step": step, "loss": 1.0 / step}, flush=True)
-    assert [r["step"] for r in rundir.read_jsonl(url)] == [1, 2, 3]
-    assert [r["step"] for r in metrics_log.MetricsLog(url, keep_after_step=2).records] == [1, 2]
+    fs, _ = rundir.filesystem(url)
+    writes: list[str] = []
+    real_pipe = fs.pipe_file
+    monkeypatch.setattr(fs, "pipe_file", lambda path, value, **kw: (writes.append(path), real_pipe(path, value, **kw)))
+    for step in range(1, 41):
+        log.log({"loss": 0.123456789, "step": step}, flush=True)
+    parts = metrics_log.part_urls(url)
+    sizes = [len(fs.cat_file(rundir.filesystem(p)[1])) for p in parts]
+    assert len(parts) > 5 and not rundir.exists(url)  # no whole-log object
+    assert all(size <= 200 for size in sizes) and all(size > 200 - longest for size in sizes[:-1])  # full parts
+    assert len(writes) <= 40 + len(parts)  # one part per flush (and one more when a part fills)
+    assert [r["step"] for r in metrics_log.read_records(url)] == list(range(1, 41))
+    assert metrics_log.read_tail(url, 1 << 10)[-1]["step"] == 40
+    resumed = metrics_log.MetricsLog(url, keep_after_step=13)  # a resume from step 13 cuts inside an early part
+    assert [r["step"] for r in resumed.records] == list(range(1, 14))
+    resumed.log({"loss": 0.5, "step": 14}, flush=True)
+    assert [r["step"] for r in metrics_log.read_records(url)] == list(range(1, 15))
+    assert len(metrics_log.part_urls(url)) < len(parts)  # the parts past the cut are gone
+
+
+def test_an_object_store_log_written_whole_by_an_older_version_is_taken_over() -> None:
+    url = "memory://metrics-log-legacy/pretrain/metrics.jsonl"
+    rundir.write_text_atomic(url, "".join(json.dumps({"step": i, "loss": 1.0}) + "\n" for i in range(1, 6)))
+    log = metrics_log.MetricsLog(url, keep_after_step=5)
+    log.log({"step": 6, "loss": 0.5}, flush=True)
+    assert [r["step"] for r in metrics_log.read_records(url)] == [1, 2, 3, 4, 5, 6]
+    assert not rundir.exists(url) and len(metrics_log.part_urls(url)) == 1
+
+
+def test_reading_a_log_is_bounded_whatever_its_length(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": i, "loss": 1.0}) + "\n" for i in range(1, 10001)))
+    some = metrics_log.read_records(str(path), limit=1000)
+    assert 0 < len(some) < 100 and [r["step"] for r in some] == list(range(1, len(some) + 1))
+    assert metrics_log.read_tail(str(path), 1000)[-1]["step"] == 10000
