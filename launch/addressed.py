@@ -17,7 +17,6 @@ from launch.reconcile import Reconciled
 from launch.sweep import LauncherSpec, SweepFile, load_runs
 
 OK, FAILED, USAGE, DAMAGED, INTERRUPTED = 0, 1, 2, 3, 130
-ENDED_STATES = frozenset({"completed", "failed", "cancelled"})
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "json"}
 
 

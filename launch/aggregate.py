@@ -19,6 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from extrema.run.contract import StageState
 from extrema.spec import Experiment
 from launch import results
 
@@ -118,7 +119,7 @@ def aggregate(table: pa.Table, by: Sequence[str] | None = None) -> pa.Table:
         for c in key_cols:
             cols[c].append(rows[0].get(c))
         cols["runs"].append(len(rows))
-        cols["completed"].append(sum(r.get("state") == "completed" for r in rows))
+        cols["completed"].append(sum(r.get("state") == StageState.COMPLETED for r in rows))
         cols["run_ids"].append([r["run_id"] for r in rows])
         for s in seeds:
             cols[s].append([r.get(s) for r in rows])

@@ -47,6 +47,7 @@ from rich.console import Console
 from rich.text import Text
 
 from extrema.run import contract, lease, rundir
+from extrema.run.contract import StageState
 from launch import export_command, logs, results, roots, shard_command, store, tables
 from launch import snapshot as snapshots
 from launch.addressed import (
@@ -120,7 +121,7 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
     if args.dry_run:
         out.print(f"dry run: would submit {len(todo)} of {len(jobs)} jobs to {where}; nothing written")
         return OK
-    held_back = FAILED if any(d.state == "failed" and not d.submit for d in decisions) else OK
+    held_back = FAILED if any(d.state == StageState.FAILED and not d.submit for d in decisions) else OK
     held_back = DAMAGED if problems else held_back
     log_dir = launcher.slurm_folder or rundir.join(url, "logs")
     manifest = {
@@ -219,7 +220,7 @@ def cmd_cancel(args: argparse.Namespace, out: Console) -> int:
     statuses = store.read_statuses(target.url, keys)
     stages = {k: store.stage_url(target.url, *store.split_key(k)) for k in keys}
     holders = {k: h for k in keys if not statuses[k].get(store.UNREADABLE) and (h := lease.live_holder(stages[k]))}
-    live = [k for k in keys if statuses[k].get("state") in store.IN_FLIGHT or k in holders]
+    live = [k for k in keys if statuses[k].get("state") in contract.IN_FLIGHT or k in holders]
     kept: list[str] = []
     for (name, address), ids in in_flight_groups({k: statuses[k] for k in live}, target.launcher).items():
         try:
@@ -234,7 +235,7 @@ def cmd_cancel(args: argparse.Namespace, out: Console) -> int:
     unrecorded = 0
     for k in done:
         try:
-            store.record_ended(stages[k], "cancelled", "cancelled by user")
+            store.record_ended(stages[k], StageState.CANCELLED, "cancelled by user")
         except OSError as e:  # a read-only store: the job is stopped, the record cannot say so
             unrecorded += 1
             out.print(Text(f"{k}: stopped, not recorded: {contract.os_reason(e)}", style="yellow"), soft_wrap=True)
@@ -285,11 +286,11 @@ def cmd_logs(args: argparse.Namespace, out: Console) -> int:
                     sys.stdout.flush()
                 offsets[src.name] = offsets.get(src.name, 0) + len(chunk)
             ranks = fresh
-            if not args.follow or state not in store.IN_FLIGHT:
+            if not args.follow or state not in contract.IN_FLIGHT:
                 sys.stdout.write("".join(pending.feed("", final=True) for pending in lines.values()))
                 if not any(offsets.values()):
                     out.print(f"no logs yet for {key} ({state or 'not submitted'})")
-                return FAILED if args.follow and state == "failed" else OK
+                return FAILED if args.follow and state == StageState.FAILED else OK
             time.sleep(1.0)
     except KeyboardInterrupt:
         return OK

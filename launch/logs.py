@@ -18,7 +18,8 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from extrema.run import contract, rundir
+from extrema.run import contract
+from extrema.run.contract import StageDir
 from launch import store
 from launch.backends.base import RecordedJob, recorded_class
 from launch.log_source import LogSource, file_source
@@ -58,7 +59,7 @@ def heading(name: str) -> str:
 def stage_ranks(stage_dir: str) -> object:
     """provenance.json's `ranks` of a stage (every rank's host and pid), or None when there is none to read."""
     try:
-        record = contract.read_record(rundir.join(stage_dir, "provenance.json"))
+        record = contract.read_record(StageDir(stage_dir).provenance)
     except contract.Unreadable:
         return None
     return record.get("ranks") if isinstance(record, dict) else None

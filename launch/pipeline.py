@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
-from extrema.run.contract import CANCELLED, COMPLETED, FAILED
+from extrema.run import contract
+from extrema.run.contract import StageState
 from launch import store
 from launch.backends.base import Job
 from launch.sweep import STAGE_ORDER, LauncherSpec, Run, needs_pretrain
@@ -65,7 +66,7 @@ def select(
     out = []
     for job in jobs:
         state = states.get(job.key)
-        if state == COMPLETED:
+        if state == StageState.COMPLETED:
             out.append(Decision(job, state, False, "completed"))
             continue
         if state == store.UNREADABLE:
@@ -75,13 +76,13 @@ def select(
             chosen.add(job.key)
             out.append(Decision(job, state, True, "adopt: follow the running attempt"))
             continue
-        if state in store.IN_FLIGHT and job.key not in stuck:
+        if state in contract.IN_FLIGHT and job.key not in stuck:
             out.append(Decision(job, state, False, f"already {state}"))
             continue
-        if state == FAILED and not retry_failed:
+        if state == StageState.FAILED and not retry_failed:
             out.append(Decision(job, state, False, "failed; --retry-failed resubmits it"))
             continue
-        blocked = [a for a in job.after if a not in chosen and states.get(a) != COMPLETED]
+        blocked = [a for a in job.after if a not in chosen and states.get(a) != StageState.COMPLETED]
         if blocked:
             waits = ", ".join(f"{a} ({states.get(a) or 'not submitted'})" for a in blocked)
             out.append(Decision(job, state, False, f"waits for {waits}"))
@@ -90,7 +91,7 @@ def select(
         if job.key in stuck:
             reason = "submission was interrupted"
         else:
-            reasons: dict[str | None, str] = {None: "new", FAILED: "retry", CANCELLED: "resume"}
+            reasons: dict[str | None, str] = {None: "new", StageState.FAILED: "retry", StageState.CANCELLED: "resume"}
             reason = reasons.get(state, f"resubmit ({state})")
         out.append(Decision(job, state, True, reason))
     return out

@@ -18,7 +18,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from extrema.run import contract, rundir
+from extrema.run import contract
+from extrema.run.contract import StageDir
 from extrema.viz import figures
 from launch import aggregate, results, store
 
@@ -104,7 +105,7 @@ def line_keys(runs: Sequence[store.StoredRun], axis: str) -> dict[str, tuple[str
 
 def read_metrics(sweep_url: str, runs: Sequence[store.StoredRun], stage: str = "pretrain") -> dict[str, list[dict]]:
     """Each run's `<stage>/metrics.jsonl` records (empty when absent), by run id."""
-    urls = [rundir.join(store.stage_url(sweep_url, r.run_id, stage), "metrics.jsonl") for r in runs]
+    urls = [StageDir(store.stage_url(sweep_url, r.run_id, stage)).metrics for r in runs]
     tree = store.real_tree(sweep_url)
 
     def read(url: str) -> list[dict]:

@@ -28,6 +28,7 @@ from rich.progress import (
 from rich.text import Text
 
 from extrema.run import contract, rundir
+from extrema.run.contract import StageDir
 from launch.backends.base import Backend, Job, State
 
 ENDED = frozenset({State.COMPLETED, State.FAILED, State.CANCELLED})
@@ -47,7 +48,7 @@ def latest_progress(stage_dir: str, tree: str | None = None) -> dict[str, Any]:
     """The newest step, total_steps, loss and images/s a stage logged, from the end of its metrics.jsonl (empty
     before its first line, or when the file cannot be read or, with `tree`, leads outside that directory)."""
     try:
-        records = contract.read_lines(rundir.join(stage_dir, "metrics.jsonl"), TAIL_BYTES, tree, tail=True)
+        records = contract.read_lines(StageDir(stage_dir).metrics, TAIL_BYTES, tree, tail=True)
     except contract.Unreadable:
         return {}
     out: dict[str, Any] = {}
@@ -123,7 +124,8 @@ def print_event(console: Console, event: dict[str, Any], quiet: bool) -> None:
             parts.append(f"{event['images_per_s']:.0f} img/s")
         if isinstance(event.get("eta_s"), (int, float)):
             parts.append("eta " + time.strftime("%H:%M:%S", time.gmtime(event["eta_s"])))
-        console.print(f"{stamp}  {'running':>9}  {event['key']}  {'  '.join(parts)}", markup=False, highlight=False)
+        line = f"{stamp}  {State.RUNNING.value:>9}  {event['key']}  {'  '.join(parts)}"
+        console.print(line, markup=False, highlight=False)
     elif event["event"] == "done":
         counts = ", ".join(f"{n} {state}" for state, n in sorted(event["counts"].items()))
         console.print(f"{stamp}  all {event['stages']} stages have ended: {counts}", markup=False, highlight=False)

@@ -31,8 +31,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from extrema.run import lease
-from extrema.run.contract import CANCELLED, COMPLETED, FAILED, PENDING, RUNNING, os_reason
+from extrema.run import contract, lease
+from extrema.run.contract import StageState, os_reason
 from launch import store
 from launch.backends.base import State, Unreachable, backend_class, in_flight_groups, recorded_class
 from launch.sweep import LauncherSpec
@@ -52,20 +52,23 @@ class Reconciled:
     problems: list[str] = field(default_factory=list)  # `path: reason` of lease records that cannot be read
 
 
-def settled(seen: State | None, backend: str, job_id: str) -> tuple[str | None, str]:
+def settled(seen: State | None, backend: str, job_id: str) -> tuple[StageState | None, str]:
     """The state an in-flight stage is in by its backend's answer (None: keep the store's), and why it ended."""
     if seen in (State.PENDING, State.PREEMPTED):
-        return PENDING, ""
+        return StageState.PENDING, ""
     if seen == State.RUNNING:
-        return RUNNING, ""
+        return StageState.RUNNING, ""
     if seen == State.COMPLETED:
-        return FAILED, f"{backend} job {job_id} ended without recording a result"
+        return StageState.FAILED, f"{backend} job {job_id} ended without recording a result"
     if seen == State.FAILED:
-        return FAILED, f"{backend} job {job_id} failed"
+        return StageState.FAILED, f"{backend} job {job_id} failed"
     if seen == State.CANCELLED:
-        return CANCELLED, f"{backend} job {job_id} was cancelled"
+        return StageState.CANCELLED, f"{backend} job {job_id} was cancelled"
     if seen == State.UNKNOWN:
-        return CANCELLED, f"{backend} job {job_id} is unknown to the cluster: it vanished or ended unrecorded"
+        return (
+            StageState.CANCELLED,
+            f"{backend} job {job_id} is unknown to the cluster: it vanished or ended unrecorded",
+        )
     return None, ""
 
 
@@ -84,13 +87,13 @@ def ask(
 
 def in_flight(status: Mapping[str, Any]) -> bool:
     """Whether the run store shows the stage pending, running or preempted."""
-    return status.get("state") in store.IN_FLIGHT
+    return status.get("state") in contract.IN_FLIGHT
 
 
 def retried(status: Mapping[str, Any]) -> bool:
     """Whether a stage recorded failed may still be retried by its own job (`retries_in_job` backends): the
     backend is asked, and a job still running means the stage is."""
-    if status.get("state") != FAILED:
+    if status.get("state") != StageState.FAILED:
         return False
     backend = recorded_class(status.get("backend"))
     return backend is not None and backend.retries_in_job
@@ -109,14 +112,14 @@ def reconcile(
     unrecorded = 0
     asked: dict[str, Mapping[str, Any]] = {}
     for key, s in statuses.items():
-        if s.get("state") in (None, COMPLETED, store.UNREADABLE):
+        if s.get("state") in (None, StageState.COMPLETED, store.UNREADABLE):
             continue
         stage = store.stage_url(sweep_url, *store.split_key(key))
         holder = lease.current(stage)
         if holder is not None and holder.damage is not None:
             out.problems.append(f"{holder.url}: {holder.damage}")
         elif holder is not None and holder.why_free() is None:
-            out.states[key], out.holders[key] = RUNNING, holder
+            out.states[key], out.holders[key] = StageState.RUNNING, holder
             continue
         if store.interrupted_submission(s):
             out.stuck.add(key)
@@ -133,13 +136,13 @@ def reconcile(
             if state is None:
                 continue
             if retried(statuses[key]) and not in_flight(statuses[key]):
-                if state in (RUNNING, PENDING):  # the attempt failed; its job is trying again
+                if state in (StageState.RUNNING, StageState.PENDING):  # the attempt failed; its job is trying again
                     out.states[key] = state
                 continue
-            if state in store.TERMINAL:
+            if state in contract.TERMINAL:
                 stage = store.stage_url(sweep_url, *store.split_key(key))
                 now = store.read_status(stage).get("state")  # the stage may have ended since it was read
-                if now in store.TERMINAL:
+                if now in contract.TERMINAL:
                     state = now
                 else:
                     out.corrected[key] = why

@@ -95,9 +95,9 @@ def rows(
     """
     pairs = [(r, s, store.stage_url(sweep_url, r.run_id, s)) for r in runs for s in r.stages]
     names = (
-        ("result.json", "provenance.json")
+        (contract.RESULT, contract.PROVENANCE)
         if statuses is not None
-        else ("status.json", "result.json", "provenance.json")
+        else (contract.STATUS, contract.RESULT, contract.PROVENANCE)
     )
     tree = store.local_tree(sweep_url)
     away = {url for _, _, url in pairs if tree is not None and tree.leaves(url)}
@@ -109,7 +109,7 @@ def rows(
     now = time.time()
     out = []
     for r, s, url in pairs:
-        status, result, prov = (found.get(rundir.join(url, n)) for n in ("status.json", *names[-2:]))
+        status, result, prov = (found.get(rundir.join(url, n)) for n in (contract.STATUS, *names[-2:]))
         if statuses is not None:
             status = statuses.get(store.job_key(r.run_id, s))
         out.append(_row(r, s, status, result, prov, now))

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from extrema.run import contract
+from extrema.run.contract import StageState
 from launch import aggregate, plots, results, store, tables
 from launch.addressed import DAMAGED, FAILED, FORMATS, OK, Addressed, open_addressed, print_notes, print_unreadable
 from launch.errors import UsageError
@@ -47,7 +47,7 @@ def collect(target: Addressed, write: bool = True) -> tuple[pa.Table, Reconciled
     for key, why in seen.corrected.items():
         statuses[key] = {**statuses[key], "state": seen.states[key], "error": why}
     for key in seen.holders:
-        statuses[key] = {**statuses[key], "state": contract.RUNNING}
+        statuses[key] = {**statuses[key], "state": StageState.RUNNING}
     return results.collect(target.url, target.runs, statuses, problems), seen, problems
 
 

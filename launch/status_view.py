@@ -11,18 +11,17 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from extrema.run import rundir
-from extrema.run.contract import COMPLETED, RESULT, RUNNING
-from extrema.run.contract import FAILED as FAILED_STATE
+from extrema.run import contract, rundir
+from extrema.run.contract import RESULT, StageState
 from launch import results, store, tables
-from launch.addressed import DAMAGED, ENDED_STATES, FAILED, OK, Addressed, print_notes, print_unreadable, swept_axes
+from launch.addressed import DAMAGED, FAILED, OK, Addressed, print_notes, print_unreadable, swept_axes
 from launch.progress import latest_progress
 from launch.reconcile import Reconciled, reconcile
 from launch.tables import cell
 
 
 def _latest(state: str | None, status: dict[str, Any], result: Any, stage_dir: str, tree: str | None) -> str:
-    if state == RUNNING:
+    if state == StageState.RUNNING:
         p = latest_progress(stage_dir, tree)
         loss = f" loss {p['loss']:.4f}" if isinstance(p.get("loss"), (int, float)) else ""
         return f"step {p['step']}/{p['total_steps']}{loss}" if p.get("total_steps") else "started"
@@ -64,7 +63,7 @@ def status_table(target: Addressed, write: bool = True) -> StatusTable:
     statuses = store.read_statuses(target.url, keys)
     seen = reconcile(target.url, statuses, target.launcher, target.manifest, write=write)
     states = seen.states
-    done = [k for k in keys if states.get(k) == COMPLETED]
+    done = [k for k in keys if states.get(k) == StageState.COMPLETED]
     urls = [rundir.join(store.stage_url(target.url, *store.split_key(k)), RESULT) for k in done]
     found = dict(zip(done, store.read_many(target.url, urls)))
     problems = [*target.problems, *store.unreadable(statuses), *seen.problems]
@@ -85,7 +84,7 @@ def status_table(target: Addressed, write: bool = True) -> StatusTable:
             if key in seen.holders:
                 latest = f"{latest} (pid {seen.holders[key].pid} on {seen.holders[key].host})"
             hosts = s.get("hosts")
-            if state == RUNNING and isinstance(hosts, list) and len(hosts) > 1:
+            if state == StageState.RUNNING and isinstance(hosts, list) and len(hosts) > 1:
                 latest = f"{latest} on nodes {', '.join(map(str, hosts[:8]))}"
             swept = (cell(flat.get(p)) for p in paths)
             code = str(s.get("code") or s.get("submitted_code") or "")[:12]
@@ -107,7 +106,7 @@ def status_code(view: StatusTable) -> int:
     """3 when a record is unreadable, else 1 when a stage failed, else 0."""
     if view.problems:
         return DAMAGED
-    return FAILED if any(view.seen.states.get(k) == FAILED_STATE for k in view.keys) else OK
+    return FAILED if any(view.seen.states.get(k) == StageState.FAILED for k in view.keys) else OK
 
 
 def _rendered(out: Console, view: StatusTable, title: str) -> Text:
@@ -140,7 +139,7 @@ def watch_status(target: Addressed, out: Console, interval: float) -> int:
         with Live(console=out, auto_refresh=False, transient=False) as live:
             while True:
                 view = status_table(target)
-                ended = sum(view.seen.states.get(k) in {*ENDED_STATES, store.UNREADABLE} for k in view.keys)
+                ended = sum(view.seen.states.get(k) in {*contract.TERMINAL, store.UNREADABLE} for k in view.keys)
                 if ended == len(view.keys):
                     footer = f"all {ended} stages have ended"
                 else:

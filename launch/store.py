@@ -29,11 +29,11 @@ from fsspec.implementations.local import LocalFileSystem
 from pydantic import AfterValidator, Field
 
 from extrema.run import contract, lease, rundir
-from extrema.run.contract import IN_FLIGHT, TERMINAL, Unreadable
+from extrema.run.contract import StageDir, StageState, Unreadable
 from extrema.spec import RunSpec
 from launch import roots
 
-__all__ = ["IN_FLIGHT", "TERMINAL", "Unreadable"]
+__all__ = ["Unreadable"]
 
 MANIFEST = "manifest.json"
 PARTS = "manifest"  # `<sweep>/manifest/runs-<digest>.json`: the manifest's runs and job records, a part at a time
@@ -328,7 +328,7 @@ def _modified(fs: Any, path: str) -> float:
 
 def write_spec(stage: str, spec: RunSpec) -> None:
     """Write the RunSpec a stage executes as its `spec.json` (what `python -m extrema.entry` reads)."""
-    rundir.write_json(rundir.join(stage, "spec.json"), spec.model_dump(mode="json"))
+    rundir.write_json(StageDir(stage).spec, spec.model_dump(mode="json"))
 
 
 def damaged(url: str, reason: str) -> dict[str, Any]:
@@ -343,7 +343,7 @@ def sweep_of(stage: str) -> str:
 
 def read_status(stage: str) -> dict[str, Any]:
     """A stage's status.json: {} when absent, `damaged(...)` when it cannot be read or leads outside its sweep."""
-    (doc,) = read_many(sweep_of(stage), [rundir.join(stage, contract.STATUS)])
+    (doc,) = read_many(sweep_of(stage), [StageDir(stage).status])
     return damaged(doc.url, doc.reason) if isinstance(doc, Unreadable) else doc or {}
 
 
@@ -369,7 +369,7 @@ def mark_submitted(
         return None
     return contract.update_status(
         stage,
-        state=contract.PENDING,
+        state=StageState.PENDING,
         backend=backend,
         job_id=job_id,
         submitted_at=submitted_at if submitted_at is not None else time.time(),
@@ -385,7 +385,7 @@ def interrupted_submission(status: Mapping[str, Any], now: float | None = None) 
 
     True when the submitting process (on this host) is gone, or, from another host, after STUCK_AFTER_S.
     """
-    if status.get("state") != contract.PENDING or status.get("job_id"):
+    if status.get("state") != StageState.PENDING or status.get("job_id"):
         return False
     by = status.get("submitted_by")
     if not isinstance(by, dict):
@@ -398,15 +398,15 @@ def interrupted_submission(status: Mapping[str, Any], now: float | None = None) 
     return not isinstance(at, (int, float)) or (now or time.time()) - at > STUCK_AFTER_S
 
 
-def record_ended(stage: str, state: str, error: str) -> dict[str, Any] | None:
+def record_ended(stage: str, state: StageState, error: str) -> dict[str, Any] | None:
     """Record that a stage ended as `state` unless it already reached a terminal state or a live attempt owns it;
     the new status or None. OSError when the store refuses the write (read-only, no permission, full)."""
-    if read_status(stage).get("state") in TERMINAL or lease.live_holder(stage) is not None:
+    if read_status(stage).get("state") in contract.TERMINAL or lease.live_holder(stage) is not None:
         return None
     return contract.update_status(stage, state=state, error=error, finished_at=time.time())
 
 
-def mark_ended(stage: str, state: str, error: str) -> dict[str, Any] | None:
+def mark_ended(stage: str, state: StageState, error: str) -> dict[str, Any] | None:
     """`record_ended`, for callers whose own account of the stage stands when the store refuses the write: None
     then too (one unwritable stage directory never stops a driver or a command)."""
     try:
@@ -473,7 +473,7 @@ def read_statuses(sweep: str, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
     tree = local_tree(sweep)
     escapes = {k for k in keys if tree is not None and tree.leaves(stages[k])}
     wanted = [k for k in keys if k not in escapes]
-    docs = read_many(sweep, [rundir.join(stages[k], contract.STATUS) for k in wanted])
+    docs = read_many(sweep, [StageDir(stages[k]).status for k in wanted])
     out = {k: damaged(stages[k], contract.LEAVES) for k in escapes}
     for k, d in zip(wanted, docs):
         out[k] = damaged(d.url, d.reason) if isinstance(d, Unreadable) else d if isinstance(d, dict) else {}
@@ -488,7 +488,7 @@ def unreadable(statuses: Mapping[str, dict[str, Any]]) -> list[str]:
 def log_files(stage: str, problems: list[str] | None = None) -> list[str]:
     """URLs of the files in a stage's `logs/` directory, sorted by name; a file (or `logs/` itself) that leads
     outside the sweep is left out and, with `problems`, listed there as `path: reason`."""
-    fs, path = rundir.filesystem(rundir.join(stage, "logs"))
+    fs, path = rundir.filesystem(StageDir(stage).logs)
     if not fs.exists(path):
         return []
     tree = local_tree(sweep_of(stage))

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.text import Text
 
 from extrema.run import rundir
-from extrema.run.contract import os_reason, update_status
+from extrema.run.contract import StageDir, StageState, os_reason, update_status
 from extrema.run.lease import probe_conditional_writes
 from launch import store
 from launch.backends.base import Backend, Job, State, backend_class
@@ -82,7 +82,7 @@ def run_blocking(
         with _sigint_ignored():
             backend.cancel(list(ids.values()))
             for job in jobs.values():
-                store.mark_ended(rundir.join(job.run_dir, job.stage), "cancelled", "interrupted")
+                store.mark_ended(StageDir.of(job.run_dir, job.stage).url, StageState.CANCELLED, "interrupted")
         console.print("stopped; `extrema-launch sweep` again resumes the unfinished stages")
         return INTERRUPTED
     except Exception as e:  # the backend went away under us (a cluster stopped, a connection lost)
@@ -103,7 +103,7 @@ def _put_back(jobs: list[Job], previous: Mapping[str, dict[str, Any]]) -> None:
     be restored stays pending without a job id, which the next `sweep` submits again."""
     for job in jobs:
         with contextlib.suppress(OSError):
-            rundir.write_json(rundir.join(job.run_dir, job.stage, "status.json"), previous[job.key])
+            rundir.write_json(StageDir.of(job.run_dir, job.stage).status, previous[job.key])
 
 
 def check_leases_hold(url: str) -> None:

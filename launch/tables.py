@@ -18,11 +18,18 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from extrema.run.contract import StageState
 from launch.printable import printable, printable_lines
 
 RICH_ROWS = 1000
 MAX_WIDTH = 60
-STATE_STYLES = {"completed": "green", "failed": "red", "running": "cyan", "cancelled": "yellow", "preempted": "yellow"}
+STATE_STYLES: dict[str, str] = {
+    StageState.COMPLETED: "green",
+    StageState.FAILED: "red",
+    StageState.RUNNING: "cyan",
+    StageState.CANCELLED: "yellow",
+    StageState.PREEMPTED: "yellow",
+}
 
 
 def cell(value: Any) -> str:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from extrema.run import contract
 from extrema.run.code_snapshot import ALLOW_CHANGE_ENV
+from extrema.run.contract import StageState
 from extrema.spec import ResourcesSpec
 from launch.errors import UsageError
 
@@ -42,15 +43,15 @@ BACKENDS = {
 
 
 class State(str, Enum):
-    """The state of a backend job."""
+    """The state of a backend job: a stage state (its value is the StageState's), or UNKNOWN."""
 
-    PENDING = contract.PENDING
-    RUNNING = contract.RUNNING
-    COMPLETED = contract.COMPLETED
-    FAILED = contract.FAILED
-    CANCELLED = contract.CANCELLED
-    PREEMPTED = contract.PREEMPTED
-    UNKNOWN = "unknown"
+    PENDING = StageState.PENDING
+    RUNNING = StageState.RUNNING
+    COMPLETED = StageState.COMPLETED
+    FAILED = StageState.FAILED
+    CANCELLED = StageState.CANCELLED
+    PREEMPTED = StageState.PREEMPTED
+    UNKNOWN = "unknown"  # the backend positively does not know the job (it vanished)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from typing import IO, TYPE_CHECKING
 from fsspec.implementations.local import LocalFileSystem
 
 from extrema.run import contract, lease, rundir
+from extrema.run.contract import StageDir, StageState
 from launch import store
 from launch.backends.base import Backend, Job, State, code_env
 
@@ -201,7 +202,7 @@ class LocalBackend(Backend):
 
     def _cancelled_in_store(self, t: _Task) -> bool:
         status = store.read_status(t.stage_dir)
-        return status.get("state") == "cancelled" and float(status.get("finished_at") or 0) >= t.submitted
+        return status.get("state") == StageState.CANCELLED and float(status.get("finished_at") or 0) >= t.submitted
 
     def _foreign(self, job_id: str) -> State | None:
         """A job of another process: gone with its process when that ran on this host. None while that process
@@ -254,7 +255,7 @@ class LocalBackend(Backend):
             self._end(t, State.FAILED, "lost the stage's lease to another attempt", write=False)
             return
         stored = store.read_status(t.stage_dir).get("state")
-        if stored == "cancelled" or t.returncode == contract.EXIT_REQUEUE:
+        if stored == StageState.CANCELLED or t.returncode == contract.EXIT_REQUEUE:
             self._end(t, State.CANCELLED, "stopped at a signal (checkpoint saved); `sweep` resumes it", write=True)
             return
         error = f"exit code {t.returncode}"
@@ -294,13 +295,13 @@ class LocalBackend(Backend):
                 except OSError as e:  # the log stays on this machine; the job's end is recorded all the same
                     print(f"extrema: {t.job.key}: log kept at {t.log_path}: {contract.os_reason(e)}", file=sys.stderr)
         if write or (write is None and state != State.COMPLETED):
-            store.mark_ended(t.stage_dir, state.value, error)
+            store.mark_ended(t.stage_dir, StageState(state.value), error)
 
 
 def new_log(stage_dir: str, header: bytes) -> str:
     """The URL of a new attempt log of the stage, `logs/local.<n>.log` after the highest n there, created
     exclusively with its header line (two jobs starting at once get two logs)."""
-    logs = rundir.join(stage_dir, "logs")
+    logs = StageDir(stage_dir).logs
     fs, path = rundir.filesystem(logs)
     try:
         names = [str(p).rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False)]

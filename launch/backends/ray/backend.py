@@ -36,7 +36,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from extrema.run import rundir
-from extrema.run.contract import EXIT_UPSTREAM_FAILED
+from extrema.run.contract import EXIT_UPSTREAM_FAILED, StageDir
 from extrema.spec import DEFAULT_COLLECTIVE_TIMEOUT_S
 from launch import store
 from launch.backends.base import Backend, Job, PrivateCluster, RecordedJob, State, Unreachable
@@ -272,8 +272,8 @@ class RayBackend(Backend):
         """Copy each job's log into its stage's `logs/` (the private head that keeps them is about to stop)."""
         for key, job_id in ids.items():
             with contextlib.suppress(Exception):
-                stage = rundir.join(jobs[key].run_dir, jobs[key].stage)
-                rundir.write_text_atomic(rundir.join(stage, "logs", ray_log_name(job_id)), self.logs(job_id))
+                logs = StageDir.of(jobs[key].run_dir, jobs[key].stage).logs
+                rundir.write_text_atomic(rundir.join(logs, ray_log_name(job_id)), self.logs(job_id))
 
 
 def ray_log_name(job_id: str) -> str:
