@@ -205,7 +205,7 @@ def test_an_edited_file_in_a_local_snapshot_is_refused_at_the_next_attempt_with_
         store.mark_submitted(rundir.join(run_dir, stage), "local", None)
     pretrain, knn = rundir.join(run_dir, "pretrain"), rundir.join(run_dir, "knn")
     rundir.write_json(rundir.join(pretrain, contract.RESULT), {"steps": 1})
-    contract.update_status(pretrain, state=contract.COMPLETED)  # the untouched snapshot runs: entry, lease, records
+    contract.update_status(pretrain, state=contract.StageState.COMPLETED)  # the untouched snapshot runs
 
     backend = LocalBackend()
     assert run_jobs(backend, [stage_job(run_dir, "pretrain", files)]) == {f"{runs[0].run_id}/pretrain": State.COMPLETED}

@@ -69,11 +69,9 @@ class StageState(StrEnum):
     CANCELLED = "cancelled"
 
 
-PENDING, RUNNING, PREEMPTED = StageState.PENDING, StageState.RUNNING, StageState.PREEMPTED
-COMPLETED, FAILED, CANCELLED = StageState.COMPLETED, StageState.FAILED, StageState.CANCELLED
 STATES = tuple(StageState)
-TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
-IN_FLIGHT = frozenset({PENDING, RUNNING, PREEMPTED})  # preempted: stopped at a signal, to be requeued
+TERMINAL = frozenset({StageState.COMPLETED, StageState.FAILED, StageState.CANCELLED})
+IN_FLIGHT = frozenset({StageState.PENDING, StageState.RUNNING, StageState.PREEMPTED})  # preempted: to be requeued
 
 EXIT_OK = 0  # the stage completed (or had completed before this attempt started)
 EXIT_FAILED = 1  # the stage failed; status.json says why
