@@ -95,6 +95,7 @@ def test_timm_export_has_the_timm_layout(design: str) -> None:
     expected = TIMM_KEYS[design] | timm_block_keys(DEPTH) | {"patch_embed.proj.weight", "patch_embed.proj.bias"}
     if design == "cait":
         expected |= {f"blocks.{i}.gamma_{j}" for i in range(DEPTH) for j in (1, 2)}
+        expected |= {f"blocks.{i}.attn.proj_{h}.{p}" for i in range(DEPTH) for h in "lw" for p in ("weight", "bias")}
         expected |= {f"blocks_token_only.{k}" for k in build_vit(PICO).blocks_token.state_dict()}
     assert set(exported) == expected
     grid_tokens = GRID * GRID + (1 if design == "vit" else 0)
@@ -212,11 +213,17 @@ def test_timm_export_loads_strictly_into_real_timm_and_matches(design: str, suff
         torch.testing.assert_close(back(IMAGES), encoder(IMAGES), rtol=1e-5, atol=1e-5)
 
 
-def test_timm_layer_scale_other_than_one_is_refused() -> None:
+def test_timm_layer_scale_other_than_one_and_real_talking_heads_are_refused() -> None:
     exported = weights.to_timm(perturbed_encoder("cait"))
-    exported["blocks.0.gamma_1"] = exported["blocks.0.gamma_1"] * 0.5
+    scaled = dict(exported, **{"blocks.0.gamma_1": exported["blocks.0.gamma_1"] * 0.5})
     with pytest.raises(ValueError, match="layer scale in the self-attention blocks"):
-        weights.from_timm(exported)
+        weights.from_timm(scaled)
+    mixed = dict(exported, **{"blocks.1.attn.proj_w.weight": torch.ones(2, 2)})
+    with pytest.raises(ValueError, match=r"blocks\.1\.attn\.proj_w\.weight: talking heads .*identity only"):
+        weights.from_timm(mixed)
+    # timm's own Cait (talking heads) and the earlier exports with timm's standard Attention both come back.
+    plain = {k: v for k, v in exported.items() if ".attn.proj_" not in k}
+    assert weights.from_timm(plain).keys() == weights.from_timm(exported).keys()
 
 
 def trained_model(seed: int = 4) -> ExtreMA:

@@ -15,7 +15,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from extrema.eval.knn_monitor import knn_monitor, pixel_knn
 from extrema.models.extrema import ExtreMA, Sampling, random_masks
 from extrema.run import rundir
 from extrema.spec import Experiment, PretrainSpec, RunSpec
-from extrema.train import ckpt, weights
+from extrema.train import ckpt, resume_point, weights
 from extrema.train.dist import Preemption, World, autocast_dtype, gather_keys, gradient_sync, init_world, wrap
 from extrema.train.optim import build_adamw, cosine_schedule, ema_momentum, param_groups, scaled_lr, set_hyperparams
 from extrema.train.step_end import UNSET, Cadence, LoopState, StepEnd
@@ -116,9 +116,20 @@ def export_encoders(model: ExtreMA, stage_dir: str, world: World) -> None:
             ckpt.write_torch(rundir.join(stage_dir, "export", f"encoder_{name}.pt"), state)
 
 
-def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
-    """Pretrain, monitor with kNN, checkpoint, and return the final metrics."""
+InitFromMode = Literal["weights", "resume"]
+
+
+def run(spec: RunSpec, stage_dir: str, init_from_mode: InitFromMode | None = None) -> dict[str, Any]:
+    """Pretrain, monitor with kNN, checkpoint, and return the final metrics.
+
+    `init_from_mode` (the spec's `pretrain.init_from_mode` when None): `weights` starts from `init_from`'s weights
+    with a fresh optimizer at step 0; `resume` also takes its optimizer state and its step (an official
+    checkpoint's epoch), so the schedules and the EMA momentum continue where it stopped.
+    """
     exp, p = spec.experiment, spec.experiment.pretrain
+    mode = init_from_mode if init_from_mode is not None else str(getattr(p, "init_from_mode", "weights"))
+    if mode == "resume" and not p.init_from:
+        raise ValueError("pretrain.init_from_mode resume needs pretrain.init_from")
     world = init_world()
     torch.manual_seed(p.seed)  # identical initial weights on every rank
     amp = autocast_dtype(p.precision, world.device)
@@ -169,6 +180,12 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     )
     torch.manual_seed(p.seed + world.rank)  # drop path differs by rank (a resumed run restores each rank's state)
     start_step = step_end.resume()
+    resumed: resume_point.ResumePoint | None = None
+    if start_step == 0 and p.init_from and mode == "resume":  # this stage's own checkpoint, when it has one, wins
+        resumed = resume_point.resume_from(
+            p.init_from, core, optimizer, steps_per_epoch, total_steps, base_momentum=p.ema_momentum
+        )
+        start_step = step_end.loop.step = resumed.step
     start = step_end.loop.values
     if start_step == 0 and p.knn_monitor:
         initial = evaluate_knn()
@@ -211,5 +228,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     losses = [r["loss"] for r in step_end.metrics.records if "loss" in r]
     if losses:
         result["loss_final"] = losses[-1]
+    if resumed is not None:
+        result["init_from_step"] = resumed.step
     result["world_size"] = world.size
     return result

@@ -21,6 +21,7 @@ norm2,mlp.fc1,mlp.fc2,gamma_1,gamma_2}`, `norm.*`, and `head.*` (the projector);
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 from collections.abc import Iterable, Mapping
 from typing import Any, Literal
@@ -29,12 +30,12 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from extrema.models.designs import Design
 from extrema.models.extrema import ExtreMA
 from extrema.models.vit import VisionTransformer, resize_pos_embed, sincos_pos_embed_2d
 from extrema.run import contract, rundir
 from extrema.train import ckpt
 from extrema.train.safe_dcp import SafeFsspecReader
+from extrema.train.timm_layout import TALKING_HEADS, build_timm, timm_config, to_timm
 
 Branch = Literal["ema", "student"]
 OFFICIAL_PREFIXES: dict[Branch, tuple[str, ...]] = {
@@ -153,12 +154,20 @@ def from_official(state: Mapping[str, Any], branch: Branch) -> dict[str, Tensor]
     return out
 
 
+def is_identity_talking_heads(key: str, value: Tensor) -> bool:
+    """Whether a timm Cait talking-heads weight or bias (`proj_l`, `proj_w`) is the identity map."""
+    if key.endswith(".weight"):
+        return value.ndim == 2 and torch.equal(value, torch.eye(value.shape[0], dtype=value.dtype))
+    return bool((value == 0).all())
+
+
 def from_timm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """timm VisionTransformer or Cait state dict -> our encoder keys; the classifier head is dropped.
 
     A class-token slot of the position table is folded into `cls_token` (our `vit` design adds no position to
     the class token), `fc_norm` (average-pool readout) becomes `norm`, Cait's `blocks_token_only` become our
-    class-attention blocks, and Cait's self-attention layer scale is dropped when it is exactly one (ours have none).
+    class-attention blocks, and Cait's self-attention layer scale and talking heads are dropped when they are exactly
+    one and the identity (ours have neither).
     """
     sd = {k.removeprefix("module."): v for k, v in state.items()}
     if "norm.weight" in sd and "fc_norm.weight" in sd:
@@ -170,6 +179,10 @@ def from_timm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         if key.startswith("blocks.") and key.rsplit(".", 1)[-1] in ("gamma_1", "gamma_2"):
             if not bool((value == 1).all()):
                 raise ValueError(f"{key}: layer scale in the self-attention blocks is not ours (it must be one)")
+            continue
+        if key.startswith("blocks.") and key.rsplit(".", 1)[0].endswith(TALKING_HEADS):
+            if not is_identity_talking_heads(key, value):
+                raise ValueError(f"{key}: talking heads in the self-attention blocks are not ours (identity only)")
             continue
         name = _strip_patch_proj(key)
         if key.startswith("fc_norm."):
@@ -187,87 +200,6 @@ def from_timm(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 # ------------------------------------------------------------------------------------------------- exports
-
-
-def timm_fc_norm(row: Design) -> bool:
-    """Whether timm's ViT holds the design's final norm as `fc_norm` (after mean pooling) rather than `norm`."""
-    return row.timm_model == "vision_transformer" and not row.class_token
-
-
-def to_timm(encoder: VisionTransformer) -> dict[str, Tensor]:
-    """Our encoder as a timm state dict for `build_timm(timm_config(encoder))`, exact for every design.
-
-    `vit`: VisionTransformer with class token and a zero class slot in pos_embed; `avgpool`: VisionTransformer
-    with the final norm as `fc_norm`; `cait`: Cait with standard attention in its self-attention blocks (their
-    layer scale set to one), the class-attention blocks as `blocks_token_only`.
-    """
-    row = encoder.design
-    out: dict[str, Tensor] = {}
-    for key, value in encoder.state_dict().items():
-        if key == "pos_embed" or (key == "cls_token" and not row.class_token):
-            continue
-        name = key
-        if key.startswith("patch_embed."):
-            name = "patch_embed.proj." + key.removeprefix("patch_embed.")
-        elif key.startswith("norm.") and timm_fc_norm(row):
-            name = "fc_norm." + key.removeprefix("norm.")
-        elif key.startswith("blocks_token."):
-            name = "blocks_token_only." + key.removeprefix("blocks_token.")
-        out[name] = value.detach().clone().contiguous()
-    if row.timm_model == "cait":
-        for i in range(encoder.depth):
-            for g in ("gamma_1", "gamma_2"):
-                out[f"blocks.{i}.{g}"] = torch.ones(encoder.embed_dim, dtype=out["norm.weight"].dtype)
-    pos = encoder.pos_embed.detach().clone()  # type: ignore[operator]
-    if row.token_at_input:
-        pos = torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
-    out["pos_embed"] = pos.contiguous()
-    return out
-
-
-def timm_config(encoder: VisionTransformer) -> dict[str, Any]:
-    """{"model": "vision_transformer" | "cait", "kwargs": JSON-able constructor arguments} matching `to_timm`."""
-    row = encoder.design
-    hidden: int = encoder.blocks[0].mlp.fc1.out_features  # type: ignore[union-attr,assignment]
-    kwargs: dict[str, Any] = {
-        "img_size": encoder.img_size,
-        "patch_size": encoder.patch_size,
-        "in_chans": encoder.patch_embed.in_channels,
-        "embed_dim": encoder.embed_dim,
-        "depth": encoder.depth,
-        "num_heads": encoder.num_heads,
-        "mlp_ratio": hidden / encoder.embed_dim,
-        "qkv_bias": True,
-        "num_classes": 0,
-    }
-    if row.timm_model == "cait":
-        token_hidden: int = encoder.blocks_token[0].mlp.fc1.out_features  # type: ignore[union-attr,assignment]
-        kwargs |= {
-            "global_pool": "token",
-            "depth_token_only": len(encoder.blocks_token),
-            "mlp_ratio_token_only": token_hidden / encoder.embed_dim,
-            "init_values": 1.0,
-        }
-        return {"model": "cait", "kwargs": kwargs}
-    kwargs |= {
-        "class_token": row.token_at_input,
-        "global_pool": "token" if row.token_at_input else "avg",
-        "fc_norm": timm_fc_norm(row),
-    }
-    return {"model": "vision_transformer", "kwargs": kwargs}
-
-
-def build_timm(config: Mapping[str, Any]) -> nn.Module:
-    """The timm model a `timm_config` describes (imports timm; Cait gets standard attention and layer scale 1)."""
-    kwargs = dict(config["kwargs"])
-    if config["model"] == "cait":
-        from timm.layers import Attention
-        from timm.models.cait import Cait, LayerScaleBlock
-
-        return Cait(block_layers=LayerScaleBlock, attn_block=Attention, **kwargs)
-    from timm.models.vision_transformer import VisionTransformer as TimmViT
-
-    return TimmViT(**kwargs)
 
 
 def to_official(model: ExtreMA) -> dict[str, Any]:
@@ -492,38 +424,100 @@ def load_extrema(model: ExtreMA, url: str) -> None:
     load_strict(model, sd, source)
 
 
-# ------------------------------------------------------------------------------------------- exporting a run
+# ------------------------------------------------------------------------------------------------- exporting
 
 ExportFormat = Literal["timm", "official", "safetensors"]
 
 
-def export_run(run_dir: str, branch: Branch, fmt: ExportFormat, out: str, stage: str = "pretrain") -> dict[str, Any]:
-    """Write the newest complete checkpoint of a run's pretrain stage in another format; returns what was written.
+def export_source(source: str) -> str:
+    """The checkpoint an export reads: a weights file, a DCP step, a ckpt directory's newest step, or the newest
+    step of a pretrain stage directory or of a run directory's pretrain stage."""
+    if is_file(source) or rundir.exists(rundir.join(source, ".metadata")) or ckpt.latest_step(source) is not None:
+        return resolve(source)
+    for below in (("ckpt",), ("pretrain", "ckpt")):
+        if ckpt.latest_step(rundir.join(source, *below)) is not None:
+            return resolve(rundir.join(source, *below))
+    return resolve(source)  # FileNotFoundError saying what it is not
 
-    timm: one branch as a timm state dict (torch.save); safetensors: the same in a .safetensors file, with its timm
-    config in the metadata; official: the whole model (both branches) in the release's layout.
+
+def export(
+    source: str, fmt: ExportFormat, out: str, branch: Branch = "ema", flags: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Write any weights source in another format, its description beside it (`<out>.json`, and in a .safetensors
+    file's metadata); returns the description. The model settings come from the run's spec, else the file's own
+    description, else `flags` (ModelSpec fields); ValueError (one line) when none says enough or the format cannot
+    hold the design.
+
+    timm: one branch as a timm state dict (torch.save); safetensors: the same in a .safetensors file; official:
+    the whole model (both branches, projectors, predictor) in the release's layout, for the designs it holds.
     """
-    import json
-
+    from extrema.models.designs import DESIGNS, design
     from extrema.models.vit import build_vit
-    from extrema.spec import RunSpec
+    from extrema.train import export_description as card
+    from extrema.train import model_settings
+    from extrema.train.timm_layout import TIMM_CLASSES, create_model_args
 
+    url = export_source(source)
+    loaded = read_pth(url) if url.endswith(PTH_SUFFIXES) else None
+    described = card.read_description(url, None if loaded is None else loaded.get(card.DESCRIPTION_KEY))
+    stage = model_settings.stage_of(url)
+    settings = model_settings.choose(
+        model_settings.model_of_run(stage) if stage else None,
+        model_settings.model_of_file(described, None if loaded is None else loaded.get("arch")),
+        flags or {},
+    )
+    row = design(settings.model.cls_token)
+    model_json = settings.model.model_dump(mode="json")  # every setting: the file outlives our defaults
+    if fmt == "official":
+        if not row.official:
+            held = ", ".join(d.name for d in DESIGNS.values() if d.official)
+            raise ValueError(
+                f"--format official: the official code holds only the {held} design, and this model is {row.name!r}"
+                " (it could not load the file); use --format timm or safetensors"
+            )
+        if is_file(url) and not (loaded is not None and is_official(unwrap(loaded))):
+            raise ValueError(
+                f"--format official needs both branches, projectors and predictor; {url} holds one encoder"
+            )
+        model = ExtreMA(settings.model)
+        load_extrema(model, url)
+        out_card = card.describe(fmt, url, model_json, row.name, official_loadable=True)
+        save_weights(
+            out, {"arch": settings.model.arch, card.DESCRIPTION_KEY: json.dumps(out_card), **to_official(model)}
+        )
+    else:
+        if fmt == "safetensors" and not out.endswith(SAFETENSORS_SUFFIX):
+            raise ValueError(f"--out {out}: a safetensors export needs a name ending in {SAFETENSORS_SUFFIX}")
+        if is_file(url) and described is not None and "branch" in described:
+            branch = described["branch"]  # a one-encoder export keeps the branch it was exported from
+        encoder = build_vit(settings.model, drop_path_rate=0.0)
+        load_encoder(encoder, url, branch)
+        config = timm_config(encoder)
+        timm = {"class": TIMM_CLASSES[config["model"]], **config, "create_model": create_model_args(config)}
+        out_card = card.describe(fmt, url, model_json, row.name, branch=branch, timm=timm)
+        meta = card.safetensors_metadata(out_card) if fmt == "safetensors" else None
+        save_weights(out, to_timm(encoder), meta)
+    card.write_sidecar(out, out_card)
+    return {**out_card, "out": out, "settings_from": settings.origin}
+
+
+def timm_model(url: str) -> nn.Module:
+    """The exact timm model one of our timm or safetensors exports describes (its `<file>.json` or safetensors
+    metadata), its weights loaded strictly, in eval mode."""
+    from extrema.train import export_description as card
+
+    described = card.read_description(url)
+    if described is None or "timm" not in described:
+        raise ValueError(f"{url}: describes no timm model (no {card.sidecar_url(url)}, no safetensors metadata)")
+    model = build_timm(described["timm"])
+    state = read_safetensors(url) if url.endswith(SAFETENSORS_SUFFIX) else read_pth(url)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def export_run(run_dir: str, branch: Branch, fmt: ExportFormat, out: str, stage: str = "pretrain") -> dict[str, Any]:
+    """`export` of a run's pretrain stage (its newest complete step), with the timm config at `timm_config`."""
     if stage != "pretrain":
         raise ValueError(f"stage {stage!r}: only the pretrain stage's checkpoints hold ExtreMA encoders")
-    raw = rundir.read_json(contract.StageDir.of(run_dir, stage).spec)
-    if raw is None:
-        raise FileNotFoundError(f"no {stage}/spec.json in {run_dir}")
-    model_spec = RunSpec.model_validate(raw).experiment.model
-    source = resolve(contract.StageDir.of(run_dir, stage).checkpoints)
-    if fmt == "official":
-        model = ExtreMA(model_spec)
-        load_extrema(model, source)
-        save_weights(out, to_official(model))
-        return {"source": source, "out": out, "format": fmt}
-    encoder = build_vit(model_spec, drop_path_rate=0.0)
-    load_encoder(encoder, source, branch)
-    config = timm_config(encoder)
-    if fmt == "safetensors" and not out.endswith(SAFETENSORS_SUFFIX):
-        raise ValueError(f"--out {out}: a safetensors export needs a name ending in {SAFETENSORS_SUFFIX}")
-    save_weights(out, to_timm(encoder), {"timm_config": json.dumps(config)} if fmt == "safetensors" else None)
-    return {"source": source, "out": out, "format": fmt, "branch": branch, "timm_config": config}
+    done = export(contract.StageDir.of(run_dir, stage).checkpoints, fmt, out, branch)
+    return done | ({"timm_config": {k: done["timm"][k] for k in ("model", "kwargs")}} if "timm" in done else {})
