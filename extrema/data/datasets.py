@@ -1,10 +1,9 @@
-"""Datasets: Fashion-MNIST, ImageFolder on any fsspec URL, a seeded synthetic set; the seed mixer."""
+"""Datasets: Fashion-MNIST, ImageFolder on any fsspec URL, a seeded synthetic set."""
 
 from __future__ import annotations
 
 import functools
 import gzip
-import hashlib
 import math
 import os
 import warnings
@@ -20,7 +19,9 @@ from torchvision.datasets.utils import download_url
 
 from extrema.data import decode
 from extrema.data.object_store import ProcessFs, access_error
+from extrema.data.seeds import seed_of
 from extrema.data.shard_format import IMAGE_EXTENSIONS, list_image_folder
+from extrema.data.shard_order import order_settings
 from extrema.data.shards import ShardedImages
 from extrema.spec import DataSpec, StorageSpec
 
@@ -42,12 +43,6 @@ class LabeledImages(Protocol):
     def __len__(self) -> int: ...
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]: ...
-
-
-def seed_of(*parts: int) -> int:
-    """A stable 63-bit seed mixed from integers (the same on every machine, process and Python run)."""
-    digest = hashlib.blake2b(b"".join(int(p).to_bytes(16, "little", signed=True) for p in parts), digest_size=8)
-    return int.from_bytes(digest.digest(), "little") & (2**63 - 1)
 
 
 # ---------------------------------------------------------------------------------------------- Fashion-MNIST
@@ -279,8 +274,10 @@ def build_dataset(spec: DataSpec, split: Split, seed: int = 0) -> LabeledImages:
             raise ValueError(f"dataset {spec.dataset!r} needs data.root")
         sub = spec.train_split if split == "train" else spec.val_split
         decoding = decode.Decoding(spec.reduced_decode, spec.decode)
-        reader = FsImageFolder if spec.dataset == "imagefolder" else ShardedImages
-        return reader(f"{spec.root.rstrip('/')}/{sub}", spec.storage, decoding)
+        url = f"{spec.root.rstrip('/')}/{sub}"
+        if spec.dataset == "imagefolder":
+            return FsImageFolder(url, spec.storage, decoding)
+        return ShardedImages(url, spec.storage, decoding, order_settings(spec))
     if spec.dataset == "synthetic":
         return SyntheticImages(spec.synthetic_size, seed_of(seed, 0 if split == "train" else 1))
     raise ValueError(f"unknown dataset {spec.dataset!r}")

@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from extrema.data import augment, decode
 from extrema.data.datasets import LabeledImages, seed_of
+from extrema.data.shard_order import BlockOrder, global_permutation
+from extrema.data.shards import ShardedImages
 from extrema.data.transforms import TwoViewTransform
 from extrema.train.dist import World
 
@@ -30,6 +32,7 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
         total_steps: int,
         rank: int = 0,
         world_size: int = 1,
+        order: Callable[[int], Tensor] | None = None,
     ) -> None:
         if global_batch <= 0 or world_size <= 0 or global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
@@ -43,10 +46,12 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
         self.start_step, self.total_steps = start_step, total_steps
         self.rank, self.world_size = rank, world_size
         self.steps_per_epoch = num_items // global_batch
+        self.order = order
 
     def permutation(self, epoch: int) -> Tensor:
-        """The order of epoch `epoch`: a permutation of all items, seeded by (seed, epoch) only."""
-        return torch.randperm(self.num_items, generator=torch.Generator().manual_seed(seed_of(self.seed, epoch)))
+        """The order of epoch `epoch`: a permutation of all items, seeded by (seed, epoch) only (the per-sample
+        shuffle, or the order given)."""
+        return global_permutation(self.num_items, self.seed, epoch) if self.order is None else self.order(epoch)
 
     def __len__(self) -> int:
         return self.total_steps - self.start_step
@@ -88,7 +93,10 @@ class PretrainViews(Dataset[tuple[Tensor, ...]]):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, ...]:
         epoch, index = key
-        encoded = self.base.encoded(index)[0] if isinstance(self.base, decode.EncodedImages) else None
+        if isinstance(self.base, ShardedImages):  # its reads follow the epoch's order
+            encoded: bytes | None = self.base.encoded(index, epoch)[0]
+        else:
+            encoded = self.base.encoded(index)[0] if isinstance(self.base, decode.EncodedImages) else None
         img = self.base[index][0] if encoded is None else None
         # v2 transforms draw from the global CPU generator: seed it per sample inside a fork that restores the
         # caller's state. Only the CPU generator: torch.manual_seed would also reseed CUDA (and is 100x slower).
@@ -147,11 +155,24 @@ def step_batches(
     stage. Items are (epoch, index) keys of a dataset seeded by (seed, epoch, index), so a resumed run sees the
     same samples."""
     n = len(dataset)  # type: ignore[arg-type]
-    sampler = StepBatchSampler(n, batch_size, seed, start_step, total_steps, world.rank, world.size)
+    order = shard_local_order(dataset, batch_size, seed, total_steps)
+    sampler = StepBatchSampler(n, batch_size, seed, start_step, total_steps, world.rank, world.size, order)
     if isinstance(dataset, PretrainViews) and dataset.device_decode:
         loader = step_loader(dataset, sampler, num_workers, collate_encoded)
         return DeviceDecodedBatches(loader, dataset.transform, world.device)
     return step_loader(dataset, sampler, num_workers, collate_fn)
+
+
+def shard_local_order(dataset: Dataset, batch_size: int, seed: int, total_steps: int) -> Callable[[int], Tensor] | None:
+    """The epoch orders of pretraining on shards set to `data.order: blocks` (whose reads then follow them), else
+    None: the per-sample shuffle."""
+    base = dataset.base if isinstance(dataset, PretrainViews) else None
+    if not isinstance(base, ShardedImages) or base.order.order != "blocks":
+        return None
+    order = BlockOrder(base.shard_counts, seed, base.order.block, base.order.window)
+    steps_per_epoch = len(base) // batch_size
+    base.follow(order, steps_per_epoch * batch_size, max(total_steps - 1, 0) // max(steps_per_epoch, 1))
+    return order.permutation
 
 
 def collate_encoded(items: list[tuple[Tensor, ...]]) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
