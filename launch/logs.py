@@ -9,20 +9,21 @@
   cluster's job API (`launch.backends.ray.logs` labels its lines).
 
 Each source reads from an offset (`launch.log_source`), so that `extrema-launch logs --follow` prints only what is
-new. This module names no backend: it asks the class of the one a stage's status records.
+new (`Tail`). This module names no backend: it asks the class of the one a stage's status records.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 from extrema.run import contract
 from extrema.run.contract import StageDir
 from launch import store
 from launch.backends.base import RecordedJob, recorded_class
-from launch.log_source import LogSource, file_source
+from launch.log_source import Lines, LogSource, file_source
 
 if TYPE_CHECKING:
     from launch.sweep import LauncherSpec
@@ -79,3 +80,55 @@ def sources(
     if not job_id or backend is None:
         return kept
     return backend.job_logs(kept, RecordedJob(job_id, status, manifest, launcher, ranks))
+
+
+@dataclass(frozen=True)
+class Part:
+    """A piece of a stage's logs to show: a log's heading, new text of it, or why it cannot be read."""
+
+    kind: Literal["heading", "text", "problem"]
+    text: str
+
+
+class Tail:
+    """A stage's logs read on from where the last read left off (`logs --follow`): each log's offset and line
+    labeller, the ranks they label with, and the logs that could not be read (said once)."""
+
+    def __init__(self, stage_dir: str) -> None:
+        self.stage_dir = stage_dir
+        self.offsets: dict[str, int] = {}
+        self.lines: dict[str, Lines] = {}
+        self.ranks: object = None
+        self.broken: set[str] = set()
+
+    def read(self, sources: list[LogSource], ranks: object, final: bool) -> list[Part]:
+        """What is new in each log since the last read (`final`: partial last lines too); lines are labelled
+        afresh when `ranks` (provenance's) changed."""
+        parts = []
+        for src in sources:
+            if src.name not in self.lines or ranks != self.ranks:
+                self.lines.setdefault(src.name, Lines(src.label)).label = src.label
+            try:
+                chunk = src.read(self.offsets.get(src.name, 0))
+            except Exception as e:
+                if src.name not in self.broken:
+                    self.broken.add(src.name)
+                    parts.append(Part("problem", f"cannot read {src.name}: {type(e).__name__}: {e}"))
+                continue
+            named = len(sources) > 1 or not src.name.startswith(self.stage_dir)  # a lone logs/ file goes bare
+            if chunk and not self.offsets.get(src.name) and named:
+                parts.append(Part("heading", heading(src.name)))
+            text = self.lines[src.name].feed(chunk.decode(errors="replace"), final=final)
+            if text:
+                parts.append(Part("text", text))
+            self.offsets[src.name] = self.offsets.get(src.name, 0) + len(chunk)
+        self.ranks = ranks
+        return parts
+
+    def rest(self) -> str:
+        """The partial last lines of every log, labelled (when the reading ends)."""
+        return "".join(pending.feed("", final=True) for pending in self.lines.values())
+
+    def any_read(self) -> bool:
+        """Whether any log had anything in it."""
+        return any(self.offsets.values())

@@ -1,21 +1,20 @@
-"""`results`, `plot` and `viz`: the sweep's table (plain, grouped over seeds, pivoted), figures, attention maps."""
+"""The sweep's results as `results`, `plot` and `report` show them: the table collected after asking the backends,
+plain, grouped over seeds or pivoted, fitted to the terminal."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from extrema.run.contract import StageState
-from launch import aggregate, plots, results, store, tables
-from launch.addressed import DAMAGED, FAILED, FORMATS, OK, Addressed, open_addressed, print_notes, print_unreadable
+from launch import aggregate, results, store, tables
+from launch.addressed import FORMATS, Addressed
 from launch.errors import UsageError
 from launch.printable import printable
 from launch.reconcile import Reconciled, reconcile
@@ -145,103 +144,3 @@ def results_view(args: argparse.Namespace, url: str, table: pa.Table) -> View:
     records = table.to_pylist()
     cells = [[short_cell(v) for v in r.values()] for r in records]
     return View(url, table, table.column_names, cells, [(r["stage"], r["state"]) for r in records])
-
-
-def cmd_results(args: argparse.Namespace, out: Console) -> int:
-    """The results table of a sweep (or its aggregate over seeds, or a pivot), printed or written."""
-    fmt = results_format(args.format, args.out)
-    if args.pivot is None and (args.metric or args.stage):
-        raise UsageError("--metric and --stage go with --pivot ROWS COLUMNS")
-    if args.pivot is not None and not args.metric:
-        raise UsageError("--pivot ROWS COLUMNS needs --metric M (the metric in the cells)")
-    target = open_addressed(args.target, args.root)
-    table, seen, problems = collect(target)
-    if args.code:
-        table = table.filter(pc.starts_with(table.column("code").fill_null(""), args.code))
-    view = results_view(args, target.url, table)
-    if args.out:
-        try:
-            results.write(view.table, args.out, fmt)  # type: ignore[arg-type]
-        except (OSError, ImportError, ValueError) as e:
-            raise UsageError(f"cannot write --out {args.out}: {type(e).__name__}: {e}") from None
-        out.print(f"wrote {view.table.num_rows} rows x {view.table.num_columns} columns to {args.out}")
-    elif fmt == "table":
-        show_view(out, view)
-    else:
-        sys.stdout.write(results.encode(view.table, fmt).decode())  # type: ignore[arg-type]
-    beside = Console(stderr=True) if fmt != "table" and not args.out else out  # standard output carries the data
-    print_notes(beside, seen)
-    print_unreadable(beside, problems)
-    return DAMAGED if problems else OK
-
-
-def cmd_plot(args: argparse.Namespace, out: Console) -> int:
-    """The sweep's figures (training curves, metrics against swept axes) as PNG and SVG in --out."""
-    target = open_addressed(args.target, args.root)
-    table, seen, problems = collect(target)
-    axes, _ = aggregate.resolve_by(table, None)
-    if args.axis is not None and args.axis not in axes:
-        raise UsageError(f"--axis {args.axis} is not a swept axis (swept, seeds aside: {', '.join(axes) or 'none'})")
-    axis = args.axis or next((a for a in ("model.cls_token", *axes) if a in axes), "model.cls_token")
-    try:
-        figures = plots.plot_sweep(target.url, target.runs, table, args.out, axis=axis)
-    except ImportError as e:
-        raise UsageError(f"plot needs matplotlib (pip install 'extrema[plot]'): {e}") from None
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    except OSError as e:
-        raise UsageError(f"cannot write to --out {args.out}: {type(e).__name__}: {e}") from None
-    print_notes(out, seen)
-    print_unreadable(out, problems)
-    if not figures:
-        out.print("nothing to plot yet: no pretrain curves and no completed stage that reports a plotted metric")
-        return FAILED
-    rows = [(f.name, "\n".join(f.files)) for f in figures]
-    tables.show(out, f"{len(figures)} figures of {target.url}", ("figure", "files"), rows)
-    return OK
-
-
-def query(text: str) -> str | int:
-    """A --queries item: `cls` (the instance token) or a patch index."""
-    if text == "cls":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither cls nor a patch index") from None
-
-
-def positive(text: str) -> float:
-    """A --interval value: seconds, more than zero."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
-    return value
-
-
-def cmd_viz_attention(args: argparse.Namespace, out: Console) -> int:
-    """Figure 3 of one run: last-layer attention maps of chosen queries over chosen images."""
-    target = open_addressed(args.target, args.root)
-    run = next((r for r in target.runs if r.run_id == args.run), None)
-    if run is None:
-        raise UsageError(f"run {args.run!r} is not part of {target.url}")
-    if "pretrain" not in run.stages:
-        raise UsageError(f"run {args.run} has no pretrain stage (its stages: {', '.join(run.stages)})")
-    from extrema.viz.attention import render_attention  # imports torch: only here
-
-    try:
-        figure = render_attention(
-            store.run_url(target.url, run.run_id),
-            out_dir=args.out,
-            images=tuple(args.images),
-            queries=args.queries,
-            branch=args.branch,
-            split=args.split,
-        )
-    except (ValueError, FileNotFoundError) as e:
-        raise UsageError(str(e)) from None
-    out.print(f"wrote {', '.join(figure.files)}")
-    return OK

@@ -284,6 +284,23 @@ def manifest_parts(runs: list[dict[str, Any]], jobs: dict[str, Any]) -> dict[str
     return out
 
 
+def sweep_manifest(
+    sweep: str, root: str, source: str, launcher: dict[str, Any], log_dir: str, runs: Sequence[StoredRun]
+) -> dict[str, Any]:
+    """The manifest a submission writes: the sweep, its file, its launcher settings (a model dump) and backend, the
+    backend's log folder and the runs (`write_manifest` splits them into parts)."""
+    return {
+        "sweep": sweep,
+        "root": normalize_root(root),
+        "source": source,
+        "backend": launcher["backend"],
+        "launcher": launcher,
+        "log_dir": log_dir,
+        "runs": [{"run_id": r.run_id, "stages": list(r.stages), "overrides": r.overrides} for r in runs],
+        "created_at": time.time(),
+    }
+
+
 def write_manifest(sweep: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """Merge `manifest` into the stored one and return the result: its parts first, then `manifest.json` naming
     them (atomic), then parts no index lists that are older than PART_GRACE_S are removed.

@@ -153,11 +153,11 @@ def test_a_snapshot_is_the_working_tree_content_addressed(tmp_path: Path) -> Non
     assert snapshot.take(proj).id == first.id
     (proj / "extrema" / "note.py").write_text("X = 1\n")  # untracked, not ignored: taken
     (proj / "extrema" / "cache.pyc").write_bytes(b"\0")  # ignored: left out
-    with open(proj / "launch" / "cli.py", "a") as f:
+    with open(proj / "launch" / "cli" / "app.py", "a") as f:
         f.write("# edited\n")
     second = snapshot.take(proj)
     assert second.id != first.id and "extrema/note.py" in second.files and "extrema/cache.pyc" not in second.files
-    assert second.changed == ("extrema/note.py", "launch/cli.py")
+    assert second.changed == ("extrema/note.py", "launch/cli/app.py")
     shutil.rmtree(proj / ".git")  # outside a checkout: the installed files, no git
     outside = snapshot.take(proj)
     assert outside.git_sha is None and "extrema/note.py" in outside.files

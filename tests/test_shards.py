@@ -27,8 +27,8 @@ from extrema.data.shards import ShardedImages
 from extrema.run import rundir
 from extrema.spec import DataSpec, StorageSpec
 from extrema.train import ckpt
-from launch import shard_command
 from launch.backends.ray.head import free_ports
+from launch.cli import shard as shard_command
 from launch.errors import UsageError
 from tests.s3server import KEY, SECRET, S3Server, isolated_aws_env, s3_server  # noqa: F401  (fixture)
 from tests.stage_runs import checkpointed_model, make_run

@@ -1,0 +1,71 @@
+"""`extrema-launch cancel`: stop the pending, running and preempted stages of a sweep (or of one run) and record
+them cancelled; `sweep` resumes them later."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+from extrema.run import contract, lease
+from extrema.run.contract import StageState
+from launch import store
+from launch.addressed import DAMAGED, FAILED, OK, open_addressed, print_unreadable
+from launch.backends.base import in_flight_groups, make_backend
+from launch.backends.local import stop_attempts
+from launch.cli.arguments import ROOT_HELP, TARGET_HELP, add_command
+from launch.errors import UsageError
+
+HELP = "cancel pending, running and preempted stages of a sweep (or of one run)"
+MORE = (
+    "Asks each stage's backend to stop its job (scancel, Ray stop_job; a local sweep stops the stage at its\n"
+    "next poll) and records the stage cancelled; `sweep` resumes it later.\n"
+    "Exit codes: 0, 1 when a backend could not be asked (those stages are left as they are), 2 invalid input."
+)
+
+
+def add_parser(sub: Any) -> None:
+    """Register `cancel` on the CLI's subparsers."""
+    p = add_command(sub, "cancel", cmd_cancel, HELP, MORE)
+    p.add_argument("target", metavar="FILE|URL", help=TARGET_HELP)
+    p.add_argument("--run", help="only this run id")
+    p.add_argument("--root", help=ROOT_HELP)
+
+
+def cmd_cancel(args: argparse.Namespace, out: Console) -> int:
+    """Cancel the pending, running and preempted stages of a sweep (or of one run) and record them cancelled; a
+    local attempt is signalled only when its process is proven to be the stage's (else: "not stopped: <why>")."""
+    target = open_addressed(args.target, args.root)
+    runs = target.runs
+    if args.run:
+        runs = [r for r in runs if r.run_id == args.run]
+        if not runs:
+            raise UsageError(f"run {args.run!r} is not part of {target.url}")
+    keys = [k for r in runs for k in r.job_keys()]
+    statuses = store.read_statuses(target.url, keys)
+    stages = {k: store.stage_url(target.url, *store.split_key(k)) for k in keys}
+    holders = {k: h for k in keys if not statuses[k].get(store.UNREADABLE) and (h := lease.live_holder(stages[k]))}
+    live = [k for k in keys if statuses[k].get("state") in contract.IN_FLIGHT or k in holders]
+    kept: list[str] = []
+    for (name, address), ids in in_flight_groups({k: statuses[k] for k in live}, target.launcher).items():
+        try:
+            make_backend(name, target.launcher, address).cancel(list(ids.values()))
+        except Exception as e:
+            kept += list(ids)
+            out.print(Text(f"could not cancel {len(ids)} {name} job(s): {type(e).__name__}: {e}", style="red"))
+    for k, why in stop_attempts(target.url, {k: h for k, h in holders.items() if k not in kept}).items():
+        kept.append(k)
+        out.print(Text(f"{k}: not stopped: {why}", style="red"), soft_wrap=True)
+    done = [k for k in live if k not in kept]
+    unrecorded = 0
+    for k in done:
+        try:
+            store.record_ended(stages[k], StageState.CANCELLED, "cancelled by user")
+        except OSError as e:  # a read-only store: the job is stopped, the record cannot say so
+            unrecorded += 1
+            out.print(Text(f"{k}: stopped, not recorded: {contract.os_reason(e)}", style="yellow"), soft_wrap=True)
+    out.print(f"cancelled {len(done)} stage job(s)" + (f": {', '.join(done)}" if done else ""))
+    print_unreadable(out, store.unreadable(statuses))
+    return FAILED if kept or unrecorded else DAMAGED if store.unreadable(statuses) else OK

@@ -1,0 +1,58 @@
+"""`extrema-launch plot`: the sweep's figures (training curves, metrics against swept axes) as PNG and SVG."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from rich.console import Console
+
+from launch import aggregate, plots, tables
+from launch.addressed import FAILED, OK, open_addressed, print_notes, print_unreadable
+from launch.cli.arguments import ROOT_HELP, TARGET_HELP, add_command
+from launch.errors import UsageError
+from launch.results_view import collect
+
+HELP = "draw the sweep's figures as PNG and SVG"
+MORE = (
+    "Figure 1: training loss and kNN accuracy against epoch from the pretrain logs, one line per value of\n"
+    "--axis (default model.cls_token when swept), mean and a band of one std over seeds. Then every plotted\n"
+    "metric a stage reports (kNN, probe, finetune, inpainting) against each swept axis, error bars over seeds.\n"
+    "Each caption names the sweep and its run ids. --out is a directory or fsspec URL.\n"
+    "Exit codes: 0, 1 when there is nothing to plot yet, 2 invalid input."
+)
+
+
+def add_parser(sub: Any) -> None:
+    """Register `plot` on the CLI's subparsers."""
+    p = add_command(sub, "plot", cmd_plot, HELP, MORE)
+    p.add_argument("target", metavar="FILE|URL", help=TARGET_HELP)
+    p.add_argument("--out", required=True, metavar="DIR", help="directory or URL for the figures")
+    p.add_argument("--axis", help="the axis of Figure 1's lines (default: model.cls_token when swept)")
+    p.add_argument("--root", help=ROOT_HELP)
+
+
+def cmd_plot(args: argparse.Namespace, out: Console) -> int:
+    """The sweep's figures (training curves, metrics against swept axes) as PNG and SVG in --out."""
+    target = open_addressed(args.target, args.root)
+    table, seen, problems = collect(target)
+    axes, _ = aggregate.resolve_by(table, None)
+    if args.axis is not None and args.axis not in axes:
+        raise UsageError(f"--axis {args.axis} is not a swept axis (swept, seeds aside: {', '.join(axes) or 'none'})")
+    axis = args.axis or next((a for a in ("model.cls_token", *axes) if a in axes), "model.cls_token")
+    try:
+        figures = plots.plot_sweep(target.url, target.runs, table, args.out, axis=axis)
+    except ImportError as e:
+        raise UsageError(f"plot needs matplotlib (pip install 'extrema[plot]'): {e}") from None
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:
+        raise UsageError(f"cannot write to --out {args.out}: {type(e).__name__}: {e}") from None
+    print_notes(out, seen)
+    print_unreadable(out, problems)
+    if not figures:
+        out.print("nothing to plot yet: no pretrain curves and no completed stage that reports a plotted metric")
+        return FAILED
+    rows = [(f.name, "\n".join(f.files)) for f in figures]
+    tables.show(out, f"{len(figures)} figures of {target.url}", ("figure", "files"), rows)
+    return OK

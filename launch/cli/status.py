@@ -1,0 +1,40 @@
+"""`extrema-launch status`: one table of every run and stage, the backends asked; --watch refreshes it."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from rich.console import Console
+
+from launch.addressed import open_addressed
+from launch.cli.arguments import ROOT_HELP, TARGET_HELP, add_command, positive
+from launch.status_view import show_status, status_code, status_table, watch_status
+
+HELP = "one table of every run and stage with state, attempts, elapsed, latest metric"
+MORE = (
+    "Stages the run store shows in flight are checked with their backend (squeue/sacct, the Ray job API, the\n"
+    "PID of a local sweep); one whose job ended or vanished is recorded failed or cancelled.\n"
+    "--watch refreshes the table until every stage has ended (completed, failed or cancelled; stages not\n"
+    "submitted yet keep it waiting); Ctrl-C stops watching.\n"
+    "Exit codes: 0, 1 when a stage failed, 2 invalid input, 3 an unreadable record (listed), 130 interrupted."
+)
+
+
+def add_parser(sub: Any) -> None:
+    """Register `status` on the CLI's subparsers."""
+    p = add_command(sub, "status", cmd_status, HELP, MORE)
+    p.add_argument("target", metavar="FILE|URL", help=TARGET_HELP)
+    p.add_argument("--root", help=ROOT_HELP)
+    p.add_argument("--watch", action="store_true", help="refresh the table until every stage has ended")
+    p.add_argument("--interval", type=positive, default=5.0, metavar="S", help="seconds between refreshes (5)")
+
+
+def cmd_status(args: argparse.Namespace, out: Console) -> int:
+    """One table of every run and stage: state, attempts, elapsed time, latest metric; backends asked."""
+    target = open_addressed(args.target, args.root)
+    if args.watch:
+        return watch_status(target, out, args.interval)
+    view = status_table(target)
+    show_status(out, target.url, view)
+    return status_code(view)

@@ -1,0 +1,172 @@
+"""`extrema-launch sweep`: validate a sweep file, print the plan and submit what is not done or in flight."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+from extrema.run import rundir
+from extrema.run.contract import StageState
+from launch import results, roots, store, tables
+from launch import snapshot as snapshots
+from launch.addressed import DAMAGED, FAILED, OK, print_notes, print_unreadable, swept_axes
+from launch.backends.base import BACKENDS, backend_class
+from launch.cli.arguments import add_command, positive
+from launch.errors import UsageError
+from launch.pipeline import Decision, plan, select
+from launch.progress import Watch
+from launch.reconcile import reconcile
+from launch.submit import Submission, submit
+from launch.sweep import LauncherSpec, load_runs
+from launch.tables import cell
+
+HELP = "validate a sweep file, print the plan and submit what is not done"
+MORE = (
+    "Completed and in-flight stages are never submitted again; cancelled and vanished ones are resumed; failed\n"
+    "ones only with --retry-failed. local: runs here, with progress, until every stage ends (Ctrl-C stops\n"
+    "them, resumably). slurm: job arrays through submitit; returns once submitted. ray: Ray jobs to\n"
+    "launcher.ray_address, else RAY_ADDRESS; returns once submitted. With neither set, a private local Ray\n"
+    "head is started for the sweep (explicit free ports, its own HOME and temp dir), the sweep shows progress\n"
+    "until the stages end, keeps each job's log in <stage>/logs/ and stops that head by its PID.\n"
+    "Exit codes: 0 submitted (or all done), 1 a stage failed or the submission failed, 2 invalid input\n"
+    "(nothing submitted, nothing written), 3 an unreadable record (listed; the rest submitted), 130 interrupted."
+)
+
+
+def add_parser(sub: Any) -> None:
+    """Register `sweep` on the CLI's subparsers."""
+    p = add_command(sub, "sweep", cmd_sweep, HELP, MORE)
+    p.add_argument("file", help="sweep YAML file")
+    p.add_argument("--backend", choices=sorted(BACKENDS), help="override launcher.backend")
+    p.add_argument("--root", help="override root: the run store URL (default ./runs)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan; submit and write nothing")
+    p.add_argument("--retry-failed", action="store_true", help="resubmit failed stages too")
+    p.add_argument(
+        "--snapshot",
+        choices=("on", "off"),
+        help="run the code as it is now, stored in the run store (on; default: launcher.snapshot, true), or "
+        "whatever is installed when each job starts (off)",
+    )
+    shown = p.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", action="store_true", help="while stages run here, print only the stages that end")
+    shown.add_argument(
+        "--json-events",
+        action="store_true",
+        help="while stages run here, print one JSON object per event (state changes, progress) on standard output; "
+        "everything else goes to standard error",
+    )
+    p.add_argument(
+        "--progress-every",
+        type=positive,
+        default=30.0,
+        metavar="S",
+        help="without a terminal: seconds between the progress lines of a running stage (30)",
+    )
+    p.add_argument(
+        "--allow-code-change",
+        action="store_true",
+        help="let stages resume checkpoints written by other code (recorded in their provenance)",
+    )
+
+
+def show_plan(out: Console, title: str, decisions: Sequence[Decision], runs: Sequence[store.StoredRun]) -> None:
+    """The plan: one row per job with its swept values, its state and what this submission does with it."""
+    by_id = {r.run_id: results.flatten(r.overrides) for r in runs}
+    paths = swept_axes(runs)
+    columns = ("run", "stage", *paths, "state", "action")
+    rows, styles, pairs = [], [], []
+    for d in decisions:
+        run_id, stage = d.job.key.split("/", 1)
+        action = f"submit ({d.reason})" if d.submit else d.reason
+        rows.append((run_id, stage, *(cell(by_id[run_id].get(p)) for p in paths), cell(d.state), action))
+        styles.append({"action": "bold" if d.submit else "dim"})
+        pairs.append((stage, action.split(" (", 1)[0] if d.submit else (d.state or "not submitted")))
+    tables.show(out, title, columns, rows, styles, pairs)
+
+
+def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
+    """Validate, expand, plan, print the plan and submit what is not done or in flight."""
+    sweep, runs = load_runs(args.file, backend=args.backend, root=args.root)
+    url = store.sweep_url(sweep.root, sweep.name)
+    launcher = sweep.launcher
+    if url.startswith("memory://") and not args.dry_run:
+        raise UsageError("root memory:// lives in this process only; the stages run in other processes")
+    roots.check_usable(url, write=not args.dry_run)
+    jobs = plan(runs, launcher, url)
+    statuses = store.read_statuses(url, [j.key for j in jobs])
+    problems = store.unreadable(statuses)
+    try:
+        old_manifest = store.read_manifest(url)
+    except store.Unreadable as e:
+        old_manifest, problems = None, [*problems, f"{e} (kept beside as {store.MANIFEST}.damaged-<time>)"]
+    seen = reconcile(url, statuses, launcher, old_manifest, write=not args.dry_run)
+    kind = backend_class(launcher.backend)
+    adopt = {k for k in seen.holders if kind.adopts_running}
+    decisions = select(jobs, seen.states, args.retry_failed, stuck=seen.stuck, adopt=adopt)
+    listed = [r.stored() for r in runs]
+    todo = [d.job for d in decisions if d.submit]
+    show_plan(out, f"sweep {sweep.name}: {len(runs)} runs, {len(jobs)} jobs -> {url}", decisions, listed)
+    print_notes(out, seen)
+    print_unreadable(out, problems)
+    private = kind.private_cluster(launcher)
+    where = launcher.backend + (f" ({private.what})" if private else "")
+    use_snapshot = launcher.snapshot if args.snapshot is None else args.snapshot == "on"
+    snapshot = take_snapshot(use_snapshot, out) if todo else None
+    if args.dry_run:
+        out.print(f"dry run: would submit {len(todo)} of {len(jobs)} jobs to {where}; nothing written")
+        return OK
+    held_back = FAILED if any(d.state == StageState.FAILED and not d.submit for d in decisions) else OK
+    held_back = DAMAGED if problems else held_back
+    log_dir = launcher.slurm_folder or rundir.join(url, "logs")
+    source = str(Path(args.file).resolve())
+    manifest = store.sweep_manifest(sweep.name, sweep.root, source, launcher.model_dump(mode="json"), log_dir, listed)
+    if not todo:
+        store.write_manifest(url, manifest)
+        out.print("nothing to submit: every job is completed, in flight, failed or waiting (see the action column)")
+        return held_back
+    by_run = {r.run_id: r for r in runs}
+    specs = {
+        j.key: by_run[store.split_key(j.key)[0]].spec(sweep.name, j.stage).model_copy(update={"logging": sweep.logging})
+        for j in todo
+    }
+    previous = {j.key: statuses[j.key] for j in todo}
+    code_id = None
+    if snapshot is not None:
+        code_id, code_dir = store_snapshot(snapshot, url, launcher, log_dir)
+        manifest["code"] = {"id": code_id, "git_sha": snapshot.git_sha, "changed": list(snapshot.changed)}
+        todo = [replace(j, code_dir=code_dir, allow_code_change=args.allow_code_change) for j in todo]
+    elif args.allow_code_change:
+        todo = [replace(j, allow_code_change=True) for j in todo]
+    watch = Watch("json" if args.json_events else "quiet" if args.quiet else "auto", args.progress_every)
+    code = submit(Submission(url, todo, specs, manifest, log_dir, previous, code_id), launcher, out, watch)
+    return code if code != OK else held_back
+
+
+def take_snapshot(use: bool, out: Console) -> snapshots.Snapshot | None:
+    """The code snapshot of this submission (None when switched off), with a warning naming uncommitted changes."""
+    if not use:
+        out.print("code snapshot off: jobs import the project from wherever it is installed when they start")
+        return None
+    try:
+        snap = snapshots.take()
+    except (snapshots.SnapshotError, OSError) as e:
+        raise UsageError(f"cannot snapshot the code ({e}); `--snapshot off` runs without one") from None
+    if snap.changed:
+        shown = ", ".join(snap.changed[:10]) + (f" and {len(snap.changed) - 10} more" if len(snap.changed) > 10 else "")
+        out.print(Text(f"warning: uncommitted changes go into the code snapshot: {shown}", style="yellow"))
+    out.print(f"code snapshot {snap.id} ({len(snap.files)} files, git {(snap.git_sha or 'none')[:12]})")
+    return snap
+
+
+def store_snapshot(snap: snapshots.Snapshot, url: str, launcher: LauncherSpec, log_dir: str) -> tuple[str, str]:
+    """Save the snapshot in the run store; (its id, the local directory jobs of this backend import it from)."""
+    code_url = snapshots.save(snap, url)
+    on_log_dir = backend_class(launcher.backend).shared_log_dir and not roots.is_local(url)
+    cache = Path(log_dir.split("://", 1)[-1]) / "code" if on_log_dir else snapshots.default_cache()
+    return snap.id, str(snapshots.local_copy(code_url, cache))
