@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from launch.cli import export as export_command
 from launch.errors import UsageError
 from tests.stage_runs import checkpointed_model, make_run
 from tests.test_cli import TINY, cli
+from tests.weight_sources import PICO, save_pretrain_checkpoint
 
 IMAGES = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -64,7 +67,8 @@ def test_timm_and_safetensors_exports_of_a_run_load_into_real_timm(
     weights.load_encoder(ours, weights.resolve(f"{url}/{run_id}/pretrain/ckpt"), "ema")
     for fmt, name in (("timm", "ema.pth"), ("safetensors", "ema.safetensors")):
         out = export(url, "--run", run_id, "--format", fmt, "--out", str(tmp_path / name))
-        assert f"wrote {tmp_path / name} ({fmt})" in out and '"model": "cait"' in out
+        assert f"wrote {tmp_path / name} ({fmt})" in out and "model settings from the run's spec" in out
+        assert '"model_name": "cait_xxs24_224"' in out
         file = str(tmp_path / name)
         state = weights.read_safetensors(file) if fmt == "safetensors" else weights.read_pth(file)
         model = weights.build_timm(weights.timm_config(ours)).eval()
@@ -74,7 +78,7 @@ def test_timm_and_safetensors_exports_of_a_run_load_into_real_timm(
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "ema.safetensors"), "pt") as f:
-        assert '"depth_token_only": 2' in f.metadata()["timm_config"]
+        assert '"depth_token_only": 2' in f.metadata()["timm_create_model"]
 
 
 def test_official_export_of_a_run_reloads_into_extrema(swept: tuple[str, str, Experiment], tmp_path: Path) -> None:
@@ -108,3 +112,56 @@ def test_pretrain_starts_from_an_official_checkpoint(tmp_path: Path) -> None:
     # Two warmup steps move every part, both branches included, by far less than the distance to any fresh init.
     for key, value in start.state_dict().items():
         assert (trained[f"model.{key}"] - value).abs().max() < 0.01, key
+
+
+def test_export_from_a_checkpoint_without_a_run(swept: tuple[str, str, Experiment], tmp_path: Path) -> None:
+    """A DCP step (its run's spec found above it), the same step copied out of the run (flags), an official .pth
+    (its arch) and one of our exports (its description) are each a SOURCE; --json prints the description."""
+    url, run_id, exp = swept
+    step = weights.resolve(f"{url}/{run_id}/pretrain/ckpt")
+    ours = build_vit(exp.model, drop_path_rate=0.0).eval()
+    weights.load_encoder(ours, step, "ema")
+    with torch.no_grad():
+        expected = ours(IMAGES)
+
+    def features(file: str) -> torch.Tensor:
+        with torch.no_grad():
+            return weights.timm_model(file)(IMAGES)
+
+    described = json.loads(export(step, "--format", "timm", "--out", str(tmp_path / "a.pth"), "--json"))
+    assert described == json.loads(Path(tmp_path / "a.pth.json").read_text())
+    assert described["model"]["arch"] == "vit_pico" and described["timm"]["class"] == "timm.models.cait.Cait"
+    torch.testing.assert_close(features(str(tmp_path / "a.pth")), expected, rtol=1e-5, atol=1e-5)
+    loose = tmp_path / "loose" / "step-4"
+    shutil.copytree(step, loose)
+    with pytest.raises(UsageError, match=r"^no model settings: .* give --arch") as err:
+        export(str(loose), "--format", "timm", "--out", str(tmp_path / "b.pth"))
+    assert "\n" not in str(err.value)
+    with pytest.raises(UsageError, match=r"the run's spec contradicts --arch vit_nano \(it says vit_pico\)"):
+        export(step, "--format", "timm", "--out", str(tmp_path / "b.pth"), "--arch", "vit_nano")
+    flags = ("--arch", "vit_pico", "--mlp-dim", str(exp.model.mlp_dim), "--proj-dim", str(exp.model.proj_dim))
+    out = export(str(loose), "--format", "official", "--out", str(tmp_path / "release.pth"), *flags)
+    assert "model settings from the flags" in out
+    out = export(str(tmp_path / "release.pth"), "--format", "safetensors", "--out", str(tmp_path / "c.safetensors"))
+    assert "model settings from the file's description" in out
+    torch.testing.assert_close(features(str(tmp_path / "c.safetensors")), expected, rtol=1e-5, atol=1e-5)
+    official = {k: v for k, v in weights.read_pth(str(tmp_path / "release.pth")).items() if k != "extrema_export"}
+    torch.save({**official, "epoch": 300}, tmp_path / "as_released.pth")  # the release's keys: arch, state_dict
+    out = export(str(tmp_path / "as_released.pth"), "--format", "timm", "--out", str(tmp_path / "d.pth"))
+    assert "model settings from the file's description" in out
+    torch.testing.assert_close(features(str(tmp_path / "d.pth")), expected, rtol=1e-5, atol=1e-5)
+    out = export(str(tmp_path / "c.safetensors"), "--format", "timm", "--out", str(tmp_path / "e.pth"))
+    torch.testing.assert_close(features(str(tmp_path / "e.pth")), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("design", ["vit", "avgpool"])
+def test_official_format_refuses_a_design_the_official_code_cannot_hold(design: str, tmp_path: Path) -> None:
+    ckpt_dir = str(tmp_path / "ckpt")
+    save_pretrain_checkpoint(ckpt_dir, PICO.model_copy(update={"cls_token": design}))
+    flags = ("--arch", "vit_pico", "--cls-token", design, "--mlp-dim", "32", "--proj-dim", "16")
+    with pytest.raises(
+        UsageError, match=rf"^--format official: the official code holds only the cait design.*'{design}'"
+    ):
+        export(ckpt_dir, "--format", "official", "--out", str(tmp_path / "x.pth"), *flags)
+    assert not (tmp_path / "x.pth").exists()
+    assert "wrote" in export(ckpt_dir, "--format", "timm", "--out", str(tmp_path / "x.pth"), *flags)

@@ -513,11 +513,3 @@ def timm_model(url: str) -> nn.Module:
     state = read_safetensors(url) if url.endswith(SAFETENSORS_SUFFIX) else read_pth(url)
     model.load_state_dict(state, strict=True)
     return model.eval()
-
-
-def export_run(run_dir: str, branch: Branch, fmt: ExportFormat, out: str, stage: str = "pretrain") -> dict[str, Any]:
-    """`export` of a run's pretrain stage (its newest complete step), with the timm config at `timm_config`."""
-    if stage != "pretrain":
-        raise ValueError(f"stage {stage!r}: only the pretrain stage's checkpoints hold ExtreMA encoders")
-    done = export(contract.StageDir.of(run_dir, stage).checkpoints, fmt, out, branch)
-    return done | ({"timm_config": {k: done["timm"][k] for k in ("model", "kwargs")}} if "timm" in done else {})
