@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from extrema.run import rundir
+from extrema.run import contract, rundir
 from extrema.spec import Experiment, RunSpec
 from extrema.train import trackers
 from tests.stage_runs import TINY_EXPERIMENT, merge
@@ -50,7 +50,7 @@ def tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
     """(step, value) of a scalar as TensorBoard reads the stage's event files (orphaned events purged)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "pretrain" / trackers.TENSORBOARD_DIR), purge_orphaned_data=True)
+    acc = EventAccumulator(str(run_dir / "pretrain" / contract.TENSORBOARD), purge_orphaned_data=True)
     acc.Reload()
     return [(e.step, e.value) for e in acc.Scalars(tag)]
 
@@ -164,7 +164,7 @@ def assert_trained_without(tracker: str, code: int, stderr: str, run_dir: Path) 
 
 def test_a_tensorboard_directory_that_cannot_be_made_does_not_stop_the_stage(tmp_path: Path) -> None:
     (tmp_path / "pretrain").mkdir(parents=True)
-    (tmp_path / "pretrain" / trackers.TENSORBOARD_DIR).write_text("a file where the event directory goes")
+    (tmp_path / "pretrain" / contract.TENSORBOARD).write_text("a file where the event directory goes")
     code, err, run = failing_tracker_run(tmp_path, {"tensorboard": True}, {})
     assert_trained_without("tensorboard", code, err, run)
 
@@ -175,9 +175,22 @@ def test_wandb_online_without_an_api_key_does_not_stop_the_stage(tmp_path: Path)
     assert_trained_without("wandb", code, err, run)
 
 
+# wandb.init against a server that refuses connections retries its first request (the run's resume status) until
+# the init timeout: 60 s (trackers.WANDB_INIT_TIMEOUT_S, passed to wandb.init, which outranks WANDB_INIT_TIMEOUT),
+# plus 2 x 5 s looking up the user for the "logged in as" line. Here it gives up after two refused attempts instead
+# (WANDB__GRAPHQL_RETRY_MAX, the wandb-core setting x_graphql_retry_max) and prints no login line (WANDB_SILENT):
+# wandb.init still reaches the unreachable server and raises the same CommError, which the stage must survive.
+UNREACHABLE_WANDB_FAST = {
+    "WANDB_INIT_TIMEOUT": "5",
+    "WANDB__GRAPHQL_RETRY_MAX": "1",
+    "WANDB__GRAPHQL_RETRY_WAIT_MAX_SECONDS": "1",
+    "WANDB_SILENT": "true",
+}
+
+
 def test_an_unreachable_wandb_server_does_not_stop_the_stage(tmp_path: Path) -> None:
     logging = {"tensorboard": True, "wandb": {"project": "p", "mode": "online"}}
-    env = {"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{free_port()}", "WANDB_INIT_TIMEOUT": "5"}
+    env = {"WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{free_port()}", **UNREACHABLE_WANDB_FAST}
     code, err, run = failing_tracker_run(tmp_path, logging, env)
     assert_trained_without("wandb", code, err, run)
     assert [s for s, _ in tensorboard_scalars(run, "loss")] == [1, 2, 3, 4]  # the other tracker carried on
