@@ -325,7 +325,20 @@ class PretrainSpec(Retention, Batching):
     init_from: str | None = Field(
         None, description="start from this official ExtreMA .pth or DCP step (every part, both branches); resuming wins"
     )
+    init_from_mode: Literal["weights", "resume"] = Field(
+        "weights",
+        description="weights: init_from's weights with a fresh optimizer at step 0; resume: also its optimizer state "
+        "and position (an official checkpoint's epoch x steps per epoch, a DCP step's step), so the lr, weight-decay "
+        "and EMA momentum schedules continue; this stage's own checkpoint wins either way",
+        json_schema_extra=WHEN_SET,
+    )
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _resume_needs_a_source(self) -> PretrainSpec:
+        if self.init_from_mode == "resume" and not self.init_from:
+            raise located("init_from_mode", "resume needs init_from (the checkpoint to resume)")
+        return self
 
 
 class KnnSpec(FromCheckpoint):

@@ -126,3 +126,14 @@ def test_pretraining_resumes_an_official_run_at_its_epoch(tmp_path: Path) -> Non
     spec = RunSpec.model_validate(rundir.read_json(rundir.join(plain, "pretrain", "spec.json")))
     with pytest.raises(ValueError, match=r"init_from_mode resume needs pretrain\.init_from"):
         pretrain.run(spec, rundir.join(plain, "pretrain"), init_from_mode="resume")
+
+
+def test_the_spec_refuses_resume_without_a_source_and_keeps_run_ids() -> None:
+    from pydantic import ValidationError
+
+    from extrema.spec import PretrainSpec, identity
+
+    with pytest.raises(ValidationError, match="init_from_mode: resume needs init_from"):
+        PretrainSpec(init_from_mode="resume")
+    assert PretrainSpec(init_from="file:///x.pth", init_from_mode="resume").init_from_mode == "resume"
+    assert "init_from_mode" not in identity(PretrainSpec())  # unset, as in every run before it existed

@@ -127,7 +127,7 @@ def run(spec: RunSpec, stage_dir: str, init_from_mode: InitFromMode | None = Non
     checkpoint's epoch), so the schedules and the EMA momentum continue where it stopped.
     """
     exp, p = spec.experiment, spec.experiment.pretrain
-    mode = init_from_mode if init_from_mode is not None else str(getattr(p, "init_from_mode", "weights"))
+    mode = init_from_mode if init_from_mode is not None else p.init_from_mode
     if mode == "resume" and not p.init_from:
         raise ValueError("pretrain.init_from_mode resume needs pretrain.init_from")
     world = init_world()

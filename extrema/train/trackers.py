@@ -148,7 +148,7 @@ class Trackers:
             config=self.spec.model_dump(mode="json"),
             dir=local,
             reinit="finish_previous",
-            settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S),
+            settings=wandb.Settings(init_timeout=contract.env_float("WANDB_INIT_TIMEOUT", WANDB_INIT_TIMEOUT_S)),
         )
         # A W&B run that holds none of the steps before the resume (offline files of a killed attempt are
         # often unflushed; a first online attempt may have never synced) gets them from metrics.jsonl.
