@@ -13,6 +13,7 @@ import reprlib
 from typing import Any
 
 SHOWN = 80  # characters of an offending value quoted in a message
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _REPR = reprlib.Repr()
@@ -45,3 +46,9 @@ def clip(text: str, limit: int = SHOWN) -> str:
 def shown(value: Any, limit: int = SHOWN) -> str:
     """The repr of a value for a message: bounded work, control characters escaped, at most `limit` characters."""
     return clip(printable(_REPR.repr(value)), limit)
+
+
+def no_control(value: str | None) -> None:
+    """ValueError naming `value` when it holds a control character (a setting that reaches a command line)."""
+    if value is not None and _CONTROL.search(value):
+        raise ValueError(f"contains a control character (newline, tab, ...): {shown(value)}")

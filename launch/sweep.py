@@ -15,13 +15,12 @@ import hashlib
 import itertools
 import json
 import math
-import re
 import types
 import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -30,91 +29,30 @@ from extrema.spec import (
     SINGLE_PROCESS_STAGES,
     Experiment,
     LoggingSpec,
-    ResourcesSpec,
     RunSpec,
     StageName,
     identity,
     located,
 )
-from launch import roots, store
+from launch import store
+from launch.backends.local import LocalSettings
+from launch.backends.ray.settings import RaySettings
+from launch.backends.slurm.settings import SlurmSettings
 from launch.errors import InvalidSweep, Loc, Problem
 from launch.printable import clip, shown
 from launch.yamlfile import Source, deep_merge, load_with_includes, locate
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_RAY_ADDRESS = re.compile(r"(?:[a-z][a-z0-9+.-]*://)?[A-Za-z0-9_.:@%/\[\]-]{1,255}")
 MAX_RUNS = 100_000  # runs of one sweep unless its file says `max_runs:` (the launcher holds ~10 kB per run)
 MAX_RUNS_CEILING = 1_000_000  # the most `max_runs` may say
 STAGE_ORDER: tuple[str, ...] = typing.get_args(StageName)  # pretrain first, then the downstream stages
 
 
-def _no_control(value: str | None) -> None:
-    if value is not None and _CONTROL.search(value):
-        raise ValueError(f"contains a control character (newline, tab, ...): {shown(value)}")
+class LauncherSpec(SlurmSettings, RaySettings, LocalSettings):
+    """A sweep file's `launcher`: the settings every backend reads (`LauncherSettings`: backend, resources, stages),
+    each backend's own (declared by the backend: `max_parallel`, `ray_address`, `slurm_folder`; the bases' order
+    is the fields' order), and whether jobs run a code snapshot. Never part of a run's identity."""
 
-
-class LauncherSpec(BaseModel):
-    """Where and how the stage jobs run; `stages` entries override `resources` key by key."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    backend: Literal["local", "slurm", "ray"] = "local"
-    resources: ResourcesSpec = ResourcesSpec()
-    stages: dict[StageName, ResourcesSpec] = Field(default_factory=dict)
-    max_parallel: int = Field(1, ge=1, description="local backend: stage jobs run at once")
-    ray_address: str | None = Field(None, description="ray backend: cluster address; a local Ray when unset")
-    slurm_folder: str | None = Field(None, description="slurm backend: submitit log folder; <root>/<sweep>/logs")
     snapshot: bool = Field(True, description="jobs run a snapshot of the code taken at submission (launch.snapshot)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _stage_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("stages"), dict):
-            base = data.get("resources") or {}
-            if isinstance(base, ResourcesSpec):
-                base = base.model_dump()
-            if isinstance(base, dict) and _valid_resources(base):  # a bad default is reported once, not per stage
-                stages = {k: deep_merge(base, v) if isinstance(v, dict) else v for k, v in data["stages"].items()}
-                data = {**data, "stages": stages}
-        return data
-
-    @field_validator("ray_address")
-    @classmethod
-    def _ray_address(cls, value: str | None) -> str | None:
-        _no_control(value)
-        if value is not None and not _RAY_ADDRESS.fullmatch(value):
-            raise ValueError(
-                f"{shown(value)} is not a Ray address (host:port, ray://host:port, http://host:port, auto)"
-            )
-        return value
-
-    @field_validator("slurm_folder")
-    @classmethod
-    def _slurm_folder(cls, value: str | None) -> str | None:
-        _no_control(value)
-        if value is not None and not roots.is_local(value):
-            raise ValueError(f"{shown(value)}: Slurm writes its logs to a path on a shared filesystem, not a URL")
-        return value
-
-    @model_validator(mode="after")
-    def _safe(self) -> LauncherSpec:
-        # partition, account, qos, constraint and sbatch_extra are checked by ResourcesSpec itself (extrema.spec)
-        for label, res in [("resources", self.resources), *((f"stages.{k}", v) for k, v in self.stages.items())]:
-            if self.backend == "local" and res.nodes > 1:
-                raise located(f"{label}.nodes", "the local backend runs on this machine only (nodes: 1)")
-        return self
-
-    def resources_for(self, stage: str) -> ResourcesSpec:
-        """The resources of one stage: its own entry, else the default."""
-        return self.stages.get(stage, self.resources)  # type: ignore[call-overload]
-
-
-def _valid_resources(raw: dict[str, Any]) -> bool:
-    try:
-        ResourcesSpec.model_validate(raw)
-    except ValidationError:
-        return False
-    return True
 
 
 class Axes(BaseModel):
@@ -154,13 +92,10 @@ class SweepFile(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _slurm_logs(self) -> SweepFile:
-        if self.launcher.backend == "slurm" and self.launcher.slurm_folder is None and not roots.is_local(self.root):
-            raise located(
-                "launcher.slurm_folder",
-                f"the slurm backend writes its logs to a shared filesystem; the root {shown(self.root)} is not one, "
-                "so set launcher.slurm_folder to a shared directory",
-            )
+    def _launcher_fits_root(self) -> SweepFile:
+        problem = self.launcher.root_problem(self.root)
+        if problem is not None:
+            raise located(f"launcher.{problem[0]}", problem[1])
         return self
 
 

@@ -23,13 +23,14 @@ from hypothesis import strategies as st
 from rich.console import Console
 
 from extrema.run.contract import update_status
-from extrema.spec import Experiment, MaskingSpec, ModelSpec, PretrainSpec, ResourcesSpec
+from extrema.spec import Experiment, MaskingSpec, ModelSpec, PretrainSpec
 from launch import store, tables
 from launch.backends.base import State, make_backend
 from launch.backends.local import LocalBackend
 from launch.cli import main
 from launch.errors import UsageError
 from launch.reconcile import settled
+from launch.resources import ResourcesSpec
 from launch.results_view import results_format
 from launch.sweep import Axes, LauncherSpec, SweepFile, load_runs
 

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from extrema.spec import Experiment, ResourcesSpec, StageName, identity
+from extrema.spec import Experiment, StageName, identity
 from launch.backends.base import Job
 from launch.errors import InvalidSweep
 from launch.pipeline import plan, select
+from launch.resources import ResourcesSpec
 from launch.sweep import STAGE_ORDER, expand, load_runs, load_sweep, run_id
 
 REPO = Path(__file__).resolve().parent.parent

@@ -2,14 +2,18 @@
 from backend to backend; nothing outside `launch/backends` names a backend.
 
 Backends are named in `BACKENDS` and imported on demand by `backend_class`; `make_backend` builds one with
-`Cls.from_launcher(launcher, address)` (a `launch.sweep.LauncherSpec`, and the cluster a recorded job went to).
+`Cls.from_launcher(launcher, address)` (a sweep's launcher settings, and the cluster a recorded job went to). The
+settings every backend reads are `LauncherSettings`; each backend declares its own in a subclass of it (as
+submitit's executors own their parameters) and reads them through `<its settings>.of(launcher)`; a sweep file's
+`launch.sweep.LauncherSpec` joins them all.
 Three calls do the work: `submit`, `status`, `cancel`. `status` answers UNKNOWN for a job the backend positively
 does not know (it vanished), leaves out ids it cannot judge, and raises when the backend cannot be asked at all;
 callers then keep the run store's word. The rest are class-level facts and hooks with defaults (a backend keeps
 those it agrees with): whether its jobs wait for a live attempt (`adopts_running`) or retry a failed stage by
 themselves (`retries_in_job`), whether `sweep` stays while the stages run (`runs_here`), where a recorded job's
 cluster is (`recorded_address`), the cluster a sweep starts for itself (`private_cluster`) and what to keep before
-it stops (`keep_logs`), and where a job's logs are (`job_logs`).
+it stops (`keep_logs`), where a job's logs are (`log_dir`, `job_logs`), and how to stop the attempts it started
+on this machine (`stop_attempts`).
 """
 
 from __future__ import annotations
@@ -21,25 +25,85 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
 
-from extrema.run import contract
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from extrema.run import contract, lease, rundir
 from extrema.run.code_snapshot import ALLOW_CHANGE_ENV
 from extrema.run.contract import StageState
-from extrema.spec import ResourcesSpec
+from extrema.spec import StageName
 from launch.errors import UsageError
+from launch.resources import ResourcesSpec
+from launch.yamlfile import deep_merge
 
 if TYPE_CHECKING:
     from rich.console import Console
 
     from launch.log_source import LogSource
-    from launch.sweep import LauncherSpec
 
 BACKENDS = {
     "local": "launch.backends.local:LocalBackend",
     "slurm": "launch.backends.slurm.backend:SlurmBackend",
     "ray": "launch.backends.ray.backend:RayBackend",
 }
+SWEEP_LOGS = "logs"  # <root>/<sweep>/logs/: a backend's log folder, unless its settings name another
+
+
+class LauncherSettings(BaseModel):
+    """What every backend reads of a sweep file's `launcher`: the backend (a name in BACKENDS) and the resources
+    of its stage jobs (`stages` entries override `resources` key by key). Each backend's own settings extend it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: str = "local"
+    resources: ResourcesSpec = ResourcesSpec()
+    stages: dict[StageName, ResourcesSpec] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("stages"), dict):
+            base = data.get("resources") or {}
+            if isinstance(base, ResourcesSpec):
+                base = base.model_dump()
+            if isinstance(base, dict) and _valid_resources(base):  # a bad default is reported once, not per stage
+                stages = {k: deep_merge(base, v) if isinstance(v, dict) else v for k, v in data["stages"].items()}
+                data = {**data, "stages": stages}
+        return data
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _known(cls, value: Any) -> Any:
+        if not (isinstance(value, str) and value in BACKENDS):  # refused as a Literal of BACKENDS' names would be
+            names = [repr(n) for n in BACKENDS]
+            expected = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+            raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+        return value
+
+    @classmethod
+    def of(cls, launcher: LauncherSettings) -> Self:
+        """`launcher` as these settings: a sweep's launcher (`launch.sweep.LauncherSpec`) holds every backend's."""
+        assert isinstance(launcher, cls), f"{type(launcher).__name__} lacks the settings of {cls.__name__}"
+        return launcher
+
+    def resources_for(self, stage: str) -> ResourcesSpec:
+        """The resources of one stage: its own entry, else the default."""
+        return self.stages.get(stage, self.resources)  # type: ignore[call-overload]
+
+    def root_problem(self, root: str) -> tuple[str, str] | None:
+        """(a field of these settings, why) when the backend cannot work with the run store at `root`; None when it
+        can. Each backend's settings add their own rules (calling this one last)."""
+        return None
+
+
+def _valid_resources(raw: dict[str, Any]) -> bool:
+    try:
+        ResourcesSpec.model_validate(raw)
+    except ValidationError:
+        return False
+    return True
 
 
 class State(str, Enum):
@@ -106,7 +170,7 @@ class PrivateCluster:
 
     what: str  # as the plan shows it: "a local Ray head started for this sweep"
     # Starts it (printing what it does); yields the launcher pointing at it and the manifest entries recording it.
-    start: Callable[[Console], AbstractContextManager[tuple[LauncherSpec, dict[str, Any]]]]
+    start: Callable[[Console], AbstractContextManager[tuple[LauncherSettings, dict[str, Any]]]]
 
 
 @dataclass(frozen=True)
@@ -116,7 +180,7 @@ class RecordedJob:
     job_id: str
     status: Mapping[str, Any]  # the stage's status.json
     manifest: Mapping[str, Any] | None  # the sweep's manifest (its log folder)
-    launcher: LauncherSpec
+    launcher: LauncherSettings
     ranks: object = None  # provenance's list of every rank's host and pid, to label each line
 
 
@@ -138,31 +202,42 @@ class Backend(Protocol):
     address: str | None = None  # the cluster this backend submits to, recorded with each job (None: one place)
 
     @classmethod
-    def from_launcher(cls, launcher: LauncherSpec, address: str | None = None) -> Backend:
+    def from_launcher(cls, launcher: LauncherSettings, address: str | None = None) -> Backend:
         """The backend for a sweep's launcher settings, at the cluster `address` when given."""
         return cls()
 
     @classmethod
-    def recorded_address(cls, status: Mapping[str, Any], launcher: LauncherSpec) -> str | None:
+    def recorded_address(cls, status: Mapping[str, Any], launcher: LauncherSettings) -> str | None:
         """The cluster a stage's job went to, from its status record (else the launcher's); None: one place."""
         return None
 
     @classmethod
-    def private_cluster(cls, launcher: LauncherSpec) -> PrivateCluster | None:
+    def private_cluster(cls, launcher: LauncherSettings) -> PrivateCluster | None:
         """The cluster a sweep of these launcher settings starts for itself, or None when it needs none."""
         return None
 
     @classmethod
     def states(
-        cls, launcher: LauncherSpec, address: str | None, manifest: Mapping[str, Any] | None, job_ids: Sequence[str]
+        cls, launcher: LauncherSettings, address: str | None, manifest: Mapping[str, Any] | None, job_ids: Sequence[str]
     ) -> dict[str, State]:
         """The states of jobs recorded at `address` (see `status`); Unreachable when they cannot be asked."""
         return cls.from_launcher(launcher, address).status(job_ids)
 
     @classmethod
+    def log_dir(cls, launcher: LauncherSettings, sweep_url: str) -> str:
+        """The folder a sweep's jobs keep their logs (and, where the nodes share it, code) in: <sweep>/logs."""
+        return rundir.join(sweep_url, SWEEP_LOGS)
+
+    @classmethod
     def job_logs(cls, kept: list[LogSource], job: RecordedJob) -> list[LogSource]:
         """Every log of a stage's job: the stage's own `logs/` files (`kept`) and those the backend keeps."""
         return kept
+
+    @classmethod
+    def stop_attempts(cls, sweep_url: str, holders: Mapping[str, lease.Holder]) -> dict[str, str]:
+        """Stop the attempts of this backend, among the live holders of these stages' leases (by job key), that run
+        as processes of this machine rather than as jobs `cancel` stops; key -> why one was not stopped."""
+        return {}
 
     def submit(self, jobs: Sequence[Job], log_dir: str) -> dict[str, str]:
         """Submit jobs (given in dependency order; `after` keys name jobs of this call or already-completed ones).
@@ -203,14 +278,14 @@ def recorded_class(name: object) -> type[Backend] | None:
         return None
 
 
-def make_backend(name: str, launcher: LauncherSpec, address: str | None = None) -> Backend:
+def make_backend(name: str, launcher: LauncherSettings, address: str | None = None) -> Backend:
     """Import a backend by name and build it from the launcher settings (at `address`); UsageError when it cannot
     be."""
     return backend_class(name).from_launcher(launcher, address)
 
 
 def in_flight_groups(
-    statuses: Mapping[str, Mapping[str, Any]], launcher: LauncherSpec
+    statuses: Mapping[str, Mapping[str, Any]], launcher: LauncherSettings
 ) -> dict[tuple[str, str | None], dict[str, str]]:
     """The recorded jobs of these stages (job key -> status record) grouped by backend and cluster address:
     (backend name, address) -> job key -> job id. Records without a job id or a known backend are left out."""

@@ -36,17 +36,16 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING
+from typing import IO, Self
 
 from fsspec.implementations.local import LocalFileSystem
+from pydantic import Field, model_validator
 
 from extrema.run import contract, lease, rundir
 from extrema.run.contract import StageDir, StageState
+from extrema.spec import located
 from launch import store
-from launch.backends.base import Backend, Job, State, code_env
-
-if TYPE_CHECKING:
-    from launch.sweep import LauncherSpec
+from launch.backends.base import Backend, Job, LauncherSettings, State, code_env
 
 LOG_PREFIX = "local"  # logs/local.<n>.log, one per attempt (launch.logs reads them in order)
 _LOG = re.compile(r"local\.(\d{1,9})\.log")
@@ -111,6 +110,19 @@ def demand(job: Job) -> tuple[int, int]:
     return r.cpus_per_task * r.processes_per_node, r.gpus_per_node
 
 
+class LocalSettings(LauncherSettings):
+    """`launcher.max_parallel`: stage jobs a local sweep runs at once; and its stages run on this machine only."""
+
+    max_parallel: int = Field(1, ge=1, description="local backend: stage jobs run at once")
+
+    @model_validator(mode="after")
+    def _one_machine(self) -> Self:
+        for label, res in [("resources", self.resources), *((f"stages.{k}", v) for k, v in self.stages.items())]:
+            if self.backend == LocalBackend.name and res.nodes > 1:
+                raise located(f"{label}.nodes", "the local backend runs on this machine only (nodes: 1)")
+        return self
+
+
 class LocalBackend(Backend):
     """Runs stage jobs as local subprocesses (no shell), in dependency order, within `max_parallel`, CPUs and GPUs."""
 
@@ -133,9 +145,14 @@ class LocalBackend(Backend):
         self._counter = itertools.count()
 
     @classmethod
-    def from_launcher(cls, launcher: LauncherSpec, address: str | None = None) -> LocalBackend:
+    def from_launcher(cls, launcher: LauncherSettings, address: str | None = None) -> LocalBackend:
         """The backend a sweep's launcher section asks for (this machine: no address)."""
-        return cls(max_parallel=launcher.max_parallel)
+        return cls(max_parallel=LocalSettings.of(launcher).max_parallel)
+
+    @classmethod
+    def stop_attempts(cls, sweep_url: str, holders: Mapping[str, lease.Holder]) -> dict[str, str]:
+        """Stop the local stage processes that own these stages (see the module's `stop_attempts`)."""
+        return stop_attempts(sweep_url, holders)
 
     def submit(self, jobs: Sequence[Job], log_dir: str) -> dict[str, str]:
         """Queue jobs; they start on the next poll. `log_dir` is unused: logs go to each stage's `logs/`."""

@@ -4,6 +4,7 @@ them cancelled; `sweep` resumes them later."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from typing import Any
 
 from rich.console import Console
@@ -13,8 +14,7 @@ from extrema.run import contract, lease
 from extrema.run.contract import StageState
 from launch import store
 from launch.addressed import DAMAGED, FAILED, OK, open_addressed, print_unreadable
-from launch.backends.base import in_flight_groups, make_backend
-from launch.backends.local import stop_attempts
+from launch.backends.base import in_flight_groups, make_backend, recorded_class
 from launch.cli.arguments import ROOT_HELP, TARGET_HELP, add_command
 from launch.errors import UsageError
 
@@ -55,7 +55,7 @@ def cmd_cancel(args: argparse.Namespace, out: Console) -> int:
         except Exception as e:
             kept += list(ids)
             out.print(Text(f"could not cancel {len(ids)} {name} job(s): {type(e).__name__}: {e}", style="red"))
-    for k, why in stop_attempts(target.url, {k: h for k, h in holders.items() if k not in kept}).items():
+    for k, why in stop_attempts(target.url, {k: h for k, h in holders.items() if k not in kept}, statuses).items():
         kept.append(k)
         out.print(Text(f"{k}: not stopped: {why}", style="red"), soft_wrap=True)
     done = [k for k in live if k not in kept]
@@ -69,3 +69,19 @@ def cmd_cancel(args: argparse.Namespace, out: Console) -> int:
     out.print(f"cancelled {len(done)} stage job(s)" + (f": {', '.join(done)}" if done else ""))
     print_unreadable(out, store.unreadable(statuses))
     return FAILED if kept or unrecorded else DAMAGED if store.unreadable(statuses) else OK
+
+
+def stop_attempts(
+    sweep_url: str, holders: Mapping[str, lease.Holder], statuses: Mapping[str, Mapping[str, Any]]
+) -> dict[str, str]:
+    """Stop the attempts that run as processes of this machine, each through the backend its stage records; key ->
+    why one was not stopped."""
+    by_backend: dict[str, dict[str, lease.Holder]] = {}
+    for key, holder in holders.items():
+        by_backend.setdefault(str(statuses[key].get("backend")), {})[key] = holder
+    kept: dict[str, str] = {}
+    for name, group in by_backend.items():
+        cls = recorded_class(name)
+        if cls is not None:
+            kept.update(cls.stop_attempts(sweep_url, group))
+    return kept

@@ -11,7 +11,6 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from extrema.run import rundir
 from extrema.run.contract import StageState
 from launch import results, roots, store, tables
 from launch import snapshot as snapshots
@@ -123,7 +122,7 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
         return OK
     held_back = FAILED if any(d.state == StageState.FAILED and not d.submit for d in decisions) else OK
     held_back = DAMAGED if problems else held_back
-    log_dir = launcher.slurm_folder or rundir.join(url, "logs")
+    log_dir = kind.log_dir(launcher, url)
     source = str(Path(args.file).resolve())
     manifest = store.sweep_manifest(sweep.name, sweep.root, source, launcher.model_dump(mode="json"), log_dir, listed)
     if not todo:

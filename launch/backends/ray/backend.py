@@ -39,9 +39,10 @@ from extrema.run import rundir
 from extrema.run.contract import EXIT_UPSTREAM_FAILED, StageDir
 from extrema.spec import DEFAULT_COLLECTIVE_TIMEOUT_S
 from launch import store
-from launch.backends.base import Backend, Job, PrivateCluster, RecordedJob, State, Unreachable
+from launch.backends.base import Backend, Job, LauncherSettings, PrivateCluster, RecordedJob, State, Unreachable
 from launch.backends.ray.head import head_gone, start_head, stop_head
 from launch.backends.ray.logs import ray_label
+from launch.backends.ray.settings import RaySettings
 from launch.errors import UsageError
 from launch.log_source import LogSource
 
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
     from rich.console import Console
 
-    from launch.sweep import LauncherSpec
 
 RAY_STATES: dict[str, State] = {
     "PENDING": State.PENDING,
@@ -164,26 +164,28 @@ class RayBackend(Backend):
         self._client: JobSubmissionClient | None = None
 
     @classmethod
-    def from_launcher(cls, launcher: LauncherSpec, address: str | None = None) -> RayBackend:
+    def from_launcher(cls, launcher: LauncherSettings, address: str | None = None) -> RayBackend:
         """The backend of the cluster at `address`, else launcher.ray_address, else RAY_ADDRESS."""
-        return cls(address=address or launcher.ray_address)
+        return cls(address=address or RaySettings.of(launcher).ray_address)
 
     @classmethod
-    def recorded_address(cls, status: Mapping[str, Any], launcher: LauncherSpec) -> str | None:
+    def recorded_address(cls, status: Mapping[str, Any], launcher: LauncherSettings) -> str | None:
         """The cluster a stage was submitted to: recorded at submission, else the launcher's, else RAY_ADDRESS."""
         recorded = status.get("cluster")
-        return str(recorded) if recorded else launcher.ray_address or os.environ.get("RAY_ADDRESS") or None
+        if recorded:
+            return str(recorded)
+        return RaySettings.of(launcher).ray_address or os.environ.get("RAY_ADDRESS") or None
 
     @classmethod
-    def private_cluster(cls, launcher: LauncherSpec) -> PrivateCluster | None:
+    def private_cluster(cls, launcher: LauncherSettings) -> PrivateCluster | None:
         """A local Ray head, when the sweep has no cluster to go to (no launcher.ray_address, no RAY_ADDRESS)."""
-        if launcher.ray_address or os.environ.get("RAY_ADDRESS"):
+        if RaySettings.of(launcher).ray_address or os.environ.get("RAY_ADDRESS"):
             return None
         return PrivateCluster("a local Ray head started for this sweep", lambda out: local_head(launcher, out))
 
     @classmethod
     def states(
-        cls, launcher: LauncherSpec, address: str | None, manifest: Mapping[str, Any] | None, job_ids: Sequence[str]
+        cls, launcher: LauncherSettings, address: str | None, manifest: Mapping[str, Any] | None, job_ids: Sequence[str]
     ) -> dict[str, State]:
         """The states of jobs at `address`; UNKNOWN for every one when it was the sweep's own head, now stopped."""
         head = (manifest or {}).get(HEAD_RECORD)
@@ -282,7 +284,7 @@ def ray_log_name(job_id: str) -> str:
 
 
 @contextlib.contextmanager
-def local_head(launcher: LauncherSpec, out: Console) -> Iterator[tuple[LauncherSpec, dict[str, Any]]]:
+def local_head(launcher: LauncherSettings, out: Console) -> Iterator[tuple[LauncherSettings, dict[str, Any]]]:
     """A private local Ray head for one sweep: the launcher pointing at it and its manifest record; stopped on
     exit."""
     try:

@@ -22,13 +22,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment
 from submitit.slurm.slurm import _make_sbatch_string, read_job_id
 
-from launch.backends.base import Backend, Job, RecordedJob, State
+from launch.backends.base import Backend, Job, LauncherSettings, RecordedJob, State
 from launch.backends.slurm.logs import slurm_files, slurm_label, slurm_rank
 from launch.backends.slurm.plan import (
     checked_ids,
@@ -41,10 +41,8 @@ from launch.backends.slurm.plan import (
     submitit_command,
     validate_resources,
 )
+from launch.backends.slurm.settings import SlurmSettings
 from launch.log_source import LogSource, file_source, rank_hosts
-
-if TYPE_CHECKING:
-    from launch.sweep import LauncherSpec
 
 CLIENT_TIMEOUT_S = 60.0
 SLURM_STATES: dict[str, State] = {
@@ -244,9 +242,14 @@ class SlurmBackend(Backend):
         self.timeout_s = timeout_s
 
     @classmethod
-    def from_launcher(cls, launcher: LauncherSpec, address: str | None = None) -> SlurmBackend:
+    def from_launcher(cls, launcher: LauncherSettings, address: str | None = None) -> SlurmBackend:
         """The backend of the cluster this machine submits to (no address: `sbatch` knows it)."""
         return cls()
+
+    @classmethod
+    def log_dir(cls, launcher: LauncherSettings, sweep_url: str) -> str:
+        """launcher.slurm_folder, else <sweep>/logs: submitit's scripts, pickles and logs, which every node reads."""
+        return SlurmSettings.of(launcher).slurm_folder or super().log_dir(launcher, sweep_url)
 
     @classmethod
     def job_logs(cls, kept: list[LogSource], job: RecordedJob) -> list[LogSource]:

@@ -7,7 +7,7 @@ dependency is `afterok` on the per-task ids `<array>_<i>` (or on a whole array w
 
 Every value that reaches the sbatch script (partition, account, qos, constraint, extra options, job names, the
 code snapshot's path) is checked against a strict character set first; anything else is a ValueError naming the
-field. The resource rules are extrema.spec's (SBATCH_FIELDS, SBATCH_OPTION, SBATCH_VALUE), which already refused
+field. The resource rules are launch.resources' (SBATCH_FIELDS, SBATCH_OPTION, SBATCH_VALUE), which already refused
 them at sweep validation; they are applied again here for specs built any other way.
 
 Every task gets its `cpus_per_task` from srun's own `--cpus-per-task` as well as from `#SBATCH --cpus-per-task`:
@@ -26,9 +26,9 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from extrema.spec import SBATCH_FIELDS, ResourcesSpec, sbatch_option_problem, sbatch_text_problem
 from launch import roots
 from launch.backends.base import Job, code_env
+from launch.resources import SBATCH_FIELDS, ResourcesSpec, sbatch_option_problem, sbatch_text_problem
 
 JOB_ID = re.compile(r"\d+(?:_\d+)?")
 JOB_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,200}")
@@ -50,7 +50,7 @@ def task_cpus(r: ResourcesSpec) -> int:
 
 
 def validate_resources(r: ResourcesSpec) -> None:
-    """Refuse any resource value that could change the sbatch script beyond its own option (extrema.spec's rules)."""
+    """Refuse any resource value that could change the sbatch script beyond its own option (launch.resources' rules)."""
     task_cpus(r)
     for field, rule in SBATCH_FIELDS.items():
         value = getattr(r, field)
