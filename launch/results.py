@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from extrema.run import contract, rundir
 from launch import store
+from launch.stage_records import StageRecords
 
 Format = Literal["parquet", "csv", "json"]
 TIMESTAMPS = ("submitted_at", "started_at", "finished_at")
@@ -87,8 +88,10 @@ def rows(
     runs: Sequence[store.StoredRun],
     statuses: Mapping[str, Any] | None = None,
     problems: list[str] | None = None,
+    read: StageRecords | None = None,
 ) -> list[dict[str, Any]]:
-    """One dict per run and stage, read from the run store (status.json from `statuses` by job key when given).
+    """One dict per run and stage, read from the run store (status.json from `statuses` by job key when given; the
+    result and provenance of a stage from `read` when it holds them, their problems listed by its reader).
 
     An unreadable file leaves its fields empty and is appended to `problems` as `path: reason`; so is a stage
     directory that leads outside the store, whose files are not read.
@@ -101,7 +104,13 @@ def rows(
     )
     tree = store.local_tree(sweep_url)
     away = {url for _, _, url in pairs if tree is not None and tree.leaves(url)}
-    wanted = [rundir.join(url, n) for _, _, url in pairs if url not in away for n in names]
+    held = read.results if read is not None else {}
+    wanted = [
+        rundir.join(url, n)
+        for r, s, url in pairs
+        if url not in away and store.job_key(r.run_id, s) not in held
+        for n in names
+    ]
     found = dict(zip(wanted, store.read_many(sweep_url, wanted)))
     if problems is not None:
         problems += [f"{url}: {contract.LEAVES}" for url in away if statuses is None]  # else listed with them
@@ -109,9 +118,12 @@ def rows(
     now = time.time()
     out = []
     for r, s, url in pairs:
+        key = store.job_key(r.run_id, s)
         status, result, prov = (found.get(rundir.join(url, n)) for n in (contract.STATUS, *names[-2:]))
+        if read is not None and key in held:
+            result, prov = held[key], read.provenances[key]
         if statuses is not None:
-            status = statuses.get(store.job_key(r.run_id, s))
+            status = statuses.get(key)
         out.append(_row(r, s, status, result, prov, now))
     return out
 
@@ -142,9 +154,11 @@ def collect(
     runs: Sequence[store.StoredRun],
     statuses: Mapping[str, Any] | None = None,
     problems: list[str] | None = None,
+    read: StageRecords | None = None,
 ) -> pa.Table:
-    """The results table of a sweep (statuses by job key, when already read); unreadable files go to `problems`."""
-    return to_table(rows(sweep_url, runs, statuses, problems))
+    """The results table of a sweep (statuses by job key, and records `read`, when already read); unreadable files
+    go to `problems`."""
+    return to_table(rows(sweep_url, runs, statuses, problems, read))
 
 
 def _text_safe(table: pa.Table) -> pa.Table:

@@ -13,7 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from extrema.run.contract import StageState
-from launch import aggregate, results, store, tables
+from launch import aggregate, results, stage_records, tables
 from launch.addressed import FORMATS, Addressed
 from launch.errors import UsageError
 from launch.printable import printable
@@ -35,19 +35,20 @@ def results_format(fmt: str | None, out_path: str | None) -> str:
     return fmt or str(inferred)
 
 
-def collect(target: Addressed, write: bool = True) -> tuple[pa.Table, Reconciled, list[str]]:
+def collect(target: Addressed, write: bool = True, fresh: bool = False) -> tuple[pa.Table, Reconciled, list[str]]:
     """The sweep's results table (a row per run and stage), after asking the backends about in-flight stages
     (their corrections recorded when `write` and the store takes them), and `path: reason` of every unreadable
     record (their fields are empty)."""
     keys = [k for r in target.runs for k in r.job_keys()]
-    statuses = store.read_statuses(target.url, keys)
+    read = stage_records.read(target.url, keys, write=write, fresh=fresh)
+    statuses = read.statuses
     seen = reconcile(target.url, statuses, target.launcher, target.manifest, write=write)
-    problems = [*target.problems, *store.unreadable(statuses), *seen.problems]
+    problems = [*target.problems, *read.problems(), *seen.problems]
     for key, why in seen.corrected.items():
         statuses[key] = {**statuses[key], "state": seen.states[key], "error": why}
     for key in seen.holders:
         statuses[key] = {**statuses[key], "state": StageState.RUNNING}
-    return results.collect(target.url, target.runs, statuses, problems), seen, problems
+    return results.collect(target.url, target.runs, statuses, problems, read), seen, problems
 
 
 RUN_KEYS = 2  # run_id and stage lead every row of the plain results table

@@ -11,9 +11,9 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from extrema.run import contract, rundir
-from extrema.run.contract import RESULT, StageState
-from launch import results, store, tables
+from extrema.run import contract
+from extrema.run.contract import StageState
+from launch import results, stage_records, store, tables
 from launch.addressed import DAMAGED, FAILED, OK, Addressed, print_notes, print_unreadable, swept_axes
 from launch.progress import latest_progress
 from launch.reconcile import Reconciled, reconcile
@@ -56,18 +56,19 @@ class StatusTable:
     problems: list[str]  # `path: reason` of every unreadable record (its row shows `unreadable`)
 
 
-def status_table(target: Addressed, write: bool = True) -> StatusTable:
+def status_table(target: Addressed, write: bool = True, fresh: bool = False) -> StatusTable:
     """Every run and stage of the sweep with its state (asking the backends), attempts, elapsed and latest metric;
-    the backends' corrections are recorded when `write` and the store takes them."""
+    the backends' corrections are recorded when `write` and the store takes them; `fresh`: the ledger unused."""
     keys = [k for r in target.runs for k in r.job_keys()]
-    statuses = store.read_statuses(target.url, keys)
+    read = stage_records.read(target.url, keys, write=write, fresh=fresh)
+    statuses = read.statuses
     seen = reconcile(target.url, statuses, target.launcher, target.manifest, write=write)
     states = seen.states
     done = [k for k in keys if states.get(k) == StageState.COMPLETED]
-    urls = [rundir.join(store.stage_url(target.url, *store.split_key(k)), RESULT) for k in done]
-    found = dict(zip(done, store.read_many(target.url, urls)))
-    problems = [*target.problems, *store.unreadable(statuses), *seen.problems]
-    problems += [str(d) for d in found.values() if isinstance(d, store.Unreadable)]
+    late = [k for k in done if k not in read.results]  # found completed by asking the backends
+    stage_records.read_results(target.url, late, read)
+    found = {k: read.results[k] for k in done}
+    problems = [*target.problems, *read.problems(), *seen.problems]
     tree = store.real_tree(target.url)
     paths = swept_axes(target.runs)
     columns = ("run", "stage", *paths, "state", "attempts", "elapsed", "latest", "job id", "code")

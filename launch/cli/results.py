@@ -34,6 +34,9 @@ def add_parser(sub: Any) -> None:
     p = add_command(sub, "results", cmd_results, HELP, MORE)
     p.add_argument("target", metavar="FILE|URL", help=TARGET_HELP)
     p.add_argument("--format", choices=("table", "csv", "parquet", "json"), help="output format (default: table)")
+    p.add_argument(
+        "--fresh", action="store_true", help="read every stage's own records, not the ledger of completed stages"
+    )
     p.add_argument("--out", help="write to this path or URL instead of the terminal")
     p.add_argument("--root", help=ROOT_HELP)
     view = p.add_mutually_exclusive_group()
@@ -54,7 +57,7 @@ def cmd_results(args: argparse.Namespace, out: Console) -> int:
     if args.pivot is not None and not args.metric:
         raise UsageError("--pivot ROWS COLUMNS needs --metric M (the metric in the cells)")
     target = open_addressed(args.target, args.root)
-    table, seen, problems = collect(target)
+    table, seen, problems = collect(target, fresh=args.fresh)
     if args.code:
         table = table.filter(pc.starts_with(table.column("code").fill_null(""), args.code))
     view = results_view(args, target.url, table)

@@ -17,6 +17,8 @@ MORE = (
     "PID of a local sweep); one whose job ended or vanished is recorded failed or cancelled.\n"
     "--watch refreshes the table until every stage has ended (completed, failed or cancelled; stages not\n"
     "submitted yet keep it waiting); Ctrl-C stops watching.\n"
+    "Completed stages are read from the sweep's ledger (a few files) once a reader has seen them; --fresh reads\n"
+    "every stage's own records and sets the ledger right (after a stage directory was removed by hand).\n"
     "Exit codes: 0, 1 when a stage failed, 2 invalid input, 3 an unreadable record (listed), 130 interrupted."
 )
 
@@ -28,6 +30,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--root", help=ROOT_HELP)
     p.add_argument("--watch", action="store_true", help="refresh the table until every stage has ended")
     p.add_argument("--interval", type=positive, default=5.0, metavar="S", help="seconds between refreshes (5)")
+    p.add_argument(
+        "--fresh", action="store_true", help="read every stage's own records, not the ledger of completed stages"
+    )
 
 
 def cmd_status(args: argparse.Namespace, out: Console) -> int:
@@ -35,6 +40,6 @@ def cmd_status(args: argparse.Namespace, out: Console) -> int:
     target = open_addressed(args.target, args.root)
     if args.watch:
         return watch_status(target, out, args.interval)
-    view = status_table(target)
+    view = status_table(target, fresh=args.fresh)
     show_status(out, target.url, view)
     return status_code(view)
