@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from extrema.run import contract
+from extrema.run import contract, metrics_log
 from extrema.run.contract import StageDir
 from extrema.viz import figures
 from launch import aggregate, results, store
@@ -110,7 +110,7 @@ def read_metrics(sweep_url: str, runs: Sequence[store.StoredRun], stage: str = "
 
     def read(url: str) -> list[dict]:
         try:
-            return contract.read_lines(url, inside=tree)  # bounded, depth-checked, never through a link out
+            return metrics_log.read_records(url, tree)  # bounded, depth-checked, never through a link out
         except contract.Unreadable:
             return []
 

@@ -27,7 +27,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from extrema.run import contract, rundir
+from extrema.run import contract, metrics_log, rundir
 from extrema.run.contract import StageDir
 from launch.backends.base import Backend, Job, State
 
@@ -48,7 +48,7 @@ def latest_progress(stage_dir: str, tree: str | None = None) -> dict[str, Any]:
     """The newest step, total_steps, loss and images/s a stage logged, from the end of its metrics.jsonl (empty
     before its first line, or when the file cannot be read or, with `tree`, leads outside that directory)."""
     try:
-        records = contract.read_lines(StageDir(stage_dir).metrics, TAIL_BYTES, tree, tail=True)
+        records = metrics_log.read_tail(StageDir(stage_dir).metrics, TAIL_BYTES, tree)
     except contract.Unreadable:
         return {}
     out: dict[str, Any] = {}

@@ -81,3 +81,17 @@ def test_reading_a_log_is_bounded_whatever_its_length(tmp_path: Path) -> None:
     some = metrics_log.read_records(str(path), limit=1000)
     assert 0 < len(some) < 100 and [r["step"] for r in some] == list(range(1, len(some) + 1))
     assert metrics_log.read_tail(str(path), 1000)[-1]["step"] == 10000
+
+
+def test_progress_and_plots_read_a_log_in_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from launch import plots, progress, store
+
+    monkeypatch.setattr(metrics_log, "PART_BYTES", 300)
+    sweep = "memory://metrics-log-readers/sweep"
+    log = metrics_log.MetricsLog(store.stage_url(sweep, "r1", "pretrain") + "/metrics.jsonl")
+    for step in range(1, 31):
+        log.log({"step": step, "total_steps": 30, "loss": 1.0 / step, "epoch": step / 10}, flush=True)
+    assert len(metrics_log.part_urls(log.url)) > 3
+    assert progress.latest_progress(store.stage_url(sweep, "r1", "pretrain"))["step"] == 30
+    runs = [store.StoredRun("r1", ("pretrain",), {})]
+    assert [r["step"] for r in plots.read_metrics(sweep, runs)["r1"]] == list(range(1, 31))
