@@ -1,8 +1,11 @@
 """ImageNet-scale input on one core: decode, reduced-size decode, the two-view transform, ImageFolder against
-shards (file:// and a local S3 server), start-up with 100,000 files against 100 shards, cores for 3,000 images/s.
+shards (file:// and a local S3 server), start-up with 100,000 files against 100 shards, cores for 3,000 images/s;
+the two sample orders over shards (per-sample `global`, shard-local `blocks`) from file:// and S3, a whole epoch
+each: images per CPU-second, requests per image, bytes fetched per byte used.
 
     python bench/imagenet_loader.py            # about 5 minutes on one AMD EPYC core
     python bench/imagenet_loader.py --quick    # about 1-2 minutes: fewer images, 20,000 files for start-up
+    python bench/imagenet_loader.py --orders   # only the orders: 2,048 samples an epoch (--quick: 1,024)
 
 Writes ImageNet-like JPEGs to a temporary directory: sizes as ImageNet's training set has them (most 500 px on
 the long side at 4:3 / 3:2 / 1:1 / portrait, one in six 600-1,200 px, one in twenty 1,600-2,800 px) and JPEG
@@ -32,7 +35,8 @@ from PIL import Image, ImageDraw
 
 from extrema.data import datasets, decode, loaders, transforms
 from extrema.data.shard_format import ShardWriter
-from extrema.data.shards import ShardedImages
+from extrema.data.shard_order import OrderSettings, global_permutation
+from extrema.data.shards import HEADER, ShardedImages
 from extrema.spec import StorageSpec
 from extrema.stages.pretrain import SampleMasks
 from launch.backends.ray.head import free_ports
@@ -150,6 +154,51 @@ def start_s3(root: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, endpoint
 
 
+def order_rows(
+    tmp: Path, samples: list[tuple[bytes, int]], endpoint: str, total: int, repeats: int
+) -> list[tuple[str, float, float, float]]:
+    """(name, images per CPU-second, requests per image, bytes fetched per byte used) of the two-view pipeline
+    (colour on the device, reduced decode, masks) over one epoch of `total` samples in each order, from file://
+    and from the S3 server: the best of `repeats` passes, each with a fresh reader (a cold block cache)."""
+    from fsspec.core import url_to_fs
+
+    from extrema.data.object_store import storage_options
+
+    data = [samples[k % len(samples)] for k in range(total)]  # the JPEGs again and again: the same mix
+    s3 = StorageSpec(endpoint_url=endpoint)
+    urls = {"file://": str(tmp / "epoch" / "train"), "S3 server": "s3://bench/epoch/train"}
+    for url in urls.values():
+        fs, path = url_to_fs(url, **storage_options(url, s3))
+        writer = ShardWriter(fs, path, 10**12)
+        for k, (blob, label) in enumerate(data):
+            if k and k % 1024 == 0:  # shards of 1,024 samples: four blocks of the default 256
+                writer._close_shard()
+            writer.add(blob, "jpg", label)
+        writer.finish([f"c{c:03d}" for c in range(10)])
+    masks = SampleMasks(196, 5, 0.8, "disjoint")
+    dev = transforms.TwoViewTransform(CROP, "spatial_consistent_color", device_color=True)
+    batch = 256
+    results: dict[tuple[str, str], tuple[float, float, float]] = {}
+    for _ in range(repeats):  # the configurations in turn, so that a change of load falls on all of them
+        for where, url in urls.items():
+            for order in ("blocks", "global"):
+                storage = s3 if url.startswith("s3") else None
+                base = ShardedImages(url, storage, decode.Decoding(True), OrderSettings(order))  # type: ignore[arg-type]
+                views = loaders.PretrainViews(base, dev, 0, masks)
+                follow = loaders.shard_local_order(views, batch, 0, total // batch)
+                perm = (follow or (lambda e: global_permutation(total, 0, e)))(0)[: total // batch * batch].tolist()
+                t = time.process_time()
+                for i in perm:
+                    views[(0, i)]
+                r = len(perm) / max(time.process_time() - t, 1e-9)
+                used = int((base.members["size"][perm].astype(np.int64) + HEADER).sum())
+                fetched = base.cache_stats.bytes_fetched or used  # read image by image: what was used
+                best = results.get((order, where), (0.0, 0.0, 0.0))[0]
+                results[(order, where)] = (max(best, r), base.requests / len(perm), fetched / used)
+    rows = [(f"{order} order, {where}", *results[(order, where)]) for where in urls for order in ("blocks", "global")]
+    return rows
+
+
 def device_decode_rate(blobs: list[bytes], batch: int = 128, repeats: int = 5) -> float:
     """Images/s of batched nvJPEG decoding + crop + resize to 224 on the GPU (data.decode: gpu)."""
     device = torch.device("cuda")
@@ -183,6 +232,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, help="JPEGs written (200; --quick 60)")
     ap.add_argument("--files", type=int, help="files of the start-up test (100,000; --quick 20,000)")
     ap.add_argument("--gpu", action="store_true", help="only: batched nvJPEG decode + crop on the GPU against 1 core")
+    ap.add_argument("--orders", action="store_true", help="only: the two sample orders from file:// and S3")
     args = ap.parse_args()
     n = args.images or (60 if args.quick else 200)
     files = args.files or (20_000 if args.quick else 100_000)
@@ -204,6 +254,20 @@ def main() -> None:
             return
         write_shards(str(tmp / "shards" / "train"), samples, 10, max(n // 4, 1))
         proc, endpoint = start_s3(tmp)
+        total = 1024 if args.quick else 2048
+        epoch = order_rows(tmp, samples, endpoint, total, 2 if args.quick else 3)
+        print(f"\nCPU: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}, 1 thread; one epoch of "
+              f"{total} samples (the {n} JPEGs repeated), shards of 1,024, blocks of 256\n")  # fmt: skip
+        print("| two views, colour on the device, reduced decode | images per CPU-second | requests per image | "
+              "bytes fetched per byte used |\n|---|---|---|---|")  # fmt: skip
+        for name, r, req, amp in epoch:
+            print(f"| {name} | {r:,.0f} | {req:.4f} | {amp:.2f} |")
+        file_blocks, s3_blocks = epoch[0][1], epoch[2][1]
+        print(f"\nS3 (blocks) / file:// (blocks): {s3_blocks / file_blocks:.2f}; S3 (global) / file:// (global): "
+              f"{epoch[3][1] / epoch[1][1]:.2f}; cores for {TARGET:,} images/s from S3: blocks "
+              f"{TARGET / s3_blocks:.1f}, global {TARGET / epoch[3][1]:.1f}")  # fmt: skip
+        if args.orders:
+            return
         s3 = StorageSpec(endpoint_url=endpoint)
         write_shards_s3 = ShardWriter
         from fsspec.core import url_to_fs
