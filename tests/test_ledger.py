@@ -90,3 +90,19 @@ def test_a_read_only_reader_adds_nothing_and_reads_every_record(sweep: str) -> N
     assert all(read.results[k] for k in keys) and all(read.provenances[k] for k in keys)
     again = stage_records.read(sweep, keys)
     assert again.added == len(keys) and stage_records.read(sweep, keys).ledgered == len(keys)
+
+
+def test_a_stage_removed_to_run_again_is_no_longer_vouched_for_once_sweep_sees_it(tmp_path: Path) -> None:
+    import shutil
+
+    from launch.cli.sweep import unvouch
+
+    url = finished(tmp_path / "runs")
+    keys = status_table(open_addressed(url)).keys  # ledgers every stage
+    gone = keys[-1]
+    shutil.rmtree(store.stage_url(url, *store.split_key(gone)))
+    assert stage_records.read(url, keys).statuses[gone]["state"] == "completed"  # the ledger's word, until...
+    unvouch(url, store.read_statuses(url, keys))  # ... sweep reads every status before it plans
+    view = status_table(open_addressed(url))
+    assert {k: r for k, r in zip(view.keys, view.rows)}[gone][view.columns.index("state")] != "completed"
+    assert stage_records.read(url, keys).ledgered == len(keys) - 1

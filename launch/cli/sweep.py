@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.text import Text
 
 from extrema.run.contract import StageState
-from launch import results, roots, store, tables
+from launch import ledger, results, roots, store, tables
 from launch import snapshot as snapshots
 from launch.addressed import DAMAGED, FAILED, OK, print_notes, print_unreadable, swept_axes
 from launch.backends.base import BACKENDS, backend_class
@@ -89,6 +89,15 @@ def show_plan(out: Console, title: str, decisions: Sequence[Decision], runs: Seq
     tables.show(out, title, columns, rows, styles, pairs)
 
 
+def unvouch(url: str, statuses: dict[str, dict[str, Any]]) -> None:
+    """Revoke what the ledger holds of stages whose own status is no longer completed (a stage directory removed
+    to run it again), so that `status` never shows them completed from the ledger while they run anew."""
+    held = ledger.read(url, store.real_tree(url))
+    stale = [k for k, s in statuses.items() if k in held and s.get("state") != StageState.COMPLETED]
+    if stale:
+        ledger.append(url, {}, revoked=stale)
+
+
 def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
     """Validate, expand, plan, print the plan and submit what is not done or in flight."""
     sweep, runs = load_runs(args.file, backend=args.backend, root=args.root)
@@ -105,8 +114,10 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
     except store.Unreadable as e:
         old_manifest, problems = None, [*problems, f"{e} (kept beside as {store.MANIFEST}.damaged-<time>)"]
     seen = reconcile(url, statuses, launcher, old_manifest, write=not args.dry_run)
+    if not args.dry_run:
+        unvouch(url, statuses)
     kind = backend_class(launcher.backend)
-    adopt = {k for k in seen.holders if kind.adopts_running}
+    adopt = {k for k in (*seen.holders, *seen.elsewhere) if kind.adopts_running}
     decisions = select(jobs, seen.states, args.retry_failed, stuck=seen.stuck, adopt=adopt)
     listed = [r.stored() for r in runs]
     todo = [d.job for d in decisions if d.submit]
