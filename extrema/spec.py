@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0  # seconds a collective may wait before the stage fails (launcher.resources)
@@ -140,6 +140,11 @@ class MaskingSpec(Spec):
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
+# A field marked WHEN_SET is part of a run's identity only when it differs from its default: fields added after runs
+# exist keep every earlier run's id (`identity`).
+WHEN_SET: dict[str, Any] = {"identity": "when_set"}
+
+
 class StorageSpec(Spec):
     """How to reach an object store (s3:// through s3fs). Holds no secret: credentials come from the environment
     (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile, an instance role) or the variables named here."""
@@ -156,6 +161,18 @@ class StorageSpec(Spec):
     anon: bool = Field(False, description="unsigned requests (public buckets)")
     connect_timeout_s: float = Field(10, gt=0, le=600)
     retries: int = Field(3, ge=0, le=20, description="attempts after the first on a failed request")
+    cache_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="bound of each reading process's block cache (data.order blocks); two windows of the largest "
+        "blocks when unset",
+        json_schema_extra=WHEN_SET,
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="local directory for the block cache's unlinked files; the temporary directory when unset",
+        json_schema_extra=WHEN_SET,
+    )
 
     @model_validator(mode="after")
     def _credentials(self) -> StorageSpec:
@@ -195,11 +212,26 @@ class DataSpec(Spec):
     num_workers: int = Field(4, ge=0)
     synthetic_size: int = Field(256, gt=0, description="images per split of the synthetic test dataset")
     cache_dir: str | None = Field(None, description="download cache for Fashion-MNIST when no local copy exists")
+    order: Literal["global", "blocks"] = Field(
+        "global",
+        description="sample order of training reads: global: every sample shuffled each epoch; blocks (shards "
+        "only): blocks of a shard shuffled, then samples within windows of blocks, read a block at a time from "
+        "object stores",
+        json_schema_extra=WHEN_SET,
+    )
+    order_block: int = Field(
+        256, ge=1, description="blocks order: consecutive samples of one shard per block", json_schema_extra=WHEN_SET
+    )
+    order_window: int = Field(
+        16, ge=1, description="blocks order: blocks whose samples are shuffled together", json_schema_extra=WHEN_SET
+    )
 
     @model_validator(mode="after")
     def _root_given(self) -> DataSpec:
         if self.dataset in ("imagefolder", "shards") and not self.root:
             raise ValueError(f"root is required for dataset {self.dataset!r}")
+        if self.order == "blocks" and self.dataset != "shards":
+            raise located("order", "blocks reads shards only (dataset 'shards'); use global")
         if self.decode == "gpu" and self.color_on_device is False:
             raise ValueError("decode 'gpu' finishes the views on the device: color_on_device cannot be false")
         return self
@@ -212,11 +244,6 @@ def canvas_problem(objects: tuple[int, int], scale: tuple[float, float]) -> str 
     if not 0 < scale[0] <= scale[1]:
         return f"canvas_scale {scale}: need 0 < min <= max"
     return None
-
-
-# A field marked WHEN_SET is part of a run's identity only when it differs from its default: fields added after runs
-# exist keep every earlier run's id (`identity`).
-WHEN_SET: dict[str, Any] = {"identity": "when_set"}
 
 
 def identity(model: BaseModel) -> Any:
@@ -630,105 +657,3 @@ class RunSpec(Spec):
     experiment: Experiment
     overrides: dict[str, Any] = Field(default_factory=dict, description="the swept values that made this run")
     logging: LoggingSpec = LoggingSpec()
-
-
-# What may reach an sbatch script: one set of rules, applied when a ResourcesSpec is validated (every backend, at
-# sweep validation) and again by the Slurm backend before each submission.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_NAMES = (re.compile(r"[A-Za-z0-9_.-]+(?:,[A-Za-z0-9_.-]+)*"), "letters, digits, '_', '.', '-', comma-separated")
-SBATCH_FIELDS: dict[str, tuple[re.Pattern[str], str]] = {
-    "partition": _NAMES,
-    "account": _NAMES,
-    "qos": _NAMES,
-    "constraint": (re.compile(r"[A-Za-z0-9_.,:|&!*()\[\]]+"), "feature names and the operators & | ! * , : ( ) [ ]"),
-}
-SBATCH_OPTION = (re.compile(r"[a-z][a-z0-9-]{0,63}"), "long option names of lowercase letters, digits and '-'")
-SBATCH_VALUE = (re.compile(r"[A-Za-z0-9_.,:@%=+/\[\]-]{0,512}"), "letters, digits and _ . , : @ % = + / [ ] -")
-# Options submitit or the Slurm backend set itself; overriding them would break logs, arrays or requeueing.
-INTERFACE = re.compile(r"[A-Za-z0-9_.:-]{1,15}")  # Linux IFNAMSIZ; no '/' or whitespace
-MANAGED_SBATCH_OPTIONS = frozenset(
-    {"array", "dependency", "error", "job-name", "open-mode", "output", "parsable", "signal", "wrap", "wckey"}
-    | {"cpus-per-task", "nodes", "ntasks-per-node", "gpus-per-node"}  # resources fields; the srun line repeats some
-)
-
-
-def _quoted(value: str) -> str:
-    return repr(value) if len(value) <= 80 else repr(value[:77]) + "..."
-
-
-def sbatch_text_problem(value: str, rule: tuple[re.Pattern[str], str]) -> str | None:
-    """Why `value` cannot go into an sbatch script under `rule` (pattern, what it allows); None when it can."""
-    if _CONTROL.search(value):
-        return f"contains a control character (newline, tab, ...): {_quoted(value)}"
-    if not rule[0].fullmatch(value) or ".." in value:
-        return f"{_quoted(value)} cannot go into an sbatch script; allowed: {rule[1]}"
-    return None
-
-
-def sbatch_option_problem(name: str, value: str) -> str | None:
-    """Why an extra sbatch option `--name=value` is refused; None when it may go into an sbatch script."""
-    if sbatch_text_problem(name, SBATCH_OPTION):
-        return f"option name {_quoted(name)} is not a plain sbatch option name; allowed: {SBATCH_OPTION[1]}"
-    if name in MANAGED_SBATCH_OPTIONS:
-        return f"option {name!r} is set by the launcher itself and cannot be overridden"
-    reason = sbatch_text_problem(value, SBATCH_VALUE)
-    return f"option {name!r}: {reason}" if reason else None
-
-
-class ResourcesSpec(Spec):
-    """What one stage job asks of its backend. Launcher settings: never part of a run's identity.
-
-    partition, account, qos, constraint and sbatch_extra are checked against SBATCH_FIELDS / SBATCH_OPTION /
-    SBATCH_VALUE whatever the backend, so a value that could not go into an sbatch script is refused at validation.
-    """
-
-    nodes: int = Field(1, ge=1)
-    processes_per_node: int = Field(1, ge=1, description="training processes (ranks) per node")
-    gpus_per_node: int = Field(0, ge=0)
-    cpus_per_task: int = Field(1, ge=1)
-    mem_gb: float | None = Field(None, gt=0, allow_inf_nan=False)
-    time_min: int = Field(60, ge=1)
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    sbatch_extra: dict[str, str] = Field(default_factory=dict, description="extra sbatch options, name -> value")
-    network_interface: str | None = Field(
-        None, description="network interface for collectives between nodes (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME)"
-    )
-    collective_timeout_s: float = Field(
-        DEFAULT_COLLECTIVE_TIMEOUT_S,
-        gt=0,
-        le=86_400,
-        allow_inf_nan=False,
-        description="seconds a rank waits in one collective",
-    )
-
-    @field_validator("network_interface")
-    @classmethod
-    def _interface(cls, value: str | None) -> str | None:
-        if value is not None and not INTERFACE.fullmatch(value):
-            raise ValueError(f"{_quoted(value)} is not a network interface name (1-15 of letters, digits, _ . : -)")
-        return value
-
-    @field_validator(*SBATCH_FIELDS)
-    @classmethod
-    def _sbatch_field(cls, value: str | None, info: ValidationInfo) -> str | None:
-        reason = None if value is None else sbatch_text_problem(value, SBATCH_FIELDS[str(info.field_name)])
-        if reason:
-            raise ValueError(reason)
-        return value
-
-    @field_validator("sbatch_extra")
-    @classmethod
-    def _sbatch_options(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, text in value.items():
-            reason = sbatch_option_problem(name, text)
-            if reason:
-                raise ValueError(reason)
-        return value
-
-    @property
-    def world_size(self) -> int:
-        """Total training processes of the job."""
-        return self.nodes * self.processes_per_node
