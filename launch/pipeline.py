@@ -74,7 +74,8 @@ def select(
             continue
         if job.key in adopt:
             chosen.add(job.key)
-            out.append(Decision(job, state, True, "adopt: follow the running attempt"))
+            whose = "the running attempt" if state == StageState.RUNNING else "the attempt another host's sweep queued"
+            out.append(Decision(job, state, True, f"adopt: follow {whose}"))
             continue
         if state in contract.IN_FLIGHT and job.key not in stuck:
             out.append(Decision(job, state, False, f"already {state}"))

@@ -15,7 +15,9 @@ submitting process is not needed), and:
   or cancelled, with the reason;
 - unknown there (the job vanished, or the local Ray head that ran it has stopped): recorded cancelled, so that
   the next `sweep` resumes it;
-- the backend cannot be asked (no address, unreachable): the store's word stands, and a note says so.
+- the backend cannot be asked (no address, unreachable): the store's word stands, and a note says so;
+- queued or run by a local sweep of another host (`elsewhere`): the store's word stands; that sweep may be gone,
+  so a backend whose jobs wait on the lease follows the stage (`adopt`), as it follows a running attempt.
 
 Stages are asked in groups, one per backend and cluster (`launch.backends.base.in_flight_groups`), each through
 its backend's `states`.
@@ -49,6 +51,7 @@ class Reconciled:
     corrected: dict[str, str] = field(default_factory=dict)  # key -> error recorded with the corrected state
     holders: dict[str, lease.Holder] = field(default_factory=dict)  # key -> the live attempt that owns the stage
     stuck: set[str] = field(default_factory=set)  # pending without a job: the submission was interrupted
+    elsewhere: set[str] = field(default_factory=set)  # in flight in a sweep of another host, unseen from here
     problems: list[str] = field(default_factory=list)  # `path: reason` of lease records that cannot be read
 
 
@@ -132,6 +135,8 @@ def reconcile(
             out.notes.append(f"could not ask {note}; {len(ids)} stage(s) show the run store's state")
             continue
         for key, job_id in ids.items():
+            if answer.get(job_id) == State.ELSEWHERE:
+                out.elsewhere.add(key)
             state, why = settled(answer.get(job_id), name, job_id)
             if state is None:
                 continue

@@ -244,9 +244,13 @@ def test_jobs_of_other_processes() -> None:
     got = backend.status(
         [f"local-{os.getpid()}-99@{host}", f"local-{dead.strip()}-0@{host}", "local-1-0@elsewhere", "123_4"]
     )
-    # A job of a live sweep (queued or running: its stage's status.json says which) or of another host is left
-    # out, not guessed; one whose sweep process is gone was stopped with it.
-    assert got == {f"local-{dead.strip()}-0@{host}": State.CANCELLED, "123_4": State.UNKNOWN}
+    # A job of a live sweep (queued or running: its stage's status.json says which) is left out, not guessed; one
+    # whose sweep process is gone was stopped with it; one of another host is there, unseen (`sweep` follows it).
+    assert got == {
+        f"local-{dead.strip()}-0@{host}": State.CANCELLED,
+        "local-1-0@elsewhere": State.ELSEWHERE,
+        "123_4": State.UNKNOWN,
+    }
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])

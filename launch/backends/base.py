@@ -52,14 +52,18 @@ SWEEP_LOGS = "logs"  # <root>/<sweep>/logs/: a backend's log folder, unless its 
 
 
 class LauncherSettings(BaseModel):
-    """What every backend reads of a sweep file's `launcher`: the backend (a name in BACKENDS) and the resources
-    of its stage jobs (`stages` entries override `resources` key by key). Each backend's own settings extend it."""
+    """What every backend reads of a sweep file's `launcher`: the backend (a name in BACKENDS), the resources of its
+    stage jobs (`stages` entries override `resources` key by key) and how many run at once (`max_parallel`, each
+    backend's own default when unset). Each backend's own settings extend it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     backend: str = "local"
     resources: ResourcesSpec = ResourcesSpec()
     stages: dict[StageName, ResourcesSpec] = Field(default_factory=dict)
+    max_parallel: int | None = Field(
+        None, ge=1, description="stage jobs at once: local 1 unless set; slurm each array's %n (256); ray unbounded"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -116,6 +120,7 @@ class State(str, Enum):
     CANCELLED = StageState.CANCELLED
     PREEMPTED = StageState.PREEMPTED
     UNKNOWN = "unknown"  # the backend positively does not know the job (it vanished)
+    ELSEWHERE = "elsewhere"  # queued or run by a process of another host, which cannot be seen from here
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import IO, Self
 
 from fsspec.implementations.local import LocalFileSystem
-from pydantic import Field, model_validator
+from pydantic import model_validator
 
 from extrema.run import contract, lease, rundir
 from extrema.run.contract import StageDir, StageState
@@ -111,9 +111,7 @@ def demand(job: Job) -> tuple[int, int]:
 
 
 class LocalSettings(LauncherSettings):
-    """`launcher.max_parallel`: stage jobs a local sweep runs at once; and its stages run on this machine only."""
-
-    max_parallel: int = Field(1, ge=1, description="local backend: stage jobs run at once")
+    """A local sweep's stages run on this machine only; `launcher.max_parallel` of them at once (1 unless set)."""
 
     @model_validator(mode="after")
     def _one_machine(self) -> Self:
@@ -147,7 +145,7 @@ class LocalBackend(Backend):
     @classmethod
     def from_launcher(cls, launcher: LauncherSettings, address: str | None = None) -> LocalBackend:
         """The backend a sweep's launcher section asks for (this machine: no address)."""
-        return cls(max_parallel=LocalSettings.of(launcher).max_parallel)
+        return cls(max_parallel=LocalSettings.of(launcher).max_parallel or 1)
 
     @classmethod
     def stop_attempts(cls, sweep_url: str, holders: Mapping[str, lease.Holder]) -> dict[str, str]:
@@ -167,7 +165,7 @@ class LocalBackend(Backend):
         return out
 
     def status(self, job_ids: Sequence[str]) -> dict[str, State]:
-        """Advance the queue (reap, start) and report each job's state; jobs of other hosts are left out."""
+        """Advance the queue (reap, start) and report each job's state; ELSEWHERE for jobs of other hosts."""
         self.poll()
         out = {i: self._tasks[i].state if i in self._tasks else self._foreign(i) for i in job_ids}
         return {i: s for i, s in out.items() if s is not None}
@@ -223,11 +221,14 @@ class LocalBackend(Backend):
 
     def _foreign(self, job_id: str) -> State | None:
         """A job of another process: gone with its process when that ran on this host. None while that process
-        lives (its job may be queued or running: the run store tells which) or when it ran on another host."""
+        lives (its job may be queued or running: the run store tells which); ELSEWHERE when it ran on another host
+        (whose sweep may be gone: `sweep` follows such a stage, its lease keeps it to one attempt)."""
         m = _ID.fullmatch(job_id)
         if not m:
             return State.UNKNOWN
-        if m.group(3) != self.host or lease.process_alive(int(m.group(1)), None):
+        if m.group(3) != self.host:
+            return State.ELSEWHERE
+        if lease.process_alive(int(m.group(1)), None):
             return None
         return State.CANCELLED
 
