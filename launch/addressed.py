@@ -37,10 +37,10 @@ def is_sweep_file(arg: str) -> bool:
     return arg.endswith((".yaml", ".yml")) or ("://" not in arg and Path(arg).is_file())
 
 
-def open_addressed(arg: str, root: str | None = None) -> Addressed:
-    """Resolve FILE|URL into the sweep it addresses."""
+def open_addressed(arg: str, root: str | None = None, overrides: Sequence[str] = ()) -> Addressed:
+    """Resolve FILE|URL into the sweep it addresses (a file with its `key=value` overrides, launch.overrides)."""
     if is_sweep_file(arg):
-        sweep, runs = load_runs(arg, root=root)
+        sweep, runs = load_runs(arg, root=root, overrides=overrides)
         url = store.sweep_url(sweep.root, sweep.name)
         roots.check_usable(url, write=False)
         listed = [r.stored() for r in runs]

@@ -17,7 +17,7 @@ import json
 import math
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,9 @@ from launch.backends.local import LocalSettings
 from launch.backends.ray.settings import RaySettings
 from launch.backends.slurm.settings import SlurmSettings
 from launch.errors import InvalidSweep, Loc, Problem
+from launch.overrides import Override, attribute, axis_paths
+from launch.overrides import apply as apply_overrides
+from launch.overrides import parse as parse_overrides
 from launch.printable import clip, shown
 from launch.yamlfile import Source, deep_merge, load_with_includes, locate
 
@@ -441,6 +444,15 @@ def one_process_problems(launcher: LauncherSpec, stages: tuple[str, ...], report
     return problems
 
 
+def _base_problems(sweep: SweepFile) -> list[Problem]:
+    """What is wrong with the base experiment alone, leaving out what the axes set in every run."""
+    try:
+        Experiment.model_validate(sweep.base)
+    except ValidationError as e:
+        return _unswept(validation_problems(e, Experiment, ("base",)), axis_paths(sweep.model_dump()))
+    return []
+
+
 def expand(sweep: SweepFile) -> list[Run]:
     """Every run of a sweep, in a stable order; InvalidSweep listing every problem found."""
     problems: list[Problem] = []
@@ -449,6 +461,8 @@ def expand(sweep: SweepFile) -> list[Run]:
     seen: dict[str, int] = {}
     ids = RunIds()
     seen_stages: set[str] = set()
+    if problems:  # the axes are wrong: the base alone is validated too, so that one pass shows every problem
+        raise InvalidSweep(problems + _base_problems(sweep))
     fixed = _validated_sections(sweep.base)
     for i, (overrides, origin) in enumerate(points):
         touched = {p.split(".", 1)[0] for p in overrides}
@@ -488,38 +502,86 @@ def expand(sweep: SweepFile) -> list[Run]:
 
 
 def _also_expand(raw: dict[str, Any], found: list[Problem]) -> list[Problem]:
-    """When only `launcher` or `root` is wrong, the runs' own problems too, so that one pass shows them all."""
+    """When the sweep file's top-level keys other than `base` are wrong, the runs' own problems too (the base alone
+    where the axes are wrong), so that one pass shows them all."""
     bad = {p.loc[0] for p in found if p.loc}
-    if not bad or not bad <= {"launcher", "root"}:
+    if not bad or "base" in bad or not isinstance(raw.get("base"), dict):
         return []
+    kept = {k: v for k, v in raw.items() if k not in bad}
+    if "name" in bad:
+        kept["name"] = "sweep"
     try:
-        expand(SweepFile.model_validate({k: v for k, v in raw.items() if k not in bad}))
+        expand(SweepFile.model_validate(kept))
     except InvalidSweep as e:
-        return e.problems
+        return _unswept(e.problems, axis_paths(raw)) if "sweep" in bad else e.problems
     except ValidationError:
         return []
     return []
 
 
-def load_sweep(path: str | Path, backend: str | None = None, root: str | None = None) -> tuple[SweepFile, list[Source]]:
-    """Read and validate a sweep file (includes merged underneath); command-line overrides win over the file."""
+def _unswept(problems: list[Problem], swept: list[str]) -> list[Problem]:
+    """The problems of the base alone that no axis path decides (an axis sets a value there in every run)."""
+    index = _PathIndex(p for p in swept if p)
+    out = []
+    for p in problems:
+        path = ".".join(str(x) for x in p.loc[1:]) if p.loc[:1] == ("base",) else ""
+        if not (path and index.clash(path)):
+            out.append(p)
+    return out
+
+
+def _raw_sweep(
+    path: str | Path, backend: str | None, root: str | None, overrides: Sequence[str]
+) -> tuple[dict[str, Any], list[Source], list[Override], list[Problem]]:
+    """The file's mapping (includes merged underneath) with the command line's settings and overrides set into it,
+    the overrides and what is wrong with them."""
     raw, sources = load_with_includes(Path(path))
     if backend is not None:
         launcher = raw.get("launcher")
         raw["launcher"] = {**(launcher if isinstance(launcher, dict) else {}), "backend": backend}
     if root is not None:
         raw["root"] = root
+    given, problems = parse_overrides(overrides)
+    problems += apply_overrides(raw, given)
+    return raw, sources, given, problems
+
+
+def _invalid(problems: list[Problem], sources: list[Source], given: list[Override]) -> InvalidSweep:
+    located_ = [p if p.file else locate([p], sources)[0] for p in problems]  # an argument's problems name it already
+    return InvalidSweep(attribute(located_, given))
+
+
+def load_sweep(
+    path: str | Path, backend: str | None = None, root: str | None = None, overrides: Sequence[str] = ()
+) -> tuple[SweepFile, list[Source]]:
+    """Read and validate a sweep file (includes merged underneath); command-line settings and `key=value`
+    overrides (launch.overrides) win over the file."""
+    raw, sources, given, problems = _raw_sweep(path, backend, root, overrides)
     try:
-        return SweepFile.model_validate(raw), sources
+        sweep = SweepFile.model_validate(raw)
     except ValidationError as e:
         found = validation_problems(e, SweepFile)
-        raise InvalidSweep(locate(found + _also_expand(raw, found), sources)) from None
+        raise _invalid(problems + found + _also_expand(raw, found), sources, given) from None
+    if problems:
+        raise _invalid(problems, sources, given)
+    return sweep, sources
 
 
-def load_runs(path: str | Path, backend: str | None = None, root: str | None = None) -> tuple[SweepFile, list[Run]]:
-    """Load a sweep file and expand it; every problem names the file, the dotted path and the reason."""
-    sweep, sources = load_sweep(path, backend, root)
+def load_runs(
+    path: str | Path, backend: str | None = None, root: str | None = None, overrides: Sequence[str] = ()
+) -> tuple[SweepFile, list[Run]]:
+    """Load a sweep file and expand it; every problem (the file's, the axes', every run's and the overrides') in one
+    InvalidSweep, each naming the file or argument, the dotted path and the reason."""
+    raw, sources, given, problems = _raw_sweep(path, backend, root, overrides)
     try:
-        return sweep, expand(sweep)
+        sweep = SweepFile.model_validate(raw)
+    except ValidationError as e:
+        found = validation_problems(e, SweepFile)
+        raise _invalid(problems + found + _also_expand(raw, found), sources, given) from None
+    try:
+        runs = expand(sweep)
     except InvalidSweep as e:
-        raise InvalidSweep(locate(e.problems, sources)) from None
+        problems += e.problems
+    if problems:
+        raise _invalid(problems, sources, given)
+    return sweep, runs

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
 
-from launch.addressed import open_addressed
+from launch import overrides, store
+from launch.addressed import is_sweep_file, open_addressed
 from launch.cli.arguments import ROOT_HELP, TARGET_HELP, add_command, positive
 from launch.status_view import show_status, status_code, status_table, watch_status
+from launch.sweep import load_sweep
 
 HELP = "one table of every run and stage with state, attempts, elapsed, latest metric"
 MORE = (
@@ -27,6 +32,12 @@ def add_parser(sub: Any) -> None:
     """Register `status` on the CLI's subparsers."""
     p = add_command(sub, "status", cmd_status, HELP, MORE)
     p.add_argument("target", metavar="FILE|URL", help=TARGET_HELP)
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="the overrides FILE was swept with (default: those its last submission recorded in the manifest)",
+    )
     p.add_argument("--root", help=ROOT_HELP)
     p.add_argument("--watch", action="store_true", help="refresh the table until every stage has ended")
     p.add_argument("--interval", type=positive, default=5.0, metavar="S", help="seconds between refreshes (5)")
@@ -35,9 +46,25 @@ def add_parser(sub: Any) -> None:
     )
 
 
+def recorded_overrides(target: str, root: str | None) -> list[str]:
+    """The `key=value` overrides the last submission of a sweep file recorded in its manifest's source (none for a
+    URL, a sweep never submitted, or one last submitted from another file)."""
+    if not is_sweep_file(target):
+        return []
+    sweep, _ = load_sweep(target, root=root)
+    try:
+        manifest = store.read_manifest(store.sweep_url(sweep.root, sweep.name))
+    except (store.Unreadable, ValueError, OSError):
+        return []
+    return overrides.recorded((manifest or {}).get("source"), str(Path(target).resolve())) or []
+
+
 def cmd_status(args: argparse.Namespace, out: Console) -> int:
     """One table of every run and stage: state, attempts, elapsed time, latest metric; backends asked."""
-    target = open_addressed(args.target, args.root)
+    given = args.overrides or recorded_overrides(args.target, args.root)
+    if given and not args.overrides:
+        out.print(Text(f"with the overrides of its last submission: {shlex.join(given)}", style="dim"))
+    target = open_addressed(args.target, args.root, given)
     if args.watch:
         return watch_status(target, out, args.interval)
     view = status_table(target, fresh=args.fresh)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.text import Text
 
 from extrema.run.contract import StageState
-from launch import ledger, results, roots, store, tables
+from launch import ledger, overrides, results, roots, store, tables
 from launch import snapshot as snapshots
 from launch.addressed import DAMAGED, FAILED, OK, print_notes, print_unreadable, swept_axes
 from launch.backends.base import BACKENDS, backend_class
@@ -42,6 +42,13 @@ def add_parser(sub: Any) -> None:
     """Register `sweep` on the CLI's subparsers."""
     p = add_command(sub, "sweep", cmd_sweep, HELP, MORE)
     p.add_argument("file", help="sweep YAML file")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="set a field of the file: a dotted path into base (pretrain.base_lr=1e-3) or launcher "
+        "(launcher.resources.nodes=2), the value read as YAML; validated like the file",
+    )
     p.add_argument("--backend", choices=sorted(BACKENDS), help="override launcher.backend")
     p.add_argument("--root", help="override root: the run store URL (default ./runs)")
     p.add_argument("--dry-run", action="store_true", help="print the plan; submit and write nothing")
@@ -100,7 +107,7 @@ def unvouch(url: str, statuses: dict[str, dict[str, Any]]) -> None:
 
 def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
     """Validate, expand, plan, print the plan and submit what is not done or in flight."""
-    sweep, runs = load_runs(args.file, backend=args.backend, root=args.root)
+    sweep, runs = load_runs(args.file, backend=args.backend, root=args.root, overrides=args.overrides)
     url = store.sweep_url(sweep.root, sweep.name)
     launcher = sweep.launcher
     if url.startswith("memory://") and not args.dry_run:
@@ -134,7 +141,7 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
     held_back = FAILED if any(d.state == StageState.FAILED and not d.submit for d in decisions) else OK
     held_back = DAMAGED if problems else held_back
     log_dir = kind.log_dir(launcher, url)
-    source = str(Path(args.file).resolve())
+    source = overrides.source(str(Path(args.file).resolve()), args.overrides)
     manifest = store.sweep_manifest(sweep.name, sweep.root, source, launcher.model_dump(mode="json"), log_dir, listed)
     if not todo:
         store.write_manifest(url, manifest)
