@@ -181,7 +181,7 @@ def test_snapshots_on_an_object_store_are_fetched_verified_and_refused_when_tamp
 def test_a_process_importing_a_snapshot_knows_it_and_refuses_edits_to_it(tmp_path: Path) -> None:
     snap = snapshot.take(REPO)
     files = snapshot.local_copy(snapshot.save(snap, str(tmp_path / "sweep")), tmp_path / "cache")
-    probe = "import json; from extrema import code; print(json.dumps(code_snapshot.identity()))"
+    probe = "import json; from extrema.run import code_snapshot; print(json.dumps(code_snapshot.identity()))"
     env = {**os.environ, "PYTHONPATH": str(files), "PYTHONSAFEPATH": "1"}
 
     def identity() -> subprocess.CompletedProcess[str]:

@@ -19,10 +19,10 @@ import fsspec
 import pytest
 
 from extrema.run import code_snapshot, contract, rundir
-from extrema.spec import ResourcesSpec
 from launch import snapshot, store
 from launch.backends.base import Job, State
 from launch.backends.local import LocalBackend
+from launch.resources import ResourcesSpec
 from launch.sweep import load_runs
 from tests.s3server import S3Server, isolated_aws_env, s3_server  # noqa: F401  (fixture)
 from tests.test_cli import TINY, cli
@@ -157,7 +157,7 @@ def test_a_process_refuses_a_snapshot_that_does_not_verify_before_running_it(
 ) -> None:
     assert code_snapshot.EXIT_REFUSED == contract.EXIT_USAGE
     files = snapshot.local_copy(snapshot.save(snap, str(tmp_path / "store" / "sweep")), tmp_path / "cache")
-    ident = "import json; from extrema import code; print(json.dumps(code_snapshot.identity()))"
+    ident = "import json; from extrema.run import code_snapshot; print(json.dumps(code_snapshot.identity()))"
     intact = python(files, "-c", ident)
     assert intact.returncode == 0 and json.loads(intact.stdout)["code_source"] == "snapshot", intact.stderr
 
