@@ -21,9 +21,10 @@ from extrema.run import rundir
 from extrema.run.contract import update_status
 from launch import store
 from launch.backends.base import Job, State
-from launch.backends.slurm.backend import SlurmBackend, StageCall, parse_states, sbatch_script, to_state
+from launch.backends.slurm.backend import SlurmBackend, StageCall, parse_states, to_state
 from launch.backends.slurm.plan import afterok, parse_max_array_size, plan_arrays, planned_arrays
 from launch.resources import ResourcesSpec
+from launch.sweep import LauncherSpec
 from tests.cluster_sweeps import FAST, FAST_KNN, FINAL, TINY, cli, release_requeued
 from tests.clusters.slurm import SlurmCluster
 from tests.stage_runs import make_run
@@ -203,6 +204,28 @@ def test_states_from_sacct_and_squeue_lines() -> None:
 
 
 GOLDEN_SBATCH = Path(__file__).resolve().parent / "golden" / "sbatch"
+# Each way a task can run, as a sweep file's `launcher` says it (YAML in, sbatch scripts out: <way>.<n>.sh).
+GOLDEN_WAYS = {
+    "plain": "{backend: slurm, python: python3}",
+    "setup": """
+        backend: slurm
+        python: /opt/venvs/extrema/bin/python
+        setup: ["module load cuda/12.4 nccl", "source /opt/venvs/extrema/bin/activate"]
+        max_parallel: 1
+        max_requeues: 5
+    """,
+    "pyxis": """
+        backend: slurm
+        setup: [module load cuda]
+        container: {image: "docker://nvcr.io#nvidia/pytorch:24.01", mounts: [/data, "/scratch/imagenet:/imagenet"]}
+    """,
+    "apptainer": """
+        backend: slurm
+        setup: [module load apptainer]
+        container: {image: /shared/images/extrema.sif, runtime: apptainer, mounts: [/data]}
+        python: /opt/conda/bin/python
+    """,
+}
 
 
 def golden_jobs() -> list[Job]:
@@ -218,7 +241,7 @@ def golden_jobs() -> list[Job]:
         cpus_per_task=8,
         mem_gb=200,
         time_min=1440,
-        sbatch_extra={"exclusive": "", "container-image": "/images/extrema.sqsh"},
+        sbatch_extra={"exclusive": ""},
     )
     small = res(partition="cpu", mem_gb=31.5, time_min=5)
     runs = [f"/shared/runs/ablation/r{i}" for i in range(3)]
@@ -226,18 +249,23 @@ def golden_jobs() -> list[Job]:
     return pre + [job(r, "knn", (f"r{i}/pretrain",), resources=small) for i, r in enumerate(runs)]
 
 
-def test_sbatch_scripts_are_golden_without_a_cluster() -> None:
-    """The sbatch script of every array a fixed job set becomes, as submitit writes it; UPDATE_GOLDEN=1 rewrites
-    tests/golden/sbatch/ on purpose."""
+def golden_scripts() -> dict[str, str]:
+    """<way>.<n>.sh -> the sbatch script of the n-th array the golden jobs become, for each way's launcher."""
     jobs = golden_jobs()
     by_key = {j.key: j for j in jobs}
-    backend = SlurmBackend(setup=["module load cuda"])
-    folder = Path("/shared/logs")
     arrays = [([by_key[k] for k in keys], dependency) for keys, dependency in planned_arrays(jobs, max_size=2)]
-    scripts = {
-        f"{i}.sh": sbatch_script(backend.parameters(chunk, dependency), folder, len(chunk), "python3")
-        for i, (chunk, dependency) in enumerate(arrays, start=1)
-    }
+    scripts = {}
+    for way, text in GOLDEN_WAYS.items():
+        backend = SlurmBackend.from_launcher(LauncherSpec.model_validate(yaml.safe_load(text)))
+        for i, (chunk, dependency) in enumerate(arrays, start=1):
+            scripts[f"{way}.{i}.sh"] = backend.script(chunk, dependency, Path("/shared/logs"))
+    return scripts
+
+
+def test_sbatch_scripts_are_golden_without_a_cluster() -> None:
+    """The sbatch script of every array a fixed job set becomes, as submitit writes it, for each way a task runs;
+    UPDATE_GOLDEN=1 rewrites tests/golden/sbatch/ on purpose."""
+    scripts = golden_scripts()
     if os.environ.get("UPDATE_GOLDEN"):
         GOLDEN_SBATCH.mkdir(exist_ok=True)
         for old in GOLDEN_SBATCH.glob("*.sh"):
@@ -247,14 +275,30 @@ def test_sbatch_scripts_are_golden_without_a_cluster() -> None:
     assert sorted(scripts) == sorted(p.name for p in GOLDEN_SBATCH.glob("*.sh"))
     for name, text in scripts.items():
         assert text == (GOLDEN_SBATCH / name).read_text(), name
-    assert "#SBATCH --dependency=aftercorr:1\n" in scripts["3.sh"] and "#SBATCH --mem=32256MB\n" in scripts["3.sh"]
+    assert "#SBATCH --dependency=aftercorr:1\n" in scripts["plain.3.sh"]
+    assert "#SBATCH --mem=32256MB\n" in scripts["plain.3.sh"]
     # srun gets cpus_per_task itself: Slurm 22.05 to 23.02 srun does not inherit it from sbatch.
-    for i, (chunk, _) in enumerate(arrays, start=1):
-        text, cpus = scripts[f"{i}.sh"], chunk[0].resources.cpus_per_task
+    for name, text in scripts.items():
+        cpus = 1 if name.endswith((".3.sh", ".4.sh")) else 8
         (srun,) = [line for line in text.splitlines() if line.startswith("srun ")]
-        assert f"#SBATCH --cpus-per-task={cpus}\n" in text and f" --cpus-per-task={cpus} " in srun, i
-        assert srun.index("--cpus-per-task") < srun.index(" -u -m submitit"), i  # srun's option, not the command's
-    assert {chunk[0].resources.cpus_per_task for chunk, _ in arrays} == {8, 1}
+        assert f"#SBATCH --cpus-per-task={cpus}\n" in text and f" --cpus-per-task={cpus} " in srun, name
+        assert srun.index("--cpus-per-task") < srun.index(" -u -m submitit"), name  # srun's option, not the command's
+        assert "#SBATCH --container" not in text, name  # the batch script stays on the host, its tasks do not
+    # max_parallel is each array's %n; setup lines come before the code snapshot's and run on the host.
+    assert "#SBATCH --array=0-1%1\n" in scripts["setup.1.sh"] and "%2\n" in scripts["plain.1.sh"]
+    assert (
+        "\nmodule load cuda/12.4 nccl\nsource /opt/venvs/extrema/bin/activate\nexport PYTHONPATH="
+        in scripts["setup.1.sh"]
+    )
+    # Containers mount the log folder (pickles, code snapshot) and the run store, and say so in the script.
+    mounts = "/shared/logs:/shared/logs,/shared/runs:/shared/runs,/data:/data,/scratch/imagenet:/imagenet"
+    image = "docker://nvcr.io#nvidia/pytorch:24.01"
+    (pyxis,) = [line for line in scripts["pyxis.1.sh"].splitlines() if line.startswith("srun ")]
+    tail = f" '--container-image={image}' --container-mounts={mounts} python -u -m submitit.core._submit /shared/logs"
+    assert pyxis.endswith(f" --cpus-per-task=8{tail}"), pyxis
+    apptainer = "apptainer exec --nv --bind=/shared/logs,/shared/runs,/data /shared/images/extrema.sif"
+    assert f" {apptainer} /opt/conda/bin/python -u -m submitit" in scripts["apptainer.1.sh"]
+    assert " apptainer exec --bind=" in scripts["apptainer.3.sh"]  # no GPU, no --nv
 
 
 def test_stage_call_requeues_as_itself_carrying_only_the_run_stage_and_network_settings() -> None:
@@ -322,9 +366,7 @@ def test_array_sweep_end_to_end_with_a_failed_run(slurm_cluster: SlurmCluster, t
     assert len(list(logs.glob("*_submission.sh"))) == 4  # one sbatch per array chunk
     script = (logs / f"{knn_array}_submission.sh").read_text()
     assert script == golden_script(logs, f"aftercorr:{pre_array}", "e2e.knn")
-    assert script == sbatch_script(
-        backend.parameters(jobs[3:5], f"aftercorr:{pre_array}"), logs, 2, shlex.quote(sys.executable)
-    ), "sbatch_script renders what submitit submits"
+    assert script == backend.script(jobs[3:5], f"aftercorr:{pre_array}", logs), "script renders what is submitted"
     assert f"--dependency=afterok:{pre_single}\n" in (logs / f"{ids['r2/knn']}_submission.sh").read_text()
 
     states = wait_states(backend, ids, FINAL)

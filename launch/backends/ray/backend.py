@@ -2,14 +2,16 @@
 
 Each job's entrypoint is this module's small driver, submitted without entrypoint resources:
 
-    python -m launch.backends.ray.backend --address URL --job-id ID [--after ID ...] \
+    python -m launch.backends.ray.backend --address URL --job-id ID [--slot ID] [--after ID ...] \
         --cpus C --gpus G --workers W RUN_DIR STAGE
 
 The driver
-1. waits until the Ray jobs it depends on have SUCCEEDED, and exits with 5 when one of them FAILED or was
+1. waits until the job whose slot it takes (`--slot`) has ended, however it ended: with `launcher.max_parallel` n,
+   the i-th job of a submission waits for the (i-n)-th, so the jobs form n lanes and at most n stages run at once;
+2. waits until the Ray jobs it depends on have SUCCEEDED, and exits with 5 when one of them FAILED or was
    STOPPED. So `submit` returns at once, dependency order is kept by the cluster, and a waiting job holds no CPU
-   or GPU that its upstream might need;
-2. runs the stage where the resources are: world size 1 -> one Ray task that reserves the stage's CPUs/GPUs and
+   or GPU that its upstream might need (every wait points at an earlier job: no lane can deadlock);
+3. runs the stage where the resources are: world size 1 -> one Ray task that reserves the stage's CPUs/GPUs and
    calls `extrema.entry.main([run_dir, stage])` in its own worker process (retried up to `max_failures` times);
    world size > 1 -> Ray Train's `TorchTrainer`, one worker per rank (gloo on CPU, nccl on GPU), each calling
    `extrema.entry.main` inside the process group Ray Train set up, retried through
@@ -19,6 +21,11 @@ Stopping a Ray job (`cancel`) kills its driver and with it the task or trainer t
 `address`, else RAY_ADDRESS, never one found by guessing; `extrema-launch sweep` starts a private local head
 (`private_cluster`, `launch.backends.ray.head`) when neither is set, and copies each job's log into its stage's
 `logs/` before it stops that head (`keep_logs`). Nothing here imports torch or ray at module level.
+
+`launcher.container.image` becomes every job's `image_uri` (podman on the nodes): the driver and its tasks run the
+image's `python` (or `launcher.python`). Ray takes no `working_dir` beside an image, so the code snapshot goes first
+on the job's PYTHONPATH instead; it must be at the same path inside the image's containers (a shared filesystem the
+nodes mount into them), else the job imports the image's own copy of the project.
 """
 
 from __future__ import annotations
@@ -39,7 +46,17 @@ from extrema.run import rundir
 from extrema.run.contract import EXIT_UPSTREAM_FAILED, StageDir
 from extrema.spec import DEFAULT_COLLECTIVE_TIMEOUT_S
 from launch import store
-from launch.backends.base import Backend, Job, LauncherSettings, PrivateCluster, RecordedJob, State, Unreachable
+from launch.backends.base import (
+    Backend,
+    Job,
+    LauncherSettings,
+    PrivateCluster,
+    RecordedJob,
+    State,
+    Unreachable,
+    code_env,
+)
+from launch.backends.container import image_problem, python_problem
 from launch.backends.ray.head import head_gone, start_head, stop_head
 from launch.backends.ray.logs import ray_label
 from launch.backends.ray.settings import RaySettings
@@ -105,11 +122,13 @@ def driver_command(
     python: str,
     max_failures: int,
     storage: str | None,
+    slot: str | None = None,
 ) -> list[str]:
-    """argv of the driver that waits for `after`, then runs the job's stage on the cluster."""
+    """argv of the driver that waits for its slot and for `after`, then runs the job's stage on the cluster."""
     r = job.resources
     gpus = r.gpus_per_node / r.processes_per_node if r.gpus_per_node else 0
     argv = [python, "-m", "launch.backends.ray.backend", f"--address={address}", f"--job-id={job_id}"]
+    argv += [f"--slot={slot}"] if slot else []
     argv += [f"--after={a}" for a in after]
     argv += [f"--cpus={r.cpus_per_task}", f"--gpus={gpus:g}", f"--workers={r.world_size}", f"--nodes={r.nodes}"]
     argv += [f"--collective-timeout={r.collective_timeout_s:g}"]
@@ -119,14 +138,21 @@ def driver_command(
     return [*argv, "--", job.run_dir, job.stage]
 
 
-def job_runtime_env(base: dict[str, Any] | None, job: Job) -> dict[str, Any]:
+def job_runtime_env(base: dict[str, Any] | None, job: Job, image: str | None = None) -> dict[str, Any]:
     """The Ray runtime environment of a job: `base` with the job's network settings added to its env_vars (they
     reach the driver, the task or every Ray Train worker of the job), the submitter's EXTREMA_* settings, and the
-    driver's log deduplication off (it merges the ranks' lines that differ only in numbers)."""
+    driver's log deduplication off (it merges the ranks' lines that differ only in numbers). With an image, the
+    job runs in it (`image_uri`, which Ray takes with env_vars and config only) with the code snapshot first on
+    PYTHONPATH; without one, Ray ships the snapshot as the job's working_dir."""
     env = dict(base or {})
-    if job.code_dir:  # Ray packs it, serves it to every node and starts the driver and workers inside it
+    code: dict[str, str] = {}
+    if image:
+        env["image_uri"] = image
+        code = code_env(job.code_dir, None) if job.code_dir else {}
+    elif job.code_dir:  # Ray packs it, serves it to every node and starts the driver and workers inside it
         env["working_dir"] = job.code_dir
-    env["env_vars"] = {**(env.get("env_vars") or {}), **forwarded(os.environ), **job.env(), "RAY_DEDUP_LOGS": "0"}
+    extra = {**forwarded(os.environ), **job.env(), **code, "RAY_DEDUP_LOGS": "0"}
+    env["env_vars"] = {**(env.get("env_vars") or {}), **extra}
     return env
 
 
@@ -156,17 +182,32 @@ class RayBackend(Backend):
         max_failures: int = 1,
         python: str | None = None,
         runtime_env: dict[str, Any] | None = None,
+        image: str | None = None,
+        max_parallel: int | None = None,
     ) -> None:
+        for what, reason in [
+            ("launcher.container.image", image and image_problem(image)),
+            ("launcher.python", python and python_problem(python)),
+        ]:
+            if reason:
+                raise ValueError(f"{what}: {reason}")
+        if max_parallel is not None and max_parallel < 1:
+            raise ValueError("launcher.max_parallel: must be at least 1")
         self.address = address or os.environ.get("RAY_ADDRESS")
         self.max_failures = max_failures
-        self.python = python or sys.executable
+        self.python = python or ("python" if image else sys.executable)
         self.runtime_env = runtime_env
+        self.image = image
+        self.max_parallel = max_parallel
         self._client: JobSubmissionClient | None = None
 
     @classmethod
     def from_launcher(cls, launcher: LauncherSettings, address: str | None = None) -> RayBackend:
-        """The backend of the cluster at `address`, else launcher.ray_address, else RAY_ADDRESS."""
-        return cls(address=address or RaySettings.of(launcher).ray_address)
+        """The backend of the cluster at `address`, else launcher.ray_address, else RAY_ADDRESS; with the
+        launcher's image, interpreter and max_parallel."""
+        s = RaySettings.of(launcher)
+        image = s.container.image if s.container else None
+        return cls(address=address or s.ray_address, python=s.python, image=image, max_parallel=s.max_parallel)
 
     @classmethod
     def recorded_address(cls, status: Mapping[str, Any], launcher: LauncherSettings) -> str | None:
@@ -223,22 +264,24 @@ class RayBackend(Backend):
         return self._client
 
     def submit(self, jobs: Sequence[Job], log_dir: str) -> dict[str, str]:
-        """Submit every job at once; each driver waits for its upstream jobs. Returns key -> submission id."""
+        """Submit every job at once; each driver waits for its slot (max_parallel lanes) and its upstream jobs.
+        Returns key -> submission id."""
         keys = {j.key for j in jobs}
         ids: dict[str, str] = {}
         address = self.client.get_address()
         storage = storage_path(log_dir)
-        for j in jobs:
+        for i, j in enumerate(jobs):
             missing = [a for a in j.after if a in keys and a not in ids]
             if missing:
                 raise ValueError(f"jobs: {j.key} comes before {', '.join(missing)}, which it waits for")
             after = [ids[a] for a in j.after if a in ids]
             sid = submission_id(j.key)
-            argv = driver_command(j, sid, address, after, self.python, self.max_failures, storage)
+            slot = slot_of(list(ids.values()), i, self.max_parallel)
+            argv = driver_command(j, sid, address, after, self.python, self.max_failures, storage, slot)
             self.client.submit_job(
                 entrypoint=shlex.join(argv),
                 submission_id=sid,
-                runtime_env=job_runtime_env(self.runtime_env, j),
+                runtime_env=job_runtime_env(self.runtime_env, j, self.image),
                 metadata={"key": j.key, "run_dir": j.run_dir, "stage": j.stage},
                 entrypoint_num_cpus=0,
             )
@@ -315,6 +358,30 @@ def train_worker(config: dict[str, str]) -> None:
     run_entry(config["run_dir"], config["stage"], config["job_id"])
 
 
+def slot_of(earlier: Sequence[str], index: int, max_parallel: int | None) -> str | None:
+    """The job whose end the index-th job of a submission waits for: the (index - max_parallel)-th, so that the
+    jobs form max_parallel lanes, one stage running in each; None when unbounded or among the first n."""
+    if max_parallel is None or index < max_parallel:
+        return None
+    return earlier[index - max_parallel]
+
+
+def wait_ended(address: str, job_id: str | None, poll_s: float) -> None:
+    """Block until a job has ended, however it ended (or the cluster no longer knows it)."""
+    if not job_id:
+        return
+    client = job_client(address)
+    while True:
+        try:
+            if str(client.get_job_status(job_id)) in ("SUCCEEDED", "FAILED", "STOPPED"):
+                return
+        except RuntimeError as e:
+            if unknown_job(e):
+                return
+            raise
+        time.sleep(poll_s)
+
+
 def wait_for(address: str, upstream: Sequence[str], poll_s: float) -> str | None:
     """Block until every upstream job has ended; the first one that did not succeed, else None."""
     if not upstream:
@@ -374,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launch.backends.ray.backend", description=__doc__)
     parser.add_argument("--address", required=True, help="dashboard URL of the cluster (to watch upstream jobs)")
     parser.add_argument("--job-id", default="ray", help="this job's submission id (recorded in status.json)")
+    parser.add_argument("--slot", default=None, help="submission id that must end first (max_parallel lanes)")
     parser.add_argument("--after", action="append", default=[], help="submission id that must succeed first")
     parser.add_argument("--cpus", type=float, default=1.0, help="CPUs per rank")
     parser.add_argument("--gpus", type=float, default=0.0, help="GPUs per rank")
@@ -388,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("stage")
     args = parser.parse_args(argv)
+    wait_ended(args.address, args.slot, args.poll)
     failed = wait_for(args.address, args.after, args.poll)
     if failed:
         print(f"launch.backends.ray: not running {args.run_dir} {args.stage}: upstream job {failed}", file=sys.stderr)

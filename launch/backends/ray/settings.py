@@ -1,4 +1,5 @@
-"""The Ray backend's own launcher settings: the cluster's address."""
+"""The Ray backend's own launcher settings: the cluster's address; and (from `launch.backends.container`) the image
+(`image_uri`) and interpreter its jobs run."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ import re
 
 from pydantic import Field, field_validator
 
-from launch.backends.base import LauncherSettings
+from launch.backends.container import ContainerSettings
 from launch.printable import no_control, shown
 
 _RAY_ADDRESS = re.compile(r"(?:[a-z][a-z0-9+.-]*://)?[A-Za-z0-9_.:@%/\[\]-]{1,255}")
 
 
-class RaySettings(LauncherSettings):
+class RaySettings(ContainerSettings):
     """`launcher.ray_address`: the cluster jobs go to (else RAY_ADDRESS; with neither, a local head for the sweep)."""
 
     ray_address: str | None = Field(None, description="ray backend: cluster address; a local Ray when unset")

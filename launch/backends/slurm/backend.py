@@ -8,6 +8,10 @@ checkpoint. A stage that catches the signal itself saves a checkpoint and exits 
 back to submitit, which requeues. Ranks of a multi-task stage get MASTER_ADDR/PORT, RANK, WORLD_SIZE and
 LOCAL_RANK from submitit's job environment. A downstream task whose dependency can never be satisfied (its
 upstream failed) is reported CANCELLED. MaxArraySize is read once from `scontrol show config`.
+
+The launcher's Slurm settings (`SlurmSettings`) shape every script: `max_parallel` is each array's `%n`, `max_requeues`
+submitit's `max_num_timeout`, `setup` the lines before srun, and `container` / `python` what each task runs
+(`launch.backends.slurm.plan`: pyxis on the srun line, or `apptainer exec`).
 """
 
 from __future__ import annotations
@@ -29,22 +33,27 @@ from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributed
 from submitit.slurm.slurm import _make_sbatch_string, read_job_id
 
 from launch.backends.base import Backend, Job, LauncherSettings, RecordedJob, State
+from launch.backends.container import ContainerSpec
 from launch.backends.slurm.logs import slurm_files, slurm_label, slurm_rank
 from launch.backends.slurm.plan import (
     checked_ids,
     code_setup,
+    container_mounts,
     job_name,
     log_folder,
     parse_max_array_size,
+    pyxis_args,
     sbatch_parameters,
     send_arrays,
     submitit_command,
+    task_python,
     validate_resources,
 )
-from launch.backends.slurm.settings import SlurmSettings
+from launch.backends.slurm.settings import SlurmSettings, setup_line_problem
 from launch.log_source import LogSource, file_source, rank_hosts
 
 CLIENT_TIMEOUT_S = 60.0
+ARRAY_PARALLELISM = 256  # tasks of one array running at once (`%n`) unless launcher.max_parallel says otherwise
 SLURM_STATES: dict[str, State] = {
     "PENDING": State.PENDING,
     "REQUEUED": State.PENDING,
@@ -228,11 +237,12 @@ class SlurmBackend(Backend):
     def __init__(
         self,
         max_array_size: int | None = None,
-        array_parallelism: int = 256,
+        array_parallelism: int = ARRAY_PARALLELISM,
         max_num_timeout: int = 3,
         python: str | None = None,
         setup: Sequence[str] = (),
         timeout_s: float = CLIENT_TIMEOUT_S,
+        container: ContainerSpec | None = None,
     ) -> None:
         self._max_array_size = max_array_size
         self.array_parallelism = array_parallelism
@@ -240,11 +250,20 @@ class SlurmBackend(Backend):
         self.python = python
         self.setup = tuple(setup)
         self.timeout_s = timeout_s
+        self.container = container
 
     @classmethod
     def from_launcher(cls, launcher: LauncherSettings, address: str | None = None) -> SlurmBackend:
-        """The backend of the cluster this machine submits to (no address: `sbatch` knows it)."""
-        return cls()
+        """The backend of the cluster this machine submits to (no address: `sbatch` knows it), with the launcher's
+        max_parallel (each array's `%n`), max_requeues, setup lines, interpreter and container."""
+        s = SlurmSettings.of(launcher)
+        return cls(
+            array_parallelism=s.max_parallel or ARRAY_PARALLELISM,
+            max_num_timeout=s.max_requeues,
+            python=s.python,
+            setup=s.setup,
+            container=s.container,
+        )
 
     @classmethod
     def log_dir(cls, launcher: LauncherSettings, sweep_url: str) -> str:
@@ -275,8 +294,8 @@ class SlurmBackend(Backend):
             self._max_array_size = parse_max_array_size(out.stdout)
         return max(1, self._max_array_size)
 
-    def _executor(self, folder: Path) -> submitit.SlurmExecutor:
-        return submitit.SlurmExecutor(folder=folder, max_num_timeout=self.max_num_timeout, python=self.python)
+    def _executor(self, folder: Path, python: str) -> submitit.SlurmExecutor:
+        return submitit.SlurmExecutor(folder=folder, max_num_timeout=self.max_num_timeout, python=python)
 
     def submit(self, jobs: Sequence[Job], log_dir: str) -> dict[str, str]:
         """Submit jobs (in dependency order) as arrays; return job key -> Slurm id (`<array>_<i>` or `<id>`)."""
@@ -285,18 +304,39 @@ class SlurmBackend(Backend):
             validate_resources(j.resources)
 
         def sbatch(chunk: list[Job], dependency: str | None) -> list[str]:
-            ex = self._executor(folder)
-            ex.update_parameters(**self.parameters(chunk, dependency))
+            ex = self._executor(folder, self.task_python(chunk, folder))
+            ex.update_parameters(**self.parameters(chunk, dependency, folder))
             with ex.batch():
                 handles = [ex.submit(StageCall(j.run_dir, j.stage, j.env())) for j in chunk]
             return [h.job_id for h in handles]
 
         return send_arrays(jobs, self.max_array_size, sbatch)
 
-    def parameters(self, chunk: Sequence[Job], dependency: str | None) -> dict[str, Any]:
-        """The sbatch parameters of one array of jobs (same resources, same job name) waiting on `dependency`."""
+    def mounts(self, chunk: Sequence[Job], folder: Path) -> list[tuple[str, str]]:
+        """What the container of one array's tasks mounts (nothing without a container)."""
+        return [] if self.container is None else container_mounts(self.container, folder, chunk)
+
+    def parameters(self, chunk: Sequence[Job], dependency: str | None, folder: Path) -> dict[str, Any]:
+        """The sbatch parameters of one array of jobs (same resources, same job name) waiting on `dependency`, with
+        logs and pickles in `folder`."""
+        for i, line in enumerate(self.setup):
+            reason = setup_line_problem(line)
+            if reason:
+                raise ValueError(f"launcher.setup: line {i + 1}: {reason}")
         setup = [*self.setup, *code_setup(chunk[0].code_dir)]
-        return sbatch_parameters(chunk[0].resources, job_name(chunk[0]), dependency, self.array_parallelism, setup)
+        srun = pyxis_args(self.container, self.mounts(chunk, folder))
+        r = chunk[0].resources
+        return sbatch_parameters(r, job_name(chunk[0]), dependency, self.array_parallelism, setup, srun)
+
+    def task_python(self, chunk: Sequence[Job], folder: Path) -> str:
+        """The interpreter every task of one array runs (in its container), as shell words."""
+        gpus = chunk[0].resources.gpus_per_node > 0
+        return task_python(self.python, self.container, self.mounts(chunk, folder), gpus)
+
+    def script(self, chunk: Sequence[Job], dependency: str | None, folder: Path) -> str:
+        """The sbatch script `submit` sends for one array (`send_arrays`' chunk); nothing is submitted."""
+        params = self.parameters(chunk, dependency, folder)
+        return sbatch_script(params, folder, len(chunk), self.task_python(chunk, folder))
 
     def status(self, job_ids: Sequence[str]) -> dict[str, State]:
         """State of each job: from sacct, or squeue for jobs accounting does not know (yet).

@@ -14,6 +14,12 @@ Every task gets its `cpus_per_task` from srun's own `--cpus-per-task` as well as
 Slurm 22.05 to 23.02 srun reads neither SLURM_CPUS_PER_TASK nor (before 23.11) SRUN_CPUS_PER_TASK, so a step
 launched without the argument lays out (and binds) one CPU per task whatever the job was given.
 
+A task runs in a container when the launcher names one (`launcher.container`): with pyxis, srun itself starts it
+(`--container-image`, `--container-mounts` on the srun line, never `#SBATCH`: the batch script, with its setup lines,
+stays on the host); with apptainer the task's command is `apptainer exec [--nv] --bind ... IMAGE python`. Either way
+the sweep's log folder (submitit's pickles, the code snapshot) and a run store on a local path are mounted at the
+same path inside (`container_mounts`), and the script states every mount.
+
 `launch.backends.slurm.backend` submits these plans through submitit; `planned_arrays` and `sbatch_parameters` show them
 without a cluster.
 """
@@ -22,12 +28,14 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from launch import roots
 from launch.backends.base import Job, code_env
+from launch.backends.container import ContainerSpec, image_problem, mount_pair, python_problem
 from launch.resources import SBATCH_FIELDS, ResourcesSpec, sbatch_option_problem, sbatch_text_problem
 
 JOB_ID = re.compile(r"\d+(?:_\d+)?")
@@ -90,18 +98,24 @@ def sbatch_mem(mem_gb: float) -> str:
 
 
 def sbatch_parameters(
-    r: ResourcesSpec, name: str, dependency: str | None, array_parallelism: int, setup: Sequence[str] = ()
+    r: ResourcesSpec,
+    name: str,
+    dependency: str | None,
+    array_parallelism: int,
+    setup: Sequence[str] = (),
+    srun_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The parameters of one array's sbatch script, named as submitit's SlurmExecutor takes them (values already
     validated): `SlurmExecutor.update_parameters(**p)` submits with them, `slurm.sbatch_script` shows the script.
-    srun gets `--cpus-per-task` itself (`srun_args`): it inherits it from sbatch only on Slurm < 22.05 or >= 23.11."""
+    srun gets `--cpus-per-task` itself (`srun_args`): it inherits it from sbatch only on Slurm < 22.05 or >= 23.11;
+    `srun_args` adds the container's (`pyxis_args`)."""
     cpus = task_cpus(r)
     params: dict[str, Any] = {
         "job_name": name,
         "nodes": r.nodes,
         "ntasks_per_node": r.processes_per_node,
         "cpus_per_task": cpus,
-        "srun_args": [f"--cpus-per-task={cpus}"],
+        "srun_args": [f"--cpus-per-task={cpus}", *srun_args],
         "time": r.time_min,
         "signal_delay_s": signal_delay_s(r.time_min),
         "array_parallelism": array_parallelism,
@@ -258,3 +272,78 @@ def code_setup(code_dir: str | None) -> list[str]:
         f"export PYTHONPATH={shlex.quote(env['PYTHONPATH'])}${{PYTHONPATH:+:$PYTHONPATH}}",
         f"export PYTHONSAFEPATH={env['PYTHONSAFEPATH']}",
     ]
+
+
+def local_path(url: str) -> str | None:
+    """The path of a local (`file://` or plain) location, else None."""
+    return url.split("://", 1)[-1] if roots.is_local(url) else None
+
+
+def store_root(run_dir: str) -> str | None:
+    """The run store's root directory of a run directory `<root>/<sweep>/<run_id>` when it is a local path."""
+    path = local_path(run_dir.rstrip("/"))
+    if path is None:
+        return None
+    return path.rsplit("/", 2)[0] or "/" if path.count("/") >= 2 else None
+
+
+def container_mounts(container: ContainerSpec, folder: Path, jobs: Sequence[Job]) -> list[tuple[str, str]]:
+    """(source, target) of every mount a task's container gets: the log folder, the code snapshot and a local run
+    store at the same path (one already inside another is left out), then `container.mounts`. ValueError naming
+    the path when one cannot go into an sbatch script."""
+    same = [("log folder", str(folder))]
+    same += [("code snapshot directory", j.code_dir) for j in jobs if j.code_dir]
+    same += [("run store", root) for j in jobs if (root := store_root(j.run_dir))]
+    paths: list[str] = []
+    for what, path in same:
+        try:
+            mount_pair(path)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+        paths.append(path.rstrip("/") or "/")
+    kept = sorted(set(paths))
+    kept = [p for p in kept if not any(p != q and (q == "/" or p.startswith(q + "/")) for q in kept)]
+    extra = []
+    for m in container.mounts:
+        try:
+            extra.append(mount_pair(m))
+        except ValueError as e:
+            raise ValueError(f"launcher.container.mounts: {e}") from None
+    return [(p, p) for p in kept] + [m for m in extra if m not in [(p, p) for p in kept]]
+
+
+def checked_container(container: ContainerSpec) -> str:
+    """The image, checked again (a spec may be built without validation); ValueError naming the field."""
+    reason = image_problem(container.image)
+    if reason:
+        raise ValueError(f"launcher.container.image: {reason}")
+    return container.image
+
+
+def pyxis_args(container: ContainerSpec | None, mounts: Sequence[tuple[str, str]]) -> list[str]:
+    """srun's pyxis options: the task starts in the image with the mounts (none without a pyxis container)."""
+    if container is None or container.runtime != "pyxis":
+        return []
+    args = [f"--container-image={checked_container(container)}"]
+    if mounts:
+        args.append("--container-mounts=" + ",".join(f"{s}:{t}" for s, t in mounts))
+    return args
+
+
+def task_python(
+    python: str | None, container: ContainerSpec | None, mounts: Sequence[tuple[str, str]], gpus: bool
+) -> str:
+    """The task's interpreter as a shell word list (submitit appends `-u -m submitit.core._submit FOLDER`): `python`
+    (checked), else `python` in a container, else this interpreter; under apptainer, `apptainer exec` of the image
+    with the mounts bound (and --nv for GPU jobs) runs it."""
+    if python is not None:
+        reason = python_problem(python)
+        if reason:
+            raise ValueError(f"launcher.python: {reason}")
+    exe = shlex.quote(python or ("python" if container else sys.executable))
+    if container is None or container.runtime != "apptainer":
+        return exe
+    words = ["apptainer", "exec", *(["--nv"] if gpus else [])]
+    if mounts:
+        words.append("--bind=" + ",".join(s if s == t else f"{s}:{t}" for s, t in mounts))
+    return " ".join([*words, shlex.quote(checked_container(container)), exe])

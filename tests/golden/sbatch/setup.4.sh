@@ -16,8 +16,9 @@
 #SBATCH --wckey=submitit
 
 # setup
-module load cuda
+module load cuda/12.4 nccl
+source /opt/venvs/extrema/bin/activate
 
 # command
 export SUBMITIT_EXECUTOR=slurm
-srun --unbuffered --output /shared/logs/%j_%t_log.out --error /shared/logs/%j_%t_log.err --cpus-per-task=1 python3 -u -m submitit.core._submit /shared/logs
+srun --unbuffered --output /shared/logs/%j_%t_log.out --error /shared/logs/%j_%t_log.err --cpus-per-task=1 /opt/venvs/extrema/bin/python -u -m submitit.core._submit /shared/logs

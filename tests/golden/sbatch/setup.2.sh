@@ -3,7 +3,6 @@
 # Parameters
 #SBATCH --account=vision
 #SBATCH --constraint=a100
-#SBATCH --container-image=/images/extrema.sqsh
 #SBATCH --cpus-per-task=8
 #SBATCH --error=/shared/logs/%j_0_log.err
 #SBATCH --exclusive
@@ -21,10 +20,11 @@
 #SBATCH --wckey=submitit
 
 # setup
-module load cuda
+module load cuda/12.4 nccl
+source /opt/venvs/extrema/bin/activate
 export PYTHONPATH=/shared/logs/code/0123abcd${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONSAFEPATH=1
 
 # command
 export SUBMITIT_EXECUTOR=slurm
-srun --unbuffered --output /shared/logs/%j_%t_log.out --error /shared/logs/%j_%t_log.err --cpus-per-task=8 python3 -u -m submitit.core._submit /shared/logs
+srun --unbuffered --output /shared/logs/%j_%t_log.out --error /shared/logs/%j_%t_log.err --cpus-per-task=8 /opt/venvs/extrema/bin/python -u -m submitit.core._submit /shared/logs

@@ -4,7 +4,6 @@
 #SBATCH --account=vision
 #SBATCH --array=0-1%2
 #SBATCH --constraint=a100
-#SBATCH --container-image=/images/extrema.sqsh
 #SBATCH --cpus-per-task=8
 #SBATCH --error=/shared/logs/%A_%a_0_log.err
 #SBATCH --exclusive
@@ -22,10 +21,10 @@
 #SBATCH --wckey=submitit
 
 # setup
-module load cuda
+module load apptainer
 export PYTHONPATH=/shared/logs/code/0123abcd${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONSAFEPATH=1
 
 # command
 export SUBMITIT_EXECUTOR=slurm
-srun --unbuffered --output /shared/logs/%A_%a_%t_log.out --error /shared/logs/%A_%a_%t_log.err --cpus-per-task=8 python3 -u -m submitit.core._submit /shared/logs
+srun --unbuffered --output /shared/logs/%A_%a_%t_log.out --error /shared/logs/%A_%a_%t_log.err --cpus-per-task=8 apptainer exec --nv --bind=/shared/logs,/shared/runs,/data /shared/images/extrema.sif /opt/conda/bin/python -u -m submitit.core._submit /shared/logs

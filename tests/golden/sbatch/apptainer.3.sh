@@ -17,8 +17,8 @@
 #SBATCH --wckey=submitit
 
 # setup
-module load cuda
+module load apptainer
 
 # command
 export SUBMITIT_EXECUTOR=slurm
-srun --unbuffered --output /shared/logs/%A_%a_%t_log.out --error /shared/logs/%A_%a_%t_log.err --cpus-per-task=1 python3 -u -m submitit.core._submit /shared/logs
+srun --unbuffered --output /shared/logs/%A_%a_%t_log.out --error /shared/logs/%A_%a_%t_log.err --cpus-per-task=1 apptainer exec --bind=/shared/logs,/shared/runs,/data /shared/images/extrema.sif /opt/conda/bin/python -u -m submitit.core._submit /shared/logs
