@@ -14,8 +14,17 @@ from packaging.version import Version
 REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-CLUSTER_EXTRAS = {"slurm", "ray", "detect"}
-IMPORT_NAMES = {"pycocotools": "pycocotools", "submitit": "submitit", "ray": "ray", "matplotlib": "matplotlib"}
+CLUSTER_EXTRAS = {"s3", "track", "detect", "plot", "slurm", "ray"}  # every extra a recipe or backend needs
+IMPORT_NAMES = {
+    "pycocotools": "pycocotools",
+    "submitit": "submitit",
+    "ray": "ray",
+    "matplotlib": "matplotlib",
+    "s3fs": "s3fs",
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+}
+TESTED_TORCH = "2.14.1"  # what this project is tested with (pip here resolves it from a local mirror)
 
 
 def instructions() -> list[tuple[str, str]]:
@@ -33,7 +42,7 @@ def instructions() -> list[tuple[str, str]]:
 def installed_extras() -> set[str]:
     """The extras of the project's own `pip install ".[...]"`."""
     runs = " ".join(args for word, args in instructions() if word == "RUN")
-    found = re.findall(r"pip install \"?\.\[([a-z,\s-]+)\]\"?", runs)
+    found = re.findall(r"pip install \"?\.\[([a-z0-9,\s-]+)\]\"?", runs)
     assert len(found) == 1, f"expected one pip install of the project, found {found}"
     return {e.strip() for e in found[0].split(",")}
 
@@ -72,11 +81,15 @@ def test_extras_match_pyproject_and_cover_the_cluster() -> None:
             assert IMPORT_NAMES[Requirement(dep).name] in imported, (extra, dep)
 
 
-def test_the_base_image_brings_a_torch_the_project_accepts() -> None:
+def test_the_image_pins_the_tested_torch_and_brings_nccls_network_libraries() -> None:
     args = dict(re.findall(r"ARG (\w+)=(\S+)", DOCKERFILE.read_text()))
     froms = [a for word, a in instructions() if word == "FROM"]
-    assert froms == ["${BASE_IMAGE}"]
-    repo, _, tag = args["BASE_IMAGE"].partition(":")
-    assert repo == "pytorch/pytorch" and "cuda" in tag
+    assert froms == ["${BASE_IMAGE}"] and "bookworm" in args["BASE_IMAGE"]  # Debian: the rdma-core packages below
+    assert args["TORCH_VERSION"] == TESTED_TORCH
     torch_req = next(Requirement(d) for d in PYPROJECT["project"]["dependencies"] if d.startswith("torch>"))
-    assert Version(tag.split("-")[0]) in torch_req.specifier
+    assert Version(TESTED_TORCH) in torch_req.specifier
+    runs = " ".join(args for word, args in instructions() if word == "RUN")
+    assert 'pip install "torch==${TORCH_VERSION}"' in runs
+    assert runs.index("torch==") < runs.index('pip install ".[')  # the project's install keeps the pinned torch
+    for package in ("rdma-core", "libibverbs1", "ibverbs-providers"):
+        assert f" {package}" in runs, package
