@@ -58,16 +58,18 @@ class ResourcesSpec(Spec):
     SBATCH_VALUE whatever the backend, so a value that could not go into an sbatch script is refused at validation.
     """
 
-    nodes: int = Field(1, ge=1)
+    nodes: int = Field(1, ge=1, description="nodes of one job; its ranks are spread over them")
     processes_per_node: int = Field(1, ge=1, description="training processes (ranks) per node")
-    gpus_per_node: int = Field(0, ge=0)
-    cpus_per_task: int = Field(1, ge=1)
-    mem_gb: float | None = Field(None, gt=0, allow_inf_nan=False)
-    time_min: int = Field(60, ge=1)
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
+    gpus_per_node: int = Field(0, ge=0, description="GPUs per node (0: CPU only); each rank uses one")
+    cpus_per_task: int = Field(1, ge=1, description="CPU cores per rank (data loading workers included)")
+    mem_gb: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="memory per node in GB (sbatch --mem; unset: the default)"
+    )
+    time_min: int = Field(60, ge=1, description="time limit of one job in minutes (Slurm requeues it past that)")
+    partition: str | None = Field(None, description="Slurm partition (sbatch --partition)")
+    account: str | None = Field(None, description="Slurm account charged (sbatch --account)")
+    qos: str | None = Field(None, description="Slurm quality of service (sbatch --qos)")
+    constraint: str | None = Field(None, description="Slurm node features required (sbatch --constraint)")
     sbatch_extra: dict[str, str] = Field(default_factory=dict, description="extra sbatch options, name -> value")
     network_interface: str | None = Field(
         None, description="network interface for collectives between nodes (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME)"
@@ -78,6 +80,11 @@ class ResourcesSpec(Spec):
         le=86_400,
         allow_inf_nan=False,
         description="seconds a rank waits in one collective",
+    )
+    allow_idle_gpus: bool = Field(
+        False,
+        description="let a job ask for more GPUs per node than it runs processes per node (each rank uses one GPU; "
+        "the rest stay idle); without it such resources are refused",
     )
 
     @field_validator("network_interface")
@@ -103,6 +110,18 @@ class ResourcesSpec(Spec):
             if reason:
                 raise ValueError(reason)
         return value
+
+    def idle_gpus_problem(self) -> str | None:
+        """Why these resources leave GPUs idle (more GPUs per node than ranks per node, allow_idle_gpus unset);
+        None when every GPU gets a rank."""
+        if self.allow_idle_gpus or self.gpus_per_node <= self.processes_per_node:
+            return None
+        idle, gpus = self.gpus_per_node - self.processes_per_node, self.gpus_per_node
+        return (
+            f"gpus_per_node {gpus} with processes_per_node {self.processes_per_node} leaves {idle} of each node's "
+            f"{gpus} GPUs idle ({self.world_size} ranks on {self.nodes * gpus} GPUs): give processes_per_node: {gpus} "
+            "(one rank per GPU), or allow_idle_gpus: true"
+        )
 
     @property
     def world_size(self) -> int:

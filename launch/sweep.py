@@ -438,7 +438,8 @@ def one_process_problems(launcher: LauncherSpec, stages: tuple[str, ...], report
                     "",
                     ("launcher", "stages", stage) if stage in launcher.stages else ("launcher", "resources"),
                     f"{stage} runs in one process, not {r.nodes} x {r.processes_per_node}: give it its own resources, "
-                    f"launcher.stages.{stage}: {{nodes: 1, processes_per_node: 1}}",
+                    f"launcher.stages.{stage}: {{nodes: 1, processes_per_node: 1"
+                    + (", gpus_per_node: 1}" if r.gpus_per_node > 1 else "}"),
                 )
             )
     return problems
@@ -453,6 +454,25 @@ def _base_problems(sweep: SweepFile) -> list[Problem]:
     return []
 
 
+def idle_gpu_problems(launcher: LauncherSpec, stages: tuple[str, ...], reported: set[str]) -> list[Problem]:
+    """A stage whose resources ask for more GPUs per node than they run ranks per node (ResourcesSpec.allow_idle_gpus
+    unset): refused before submission, once per stage (`reported` collects the stages already named)."""
+    problems = []
+    for stage in stages:
+        r = launcher.resources_for(stage)
+        reason = r.idle_gpus_problem()
+        if (
+            reason
+            and stage not in reported
+            and (r.nodes * r.processes_per_node == 1 or stage not in SINGLE_PROCESS_STAGES)
+        ):
+            reported.add(stage)
+            own = stage in launcher.stages
+            loc: Loc = ("launcher", "stages", stage) if own else ("launcher", "resources")
+            problems.append(Problem("", loc, f"{stage}: {reason}" if own else reason))
+    return problems
+
+
 def expand(sweep: SweepFile) -> list[Run]:
     """Every run of a sweep, in a stable order; InvalidSweep listing every problem found."""
     problems: list[Problem] = []
@@ -461,6 +481,7 @@ def expand(sweep: SweepFile) -> list[Run]:
     seen: dict[str, int] = {}
     ids = RunIds()
     seen_stages: set[str] = set()
+    idle_stages: set[str] = set()
     if problems:  # the axes are wrong: the base alone is validated too, so that one pass shows every problem
         raise InvalidSweep(problems + _base_problems(sweep))
     fixed = _validated_sections(sweep.base)
@@ -495,6 +516,7 @@ def expand(sweep: SweepFile) -> list[Run]:
                 )
             continue
         problems.extend(one_process_problems(sweep.launcher, experiment.stages, seen_stages))
+        problems.extend(idle_gpu_problems(sweep.launcher, experiment.stages, idle_stages))
         runs.append(Run(rid, overrides, experiment, ordered_stages(experiment)))
     if problems:
         raise InvalidSweep(problems)

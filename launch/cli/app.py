@@ -64,11 +64,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit code (0 ok, 1 a job failed, 2 invalid input or usage, 130 interrupted)."""
     wide = None if sys.stdout.isatty() else 160  # pipes and logs get whole tables, not 80-column ones
     out, err = Console(width=wide), Console(stderr=True)
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # KEY=VALUE overrides may follow options (`sweep FILE --dry-run a.b=1`), where argparse leaves them over
+        if extra and (not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra)):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if extra:
+            args.overrides = [*args.overrides, *extra]
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else USAGE
-    if getattr(args, "json_events", False):  # standard output carries the events alone
+    if getattr(args, "json_events", False) or getattr(args, "json", False):  # standard output carries JSON alone
         out = Console(stderr=True, width=wide)
     try:
         code: int = args.fn(args, out)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +14,7 @@ from rich.console import Console
 from rich.text import Text
 
 from extrema.run.contract import StageState
-from launch import ledger, overrides, results, roots, store, tables
+from launch import ledger, overrides, plan_view, results, roots, store, tables
 from launch import snapshot as snapshots
 from launch.addressed import DAMAGED, FAILED, OK, print_notes, print_unreadable, swept_axes
 from launch.backends.base import BACKENDS, backend_class
@@ -52,6 +54,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--backend", choices=sorted(BACKENDS), help="override launcher.backend")
     p.add_argument("--root", help="override root: the run store URL (default ./runs)")
     p.add_argument("--dry-run", action="store_true", help="print the plan; submit and write nothing")
+    p.add_argument(
+        "--show-scripts",
+        action="store_true",
+        help="with --dry-run on slurm: print each sbatch script as it would be submitted (no cluster asked)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="with --dry-run: the plan as JSON on standard output (nothing else there)"
+    )
     p.add_argument("--retry-failed", action="store_true", help="resubmit failed stages too")
     p.add_argument(
         "--snapshot",
@@ -107,9 +117,13 @@ def unvouch(url: str, statuses: dict[str, dict[str, Any]]) -> None:
 
 def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
     """Validate, expand, plan, print the plan and submit what is not done or in flight."""
+    if (args.json or args.show_scripts) and not args.dry_run:
+        raise UsageError("--json and --show-scripts show the plan of a --dry-run: add --dry-run")
     sweep, runs = load_runs(args.file, backend=args.backend, root=args.root, overrides=args.overrides)
     url = store.sweep_url(sweep.root, sweep.name)
     launcher = sweep.launcher
+    if args.show_scripts and launcher.backend != "slurm":
+        raise UsageError(f"--show-scripts shows sbatch scripts; the backend is {launcher.backend} (--backend slurm)")
     if url.startswith("memory://") and not args.dry_run:
         raise UsageError("root memory:// lives in this process only; the stages run in other processes")
     roots.check_usable(url, write=not args.dry_run)
@@ -128,7 +142,10 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
     decisions = select(jobs, seen.states, args.retry_failed, stuck=seen.stuck, adopt=adopt)
     listed = [r.stored() for r in runs]
     todo = [d.job for d in decisions if d.submit]
-    show_plan(out, f"sweep {sweep.name}: {len(runs)} runs, {len(jobs)} jobs -> {url}", decisions, listed)
+    if not args.json:
+        show_plan(out, f"sweep {sweep.name}: {len(runs)} runs, {len(jobs)} jobs -> {url}", decisions, listed)
+    if args.dry_run and not args.json:
+        plan_view.show_shapes(out, plan_view.shapes(decisions))
     print_notes(out, seen)
     print_unreadable(out, problems)
     private = kind.private_cluster(launcher)
@@ -136,8 +153,7 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
     use_snapshot = launcher.snapshot if args.snapshot is None else args.snapshot == "on"
     snapshot = take_snapshot(use_snapshot, out) if todo else None
     if args.dry_run:
-        out.print(f"dry run: would submit {len(todo)} of {len(jobs)} jobs to {where}; nothing written")
-        return OK
+        return dry_run(args, out, PlannedSweep(sweep.name, url, launcher, where, decisions, listed), snapshot)
     held_back = FAILED if any(d.state == StageState.FAILED and not d.submit for d in decisions) else OK
     held_back = DAMAGED if problems else held_back
     log_dir = kind.log_dir(launcher, url)
@@ -163,6 +179,39 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
     watch = Watch("json" if args.json_events else "quiet" if args.quiet else "auto", args.progress_every)
     code = submit(Submission(url, todo, specs, manifest, log_dir, previous, code_id), launcher, out, watch)
     return code if code != OK else held_back
+
+
+@dataclass(frozen=True)
+class PlannedSweep:
+    """What a dry run shows: the sweep, its store URL, launcher and backend (as the plan names it), the plan."""
+
+    name: str
+    url: str
+    launcher: LauncherSpec
+    where: str
+    decisions: Sequence[Decision]
+    runs: Sequence[store.StoredRun]
+
+
+def dry_run(args: argparse.Namespace, out: Console, planned: PlannedSweep, snapshot: snapshots.Snapshot | None) -> int:
+    """Show what a submission would do: the plan as JSON (--json), the sbatch scripts (--show-scripts); exit 0."""
+    launcher, url = planned.launcher, planned.url
+    todo = [d.job for d in planned.decisions if d.submit]
+    scripts: list[dict[str, Any]] = []
+    if args.show_scripts and todo:
+        log_dir = backend_class(launcher.backend).log_dir(launcher, url)
+        code_dir = None if snapshot is None else plan_view.planned_code_dir(snapshot.id, url, launcher, log_dir)
+        try:
+            scripts = plan_view.sbatch_scripts([replace(j, code_dir=code_dir) for j in todo], launcher, log_dir)
+        except ValueError as e:
+            raise UsageError(f"cannot render the sbatch scripts: {e}") from None
+    if args.json:
+        plan = plan_view.plan_json(planned.name, url, planned.where, planned.decisions, planned.runs)
+        sys.stdout.write(json.dumps({**plan, **({"scripts": scripts} if args.show_scripts else {})}, indent=1) + "\n")
+    elif scripts:
+        plan_view.show_scripts(out, scripts)
+    out.print(f"dry run: would submit {len(todo)} of {len(planned.decisions)} jobs to {planned.where}; nothing written")
+    return OK
 
 
 def take_snapshot(use: bool, out: Console) -> snapshots.Snapshot | None:
