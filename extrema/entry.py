@@ -24,7 +24,7 @@ from typing import Any
 
 from extrema.run import code_snapshot, contract, lease, provenance, rundir
 from extrema.spec import STAGE_BY_NAME, RunSpec
-from extrema.train import trackers
+from extrema.train import trackers, watchdog
 
 StageFn = Callable[[RunSpec, str], dict[str, Any]]
 
@@ -287,7 +287,10 @@ def attempt(run_dir: str, stage: str, stage_dir: str) -> dict[str, Any]:
         )
     try:
         note = functools.partial(note_trackers, stage_dir)
-        with trackers.opened(spec, stage_dir, note) if rank == 0 else contextlib.nullcontext():
+        with (
+            watchdog.started(stage_dir, rank, ranks),
+            trackers.opened(spec, stage_dir, note) if rank == 0 else contextlib.nullcontext(),
+        ):
             result = fn(spec, stage_dir)
     except Exception as e:
         if world > 1 and is_collective_failure(e):

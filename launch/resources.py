@@ -8,6 +8,7 @@ import re
 
 from pydantic import Field, ValidationInfo, field_validator
 
+from extrema.run.rank_progress import DEFAULT_HANG_TIMEOUT_S
 from extrema.spec import DEFAULT_COLLECTIVE_TIMEOUT_S, Spec
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -81,6 +82,15 @@ class ResourcesSpec(Spec):
         allow_inf_nan=False,
         description="seconds a rank waits in one collective",
     )
+    hang_timeout_s: float = Field(
+        DEFAULT_HANG_TIMEOUT_S,
+        ge=0,
+        le=86_400,
+        allow_inf_nan=False,
+        description="seconds without a finished step (or a rank's progress record) before the stage counts as hung "
+        "and every rank ends with its stacks dumped; 0: off",
+    )
+
     allow_idle_gpus: bool = Field(
         False,
         description="let a job ask for more GPUs per node than it runs processes per node (each rank uses one GPU; "

@@ -11,7 +11,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from extrema.run import contract
+from extrema.run import contract, rank_progress
 from extrema.run.contract import StageState
 from launch import results, stage_records, store, tables
 from launch.addressed import DAMAGED, FAILED, OK, Addressed, print_notes, print_unreadable, swept_axes
@@ -24,7 +24,9 @@ def _latest(state: str | None, status: dict[str, Any], result: Any, stage_dir: s
     if state == StageState.RUNNING:
         p = latest_progress(stage_dir, tree)
         loss = f" loss {p['loss']:.4f}" if isinstance(p.get("loss"), (int, float)) else ""
-        return f"step {p['step']}/{p['total_steps']}{loss}" if p.get("total_steps") else "started"
+        shown = f"step {p['step']}/{p['total_steps']}{loss}" if p.get("total_steps") else "started"
+        ranks = _ranks(stage_dir)
+        return f"{shown} · {ranks}" if ranks else shown
     if isinstance(result, dict):
         nums = {
             k: v for k, v in results.flatten(result).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -33,6 +35,14 @@ def _latest(state: str | None, status: dict[str, Any], result: Any, stage_dir: s
         return " ".join(f"{k}={nums[k]:.4g}" for k in keys)
     error = status.get("error")
     return str(error)[:60] if error else ""
+
+
+def _ranks(stage_dir: str) -> str | None:
+    """The running stage's ranks from their progress records (the rank behind, a silent one, stragglers)."""
+    try:
+        return rank_progress.summary(stage_dir, time.time())
+    except Exception:  # a store that does not answer now: the row shows the rest
+        return None
 
 
 def _elapsed(status: dict[str, Any]) -> str:

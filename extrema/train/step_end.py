@@ -20,8 +20,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from extrema.run import contract, metrics_log
+from extrema.run import rank_progress as phases
 from extrema.run.contract import Preempted
-from extrema.train import ckpt, trackers
+from extrema.train import ckpt, trackers, watchdog
 from extrema.train.dist import PREEMPT_CHECK_EVERY, Preemption, World, all_reduce_mean, broadcast_buffers
 
 UNSET = -1.0  # an evaluation number not taken yet (every number the stages record is >= 0)
@@ -200,6 +201,21 @@ class StepEnd:
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.world.device)
         if self.on_nonfinite == "skip":
             self.loop.values.setdefault(SKIPPED, 0.0)
+        # The watchdog's phases (attribute writes): forward/backward from the model's forward to the optimizer step.
+        self.module.register_forward_pre_hook(self._computing)
+        self.optimizer.register_step_pre_hook(self._stepping)
+
+    @staticmethod
+    def _computing(*_: object) -> None:
+        dog = watchdog.active()
+        if dog.phase == phases.LOADING:
+            dog.set_phase(phases.COMPUTE)
+
+    @staticmethod
+    def _stepping(*_: object) -> None:
+        dog = watchdog.active()
+        if dog.phase == phases.COMPUTE:
+            dog.set_phase(phases.SYNC)
 
     def update_allowed(self, step: int, loss: Tensor, parameters: Iterable[Tensor]) -> bool:
         """Whether optimizer step `step` (1-based) may apply these gradients. `fail`: always, with no sync (a
@@ -243,6 +259,7 @@ class StepEnd:
     def resume(self) -> int:
         """Restore the newest complete checkpoint into module, optimizer and loop state (nothing when there is
         none), open the metrics log without the records past that step, and return the steps already taken."""
+        watchdog.active().set_phase(phases.STARTING)
         self.loop.restoring = True
         try:
             restored = ckpt.restore(self.saver.ckpt_dir, self.module, self.optimizer, self.loop)
@@ -253,6 +270,8 @@ class StepEnd:
         self.metrics = metrics_log.MetricsLog(
             contract.StageDir(self.stage_dir).metrics, keep_after_step=self.loop.step, mirror=trackers.active()
         )
+        watchdog.active().resumed(self.loop.step)
+        watchdog.active().set_phase(phases.LOADING)
         return self.loop.step
 
     def log(self, row: dict[str, Any]) -> None:
@@ -264,6 +283,9 @@ class StepEnd:
         """Bookkeeping after step `done` (1-based); `row` adds to its log line (lr, ...). Raises Preempted after
         saving when asked to stop."""
         c, loop = self.cadence, self.loop
+        dog = watchdog.active()
+        dog.finished(done)
+        dog.set_phase(phases.SYNC)
         epoch = done / self.steps_per_epoch
         last = done == self.total_steps
         epoch_end = c.epochs and (done % self.steps_per_epoch == 0 or last)
@@ -290,6 +312,7 @@ class StepEnd:
         scores: dict[str, float] = {}
         if due:
             assert self.evaluate is not None
+            dog.set_phase(phases.EVALUATING)
             broadcast_buffers(self.module)  # every rank evaluates the model that is checkpointed (rank 0's)
             self.module.eval()
             scores = self.evaluate()
@@ -306,6 +329,7 @@ class StepEnd:
         elif scores:
             self.log({**head, **scores})
         if save:
+            dog.set_phase(phases.SAVING)
             background = c.background and not (last or stop)
             self.saver.save(done, ckpt.training_state(self.module, self.optimizer, loop), background=background)
             ckpt.apply_retention(self.saver.ckpt_dir, c.keep_last, c.keep_every)
@@ -314,3 +338,4 @@ class StepEnd:
             raise Preempted(f"preempted at step {done}; checkpoint saved")
         if last:
             self.saver.wait()
+        dog.set_phase(phases.FINISHING if last else phases.LOADING)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Self
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from extrema.run import contract, lease, rundir
+from extrema.run import contract, lease, rank_progress, rundir
 from extrema.run.code_snapshot import ALLOW_CHANGE_ENV
 from extrema.run.contract import StageState
 from extrema.spec import StageName
@@ -164,6 +164,8 @@ def network_env(r: ResourcesSpec) -> dict[str, str]:
     error handling and flight recorder (contract.NCCL_ENV) where the submitter's environment does not set them."""
     env = {k: v for k, v in contract.NCCL_ENV.items() if k not in os.environ}
     env[contract.COLLECTIVE_TIMEOUT_ENV] = f"{r.collective_timeout_s:g}"
+    if r.hang_timeout_s != rank_progress.DEFAULT_HANG_TIMEOUT_S:  # the ranks' default otherwise
+        env[rank_progress.HANG_TIMEOUT_ENV] = f"{r.hang_timeout_s:g}"
     if r.network_interface:
         env.update(dict.fromkeys(contract.INTERFACE_ENVS, r.network_interface))
     return env
