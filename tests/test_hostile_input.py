@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from launch import roots, yamlfile
-from launch.sweep import MAX_RUNS
+from launch import roots, store, yamlfile
+from launch.sweep import MAX_RUNS, load_runs
 from tests.test_cli import cli, tree
 
 REPO = Path(__file__).resolve().parent.parent
@@ -327,8 +327,16 @@ def test_control_characters_in_swept_values_are_shown_escaped(tmp_path: Path) ->
     doc = sweep_doc(sweep={"grid": {"data.cache_dir": [red, title]}})
     path = write(tmp_path / "esc.yaml", doc)
     root = str(tmp_path / "runs")
-    for command in (["sweep", str(path), "--dry-run", "--root", root], ["status", str(path), "--root", root],
-                    ["results", str(path), "--root", root]):  # fmt: skip
+    sweep, runs = load_runs(path, root=root)  # status shows a sweep once submitted: its manifest written as then
+    launcher = sweep.launcher.model_dump(mode="json")
+    manifest = store.sweep_manifest(sweep.name, root, str(path), launcher, "", [r.stored() for r in runs])
+    for command in (["sweep", str(path), "--dry-run", "--root", root], ["results", str(path), "--root", root]):
+        code, out, err = cli(*command)
+        assert code == 0, (command, err)
+        assert ESC not in out + err and chr(7) not in out + err, command
+        assert "\\x1b[31mred" in out and "\\x1b]0;pwned\\x07" in out, (command, out)
+    store.write_manifest(store.sweep_url(root, sweep.name), manifest)
+    for command in (["status", str(path), "--root", root],):
         code, out, err = cli(*command)
         assert code == 0, (command, err)
         assert ESC not in out + err and chr(7) not in out + err, command

@@ -1,8 +1,9 @@
 """`extrema-launch`: run sweeps of ExtreMA experiments and look after them.
 
-    extrema-launch sweep   FILE [--backend local|slurm|ray] [--root URL] [--dry-run] [--retry-failed]
-                           [--snapshot on|off] [--allow-code-change] [--quiet | --json-events] [--progress-every S]
-    extrema-launch status  FILE|URL
+    extrema-launch sweep   FILE [KEY=VALUE ...] [--backend local|slurm|ray] [--root URL] [--retry-failed]
+                           [--dry-run [--show-scripts] [--json]] [--snapshot on|off] [--allow-code-change]
+                           [--quiet | --json-events] [--progress-every S]
+    extrema-launch status  FILE|URL [KEY=VALUE ...] [--json]     (a store root: its sweeps)
     extrema-launch status  FILE|URL --watch [--interval S]
     extrema-launch results FILE|URL [--format table|csv|parquet|json] [--out PATH]
     extrema-launch results FILE|URL --group-by [AXIS ...]             (mean, std, count over seeds)
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 
 from rich.console import Console
 from rich.text import Text
@@ -49,11 +51,20 @@ from launch.errors import DamagedStore, InvalidSweep, UsageError
 COMMANDS = (sweep, status, results, plot, viz, cancel, report, logs, export, shard)  # in the order --help lists them
 
 
+def version() -> str:
+    """The installed distribution's version ("unknown" when it is not installed)."""
+    try:
+        return metadata.version("extrema")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     parser = argparse.ArgumentParser(
         prog="extrema-launch", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=f"extrema-launch {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(sub)

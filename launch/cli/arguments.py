@@ -4,13 +4,17 @@ command with its help and exit codes."""
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from rich.console import Console
 
+from launch.errors import UsageError
+from launch.store import StoredRun
+
 TARGET_HELP = "a sweep YAML file, or the <root>/<sweep> URL of a run store"
 ROOT_HELP = "run store URL when FILE was swept with --root"
+RUN_HELP = "run id, or a prefix of one that no other run of the sweep shares"
 
 Command = Callable[[argparse.Namespace, Console], int]  # a command's function: its exit code
 
@@ -22,6 +26,18 @@ def add_command(sub: Any, name: str, fn: Command | None, help: str, more: str) -
     )
     p.set_defaults(fn=fn)
     return p
+
+
+def run_named(runs: Sequence[StoredRun], given: str, url: str) -> StoredRun:
+    """The run whose id is `given` or starts with it (a unique prefix); UsageError naming the candidates else."""
+    exact = [r for r in runs if r.run_id == given]
+    found = exact or ([r for r in runs if r.run_id.startswith(given)] if given else [])
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise UsageError(f"run {given!r} is not part of {url} (no run id starts with it)")
+    ids = ", ".join(r.run_id for r in found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
+    raise UsageError(f"run {given!r} is ambiguous in {url}: {ids} start with it; give more of the id")
 
 
 def positive(text: str) -> float:

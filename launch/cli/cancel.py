@@ -15,8 +15,7 @@ from extrema.run.contract import StageState
 from launch import store
 from launch.addressed import DAMAGED, FAILED, OK, open_addressed, print_unreadable
 from launch.backends.base import in_flight_groups, make_backend, recorded_class
-from launch.cli.arguments import ROOT_HELP, TARGET_HELP, add_command
-from launch.errors import UsageError
+from launch.cli.arguments import ROOT_HELP, RUN_HELP, TARGET_HELP, add_command, run_named
 
 HELP = "cancel pending, running and preempted stages of a sweep (or of one run)"
 MORE = (
@@ -30,7 +29,7 @@ def add_parser(sub: Any) -> None:
     """Register `cancel` on the CLI's subparsers."""
     p = add_command(sub, "cancel", cmd_cancel, HELP, MORE)
     p.add_argument("target", metavar="FILE|URL", help=TARGET_HELP)
-    p.add_argument("--run", help="only this run id")
+    p.add_argument("--run", help="only this run: " + RUN_HELP)
     p.add_argument("--root", help=ROOT_HELP)
 
 
@@ -40,9 +39,7 @@ def cmd_cancel(args: argparse.Namespace, out: Console) -> int:
     target = open_addressed(args.target, args.root)
     runs = target.runs
     if args.run:
-        runs = [r for r in runs if r.run_id == args.run]
-        if not runs:
-            raise UsageError(f"run {args.run!r} is not part of {target.url}")
+        runs = [run_named(runs, args.run, target.url)]
     keys = [k for r in runs for k in r.job_keys()]
     statuses = store.read_statuses(target.url, keys)
     stages = {k: store.stage_url(target.url, *store.split_key(k)) for k in keys}

@@ -15,6 +15,7 @@ from rich.console import Console
 from extrema.spec import PRESETS, ModelSpec
 from launch import store
 from launch.addressed import OK, open_addressed
+from launch.cli.arguments import RUN_HELP, run_named
 from launch.errors import UsageError
 
 HELP = "write pretrained weights from a run or any checkpoint as a timm, official ExtreMA or safetensors file"
@@ -58,7 +59,7 @@ def add_parser(subparsers: Any) -> None:
     )
     p.set_defaults(fn=cmd_export)
     p.add_argument("target", metavar="SOURCE", help="a sweep file or run store URL (with --run), or a checkpoint")
-    p.add_argument("--run", help="run id, when SOURCE is a sweep file or run store URL")
+    p.add_argument("--run", help=RUN_HELP + ", when SOURCE is a sweep file or run store URL")
     p.add_argument("--stage", choices=("pretrain",), default="pretrain", help="the stage whose checkpoint (pretrain)")
     p.add_argument("--branch", choices=("ema", "student"), default="ema", help="which encoder (ema); not for official")
     p.add_argument("--format", required=True, choices=("timm", "official", "safetensors"), help="the file's layout")
@@ -75,9 +76,7 @@ def source_of(args: argparse.Namespace) -> str:
     if args.run is None:
         return str(args.target)
     addressed = open_addressed(args.target, args.root)
-    run = next((r for r in addressed.runs if r.run_id == args.run), None)
-    if run is None:
-        raise UsageError(f"run {args.run!r} is not part of {addressed.url}")
+    run = run_named(addressed.runs, args.run, addressed.url)
     return f"{store.run_url(addressed.url, run.run_id)}/{args.stage}"
 
 

@@ -14,7 +14,7 @@ from extrema.run import contract
 from extrema.run.contract import StageState
 from launch import logs, store
 from launch.addressed import FAILED, OK, open_addressed
-from launch.cli.arguments import ROOT_HELP, TARGET_HELP, add_command
+from launch.cli.arguments import ROOT_HELP, RUN_HELP, TARGET_HELP, add_command, run_named
 from launch.errors import UsageError
 from launch.reconcile import reconcile
 from launch.sweep import STAGE_ORDER
@@ -31,7 +31,7 @@ def add_parser(sub: Any) -> None:
     """Register `logs` on the CLI's subparsers."""
     p = add_command(sub, "logs", cmd_logs, HELP, MORE)
     p.add_argument("target", metavar="FILE|URL", help=TARGET_HELP)
-    p.add_argument("--run", required=True, help="run id")
+    p.add_argument("--run", required=True, help=RUN_HELP)
     p.add_argument("--stage", required=True, choices=STAGE_ORDER, help="stage")
     p.add_argument("--follow", action="store_true", help="keep printing until the stage ends")
     p.add_argument("--root", help=ROOT_HELP)
@@ -40,9 +40,8 @@ def add_parser(sub: Any) -> None:
 def cmd_logs(args: argparse.Namespace, out: Console) -> int:
     """Print a stage's logs (local files, Slurm job files, Ray job log); with --follow until the stage ends."""
     target = open_addressed(args.target, args.root)
-    run = next((r for r in target.runs if r.run_id == args.run), None)
-    if run is None:
-        raise UsageError(f"run {args.run!r} is not part of {target.url}")
+    run = run_named(target.runs, args.run, target.url)
+    args.run = run.run_id
     if args.stage not in run.stages:
         raise UsageError(f"run {args.run} has no stage {args.stage!r} (its stages: {', '.join(run.stages)})")
     key = store.job_key(args.run, args.stage)

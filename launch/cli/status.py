@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.text import Text
 
-from launch import overrides, store
-from launch.addressed import is_sweep_file, open_addressed
+from launch import overrides, store, store_listing, tables
+from launch.addressed import DAMAGED, OK, is_sweep_file, open_addressed, print_notes, print_unreadable
 from launch.cli.arguments import ROOT_HELP, TARGET_HELP, add_command, positive
+from launch.errors import UsageError
 from launch.status_view import show_status, status_code, status_table, watch_status
 from launch.sweep import load_sweep
 
@@ -44,6 +47,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--fresh", action="store_true", help="read every stage's own records, not the ledger of completed stages"
     )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="the table as a JSON list of records (one per run and stage; the store's sweeps for a root) on standard "
+        "output, nothing else there",
+    )
 
 
 def recorded_overrides(target: str, root: str | None) -> list[str]:
@@ -60,13 +69,66 @@ def recorded_overrides(target: str, root: str | None) -> list[str]:
 
 
 def cmd_status(args: argparse.Namespace, out: Console) -> int:
-    """One table of every run and stage: state, attempts, elapsed time, latest metric; backends asked."""
+    """One table of every run and stage: state, attempts, elapsed time, latest metric; backends asked. For a root that
+    holds sweeps rather than one, a table of its sweeps."""
+    if args.watch and args.json:
+        raise UsageError("--json prints the table once; leave out --watch")
+    if not is_sweep_file(args.target):
+        listed = listed_sweeps(args.target)
+        if listed is not None:
+            return show_sweeps(out, args.target, listed, args.json)
     given = args.overrides or recorded_overrides(args.target, args.root)
     if given and not args.overrides:
         out.print(Text(f"with the overrides of its last submission: {shlex.join(given)}", style="dim"))
     target = open_addressed(args.target, args.root, given)
+    if target.manifest is None and not target.problems and never_run(target.url, target.runs):
+        raise UsageError(
+            f"{args.target}: never swept to {target.url} (no {store.MANIFEST} there); `extrema-launch sweep` submits it"
+        )
     if args.watch:
         return watch_status(target, out, args.interval)
     view = status_table(target, fresh=args.fresh)
-    show_status(out, target.url, view)
+    if args.json:
+        records = [dict(zip(view.columns, row)) for row in view.rows]
+        sys.stdout.write(json.dumps(records, indent=1) + "\n")
+        print_notes(out, view.seen)
+        print_unreadable(out, view.problems)
+    else:
+        show_status(out, target.url, view)
     return status_code(view)
+
+
+def never_run(url: str, runs: list[store.StoredRun]) -> bool:
+    """Whether no stage of the runs has a record in the store (and no submission wrote a manifest: the caller's)."""
+    return not any(store.read_statuses(url, [k for r in runs for k in r.job_keys()]).values())
+
+
+def listed_sweeps(target: str) -> list[dict[str, Any]] | None:
+    """The sweeps below a URL that is a run-store root (no manifest of its own, sweeps with one below); else None."""
+    try:
+        url = store.normalize_root(target)
+        if store.read_manifest(url) is not None:
+            return None
+    except (ValueError, store.Unreadable):
+        return None
+    return store_listing.sweeps_in(url) or None
+
+
+def show_sweeps(out: Console, root: str, sweeps: list[dict[str, Any]], as_json: bool) -> int:
+    """The sweeps of a run-store root: name, runs, jobs and their states (JSON records with --json); exit 3 when a
+    manifest is unreadable, else 0."""
+    if as_json:
+        sys.stdout.write(json.dumps(sweeps, indent=1) + "\n")
+    else:
+        rows = [
+            (
+                s["sweep"],
+                str(s.get("runs", "-")),
+                str(s.get("jobs", "-")),
+                s.get("unreadable") or store_listing.summary(s["states"]),
+            )
+            for s in sweeps
+        ]
+        tables.show(out, f"{len(sweeps)} sweep(s) in {root}", ("sweep", "runs", "jobs", "states"), rows)
+        out.print(Text("extrema-launch status <root>/<sweep> shows one of them", style="dim"))
+    return DAMAGED if any("unreadable" in s for s in sweeps) else OK

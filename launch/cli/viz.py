@@ -9,7 +9,7 @@ from rich.console import Console
 
 from launch import store
 from launch.addressed import OK, open_addressed
-from launch.cli.arguments import ROOT_HELP, TARGET_HELP, add_command
+from launch.cli.arguments import ROOT_HELP, RUN_HELP, TARGET_HELP, add_command, run_named
 from launch.errors import UsageError
 
 ATTENTION = (
@@ -35,7 +35,7 @@ def add_parser(sub: Any) -> None:
     )
     p.set_defaults(fn=cmd_viz_attention)
     p.add_argument("target", metavar="FILE|URL", help=TARGET_HELP)
-    p.add_argument("--run", required=True, help="run id")
+    p.add_argument("--run", required=True, help=RUN_HELP)
     p.add_argument("--images", nargs="+", type=int, default=[0, 1, 2, 3], metavar="I", help="image indices (0 1 2 3)")
     p.add_argument("--queries", nargs="+", type=query, metavar="Q", help="cls and/or patch indices (default: cls and "
                    "three patches on the diagonal)")  # fmt: skip
@@ -58,9 +58,7 @@ def query(text: str) -> str | int:
 def cmd_viz_attention(args: argparse.Namespace, out: Console) -> int:
     """Figure 3 of one run: last-layer attention maps of chosen queries over chosen images."""
     target = open_addressed(args.target, args.root)
-    run = next((r for r in target.runs if r.run_id == args.run), None)
-    if run is None:
-        raise UsageError(f"run {args.run!r} is not part of {target.url}")
+    run = run_named(target.runs, args.run, target.url)
     if "pretrain" not in run.stages:
         raise UsageError(f"run {args.run} has no pretrain stage (its stages: {', '.join(run.stages)})")
     from extrema.viz.attention import render_attention  # imports torch: only here
