@@ -63,9 +63,15 @@ class Axes(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    grid: dict[str, list[Any]] | None = None
-    zip: dict[str, list[Any]] | None = None
-    runs: list[dict[str, Any]] | None = None
+    grid: dict[str, list[Any]] | None = Field(
+        None, description="dotted path -> values: every combination is a run (the last path varies fastest)"
+    )
+    zip: dict[str, list[Any]] | None = Field(
+        None, description="dotted path -> values, lists of one length advanced together: position i is one point"
+    )
+    runs: list[dict[str, Any]] | None = Field(
+        None, description="explicit runs, each a mapping of dotted path -> value, combined with the grid and zip"
+    )
 
 
 class SweepFile(BaseModel):
@@ -73,12 +79,14 @@ class SweepFile(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str
-    base: dict[str, Any]
-    sweep: Axes | None = None
-    launcher: LauncherSpec = LauncherSpec()
-    logging: LoggingSpec = LoggingSpec()
-    root: str = "./runs"
+    name: str = Field(description="the sweep's name: its directory under root (letters, digits, _ . -)")
+    base: dict[str, Any] = Field(description="the experiment every run starts from (an Experiment; see base.*)")
+    sweep: Axes | None = Field(None, description="the axes: dotted paths into base and their values (none: base once)")
+    launcher: LauncherSpec = Field(
+        LauncherSpec(), description="where and how the stages run; never part of a run's identity"
+    )
+    logging: LoggingSpec = Field(LoggingSpec(), description="where each stage's metrics go besides metrics.jsonl")
+    root: str = Field("./runs", description="the run store: a local path or any fsspec URL every node can reach")
     max_runs: int = Field(
         MAX_RUNS, ge=1, le=MAX_RUNS_CEILING, description="a sweep of more runs is refused before it is expanded"
     )

@@ -15,6 +15,7 @@
     extrema-launch logs    FILE|URL --run ID --stage S [--follow]
     extrema-launch export  FILE|URL --run ID [--branch ema|student] --format timm|official|safetensors --out PATH
     extrema-launch data shard SRC_URL DST_URL [--shard-size 1GB]
+    extrema-launch schema  [--json]                                   (every field of a sweep file)
 
 FILE|URL is a sweep YAML file or the `<root>/<sweep>` URL of a run store. Every job runs the code snapshot its
 `sweep` took (`<root>/<sweep>/code/<id>/`), not whatever is installed when it starts (`--snapshot off`).
@@ -45,10 +46,22 @@ from rich.console import Console
 from rich.text import Text
 
 from launch.addressed import DAMAGED, INTERRUPTED, USAGE
-from launch.cli import cancel, export, logs, plot, report, results, shard, status, sweep, viz
+from launch.cli import cancel, export, logs, plot, report, results, schema, shard, status, sweep, viz
 from launch.errors import DamagedStore, InvalidSweep, UsageError
 
-COMMANDS = (sweep, status, results, plot, viz, cancel, report, logs, export, shard)  # in the order --help lists them
+COMMANDS = (
+    sweep,
+    status,
+    results,
+    plot,
+    viz,
+    cancel,
+    report,
+    logs,
+    export,
+    shard,
+    schema,
+)  # in the order --help lists them
 
 
 def version() -> str:
