@@ -195,13 +195,12 @@ def innermost_frame(dump: str) -> str | None:
 
 def describe_hang(stage_dir: str, rec: RankRecord | None, rank: int, why: str, frame: str | None) -> str:
     """The one line status.json records for a hang."""
-    where = f"at {frame}" if frame else "(its stack is unavailable: the process did not respond)"
+    where = f" at {frame}" if frame else ", its stack is unavailable (the process did not respond)"
+    stacks = f"stacks in {rundir.join(stage_dir, HANG_DIR)}/"
     if rec is None:
-        return f"hung: rank {rank} ({why}) {where}; stacks in {rundir.join(stage_dir, HANG_DIR)}/"
-    return (
-        f"hung at step {rec.step + 1}: rank {rank} on {rec.host} (pid {rec.pid}) in {rec.phase} {where} ({why}); "
-        f"stacks in {rundir.join(stage_dir, HANG_DIR)}/"
-    )
+        return f"hung: rank {rank}{where}; {why}; {stacks}"
+    place = f"rank {rank} on {rec.host} (pid {rec.pid})"
+    return f"hung at step {rec.step + 1}: {place} in {rec.phase}{where}; {why}; {stacks}"
 
 
 def stragglers(records: dict[int, RankRecord]) -> list[int]:

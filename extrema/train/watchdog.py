@@ -7,8 +7,9 @@ thread writes `<stage>/ranks/<rank>.json` every `interval_s` (`extrema.run.rank_
 
 - this rank made no progress (no step finished, no phase changed) for hang_timeout_s in a training phase (in
   `starting`, `saving`, `evaluating`, `finishing`: for the longer of it and the collective timeout), or
-- (rank 0, or a rank that stopped progressing) another rank's record went unwritten for hang_timeout_s: its
-  process cannot act (SIGSTOP, frozen, swapped out), so nobody waits for the collective timeout.
+- a rank's record went unwritten for hang_timeout_s (rank 0 reads every rank's each tick, the others rank 0's, a
+  rank that stopped progressing all): its process cannot act (SIGSTOP, frozen, swapped out), so nobody waits for
+  the collective timeout.
 
 Then it dumps the Python stacks of this process's threads (`<stage>/hang/<rank>.txt`); the lowest rank whose record
 is still written reports: it declares the hang (`hang/declared.json`, which every live rank reads at its next tick
@@ -168,7 +169,13 @@ class Watchdog:
             self.dump()
             self.finish("another rank declared the stage hung")
         stuck = now - max(self.step_at, self.phase_at) > self.limit()
-        if not stuck and self.rank != 0:
+        if not stuck and self.rank != 0:  # one read a tick: rank 0 watches the others, the others watch rank 0
+            main = rank_progress.read(self.stage_dir, 0)
+            main = main if main is not None and main.attempt == self.attempt else None
+            if (main is None and now - self.started_at > self.timeout_s) or (
+                main is not None and rank_progress.frozen(main, now, self.timeout_s)
+            ):
+                self.hang()
             return
         records = rank_progress.read_all(self.stage_dir, self.attempt)
         if self.rank == 0:
