@@ -69,15 +69,21 @@ class Spec(BaseModel):
 class ModelSpec(Spec):
     """The ViT encoder and the ExtreMA heads."""
 
-    arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_pico", "vit_nano", "vit_micro"] = "vit_small"
+    arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_pico", "vit_nano", "vit_micro"] = Field(
+        "vit_small", description="ViT size preset (width, depth, heads; patch and image size unless set)"
+    )
     img_size: int | None = Field(None, gt=0, description="input resolution; the preset's when unset")
     patch_size: int | None = Field(None, gt=0, description="patch size; the preset's when unset")
-    in_chans: int = Field(3, gt=0)
-    cls_token: Literal["cait", "vit", "avgpool"] = "cait"
-    class_attention_layers: int = Field(2, ge=1)
-    layer_scale_init: float = Field(0.1, gt=0)
-    drop_path_rate: float = Field(0.1, ge=0, lt=1)
-    attn_drop_rate: float = Field(0.0, ge=0, lt=1)
+    in_chans: int = Field(3, gt=0, description="input image channels")
+    cls_token: Literal["cait", "vit", "avgpool"] = Field(
+        "cait", description="class-token design: cait (late class attention), vit (input token) or avgpool"
+    )
+    class_attention_layers: int = Field(2, ge=1, description="class-attention blocks at the end (cls_token cait)")
+    layer_scale_init: float = Field(0.1, gt=0, description="initial LayerScale value of the class-attention blocks")
+    drop_path_rate: float = Field(
+        0.1, ge=0, lt=1, description="stochastic depth rate of the encoder in pretraining (linear over blocks)"
+    )
+    attn_drop_rate: float = Field(0.0, ge=0, lt=1, description="dropout on attention weights")
     mlp_dim: int = Field(4096, gt=0, description="hidden width of projector and predictor")
     proj_dim: int = Field(256, gt=0, description="output width of projector and predictor")
 
@@ -133,8 +139,10 @@ class MaskingSpec(Spec):
     """Multi-masking of the online view."""
 
     ratio: float = Field(0.8, ge=0, lt=1, description="fraction of patch tokens dropped per mask")
-    num_masks: int = Field(5, ge=1)
-    sampling: Literal["disjoint", "independent"] = "disjoint"
+    num_masks: int = Field(5, ge=1, description="masked views per image (each a student branch)")
+    sampling: Literal["disjoint", "independent"] = Field(
+        "disjoint", description="masks disjoint from each other, or drawn independently"
+    )
 
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
@@ -154,12 +162,16 @@ class StorageSpec(Spec):
         pattern=r"^https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/-]*)?$",
         description="S3-compatible endpoint (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL when unset)",
     )
-    region: str | None = Field(None, pattern=r"^[a-z0-9-]{1,32}$")
+    region: str | None = Field(
+        None, pattern=r"^[a-z0-9-]{1,32}$", description="object-store region (AWS_REGION when unset)"
+    )
     profile: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="a named profile of ~/.aws")
     key_env: str | None = Field(None, description="environment variable holding the access key id")
     secret_env: str | None = Field(None, description="environment variable holding the secret access key")
     anon: bool = Field(False, description="unsigned requests (public buckets)")
-    connect_timeout_s: float = Field(10, gt=0, le=600)
+    connect_timeout_s: float = Field(
+        10, gt=0, le=600, description="seconds to wait for a connection to the object store"
+    )
     retries: int = Field(3, ge=0, le=20, description="attempts after the first on a failed request")
     cache_bytes: int | None = Field(
         None,
@@ -189,7 +201,9 @@ class StorageSpec(Spec):
 class DataSpec(Spec):
     """Where images come from and how the two views are made."""
 
-    dataset: Literal["imagefolder", "shards", "fashion_mnist", "synthetic"] = "imagefolder"
+    dataset: Literal["imagefolder", "shards", "fashion_mnist", "synthetic"] = Field(
+        "imagefolder", description="source of images: imagefolder URL, shards, Fashion-MNIST, or synthetic"
+    )
     root: str | None = Field(
         None,
         description="fsspec URL: ImageFolder root, shard root (`extrema-launch data shard`), or directory of "
@@ -202,14 +216,19 @@ class DataSpec(Spec):
     reduced_decode: bool = Field(
         True, description="decode JPEGs at 1/2, 1/4 or 1/8 size when the crop is that much larger than the output"
     )
-    train_split: str = "train"
-    val_split: str = "val"
-    augmentation: Literal["spatial_consistent_color", "spatial"] = "spatial_consistent_color"
-    crop_min: float = Field(0.2, gt=0, le=1)
+    train_split: str = Field("train", description="subdirectory (or split name) of the training images")
+    val_split: str = Field("val", description="subdirectory (or split name) of the validation images")
+    augmentation: Literal["spatial_consistent_color", "spatial"] = Field(
+        "spatial_consistent_color",
+        description="pretraining views: spatially consistent colour jitter, or spatial crops only",
+    )
+    crop_min: float = Field(
+        0.2, gt=0, le=1, description="smallest random-resized-crop area, as a fraction of the image"
+    )
     color_on_device: bool | None = Field(
         None, description="apply colour jitter batched on the training device; auto: on GPU only"
     )
-    num_workers: int = Field(4, ge=0)
+    num_workers: int = Field(4, ge=0, description="data-loading processes per rank")
     synthetic_size: int = Field(256, gt=0, description="images per split of the synthetic test dataset")
     cache_dir: str | None = Field(None, description="download cache for Fashion-MNIST when no local copy exists")
     order: Literal["global", "blocks"] = Field(
@@ -319,21 +338,23 @@ class Retention(Spec):
 class PretrainSpec(Retention, Batching):
     """ExtreMA pretraining; defaults are the reference ViT-B recipe."""
 
-    epochs: float = Field(300, gt=0)
+    epochs: float = Field(300, gt=0, description="training length in epochs (steps, when set, wins)")
     steps: int | None = Field(None, gt=0, description="total optimizer steps; overrides epochs when set")
     batch_size: int = Field(2048, gt=0, description="global batch size")
     base_lr: float = Field(1.5e-4, gt=0, description="lr = base_lr * batch_size / 256")
-    min_lr: float = Field(0.0, ge=0)
-    warmup_epochs: float = Field(40, ge=0)
-    weight_decay: float = Field(0.1, ge=0)
+    min_lr: float = Field(0.0, ge=0, description="learning rate at the end of the cosine schedule")
+    warmup_epochs: float = Field(40, ge=0, description="epochs of linear learning-rate warmup")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay at the start (cosine to weight_decay_end)")
     weight_decay_end: float | None = Field(None, ge=0, description="cosine wd schedule end; constant if unset")
-    betas: tuple[float, float] = (0.9, 0.95)
-    clip_grad: float | None = Field(None, gt=0)
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    clip_grad: float | None = Field(None, gt=0, description="gradient-norm clip (unset: no clipping)")
     ema_momentum: float = Field(0.996, ge=0, le=1, description="start of the cosine EMA momentum schedule to 1")
     masking: MaskingSpec = MaskingSpec()
-    loss: Literal["byol", "infonce"] = "byol"
+    loss: Literal["byol", "infonce"] = Field(
+        "byol", description="byol (regression to the EMA target) or infonce (contrastive)"
+    )
     temperature: float = Field(0.2, gt=0, description="InfoNCE temperature")
-    symmetric: bool = False
+    symmetric: bool = Field(False, description="also swap the two views' roles (loss on both directions)")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     log_every: int = Field(20, ge=1, description="steps between loss logs (the only host syncs)")
     ckpt_every: int = Field(1000, ge=1, description="steps between checkpoints")
@@ -359,7 +380,7 @@ class PretrainSpec(Retention, Batching):
         "and EMA momentum schedules continue; this stage's own checkpoint wins either way",
         json_schema_extra=WHEN_SET,
     )
-    seed: int = 0
+    seed: int = Field(0, description="random seed of the stage (init, masks, data order)")
 
     @model_validator(mode="after")
     def _resume_needs_a_source(self) -> PretrainSpec:
@@ -371,13 +392,15 @@ class PretrainSpec(Retention, Batching):
 class KnnSpec(FromCheckpoint):
     """Weighted kNN on L2-normalised features (the DINO protocol)."""
 
-    k: int = Field(20, ge=1)
-    temperature: float = Field(0.07, gt=0)
-    encoder: Literal["ema", "student"] = "ema"
-    feature: Literal["instance", "instance_prenorm", "patch_mean"] = "instance"
+    k: int = Field(20, ge=1, description="neighbours that vote")
+    temperature: float = Field(0.07, gt=0, description="temperature of the similarity-weighted vote")
+    encoder: Literal["ema", "student"] = Field("ema", description="which encoder's features: ema (teacher) or student")
+    feature: Literal["instance", "instance_prenorm", "patch_mean"] = Field(
+        "instance", description="class token after norm, before norm, or mean of patch tokens"
+    )
     bank_size: int | None = Field(10000, gt=0, description="training images in the memory bank; all when unset")
     val_size: int | None = Field(None, gt=0, description="validation images evaluated; all when unset")
-    batch_size: int = Field(256, gt=0)
+    batch_size: int = Field(256, gt=0, description="images per forward pass, per process")
 
 
 class DownstreamSpec(Retention, FromPretrained, Batching):
@@ -389,56 +412,60 @@ class DownstreamSpec(Retention, FromPretrained, Batching):
         None, gt=0, lt=1, description="validate on this seeded fraction of the train split instead of the val split"
     )
     val_size: int | None = Field(None, gt=0, description="validation images evaluated; all when unset")
-    eval_batch_size: int = Field(256, gt=0)
+    eval_batch_size: int = Field(256, gt=0, description="images per forward pass at evaluation, per process")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
     ckpt_every: int | None = Field(None, ge=1, description="steps between checkpoints besides epoch ends")
-    seed: int = 0
+    seed: int = Field(0, description="random seed of the stage")
 
 
 class ProbeSpec(DownstreamSpec):
     """Linear probe (BatchNorm without affine + Linear) on a frozen encoder; defaults are the paper's Table 3."""
 
-    encoder: Literal["ema", "student"] = "ema"
-    feature: Literal["instance", "patch_mean"] = "instance"
+    encoder: Literal["ema", "student"] = Field("ema", description="which frozen encoder is probed: ema or student")
+    feature: Literal["instance", "patch_mean"] = Field("instance", description="class token or mean of patch tokens")
     final_norm: bool = Field(False, description="apply the encoder's final LayerNorm; the reference drops it")
-    epochs: float = Field(90, gt=0)
+    epochs: float = Field(90, gt=0, description="training epochs of the linear head")
     batch_size: int = Field(4096, gt=0, description="global batch size")
     accum_steps: int = Field(1, ge=1, description="encoder micro-batches per step; the head sees the whole batch")
-    optimizer: Literal["lars", "sgd"] = "lars"
+    optimizer: Literal["lars", "sgd"] = Field("lars", description="LARS (as the paper) or SGD")
     base_lr: float = Field(0.1, gt=0, description="lr = base_lr * batch_size / 256")
-    min_lr: float = Field(0.0, ge=0)
-    warmup_epochs: float = Field(10, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    min_lr: float = Field(0.0, ge=0, description="learning rate at the end of the cosine schedule")
+    warmup_epochs: float = Field(10, ge=0, description="epochs of linear learning-rate warmup")
+    weight_decay: float = Field(0.0, ge=0, description="weight decay of the linear head")
+    momentum: float = Field(0.9, ge=0, lt=1, description="optimizer momentum")
 
 
 class FinetuneSpec(DownstreamSpec):
     """End-to-end finetuning of the encoder with a new head; defaults are the paper's Table 2 (ViT-B)."""
 
-    encoder: Literal["student", "ema"] = "student"
+    encoder: Literal["student", "ema"] = Field(
+        "student", description="which pretrained encoder is fine-tuned: student or ema"
+    )
     img_size: int | None = Field(None, gt=0, description="finetuning resolution; the model's when unset")
     pos_embed: Literal["learnable", "fixed"] = Field("learnable", description="learnable: initialised from sin-cos")
-    epochs: float = Field(100, gt=0)
+    epochs: float = Field(100, gt=0, description="training epochs")
     base_lr: float = Field(1e-3, gt=0, description="lr = base_lr * batch_size / 256")
-    min_lr: float = Field(1e-6, ge=0)
-    warmup_epochs: float = Field(5, ge=0)
-    weight_decay: float = Field(0.05, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    layer_decay: float = Field(0.75, gt=0, le=1)
-    drop_path_rate: float = Field(0.1, ge=0, lt=1)
-    clip_grad: float | None = Field(None, gt=0)
+    min_lr: float = Field(1e-6, ge=0, description="learning rate at the end of the cosine schedule")
+    warmup_epochs: float = Field(5, ge=0, description="epochs of linear learning-rate warmup")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    layer_decay: float = Field(0.75, gt=0, le=1, description="layer-wise learning-rate decay per block from the top")
+    drop_path_rate: float = Field(0.1, ge=0, lt=1, description="stochastic depth rate while fine-tuning")
+    clip_grad: float | None = Field(None, gt=0, description="gradient-norm clip (unset: no clipping)")
     randaugment_ops: int = Field(2, ge=0, description="RandAugment operations per image; 0 disables it")
-    randaugment_magnitude: int = Field(9, ge=0, le=30)
+    randaugment_magnitude: int = Field(9, ge=0, le=30, description="RandAugment magnitude (0-30)")
     random_erasing: float = Field(0.25, ge=0, le=1, description="probability of erasing a random box")
     mixup: float = Field(0.8, ge=0, description="MixUp alpha; 0 disables it")
     cutmix: float = Field(1.0, ge=0, description="CutMix alpha; 0 disables it")
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of the cross-entropy")
 
 
 class DetectSpec(Retention, FromPretrained):
     """Mask R-CNN transfer with the ViT as backbone (the CAE recipe); defaults: the paper's Table 1 (ViT-B, COCO 1x)."""
 
-    encoder: Literal["student", "ema"] = "student"
+    encoder: Literal["student", "ema"] = Field(
+        "student", description="which pretrained encoder is the backbone: student or ema"
+    )
     dataset: Literal["coco", "fashion_mnist_canvas"] = Field(
         "coco", description="COCO-format files at the URLs below, or the canvas set built from data's Fashion-MNIST"
     )
@@ -448,23 +475,29 @@ class DetectSpec(Retention, FromPretrained):
     val_images: str | None = Field(None, description="fsspec URL of the validation image directory")
     canvas_dir: str | None = Field(None, description="where the canvas set is built; <stage dir>/canvas when unset")
     canvas_size: int = Field(128, ge=32, description="side of the canvas images")
-    canvas_train_images: int = Field(2000, gt=0)
-    canvas_val_images: int = Field(500, gt=0)
+    canvas_train_images: int = Field(
+        2000, gt=0, description="canvases built for training (dataset fashion_mnist_canvas)"
+    )
+    canvas_val_images: int = Field(
+        500, gt=0, description="canvases built for validation (dataset fashion_mnist_canvas)"
+    )
     canvas_objects: tuple[int, int] = Field((1, 4), description="min and max garments per canvas")
     canvas_scale: tuple[float, float] = Field((0.8, 1.5), description="garment size range, in units of 28 px")
-    epochs: float = Field(12, gt=0)
+    epochs: float = Field(12, gt=0, description="training epochs")
     lr_steps: tuple[float, ...] = Field(
         (9, 11), description="epochs of the 12-epoch schedule after which the lr drops 10x; scaled by epochs / 12"
     )
     batch_size: int = Field(32, gt=0, description="global batch size (CAE: 2 images x 16 GPUs)")
     lr: float = Field(3e-4, gt=0, description="peak AdamW lr at this batch size (not rescaled)")
     warmup_steps: int = Field(500, ge=0, description="linear warmup from warmup_ratio * lr")
-    warmup_ratio: float = Field(0.001, gt=0, le=1)
-    weight_decay: float = Field(0.05, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    layer_decay: float = Field(0.75, gt=0, le=1)
-    drop_path_rate: float = Field(0.2, ge=0, lt=1)
-    clip_grad: float | None = Field(None, gt=0)
+    warmup_ratio: float = Field(
+        0.001, gt=0, le=1, description="learning rate at the start of warmup, as a fraction of lr"
+    )
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    layer_decay: float = Field(0.75, gt=0, le=1, description="layer-wise learning-rate decay of the backbone")
+    drop_path_rate: float = Field(0.2, ge=0, lt=1, description="stochastic depth rate of the backbone")
+    clip_grad: float | None = Field(None, gt=0, description="gradient-norm clip (unset: no clipping)")
     train_scales: tuple[int, ...] = Field(
         tuple(range(480, 801, 32)), description="shorter sides drawn for multi-scale training"
     )
@@ -474,7 +507,7 @@ class DetectSpec(Retention, FromPretrained):
     )
     crop_size: tuple[int, int] = Field((384, 600), description="min and max side of the crop branch's random crop")
     test_size: int = Field(800, gt=0, description="shorter side at evaluation")
-    fpn_channels: int = Field(256, gt=0)
+    fpn_channels: int = Field(256, gt=0, description="channels of the feature pyramid")
     box_head_dim: int = Field(1024, gt=0, description="width of the fully connected layer of the 4conv1fc box head")
     anchor_sizes: tuple[int, int, int, int, int] = Field(
         (32, 64, 128, 256, 512), description="RPN anchor size of each FPN level (strides 4 to 64)"
@@ -484,7 +517,7 @@ class DetectSpec(Retention, FromPretrained):
         1000, gt=0, description="RPN proposals kept per image after NMS (from 2x that many per level in training)"
     )
     roi_batch_size: int = Field(512, gt=0, description="proposals sampled per image for the box and mask heads")
-    detections_per_image: int = Field(100, gt=0)
+    detections_per_image: int = Field(100, gt=0, description="most detections kept per image at evaluation")
     activation_checkpointing: bool = Field(False, description="recompute transformer blocks in the backward pass")
     train_size: int | None = Field(None, gt=0, description="seeded subset of training images; all when unset")
     val_size: int | None = Field(None, gt=0, description="seeded subset of validation images; all when unset")
@@ -495,7 +528,7 @@ class DetectSpec(Retention, FromPretrained):
         "auto", description="auto: the backbone in bf16 autocast on GPU, fp32 on CPU; the heads always run in fp32"
     )
     ckpt_every: int | None = Field(None, ge=1, description="steps between checkpoints besides epoch ends")
-    seed: int = 0
+    seed: int = Field(0, description="random seed of the stage")
 
     @model_validator(mode="after")
     def _consistent(self) -> DetectSpec:
@@ -525,16 +558,16 @@ class InpaintSpec(FromCheckpoint):
     )
     decoder_dim: int = Field(128, gt=0, description="decoder width (divisible by 4 and by decoder_heads)")
     decoder_depth: int = Field(2, ge=1, description="decoder transformer blocks")
-    decoder_heads: int = Field(4, ge=1)
+    decoder_heads: int = Field(4, ge=1, description="attention heads of the inpainting decoder")
     steps: int = Field(1000, gt=0, description="decoder training steps")
-    batch_size: int = Field(128, gt=0)
+    batch_size: int = Field(128, gt=0, description="images per step, per process")
     lr: float = Field(1e-3, gt=0, description="peak AdamW lr (cosine, after warmup_steps)")
-    warmup_steps: int = Field(50, ge=0)
-    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(50, ge=0, description="steps of linear learning-rate warmup")
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay of the decoder")
     train_size: int | None = Field(10000, gt=0, description="seeded subset of training images; all when unset")
     val_size: int | None = Field(1000, gt=0, description="held-out val-split images scored; all when unset")
     figure_images: int = Field(8, ge=1, le=32, description="images shown in the figure")
-    seed: int = 0
+    seed: int = Field(0, description="random seed of the stage")
 
     @model_validator(mode="after")
     def _consistent(self) -> InpaintSpec:
@@ -554,7 +587,9 @@ class LocalitySpec(FromPretrained):
     token: its result says not applicable.
     """
 
-    encoder: Literal["ema", "student"] = "ema"
+    encoder: Literal["ema", "student"] = Field(
+        "ema", description="which encoder's attention is measured: ema or student"
+    )
     mass: float = Field(0.6, gt=0, lt=1, description="share of the attention mass the kept patches hold")
     dataset: Literal["coco", "fashion_mnist_canvas"] = Field(
         "fashion_mnist_canvas", description="a COCO-format set with masks at the URLs below, or garment canvases"
@@ -565,11 +600,13 @@ class LocalitySpec(FromPretrained):
     max_images: int | None = Field(None, gt=0, description="seeded subset of the images with objects; all when unset")
     canvas_dir: str | None = Field(None, description="where the canvas set is built; <stage dir>/canvas when unset")
     canvas_size: int = Field(48, ge=16, description="side of the canvas images")
-    canvas_images: int = Field(500, gt=0)
+    canvas_images: int = Field(
+        500, gt=0, description="canvases built for the measurement (dataset fashion_mnist_canvas)"
+    )
     canvas_objects: tuple[int, int] = Field((1, 2), description="min and max garments per canvas")
     canvas_scale: tuple[float, float] = Field((0.8, 1.2), description="garment size range, in units of 28 px")
-    batch_size: int = Field(64, gt=0)
-    seed: int = 0
+    batch_size: int = Field(64, gt=0, description="images per forward pass")
+    seed: int = Field(0, description="random seed of the stage")
 
     @model_validator(mode="after")
     def _consistent(self) -> LocalitySpec:
@@ -586,7 +623,10 @@ class Experiment(Spec):
 
     model: ModelSpec = ModelSpec()
     data: DataSpec
-    stages: tuple[StageName, ...] = ("pretrain", "knn")
+    stages: tuple[StageName, ...] = Field(
+        ("pretrain", "knn"),
+        description="the stages each run executes (pretrain first when a later stage starts from it)",
+    )
     pretrain: PretrainSpec = PretrainSpec()
     knn: KnnSpec = KnnSpec()
     probe: ProbeSpec = ProbeSpec()
@@ -635,10 +675,19 @@ class Experiment(Spec):
 class WandbSpec(Spec):
     """Weights & Biases: one W&B run per stage, grouped by sweep and run id, resumed with the stage."""
 
-    project: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
-    entity: str | None = Field(None, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")
-    mode: Literal["offline", "online", "disabled"] = "offline"
-    tags: list[str] = Field(default_factory=list, max_length=64)
+    project: str = Field(
+        min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$", description="W&B project the runs log to"
+    )
+    entity: str | None = Field(
+        None,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="W&B team or user (the account's default when unset)",
+    )
+    mode: Literal["offline", "online", "disabled"] = Field(
+        "offline", description="offline (synced later), online, or disabled"
+    )
+    tags: list[str] = Field(default_factory=list, max_length=64, description="tags on every run")
 
 
 class LoggingSpec(Spec):

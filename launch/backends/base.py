@@ -58,9 +58,11 @@ class LauncherSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    backend: str = "local"
+    backend: str = Field("local", description="where stages run: local, slurm or ray")
     resources: ResourcesSpec = ResourcesSpec()
-    stages: dict[StageName, ResourcesSpec] = Field(default_factory=dict)
+    stages: dict[StageName, ResourcesSpec] = Field(
+        default_factory=dict, description="per-stage resources, overriding launcher.resources key by key"
+    )
     max_parallel: int | None = Field(
         None, ge=1, description="stage jobs at once: local 1 unless set; slurm each array's %n (256); ray unbounded"
     )
