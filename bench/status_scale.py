@@ -135,6 +135,7 @@ def main() -> None:
                 shown = ", ".join(f"{m} {n}" for m, n in sorted(reqs.items()))
                 table.add_row(f"{runs:,}", f"{setup:.0f} s", name, f"{wall:.2f} s", shown, str(code),
                               "ok" if wall < TARGET_S else "over")  # fmt: skip
+                print(f"{runs} runs, {name}: {wall:.2f} s, {shown}, exit {code}", flush=True)
     Console().print(table)
 
 
