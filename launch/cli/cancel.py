@@ -78,7 +78,10 @@ def stop_attempts(
         by_backend.setdefault(str(statuses[key].get("backend")), {})[key] = holder
     kept: dict[str, str] = {}
     for name, group in by_backend.items():
-        cls = recorded_class(name)
-        if cls is not None:
-            kept.update(cls.stop_attempts(sweep_url, group))
+        # A stage whose status names no known backend (a record an attempt wrote before its status, or a hostile
+        # one): the local backend's proof decides (host, start time, command line), so nothing is reported
+        # cancelled that was not stopped.
+        cls = recorded_class(name) or recorded_class("local")
+        assert cls is not None
+        kept.update(cls.stop_attempts(sweep_url, group))
     return kept
