@@ -228,7 +228,7 @@ def test_kill_during_checkpoint_save_keeps_previous_step(tmp_path: Path) -> None
     url = str(tmp_path / "ckpt")
     ckpt.save(url, 1, ckpt.training_state(model, opt, {"step": 1}))
     code = (
-        "import torch; from extrema import ckpt\n"
+        "import torch; from extrema.train import ckpt\n"
         "big = {'model': {'w': torch.randn(64, 1024, 1024)}}\n"
         f"ckpt.save({url!r}, 2, big)\n"
     )

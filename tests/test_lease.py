@@ -63,7 +63,7 @@ def test_one_of_many_racing_attempts_wins(tmp_path: Path, root: str) -> None:
 
 def test_dead_owner_is_taken_over_at_once_and_released_owner_too(tmp_path: Path) -> None:
     stage = str(tmp_path / "s")
-    child = subprocess.Popen([sys.executable, "-c", f"from extrema import lease; lease.try_acquire({stage!r})"])
+    child = subprocess.Popen([sys.executable, "-c", f"from extrema.run import lease; lease.try_acquire({stage!r})"])
     assert child.wait(timeout=60) == 0
     holder = lease.current(stage)
     assert holder is not None and holder.pid == child.pid
