@@ -13,7 +13,7 @@
     extrema-launch viz attention FILE|URL --run ID [--images I ...] [--queries cls|P ...] [--out DIR]
     extrema-launch cancel  FILE|URL [--run ID]
     extrema-launch logs    FILE|URL --run ID --stage S [--follow]
-    extrema-launch export  FILE|URL --run ID [--branch ema|student] --format timm|official|safetensors --out PATH
+    extrema-launch export  SOURCE [--run ID] [--branch ema|student] --format timm|official|safetensors --out PATH
     extrema-launch data shard SRC_URL DST_URL [--shard-size 1GB]
     extrema-launch schema  [--json]                                   (every field of a sweep file)
 
