@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from s3fs import S3FileSystem
 
 from extrema.run import code_snapshot, contract, lease, metrics_log, rundir
 from launch import snapshot, store
@@ -110,7 +111,9 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
                 for k, v in {**aws, **{k: v for k, v in env["n1"].items() if k.startswith("AWS_")}}.items():
                     mp.setenv(k, v)
                 mp.setenv("EXTREMA_LEASE_TTL_S", str(TTL_S))
+                S3FileSystem.clear_instance_cache()  # an instance cached by an earlier module keeps its old endpoint
                 yield Hosts(net, server, root, src, env)
+            S3FileSystem.clear_instance_cache()
     finally:
         stop_network(net)
 

@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from extrema.run.contract import StageState
+from extrema.run.contract import StageState, os_reason
 from launch import ledger, overrides, plan_view, results, roots, store, tables
 from launch import snapshot as snapshots
 from launch.addressed import DAMAGED, FAILED, OK, print_notes, print_unreadable, swept_axes
@@ -171,7 +171,11 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
     previous = {j.key: statuses[j.key] for j in todo}
     code_id = None
     if snapshot is not None:
-        code_id, code_dir = store_snapshot(snapshot, url, launcher, log_dir)
+        try:
+            code_id, code_dir = store_snapshot(snapshot, url, launcher, log_dir)
+        except OSError as e:  # a full or unwritable store: nothing was submitted, nothing is left pending
+            out.print(Text(f"cannot save the code snapshot in {url}: {os_reason(e)}; nothing submitted", style="red"))
+            return FAILED
         manifest["code"] = {"id": code_id, "git_sha": snapshot.git_sha, "changed": list(snapshot.changed)}
         todo = [replace(j, code_dir=code_dir, allow_code_change=args.allow_code_change) for j in todo]
     elif args.allow_code_change:
