@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import functools
 import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,10 +22,9 @@ from extrema.data.shard_format import ShardIndexError
 from extrema.data.shard_order import BlockOrder, OrderSettings, cut_blocks
 from extrema.data.shards import ShardedImages
 from extrema.spec import StorageSpec
-from extrema.train import ckpt
 from tests.s3server import KEY, SECRET, S3Server, isolated_aws_env, s3_server  # noqa: F401  (fixture)
-from tests.stage_runs import checkpointed_model, make_run
-from tests.test_shards import last_losses, shard, write_jpeg_folder
+from tests.stage_runs import make_run
+from tests.test_shards import kill_mid_run_then_resume_equals, last_losses, shard, write_jpeg_folder
 
 BLOCKS = OrderSettings("blocks", block=4, window=2)
 SPLIT = "s3://order/in/train"
@@ -257,29 +252,6 @@ def test_pretrain_with_block_reads_killed_and_resumed_gives_the_same_bits(
     make_run(str(reference), setup)
     make_run(str(run), setup)
     assert entry.main([str(reference), "pretrain"]) == 0
-    ckpt_dir = str(run / "pretrain" / "ckpt")
-    threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
     code = f"{BLOCK_DEFAULTS}; import sys; from extrema import entry; sys.exit(entry.main(sys.argv[1:]))"
-    command = [sys.executable, "-c", code, str(run), "pretrain"]
-    out = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}
-    proc = subprocess.Popen(command, env={**os.environ, **threads}, start_new_session=True, text=True, **out)  # type: ignore[call-overload]
-    try:
-        deadline = time.monotonic() + 120
-        while (ckpt.latest_step(ckpt_dir) or 0) < 2 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        os.killpg(proc.pid, signal.SIGKILL)  # the stage and its two loader workers, mid-run
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    saved = ckpt.latest_step(ckpt_dir)
-    assert saved is not None and 2 <= saved < 8
-    assert entry.main([str(run), "pretrain"]) == 0
-    assert last_losses(run / "pretrain") == last_losses(reference / "pretrain")
-    a, b = checkpointed_model(reference / "pretrain"), checkpointed_model(run / "pretrain")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    written = b"".join(p.read_bytes() for p in run.rglob("*") if p.is_file())
-    assert SECRET.encode() not in written and KEY.encode() not in written
+    kill_mid_run_then_resume_equals(run, reference, ["-c", code])
     assert np.isfinite(list(last_losses(run / "pretrain").values())).all()

@@ -195,19 +195,13 @@ def last_losses(stage: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rundir.read_jsonl(str(stage / "metrics.jsonl")) if "loss" in r}
 
 
-def test_pretrain_on_s3_shards_killed_and_resumed_equals_imagefolder(
-    s3_shards: S3Server, folder: Path, tmp_path: Path, monkeypatch
-) -> None:
-    isolated_aws_env(monkeypatch, tmp_path)
-    reference, run = tmp_path / "reference", tmp_path / "killed"
-    make_run(str(reference), {**SETUP, "data": {"dataset": "imagefolder", "root": str(folder / "folder")}})
-    make_run(str(run), {**SETUP, "data": s3_spec(s3_shards, "shards")})
-    assert entry.main([str(reference), "pretrain"]) == 0
+def kill_mid_run_then_resume_equals(run: Path, reference: Path, launch: list[str]) -> None:
+    """Start `python <launch> <run> pretrain` in its own process group (this process's thread count: bitwise CPU
+    results depend on it), SIGKILL the group once a checkpoint past step 2 exists, resume in this process: the same
+    losses and weights bits as `reference`, and no credential in the run directory."""
     ckpt_dir = str(run / "pretrain" / "ckpt")
-    # This process's thread count in the child too (bitwise CPU results depend on it); its own process group,
-    # so that the kill takes its loader worker (which reads the shards over HTTP) with it.
     threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
-    command = [sys.executable, "-m", "extrema.entry", str(run), "pretrain"]
+    command = [sys.executable, *launch, str(run), "pretrain"]
     out = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}
     proc = subprocess.Popen(command, env={**os.environ, **threads}, start_new_session=True, text=True, **out)  # type: ignore[call-overload]
     try:
@@ -215,7 +209,7 @@ def test_pretrain_on_s3_shards_killed_and_resumed_equals_imagefolder(
         while (ckpt.latest_step(ckpt_dir) or 0) < 2 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        os.killpg(proc.pid, signal.SIGKILL)  # the stage and its loader worker, mid-run
+        os.killpg(proc.pid, signal.SIGKILL)  # the stage and its loader workers, mid-run
         proc.wait()
     finally:
         if proc.poll() is None:
@@ -229,6 +223,18 @@ def test_pretrain_on_s3_shards_killed_and_resumed_equals_imagefolder(
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     written = b"".join(p.read_bytes() for p in run.rglob("*") if p.is_file())
     assert SECRET.encode() not in written and KEY.encode() not in written
+
+
+def test_pretrain_on_s3_shards_killed_and_resumed_equals_imagefolder(
+    s3_shards: S3Server, folder: Path, tmp_path: Path, monkeypatch
+) -> None:
+    isolated_aws_env(monkeypatch, tmp_path)
+    reference, run = tmp_path / "reference", tmp_path / "killed"
+    make_run(str(reference), {**SETUP, "data": {"dataset": "imagefolder", "root": str(folder / "folder")}})
+    make_run(str(run), {**SETUP, "data": s3_spec(s3_shards, "shards")})
+    assert entry.main([str(reference), "pretrain"]) == 0
+    # Its own process group, so that the kill takes its loader worker (which reads the shards over HTTP) with it.
+    kill_mid_run_then_resume_equals(run, reference, ["-m", "extrema.entry"])
 
 
 def test_credentials_from_the_variables_the_spec_names(s3_shards: S3Server, tmp_path: Path, monkeypatch) -> None:
