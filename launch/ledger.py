@@ -27,13 +27,10 @@ MAX_PARTS = 1000  # parts read at most; past this, the rest are read stage by st
 
 def part_names(sweep: str) -> list[str]:
     """The ledger's part names, in order ([] without a ledger); listed fresh (other processes add parts)."""
-    fs, path = rundir.filesystem(rundir.join(sweep, FOLDER))
-    fs.invalidate_cache(path)
     try:
-        names = [str(e).rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False)]
-    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return rundir.fresh_names(rundir.join(sweep, FOLDER), PART)
+    except PermissionError:  # a folder this reader may not list: its stages are read one by one
         return []
-    return sorted(n for n in names if PART.fullmatch(n))
 
 
 def read(sweep: str, inside: str | None = None) -> dict[str, dict[str, Any]]:

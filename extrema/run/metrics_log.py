@@ -14,7 +14,16 @@ import re
 from typing import Any, Protocol
 
 from extrema.run import contract
-from extrema.run.rundir import dumps, ends_a_line, filesystem, join, local_path, read_jsonl, write_text_atomic
+from extrema.run.rundir import (
+    dumps,
+    ends_a_line,
+    filesystem,
+    fresh_names,
+    join,
+    local_path,
+    read_jsonl,
+    write_text_atomic,
+)
 
 PART_BYTES = 1 << 20
 PART_NAME = re.compile(r"(\d{6})\.jsonl")
@@ -37,13 +46,7 @@ def parts_url(url: str) -> str:
 
 def part_urls(url: str) -> list[str]:
     """The URLs of a log's parts, in order ([] on a filesystem, or before the first flush)."""
-    fs, path = filesystem(parts_url(url))
-    fs.invalidate_cache(path)  # another process writes them: never a cached listing
-    try:
-        names = [str(e).rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False)]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return [join(parts_url(url), n) for n in sorted(n for n in names if PART_NAME.fullmatch(n))]
+    return [join(parts_url(url), n) for n in fresh_names(parts_url(url), PART_NAME)]
 
 
 def read_records(url: str, inside: str | None = None, limit: int = contract.MAX_LOG_BYTES) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import uuid
 from typing import Any
 
@@ -31,6 +32,18 @@ def local_path(url: str) -> str | None:
     """The path of a URL on this machine's filesystem (a plain path or file://), else None."""
     fs, path = filesystem(url)
     return str(path) if isinstance(fs, LocalFileSystem) else None
+
+
+def fresh_names(url: str, pattern: re.Pattern[str]) -> list[str]:
+    """Sorted names of the entries directly in the folder at `url` that match `pattern`, from a listing made now
+    (never a cached one: other processes add entries); [] when there is no such folder."""
+    fs, path = filesystem(url)
+    fs.invalidate_cache(path)
+    try:
+        names = [str(e).rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(n for n in names if pattern.fullmatch(n))
 
 
 def exists(url: str) -> bool:
