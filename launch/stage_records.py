@@ -54,7 +54,8 @@ def read(sweep: str, keys: Sequence[str], write: bool = True, fresh: bool = Fals
         for k in done
         if isinstance(out.results[k], dict) and isinstance(out.provenances[k], dict)
     }
-    stale = [k for k in ledgered if k in direct and found.get(k) != ledgered[k]]
+    read_here = set(direct)
+    stale = [k for k in ledgered if k in read_here and found.get(k) != ledgered[k]]
     try:
         out.added = ledger.append(sweep, {k: e for k, e in found.items() if k not in ledgered or k in stale}, stale)
     except OSError:
