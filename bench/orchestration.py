@@ -46,11 +46,12 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # for tests.clusters, the private Slurm
 
-from launch import store  # noqa: E402
 from launch.backends.slurm.plan import planned_arrays  # noqa: E402
 from launch.cli import main  # noqa: E402
 from launch.pipeline import plan  # noqa: E402
-from launch.sweep import Run, load_runs  # noqa: E402
+from launch.runstore import store  # noqa: E402
+from launch.sweepfile.expand import load_runs  # noqa: E402
+from launch.sweepfile.model import Run  # noqa: E402
 
 TARGET_S = 2.0
 REPEATS = 3

@@ -18,8 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from launch import snapshot
 from launch.cli import main as cli
+from launch.runstore import snapshot
 
 TINY = Path(__file__).resolve().parent.parent / "jobs" / "tiny.yaml"
 

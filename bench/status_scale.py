@@ -30,7 +30,7 @@ import fsspec  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from launch import store  # noqa: E402
+from launch.runstore import store  # noqa: E402
 from tests.s3server import KEY, SECRET, S3Server, running_server  # noqa: E402
 
 BUCKET = "bench"

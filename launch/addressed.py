@@ -11,10 +11,11 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.text import Text
 
-from launch import results, roots, store
-from launch.errors import DamagedStore, UsageError
+from launch.inputs.errors import DamagedStore, UsageError
 from launch.reconcile import Reconciled
-from launch.sweep import LauncherSpec, SweepFile, load_runs
+from launch.runstore import results, roots, store
+from launch.sweepfile.expand import load_runs
+from launch.sweepfile.model import LauncherSpec, SweepFile
 
 OK, FAILED, USAGE, DAMAGED, INTERRUPTED = 0, 1, 2, 3, 130
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".json": "json"}
@@ -38,7 +39,8 @@ def is_sweep_file(arg: str) -> bool:
 
 
 def open_addressed(arg: str, root: str | None = None, overrides: Sequence[str] = ()) -> Addressed:
-    """Resolve FILE|URL into the sweep it addresses (a file with its `key=value` overrides, launch.overrides)."""
+    """Resolve FILE|URL into the sweep it addresses (a file with its `key=value` overrides:
+    launch.sweepfile.overrides)."""
     if is_sweep_file(arg):
         sweep, runs = load_runs(arg, root=root, overrides=overrides)
         url = store.sweep_url(sweep.root, sweep.name)

@@ -8,8 +8,8 @@
   folder (`launch.backends.slurm.logs`); a Ray job's driver log, the stage's output included, read through the
   cluster's job API (`launch.backends.ray.logs` labels its lines).
 
-Each source reads from an offset (`launch.log_source`), so that `extrema-launch logs --follow` prints only what is
-new (`Tail`). This module names no backend: it asks the class of the one a stage's status records.
+Each source reads from an offset (`launch.backends.log_source`), so that `extrema-launch logs --follow` prints
+only what is new (`Tail`). This module names no backend: it asks the class of the one a stage's status records.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from extrema.run import contract
 from extrema.run.contract import StageDir
-from launch import store
 from launch.backends.base import RecordedJob, recorded_class
-from launch.log_source import Lines, LogSource, file_source
+from launch.backends.log_source import Lines, LogSource, file_source
+from launch.runstore import store
 
 if TYPE_CHECKING:
-    from launch.sweep import LauncherSpec
+    from launch.sweepfile.model import LauncherSpec
 
 LOCAL_LOG = re.compile(r"local(?:\.(\d{1,9}))?\.log")  # local.<n>.log per attempt; local.log in older stores
 

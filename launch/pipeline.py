@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 from extrema.run import contract
 from extrema.run.contract import StageState
-from launch import store
 from launch.backends.base import Job
-from launch.sweep import STAGE_ORDER, LauncherSpec, Run, needs_pretrain
+from launch.runstore import store
+from launch.sweepfile.model import STAGE_ORDER, LauncherSpec, Run, needs_pretrain
 
 
 def upstream(run: Run, stage: str) -> tuple[str, ...]:

@@ -35,9 +35,9 @@ from typing import Any
 
 from extrema.run import contract, lease
 from extrema.run.contract import StageState, os_reason
-from launch import store
 from launch.backends.base import State, Unreachable, backend_class, in_flight_groups, recorded_class
-from launch.sweep import LauncherSpec
+from launch.runstore import store
+from launch.sweepfile.model import LauncherSpec
 
 ENDED = (State.COMPLETED, State.FAILED, State.CANCELLED, State.UNKNOWN)
 

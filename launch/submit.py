@@ -22,11 +22,11 @@ from rich.text import Text
 from extrema.run import rundir
 from extrema.run.contract import StageDir, StageState, os_reason, update_status
 from extrema.run.lease import probe_conditional_writes
-from launch import store
 from launch.backends.base import Backend, Job, State, backend_class
-from launch.errors import UsageError
+from launch.inputs.errors import UsageError
 from launch.progress import Watch, follow
-from launch.sweep import LauncherSpec
+from launch.runstore import store
+from launch.sweepfile.model import LauncherSpec
 
 OK, FAILED, INTERRUPTED = 0, 1, 130
 
@@ -41,7 +41,7 @@ class Submission:
     manifest: dict[str, Any]
     log_dir: str
     previous: Mapping[str, dict[str, Any]]  # job key -> status.json before this submission
-    code: str | None = None  # the id of the code snapshot the jobs run (launch.snapshot), None without one
+    code: str | None = None  # the id of the code snapshot the jobs run (launch.runstore.snapshot), None without one
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from PIL import Image
 from extrema.data.datasets import fashion_mnist
 from extrema.data.detection import build_canvas_set
 from extrema.spec import DataSpec
-from launch.yamlfile import load_with_includes
+from launch.inputs.yamlfile import load_with_includes
 from tests.test_detect import DETECT as TEST_DETECT
 from tests.test_detect import TINY_HEADS
 

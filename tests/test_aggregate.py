@@ -8,11 +8,12 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from launch import aggregate, results
+from launch.runstore import results
+from launch.views import aggregate
 
 
 def row(run_id: str, stage: str, state: str = "completed", **values: Any) -> dict[str, Any]:
-    """A results row as `launch.results.rows` makes it: swept values are dotted keys, the rest metrics."""
+    """A results row as `launch.runstore.results.rows` makes it: swept values are dotted keys, the rest metrics."""
     out = {"run_id": run_id, "stage": stage, "state": state, "git_sha": "abc", "world_size": 1}
     out.update({k.replace("__", "."): v for k, v in values.items()})
     return out

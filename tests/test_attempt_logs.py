@@ -11,9 +11,10 @@ import fsspec
 import pytest
 
 from extrema.run import rundir
-from launch import logs, store
+from launch import logs
 from launch.backends.base import State
 from launch.backends.local import LocalBackend
+from launch.runstore import store
 from tests.s3server import S3Server, isolated_aws_env, s3_server  # noqa: F401  (fixture)
 from tests.test_cli import cli
 from tests.test_local_backend import ScriptJob, job, wait_all

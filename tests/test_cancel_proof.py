@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from extrema.run import lease
-from launch import store
 from launch.backends import local
-from launch.sweep import load_runs
+from launch.runstore import store
+from launch.sweepfile.expand import load_runs
 from tests.test_cli import TINY, cli
 
 

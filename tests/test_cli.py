@@ -24,15 +24,17 @@ from rich.console import Console
 
 from extrema.run.contract import update_status
 from extrema.spec import Experiment, MaskingSpec, ModelSpec, PretrainSpec
-from launch import store, tables
 from launch.backends.base import State, make_backend
 from launch.backends.local import LocalBackend
+from launch.backends.resources import ResourcesSpec
 from launch.cli import main
-from launch.errors import UsageError
+from launch.inputs.errors import UsageError
 from launch.reconcile import settled
-from launch.resources import ResourcesSpec
-from launch.results_view import results_format
-from launch.sweep import Axes, LauncherSpec, SweepFile, load_runs
+from launch.runstore import store
+from launch.sweepfile.expand import load_runs
+from launch.sweepfile.model import Axes, LauncherSpec, SweepFile
+from launch.views import tables
+from launch.views.results_view import results_format
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "jobs" / "tiny.yaml"
@@ -53,7 +55,8 @@ def tree(path: Path) -> list[str]:
 
 def test_launch_never_imports_torch() -> None:
     code = (
-        "import sys, launch.cli, launch.sweep, launch.store, launch.results, launch.pipeline, launch.progress, "
+        "import sys, launch.cli, launch.sweepfile.expand, launch.runstore.store, launch.runstore.results, "
+        "launch.pipeline, launch.progress, "
         f"launch.backends.local; launch.cli.main(['sweep', {str(TINY)!r}, '--dry-run', '--root', 'memory://t']); "
         "[launch.cli.main([*c, '--help']) for c in (['plot'], ['viz', 'attention'], ['results'])]; "
         "assert 'torch' not in sys.modules, 'torch was imported'; "

@@ -24,10 +24,11 @@ import yaml
 from rich.console import Console
 
 from extrema.run.contract import update_status
-from launch import store, tables
 from launch.addressed import open_addressed
-from launch.results_view import collect, results_view, show_view
-from launch.sweep import load_runs
+from launch.runstore import store
+from launch.sweepfile.expand import load_runs
+from launch.views import tables
+from launch.views.results_view import collect, results_view, show_view
 from tests.processes import interruptible
 from tests.test_cli import TINY, cli
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from extrema.run.contract import update_status
-from launch import store
 from launch.cli import main
 from launch.cli.arguments import run_named
-from launch.errors import UsageError
-from launch.sweep import load_runs
+from launch.inputs.errors import UsageError
+from launch.runstore import store
+from launch.sweepfile.expand import load_runs
 
 TINY = Path(__file__).resolve().parent.parent / "jobs" / "tiny.yaml"
 

@@ -10,12 +10,12 @@ import pytest
 from extrema import entry
 from extrema.run import contract
 from launch.backends.base import Job, network_env
+from launch.backends.log_source import Lines, rank_hosts
 from launch.backends.ray.backend import job_runtime_env, placement
 from launch.backends.ray.logs import ray_label
+from launch.backends.resources import ResourcesSpec
 from launch.backends.slurm.backend import rendezvous_address
 from launch.backends.slurm.logs import slurm_label, slurm_rank
-from launch.log_source import Lines, rank_hosts
-from launch.resources import ResourcesSpec
 
 
 def test_rendezvous_is_the_first_nodes_address_and_never_loopback_across_nodes(

@@ -24,8 +24,8 @@ import pytest
 import yaml
 
 from extrema.run import code_snapshot
-from launch import snapshot
 from launch.progress import latest_progress
+from launch.runstore import snapshot
 from tests.cluster_sweeps import release_requeued
 from tests.clusters.ray import RayCluster
 from tests.clusters.slurm import SlurmCluster

@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 import yaml
 
-from launch import store
 from launch.backends.base import Job
 from launch.backends.container import ContainerSpec
 from launch.backends.ray.backend import RayBackend, driver_command, job_runtime_env, slot_of
+from launch.backends.resources import ResourcesSpec
 from launch.backends.slurm.backend import SlurmBackend
-from launch.resources import ResourcesSpec
-from launch.sweep import LauncherSpec
+from launch.runstore import store
+from launch.sweepfile.model import LauncherSpec
 from tests.cluster_sweeps import TINY, cli
 from tests.clusters.slurm import SlurmCluster
 

@@ -17,7 +17,7 @@ from extrema.train import ckpt
 from extrema.train.dist import Preemption, World
 from extrema.train.safe_dcp import SafeFsspecReader
 from extrema.train.step_end import SKIPPED, Cadence, Diverged, LoopState, StepEnd
-from launch import store
+from launch.runstore import store
 from tests.cluster_sweeps import cli
 from tests.stage_runs import TINY_EXPERIMENT, make_run
 

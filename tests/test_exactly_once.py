@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from extrema.run import lease
-from launch import store
-from launch.sweep import load_runs
+from launch.runstore import store
+from launch.sweepfile.expand import load_runs
 from tests.processes import interruptible
 from tests.test_cli import TINY, cli
 

@@ -20,9 +20,9 @@ from extrema.models.extrema import ExtreMA
 from extrema.models.vit import build_vit
 from extrema.spec import Experiment
 from extrema.train import weights
-from launch import store
 from launch.cli import export as export_command
-from launch.errors import UsageError
+from launch.inputs.errors import UsageError
+from launch.runstore import store
 from tests.stage_runs import checkpointed_model, make_run
 from tests.test_cli import TINY, cli
 from tests.weight_sources import PICO, save_pretrain_checkpoint

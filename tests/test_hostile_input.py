@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 import yaml
 
-from launch import roots, store, yamlfile
-from launch.sweep import MAX_RUNS, load_runs
+from launch.inputs import yamlfile
+from launch.runstore import roots, store
+from launch.sweepfile.expand import load_runs
+from launch.sweepfile.model import MAX_RUNS
 from tests.test_cli import cli, tree
 
 REPO = Path(__file__).resolve().parent.parent

@@ -13,10 +13,10 @@ from s3fs import S3FileSystem
 
 from extrema.run import rundir
 from extrema.run.contract import update_status
-from launch import ledger, stage_records, store
 from launch.addressed import open_addressed
-from launch.results_view import collect
-from launch.status_view import status_table
+from launch.runstore import ledger, stage_records, store
+from launch.views.results_view import collect
+from launch.views.status_view import status_table
 from tests.s3server import S3Server, isolated_aws_env, running_server
 from tests.test_records_shape import finished
 

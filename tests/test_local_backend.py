@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch import store
 from launch.backends.base import Job, State
 from launch.backends.local import LocalBackend
+from launch.backends.resources import ResourcesSpec
 from launch.cli import main
-from launch.resources import ResourcesSpec
+from launch.runstore import store
 from tests.processes import interruptible
 
 TINY = Path(__file__).resolve().parent.parent / "jobs" / "tiny.yaml"

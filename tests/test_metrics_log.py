@@ -84,7 +84,9 @@ def test_reading_a_log_is_bounded_whatever_its_length(tmp_path: Path) -> None:
 
 
 def test_progress_and_plots_read_a_log_in_parts(monkeypatch: pytest.MonkeyPatch) -> None:
-    from launch import plots, progress, store
+    from launch import progress
+    from launch.runstore import store
+    from launch.views import plots
 
     monkeypatch.setattr(metrics_log, "PART_BYTES", 300)
     sweep = "memory://metrics-log-readers/sweep"

@@ -22,9 +22,9 @@ import yaml
 
 from extrema.run import rundir
 from extrema.train import ckpt
-from launch import store
 from launch.addressed import open_addressed
-from launch.status_view import status_table
+from launch.runstore import store
+from launch.views.status_view import status_table
 from tests.cluster_sweeps import cli, release_requeued
 from tests.clusters.ray_two_node import TwoNodeRay
 from tests.clusters.slurm_two_node import USABLE, TwoNodeSlurmCluster

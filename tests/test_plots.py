@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch import plots, results, store
 from launch.cli import main
-from launch.sweep import load_runs
+from launch.runstore import results, store
+from launch.sweepfile.expand import load_runs
+from launch.views import plots
 
 REPO = Path(__file__).resolve().parent.parent
 SWEEP = {
@@ -108,7 +109,7 @@ def test_metric_against_an_axis_uses_the_result_files(swept: tuple[str, list[sto
 def test_plot_sweep_draws_every_figure_without_torch(swept: tuple[str, list[store.StoredRun]], tmp_path: Path) -> None:
     url, _ = swept
     code = (
-        "import sys; from launch import plots, results, store; "
+        "import sys; from launch.runstore import results, store; from launch.views import plots; "
         f"url = {url!r}; runs = store.stored_runs(store.read_manifest(url)); "
         f"figs = plots.plot_sweep(url, runs, results.collect(url, runs), {str(tmp_path)!r}); "
         "print(' '.join(f.name for f in figs)); assert 'torch' not in sys.modules, 'torch was imported'"

@@ -13,10 +13,10 @@ import yaml
 
 from extrema.run import rundir
 from extrema.run.contract import update_status
-from launch import store
 from launch.backends.base import Job, State
 from launch.backends.ray.backend import RayBackend, driver_command, storage_path, submission_id
-from launch.resources import ResourcesSpec
+from launch.backends.resources import ResourcesSpec
+from launch.runstore import store
 from tests.cluster_sweeps import FAST_KNN, FINAL, TINY, cli
 from tests.clusters import require_module
 from tests.clusters.ray import INSTALL_HINT, RayCluster

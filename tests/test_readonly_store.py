@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from extrema.run.contract import update_status
-from launch import store
+from launch.runstore import store
 from tests.test_records_shape import finished
 
 REPO = Path(__file__).resolve().parent.parent
@@ -135,7 +135,7 @@ def test_a_stage_that_cannot_be_written_is_left_to_its_caller(shared: tuple[Path
     _, url = shared
     stage = sorted(Path(url).glob("*/knn"))[0]
     code = f"""
-from launch import store
+from launch.runstore import store
 print("mark_ended", store.mark_ended({str(stage)!r}, "failed", "x"))
 try:
     store.record_ended({str(stage)!r}, "failed", "x")

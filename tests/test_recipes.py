@@ -27,8 +27,8 @@ import yaml
 from extrema.run import rundir
 from extrema.spec import SINGLE_PROCESS_STAGES
 from extrema.train import ckpt
-from launch import store
-from launch.sweep import load_runs
+from launch.runstore import store
+from launch.sweepfile.expand import load_runs
 from tests.cluster_sweeps import cli
 from tests.clusters.slurm_two_node import TwoNodeSlurmCluster
 from tests.recipes import RECIPES, STEPS, scaled_down

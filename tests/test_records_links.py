@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 
 from extrema.run import contract, rundir
-from launch import store
 from launch.progress import latest_progress
+from launch.runstore import store
 from tests.test_cli import cli
 from tests.test_records_shape import finished
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from extrema.run import contract, rundir
-from launch import store
+from launch.runstore import store
 from tests.test_cli import cli
 
 

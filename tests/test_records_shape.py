@@ -16,9 +16,9 @@ import pytest
 from extrema import entry
 from extrema.run import contract, rundir
 from extrema.run.contract import Unreadable, update_status
-from launch import store
 from launch.addressed import DAMAGED
-from launch.sweep import load_runs
+from launch.runstore import store
+from launch.sweepfile.expand import load_runs
 from tests.test_cli import TINY, cli
 
 DEEP = b"[" * 100_000 + b"]" * 100_000

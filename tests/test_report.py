@@ -66,6 +66,6 @@ def test_a_report_of_an_unknown_sweep_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bad", ["<script>alert(1)</script>", 'a"><img src=x onerror=alert(1)>'])
 def test_cells_are_escaped(bad: str) -> None:
-    from launch.report import table_html
+    from launch.views.report import table_html
 
     assert "<script>" not in table_html(["h"], [[bad]]) and "<img" not in table_html([bad], [["x"]])

@@ -29,7 +29,7 @@ from extrema.spec import DataSpec, StorageSpec
 from extrema.train import ckpt
 from launch.backends.ray.head import free_ports
 from launch.cli import shard as shard_command
-from launch.errors import UsageError
+from launch.inputs.errors import UsageError
 from tests.s3server import KEY, SECRET, S3Server, isolated_aws_env, s3_server  # noqa: F401  (fixture)
 from tests.stage_runs import checkpointed_model, make_run
 

@@ -19,12 +19,12 @@ import yaml
 
 from extrema.run import rundir
 from extrema.run.contract import update_status
-from launch import store
 from launch.backends.base import Job, State
+from launch.backends.resources import ResourcesSpec
 from launch.backends.slurm.backend import SlurmBackend, StageCall, parse_states, to_state
 from launch.backends.slurm.plan import afterok, parse_max_array_size, plan_arrays, planned_arrays
-from launch.resources import ResourcesSpec
-from launch.sweep import LauncherSpec
+from launch.runstore import store
+from launch.sweepfile.model import LauncherSpec
 from tests.cluster_sweeps import FAST, FAST_KNN, FINAL, TINY, cli, release_requeued
 from tests.clusters.slurm import SlurmCluster
 from tests.stage_runs import make_run

@@ -19,11 +19,11 @@ import fsspec
 import pytest
 
 from extrema.run import code_snapshot, contract, rundir
-from launch import snapshot, store
 from launch.backends.base import Job, State
 from launch.backends.local import LocalBackend
-from launch.resources import ResourcesSpec
-from launch.sweep import load_runs
+from launch.backends.resources import ResourcesSpec
+from launch.runstore import snapshot, store
+from launch.sweepfile.expand import load_runs
 from tests.s3server import S3Server, isolated_aws_env, s3_server  # noqa: F401  (fixture)
 from tests.test_cli import TINY, cli
 

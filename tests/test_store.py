@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from extrema.run import rundir
 from extrema.run.contract import update_status
 from extrema.spec import RunSpec
-from launch import results, store
-from launch.sweep import load_runs
+from launch.runstore import results, store
+from launch.sweepfile.expand import load_runs
 
 REPO = Path(__file__).resolve().parent.parent
 

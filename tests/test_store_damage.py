@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from launch import store
 from launch.addressed import DAMAGED
+from launch.runstore import store
 from tests.test_cli import TINY, cli
 
 

@@ -13,10 +13,11 @@ import pytest
 
 from extrema.spec import Experiment, StageName, identity
 from launch.backends.base import Job
-from launch.errors import InvalidSweep
+from launch.backends.resources import ResourcesSpec
+from launch.inputs.errors import InvalidSweep
 from launch.pipeline import plan, select
-from launch.resources import ResourcesSpec
-from launch.sweep import STAGE_ORDER, expand, load_runs, load_sweep, run_id
+from launch.sweepfile.expand import expand, load_runs, load_sweep
+from launch.sweepfile.model import STAGE_ORDER, run_id
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = Path(__file__).resolve().parent / "golden"

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import yaml
 
-from launch import overrides, store
 from launch.cli import main
-from launch.sweep import load_runs
+from launch.runstore import store
+from launch.sweepfile import overrides
+from launch.sweepfile.expand import load_runs
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "jobs" / "tiny.yaml"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from launch import tables
+from launch.views import tables
 
 
 def test_short_cells_round_floats_and_times_and_keep_the_rest() -> None:

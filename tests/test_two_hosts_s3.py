@@ -35,8 +35,8 @@ import yaml
 from s3fs import S3FileSystem
 
 from extrema.run import code_snapshot, contract, lease, metrics_log, rundir
-from launch import snapshot, store
-from launch.sweep import load_runs
+from launch.runstore import snapshot, store
+from launch.sweepfile.expand import load_runs
 from tests.clusters.netns import TwoNodeNetwork, require_network, start_network, stop_network
 from tests.s3server import KEY, REPO, SECRET, S3Server, running_server
 

@@ -1,5 +1,5 @@
-"""Which code a stage runs: the submission's snapshot (see `launch.snapshot`) or the installed packages, and the
-check that a snapshot is what its id says before any of it runs.
+"""Which code a stage runs: the submission's snapshot (see `launch.runstore.snapshot`) or the installed packages, and
+the check that a snapshot is what its id says before any of it runs.
 
 A snapshot directory is `<id>/manifest.json` beside `<id>/files/{extrema,launch}/...` (with a copy of the manifest,
 `files/extrema-snapshot.json`); a job imports from `files/` or from a copy of it (Ray's working_dir).

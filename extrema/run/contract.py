@@ -181,7 +181,7 @@ class StageDir:
 
 MAX_RECORD_BYTES = 1 << 20  # a stage's record (status, result, provenance, lease) larger than this is damaged
 MAX_LOG_BYTES = 64 << 20  # of a JSON-lines log read whole (a long pretraining's metrics.jsonl is ~10 MB)
-MAX_DEPTH = 100  # nesting levels of a record: sweep values nest up to 64 (launch.yamlfile), records a few more
+MAX_DEPTH = 100  # nesting levels of a record: sweep values nest up to 64 (launch.inputs.yamlfile), records a few more
 MAX_TIME = 1e11  # seconds since the epoch (year 5138): a larger timestamp is damage, not a date
 MAX_INT_DIGITS = 19  # digits of an integer of a record (about 64 bits)
 LEAVES = "leads outside the run store; refused"
@@ -217,7 +217,7 @@ class Record(BaseModel):
 
 
 class Submitter(Record):
-    """Who recorded a submission (`launch.store.submitter`)."""
+    """Who recorded a submission (`launch.runstore.store.submitter`)."""
 
     host: str | None = None
     pid: Pid | None = None

@@ -5,7 +5,7 @@ Backends are named in `BACKENDS` and imported on demand by `backend_class`; `mak
 `Cls.from_launcher(launcher, address)` (a sweep's launcher settings, and the cluster a recorded job went to). The
 settings every backend reads are `LauncherSettings`; each backend declares its own in a subclass of it (as
 submitit's executors own their parameters) and reads them through `<its settings>.of(launcher)`; a sweep file's
-`launch.sweep.LauncherSpec` joins them all.
+`launch.sweepfile.model.LauncherSpec` joins them all.
 Three calls do the work: `submit`, `status`, `cancel`. `status` answers UNKNOWN for a job the backend positively
 does not know (it vanished), leaves out ids it cannot judge, and raises when the backend cannot be asked at all;
 callers then keep the run store's word. The rest are class-level facts and hooks with defaults (a backend keeps
@@ -34,14 +34,14 @@ from extrema.run import contract, lease, rank_progress, rundir
 from extrema.run.code_snapshot import ALLOW_CHANGE_ENV
 from extrema.run.contract import StageState
 from extrema.spec import StageName
-from launch.errors import UsageError
-from launch.resources import ResourcesSpec
-from launch.yamlfile import deep_merge
+from launch.backends.resources import ResourcesSpec
+from launch.inputs.errors import UsageError
+from launch.inputs.yamlfile import deep_merge
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from launch.log_source import LogSource
+    from launch.backends.log_source import LogSource
 
 BACKENDS = {
     "local": "launch.backends.local:LocalBackend",
@@ -90,7 +90,8 @@ class LauncherSettings(BaseModel):
 
     @classmethod
     def of(cls, launcher: LauncherSettings) -> Self:
-        """`launcher` as these settings: a sweep's launcher (`launch.sweep.LauncherSpec`) holds every backend's."""
+        """`launcher` as these settings: a sweep's launcher (`launch.sweepfile.model.LauncherSpec`) holds every
+        backend's."""
         assert isinstance(launcher, cls), f"{type(launcher).__name__} lacks the settings of {cls.__name__}"
         return launcher
 
@@ -135,7 +136,8 @@ class Job:
     stage: str
     after: tuple[str, ...]  # keys of jobs that must complete first (afterok)
     resources: ResourcesSpec
-    code_dir: str | None = None  # a local copy of the submission's code snapshot to import from (launch.snapshot)
+    # a local copy of the submission's code snapshot to import from (launch.runstore.snapshot)
+    code_dir: str | None = None
     allow_code_change: bool = False  # the stage may resume checkpoints written by other code
 
     def command(self) -> list[str]:

@@ -21,7 +21,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from launch.backends.base import LauncherSettings
-from launch.printable import shown
+from launch.inputs.printable import shown
 
 # docker://registry#image:tag (pyxis), docker://registry/image:tag (apptainer, Ray), /shared/images/x.sqsh|.sif
 IMAGE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:/@#+=-]{0,511}|/[A-Za-z0-9_.:/@#+=-]{1,511}")

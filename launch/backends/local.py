@@ -44,8 +44,8 @@ from pydantic import model_validator
 from extrema.run import contract, lease, rundir
 from extrema.run.contract import StageDir, StageState
 from extrema.spec import located
-from launch import store
 from launch.backends.base import Backend, Job, LauncherSettings, State, code_env
+from launch.runstore import store
 
 LOG_PREFIX = "local"  # logs/local.<n>.log, one per attempt (launch.logs reads them in order)
 _LOG = re.compile(r"local\.(\d{1,9})\.log")

@@ -47,7 +47,7 @@ from rich.text import Text
 
 from launch.addressed import DAMAGED, INTERRUPTED, USAGE
 from launch.cli import cancel, export, logs, plot, report, results, schema, shard, status, sweep, viz
-from launch.errors import DamagedStore, InvalidSweep, UsageError
+from launch.inputs.errors import DamagedStore, InvalidSweep, UsageError
 
 COMMANDS = (
     sweep,

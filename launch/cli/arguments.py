@@ -1,16 +1,16 @@
-"""What the commands' parsers share: the help of a FILE|URL target and its --root, argument types, and adding a
+"""What the commands' parsers share: the FILE|URL target with its --root (and --run), argument types, and adding a
 command with its help and exit codes."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from rich.console import Console
 
-from launch.errors import UsageError
-from launch.store import StoredRun
+from launch.inputs.errors import UsageError
+from launch.runstore.store import StoredRun
 
 TARGET_HELP = "a sweep YAML file, or the <root>/<sweep> URL of a run store"
 ROOT_HELP = "run store URL when FILE was swept with --root"
@@ -19,13 +19,30 @@ RUN_HELP = "run id, or a prefix of one that no other run of the sweep shares"
 Command = Callable[[argparse.Namespace, Console], int]  # a command's function: its exit code
 
 
-def add_command(sub: Any, name: str, fn: Command | None, help: str, more: str) -> argparse.ArgumentParser:
-    """Register a command on the CLI's subparsers: `help` in the list of commands, then `more` in its own --help."""
+def add_command(
+    sub: Any, name: str, fn: Command | None, help: str, more: str = "", description: str | None = None
+) -> argparse.ArgumentParser:
+    """Register a command on subparsers (the CLI's, or a command's own): `help` in the list of commands, then
+    `description` (else `help` and `more`) in its own --help."""
     p: argparse.ArgumentParser = sub.add_parser(
-        name, help=help, description=f"{help}.\n\n{more}", formatter_class=argparse.RawDescriptionHelpFormatter
+        name,
+        help=help,
+        description=f"{help}.\n\n{more}" if description is None else description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.set_defaults(fn=fn)
     return p
+
+
+def add_target(p: argparse.ArgumentParser, run: Literal["required", "only"] | None = None) -> None:
+    """The sweep a command addresses: FILE|URL and its --root; with `run`, --run too (the one run the command is
+    about, or "only" that run of the sweep)."""
+    p.add_argument("target", metavar="FILE|URL", help=TARGET_HELP)
+    if run == "required":
+        p.add_argument("--run", required=True, help=RUN_HELP)
+    elif run == "only":
+        p.add_argument("--run", help="only this run: " + RUN_HELP)
+    p.add_argument("--root", help=ROOT_HELP)
 
 
 def run_named(runs: Sequence[StoredRun], given: str, url: str) -> StoredRun:

@@ -12,10 +12,10 @@ from rich.text import Text
 
 from extrema.run import contract, lease
 from extrema.run.contract import StageState
-from launch import store
 from launch.addressed import DAMAGED, FAILED, OK, open_addressed, print_unreadable
 from launch.backends.base import in_flight_groups, make_backend, recorded_class
-from launch.cli.arguments import ROOT_HELP, RUN_HELP, TARGET_HELP, add_command, run_named
+from launch.cli.arguments import add_command, add_target, run_named
+from launch.runstore import store
 
 HELP = "cancel pending, running and preempted stages of a sweep (or of one run)"
 MORE = (
@@ -28,9 +28,7 @@ MORE = (
 def add_parser(sub: Any) -> None:
     """Register `cancel` on the CLI's subparsers."""
     p = add_command(sub, "cancel", cmd_cancel, HELP, MORE)
-    p.add_argument("target", metavar="FILE|URL", help=TARGET_HELP)
-    p.add_argument("--run", help="only this run: " + RUN_HELP)
-    p.add_argument("--root", help=ROOT_HELP)
+    add_target(p, run="only")
 
 
 def cmd_cancel(args: argparse.Namespace, out: Console) -> int:

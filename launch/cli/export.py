@@ -13,10 +13,10 @@ from typing import Any
 from rich.console import Console
 
 from extrema.spec import PRESETS, ModelSpec
-from launch import store
 from launch.addressed import OK, open_addressed
 from launch.cli.arguments import RUN_HELP, run_named
-from launch.errors import UsageError
+from launch.inputs.errors import UsageError
+from launch.runstore import store
 
 HELP = "write pretrained weights from a run or any checkpoint as a timm, official ExtreMA or safetensors file"
 DESCRIPTION = (

@@ -12,12 +12,13 @@ from rich.text import Text
 
 from extrema.run import contract
 from extrema.run.contract import StageState
-from launch import logs, store
+from launch import logs
 from launch.addressed import FAILED, OK, open_addressed
-from launch.cli.arguments import ROOT_HELP, RUN_HELP, TARGET_HELP, add_command, run_named
-from launch.errors import UsageError
+from launch.cli.arguments import add_command, add_target, run_named
+from launch.inputs.errors import UsageError
 from launch.reconcile import reconcile
-from launch.sweep import STAGE_ORDER
+from launch.runstore import store
+from launch.sweepfile.model import STAGE_ORDER
 
 HELP = "print the logs of one stage of one run"
 MORE = (
@@ -30,11 +31,9 @@ MORE = (
 def add_parser(sub: Any) -> None:
     """Register `logs` on the CLI's subparsers."""
     p = add_command(sub, "logs", cmd_logs, HELP, MORE)
-    p.add_argument("target", metavar="FILE|URL", help=TARGET_HELP)
-    p.add_argument("--run", required=True, help=RUN_HELP)
+    add_target(p, run="required")
     p.add_argument("--stage", required=True, choices=STAGE_ORDER, help="stage")
     p.add_argument("--follow", action="store_true", help="keep printing until the stage ends")
-    p.add_argument("--root", help=ROOT_HELP)
 
 
 def cmd_logs(args: argparse.Namespace, out: Console) -> int:

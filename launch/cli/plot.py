@@ -7,11 +7,11 @@ from typing import Any
 
 from rich.console import Console
 
-from launch import aggregate, plots, tables
 from launch.addressed import FAILED, OK, open_addressed, print_notes, print_unreadable
-from launch.cli.arguments import ROOT_HELP, TARGET_HELP, add_command
-from launch.errors import UsageError
-from launch.results_view import collect
+from launch.cli.arguments import add_command, add_target
+from launch.inputs.errors import UsageError
+from launch.views import aggregate, plots, tables
+from launch.views.results_view import collect
 
 HELP = "draw the sweep's figures as PNG and SVG"
 MORE = (
@@ -26,10 +26,9 @@ MORE = (
 def add_parser(sub: Any) -> None:
     """Register `plot` on the CLI's subparsers."""
     p = add_command(sub, "plot", cmd_plot, HELP, MORE)
-    p.add_argument("target", metavar="FILE|URL", help=TARGET_HELP)
+    add_target(p)
     p.add_argument("--out", required=True, metavar="DIR", help="directory or URL for the figures")
     p.add_argument("--axis", help="the axis of Figure 1's lines (default: model.cls_token when swept)")
-    p.add_argument("--root", help=ROOT_HELP)
 
 
 def cmd_plot(args: argparse.Namespace, out: Console) -> int:

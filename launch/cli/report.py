@@ -9,8 +9,8 @@ from rich.console import Console
 
 from extrema.run.contract import os_reason
 from launch.addressed import DAMAGED, OK, open_addressed, print_unreadable
-from launch.cli.arguments import ROOT_HELP, TARGET_HELP, add_command
-from launch.errors import UsageError
+from launch.cli.arguments import add_command, add_target
+from launch.inputs.errors import UsageError
 
 HELP = "write one self-contained HTML page of a sweep"
 MORE = (
@@ -23,15 +23,14 @@ MORE = (
 def add_parser(sub: Any) -> None:
     """Register `report` on the CLI's subparsers."""
     p = add_command(sub, "report", cmd_report, HELP, MORE)
-    p.add_argument("target", metavar="FILE|URL", help=TARGET_HELP)
+    add_target(p)
     p.add_argument("--out", required=True, metavar="PATH", help="the HTML file (a path or URL)")
-    p.add_argument("--root", help=ROOT_HELP)
 
 
 def cmd_report(args: argparse.Namespace, out: Console) -> int:
     """Write one self-contained HTML file of the sweep: status, results, figures, pictures, provenance (nothing
     written into the run store); exit 3 when a record or picture of it is unreadable (listed)."""
-    from launch import report  # figures and pictures: only here
+    from launch.views import report  # figures and pictures: only here
 
     target = open_addressed(args.target, args.root)
     page, problems = report.render(target)

@@ -10,12 +10,12 @@ from typing import Any
 import pyarrow.compute as pc
 from rich.console import Console
 
-from launch import results
 from launch.addressed import DAMAGED, OK, open_addressed, print_notes, print_unreadable
-from launch.cli.arguments import ROOT_HELP, TARGET_HELP, add_command
-from launch.errors import UsageError
-from launch.results_view import collect, results_format, results_view, show_view
-from launch.sweep import STAGE_ORDER
+from launch.cli.arguments import add_command, add_target
+from launch.inputs.errors import UsageError
+from launch.runstore import results
+from launch.sweepfile.model import STAGE_ORDER
+from launch.views.results_view import collect, results_format, results_view, show_view
 
 HELP = "one table with a row per run and stage: swept values, metrics, provenance"
 MORE = (
@@ -32,13 +32,12 @@ MORE = (
 def add_parser(sub: Any) -> None:
     """Register `results` on the CLI's subparsers."""
     p = add_command(sub, "results", cmd_results, HELP, MORE)
-    p.add_argument("target", metavar="FILE|URL", help=TARGET_HELP)
+    add_target(p)
     p.add_argument("--format", choices=("table", "csv", "parquet", "json"), help="output format (default: table)")
     p.add_argument(
         "--fresh", action="store_true", help="read every stage's own records, not the ledger of completed stages"
     )
     p.add_argument("--out", help="write to this path or URL instead of the terminal")
-    p.add_argument("--root", help=ROOT_HELP)
     view = p.add_mutually_exclusive_group()
     view.add_argument("--group-by", nargs="*", metavar="AXIS", help="aggregate over seeds, grouped by these axes")
     view.add_argument(

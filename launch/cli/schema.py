@@ -10,9 +10,10 @@ from typing import Any
 
 from rich.console import Console
 
-from launch import schema, tables
 from launch.addressed import OK
 from launch.cli.arguments import add_command
+from launch.sweepfile import schema
+from launch.views import tables
 
 HELP = "every field of a sweep file: dotted path, type, default and description"
 MORE = (

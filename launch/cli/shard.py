@@ -22,28 +22,24 @@ from rich.console import Console
 from extrema.data.object_store import DataSourceError, ProcessFs, access_error
 from extrema.data.shard_format import INDEX, join, parse_size, shard_image_folder
 from extrema.spec import StorageSpec
-from launch.errors import UsageError
+from launch.cli.arguments import add_command
+from launch.inputs.errors import UsageError
 
 SPLITS = ("train", "val")
 
 
 def add_parser(subparsers: Any) -> None:
     """Register `data shard` on the CLI's subcommand parsers."""
-    data = subparsers.add_parser(
+    data = add_command(
+        subparsers,
         "data",
-        help="prepare datasets (data shard: an ImageFolder as tar shards)",
+        None,
+        "prepare datasets (data shard: an ImageFolder as tar shards)",
         description="Prepare datasets.\n\n  data shard: write an ImageFolder's splits as tar shards with an index.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    data.set_defaults(fn=None)
     sub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    p = sub.add_parser(
-        "shard",
-        help="write the splits of an ImageFolder as tar shards with an index, on any fsspec URL",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.set_defaults(fn=cmd_shard)
+    help = "write the splits of an ImageFolder as tar shards with an index, on any fsspec URL"
+    p = add_command(sub, "shard", cmd_shard, help, description=__doc__)
     p.add_argument("src", metavar="SRC_URL", help="ImageFolder root: SRC_URL/<split>/<class>/<image>")
     p.add_argument("dst", metavar="DST_URL", help="shard root: DST_URL/<split>/shard-NNNNNN.tar + index")
     p.add_argument("--shard-size", default="1GB", help="bytes per shard, e.g. 1GB, 256MB, 64MiB (1GB)")

@@ -12,12 +12,14 @@ from typing import Any
 from rich.console import Console
 from rich.text import Text
 
-from launch import overrides, store, store_listing, tables
 from launch.addressed import DAMAGED, OK, is_sweep_file, open_addressed, print_notes, print_unreadable
-from launch.cli.arguments import ROOT_HELP, TARGET_HELP, add_command, positive
-from launch.errors import UsageError
-from launch.status_view import show_status, status_code, status_table, watch_status
-from launch.sweep import load_sweep
+from launch.cli.arguments import add_command, add_target, positive
+from launch.inputs.errors import UsageError
+from launch.runstore import listing, store
+from launch.sweepfile import overrides
+from launch.sweepfile.expand import load_sweep
+from launch.views import tables
+from launch.views.status_view import show_status, status_code, status_table, watch_status
 
 HELP = "one table of every run and stage with state, attempts, elapsed, latest metric"
 MORE = (
@@ -34,14 +36,13 @@ MORE = (
 def add_parser(sub: Any) -> None:
     """Register `status` on the CLI's subparsers."""
     p = add_command(sub, "status", cmd_status, HELP, MORE)
-    p.add_argument("target", metavar="FILE|URL", help=TARGET_HELP)
+    add_target(p)
     p.add_argument(
         "overrides",
         nargs="*",
         metavar="KEY=VALUE",
         help="the overrides FILE was swept with (default: those its last submission recorded in the manifest)",
     )
-    p.add_argument("--root", help=ROOT_HELP)
     p.add_argument("--watch", action="store_true", help="refresh the table until every stage has ended")
     p.add_argument("--interval", type=positive, default=5.0, metavar="S", help="seconds between refreshes (5)")
     p.add_argument(
@@ -111,7 +112,7 @@ def listed_sweeps(target: str) -> list[dict[str, Any]] | None:
             return None
     except (ValueError, store.Unreadable):
         return None
-    return store_listing.sweeps_in(url) or None
+    return listing.sweeps_in(url) or None
 
 
 def show_sweeps(out: Console, root: str, sweeps: list[dict[str, Any]], as_json: bool) -> int:
@@ -125,7 +126,7 @@ def show_sweeps(out: Console, root: str, sweeps: list[dict[str, Any]], as_json: 
                 s["sweep"],
                 str(s.get("runs", "-")),
                 str(s.get("jobs", "-")),
-                s.get("unreadable") or store_listing.summary(s["states"]),
+                s.get("unreadable") or listing.summary(s["states"]),
             )
             for s in sweeps
         ]

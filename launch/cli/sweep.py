@@ -14,18 +14,21 @@ from rich.console import Console
 from rich.text import Text
 
 from extrema.run.contract import StageState, os_reason
-from launch import ledger, overrides, plan_view, results, roots, store, tables
-from launch import snapshot as snapshots
 from launch.addressed import DAMAGED, FAILED, OK, print_notes, print_unreadable, swept_axes
 from launch.backends.base import BACKENDS, backend_class
 from launch.cli.arguments import add_command, positive
-from launch.errors import UsageError
+from launch.inputs.errors import UsageError
 from launch.pipeline import Decision, plan, select
 from launch.progress import Watch
 from launch.reconcile import reconcile
+from launch.runstore import ledger, results, roots, store
+from launch.runstore import snapshot as snapshots
 from launch.submit import Submission, submit
-from launch.sweep import LauncherSpec, load_runs
-from launch.tables import cell
+from launch.sweepfile import overrides
+from launch.sweepfile.expand import load_runs
+from launch.sweepfile.model import LauncherSpec
+from launch.views import plan_view, tables
+from launch.views.tables import cell
 
 HELP = "validate a sweep file, print the plan and submit what is not done"
 MORE = (

@@ -7,10 +7,10 @@ from typing import Any
 
 from rich.console import Console
 
-from launch import store
 from launch.addressed import OK, open_addressed
-from launch.cli.arguments import ROOT_HELP, RUN_HELP, TARGET_HELP, add_command, run_named
-from launch.errors import UsageError
+from launch.cli.arguments import add_command, add_target, run_named
+from launch.inputs.errors import UsageError
+from launch.runstore import store
 
 ATTENTION = (
     "Last-layer attention maps of one run (Figure 3), mean over heads, overlaid on the inputs.\n\n"
@@ -27,22 +27,16 @@ def add_parser(sub: Any) -> None:
         sub, "viz", None, "figures of one run", "viz attention: last-layer attention maps of chosen queries (Figure 3)."
     )
     figure = p.add_subparsers(dest="figure", required=True, metavar="FIGURE")
-    p = figure.add_parser(
-        "attention",
-        help="last-layer attention maps of one run (Figure 3)",
-        description=ATTENTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = add_command(
+        figure, "attention", cmd_viz_attention, "last-layer attention maps of one run (Figure 3)", description=ATTENTION
     )
-    p.set_defaults(fn=cmd_viz_attention)
-    p.add_argument("target", metavar="FILE|URL", help=TARGET_HELP)
-    p.add_argument("--run", required=True, help=RUN_HELP)
+    add_target(p, run="required")
     p.add_argument("--images", nargs="+", type=int, default=[0, 1, 2, 3], metavar="I", help="image indices (0 1 2 3)")
     p.add_argument("--queries", nargs="+", type=query, metavar="Q", help="cls and/or patch indices (default: cls and "
                    "three patches on the diagonal)")  # fmt: skip
     p.add_argument("--branch", choices=("ema", "student"), default="ema", help="which encoder (ema)")
     p.add_argument("--split", choices=("val", "train"), default="val", help="which split's images (val)")
     p.add_argument("--out", metavar="DIR", help="directory or URL for the figure (default: <run>/viz)")
-    p.add_argument("--root", help=ROOT_HELP)
 
 
 def query(text: str) -> str | int:

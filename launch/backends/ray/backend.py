@@ -45,7 +45,6 @@ from typing import TYPE_CHECKING, Any
 from extrema.run import rundir
 from extrema.run.contract import EXIT_UPSTREAM_FAILED, StageDir
 from extrema.spec import DEFAULT_COLLECTIVE_TIMEOUT_S
-from launch import store
 from launch.backends.base import (
     Backend,
     Job,
@@ -57,11 +56,12 @@ from launch.backends.base import (
     code_env,
 )
 from launch.backends.container import image_problem, python_problem
+from launch.backends.log_source import LogSource
 from launch.backends.ray.head import head_gone, start_head, stop_head
 from launch.backends.ray.logs import ray_label
 from launch.backends.ray.settings import RaySettings
-from launch.errors import UsageError
-from launch.log_source import LogSource
+from launch.inputs.errors import UsageError
+from launch.runstore import store
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient

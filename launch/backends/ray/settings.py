@@ -8,7 +8,7 @@ import re
 from pydantic import Field, field_validator
 
 from launch.backends.container import ContainerSettings
-from launch.printable import no_control, shown
+from launch.inputs.printable import no_control, shown
 
 _RAY_ADDRESS = re.compile(r"(?:[a-z][a-z0-9+.-]*://)?[A-Za-z0-9_.:@%/\[\]-]{1,255}")
 

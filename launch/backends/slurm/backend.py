@@ -34,6 +34,7 @@ from submitit.slurm.slurm import _make_sbatch_string, read_job_id
 
 from launch.backends.base import Backend, Job, LauncherSettings, RecordedJob, State
 from launch.backends.container import ContainerSpec
+from launch.backends.log_source import LogSource, file_source, rank_hosts
 from launch.backends.slurm.logs import slurm_files, slurm_label, slurm_rank
 from launch.backends.slurm.plan import (
     checked_ids,
@@ -50,7 +51,6 @@ from launch.backends.slurm.plan import (
     validate_resources,
 )
 from launch.backends.slurm.settings import SlurmSettings, setup_line_problem
-from launch.log_source import LogSource, file_source, rank_hosts
 
 CLIENT_TIMEOUT_S = 60.0
 ARRAY_PARALLELISM = 256  # tasks of one array running at once (`%n`) unless launcher.max_parallel says otherwise

@@ -7,8 +7,8 @@ dependency is `afterok` on the per-task ids `<array>_<i>` (or on a whole array w
 
 Every value that reaches the sbatch script (partition, account, qos, constraint, extra options, job names, the
 code snapshot's path) is checked against a strict character set first; anything else is a ValueError naming the
-field. The resource rules are launch.resources' (SBATCH_FIELDS, SBATCH_OPTION, SBATCH_VALUE), which already refused
-them at sweep validation; they are applied again here for specs built any other way.
+field. The resource rules are launch.backends.resources' (SBATCH_FIELDS, SBATCH_OPTION, SBATCH_VALUE), which
+already refused them at sweep validation; they are applied again here for specs built any other way.
 
 Every task gets its `cpus_per_task` from srun's own `--cpus-per-task` as well as from `#SBATCH --cpus-per-task`:
 Slurm 22.05 to 23.02 srun reads neither SLURM_CPUS_PER_TASK nor (before 23.11) SRUN_CPUS_PER_TASK, so a step
@@ -33,10 +33,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from launch import roots
 from launch.backends.base import Job, code_env
 from launch.backends.container import ContainerSpec, image_problem, mount_pair, python_problem
-from launch.resources import SBATCH_FIELDS, ResourcesSpec, sbatch_option_problem, sbatch_text_problem
+from launch.backends.resources import SBATCH_FIELDS, ResourcesSpec, sbatch_option_problem, sbatch_text_problem
+from launch.runstore import roots
 
 JOB_ID = re.compile(r"\d+(?:_\d+)?")
 JOB_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,200}")
@@ -58,7 +58,8 @@ def task_cpus(r: ResourcesSpec) -> int:
 
 
 def validate_resources(r: ResourcesSpec) -> None:
-    """Refuse any resource value that could change the sbatch script beyond its own option (launch.resources' rules)."""
+    """Refuse any resource value that could change the sbatch script beyond its own option
+    (launch.backends.resources' rules)."""
     task_cpus(r)
     for field, rule in SBATCH_FIELDS.items():
         value = getattr(r, field)

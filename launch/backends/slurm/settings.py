@@ -10,9 +10,9 @@ from typing import Self
 from pydantic import Field, field_validator, model_validator
 
 from extrema.spec import located
-from launch import roots
 from launch.backends.container import ContainerSettings
-from launch.printable import no_control, shown
+from launch.inputs.printable import no_control, shown
+from launch.runstore import roots
 
 NAME = "slurm"  # the backend's name in launch.backends.base.BACKENDS
 MAX_REQUEUES = 100

@@ -6,7 +6,7 @@ from collections import Counter
 from typing import Any
 
 from extrema.run import rundir
-from launch import store
+from launch.runstore import store
 
 MAX_SWEEPS = 1000  # directories of one root looked at; a root is a store, not a file system to crawl
 NOT_SUBMITTED = "not submitted"

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from extrema.spec import Experiment
-from launch.sweep import SweepFile
+from launch.sweepfile.model import SweepFile
 
 
 class SweepFileSchema(SweepFile):
@@ -37,7 +37,13 @@ def type_name(annotation: Any) -> str:
     if isinstance(annotation, type) and not typing.get_args(annotation):
         return annotation.__name__
     text = repr(annotation).replace("typing.", "").replace("NoneType", "None")
-    for module in ("extrema.spec.", "launch.resources.", "launch.sweep.", "launch.backends.", "pathlib."):
+    for module in (
+        "extrema.spec.",
+        "launch.backends.resources.",
+        "launch.sweepfile.model.",
+        "launch.backends.",
+        "pathlib.",
+    ):
         text = text.replace(module, "")
     return text
 

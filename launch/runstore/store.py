@@ -31,7 +31,7 @@ from pydantic import AfterValidator, Field
 from extrema.run import contract, lease, rundir
 from extrema.run.contract import StageDir, StageState, Unreadable
 from extrema.spec import RunSpec
-from launch import roots
+from launch.runstore import roots
 
 __all__ = ["Unreadable"]
 
@@ -39,7 +39,7 @@ MANIFEST = "manifest.json"
 PARTS = "manifest"  # `<sweep>/manifest/runs-<digest>.json`: the manifest's runs and job records, a part at a time
 RUNS_PER_PART = 1000
 PART_BYTES = 512 << 10  # a part is split in two while its text is larger than this (down to one run)
-MAX_PART_BYTES = 8 << 20  # one run's swept values come from a sweep file of at most 1 MiB (launch.yamlfile)
+MAX_PART_BYTES = 8 << 20  # one run's swept values come from a sweep file of at most 1 MiB (launch.inputs.yamlfile)
 MAX_MANIFEST_BYTES = 128 << 20  # manifest.json of the kind written before parts: every run inline (~0.5 kB each)
 PART_GRACE_S = 3600.0  # a part no index lists is removed once it is this old (a concurrent sweep's are younger)
 UNREADABLE = "unreadable"  # the state shown for a stage whose status.json cannot be read (not a stage state)
@@ -59,7 +59,7 @@ def safe_name(name: str, what: str = "name") -> str:
 
 def normalize_root(root: str) -> str:
     """The run-store root as a URL or an absolute local path, without a trailing '/'; ValueError naming the root
-    and the reason for one that cannot be a run store (see launch.roots.normalized)."""
+    and the reason for one that cannot be a run store (see launch.runstore.roots.normalized)."""
     return roots.normalized(root)
 
 
@@ -92,8 +92,8 @@ def split_key(key: str) -> tuple[str, str]:
 @dataclass(frozen=True)
 class StoredRun:
     """One run as the run store's manifest lists it: its id, its stages and the swept values that made it. What
-    `status`, `results` and `plot` know of a run without its sweep file (`launch.sweep.Run` is the run with its
-    validated experiment)."""
+    `status`, `results` and `plot` know of a run without its sweep file (`launch.sweepfile.model.Run` is the run
+    with its validated experiment)."""
 
     run_id: str
     stages: tuple[str, ...]

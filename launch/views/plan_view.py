@@ -12,12 +12,13 @@ from rich.console import Console
 from rich.text import Text
 
 from extrema.run import code_snapshot, rundir
-from launch import roots, store, tables
-from launch import snapshot as snapshots
 from launch.backends.base import Job, backend_class
+from launch.backends.resources import ResourcesSpec
 from launch.pipeline import Decision
-from launch.resources import ResourcesSpec
-from launch.sweep import LauncherSpec
+from launch.runstore import roots, store
+from launch.runstore import snapshot as snapshots
+from launch.sweepfile.model import LauncherSpec
+from launch.views import tables
 
 MAX_ARRAY_SIZE = 1001  # Slurm's default MaxArraySize: a dry run asks no cluster (a submission reads the real one)
 SHAPE_FIELDS = ("nodes", "processes_per_node", "gpus_per_node", "cpus_per_task", "mem_gb", "time_min", "partition")

@@ -22,11 +22,12 @@ from pathlib import Path
 import pyarrow as pa
 
 from extrema.run import contract, rundir
-from launch import aggregate, store
 from launch.addressed import Addressed, swept_axes
-from launch.results_view import collect
-from launch.status_view import status_table
-from launch.tables import short_cell
+from launch.runstore import store
+from launch.views import aggregate
+from launch.views.results_view import collect
+from launch.views.status_view import status_table
+from launch.views.tables import short_cell
 
 PICTURES = ("viz/*.png", "*/viz/*.png", "inpaint/*.png")  # under a run directory
 MAX_PICTURE_BYTES = 8 << 20
@@ -58,7 +59,7 @@ def table_html(header: Sequence[str], rows: Sequence[Sequence[object]], state_co
 def figures_html(target: Addressed, table: pa.Table) -> str:
     """Every figure of `plot`, inline as SVG; a note when there is none or matplotlib is missing."""
     try:
-        from launch import plots
+        from launch.views import plots
     except ImportError as e:
         return f'<p class="note">figures need matplotlib: {html.escape(str(e))}</p>'
     with tempfile.TemporaryDirectory(prefix="extrema-report-") as tmp:

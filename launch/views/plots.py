@@ -21,7 +21,8 @@ import pyarrow as pa
 from extrema.run import contract, metrics_log
 from extrema.run.contract import StageDir
 from extrema.viz import figures
-from launch import aggregate, results, store
+from launch.runstore import results, store
+from launch.views import aggregate
 
 CURVE_METRICS = ("loss", "knn_top1")
 RESULT_METRICS = (
@@ -367,7 +368,8 @@ def plot_sweep(
     metrics: Sequence[str] = RESULT_METRICS,
 ) -> list[Plotted]:
     """Every figure the sweep has data for: Figure 1 when pretrain logged curves, then each reported metric of
-    each stage against each non-seed swept axis. The results table is `launch.results.collect(sweep_url, runs)`."""
+    each stage against each non-seed swept axis. The results table is
+    `launch.runstore.results.collect(sweep_url, runs)`."""
     sweep_name = sweep_url.rstrip("/").rsplit("/", 1)[-1]
     out = []
     with contextlib.suppress(ValueError):  # no pretrain curves: no pretrain stage, or nothing logged yet

@@ -13,12 +13,13 @@ from rich.table import Table
 from rich.text import Text
 
 from extrema.run.contract import StageState
-from launch import aggregate, results, stage_records, tables
 from launch.addressed import FORMATS, Addressed
-from launch.errors import UsageError
-from launch.printable import printable
+from launch.inputs.errors import UsageError
+from launch.inputs.printable import printable
 from launch.reconcile import Reconciled, reconcile
-from launch.tables import short_cell
+from launch.runstore import results, stage_records
+from launch.views import aggregate, tables
+from launch.views.tables import short_cell
 
 
 def results_format(fmt: str | None, out_path: str | None) -> str:

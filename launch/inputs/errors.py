@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from launch.printable import clip, printable
+from launch.inputs.printable import clip, printable
 
 Loc = tuple[str | int, ...]
 MAX_REASON = 1000  # characters of a problem's reason (a list of known keys runs to 600); quoted values are cut to 80

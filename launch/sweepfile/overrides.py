@@ -1,11 +1,11 @@
 """Command-line overrides of a sweep file: `key=value` arguments set into the file's mapping before it is validated.
 
 A key is a dotted path into `base` (`pretrain.base_lr`, or `base.pretrain.base_lr`), `launcher` (`launcher.x.y`) or
-`logging` (`logging.x`); a value is a YAML scalar or flow collection read as the sweep file is (`launch.yamlfile`:
-the same loader and size bounds; `1e-4` is a number, `[a, b]` a list, `{nodes: 2}` a mapping). An override of a
-path the sweep's axes set is refused: the axis would replace it in every run. Problems name the argument as given
-and the dotted field path, so they render as one line each: `argument pretrain.base_lr=abc: base.pretrain.base_lr:
-Input should be a valid number`.
+`logging` (`logging.x`); a value is a YAML scalar or flow collection read as the sweep file is
+(`launch.inputs.yamlfile`: the same loader and size bounds; `1e-4` is a number, `[a, b]` a list, `{nodes: 2}` a
+mapping). An override of a path the sweep's axes set is refused: the axis would replace it in every run. Problems
+name the argument as given and the dotted field path, so they render as one line each:
+`argument pretrain.base_lr=abc: base.pretrain.base_lr: Input should be a valid number`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from launch.errors import InvalidSweep, Problem
-from launch.printable import clip, printable
-from launch.yamlfile import MAX_YAML_BYTES, deep_merge, parse_yaml
+from launch.inputs.errors import InvalidSweep, Problem
+from launch.inputs.printable import clip, printable
+from launch.inputs.yamlfile import MAX_YAML_BYTES, deep_merge, parse_yaml
 
 SECTIONS = ("base", "launcher", "logging")  # top-level keys an override may name; anything else goes into base
 

@@ -1,7 +1,7 @@
 """A sweep's stage records (status, result, provenance) read in as few requests as the ledger allows.
 
-Completed stages come from the ledger (`launch.ledger`: a few files per sweep); every other stage, and a completed
-one the ledger does not hold yet, is read from its own files. Completed stages read from their own files are
+Completed stages come from the ledger (`launch.runstore.ledger`: a few files per sweep); every other stage, and a
+completed one the ledger does not hold yet, is read from its own files. Completed stages read from their own files are
 added to the ledger afterwards when the caller may write (a read-only store refuses it: nothing else changes).
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 
 from extrema.run import contract, rundir
 from extrema.run.contract import StageState, Unreadable
-from launch import ledger, store
+from launch.runstore import ledger, store
 
 
 @dataclass

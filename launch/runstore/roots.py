@@ -17,8 +17,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.registry import known_implementations
 
-from launch.errors import UsageError
-from launch.printable import clip, shown
+from launch.inputs.errors import UsageError
+from launch.inputs.printable import clip, shown
 
 LOCAL_PROTOCOLS = ("file", "local")
 READ_ONLY_PROTOCOLS = ("http", "https")  # fsspec reads them; a sweep cannot be written there

@@ -13,11 +13,12 @@ from rich.text import Text
 
 from extrema.run import contract, rank_progress
 from extrema.run.contract import StageState
-from launch import results, stage_records, store, tables
 from launch.addressed import DAMAGED, FAILED, OK, Addressed, print_notes, print_unreadable, swept_axes
 from launch.progress import latest_progress
 from launch.reconcile import Reconciled, reconcile
-from launch.tables import cell
+from launch.runstore import results, stage_records, store
+from launch.views import tables
+from launch.views.tables import cell
 
 
 def _latest(state: str | None, status: dict[str, Any], result: Any, stage_dir: str, tree: str | None) -> str:

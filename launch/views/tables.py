@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from extrema.run.contract import StageState
-from launch.printable import printable, printable_lines
+from launch.inputs.printable import printable, printable_lines
 
 RICH_ROWS = 1000
 MAX_WIDTH = 60

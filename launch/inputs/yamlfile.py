@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from launch.errors import InvalidSweep, Loc, Problem
+from launch.inputs.errors import InvalidSweep, Loc, Problem
 
 MAX_YAML_BYTES = 1 << 20  # a sweep file and its includes together
 # Values of one document, aliases expanded: a big sweep file has ~1,000; PyYAML composes ~20,000 a second here.

@@ -19,8 +19,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from extrema.run import contract, rundir
-from launch import store
-from launch.stage_records import StageRecords
+from launch.runstore import store
+from launch.runstore.stage_records import StageRecords
 
 Format = Literal["parquet", "csv", "json"]
 TIMESTAMPS = ("submitted_at", "started_at", "finished_at")

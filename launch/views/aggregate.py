@@ -1,7 +1,7 @@
 """Aggregate a results table over seeds and pivot it: pure, torch-free, pyarrow in and pyarrow out.
 
-`aggregate` groups the rows of `launch.results.collect` that differ only in seed (same stage, same value of every
-other swept axis) and gives every numeric metric its mean, sample standard deviation (n - 1; null for one value)
+`aggregate` groups the rows of `launch.runstore.results.collect` that differ only in seed (same stage, same value of
+every other swept axis) and gives every numeric metric its mean, sample standard deviation (n - 1; null for one value)
 and count of non-null values. Each group keeps what reproduces its numbers: its run ids, its seeds, and the
 protocol and provenance columns whose value the whole group shares (null where its rows disagree).
 
@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from extrema.run.contract import StageState
 from extrema.spec import Experiment
-from launch import results
+from launch.runstore import results
 
 SECTIONS = frozenset(Experiment.model_fields)
 NOT_METRICS = frozenset(results.TYPED) - {"elapsed_s"}

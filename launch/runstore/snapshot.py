@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from extrema.run import code_snapshot, rundir
-from launch.errors import UsageError
+from launch.inputs.errors import UsageError
 
 PACKAGES = code_snapshot.PACKAGES
 MAX_FILES = code_snapshot.MAX_FILES
