@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from extrema.models.designs import DESIGNS, ClsDesign
-from extrema.models.vit import VisionTransformer
+from extrema.models.vit import build_vit
 from extrema.spec import ModelSpec
 
 HEAD_INIT_STD = 0.02
@@ -54,20 +54,9 @@ class Classifier(nn.Module):
         self, spec: ModelSpec, num_classes: int, img_size: int | None = None, drop_path_rate: float = 0.1
     ) -> None:
         super().__init__()
-        dim, depth, heads = spec.dims
         self.design: ClsDesign = spec.cls_token
-        self.encoder = VisionTransformer(
-            img_size=img_size or spec.resolved_img_size,
-            patch_size=spec.resolved_patch_size,
-            in_chans=spec.in_chans,
-            embed_dim=dim,
-            depth=depth,
-            num_heads=heads,
-            cls_design=finetune_design(spec.cls_token),
-            drop_path_rate=drop_path_rate,
-            attn_drop_rate=spec.attn_drop_rate,
-        )
-        self.head = nn.Linear(dim, num_classes)
+        self.encoder = build_vit(spec, drop_path_rate, finetune_design(spec.cls_token), img_size)
+        self.head = nn.Linear(self.encoder.embed_dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=HEAD_INIT_STD)
         self.head.weight.data.mul_(HEAD_INIT_SCALE)
         nn.init.zeros_(self.head.bias)

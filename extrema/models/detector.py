@@ -29,7 +29,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from extrema.models.designs import NO_CLASS_TOKEN
-from extrema.models.vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformer
+from extrema.models.vit import IMAGENET_MEAN, IMAGENET_STD, VisionTransformer, build_vit
 from extrema.spec import DetectSpec, ModelSpec
 
 STRIDES = (4, 8, 16, 32)
@@ -139,18 +139,7 @@ class DetectionTransform(GeneralizedRCNNTransform):
 
 def detection_encoder(model: ModelSpec, drop_path_rate: float) -> VisionTransformer:
     """The ViT of a ModelSpec without any class token or final norm, with drop path."""
-    dim, depth, heads = model.dims
-    encoder = VisionTransformer(
-        img_size=model.resolved_img_size,
-        patch_size=model.resolved_patch_size,
-        in_chans=model.in_chans,
-        embed_dim=dim,
-        depth=depth,
-        num_heads=heads,
-        cls_design=NO_CLASS_TOKEN,
-        drop_path_rate=drop_path_rate,
-        attn_drop_rate=model.attn_drop_rate,
-    )
+    encoder = build_vit(model, drop_path_rate, cls_design=NO_CLASS_TOKEN)
     encoder.norm = nn.Identity()  # type: ignore[assignment]
     return encoder
 

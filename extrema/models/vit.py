@@ -371,17 +371,23 @@ def gather_visible(tokens: Tensor, visible: Tensor) -> Tensor:
     return tokens.reshape(b * n, d)[flat.reshape(-1)].reshape(m * b, k, d)
 
 
-def build_vit(spec: ModelSpec, drop_path_rate: float | None = None) -> VisionTransformer:
-    """The encoder a ModelSpec describes; `drop_path_rate` overrides the spec's (the EMA target uses 0)."""
+def build_vit(
+    spec: ModelSpec,
+    drop_path_rate: float | None = None,
+    cls_design: ClsDesign | None = None,
+    img_size: int | None = None,
+) -> VisionTransformer:
+    """The encoder a ModelSpec describes; `drop_path_rate` overrides the spec's (the EMA target uses 0), `cls_design`
+    its class-token design (a classifier's encoder, the detector's backbone) and `img_size` its resolution."""
     dim, depth, heads = spec.dims
     return VisionTransformer(
-        img_size=spec.resolved_img_size,
+        img_size=img_size or spec.resolved_img_size,
         patch_size=spec.resolved_patch_size,
         in_chans=spec.in_chans,
         embed_dim=dim,
         depth=depth,
         num_heads=heads,
-        cls_design=spec.cls_token,
+        cls_design=spec.cls_token if cls_design is None else cls_design,
         class_attention_layers=spec.class_attention_layers,
         layer_scale_init=spec.layer_scale_init,
         drop_path_rate=spec.drop_path_rate if drop_path_rate is None else drop_path_rate,

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torchvision.models.detection import MaskRCNN
 
 from extrema.data import datasets, loaders
@@ -201,19 +200,14 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
             )
             loss = sum(losses[k] for k in LOSSES)
             loss.backward()  # type: ignore[union-attr]
-            if d.clip_grad is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), d.clip_grad)
             parts = torch.stack([losses[k].detach() for k in LOSSES])
-            if step_end.update_allowed(step + 1, parts, model.parameters()):
-                optimizer.step()
+            if step_end.optimizer_step(step + 1, parts, model.parameters(), d.clip_grad):
                 running += parts
-            optimizer.zero_grad(set_to_none=True)
             step_end(step + 1, running, preemption, lr=lr)
 
     return {
         **{f"detect_{k}": step_end.loop.values[k] for k in RESULT_KEYS},
-        "steps": step_end.loop.step,
-        "epochs": step_end.loop.step / steps_per_epoch,
+        **step_end.progress(),
         "checkpoint": source,
         "protocol": protocol(
             exp,

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torchvision.transforms import InterpolationMode, v2
 
 from extrema.data import datasets, loaders, transforms
@@ -135,18 +135,13 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
                         loss = F.cross_entropy(trained(cx).float(), cy, label_smoothing=f.label_smoothing)
                     (loss / len(chunks)).backward()
                 step_loss += loss.detach() / len(chunks)
-            if f.clip_grad is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), f.clip_grad)
-            if step_end.update_allowed(step + 1, step_loss, model.parameters()):
-                optimizer.step()
+            if step_end.optimizer_step(step + 1, step_loss, model.parameters(), f.clip_grad):
                 running += step_loss
-            optimizer.zero_grad(set_to_none=True)
             step_end(step + 1, running, preemption, lr=lr)
 
     return {
         **accuracy_outcome("finetune", step_end.loop),
-        "steps": step_end.loop.step,
-        "epochs": step_end.loop.step / steps_per_epoch,
+        **step_end.progress(),
         "checkpoint": source,
         "protocol": supervised.protocol(exp, f, splits, world, lr=peak_lr, steps=total_steps, img_size=img_size),
     }

@@ -217,7 +217,7 @@ def run(spec: RunSpec, stage_dir: str, init_from_mode: InitFromMode | None = Non
     steps = step_end.loop.step
 
     export_encoders(core, stage_dir, world)
-    result: dict[str, Any] = {"steps": steps, "epochs": steps / steps_per_epoch, "total_steps": total_steps}
+    result: dict[str, Any] = {**step_end.progress(), "total_steps": total_steps}
     if p.knn_monitor:
         final = evaluate_knn()
         step_end.log({"step": steps, "total_steps": total_steps, "epoch": steps / steps_per_epoch, **final})

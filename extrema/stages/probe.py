@@ -97,16 +97,13 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
                 feats = torch.cat([probe_features(encoder, chunk, p) for chunk in x.chunk(p.accum_steps)])
             loss = F.cross_entropy(trained(feats.float()), y)
             loss.backward()
-            if step_end.update_allowed(step + 1, loss.detach(), trained.parameters()):
-                optimizer.step()
+            if step_end.optimizer_step(step + 1, loss.detach(), trained.parameters()):
                 running += loss.detach()
-            optimizer.zero_grad(set_to_none=True)
             step_end(step + 1, running, preemption, lr=lr)
 
     return {
         **accuracy_outcome("probe", step_end.loop),
-        "steps": step_end.loop.step,
-        "epochs": step_end.loop.step / steps_per_epoch,
+        **step_end.progress(),
         "checkpoint": source,
         "protocol": supervised.protocol(exp, p, splits, world, lr=peak_lr, steps=total_steps, img_size=img_size),
     }

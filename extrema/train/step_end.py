@@ -236,6 +236,24 @@ class StepEnd:
             self.diverge(step, f"{skipped} non-finite steps skipped, more than max_skipped_steps")
         return False
 
+    def optimizer_step(
+        self, done: int, loss: Tensor, parameters: Iterable[Tensor], clip_grad: float | None = None
+    ) -> bool:
+        """After the backward pass of step `done` (1-based): clip the gradients to norm `clip_grad` when set, step the
+        optimizer unless `update_allowed` refuses, and zero the gradients; whether the step was applied."""
+        params = list(parameters)
+        if clip_grad is not None:
+            nn.utils.clip_grad_norm_(params, clip_grad)
+        applied = self.update_allowed(done, loss, params)
+        if applied:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return applied
+
+    def progress(self) -> dict[str, float]:
+        """The steps taken and the epochs they make, for a training stage's result."""
+        return {"steps": self.loop.step, "epochs": self.loop.step / self.steps_per_epoch}
+
     def diverge(self, step: int, what: str) -> None:
         """End the stage as diverged at `step`: wait for a checkpoint still being written (it holds the last
         finite state), then raise Diverged."""
