@@ -30,6 +30,7 @@ from torchvision.transforms.v2 import functional as TF
 from extrema.data.datasets import FASHION_MNIST_CLASSES, locate_fashion_mnist, read_idx, seed_of
 from extrema.run import rundir
 from extrema.spec import DataSpec, DetectSpec
+from extrema.spec_groups import Canvas
 
 Target = dict[str, Any]
 Sample = tuple[tv_tensors.Image, Target]
@@ -332,6 +333,26 @@ def canvas_set_ready(out: str, info: dict[str, Any]) -> bool:
 CANVAS_SOURCES = {"train": "train", "val": "t10k"}  # canvas split -> Fashion-MNIST split its garments come from
 
 
+def canvas_set(data: DataSpec, c: Canvas, where: str, count: int, source: str, seed: int) -> tuple[str, str]:
+    """Build (once) under `where` a set of `count` canvases as `c` sets them, of garments from Fashion-MNIST split
+    `source`; (annotations URL, images URL). A complete set built from the same parameters is kept as it is."""
+    info = canvas_info(count, c.canvas_size, c.canvas_objects, c.canvas_scale, seed)
+    if not canvas_set_ready(where, info):
+        images_url, labels_url = locate_fashion_mnist(data, source)
+        build_canvas_set(
+            torch.from_numpy(read_idx(images_url)),
+            torch.from_numpy(read_idx(labels_url).astype(np.int64)),
+            FASHION_MNIST_CLASSES,
+            where,
+            count,
+            c.canvas_size,
+            c.canvas_objects,
+            c.canvas_scale,
+            seed,
+        )
+    return rundir.join(where, ANNOTATIONS), rundir.join(where, IMAGES)
+
+
 def canvas_sets(data: DataSpec, d: DetectSpec, directory: str, seed: int = 0) -> dict[str, tuple[str, str]]:
     """Build (once) the train and val canvas sets under `directory`; split -> (annotations URL, images URL).
 
@@ -339,22 +360,7 @@ def canvas_sets(data: DataSpec, d: DetectSpec, directory: str, seed: int = 0) ->
     depend on the canvas settings and `seed` only, so every run with the same settings sees the same images.
     """
     counts = {"train": d.canvas_train_images, "val": d.canvas_val_images}
-    out: dict[str, tuple[str, str]] = {}
-    for k, (split, prefix) in enumerate(CANVAS_SOURCES.items()):
-        where = rundir.join(directory, split)
-        info = canvas_info(counts[split], d.canvas_size, d.canvas_objects, d.canvas_scale, seed_of(seed, k))
-        if not canvas_set_ready(where, info):
-            images_url, labels_url = locate_fashion_mnist(data, prefix)
-            build_canvas_set(
-                torch.from_numpy(read_idx(images_url)),
-                torch.from_numpy(read_idx(labels_url).astype(np.int64)),
-                FASHION_MNIST_CLASSES,
-                where,
-                counts[split],
-                d.canvas_size,
-                d.canvas_objects,
-                d.canvas_scale,
-                info["seed"],
-            )
-        out[split] = (rundir.join(where, ANNOTATIONS), rundir.join(where, IMAGES))
-    return out
+    return {
+        split: canvas_set(data, d, rundir.join(directory, split), counts[split], source, seed_of(seed, k))
+        for k, (split, source) in enumerate(CANVAS_SOURCES.items())
+    }

@@ -16,14 +16,13 @@ from __future__ import annotations
 import random
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 from torchvision.transforms import v2
 
 from extrema.data.augment import normalize
-from extrema.data.datasets import FASHION_MNIST_CLASSES, locate_fashion_mnist, read_idx, seed_of
-from extrema.data.detection import ANNOTATIONS, IMAGES, CocoDetection, build_canvas_set, canvas_info, canvas_set_ready
+from extrema.data.datasets import seed_of
+from extrema.data.detection import CocoDetection, canvas_set
 from extrema.eval.locality import score_maps
 from extrema.models.vit import VisionTransformer, build_vit
 from extrema.run import rundir
@@ -40,21 +39,8 @@ def locality_set(exp: Experiment, s: LocalitySpec, stage_dir: str) -> CocoDetect
         assert s.annotations and s.images  # LocalitySpec refuses 'coco' without them
         return CocoDetection(s.annotations, s.images, drop_empty=True)
     where = s.canvas_dir or rundir.join(stage_dir, "canvas")
-    info = canvas_info(s.canvas_images, s.canvas_size, s.canvas_objects, s.canvas_scale, seed_of(s.seed, 2))
-    if not canvas_set_ready(where, info):
-        images_url, labels_url = locate_fashion_mnist(exp.data, CANVAS_SOURCE)
-        build_canvas_set(
-            torch.from_numpy(read_idx(images_url)),
-            torch.from_numpy(read_idx(labels_url).astype(np.int64)),
-            FASHION_MNIST_CLASSES,
-            where,
-            s.canvas_images,
-            s.canvas_size,
-            s.canvas_objects,
-            s.canvas_scale,
-            info["seed"],
-        )
-    return CocoDetection(rundir.join(where, ANNOTATIONS), rundir.join(where, IMAGES), drop_empty=True)
+    annotations, images = canvas_set(exp.data, s, where, s.canvas_images, CANVAS_SOURCE, seed_of(s.seed, 2))
+    return CocoDetection(annotations, images, drop_empty=True)
 
 
 def square_batch(dataset: CocoDetection, indices: list[int], size: int) -> tuple[Tensor, Tensor, list[Tensor]]:
