@@ -22,11 +22,14 @@ from typing import TYPE_CHECKING, Any, Literal
 from extrema.run import contract
 from extrema.run.contract import StageDir
 from launch.backends.base import RecordedJob, recorded_class
-from launch.backends.log_source import Lines, LogSource, file_source
+from launch.backends.log_source import Lines, LogSource, file_source, tail
 from launch.runstore import store
 
 if TYPE_CHECKING:
     from launch.sweepfile.model import LauncherSpec
+
+SAID = "extrema: "  # how the project's own one-line reasons for stopping begin (a refused code snapshot, ...)
+SAID_BYTES = 64 << 10  # how much of the end of each log is searched for one
 
 LOCAL_LOG = re.compile(r"local(?:\.(\d{1,9}))?\.log")  # local.<n>.log per attempt; local.log in older stores
 
@@ -80,6 +83,26 @@ def sources(
     if not job_id or backend is None:
         return kept
     return backend.job_logs(kept, RecordedJob(job_id, status, manifest, launcher, ranks))
+
+
+def last_said(logs: list[LogSource]) -> str | None:
+    """The last line beginning `extrema: ` near the end of the last of these logs that has one (the one-line
+    reason a job gave for stopping before it ran), cut to 300 characters; None when none has one or none can be
+    read."""
+    for src in reversed(logs):
+        text = _end_of(src)
+        said = next((line[line.find(SAID) :] for line in reversed(text.splitlines()) if SAID in line), None)
+        if said is not None:
+            return said.strip()[:300]
+    return None
+
+
+def _end_of(src: LogSource) -> str:
+    """The text at the end of a log ("" when it cannot be read: it says nothing, the others may)."""
+    try:
+        return tail(src, SAID_BYTES).decode(errors="replace")
+    except Exception:
+        return ""
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from typing import Any
 
 from extrema.run import contract, lease
 from extrema.run.contract import StageState, os_reason
+from launch import logs
 from launch.backends.base import State, Unreachable, backend_class, in_flight_groups, recorded_class
 from launch.runstore import store
 from launch.sweepfile.model import LauncherSpec
@@ -73,6 +74,18 @@ def settled(seen: State | None, backend: str, job_id: str) -> tuple[StageState |
             f"{backend} job {job_id} is unknown to the cluster: it vanished or ended unrecorded",
         )
     return None, ""
+
+
+def with_reason(
+    why: str, stage: str, status: Mapping[str, Any], launcher: LauncherSpec, manifest: Mapping[str, Any] | None
+) -> str:
+    """`why` a job failed, with the one-line reason its logs end with where they have one (a refused code
+    snapshot: the job stopped before the stage could record anything)."""
+    try:
+        said = logs.last_said(logs.sources(stage, status, manifest, launcher))
+    except Exception:  # the logs cannot be listed: the backend's word stands alone
+        said = None
+    return f"{why}: {said}" if said else why
 
 
 def ask(
@@ -150,6 +163,8 @@ def reconcile(
                 if now in contract.TERMINAL:
                     state = now
                 else:
+                    if state == StageState.FAILED:
+                        why = with_reason(why, stage, statuses[key], launcher, manifest)
                     out.corrected[key] = why
                     if write and refused is None:
                         try:

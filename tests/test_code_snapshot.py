@@ -291,6 +291,38 @@ def test_a_held_then_requeued_slurm_job_runs_the_submitted_code(slurm_cluster: S
     assert_ran_snapshot(run, "pretrain", snap)
 
 
+@pytest.mark.slurm
+def test_a_slurm_job_refusing_an_edited_stored_snapshot_says_why_in_status(
+    slurm_cluster: SlurmCluster, tmp_path: Path
+) -> None:
+    proj = project_copy(tmp_path)
+    launcher = {"backend": "slurm", "resources": {"partition": "debug", "time_min": 20, "sbatch_extra": {"hold": ""}}}
+    path = sweep_file(proj, launcher, ["pretrain"])
+    sent = run_cli(proj, "sweep", str(path))
+    assert sent.returncode == 0, sent.stdout[-3000:] + sent.stderr[-3000:]
+    (snap,) = snapshot_ids(proj)
+    run = run_dir(proj)
+    job_id = str(record(run, "pretrain", "status.json")["job_id"])
+    stored = proj / "runs" / "snap" / "code" / snap / "files" / "extrema" / "stages" / "pretrain.py"
+    stored.chmod(0o644)
+    with open(stored, "a") as f:  # edited inside the run store while the job waits in the queue
+        f.write(SABOTAGE)
+    slurm_cluster.run("scontrol", "release", job_id)
+
+    def ended() -> bool:
+        out = slurm_cluster.run("sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State", check=False).stdout
+        return out.strip().startswith(("FAILED", "COMPLETED"))
+
+    wait_for(ended, 120, "the job to end")
+    shown = run_cli(proj, "status", str(path), "--json")
+    assert shown.returncode in (0, 1), shown.stdout[-3000:] + shown.stderr[-3000:]
+    (row,) = json.loads(shown.stdout)
+    reason = "extrema: code snapshot refused: extrema/stages/pretrain.py differs from the snapshot's manifest"
+    assert row["state"] == "failed" and row["error"].startswith(f"slurm job {job_id} failed: {reason}"), row
+    assert record(run, "pretrain", "status.json")["error"] == row["error"]  # recorded, for every later reader
+    assert "edited after the sweep was submitted" not in row["error"]  # the edited module never ran
+
+
 @pytest.mark.ray
 def test_ray_jobs_run_the_submitted_code(ray_cluster: RayCluster, tmp_path: Path) -> None:
     proj = project_copy(tmp_path)

@@ -16,6 +16,13 @@ class LogSource:
     name: str
     read: Callable[[int], bytes]
     label: Callable[[str], str] | None = None  # a complete line -> the line with its node and rank in front
+    size: Callable[[], int] | None = None  # its length in bytes, where it can be asked without reading it
+
+
+def tail(src: LogSource, limit: int) -> bytes:
+    """The last `limit` bytes of a log (read from where they start when its size can be asked)."""
+    start = max(0, src.size() - limit) if src.size is not None else 0
+    return src.read(start)[-limit:]
 
 
 class Lines:
@@ -55,4 +62,8 @@ def file_source(url: str) -> LogSource:
             data: bytes = f.read()
         return data
 
-    return LogSource(url, read)
+    def size() -> int:
+        fs, path = rundir.filesystem(url)
+        return int(fs.size(path))
+
+    return LogSource(url, read, size=size)

@@ -90,8 +90,7 @@ def cmd_status(args: argparse.Namespace, out: Console) -> int:
         return watch_status(target, out, args.interval)
     view = status_table(target, fresh=args.fresh)
     if args.json:
-        records = [dict(zip(view.columns, row)) for row in view.rows]
-        sys.stdout.write(json.dumps(records, indent=1) + "\n")
+        sys.stdout.write(json.dumps(view.records(), indent=1) + "\n")
         print_notes(out, view.seen)
         print_unreadable(out, view.problems)
     else:

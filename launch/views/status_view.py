@@ -14,11 +14,15 @@ from rich.text import Text
 from extrema.run import contract, rank_progress
 from extrema.run.contract import StageState
 from launch.addressed import DAMAGED, FAILED, OK, Addressed, print_notes, print_unreadable, swept_axes
+from launch.inputs.printable import clip, printable
 from launch.progress import latest_progress
 from launch.reconcile import Reconciled, reconcile
 from launch.runstore import results, stage_records, store
 from launch.views import tables
 from launch.views.tables import cell
+
+MAX_ERROR = 300  # characters of a failed stage's error shown below the table
+SHOWN_FAILURES = 20  # failed stages whose errors are listed below the table
 
 
 def _latest(state: str | None, status: dict[str, Any], result: Any, stage_dir: str, tree: str | None) -> str:
@@ -65,6 +69,13 @@ class StatusTable:
     seen: Reconciled
     keys: list[str]
     problems: list[str]  # `path: reason` of every unreadable record (its row shows `unreadable`)
+    errors: dict[str, str]  # key -> why each failed stage failed, whole (the table's row shows its start)
+
+    def records(self) -> list[dict[str, str]]:
+        """The table as JSON records, each with its stage's whole `error` (empty unless it failed)."""
+        return [
+            {**dict(zip(self.columns, row)), "error": self.errors.get(k, "")} for k, row in zip(self.keys, self.rows)
+        ]
 
 
 def status_table(target: Addressed, write: bool = True, fresh: bool = False) -> StatusTable:
@@ -84,6 +95,7 @@ def status_table(target: Addressed, write: bool = True, fresh: bool = False) -> 
     paths = swept_axes(target.runs)
     columns = ("run", "stage", *paths, "state", "attempts", "elapsed", "latest", "job id", "code")
     rows, styles, pairs = [], [], []
+    errors: dict[str, str] = {}
     for run in target.runs:
         flat = results.flatten(run.overrides)
         for stage, key in zip(run.stages, run.job_keys()):
@@ -93,6 +105,8 @@ def status_table(target: Addressed, write: bool = True, fresh: bool = False) -> 
             if key in seen.stuck:
                 s = {**s, "error": "submission interrupted before the job was sent; `sweep` submits it again"}
             latest = _latest(state, s, found.get(key), store.stage_url(target.url, run.run_id, stage), tree)
+            if state == StageState.FAILED and s.get("error"):
+                errors[key] = clip(printable(str(s["error"])), MAX_ERROR)
             if key in seen.holders:
                 latest = f"{latest} (pid {seen.holders[key].pid} on {seen.holders[key].host})"
             hosts = s.get("hosts")
@@ -104,14 +118,23 @@ def status_table(target: Addressed, write: bool = True, fresh: bool = False) -> 
                          cell(s.get("job_id")), code))  # fmt: skip
             styles.append({"state": tables.STATE_STYLES.get(state or "", "")})
             pairs.append((stage, state))
-    return StatusTable(columns, rows, styles, pairs, seen, keys, problems)
+    return StatusTable(columns, rows, styles, pairs, seen, keys, problems, errors)
 
 
 def show_status(out: Console, title: str, view: StatusTable) -> None:
     """Print the status table and the notes on backends that could not be asked."""
     tables.show(out, title, view.columns, view.rows, view.styles, view.pairs)
+    print_failures(out, view.errors)
     print_notes(out, view.seen)
     print_unreadable(out, view.problems)
+
+
+def print_failures(out: Console, errors: dict[str, str]) -> None:
+    """Why each failed stage failed, one line each (the first `SHOWN_FAILURES`, then how many more)."""
+    for key, error in list(errors.items())[:SHOWN_FAILURES]:
+        out.print(Text(f"{key} failed: {error}", style="red"), soft_wrap=True, markup=False, highlight=False)
+    if len(errors) > SHOWN_FAILURES:
+        out.print(Text(f"... and {len(errors) - SHOWN_FAILURES} more failed stage(s)", style="red"))
 
 
 def status_code(view: StatusTable) -> int:
