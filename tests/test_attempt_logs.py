@@ -4,6 +4,7 @@ store's single `local.log` is shown before them."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from pathlib import Path
 
@@ -59,6 +60,28 @@ def test_two_attempts_keep_two_logs_shown_in_order(sweep: str, tmp_path: Path) -
     assert headers == [f"==> attempt 1: {found[0]} <==", f"==> attempt 2: {found[1]} <=="], out
     first, second = out.split(headers[1])
     assert first.count("hello from a/pretrain") == 1 and second.count("hello from a/pretrain") == 1
+
+
+def test_a_running_attempts_log_is_in_the_store_before_it_ends(sweep: str, tmp_path: Path) -> None:
+    """On S3 the log goes up while the job runs, so a driver killed mid-job leaves what the job printed."""
+    base = job(tmp_path, "a/pretrain", seconds=60)
+    one = ScriptJob(base.key, rundir.join(sweep, "a"), "pretrain", (), base.resources, events=base.events, seconds=60)
+    backend = LocalBackend(log_upload_s=0.2)
+    ids = backend.submit([one], "")
+    stage = store.stage_url(sweep, "a", "pretrain")
+    deadline = time.monotonic() + 30
+    text = ""
+    try:
+        while "hello from a/pretrain" not in text:
+            assert time.monotonic() < deadline, f"the running job's log never reached the store: {text!r}"
+            assert backend.status(list(ids.values())) == {ids["a/pretrain"]: State.RUNNING}
+            (url,) = store.log_files(stage)
+            text = rundir.filesystem(url)[0].cat_file(rundir.filesystem(url)[1]).decode()
+            time.sleep(0.1)
+        assert text.startswith("=== ") and text.count("=== ") == 1
+    finally:
+        backend.cancel(list(ids.values()))
+    assert wait_all(backend, ids)["a/pretrain"] == State.CANCELLED
 
 
 def test_an_older_stores_single_log_is_shown_first(tmp_path: Path) -> None:

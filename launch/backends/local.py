@@ -10,7 +10,9 @@ processes runs under torchrun (`Job.command`).
 
 Each job's stdout and stderr go, interleaved, to a log of its own, `<run-dir>/<stage>/logs/local.<n>.log` (n = 1,
 2, ... in the order the attempts started; created exclusively, never overwritten; its first line names the job, host
-and command). On an object store the log is written to a local file and uploaded when the job ends. A job that
+and command). On an object store the log is written to a local file and uploaded while the job runs (at each
+poll, when it grew and `log_upload_s` passed, that interval stretched to a second per MiB of log, so that a large
+log is not sent over and over) and when it ends: a driver killed mid-job leaves the log as last uploaded. A job that
 exits with 2 (bad invocation, a refused code snapshot) is recorded failed with the last line it printed. A job
 whose upstream failed is not run and is recorded as failed ("not run: upstream ..."). `cancel` sends SIGTERM to the
 job's process group, waits `grace_s`, then SIGKILL, and records the stage as cancelled so that the next `sweep`
@@ -50,6 +52,8 @@ from launch.runstore import store
 LOG_PREFIX = "local"  # logs/local.<n>.log, one per attempt (launch.logs reads them in order)
 _LOG = re.compile(r"local\.(\d{1,9})\.log")
 LAST_LINE_BYTES = 4096
+LOG_UPLOAD_S = 30.0  # at most this often a running job's log goes to an object store (see the module docstring)
+LOG_UPLOAD_BYTES_PER_S = 1 << 20
 _ID = re.compile(r"local-(\d+)-(\d+)@(.+)")
 _ENDED = (State.COMPLETED, State.FAILED, State.CANCELLED)
 
@@ -78,6 +82,7 @@ class _Task:
     log: IO[bytes] | None = None
     log_path: str = ""
     upload_to: str | None = None
+    uploaded: tuple[float, int] = (0.0, -1)  # (when, size) of the last upload of the running job's log
     started: float | None = None
     returncode: int | None = field(default=None)
     gpus: tuple[str, ...] = ()
@@ -129,7 +134,12 @@ class LocalBackend(Backend):
     runs_here = True
 
     def __init__(
-        self, max_parallel: int = 1, grace_s: float = 10.0, cpus: int | None = None, gpus: Sequence[str] | None = None
+        self,
+        max_parallel: int = 1,
+        grace_s: float = 10.0,
+        cpus: int | None = None,
+        gpus: Sequence[str] | None = None,
+        log_upload_s: float = LOG_UPLOAD_S,
     ) -> None:
         if max_parallel < 1:
             raise ValueError("max_parallel must be at least 1")
@@ -137,6 +147,7 @@ class LocalBackend(Backend):
         self.cpus = cpus if cpus is not None else machine_cpus()
         self.gpus = tuple(gpus) if gpus is not None else machine_gpus()
         self.grace_s = grace_s
+        self.log_upload_s = log_upload_s
         self.host = socket.gethostname()
         self._tasks: dict[str, _Task] = {}
         self._by_key: dict[str, str] = {}
@@ -189,6 +200,8 @@ class LocalBackend(Backend):
                 self._end(t, State.CANCELLED, "cancelled")
             elif t.state == State.RUNNING and t.proc is not None and t.proc.poll() is not None:
                 self._reap(t)
+            elif t.state == State.RUNNING and t.upload_to:
+                self._upload_running_log(t)
         for t in self._tasks.values():
             if t.state != State.PENDING:
                 continue
@@ -262,6 +275,23 @@ class LocalBackend(Backend):
                 f.write(header)
             t.upload_to = url
         t.log = open(t.log_path, "ab")  # noqa: SIM115 - closed when the job is reaped
+
+    def _upload_running_log(self, t: _Task) -> None:
+        """Send a running job's log to the object store when it grew and its interval passed (best effort: a
+        refused upload is tried again at a later poll, and the log is uploaded when the job ends)."""
+        try:
+            size = os.path.getsize(t.log_path)
+        except OSError:
+            return
+        when, sent = t.uploaded
+        now = time.time()
+        if size == sent or now < when + max(self.log_upload_s, size / LOG_UPLOAD_BYTES_PER_S):
+            return
+        t.uploaded = (now, size)
+        assert t.upload_to is not None
+        with contextlib.suppress(OSError):
+            fs, path = rundir.filesystem(t.upload_to)
+            fs.put_file(t.log_path, path)
 
     def _reap(self, t: _Task) -> None:
         assert t.proc is not None
