@@ -107,7 +107,7 @@ def listed_sweeps(target: str) -> list[dict[str, Any]] | None:
     """The sweeps below a URL that is a run-store root (no manifest of its own, sweeps with one below); else None."""
     try:
         url = store.normalize_root(target)
-        if store.read_manifest(url) is not None:
+        if store.has_manifest(url):
             return None
     except (ValueError, store.Unreadable):
         return None

@@ -206,6 +206,14 @@ def real_tree(url: str) -> str | None:
     return tree.real if tree is not None else None
 
 
+def has_manifest(sweep: str) -> bool:
+    """Whether the sweep was submitted: its manifest's index is there (its parts are not read); Unreadable (naming
+    the file) when the index is damaged or leads outside."""
+    return (
+        contract.read_record(rundir.join(sweep, MANIFEST), MAX_MANIFEST_BYTES, real_tree(sweep), Manifest) is not None
+    )
+
+
 def read_manifest(sweep: str) -> dict[str, Any] | None:
     """The sweep's manifest with every run and job record of its parts, or None when the sweep was never
     submitted; Unreadable (naming the file) when the index or a part is damaged, missing or leads outside."""
