@@ -49,6 +49,7 @@ from launch.addressed import DAMAGED, INTERRUPTED, USAGE
 from launch.cli import cancel, export, logs, plot, report, results, schema, shard, status, sweep, viz
 from launch.inputs.errors import DamagedStore, InvalidSweep, UsageError
 
+DISTRIBUTION = "extrema-ssl"  # the name pip knows the project by (its import names: extrema, launch)
 COMMANDS = (
     sweep,
     status,
@@ -67,7 +68,7 @@ COMMANDS = (
 def version() -> str:
     """The installed distribution's version ("unknown" when it is not installed)."""
     try:
-        return metadata.version("extrema")
+        return metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:
         return "unknown"
 

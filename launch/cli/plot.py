@@ -42,7 +42,7 @@ def cmd_plot(args: argparse.Namespace, out: Console) -> int:
     try:
         figures = plots.plot_sweep(target.url, target.runs, table, args.out, axis=axis)
     except ImportError as e:
-        raise UsageError(f"plot needs matplotlib (pip install 'extrema[plot]'): {e}") from None
+        raise UsageError(f"plot needs matplotlib (pip install 'extrema-ssl[plot]'): {e}") from None
     except ValueError as e:
         raise UsageError(str(e)) from None
     except OSError as e:
