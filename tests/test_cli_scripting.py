@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from extrema.run import rundir
 from extrema.run.contract import update_status
 from launch.cli import main
 from launch.cli.arguments import run_named
@@ -97,3 +98,30 @@ def test_run_takes_a_unique_prefix(tmp_path: Path) -> None:
     assert run_named(runs, "abd", url).run_id == "abd456" and run_named(runs, "abc789", url).run_id == "abc789"
     with pytest.raises(UsageError, match=r"run 'abc' is ambiguous in .*: abc123, abc789 start with it"):
         run_named(runs, "abc", url)
+
+
+def test_results_of_several_sweeps_are_one_table_with_a_sweep_column(tmp_path: Path) -> None:
+    first, ids = swept(tmp_path / "a")
+    second, _ = swept(tmp_path / "b")
+    rundir.write_json(rundir.join(store.stage_url(first, ids[0], "pretrain"), "result.json"), {"loss_final": 1.0})
+    rundir.write_json(rundir.join(store.stage_url(second, ids[0], "pretrain"), "result.json"), {"loss_final": 3.0})
+    code, out, _ = cli("results", first, second, "--format", "json")
+    rows = json.loads(out)
+    assert code == 0 and len(rows) == 8 and list(rows[0])[:3] == ["run_id", "stage", "sweep"], out[:2000]
+    assert [r["sweep"] for r in rows] == [first] * 4 + [second] * 4
+    done = {(r["sweep"], r["loss_final"]) for r in rows if r["state"] == "completed"}
+    assert done == {(first, 1.0), (second, 3.0)}
+
+    code, out, err = cli("results", first, second, "--group-by", "sweep", "model.cls_token", "--format", "json")
+    groups = {(g["stage"], g["sweep"], g["model.cls_token"]): g for g in json.loads(out or "[]")}
+    cait = [
+        (s, g["loss_final.mean"], g["runs"])
+        for (stage, s, c), g in groups.items()
+        if stage == "pretrain" and c == "cait"
+    ]
+    assert code == 0 and sorted(cait) == [(first, 1.0, 1), (second, 3.0, 1)], out[:2000] + err
+
+    code, out, _ = cli("results", first, "--format", "json")  # one sweep: the table as before, no sweep column
+    assert code == 0 and "sweep" not in json.loads(out)[0]
+    code, _, err = cli("results", first, first)
+    assert code == 2 and f"the same sweep given twice: {first}" in err

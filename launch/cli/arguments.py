@@ -34,10 +34,10 @@ def add_command(
     return p
 
 
-def add_target(p: argparse.ArgumentParser, run: Literal["required", "only"] | None = None) -> None:
+def add_target(p: argparse.ArgumentParser, run: Literal["required", "only"] | None = None, many: bool = False) -> None:
     """The sweep a command addresses: FILE|URL and its --root; with `run`, --run too (the one run the command is
-    about, or "only" that run of the sweep)."""
-    p.add_argument("target", metavar="FILE|URL", help=TARGET_HELP)
+    about, or "only" that run of the sweep); `many`: one or more sweeps (a list)."""
+    p.add_argument("target", metavar="FILE|URL", nargs="+" if many else None, help=TARGET_HELP)
     if run == "required":
         p.add_argument("--run", required=True, help=RUN_HELP)
     elif run == "only":

@@ -15,10 +15,12 @@ from launch.cli.arguments import add_command, add_target
 from launch.inputs.errors import UsageError
 from launch.runstore import results
 from launch.sweepfile.model import STAGE_ORDER
-from launch.views.results_view import collect, results_format, results_view, show_view
+from launch.views.results_view import collect, collect_many, results_format, results_view, show_view
 
 HELP = "one table with a row per run and stage: swept values, metrics, provenance"
 MORE = (
+    "Several sweeps (FILE|URL ...) give one table with a `sweep` column, which --group-by and --pivot take as\n"
+    "an axis.\n"
     "--group-by AXIS... gives one row per stage and value of those axes, each numeric metric as mean, sample\n"
     "std and count over the runs that differ only in seed; with no AXIS, every swept axis but the seeds.\n"
     "--pivot ROWS COLUMNS --metric M lays one metric out with one swept axis down and another across, each\n"
@@ -32,7 +34,7 @@ MORE = (
 def add_parser(sub: Any) -> None:
     """Register `results` on the CLI's subparsers."""
     p = add_command(sub, "results", cmd_results, HELP, MORE)
-    add_target(p)
+    add_target(p, many=True)
     p.add_argument("--format", choices=("table", "csv", "parquet", "json"), help="output format (default: table)")
     p.add_argument(
         "--fresh", action="store_true", help="read every stage's own records, not the ledger of completed stages"
@@ -55,11 +57,15 @@ def cmd_results(args: argparse.Namespace, out: Console) -> int:
         raise UsageError("--metric and --stage go with --pivot ROWS COLUMNS")
     if args.pivot is not None and not args.metric:
         raise UsageError("--pivot ROWS COLUMNS needs --metric M (the metric in the cells)")
-    target = open_addressed(args.target, args.root)
-    table, seen, problems = collect(target, fresh=args.fresh)
+    targets = [open_addressed(t, args.root) for t in args.target]
+    if len(targets) == 1:
+        table, one, problems = collect(targets[0], fresh=args.fresh)
+        seen = [one]
+    else:
+        table, seen, problems = collect_many(targets, fresh=args.fresh)
     if args.code:
         table = table.filter(pc.starts_with(table.column("code").fill_null(""), args.code))
-    view = results_view(args, target.url, table)
+    view = results_view(args, ", ".join(t.url for t in targets), table)
     if args.out:
         try:
             results.write(view.table, args.out, fmt)  # type: ignore[arg-type]
@@ -71,6 +77,7 @@ def cmd_results(args: argparse.Namespace, out: Console) -> int:
     else:
         sys.stdout.write(results.encode(view.table, fmt).decode())  # type: ignore[arg-type]
     beside = Console(stderr=True) if fmt != "table" and not args.out else out  # standard output carries the data
-    print_notes(beside, seen)
+    for reconciled in seen:
+        print_notes(beside, reconciled)
     print_unreadable(beside, problems)
     return DAMAGED if problems else OK

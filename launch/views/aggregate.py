@@ -23,7 +23,7 @@ from extrema.run.contract import StageState
 from extrema.spec import Experiment
 from launch.runstore import results
 
-SECTIONS = frozenset(Experiment.model_fields)
+SECTIONS = frozenset({*Experiment.model_fields, "sweep"})  # `sweep`: the column of a table of several sweeps
 NOT_METRICS = frozenset(results.TYPED) - {"elapsed_s"}
 CARRIED = ("git_sha", "git_dirty", "world_size", "backend")
 STATS = ("mean", "std", "count")

@@ -4,6 +4,7 @@ plain, grouped over seeds or pivoted, fitted to the terminal."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -53,6 +54,25 @@ def collect(target: Addressed, write: bool = True, fresh: bool = False) -> tuple
 
 
 RUN_KEYS = 2  # run_id and stage lead every row of the plain results table
+
+SWEEP = "sweep"  # the column naming each row's sweep (its URL) in a table of several sweeps
+
+
+def collect_many(targets: Sequence[Addressed], fresh: bool = False) -> tuple[pa.Table, list[Reconciled], list[str]]:
+    """The results of several sweeps as one table with a `sweep` column after the run and stage (each row's sweep
+    URL; a swept axis for --group-by and --pivot), columns missing from a sweep empty; each sweep's reconciliation;
+    every problem."""
+    urls = [t.url for t in targets]
+    twice = sorted({u for u in urls if urls.count(u) > 1})
+    if twice:
+        raise UsageError(f"the same sweep given twice: {', '.join(twice)}")
+    parts, seen, problems = [], [], []
+    for target in targets:
+        table, reconciled, found = collect(target, fresh=fresh)
+        parts.append(table.add_column(RUN_KEYS, SWEEP, pa.array([target.url] * table.num_rows, pa.string())))
+        seen.append(reconciled)
+        problems += found
+    return pa.concat_tables(parts, promote_options="permissive"), seen, problems
 
 
 @dataclass
