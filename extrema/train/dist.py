@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.nn.parallel import DistributedDataParallel
@@ -103,14 +104,16 @@ def processes_per_node(world_size: int) -> int:
 def shard_mesh(world: World, strategy: str) -> Any:
     """FSDP2's device mesh: flat over every rank (fsdp), or HSDP's (nodes, ranks per node) with parameters sharded
     within a node and replicated across nodes (hsdp: the usual choice for models of ~100M parameters on several
-    nodes, whose all-gathers then stay inside a node)."""
-    if strategy != "hsdp":
-        return init_device_mesh(world.device.type, (world.size,))
-    per_node = processes_per_node(world.size)
-    if world.size % per_node:
-        raise ValueError(f"hsdp: world size {world.size} is not a multiple of {per_node} ranks per node")
-    shape = (world.size // per_node, per_node)
-    return init_device_mesh(world.device.type, shape, mesh_dim_names=("replicate", "shard"))
+    nodes, whose all-gathers then stay inside a node). Built from real tensors even under fake ones (the memory
+    check, `extrema.check`): a mesh reads its rank layout back, which a fake tensor cannot answer."""
+    with unset_fake_temporarily():
+        if strategy != "hsdp":
+            return init_device_mesh(world.device.type, (world.size,))
+        per_node = processes_per_node(world.size)
+        if world.size % per_node:
+            raise ValueError(f"hsdp: world size {world.size} is not a multiple of {per_node} ranks per node")
+        shape = (world.size // per_node, per_node)
+        return init_device_mesh(world.device.type, shape, mesh_dim_names=("replicate", "shard"))
 
 
 # DTensor's global caches (sharding propagation, redistribute plans, mesh topology) keep every DeviceMesh they saw,

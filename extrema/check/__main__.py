@@ -1,0 +1,177 @@
+"""`python -m extrema.check SPEC`: one stage configuration's memory per rank, FLOPs and time, predicted here.
+
+    python -m extrema.check runs/x/<run>/pretrain/spec.json --nodes 1 --processes-per-node 8 --gpu-type H100
+    extrema-launch sweep-expanded experiment JSON on standard input:  ... | python -m extrema.check - --json
+
+SPEC is a stage's `spec.json` (a RunSpec) or an experiment's JSON (`-`: standard input). Only pretraining is
+estimated (the other stages' steps are written inside their `run`, not as functions this could call). Exit
+codes: 0 estimated (whether or not it fits: `fits` says), 2 unreadable or invalid input. Run one configuration
+per process: the estimate joins a fake process group of the job's world size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from typing import Any, get_args
+
+from pydantic import ValidationError
+
+from extrema.check.devices import DEFAULT_UTILIZATION, DEVICES, GpuType, limit_bytes, step_seconds
+from extrema.spec import Experiment, RunSpec
+
+IMAGENET_TRAIN = 1_281_167  # images in ImageNet-1k's train split: the assumed size of a folder or shard set
+FASHION_MNIST_TRAIN = 60_000
+
+
+class InputError(ValueError):
+    """A SPEC or an option this command cannot use (exit 2, one line)."""
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(prog="python -m extrema.check", description=__doc__.split("\n")[0])
+    p.add_argument("spec", help="a stage's spec.json or an experiment's JSON; - reads standard input")
+    p.add_argument("--nodes", type=int, default=1, help="nodes of the job (default 1)")
+    p.add_argument("--processes-per-node", type=int, default=1, help="ranks per node (default 1)")
+    p.add_argument("--rank", type=int, default=0, help="the rank this process plays (default 0)")
+    p.add_argument("--target", choices=("cuda", "cpu"), default="cuda", help="what the job runs on (default cuda)")
+    p.add_argument("--gpu-type", choices=get_args(GpuType), help="a GPU of the device table: time and its memory")
+    p.add_argument("--gpu-memory-gb", type=float, help="memory of one GPU in GB (default: the GPU type's)")
+    p.add_argument("--utilization", type=float, default=DEFAULT_UTILIZATION, help="share of peak bf16 FLOP/s")
+    p.add_argument("--train-images", type=int, help="training images (default: the dataset's, ImageNet-1k's for "
+                   "folders and shards)")  # fmt: skip
+    p.add_argument("--plan", action="store_true", help="also plan the checkpoint at this world size (DCP)")
+    p.add_argument("--plan-only", action="store_true", help="only wrap and plan the checkpoint (no step, no budget)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    return p.parse_args(argv)
+
+
+def load_experiment(source: str) -> Experiment:
+    """The experiment of a RunSpec (a pretrain stage's) or of an experiment's JSON; InputError naming the field."""
+    try:
+        text = sys.stdin.read() if source == "-" else open(source, encoding="utf-8").read()  # noqa: SIM115
+        data = json.loads(text)
+    except OSError as e:
+        raise InputError(f"{source}: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{source}: not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{source}: not a JSON object (a stage's spec.json or an experiment)")
+    try:
+        if "experiment" in data:
+            spec = RunSpec.model_validate(data)
+            if spec.stage != "pretrain":
+                raise InputError(f"{source}: stage {spec.stage}: only pretrain stages are estimated")
+            return spec.experiment
+        return Experiment.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "(top level)"
+        raise InputError(f"{source}: not a stage spec or an experiment: {where}: {first['msg']}") from None
+
+
+def train_images(exp: Experiment, given: int | None) -> int:
+    """Training images an epoch has: given, or the dataset's (folders and shards: ImageNet-1k's train split)."""
+    if given is not None:
+        return given
+    if exp.data.dataset == "synthetic":
+        return exp.data.synthetic_size
+    if exp.data.dataset == "fashion_mnist":
+        return FASHION_MNIST_TRAIN
+    return IMAGENET_TRAIN
+
+
+def budget(result: dict[str, Any], args: argparse.Namespace, exp: Experiment) -> dict[str, Any]:
+    """Steps, and with a GPU type or memory: the limit, whether the peak fits, the largest batch per rank that
+    does, seconds per step, hours of the stage and its GPU-hours."""
+    images = train_images(exp, args.train_images)
+    out: dict[str, Any] = {"train_images": images, "steps": exp.total_steps(images)}
+    device = DEVICES.get(args.gpu_type) if args.gpu_type else None
+    memory_gb = args.gpu_memory_gb or (device.memory_gb if device else None)
+    if memory_gb:
+        from extrema.check.estimate import max_batch_per_rank
+
+        limit = limit_bytes(memory_gb)
+        out.update(memory_gb=memory_gb, limit_bytes=limit, fits=result["memory"]["peak"] <= limit)
+        out["max_batch_per_rank"] = max_batch_per_rank(result, limit)
+    if device:
+        seconds = step_seconds(result["flops_per_rank"], device, args.utilization)
+        hours = seconds * out["steps"] / 3600
+        out.update(gpu_type=device.name, utilization=args.utilization, step_seconds=seconds, stage_hours=hours)
+        out["gpu_hours"] = hours * result["world_size"]
+    return out
+
+
+def summary(result: dict[str, Any]) -> str:
+    """A few human lines of the result."""
+    gib = 2**30
+    lines = [
+        f"pretrain at {result['world_size']} ranks ({result['strategy']}, {result['precision']}, "
+        f"{result['batch_per_rank']} images per rank)"
+    ]
+    if "memory" in result:
+        lines[0] += ", per rank: " + ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in result["memory"].items())
+        flops = result["flops_per_step"], result["flops_per_rank"], result["steps"]
+        lines.append("FLOPs per step: {:.3e} ({:.3e} per rank); {} steps".format(*flops))
+    if "limit_bytes" in result:
+        verdict = "fits" if result["fits"] else "does NOT fit"
+        lines.append(
+            f"{verdict}: peak {result['memory']['peak'] / gib:.1f} GiB, limit {result['limit_bytes'] / gib:.1f} GiB; "
+            f"up to {result['max_batch_per_rank']} images per rank fit"
+        )
+    if "step_seconds" in result:
+        lines.append(
+            f"{result['gpu_type']} at {result['utilization']:.0%} of peak: {result['step_seconds']:.3f} s per step, "
+            f"{result['stage_hours']:.1f} h, {result['gpu_hours']:.0f} GPU-hours"
+        )
+    if "checkpoint" in result:
+        c = result["checkpoint"]
+        lines.append(f"checkpoint plan of rank {c['rank']}: {c['items']} items, {c['bytes'] / gib:.2f} GiB, "
+                     f"{len(c['mismatches'])} mismatches")  # fmt: skip
+        lines += [f"  {m}" for m in c["mismatches"]]
+    return "\n".join(lines)
+
+
+def checked_numbers(args: argparse.Namespace) -> None:
+    """InputError for a world, rank, memory or utilisation that cannot be."""
+    if args.nodes < 1 or args.processes_per_node < 1:
+        raise InputError("--nodes and --processes-per-node must be at least 1")
+    if not 0 <= args.rank < args.nodes * args.processes_per_node:
+        raise InputError(f"--rank {args.rank} is outside a world of {args.nodes * args.processes_per_node}")
+    if args.gpu_memory_gb is not None and not (math.isfinite(args.gpu_memory_gb) and args.gpu_memory_gb > 0):
+        raise InputError("--gpu-memory-gb must be a positive number")
+    if not 0 < args.utilization <= 1:
+        raise InputError("--utilization must lie in (0, 1]")
+    if args.train_images is not None and args.train_images < 1:
+        raise InputError("--train-images must be at least 1")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Estimate one configuration; print JSON (--json) or a summary. 0 estimated, 2 unusable input."""
+    args = parse(argv)
+    try:
+        checked_numbers(args)
+        exp = load_experiment(args.spec)
+        from extrema.check.estimate import estimate_pretrain  # torch, after the input is known to be usable
+
+        try:
+            plan, step = args.plan or args.plan_only, not args.plan_only
+            world = (args.nodes, args.processes_per_node)
+            result = estimate_pretrain(exp, *world, args.target, args.rank, plan=plan, step=step)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+    except InputError as e:
+        print(f"extrema.check: {e}", file=sys.stderr)
+        return 2
+    if step:
+        result.update(budget(result, args, exp))
+    print(json.dumps(result) if args.json else summary(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
