@@ -25,8 +25,9 @@ DEEP = b"[" * 100_000 + b"]" * 100_000
 SECRET = "do-not-echo-4242x"
 
 
-def finished(root: Path) -> str:
-    """The tiny sweep as a finished local sweep leaves it, written directly (no stage runs); its URL."""
+def finished(root: Path | str) -> str:
+    """The tiny sweep as a finished sweep leaves it under `root` (a path or any fsspec URL), written directly (no
+    stage runs); its URL."""
     sweep, runs = load_runs(TINY, root=str(root))
     url = store.sweep_url(sweep.root, sweep.name)
     listed = [{"run_id": r.run_id, "stages": list(r.stages), "overrides": r.overrides} for r in runs]

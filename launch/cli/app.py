@@ -14,6 +14,9 @@
     extrema-launch cancel  FILE|URL [--run ID]
     extrema-launch logs    FILE|URL --run ID --stage S [--follow]
     extrema-launch export  SOURCE [--run ID] [--branch ema|student] --format timm|official|safetensors --out PATH
+    extrema-launch du      FILE|URL [--json]                          (bytes per run and stage; a root: per sweep)
+    extrema-launch gc      FILE|URL [--yes] [--corrupt]               (checkpoints beyond retention; dry run)
+    extrema-launch rm      FILE|URL --run ID [--run ID ...] [--yes]
     extrema-launch data shard SRC_URL DST_URL [--shard-size 1GB]
     extrema-launch schema  [--json]                                   (every field of a sweep file)
 
@@ -46,7 +49,7 @@ from rich.console import Console
 from rich.text import Text
 
 from launch.addressed import DAMAGED, INTERRUPTED, USAGE
-from launch.cli import cancel, export, logs, plot, report, results, schema, shard, status, sweep, viz
+from launch.cli import cancel, du, export, gc, logs, plot, report, results, rm, schema, shard, status, sweep, viz
 from launch.inputs.errors import DamagedStore, InvalidSweep, UsageError
 
 DISTRIBUTION = "extrema-ssl"  # the name pip knows the project by (its import names: extrema, launch)
@@ -60,6 +63,9 @@ COMMANDS = (
     report,
     logs,
     export,
+    du,
+    gc,
+    rm,
     shard,
     schema,
 )  # in the order --help lists them
