@@ -11,7 +11,17 @@ from typing import Any
 
 from extrema.run import code_snapshot, contract, environment
 
-PROVENANCE_PACKAGES = ("extrema-ssl", "torch", "torchvision", "numpy", "pydantic", "fsspec", "pyarrow", "submitit", "ray")
+PROVENANCE_PACKAGES = (
+    "extrema-ssl",
+    "torch",
+    "torchvision",
+    "numpy",
+    "pydantic",
+    "fsspec",
+    "pyarrow",
+    "submitit",
+    "ray",
+)
 
 
 def git_state(repo: Path | None = None) -> dict[str, Any]:
