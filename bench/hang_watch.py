@@ -28,7 +28,7 @@ from tests.stage_runs import make_run
 
 
 @contextlib.contextmanager
-def no_watchdog(stage_dir: str, rank: int, ranks: list[dict[str, Any]]) -> Iterator[None]:
+def no_watchdog(stage_dir: str, rank: int, ranks: list[dict[str, Any]], held: Any = None) -> Iterator[None]:
     yield None
 
 

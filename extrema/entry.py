@@ -23,10 +23,11 @@ from collections.abc import Callable
 from typing import Any
 
 from extrema.run import code_snapshot, contract, lease, provenance, rundir
+from extrema.run.attempt import Attempt
 from extrema.spec import STAGE_BY_NAME, RunSpec
 from extrema.train import trackers, watchdog
 
-StageFn = Callable[[RunSpec, str], dict[str, Any]]
+StageFn = Callable[[RunSpec, str, Attempt], dict[str, Any]]
 
 EXIT_REQUEUE = contract.EXIT_REQUEUE  # the stage saved a checkpoint after a preemption signal: requeue it
 
@@ -36,7 +37,7 @@ JOB_ID_VARS = ("SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID", "RAY_JOB_SUBMISSION_ID", "E
 
 
 def stage_fn(stage: str) -> StageFn:
-    """The `run(spec, stage_dir)` function of a stage, imported on demand."""
+    """The `run(spec, stage_dir, attempt)` function of a stage, imported on demand."""
     if stage not in STAGE_BY_NAME:
         raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGE_BY_NAME)}")
     fn: StageFn = importlib.import_module(STAGE_BY_NAME[stage].module).run
@@ -74,7 +75,6 @@ def take_stage(stage_dir: str) -> lease.Lease:
         got = lease.acquire(stage_dir, job_id, wait=True)
     assert isinstance(got, lease.Lease)
     got.start_heartbeat()
-    lease.hold(got)
     return got
 
 
@@ -171,15 +171,21 @@ def code_changes(stage_dir: str, current: dict[str, Any]) -> list[dict[str, Any]
     return code_snapshot.changes_on_resume(previous, current, has_checkpoint, allowed, now())
 
 
-def note_trackers(stage_dir: str, disabled: dict[str, str]) -> None:
+def note_trackers(stage_dir: str, fence: lease.Fence, disabled: dict[str, str]) -> None:
     """Record in the stage's status which trackers this attempt disabled, and why."""
-    commit_status(stage_dir, trackers={name: f"disabled: {why}" for name, why in disabled.items()})
+    commit_status(stage_dir, fence, trackers={name: f"disabled: {why}" for name, why in disabled.items()})
 
 
-def commit_status(stage_dir: str, **fields: Any) -> dict[str, Any] | None:
-    """Write status fields if this process still owns the stage (or holds no lease); None when it lost it."""
+def fence_of(held: lease.Lease | None) -> lease.Fence:
+    """The fence of this process's commits: its lease's, or none when it holds no lease (ranks other than 0)."""
+    return held.fence if held is not None else lease.unfenced
+
+
+def commit_status(stage_dir: str, fence: lease.Fence, **fields: Any) -> dict[str, Any] | None:
+    """Write status fields if `fence` passes (this process still owns the stage, or holds no lease); None when it
+    lost the stage."""
     try:
-        lease.fence(f"status {fields.get('state', '')}")
+        fence(f"status {fields.get('state', '')}")
     except lease.LeaseLost as e:
         print(f"extrema.entry: not recording {fields.get('state')}: {e}", file=sys.stderr, flush=True)
         return None
@@ -199,7 +205,7 @@ def ending(e: BaseException | None) -> tuple[str, int]:
     return contract.StageState.FAILED, contract.EXIT_FAILED
 
 
-def record_end(stage_dir: str, e: BaseException) -> None:
+def record_end(stage_dir: str, e: BaseException, fence: lease.Fence) -> None:
     """Record in status.json how an attempt ended by an exception (fenced: not when the lease was lost)."""
     state, _ = ending(e)
     if isinstance(e, lease.LeaseLost):
@@ -210,32 +216,39 @@ def record_end(stage_dir: str, e: BaseException) -> None:
         error = str(e)
     else:
         error = contract.describe_error(e)  # torch's CheckpointException and others derive from BaseException
-    commit_status(stage_dir, state=state, finished_at=now(), error=error)
+    commit_status(stage_dir, fence, state=state, finished_at=now(), error=error)
 
 
 def run_stage(run_dir: str, stage: str) -> dict[str, Any]:
     """Run one stage from its spec.json, recording status, provenance and the result (rank 0 holds the lease
     for the whole attempt, records how it ended, and releases the lease with that outcome)."""
     stage_dir = contract.StageDir.of(run_dir, stage).url
-    is_main = world_info()[0] == 0
+    rank, world = world_info()
     outcome: str = contract.StageState.FAILED  # or 'lease lost'
+    mine: lease.Lease | None = None
     try:
-        result = attempt(run_dir, stage, stage_dir)
+        spec = read_spec(stage_dir, stage)
+        if world > 1 and nccl_possible():
+            flight_recorder(stage_dir)
+        if rank == 0:
+            mine = take_stage(stage_dir)
+        result = attempt(spec, stage_dir, mine)
         outcome = contract.StageState.COMPLETED
         return result
     except SystemExit:
         raise
     except BaseException as e:
         outcome = ending(e)[0]
-        if is_main:
-            record_end(stage_dir, e)
+        if rank == 0:
+            record_end(stage_dir, e, fence_of(mine))
         raise
     finally:
-        lease.release_held(outcome)
+        if mine is not None:
+            mine.release(outcome)
 
 
-def attempt(run_dir: str, stage: str, stage_dir: str) -> dict[str, Any]:
-    """One attempt at a stage: take its lease, run it unless an earlier attempt completed it, write the result."""
+def read_spec(stage_dir: str, stage: str) -> RunSpec:
+    """The stage's spec.json, checked to be this stage's."""
     raw = contract.read_record(contract.StageDir(stage_dir).spec)
     if raw is None:
         raise FileNotFoundError(f"no spec.json in {stage_dir}")
@@ -244,13 +257,17 @@ def attempt(run_dir: str, stage: str, stage_dir: str) -> dict[str, Any]:
         raise ValueError(f"{stage_dir}/spec.json is for stage {spec.stage!r}, not {stage!r}")
     if stage not in STAGE_BY_NAME:
         raise ValueError(f"unknown stage {stage!r}; known: {', '.join(STAGE_BY_NAME)}")
+    return spec
+
+
+def attempt(spec: RunSpec, stage_dir: str, mine: lease.Lease | None) -> dict[str, Any]:
+    """One attempt at a stage whose lease rank 0 holds (`mine`): run it unless an earlier attempt completed it,
+    write the result."""
+    stage = spec.stage
     rank, world = world_info()
-    if world > 1 and nccl_possible():
-        flight_recorder(stage_dir)
+    fence = fence_of(mine)
     done: dict[str, Any] | None = None
-    mine: lease.Lease | None = None
     if rank == 0:
-        mine = take_stage(stage_dir)
         done = completed_result(stage_dir)
     if agree(done is not None, world):
         print(f"extrema.entry: {stage_dir} was completed by an earlier attempt; not run again", file=sys.stderr)
@@ -268,10 +285,11 @@ def attempt(run_dir: str, stage: str, stage_dir: str) -> dict[str, Any]:
             prev = {}
         info = provenance.provenance(world, ranks)
         info["code_changes"] = code_changes(stage_dir, info)
-        lease.fence("provenance")
+        fence("provenance")
         rundir.write_json(contract.StageDir(stage_dir).provenance, info)
         commit_status(
             stage_dir,
+            fence,
             state=contract.StageState.RUNNING,
             attempts=int(prev.get("attempts", 0) or 0) + 1,
             lease_generation=mine.generation if mine else None,
@@ -286,20 +304,20 @@ def attempt(run_dir: str, stage: str, stage_dir: str) -> dict[str, Any]:
             job_id=job_id_from_env() or prev.get("job_id"),
         )
     try:
-        note = functools.partial(note_trackers, stage_dir)
+        note = functools.partial(note_trackers, stage_dir, fence)
         with (
-            watchdog.started(stage_dir, rank, ranks),
-            trackers.opened(spec, stage_dir, note) if rank == 0 else contextlib.nullcontext(),
+            watchdog.started(stage_dir, rank, ranks, mine),
+            trackers.opened(spec, stage_dir, note) if rank == 0 else contextlib.nullcontext() as mirror,
         ):
-            result = fn(spec, stage_dir)
+            result = fn(spec, stage_dir, Attempt(fence, mirror))
     except Exception as e:
         if world > 1 and is_collective_failure(e):
             raise CollectiveFailed(peer_note(e, ranks, rank)) from e
         raise
     if rank == 0:
-        lease.fence("result")
+        fence("result")
         rundir.write_json(rundir.join(stage_dir, contract.RESULT), result)
-        commit_status(stage_dir, state=contract.StageState.COMPLETED, finished_at=now())
+        commit_status(stage_dir, fence, state=contract.StageState.COMPLETED, finished_at=now())
     return result
 
 

@@ -35,7 +35,7 @@ class Stage:
     """One stage of the pipeline: where its code lives and what it starts from."""
 
     name: str  # also its settings' field in Experiment and its directory in a run
-    module: str  # the module whose `run(spec, stage_dir)` runs it (imported by the job entry only)
+    module: str  # the module whose `run(spec, stage_dir, attempt)` runs it (imported by the job entry only)
     upstream: str | None = "pretrain"  # the stage whose checkpoint it starts from, unless its spec names another
     single_process: bool = False  # an evaluation that runs in one process only
 

@@ -171,17 +171,13 @@ def test_commit_is_fenced_by_the_lease(tmp_path: Path) -> None:
     ckpt_dir = rundir.join(stage, "ckpt")
     held = lease.try_acquire(stage)
     assert isinstance(held, lease.Lease)
-    lease.hold(held)
-    try:
-        model, opt = linear_state(0)
-        ckpt.save(ckpt_dir, 1, ckpt.training_state(model, opt, {"step": 1}))
-        rundir.write_json(rundir.join(lease.lease_dir(stage), f"{held.generation + 1:08d}.json"), {"token": "x"})
-        with pytest.raises(lease.LeaseLost):
-            ckpt.save(ckpt_dir, 2, ckpt.training_state(model, opt, {"step": 2}))
-        assert ckpt.list_steps(ckpt_dir) == {1: True, 2: False}
-        assert ckpt.latest_step(ckpt_dir) == 1
-    finally:
-        lease.hold(None)
+    model, opt = linear_state(0)
+    ckpt.save(ckpt_dir, 1, ckpt.training_state(model, opt, {"step": 1}), held.fence)
+    rundir.write_json(rundir.join(lease.lease_dir(stage), f"{held.generation + 1:08d}.json"), {"token": "x"})
+    with pytest.raises(lease.LeaseLost):
+        ckpt.save(ckpt_dir, 2, ckpt.training_state(model, opt, {"step": 2}), held.fence)
+    assert ckpt.list_steps(ckpt_dir) == {1: True, 2: False}
+    assert ckpt.latest_step(ckpt_dir) == 1
 
 
 def test_interrupt_while_loading_is_not_a_corrupt_step(tmp_path: Path, monkeypatch) -> None:

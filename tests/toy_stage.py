@@ -5,6 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 
-def run(spec: Any, stage_dir: str) -> dict[str, Any]:
+def run(spec: Any, stage_dir: str, attempt: Any = None) -> dict[str, Any]:
     """Report that it ran."""
     return {"ran": True}

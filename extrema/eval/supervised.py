@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from extrema.data import datasets, loaders, transforms
 from extrema.eval.neighbors import topk_accuracy
+from extrema.run.attempt import Attempt
 from extrema.spec import Experiment, FinetuneSpec, ProbeSpec
 from extrema.train.dist import World
 from extrema.train.step_end import Cadence, Evaluate, LoopState, StepEnd, accuracy_values, keep_accuracy
@@ -137,9 +138,10 @@ def classifier_step_end(
     optimizer: torch.optim.Optimizer,
     steps: tuple[int, int],
     evaluate: Evaluate,
+    attempt: Attempt,
 ) -> StepEnd:
     """The end of step of a classifier stage: evaluate, log and save at every epoch end, keep the best accuracy.
-    `steps`: (steps per epoch, total steps)."""
+    `steps`: (steps per epoch, total steps); `attempt`: the job entry's (fence and trackers)."""
     return StepEnd(
         world=world,
         stage_dir=stage_dir,
@@ -151,6 +153,7 @@ def classifier_step_end(
         cadence=Cadence(ckpt_every=s.ckpt_every, keep_last=s.keep_last, keep_every=s.keep_every),
         evaluate=evaluate,
         record=keep_accuracy,
+        attempt=attempt,
         on_nonfinite=s.on_nonfinite,
         max_skipped_steps=s.max_skipped_steps,
     )

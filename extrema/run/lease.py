@@ -21,7 +21,8 @@ that record's ETag: a record renewed meanwhile is not taken over, and an owner w
 its next renewal with LeaseLost.
 
 Fencing: before committing anything (a checkpoint's `.metadata`, result.json, status.json) the owner calls
-`fence()`, which fails unless its generation is still the highest, its record is still the one it wrote, and its
+`Lease.fence` (handed down as a `Fence`: the job entry passes it to the stage, the stage to its checkpoint writer),
+which fails unless its generation is still the highest, its record is still the one it wrote, and its
 own last heartbeat is younger than 3/4 of the TTL (else it renews first); so an attempt that lost its lease (frozen
 past the TTL, cut off from the store) does not commit. A window remains between a fence and the write it guards:
 no store offers a write conditional on another object, so a write that takes more than TTL/4 (less the clocks'
@@ -43,6 +44,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +77,14 @@ _OPTIONAL: dict[str, tuple[type, ...]] = {
 }
 _MAX_PID = 1 << 31
 _warned: set[str] = set()
+
+
+# A commit's guard: raises LeaseLost unless this attempt still owns its stage; the argument names the commit.
+Fence = Callable[[str], None]
+
+
+def unfenced(what: str) -> None:
+    """The fence of a process that holds no lease (tests, tools): every commit goes ahead."""
 
 
 class LeaseLost(Exception):
@@ -394,7 +404,10 @@ class Lease:
         self.check_superseded()
 
     def release(self, outcome: str) -> None:
-        """Mark the lease released with the attempt's outcome, so that the next attempt need not wait the TTL."""
+        """Mark the lease released with the attempt's outcome, so that the next attempt need not wait the TTL. Once:
+        a later call (the job entry after the watchdog ended a hung attempt) does nothing."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
@@ -505,26 +518,3 @@ def _prune(stage_dir: str, gen: int) -> None:
         if old < gen - 1:
             with contextlib.suppress(Exception):
                 fs.rm(rundir.filesystem(_gen_url(stage_dir, old))[1])
-
-
-_current: Lease | None = None
-
-
-def hold(lease: Lease | None) -> None:
-    """Make `lease` the one this process's commits are fenced by (None: no fencing, e.g. tests and tools)."""
-    global _current
-    _current = lease
-
-
-def fence(what: str) -> None:
-    """Raise LeaseLost unless this process's attempt still owns its stage (no-op when it holds no lease)."""
-    if _current is not None:
-        _current.fence(what)
-
-
-def release_held(outcome: str) -> None:
-    """Release this process's lease, if it holds one, with the attempt's outcome, and stop fencing by it."""
-    global _current
-    held, _current = _current, None
-    if held is not None:
-        held.release(outcome)

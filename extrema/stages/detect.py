@@ -38,6 +38,7 @@ from extrema.eval import coco_eval
 from extrema.eval.supervised import SPLIT_SEED, step_counts
 from extrema.models.detector import DISCARDED_KEYS, STRIDES, build_detector, feature_blocks
 from extrema.run import rundir
+from extrema.run.attempt import BARE, Attempt
 from extrema.spec import DetectSpec, Experiment, RunSpec
 from extrema.train import weights
 from extrema.train.dist import Preemption, World, after_main, autocast_dtype, data_parallel, init_world
@@ -139,8 +140,9 @@ def protocol(exp: Experiment, d: DetectSpec, world: World, **derived: Any) -> di
     }
 
 
-def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
-    """Fine-tune Mask R-CNN on the ViT and return COCO box and mask AP with the protocol."""
+def run(spec: RunSpec, stage_dir: str, attempt: Attempt = BARE) -> dict[str, Any]:
+    """Fine-tune Mask R-CNN on the ViT and return COCO box and mask AP with the protocol. `attempt` (the job entry's)
+    fences the checkpoints and receives the metrics."""
     exp, d = spec.experiment, spec.experiment.detect
     world = init_world()
     amp = autocast_dtype(d.precision, world.device)
@@ -179,6 +181,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
         evaluate=lambda: evaluate(model, val, val_idx, d, world, workers),
         on_nonfinite=d.on_nonfinite,
         max_skipped_steps=d.max_skipped_steps,
+        attempt=attempt,
     )
     start_step = step_end.resume()
 

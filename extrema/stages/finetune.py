@@ -21,6 +21,7 @@ from torchvision.transforms import InterpolationMode, v2
 from extrema.data import datasets, loaders, transforms
 from extrema.eval import supervised
 from extrema.models.classifier import Classifier, discarded_keys, fresh_keys
+from extrema.run.attempt import BARE, Attempt
 from extrema.spec import Experiment, FinetuneSpec, RunSpec
 from extrema.train import weights
 from extrema.train.dist import Preemption, autocast_dtype, data_parallel, gradient_sync, init_world
@@ -86,8 +87,9 @@ def build_classifier(exp: Experiment, f: FinetuneSpec, num_classes: int, source:
     return model
 
 
-def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
-    """Finetune end to end, evaluating each epoch; return last/best accuracy and the protocol."""
+def run(spec: RunSpec, stage_dir: str, attempt: Attempt = BARE) -> dict[str, Any]:
+    """Finetune end to end, evaluating each epoch; return last/best accuracy and the protocol. `attempt` (the job
+    entry's) fences the checkpoints and receives the metrics."""
     exp, f = spec.experiment, spec.experiment.finetune
     world = init_world()
     amp = autocast_dtype(f.precision, world.device)
@@ -109,7 +111,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
     vals = supervised.val_loader(splits, img_size, f.eval_batch_size, world, exp.data.num_workers)
     steps = (steps_per_epoch, total_steps)
     step_end = supervised.classifier_step_end(
-        world, stage_dir, f, model, optimizer, steps, lambda: supervised.evaluate(model, vals, world, amp)
+        world, stage_dir, f, model, optimizer, steps, lambda: supervised.evaluate(model, vals, world, amp), attempt
     )
     start_step = step_end.resume()
     samples = supervised.SeededSamples(splits.train, splits.train_idx, train_transform(img_size, f), f.seed)

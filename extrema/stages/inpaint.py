@@ -27,6 +27,7 @@ from extrema.eval.knn_monitor import eval_images
 from extrema.models.extrema import random_masks
 from extrema.models.vit import Block, VisionTransformer, sincos_pos_embed_2d
 from extrema.run import rundir
+from extrema.run.attempt import BARE, Attempt
 from extrema.spec import InpaintSpec, RunSpec
 from extrema.train import ckpt, weights
 from extrema.train.dist import init_world
@@ -208,8 +209,9 @@ def samples(
     }
 
 
-def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
-    """Train (or reload) the decoder, score it against the mean image at each ratio, save the figure's samples."""
+def run(spec: RunSpec, stage_dir: str, attempt: Attempt = BARE) -> dict[str, Any]:
+    """Train (or reload) the decoder, score it against the mean image at each ratio, save the figure's samples.
+    It keeps no metrics log and writes its decoder and samples as plain files, unfenced: `attempt` is not used."""
     exp, s = spec.experiment, spec.experiment.inpaint
     world = init_world()
     if world.size > 1:

@@ -11,13 +11,15 @@ import torch
 
 from extrema.eval.knn_monitor import knn_monitor
 from extrema.models.vit import build_vit
+from extrema.run.attempt import BARE, Attempt
 from extrema.spec import RunSpec
 from extrema.train import weights
 from extrema.train.dist import init_world
 
 
-def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
-    """Evaluate an encoder (any checkpoint kind: `weights.weights_source`) with kNN; top-1/top-5 plus the protocol."""
+def run(spec: RunSpec, stage_dir: str, attempt: Attempt = BARE) -> dict[str, Any]:
+    """Evaluate an encoder (any checkpoint kind: `weights.weights_source`) with kNN; top-1/top-5 plus the protocol.
+    It commits nothing but its result, which the job entry writes: `attempt` is not used."""
     exp = spec.experiment
     world = init_world()
     url = weights.weights_source(exp.knn.checkpoint, stage_dir)

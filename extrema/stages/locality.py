@@ -26,6 +26,7 @@ from extrema.data.detection import CocoDetection, canvas_set
 from extrema.eval.locality import score_maps
 from extrema.models.vit import VisionTransformer, build_vit
 from extrema.run import rundir
+from extrema.run.attempt import BARE, Attempt
 from extrema.spec import Experiment, LocalitySpec, RunSpec
 from extrema.train import weights
 from extrema.train.dist import init_world
@@ -66,8 +67,9 @@ def head_maps(encoder: VisionTransformer, images: Tensor) -> Tensor:
     return attention.reshape(*attention.shape[:2], grid, grid).float()
 
 
-def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
-    """Score the class-token attention of an encoder against ground-truth masks and boxes."""
+def run(spec: RunSpec, stage_dir: str, attempt: Attempt = BARE) -> dict[str, Any]:
+    """Score the class-token attention of an encoder against ground-truth masks and boxes. No checkpoint or metrics
+    log: `attempt` is not used."""
     exp, s = spec.experiment, spec.experiment.locality
     world = init_world()
     if world.size > 1:

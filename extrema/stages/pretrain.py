@@ -25,6 +25,7 @@ from extrema.data.augment import two_views
 from extrema.eval.knn_monitor import knn_monitor, pixel_knn
 from extrema.models.extrema import ExtreMA, Sampling, random_masks
 from extrema.run import rundir
+from extrema.run.attempt import BARE, Attempt
 from extrema.spec import Experiment, PretrainSpec, RunSpec
 from extrema.train import ckpt, resume_point, weights
 from extrema.train.dist import Preemption, World, autocast_dtype, gather_keys, gradient_sync, init_world, wrap
@@ -119,8 +120,11 @@ def export_encoders(model: ExtreMA, stage_dir: str, world: World) -> None:
 InitFromMode = Literal["weights", "resume"]
 
 
-def run(spec: RunSpec, stage_dir: str, init_from_mode: InitFromMode | None = None) -> dict[str, Any]:
-    """Pretrain, monitor with kNN, checkpoint, and return the final metrics.
+def run(
+    spec: RunSpec, stage_dir: str, attempt: Attempt = BARE, init_from_mode: InitFromMode | None = None
+) -> dict[str, Any]:
+    """Pretrain, monitor with kNN, checkpoint, and return the final metrics. `attempt` (the job entry's) fences the
+    checkpoints and receives the metrics.
 
     `init_from_mode` (the spec's `pretrain.init_from_mode` when None): `weights` starts from `init_from`'s weights
     with a fresh optimizer at step 0; `resume` also takes its optimizer state and its step (an official
@@ -177,6 +181,7 @@ def run(spec: RunSpec, stage_dir: str, init_from_mode: InitFromMode | None = Non
         evaluate=evaluate_knn if knn_every and p.knn_monitor else None,
         on_nonfinite=p.on_nonfinite,
         max_skipped_steps=p.max_skipped_steps,
+        attempt=attempt,
     )
     torch.manual_seed(p.seed + world.rank)  # drop path differs by rank (a resumed run restores each rank's state)
     start_step = step_end.resume()

@@ -20,6 +20,7 @@ from extrema.data import loaders, transforms
 from extrema.eval import supervised
 from extrema.models.classifier import LinearProbe
 from extrema.models.vit import VisionTransformer, build_vit
+from extrema.run.attempt import BARE, Attempt
 from extrema.spec import Experiment, ProbeSpec, RunSpec
 from extrema.train import weights
 from extrema.train.dist import Preemption, autocast_dtype, data_parallel, init_world
@@ -44,8 +45,9 @@ def frozen_encoder(exp: Experiment, p: ProbeSpec, source: str | None) -> VisionT
     return encoder.requires_grad_(False).eval()
 
 
-def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
-    """Train a linear probe on frozen features, evaluating each epoch; return last/best accuracy and the protocol."""
+def run(spec: RunSpec, stage_dir: str, attempt: Attempt = BARE) -> dict[str, Any]:
+    """Train a linear probe on frozen features, evaluating each epoch; return last/best accuracy and the protocol.
+    `attempt` (the job entry's) fences the checkpoints and receives the metrics."""
     exp, p = spec.experiment, spec.experiment.probe
     world = init_world()
     amp = autocast_dtype(p.precision, world.device)
@@ -77,7 +79,7 @@ def run(spec: RunSpec, stage_dir: str) -> dict[str, Any]:
 
     steps = (steps_per_epoch, total_steps)
     step_end = supervised.classifier_step_end(
-        world, stage_dir, p, head, optimizer, steps, lambda: supervised.evaluate(predict, vals, world, amp)
+        world, stage_dir, p, head, optimizer, steps, lambda: supervised.evaluate(predict, vals, world, amp), attempt
     )
     start_step = step_end.resume()
     samples = supervised.SeededSamples(splits.train, splits.train_idx, transforms.classify_transform(img_size), p.seed)

@@ -5,9 +5,10 @@ the newest complete step is the latest. A step directory without `.metadata` is 
 `clean_incomplete`. Works in one plain process and under FSDP/DDP.
 
 Commits are durable and fenced (`DurableWriter`): shards and their directory entries reach the disk before
-`.metadata` is renamed into place, and only while this attempt still holds its stage's lease. Resuming
-(`restore`) takes the newest complete step that loads; one that does not is logged, recorded in the stage's
-status.json (`checkpoint_skips`) and moved to `<ckpt>/corrupt/step-N-<unix time>`, and the next older is tried.
+`.metadata` is renamed into place, and only while the fence the writer is given (`lease.Fence`: this attempt's lease,
+handed down by the stage) passes. Resuming (`restore`) takes the newest complete step that loads; one that does not
+is logged, recorded in the stage's status.json (`checkpoint_skips`) and moved to
+`<ckpt>/corrupt/step-N-<unix time>`, and the next older is tried.
 """
 
 from __future__ import annotations
@@ -162,14 +163,15 @@ class DurableWriter(FsspecWriter):
     """DCP's fsspec writer with a durable, fenced commit.
 
     Every rank fsyncs its shards (`sync_files`) and then their directory; the coordinator checks the stage's lease
-    (`lease.fence`), writes and fsyncs `.metadata`, renames it into place and fsyncs the step directory and its
+    (`fence`), writes and fsyncs `.metadata`, renames it into place and fsyncs the step directory and its
     parent. So after a node crash a `.metadata` never names data that did not reach the disk, and an attempt that
     lost its stage never commits.
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, fence: lease.Fence) -> None:
         super().__init__(url, sync_files=True)
         self.url = url
+        self.fence = fence
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         """Write and fsync this rank's shards, then their directory entries."""
@@ -180,7 +182,7 @@ class DurableWriter(FsspecWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Commit (coordinator only): fence, write + fsync + rename `.metadata`, fsync the directories."""
-        lease.fence(f"checkpoint {self.url}")
+        self.fence(f"checkpoint {self.url}")
         with os_error_named(self.url):
             super().finish(metadata, results)
             fsync_dir(self.url)
@@ -213,23 +215,26 @@ def saving(url: str) -> Iterator[None]:
         raise CheckpointError(f"checkpoint {url} was not saved: {reason(e)}") from e
 
 
-def save(ckpt_dir: str, step: int, state: dict[str, Any]) -> str:
+def save(ckpt_dir: str, step: int, state: dict[str, Any], fence: lease.Fence = lease.unfenced) -> str:
     """Write one checkpoint collectively and return its URL once DCP has committed `.metadata` durably.
 
-    CheckpointError when it fails (a full disk says so); LeaseLost when this attempt no longer owns the stage.
+    CheckpointError when it fails (a full disk says so); LeaseLost when `fence` finds this attempt no longer owns
+    the stage.
     """
     url = step_url(ckpt_dir, step)
     with saving(url):
-        dcp.save(state, storage_writer=DurableWriter(url), planner=JsonSavePlanner())
+        dcp.save(state, storage_writer=DurableWriter(url, fence), planner=JsonSavePlanner())
     return url
 
 
 class Saver:
     """A stage's checkpoint writer: blocking saves, or one background save in flight that the next save (or
-    `wait`) completes first. Background saves stage tensors to host memory and need a process group."""
+    `wait`) completes first. Background saves stage tensors to host memory and need a process group. Every commit
+    passes `fence` first."""
 
-    def __init__(self, ckpt_dir: str) -> None:
+    def __init__(self, ckpt_dir: str, fence: lease.Fence = lease.unfenced) -> None:
         self.ckpt_dir = ckpt_dir
+        self.fence = fence
         self._pending: tuple[Any, int] | None = None  # (DCP's async-save future, step)
 
     def wait(self) -> None:
@@ -244,11 +249,14 @@ class Saver:
         """Write step N (in the background when asked and a process group exists); returns its URL."""
         self.wait()
         if not (background and dist.is_initialized()):
-            return save(self.ckpt_dir, step, state)
+            return save(self.ckpt_dir, step, state, self.fence)
         url = step_url(self.ckpt_dir, step)
         with saving(url):
             future = dcp.async_save(
-                state, storage_writer=DurableWriter(url), planner=JsonSavePlanner(), process_group=side_group()
+                state,
+                storage_writer=DurableWriter(url, self.fence),
+                planner=JsonSavePlanner(),
+                process_group=side_group(),
             )
         self._pending = (future, step)
         return url
@@ -342,14 +350,14 @@ def first_failure(why: str | None) -> str | None:
     return next((f"rank {r}: {w}" if r else w for r, w in enumerate(everyone) if w is not None), None)
 
 
-def set_aside(ckpt_dir: str, step: int, why: str) -> None:
+def set_aside(ckpt_dir: str, step: int, why: str, fence: lease.Fence) -> None:
     """Log a step that failed to load, move it to `<ckpt>/corrupt/step-N-<unix time>` and append it to the stage's
-    status.json `checkpoint_skips` (rank 0; every rank waits), so that nothing looking for the latest step chooses
-    it again and a new save of step N starts in an empty directory."""
+    status.json `checkpoint_skips` (rank 0, once `fence` passes; every rank waits), so that nothing looking for the
+    latest step chooses it again and a new save of step N starts in an empty directory."""
     url = step_url(ckpt_dir, step)
     if is_rank0():
         print(f"extrema.train.ckpt: skipping checkpoint step {step} at {url}: {why}", file=sys.stderr, flush=True)
-        lease.fence(f"moving {url} aside")
+        fence(f"moving {url} aside")
         fs, path = rundir.filesystem(url)
         aside = rundir.join(ckpt_dir, CORRUPT_DIR, f"step-{step}-{int(time.time())}")
         if rundir.exists(aside):
@@ -372,12 +380,14 @@ def load_training_state(url: str, model: nn.Module, optimizer: torch.optim.Optim
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def restore(ckpt_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer, extra: Any) -> Any | None:
+def restore(
+    ckpt_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer, extra: Any, fence: lease.Fence = lease.unfenced
+) -> Any | None:
     """Resume from the newest complete step that loads: fills model and optimizer and returns the saved extras (a
     DCP `Stateful` given as `extra` is filled in place and returned; a dict template comes back as a new dict), or
-    None when there is no checkpoint. A step that fails is set aside (logged, recorded, moved) and the next older
-    one is tried; every rank takes the same decision. CheckpointError when none loads after one failed part-way
-    through filling the model.
+    None when there is no checkpoint. A step that fails is set aside (logged, recorded, moved once `fence` passes) and
+    the next older one is tried; every rank takes the same decision. CheckpointError when none loads after one failed
+    part-way through filling the model.
     """
     clean_incomplete(ckpt_dir)
     barrier()
@@ -391,7 +401,7 @@ def restore(ckpt_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer, e
             why = first_failure(attempt(load_training_state, url, model, optimizer, state))
             if why is None:
                 return extra if isinstance(extra, Stateful) else dict(state["extra"])
-        set_aside(ckpt_dir, step, why)
+        set_aside(ckpt_dir, step, why, fence)
     if touched is not None:
         raise CheckpointError(
             f"no checkpoint under {ckpt_dir} loads; step {touched} failed part-way, so the model may hold some of its"

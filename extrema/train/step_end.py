@@ -21,8 +21,9 @@ from torch import Tensor, nn
 
 from extrema.run import contract, metrics_log
 from extrema.run import rank_progress as phases
+from extrema.run.attempt import BARE, Attempt
 from extrema.run.contract import Preempted
-from extrema.train import ckpt, trackers, watchdog
+from extrema.train import ckpt, watchdog
 from extrema.train.dist import PREEMPT_CHECK_EVERY, Preemption, World, all_reduce_mean, broadcast_buffers
 
 UNSET = -1.0  # an evaluation number not taken yet (every number the stages record is >= 0)
@@ -190,6 +191,7 @@ class StepEnd:
     cadence: Cadence
     evaluate: Evaluate | None = None
     record: Record = keep_scores
+    attempt: Attempt = BARE  # the job entry's: fences checkpoint commits, receives the metrics (trackers)
     on_nonfinite: str = "fail"  # the stage spec's on_nonfinite: fail | skip
     max_skipped_steps: int = 0
     metrics: metrics_log.MetricsLog = field(init=False)
@@ -197,7 +199,7 @@ class StepEnd:
     first_bad: Tensor = field(init=False)  # the first step whose running loss was not finite, on the device; -1
 
     def __post_init__(self) -> None:
-        self.saver = ckpt.Saver(contract.StageDir(self.stage_dir).checkpoints)
+        self.saver = ckpt.Saver(contract.StageDir(self.stage_dir).checkpoints, self.attempt.fence)
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.world.device)
         if self.on_nonfinite == "skip":
             self.loop.values.setdefault(SKIPPED, 0.0)
@@ -280,13 +282,13 @@ class StepEnd:
         watchdog.active().set_phase(phases.STARTING)
         self.loop.restoring = True
         try:
-            restored = ckpt.restore(self.saver.ckpt_dir, self.module, self.optimizer, self.loop)
+            restored = ckpt.restore(self.saver.ckpt_dir, self.module, self.optimizer, self.loop, self.attempt.fence)
         finally:
             self.loop.restoring = False
         if restored is not None:
             self.loop.restore_rng(ckpt.step_url(self.saver.ckpt_dir, self.loop.step))
         self.metrics = metrics_log.MetricsLog(
-            contract.StageDir(self.stage_dir).metrics, keep_after_step=self.loop.step, mirror=trackers.active()
+            contract.StageDir(self.stage_dir).metrics, keep_after_step=self.loop.step, mirror=self.attempt.mirror
         )
         watchdog.active().resumed(self.loop.step)
         watchdog.active().set_phase(phases.LOADING)

@@ -1,10 +1,11 @@
 """Metrics to TensorBoard and Weights & Biases, besides metrics.jsonl, as a stage's `logging` section asks.
 
-`extrema.entry` opens the trackers of the stage it runs on rank 0 (`opened`); every record a stage writes to its
-metrics log (`metrics_log.MetricsLog`) is published to them, numbers only, at the record's step. A resumed attempt
+`extrema.entry` opens the trackers of the stage it runs on rank 0 (`opened`) and hands them to the stage (as the
+`mirror` of its `extrema.run.attempt.Attempt`); every record the stage writes to its metrics log
+(`metrics_log.MetricsLog`) is published to them, numbers only, at the record's step. A resumed attempt
 continues where its checkpoint is: TensorBoard is told to purge the events past that step (the killed attempt
 logged them; this one logs them again), and the W&B run of the stage (its id derived from sweep, run and stage)
-is resumed, so steps are never duplicated. Both libraries are optional extras (`pip install 'extrema[track]'`).
+is resumed, so steps are never duplicated. Both libraries are optional extras (`pip install 'extrema-ssl[track]'`).
 
 A tracker is never a reason for a stage to stop: one that cannot start (no library, a directory that cannot be
 made, no API key, a server that does not answer) or fails later is disabled for the attempt with one warning in
@@ -84,7 +85,7 @@ class Trackers:
 
     def disable(self, name: str, e: BaseException) -> None:
         """Stop using one tracker for this attempt: one warning, and a note in the stage's status record."""
-        hint = "; install 'extrema[track]' to log there" if isinstance(e, ImportError) else ""
+        hint = "; install 'extrema-ssl[track]' to log there" if isinstance(e, ImportError) else ""
         why = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         self.disabled[name] = why
         print(f"extrema.train.trackers: {name} disabled for this attempt ({why}){hint}; training goes on",
@@ -204,28 +205,18 @@ class Trackers:
             self._wandb = None
 
 
-_active: Trackers | None = None
-
-
-def active() -> Trackers | None:
-    """The trackers of the stage this process runs (rank 0), if any."""
-    return _active
-
-
 @contextlib.contextmanager
 def opened(spec: RunSpec, stage_dir: str, note: Note | None = None) -> Iterator[Trackers | None]:
     """The stage's trackers for the span of an attempt (None when its spec asks for none); closed at the end, a
     tracker that fails reported once (and to `note`) without stopping the stage."""
-    global _active
     wanted = spec.logging.tensorboard or (spec.logging.wandb is not None and spec.logging.wandb.mode != "disabled")
     if not wanted:
         yield None
         return
-    _active = Trackers(spec, stage_dir, note)
+    t = Trackers(spec, stage_dir, note)
     try:
-        yield _active
+        yield t
     finally:
-        t, _active = _active, None
         try:
             t.close()
         except Exception as e:  # a tracker must never turn a finished stage into a failed one

@@ -61,8 +61,10 @@ class Watchdog:
         timeout_s: float,
         interval_s: float | None = None,
         end: Callable[[int], object] = os._exit,
+        held: lease.Lease | None = None,
     ) -> None:
         self.stage_dir, self.rank, self.world = stage_dir, rank, len(ranks)
+        self.held = held  # the lease (rank 0 under the job entry): fences the hang record; released on ending
         self.place = ranks[rank] if rank < len(ranks) else contract.this_process(rank)
         self.attempt = f"{ranks[0].get('host')}:{ranks[0].get('pid')}"
         self.timeout_s = timeout_s
@@ -247,7 +249,8 @@ class Watchdog:
         line = rank_progress.describe_hang(self.stage_dir, records.get(culprit), culprit, why, frame)
         print(f"extrema.watchdog: {line}", file=sys.stderr, flush=True)
         try:
-            lease.fence("status failed (hung)")
+            if self.held is not None:
+                self.held.fence("status failed (hung)")
             contract.update_status(self.stage_dir, state=contract.StageState.FAILED, finished_at=now, error=line)
             rundir.write_json(
                 rank_progress.declared_url(self.stage_dir), {"attempt": self.attempt, "by": self.rank, "error": line}
@@ -259,8 +262,9 @@ class Watchdog:
     def finish(self, why: str) -> None:
         """End this process now (exit code 1): the main thread is stuck and cannot end it."""
         print(f"extrema.watchdog: rank {self.rank}: {why}; ending this process", file=sys.stderr, flush=True)
-        with contextlib.suppress(Exception):
-            lease.release_held(contract.StageState.FAILED)
+        if self.held is not None:
+            with contextlib.suppress(Exception):
+                self.held.release(contract.StageState.FAILED)
         sys.stderr.flush()
         self.end(contract.EXIT_FAILED)
         raise SystemExit(contract.EXIT_FAILED)  # `end` returned (a test's): the thread ends
@@ -313,10 +317,11 @@ def active() -> Watchdog | Idle:
 
 
 @contextlib.contextmanager
-def started(stage_dir: str, rank: int, ranks: list[dict[str, Any]]) -> Any:
-    """Run a watchdog for this rank of the stage while the block runs (the hang timeout from the environment)."""
+def started(stage_dir: str, rank: int, ranks: list[dict[str, Any]], held: lease.Lease | None = None) -> Any:
+    """Run a watchdog for this rank of the stage while the block runs (the hang timeout from the environment); `held`:
+    the attempt's lease, when this process holds it."""
     global _active
-    dog = Watchdog(stage_dir, rank, ranks, rank_progress.hang_timeout_s()).start()
+    dog = Watchdog(stage_dir, rank, ranks, rank_progress.hang_timeout_s(), held=held).start()
     _active = dog
     try:
         yield dog
