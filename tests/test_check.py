@@ -30,6 +30,9 @@ from extrema.stages.pretrain import train_step
 from extrema.train.dist import World, wrap
 from extrema.train.optim import build_adamw, param_groups, scaled_lr
 from launch.backends.ray.head import free_ports
+from launch.estimates import size
+from launch.sweepfile.expand import load_runs
+from tests.test_cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.15  # the issue's bound on predicted against measured peak memory
@@ -205,3 +208,68 @@ def test_a_batch_the_ranks_cannot_share_is_refused(tmp_path: Path) -> None:
     proc = check(written(tmp_path, tiny(batch=30)), "--processes-per-node", "4")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == "extrema.check: pretrain.batch_size 30 is not divisible by 4 ranks"
+
+
+# extrema-launch check and sweep's check: the launcher runs the estimator as a process per configuration.
+
+TINY = REPO / "jobs" / "tiny.yaml"
+
+
+def tiny_sweep(tmp_path: Path, resources: dict[str, Any], seeds: int = 1) -> Path:
+    """jobs/tiny.yaml's pico ViT, one class-token design, `seeds` seeds, pretraining only, these resources."""
+    raw = yaml.safe_load(TINY.read_text())
+    raw["base"]["stages"] = ["pretrain"]
+    raw["sweep"] = {"grid": {"pretrain.seed": list(range(seeds))}}
+    raw["launcher"]["resources"].update(resources)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_check_refuses_a_plan_that_does_not_fit_in_one_line_per_stage(tmp_path: Path) -> None:
+    sweep = tiny_sweep(tmp_path, {"gpus_per_node": 1, "gpu_memory_gb": 0.005}, seeds=2)
+    code, out, err = cli("check", str(sweep), "--json")
+    (record,) = json.loads(out)  # two seeds, one configuration
+    assert len(record["runs"]) == 2 and record["estimate"]["fits"] is False
+    refused = [line for line in err.splitlines() if line.startswith("extrema-launch: refused: ")]
+    assert code == 2 and len(refused) == 1, err
+    peak, limit = size(record["estimate"]["memory"]["peak"]), size(record["estimate"]["limit_bytes"])
+    assert refused[0].startswith(f"extrema-launch: refused: pretrain of runs {', '.join(record['runs'])} (1 x 1 ranks)")
+    assert f"predicted peak {peak} per GPU exceeds the limit {limit} (0.005 GB x 0.9)" in refused[0]
+    assert limit == "4.6 MiB" and peak.endswith(" MiB")
+
+
+def test_sweep_checks_before_it_writes_anything_and_no_check_skips_it(tmp_path: Path) -> None:
+    sweep = tiny_sweep(tmp_path, {"gpus_per_node": 1, "gpu_type": "V100", "gpu_memory_gb": 0.005})
+    root = tmp_path / "runs"
+    code, out, err = cli("sweep", str(sweep), "--root", str(root))
+    assert code == 2 and "extrema-launch: refused: pretrain of run " in err and "--no-check" in err
+    assert not root.exists()  # nothing submitted, nothing written
+    code, out, err = cli("sweep", str(sweep), "--root", str(root), "--dry-run", "--no-check")
+    assert code == 0 and "refused" not in err and "peak GiB" not in out
+
+
+def test_check_predicts_time_and_gpu_hours_on_the_gpu_type(tmp_path: Path) -> None:
+    sweep = tiny_sweep(tmp_path, {"gpus_per_node": 1, "gpu_type": "H100"}, seeds=3)
+    code, out, _ = cli("check", str(sweep), "--json", "--utilization", "0.5")
+    (record,) = json.loads(out)
+    estimate = record["estimate"]
+    assert code == 0 and estimate["fits"] and estimate["memory_gb"] == 80
+    seconds = estimate["flops_per_rank"] / (989e12 * 0.5)
+    assert estimate["step_seconds"] == pytest.approx(seconds) and estimate["steps"] == 4
+    assert record["gpu_hours"] == pytest.approx(3 * seconds * 4 / 3600)
+
+
+def test_gpu_settings_leave_run_ids_alone_and_an_unknown_gpu_is_refused(tmp_path: Path) -> None:
+    plain = tiny_sweep(tmp_path, {}, seeds=2)
+    _, runs = load_runs(plain)
+    _, with_gpu = load_runs(
+        plain, overrides=["launcher.resources.gpu_type=H200", "launcher.resources.gpu_memory_gb=64"]
+    )
+    assert [r.run_id for r in runs] == [r.run_id for r in with_gpu]
+    code, _, err = cli("check", str(plain), "launcher.resources.gpu_type=B200")
+    assert code == 2 and "launcher.resources.gpu_type" in err and "H100" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nbase: [unclosed\n")
+    code, _, err = cli("check", str(bad))
+    assert code == 2 and "bad.yaml" in err and "Traceback" not in err

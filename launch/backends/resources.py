@@ -8,6 +8,7 @@ import re
 
 from pydantic import Field, ValidationInfo, field_validator
 
+from extrema.check.devices import GpuType
 from extrema.run.rank_progress import DEFAULT_HANG_TIMEOUT_S
 from extrema.spec import DEFAULT_COLLECTIVE_TIMEOUT_S, Spec
 
@@ -89,6 +90,20 @@ class ResourcesSpec(Spec):
         allow_inf_nan=False,
         description="seconds without a finished step (or a rank's progress record) before the stage counts as hung "
         "and every rank ends with its stacks dumped; 0: off",
+    )
+
+    gpu_type: GpuType | None = Field(
+        None,
+        description="the GPU of the job's nodes, from the check's device table (H100, H200, A100-40GB, A100-80GB, "
+        "V100, L40S): sweep predicts each pretraining stage's memory per GPU and time before submitting and "
+        "refuses a stage that does not fit (extrema-launch check)",
+    )
+    gpu_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="memory of one GPU in GB as its vendor states it (the GPU type's when unset): sweep refuses a "
+        "pretraining stage predicted to need more per GPU than 90% of it (extrema-launch check)",
     )
 
     allow_idle_gpus: bool = Field(

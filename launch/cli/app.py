@@ -2,7 +2,8 @@
 
     extrema-launch sweep   FILE [KEY=VALUE ...] [--backend local|slurm|ray] [--root URL] [--retry-failed]
                            [--dry-run [--show-scripts] [--json]] [--snapshot on|off] [--allow-code-change]
-                           [--quiet | --json-events] [--progress-every S]
+                           [--quiet | --json-events] [--progress-every S] [--check | --no-check]
+    extrema-launch check   FILE [KEY=VALUE ...] [--utilization U] [--train-images N] [--json]   (will it fit?)
     extrema-launch status  FILE|URL [KEY=VALUE ...] [--json]     (a store root: its sweeps)
     extrema-launch status  FILE|URL --watch [--interval S]
     extrema-launch results FILE|URL [--format table|csv|parquet|json] [--out PATH]
@@ -49,12 +50,13 @@ from rich.console import Console
 from rich.text import Text
 
 from launch.addressed import DAMAGED, INTERRUPTED, USAGE
-from launch.cli import cancel, du, export, gc, logs, plot, report, results, rm, schema, shard, status, sweep, viz
+from launch.cli import cancel, check, du, export, gc, logs, plot, report, results, rm, schema, shard, status, sweep, viz
 from launch.inputs.errors import DamagedStore, InvalidSweep, UsageError
 
 DISTRIBUTION = "extrema-ssl"  # the name pip knows the project by (its import names: extrema, launch)
 COMMANDS = (
     sweep,
+    check,
     status,
     results,
     plot,

@@ -34,6 +34,12 @@ def add_command(
     return p
 
 
+def add_sweep_file(p: argparse.ArgumentParser, overrides_help: str) -> None:
+    """A sweep YAML file and its KEY=VALUE overrides (`sweep`, `check`)."""
+    p.add_argument("file", help="sweep YAML file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help=overrides_help)
+
+
 def add_target(p: argparse.ArgumentParser, run: Literal["required", "only"] | None = None, many: bool = False) -> None:
     """The sweep a command addresses: FILE|URL and its --root; with `run`, --run too (the one run the command is
     about, or "only" that run of the sweep); `many`: one or more sweeps (a list)."""

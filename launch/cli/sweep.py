@@ -14,9 +14,10 @@ from rich.console import Console
 from rich.text import Text
 
 from extrema.run.contract import StageState, os_reason
-from launch.addressed import DAMAGED, FAILED, OK, print_notes, print_unreadable, swept_axes
+from launch.addressed import DAMAGED, FAILED, OK, USAGE, print_notes, print_unreadable, swept_axes
 from launch.backends.base import BACKENDS, backend_class
-from launch.cli.arguments import add_command, positive
+from launch.cli import check
+from launch.cli.arguments import add_command, add_sweep_file, positive
 from launch.inputs.errors import UsageError
 from launch.pipeline import Decision, plan, select
 from launch.progress import Watch
@@ -46,12 +47,9 @@ MORE = (
 def add_parser(sub: Any) -> None:
     """Register `sweep` on the CLI's subparsers."""
     p = add_command(sub, "sweep", cmd_sweep, HELP, MORE)
-    p.add_argument("file", help="sweep YAML file")
-    p.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="KEY=VALUE",
-        help="set a field of the file: a dotted path into base (pretrain.base_lr=1e-3) or launcher "
+    add_sweep_file(
+        p,
+        "set a field of the file: a dotted path into base (pretrain.base_lr=1e-3) or launcher "
         "(launcher.resources.nodes=2), the value read as YAML; validated like the file",
     )
     p.add_argument("--backend", choices=sorted(BACKENDS), help="override launcher.backend")
@@ -87,6 +85,16 @@ def add_parser(sub: Any) -> None:
         metavar="S",
         help="without a terminal: seconds between the progress lines of a running stage (30)",
     )
+    checked = p.add_mutually_exclusive_group()
+    checked.add_argument(
+        "--check",
+        action="store_true",
+        default=None,
+        help="predict each pretraining configuration's memory per GPU and time first, and refuse what does not fit "
+        "(extrema-launch check; on by default when launcher.resources names gpu_type or gpu_memory_gb)",
+    )
+    checked.add_argument("--no-check", dest="check", action="store_false", help="submit without the check")
+    check.add_options(p)
     p.add_argument(
         "--allow-code-change",
         action="store_true",
@@ -129,6 +137,8 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
         raise UsageError(f"--show-scripts shows sbatch scripts; the backend is {launcher.backend} (--backend slurm)")
     if url.startswith("memory://") and not args.dry_run:
         raise UsageError("root memory:// lives in this process only; the stages run in other processes")
+    if check.before_submit(args, out, sweep.name, runs, launcher) != OK:
+        return USAGE
     roots.check_usable(url, write=not args.dry_run)
     jobs = plan(runs, launcher, url)
     statuses = store.read_statuses(url, [j.key for j in jobs])

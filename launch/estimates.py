@@ -1,0 +1,193 @@
+"""Know before you queue: a sweep's pretraining stage configurations, each estimated by `python -m extrema.check` in
+a process of its own (torch and its fake process group stay out of the launcher), and the ones that do not fit.
+
+A configuration is what the estimate depends on: the experiment less the seed and the other stages' settings, and
+the pretraining stage's resources (nodes, ranks per node, GPUs, GPU type and memory); the runs sharing one are
+estimated once. The estimator prints JSON (memory per rank, FLOPs per step, time and GPU-hours on the GPU type);
+this module runs it, reads it and words what does not fit, one line per configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from extrema.check.devices import DEFAULT_UTILIZATION, GIB, USABLE_FRACTION
+from extrema.spec import Experiment
+from launch.backends.resources import ResourcesSpec
+from launch.sweepfile.model import STAGE_ORDER, LauncherSpec, Run, canonical_json
+
+CHECKED = "pretrain"  # the stage the estimator can step (the others' steps are written inside their run())
+PARALLEL = 4  # estimator processes at once (each holds ~1 GB while it steps a fake ViT-B)
+TIMEOUT_S = 600.0
+TAIL = 400  # characters of an estimator's standard error quoted when it fails
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One distinct pretraining configuration of a sweep: an experiment standing for its runs (`run_ids`, those
+    differing from it only in seed or in the other stages' settings) and the stage's resources."""
+
+    experiment: Experiment
+    run_ids: tuple[str, ...]
+    resources: ResourcesSpec
+
+    @property
+    def target(self) -> str:
+        """What the job runs on: GPUs (gpus_per_node, a GPU type or a GPU memory given) or CPUs."""
+        on_gpus = any((self.resources.gpus_per_node, self.resources.gpu_type, self.resources.gpu_memory_gb))
+        return "cuda" if on_gpus else "cpu"
+
+    @property
+    def label(self) -> str:
+        """A short name: the stage, the runs it stands for and its world."""
+        ids = ", ".join(self.run_ids[:3]) + (f" and {len(self.run_ids) - 3} more" if len(self.run_ids) > 3 else "")
+        r = self.resources
+        return (
+            f"{CHECKED} of run{'s' if len(self.run_ids) > 1 else ''} {ids} ({r.nodes} x {r.processes_per_node} ranks)"
+        )
+
+    @property
+    def model(self) -> str:
+        """The model and masking in a few words."""
+        m, p = self.experiment.model, self.experiment.pretrain
+        return f"{m.arch} {m.cls_token}, {p.masking.ratio:.0%} x {p.masking.num_masks}, batch {p.batch_size}"
+
+
+def size(n: float) -> str:
+    """Bytes as GiB (MiB below one GiB), one decimal."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
+
+
+def configuration_key(experiment: Experiment, resources: ResourcesSpec) -> str:
+    """What an estimate depends on, as text: the experiment less its seed and the settings of stages not estimated,
+    and the resources that shape the job's world and its limit."""
+    shown = experiment.model_dump(mode="json", exclude={"stages", "knn", "probe", "finetune", "detect", "inpaint"})
+    shown.pop("locality", None)
+    shown["pretrain"].pop("seed", None)
+    fields = ("nodes", "processes_per_node", "gpus_per_node", "gpu_type", "gpu_memory_gb")
+    return canonical_json({"experiment": shown, "resources": resources.model_dump(mode="json", include=set(fields))})
+
+
+def configurations(runs: Sequence[Run], launcher: LauncherSpec) -> list[Configuration]:
+    """The distinct pretraining configurations of these runs, in the order their first run comes."""
+    resources = launcher.resources_for(CHECKED)
+    grouped: dict[str, tuple[Experiment, list[str]]] = {}
+    for run in runs:
+        if CHECKED in run.stages:
+            key = configuration_key(run.experiment, resources)
+            grouped.setdefault(key, (run.experiment, []))[1].append(run.run_id)
+    return [Configuration(exp, tuple(ids), resources) for exp, ids in grouped.values()]
+
+
+def unchecked(runs: Sequence[Run]) -> list[str]:
+    """The sweep's stages the check does not estimate, in pipeline order."""
+    present = {s for r in runs for s in r.stages if s != CHECKED}
+    return [s for s in STAGE_ORDER if s in present]
+
+
+def wanted(launcher: LauncherSpec) -> bool:
+    """Whether `sweep` checks before it submits: the pretraining resources name a GPU type or a GPU memory."""
+    r = launcher.resources_for(CHECKED)
+    return r.gpu_type is not None or r.gpu_memory_gb is not None
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the estimator is asked besides the configuration: the utilisation of peak FLOP/s and the training
+    images of an epoch (None: the dataset's)."""
+
+    utilization: float = DEFAULT_UTILIZATION
+    train_images: int | None = None
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A configuration and the estimator's result (or why there is none)."""
+
+    configuration: Configuration
+    result: dict[str, Any] | None
+    error: str | None = None
+
+    @property
+    def refusal(self) -> str | None:
+        """One line when the configuration cannot be submitted (it does not fit, or could not be estimated)."""
+        c, r = self.configuration, self.result
+        if r is None:
+            return f"{c.label}: could not be estimated: {self.error}"
+        if r.get("fits", True):
+            return None
+        device = f"{c.resources.gpu_type}, " if c.resources.gpu_type else ""
+        return (
+            f"{c.label}: predicted peak {size(r['memory']['peak'])} per GPU exceeds the limit "
+            f"{size(r['limit_bytes'])} ({device}{r['memory_gb']:g} GB x {USABLE_FRACTION:g}); "
+            f"{r['max_batch_per_rank']} images per GPU would fit, the batch gives {r['batch_per_rank']}"
+        )
+
+    @property
+    def gpu_hours(self) -> float | None:
+        """GPU-hours of every run this configuration stands for (None without a GPU type)."""
+        if self.result is None or "gpu_hours" not in self.result:
+            return None
+        return float(self.result["gpu_hours"]) * len(self.configuration.run_ids)
+
+
+def command(c: Configuration, options: Options) -> list[str]:
+    """The estimator's command line for one configuration (the experiment comes on standard input)."""
+    r = c.resources
+    cmd = [sys.executable, "-m", "extrema.check", "-", "--json", "--target", c.target]
+    cmd += ["--nodes", str(r.nodes), "--processes-per-node", str(r.processes_per_node)]
+    cmd += ["--utilization", repr(options.utilization)]
+    if r.gpu_type:
+        cmd += ["--gpu-type", r.gpu_type]
+    if r.gpu_memory_gb:
+        cmd += ["--gpu-memory-gb", repr(r.gpu_memory_gb)]
+    if options.train_images:
+        cmd += ["--train-images", str(options.train_images)]
+    return cmd
+
+
+def estimate(c: Configuration, options: Options) -> Estimate:
+    """Run the estimator for one configuration in its own process and read its JSON."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the estimator's work is Python dispatch, not arithmetic
+    try:
+        proc = subprocess.run(
+            command(c, options),
+            input=c.experiment.model_dump_json(),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        return Estimate(c, None, f"the estimator took more than {TIMEOUT_S:.0f} s")
+    if proc.returncode != 0:
+        return Estimate(c, None, failure(proc.stderr))
+    try:
+        return Estimate(c, json.loads(proc.stdout))
+    except json.JSONDecodeError:
+        return Estimate(c, None, f"the estimator printed no JSON: {proc.stdout[-TAIL:]!r}")
+
+
+def failure(stderr: str) -> str:
+    """Why the estimator failed, in one line: its own message, or the end of what it printed."""
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    if lines and lines[-1].startswith("extrema.check: "):
+        return lines[-1].removeprefix("extrema.check: ").removeprefix("-: ")
+    if any("No module named 'torch'" in line for line in lines):
+        return "torch is not installed here (the check runs the model under fake tensors); sweep --no-check skips it"
+    return " | ".join(lines)[-TAIL:] or "the estimator ended without a word"
+
+
+def estimate_all(configs: Sequence[Configuration], options: Options) -> list[Estimate]:
+    """Every configuration estimated, a few processes at once, in the configurations' order."""
+    if not configs:
+        return []
+    with ThreadPoolExecutor(max_workers=min(PARALLEL, len(configs), os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda c: estimate(c, options), configs))

@@ -1,0 +1,101 @@
+"""The check's table: one row per pretraining configuration of a sweep, its memory per GPU by kind, the peak
+against the limit, FLOPs per step, and time and GPU-hours on the GPU type; the sweep's total below."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.text import Text
+
+from extrema.check.devices import DEVICES, GIB
+from launch.estimates import Estimate, Options
+from launch.views import tables
+
+COLUMNS = (
+    "configuration",
+    "runs",
+    "ranks",
+    "batch/GPU",
+    "params",
+    "grads",
+    "optim",
+    "EMA",
+    "activ.",
+    "peak GiB",
+    "limit",
+    "fits up to",
+    "TFLOP/step",
+    "s/step",
+    "hours",
+    "GPU-hours",
+)
+MEMORY = ("parameters", "gradients", "optimizer", "ema_target", "activations", "peak")
+
+
+def gib(value: float | None) -> str:
+    return "-" if value is None else f"{value / GIB:.2f}"
+
+
+def row(e: Estimate) -> list[str]:
+    """One configuration's cells ('-' where the estimate says nothing)."""
+    c, r = e.configuration, e.result or {}
+    memory = r.get("memory", {})
+    cells = [c.model, str(len(c.run_ids)), f"{c.resources.nodes} x {c.resources.processes_per_node}"]
+    cells.append(tables.cell(r.get("batch_per_rank")))
+    cells += [gib(memory.get(k)) for k in MEMORY]
+    cells.append(gib(r.get("limit_bytes")))
+    cells.append(tables.cell(r.get("max_batch_per_rank")))
+    cells.append("-" if "flops_per_step" not in r else f"{r['flops_per_step'] / 1e12:,.1f}")
+    cells.append("-" if "step_seconds" not in r else f"{r['step_seconds']:.3f}")
+    cells.append("-" if "stage_hours" not in r else f"{r['stage_hours']:,.1f}")
+    hours = e.gpu_hours
+    cells.append("-" if hours is None else f"{hours:,.0f}")
+    return cells
+
+
+def show(out: Console, title: str, estimates: Sequence[Estimate], unchecked: Sequence[str], options: Options) -> None:
+    """The table, what its numbers assume, the total GPU-hours and what was not estimated."""
+    rows = [row(e) for e in estimates]
+    styles = [{"peak GiB": "bold red" if e.refusal else "green"} for e in estimates]
+    tables.show(out, title, COLUMNS, rows, styles)
+    types = sorted({e.configuration.resources.gpu_type for e in estimates if e.configuration.resources.gpu_type})
+    devices = "; ".join(f"{t}: {DEVICES[t].bf16_flops / 1e12:,.0f} TFLOP/s bf16" for t in types)
+    images = {e.result.get("train_images") for e in estimates if e.result}
+    notes = [
+        "Predictions, not measurements: memory per rank from one step under fake tensors and a fake process group, "
+        "as the job runs it (on GPUs: bf16 autocast where the stage asks for it), the limit 90% of the GPU's "
+        "memory; time = FLOPs / (peak x "
+        f"{options.utilization:.0%})"
+        + (f" ({devices})" if devices else "")
+        + "; epochs of "
+        + ", ".join(f"{n:,}" for n in sorted(i for i in images if i))
+        + " training images (--train-images).",
+    ]
+    hours = [e.gpu_hours for e in estimates if e.gpu_hours is not None]
+    if hours:
+        runs = sum(len(e.configuration.run_ids) for e in estimates)
+        notes.append(f"Total: {sum(hours):,.0f} GPU-hours of pretraining for {runs} run{'s' if runs != 1 else ''}.")
+    if unchecked:
+        notes.append(f"Not estimated: {', '.join(unchecked)} (only pretraining's step is a function the check runs).")
+    for note in notes:
+        out.print(Text(note, style="dim"), soft_wrap=True)
+
+
+def records(estimates: Sequence[Estimate]) -> list[dict[str, Any]]:
+    """The estimates as JSON records (check --json)."""
+    return [
+        {
+            "stage": "pretrain",
+            "runs": list(e.configuration.run_ids),
+            "resources": e.configuration.resources.model_dump(
+                mode="json", include={"nodes", "processes_per_node", "gpus_per_node", "gpu_type", "gpu_memory_gb"}
+            ),
+            "estimate": e.result,
+            "error": e.error,
+            "refused": e.refusal,
+            "gpu_hours": e.gpu_hours,
+        }
+        for e in estimates
+    ]
