@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 import sys
 import time
 import uuid
@@ -44,11 +43,10 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from extrema.run import contract, lease, rundir
+from extrema.run.checkpoint_dirs import COMMIT_MARKER, CORRUPT_DIR, beyond_retention, step_of
 from extrema.train.dist import barrier, side_group
 from extrema.train.safe_dcp import JsonSavePlanner, SafeFsspecReader
 
-STEP_DIR = re.compile(r"^step-(\d+)$")
-CORRUPT_DIR = "corrupt"
 # What a failed write reports (the disk is full, over quota, read-only, failing): worth naming over torch's words.
 WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO)
 # Not the checkpoint's fault: re-raised as they are, never a reason to skip a step.
@@ -81,9 +79,9 @@ def list_steps(ckpt_dir: str) -> dict[int, bool]:
     out: dict[int, bool] = {}
     for entry in fs.ls(path, detail=False):
         name = str(entry).rstrip("/").rsplit("/", 1)[-1]
-        m = STEP_DIR.match(name)
-        if m:
-            out[int(m.group(1))] = bool(fs.exists(f"{path.rstrip('/')}/{name}/.metadata"))
+        step = step_of(name)
+        if step is not None:
+            out[step] = bool(fs.exists(f"{path.rstrip('/')}/{name}/{COMMIT_MARKER}"))
     return out
 
 
@@ -111,11 +109,11 @@ def clean_incomplete(ckpt_dir: str) -> list[int]:
 
 
 def apply_retention(ckpt_dir: str, keep_last: int, keep_every: int | None = None) -> list[int]:
-    """Delete complete steps beyond the newest `keep_last`, sparing multiples of `keep_every`."""
+    """Delete complete steps beyond the newest `keep_last`, sparing multiples of `keep_every`
+    (`extrema.run.checkpoint_dirs.beyond_retention`, the rule `extrema-launch gc` applies too)."""
     if not is_rank0():
         return []
-    steps = sorted(s for s, ok in list_steps(ckpt_dir).items() if ok)
-    doomed = [s for s in steps[: max(0, len(steps) - keep_last)] if not (keep_every and s % keep_every == 0)]
+    doomed = beyond_retention((s for s, ok in list_steps(ckpt_dir).items() if ok), keep_last, keep_every)
     fs, _ = rundir.filesystem(ckpt_dir)
     for s in doomed:
         fs.rm(rundir.filesystem(step_url(ckpt_dir, s))[1], recursive=True)
