@@ -67,12 +67,27 @@ class CudaAutocastFp32(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class FrozenAwareMemTracker(MemTracker):
+class WholePeak(MemTracker):
+    """A tracker that keeps the whole process's peak only: torch's trackers also keep each module's peak, which
+    walks every module at every operation (half of a ViT-B check's time)."""
+
+    def _update_peak_stats(self, peak_state: Any) -> None:
+        for device, snapshot in self._curr_mem_snap.items():
+            if self._peak_mem.get(device, 0) < snapshot["Total"]:
+                self._peak_mem[device] = snapshot["Total"]
+                self._peak_mem_snap[device] = dict(snapshot)
+
+
+class FrozenAwareMemTracker(WholePeak):
     """torch's MemTracker, which otherwise refuses a module with frozen parameters (the EMA target): gradients
     are counted as the backward pass makes them instead of through per-parameter hooks."""
 
     def _track_module_params_and_buffers(self, module: nn.Module, install_grad_hooks: bool = True) -> tuple[int, int]:
         return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+
+
+class FSDPWholePeak(WholePeak, FSDPMemTracker):
+    """torch's FSDPMemTracker (FSDP2's parameters, gradients and collectives by kind), keeping the whole peak."""
 
 
 @dataclass(frozen=True)
@@ -256,7 +271,7 @@ def measure_step(exp: Experiment, built: Built, world: World, setting: Setting, 
 def memory_tracker(built: Built, inputs: Batch) -> MemTracker:
     """torch's tracker for this wrapping, told of the model, its optimizer's state and the batch beforehand."""
     if built.strategy in ("fsdp", "hsdp"):
-        fsdp = FSDPMemTracker(built.core, built.optimizer)
+        fsdp = FSDPWholePeak(built.core, built.optimizer)
         fsdp.track_inputs(inputs)
         return fsdp
     plain = FrozenAwareMemTracker()
