@@ -15,4 +15,7 @@ run 45 python bench/pretrain_step.py --arch vit_base --batch 256 --steps 10 --me
 run 100 python bench/pretrain_step.py --arch vit_base --batch 256 --steps 10 --memory --compile
 run 70 python bench/pretrain_step.py --arch vit_small --batch 512 --steps 10 --memory --compile
 run 45 python bench/max_batch.py --arch vit_base --ratio 0.8 --masks 5
+# The check (issue 33) against this GPU: predicted and measured peak memory and step time, ViT-B 256 and ViT-S 512
+# per GPU at 80% x 5 (compare max_batch's largest batch with `extrema-launch check`'s "fits up to")
+run 150 python bench/check_vs_gpu.py
 run 60 python bench/imagenet_loader.py --quick --gpu

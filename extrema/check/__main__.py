@@ -39,6 +39,12 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--processes-per-node", type=int, default=1, help="ranks per node (default 1)")
     p.add_argument("--rank", type=int, default=0, help="the rank this process plays (default 0)")
     p.add_argument("--target", choices=("cuda", "cpu"), default="cuda", help="what the job runs on (default cuda)")
+    p.add_argument(
+        "--fake-device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the fake tensors live: cpu (default; CUDA autocast followed) or cuda (needs a GPU here)",
+    )
     p.add_argument("--gpu-type", choices=get_args(GpuType), help="a GPU of the device table: time and its memory")
     p.add_argument("--gpu-memory-gb", type=float, help="memory of one GPU in GB (default: the GPU type's)")
     p.add_argument("--utilization", type=float, default=DEFAULT_UTILIZATION, help="share of peak bf16 FLOP/s")
@@ -148,6 +154,8 @@ def checked_numbers(args: argparse.Namespace) -> None:
         raise InputError("--utilization must lie in (0, 1]")
     if args.train_images is not None and args.train_images < 1:
         raise InputError("--train-images must be at least 1")
+    if args.fake_device == "cuda" and args.target != "cuda":
+        raise InputError("--fake-device cuda estimates a GPU job: give --target cuda")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -161,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             plan, step = args.plan or args.plan_only, not args.plan_only
             world = (args.nodes, args.processes_per_node)
-            result = estimate_pretrain(exp, *world, args.target, args.rank, plan=plan, step=step)
+            result = estimate_pretrain(exp, *world, args.target, args.rank, plan, step, args.fake_device)
         except ValueError as e:
             raise InputError(str(e)) from None
     except InputError as e:

@@ -101,35 +101,37 @@ class Setting:
     cuda_autocast: bool
 
     @classmethod
-    def of(cls, exp: Experiment, target: Target) -> Setting:
-        """As `extrema.stages.pretrain.run` decides them on a `target` device."""
+    def of(cls, exp: Experiment, target: Target, fake_device: Target = "cpu") -> Setting:
+        """As `extrema.stages.pretrain.run` decides them on a `target` device, its fake tensors on `fake_device`."""
         device = torch.device(target)
         amp = autocast_dtype(exp.pretrain.precision, device)
         cuda_amp = target == "cuda" and amp is not None
-        return cls(amp, cuda_amp, color_on_device(exp, device), cuda_amp)
+        return cls(amp, cuda_amp, color_on_device(exp, device), cuda_amp and fake_device == "cpu")
 
 
-def fake_world(world_size: int, rank: int = 0) -> World:
-    """This process as `rank` of a `fake` process group of `world_size` ranks (collectives do nothing)."""
+def fake_world(world_size: int, rank: int = 0, device: Target = "cpu") -> World:
+    """This process as `rank` of a `fake` process group of `world_size` ranks (collectives do nothing), its
+    tensors on `device` (cuda only where a GPU is: autograd runs a CUDA backward on a device thread)."""
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("fake", rank=rank, world_size=world_size, store=FakeStore())
-    return World(rank, world_size, 0, torch.device("cpu"))
+    return World(rank, world_size, 0, torch.device(device))
 
 
-def fake_extrema(exp: Experiment, fake: FakeTensorMode) -> ExtreMA:
+def fake_extrema(exp: Experiment, fake: FakeTensorMode, device: torch.device) -> ExtreMA:
     """`ExtreMA(exp.model)` as the stage builds it, with fake storage: built on the meta device outside the fake
     mode (its deep copy of the projector would start a second fake mode), then each parameter and buffer given a
-    fake CPU tensor of its shape and dtype."""
+    fake tensor of its shape and dtype on `device`."""
     with torch.device("meta"):
         model = ExtreMA(exp.model)
     with fake:
         for module in model.modules():
             for name, p in module._parameters.items():
                 if p is not None:
-                    module._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad)
+                    fresh = torch.empty(p.shape, dtype=p.dtype, device=device)
+                    module._parameters[name] = nn.Parameter(fresh, p.requires_grad)
             for name, b in module._buffers.items():
                 if b is not None:
-                    module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+                    module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
     return model
 
 
@@ -191,7 +193,7 @@ def build(exp: Experiment, world: World, setting: Setting, fake: FakeTensorMode)
     reducer cannot run on fake tensors) left unwrapped. The optimizer has taken one step (its state exists)."""
     p = exp.pretrain
     strategy = p.strategy if world.size > 1 else "none"
-    model = fake_extrema(exp, fake)
+    model = fake_extrema(exp, fake, world.device)
     with fake:
         loss_module, core = wrap(model, world, "none" if strategy == "ddp" else strategy, bf16=setting.bf16)
         trainable = nn.ModuleDict({"online": core.online, "predictor": core.predictor})
@@ -210,14 +212,18 @@ def estimate_pretrain(
     rank: int = 0,
     plan: bool = False,
     step: bool = True,
+    fake_device: Target = "cpu",
 ) -> dict[str, Any]:
     """Memory of one steady pretraining step per rank (bytes by kind, the peak) and its FLOPs at the job's world
-    size (unless not `step`); with `plan`, also this rank's checkpoint plan (`extrema.check.plan`). Call in a
-    fresh process: it joins a fake process group as `rank`."""
+    size (unless not `step`); with `plan`, also this rank's checkpoint plan (`extrema.check.plan`). Fake tensors
+    on the CPU unless `fake_device` is cuda (a GPU is then needed, and CUDA's own autocast and kernels are used).
+    Call in a fresh process: it joins a fake process group as `rank`."""
+    if fake_device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("fake CUDA tensors need a GPU here (autograd runs a CUDA backward on a device thread)")
     world_size = nodes * processes_per_node
     os.environ["LOCAL_WORLD_SIZE"] = str(processes_per_node)  # HSDP's (nodes, ranks per node) mesh reads it
-    world = fake_world(world_size, rank)
-    setting = Setting.of(exp, target)
+    world = fake_world(world_size, rank, fake_device)
+    setting = Setting.of(exp, target, fake_device)
     batch = per_rank_batch(exp, world_size)
     fake = FakeTensorMode()
     built = build(exp, world, setting, fake)
@@ -227,6 +233,7 @@ def estimate_pretrain(
         "rank": rank,
         "strategy": built.strategy,
         "target": target,
+        "fake_device": fake_device,
         "precision": "bf16" if setting.amp is not None else "fp32",
         "batch_per_rank": batch,
         "micro_batch": batch // exp.pretrain.accum_steps,
