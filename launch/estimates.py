@@ -1,7 +1,9 @@
-"""Know before you queue: a sweep's pretraining stage configurations, each estimated by `python -m extrema.check` in
-a process of its own (torch and its fake process group stay out of the launcher), and the ones that do not fit.
+"""Know before you queue: a sweep's pretraining stage configurations, estimated by `python -m extrema.check` (torch
+and its fake process groups stay out of the launcher), and the ones that do not fit.
 
-A configuration is what the estimate depends on: the experiment less the seed and the other stages' settings, and
+One estimator process serves every configuration: it imports torch once and forks a fresh child per configuration
+(`extrema.check.many`), so each fake process group still lives in a process of its own. A configuration is what
+the estimate depends on: the experiment less the seed and the other stages' settings, and
 the pretraining stage's resources (nodes, ranks per node, GPUs, GPU type and memory); the runs sharing one are
 estimated once. The estimator prints JSON (memory per rank, FLOPs per step, time and GPU-hours on the GPU type);
 this module runs it, reads it and words what does not fit, one line per configuration.
@@ -14,7 +16,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +25,8 @@ from launch.backends.resources import ResourcesSpec
 from launch.sweepfile.model import STAGE_ORDER, LauncherSpec, Run, canonical_json
 
 CHECKED = "pretrain"  # the stage the estimator can step (the others' steps are written inside their run())
-PARALLEL = 4  # estimator processes at once (each holds ~1 GB while it steps a fake ViT-B)
-TIMEOUT_S = 600.0
+PARALLEL = 4  # estimates at once (each child holds ~1 GB while it steps a fake ViT-B)
+TIMEOUT_S = 1800.0  # for every configuration of a sweep together
 TAIL = 400  # characters of an estimator's standard error quoted when it fails
 
 
@@ -138,56 +139,48 @@ class Estimate:
         return float(self.result["gpu_hours"]) * len(self.configuration.run_ids)
 
 
-def command(c: Configuration, options: Options) -> list[str]:
-    """The estimator's command line for one configuration (the experiment comes on standard input)."""
+def arguments(c: Configuration, options: Options) -> list[str]:
+    """The estimator's options for one configuration (its experiment travels beside them)."""
     r = c.resources
-    cmd = [sys.executable, "-m", "extrema.check", "-", "--json", "--target", c.target]
-    cmd += ["--nodes", str(r.nodes), "--processes-per-node", str(r.processes_per_node)]
-    cmd += ["--utilization", repr(options.utilization)]
+    argv = ["--target", c.target, "--nodes", str(r.nodes), "--processes-per-node", str(r.processes_per_node)]
+    argv += ["--utilization", repr(options.utilization)]
     if r.gpu_type:
-        cmd += ["--gpu-type", r.gpu_type]
+        argv += ["--gpu-type", r.gpu_type]
     if r.gpu_memory_gb:
-        cmd += ["--gpu-memory-gb", repr(r.gpu_memory_gb)]
+        argv += ["--gpu-memory-gb", repr(r.gpu_memory_gb)]
     if options.train_images:
-        cmd += ["--train-images", str(options.train_images)]
-    return cmd
-
-
-def estimate(c: Configuration, options: Options) -> Estimate:
-    """Run the estimator for one configuration in its own process and read its JSON."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the estimator's work is Python dispatch, not arithmetic
-    try:
-        proc = subprocess.run(
-            command(c, options),
-            input=c.experiment.model_dump_json(),
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT_S,
-            env=env,
-        )
-    except subprocess.TimeoutExpired:
-        return Estimate(c, None, f"the estimator took more than {TIMEOUT_S:.0f} s")
-    if proc.returncode != 0:
-        return Estimate(c, None, failure(proc.stderr))
-    try:
-        return Estimate(c, json.loads(proc.stdout))
-    except json.JSONDecodeError:
-        return Estimate(c, None, f"the estimator printed no JSON: {proc.stdout[-TAIL:]!r}")
+        argv += ["--train-images", str(options.train_images)]
+    return argv
 
 
 def failure(stderr: str) -> str:
     """Why the estimator failed, in one line: its own message, or the end of what it printed."""
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     if lines and lines[-1].startswith("extrema.check: "):
-        return lines[-1].removeprefix("extrema.check: ").removeprefix("-: ")
+        return lines[-1].removeprefix("extrema.check: ")
     if any("No module named 'torch'" in line for line in lines):
         return "torch is not installed here (the check runs the model under fake tensors); sweep --no-check skips it"
     return " | ".join(lines)[-TAIL:] or "the estimator ended without a word"
 
 
 def estimate_all(configs: Sequence[Configuration], options: Options) -> list[Estimate]:
-    """Every configuration estimated, a few processes at once, in the configurations' order."""
+    """Every configuration estimated by one estimator process (`python -m extrema.check - --many`), which imports
+    torch once and forks a fresh child per configuration, a few at once; in the configurations' order."""
     if not configs:
         return []
-    with ThreadPoolExecutor(max_workers=min(PARALLEL, len(configs), os.cpu_count() or 1)) as pool:
-        return list(pool.map(lambda c: estimate(c, options), configs))
+    jobs = [{"experiment": c.experiment.model_dump(mode="json"), "argv": arguments(c, options)} for c in configs]
+    parallel = min(PARALLEL, len(configs), os.cpu_count() or 1)
+    cmd = [sys.executable, "-m", "extrema.check", "-", "--many", "--jobs", str(parallel)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the estimator's work is Python dispatch, not arithmetic
+    try:
+        proc = subprocess.run(cmd, input=json.dumps(jobs), capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    except subprocess.TimeoutExpired:
+        return [Estimate(c, None, f"the estimator took more than {TIMEOUT_S:.0f} s") for c in configs]
+    try:
+        outcomes = json.loads(proc.stdout) if proc.returncode == 0 else None
+    except json.JSONDecodeError:
+        outcomes = None
+    if not isinstance(outcomes, list) or len(outcomes) != len(configs):
+        why = failure(proc.stderr) if proc.returncode else f"the estimator printed no results: {proc.stdout[-TAIL:]!r}"
+        return [Estimate(c, None, why) for c in configs]
+    return [Estimate(c, o.get("result"), o.get("error")) for c, o in zip(configs, outcomes)]

@@ -273,3 +273,31 @@ def test_gpu_settings_leave_run_ids_alone_and_an_unknown_gpu_is_refused(tmp_path
     bad.write_text("name: x\nbase: [unclosed\n")
     code, _, err = cli("check", str(bad))
     assert code == 2 and "bad.yaml" in err and "Traceback" not in err
+
+
+def test_many_configurations_from_one_import_equal_one_process_each(tmp_path: Path) -> None:
+    exp = tiny(batch=16)
+    argv = ["--target", "cpu", "--processes-per-node", "2"]
+    jobs = [
+        {"experiment": exp.model_dump(mode="json"), "argv": argv},
+        {"experiment": exp.model_dump(mode="json"), "argv": ["--processes-per-node", "3"]},
+        {"experiment": {"model": {"arch": "vit_huge"}}, "argv": []},
+    ]
+    cmd = [sys.executable, "-m", "extrema.check", "-", "--many", "--jobs", "2"]
+    proc = subprocess.run(cmd, input=json.dumps(jobs), capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first, indivisible, invalid = json.loads(proc.stdout)
+    alone = estimate(written(tmp_path, exp), *argv)
+    assert first["result"]["memory"] == alone["memory"] and first["result"]["flops_per_step"] == alone["flops_per_step"]
+    assert indivisible == {"error": "pretrain.batch_size 16 is not divisible by 3 ranks"}
+    assert invalid["error"].startswith("not an experiment: ")
+
+
+def test_a_configuration_that_cannot_be_estimated_is_refused(tmp_path: Path) -> None:
+    sweep = tiny_sweep(tmp_path, {"processes_per_node": 3, "gpu_type": "L40S"})
+    code, _, err = cli("check", str(sweep))
+    refused = [line for line in err.splitlines() if line.startswith("extrema-launch: refused: ")]
+    assert code == 2 and len(refused) == 1
+    assert refused[0].endswith(
+        "(1 x 3 ranks): could not be estimated: pretrain.batch_size 16 is not divisible by 3 ranks"
+    )

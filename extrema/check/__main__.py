@@ -3,7 +3,8 @@
     python -m extrema.check runs/x/<run>/pretrain/spec.json --nodes 1 --processes-per-node 8 --gpu-type H100
     extrema-launch sweep-expanded experiment JSON on standard input:  ... | python -m extrema.check - --json
 
-SPEC is a stage's `spec.json` (a RunSpec) or an experiment's JSON (`-`: standard input). Only pretraining is
+SPEC is a stage's `spec.json` (a RunSpec) or an experiment's JSON (`-`: standard input); with --many, standard
+input holds several configurations (`extrema.check.many`). Only pretraining is
 estimated (the other stages' steps are written inside their `run`, not as functions this could call). Exit
 codes: 0 estimated (whether or not it fits: `fits` says), 2 unreadable or invalid input. Run one configuration
 per process: the estimate joins a fake process group of the job's world size.
@@ -53,6 +54,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--plan", action="store_true", help="also plan the checkpoint at this world size (DCP)")
     p.add_argument("--plan-only", action="store_true", help="only wrap and plan the checkpoint (no step, no budget)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.add_argument("--many", action="store_true", help="a JSON list of jobs on standard input (extrema.check.many)")
+    p.add_argument("--jobs", type=int, default=1, help="with --many: estimates at once (default 1)")
     return p.parse_args(argv)
 
 
@@ -158,25 +161,58 @@ def checked_numbers(args: argparse.Namespace) -> None:
         raise InputError("--fake-device cuda estimates a GPU job: give --target cuda")
 
 
+def estimate_one(args: argparse.Namespace, exp: Experiment) -> dict[str, Any]:
+    """One configuration's result (with its budget after a step); InputError for what cannot be estimated."""
+    from extrema.check.estimate import estimate_pretrain  # torch, after the input is known to be usable
+
+    checked_numbers(args)
+    try:
+        plan, step = args.plan or args.plan_only, not args.plan_only
+        world = (args.nodes, args.processes_per_node)
+        result = estimate_pretrain(exp, *world, args.target, args.rank, plan, step, args.fake_device)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if step:
+        result.update(budget(result, args, exp))
+    return result
+
+
+def job_estimate(job: dict[str, Any]) -> dict[str, Any]:
+    """One job of --many: its experiment and its own command line (the options above, without SPEC)."""
+    if not isinstance(job, dict) or not isinstance(job.get("argv"), list):
+        raise InputError('each job of --many is {"experiment": {...}, "argv": [...]}')
+    try:
+        exp = Experiment.model_validate(job.get("experiment"))
+    except ValidationError as e:
+        raise InputError(f"not an experiment: {e.errors()[0]['msg']}") from None
+    return estimate_one(parse(["-", *map(str, job["argv"])]), exp)
+
+
+def many(args: argparse.Namespace) -> int:
+    """--many: the JSON list of jobs on standard input, each estimated in a forked child; a JSON list out."""
+    from extrema.check import estimate  # noqa: F401 (imported once, before the children are forked)
+    from extrema.check.many import estimate_many
+
+    try:
+        jobs = json.loads(sys.stdin.read())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"--many: standard input is not JSON ({e})") from None
+    if not isinstance(jobs, list):
+        raise InputError("--many: standard input is not a JSON list of jobs")
+    print(json.dumps(estimate_many(jobs, job_estimate, args.jobs)), flush=True)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Estimate one configuration; print JSON (--json) or a summary. 0 estimated, 2 unusable input."""
+    """Estimate one configuration (or --many); print JSON (--json) or a summary. 0 estimated, 2 unusable input."""
     args = parse(argv)
     try:
-        checked_numbers(args)
-        exp = load_experiment(args.spec)
-        from extrema.check.estimate import estimate_pretrain  # torch, after the input is known to be usable
-
-        try:
-            plan, step = args.plan or args.plan_only, not args.plan_only
-            world = (args.nodes, args.processes_per_node)
-            result = estimate_pretrain(exp, *world, args.target, args.rank, plan, step, args.fake_device)
-        except ValueError as e:
-            raise InputError(str(e)) from None
+        if args.many:
+            return many(args)
+        result = estimate_one(args, load_experiment(args.spec))
     except InputError as e:
         print(f"extrema.check: {e}", file=sys.stderr)
         return 2
-    if step:
-        result.update(budget(result, args, exp))
     print(json.dumps(result) if args.json else summary(result), flush=True)
     return 0
 

@@ -23,7 +23,7 @@ from launch.sweepfile.expand import load_runs
 from launch.sweepfile.model import LauncherSpec, Run
 from launch.views import check_view
 
-LOCAL = "local"
+LOCAL_ROOT = "runs"  # a root every backend accepts (nothing is read or written there)
 HELP = "predict each pretraining configuration's memory per GPU, FLOPs and GPU-hours; refuse what does not fit"
 MORE = (
     "Each distinct pretraining configuration of the sweep (runs differing only in seed share one) is built as\n"
@@ -31,8 +31,8 @@ MORE = (
     "fake process group and stepped once under fake tensors: nothing is allocated, no GPU is needed, torch is.\n"
     "launcher.resources.gpu_type (H100, H200, A100-40GB, A100-80GB, V100, L40S) gives the peak FLOP/s and the\n"
     "memory; gpu_memory_gb overrides the memory. A configuration whose predicted peak per GPU passes 90% of it\n"
-    "is refused with one line. Other stages are listed as not estimated. The file is validated as for the local\n"
-    "backend (a Slurm log folder or a Ray address is sweep's to check).\n"
+    "is refused with one line. Other stages are listed as not estimated. Whether the backend can use the file's\n"
+    "root (a shared folder for Slurm's logs) is left to sweep: nothing is read or written there.\n"
     "Exit codes: 0 every configuration fits (or no limit was given), 2 one does not or cannot be estimated, or\n"
     "the file is invalid."
 )
@@ -71,7 +71,8 @@ def run_check(out: Console, name: str, runs: Sequence[Run], launcher: LauncherSp
     """Estimate every pretraining configuration, show the table; the refusal lines (empty when all fit)."""
     configs = configurations(runs, launcher)
     if not configs:
-        out.print(Text(f"check {name}: no pretraining stage to estimate", style="dim"))
+        others = ", ".join(unchecked(runs))
+        out.print(Text(f"check {name}: no pretraining stage to estimate (not estimated: {others})", style="dim"))
         return []
     start = time.monotonic()
     estimates = estimate_all(configs, options)
@@ -92,8 +93,8 @@ def refuse(lines: Sequence[str], then: str) -> int:
 def cmd_check(args: argparse.Namespace, out: Console) -> int:
     """Estimate, show, and refuse what does not fit."""
     options = options_of(args)
-    # validated as the local backend would: where logs go and which cluster to ask are sweep's to check, not this
-    sweep, runs = load_runs(args.file, backend=LOCAL, overrides=args.overrides)
+    # validated with the run store at a local path: whether the backend can reach the file's root is sweep's to check
+    sweep, runs = load_runs(args.file, root=LOCAL_ROOT, overrides=args.overrides)
     if args.json:
         estimates = estimate_all(configurations(runs, sweep.launcher), options)
         sys.stdout.write(json.dumps(check_view.records(estimates), indent=1) + "\n")
