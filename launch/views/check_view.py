@@ -47,12 +47,16 @@ def row(e: Estimate) -> list[str]:
     cells += [gib(memory.get(k)) for k in MEMORY]
     cells.append(gib(r.get("limit_bytes")))
     cells.append(tables.cell(r.get("max_batch_per_rank")))
-    cells.append("-" if "flops_per_step" not in r else f"{r['flops_per_step'] / 1e12:,.1f}")
-    cells.append("-" if "step_seconds" not in r else f"{r['step_seconds']:.3f}")
-    cells.append("-" if "stage_hours" not in r else f"{r['stage_hours']:,.1f}")
-    hours = e.gpu_hours
-    cells.append("-" if hours is None else f"{hours:,.0f}")
+    cells.append(number(r["flops_per_step"] / 1e12 if "flops_per_step" in r else None))
+    cells += [number(r.get("step_seconds")), number(r.get("stage_hours")), number(e.gpu_hours)]
     return cells
+
+
+def number(value: float | None) -> str:
+    """Three significant digits, whole numbers past 1,000 ('-' for none)."""
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
 
 
 def show(out: Console, title: str, estimates: Sequence[Estimate], unchecked: Sequence[str], options: Options) -> None:
@@ -76,7 +80,7 @@ def show(out: Console, title: str, estimates: Sequence[Estimate], unchecked: Seq
     hours = [e.gpu_hours for e in estimates if e.gpu_hours is not None]
     if hours:
         runs = sum(len(e.configuration.run_ids) for e in estimates)
-        notes.append(f"Total: {sum(hours):,.0f} GPU-hours of pretraining for {runs} run{'s' if runs != 1 else ''}.")
+        notes.append(f"Total: {number(sum(hours))} GPU-hours of pretraining for {runs} run{'s' if runs != 1 else ''}.")
     if unchecked:
         notes.append(f"Not estimated: {', '.join(unchecked)} (only pretraining's step is a function the check runs).")
     for note in notes:
