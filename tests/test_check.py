@@ -9,29 +9,24 @@ import math
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 from torch import nn
-from torch._C._profiler import _EventType
-from torch.distributed.tensor import DTensor
-from torch.profiler import ProfilerActivity, profile
-from torch.profiler._memory_profiler import OpTree
 
 from extrema.check.plan import exact_rows
-from extrema.models.extrema import ExtreMA, random_masks
+from extrema.models.extrema import ExtreMA
 from extrema.spec import Experiment
-from extrema.stages.pretrain import train_step
-from extrema.train.dist import World, wrap
-from extrema.train.optim import build_adamw, param_groups, scaled_lr
+from extrema.train.dist import World
 from launch.backends.ray.head import free_ports
 from launch.estimates import size
 from launch.sweepfile.expand import load_runs
+from tests.cpu_peak import measure_rank, measured_peak
 from tests.test_cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,61 +59,21 @@ def estimate(spec: Path, *args: str) -> dict[str, Any]:
     return result
 
 
+def many(jobs: list[tuple[Experiment | None, list[str]]]) -> list[dict[str, Any]]:
+    """`python -m extrema.check - --many`: each (experiment, options) estimated in a child of one process."""
+    listed = [{"experiment": e.model_dump(mode="json") if e else {"model": "?"}, "argv": a} for e, a in jobs]
+    cmd = [sys.executable, "-m", "extrema.check", "-", "--many", "--jobs", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, input=json.dumps(listed), capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outcomes: list[dict[str, Any]] = json.loads(proc.stdout)
+    return outcomes
+
+
 def written(tmp_path: Path, exp: Experiment, name: str = "spec.json") -> Path:
     path = tmp_path / name
     path.write_text(exp.model_dump_json())
     return path
-
-
-def live_bytes(tensors: list[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind these tensors (a DTensor's local shard)."""
-    storages: dict[int, int] = {}
-    for t in tensors:
-        local = t.to_local() if isinstance(t, DTensor) else t
-        storages[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
-    return sum(storages.values())
-
-
-def measured_peak(exp: Experiment, world: World) -> int:
-    """A real CPU step as the stage runs it (after a first step, so the optimizer's state exists): the bytes
-    alive before it plus the highest sum of the CPU allocator's allocations and frees the profiler saw in it."""
-    p = exp.pretrain
-    torch.manual_seed(0)
-    model = ExtreMA(exp.model)
-    loss_module, core = wrap(model, world, p.strategy, bf16=False)
-    trainable = nn.ModuleDict({"online": core.online, "predictor": core.predictor})
-    groups = param_groups(trainable, p.weight_decay, no_decay_names=("pos_embed", "cls_token"))
-    optimizer = build_adamw(groups, lr=scaled_lr(p.base_lr, p.batch_size), betas=p.betas)
-    b, size, m = p.batch_size // world.size, exp.model.resolved_img_size, p.masking
-    views = torch.randn(b, 3, size, size), torch.randn(b, 3, size, size)
-    batch = (*views, random_masks(b, exp.model.num_patches, m.num_masks, m.ratio).transpose(0, 1).contiguous())
-    model.train()
-    core.update_target(p.ema_momentum)
-    train_step(loss_module, optimizer, batch, p, world, None, False, True)  # makes the optimizer's state
-    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    before = live_bytes([*core.parameters(), *core.buffers(), *state, *batch])
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        core.update_target(p.ema_momentum)
-        train_step(loss_module, optimizer, batch, p, world, None, False, True)
-    events = OpTree(prof.profiler.kineto_results).sorted_nodes
-    allocations = sorted(
-        (e.start_time_ns, e.typed[1].alloc_size) for e in events if e.typed[0] == _EventType.Allocation
-    )
-    now = top = 0
-    for _, size_change in allocations:
-        now += size_change
-        top = max(top, now)
-    return before + top
-
-
-def measure_rank(rank: int, port: int, spec: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    exp = Experiment.model_validate_json(Path(spec).read_text())
-    peak = measured_peak(exp, World(rank, 2, rank, torch.device("cpu")))
-    Path(f"{out}.{rank}").write_text(str(peak))
-    dist.destroy_process_group()
 
 
 def within(predicted: int, measured: int) -> bool:
@@ -139,9 +94,12 @@ def test_predicted_peak_matches_the_cpu_allocator_at_two_gloo_ranks(tmp_path: Pa
     exp = tiny(batch=128)
     spec = written(tmp_path, exp)
     out = str(tmp_path / "peak")
-    mp.spawn(measure_rank, args=(free_ports(1)[0], str(spec), out), nprocs=2, join=True)
-    for rank in (0, 1):
-        result = estimate(spec, "--target", "cpu", "--processes-per-node", "2", "--rank", str(rank))
+    ranks = [["--target", "cpu", "--processes-per-node", "2", "--rank", str(rank)] for rank in (0, 1)]
+    with ThreadPoolExecutor(1) as pool:  # both ranks predicted from one import while the real ranks run
+        predicted = pool.submit(many, [(exp, argv) for argv in ranks])
+        mp.spawn(measure_rank, args=(free_ports(1)[0], str(spec), out), nprocs=2, join=True)
+    for rank, outcome in enumerate(predicted.result()):
+        result = outcome["result"]
         measured = int(Path(f"{out}.{rank}").read_text())
         assert result["strategy"] == "fsdp" and result["batch_per_rank"] == 64
         assert within(result["memory"]["peak"], measured), f"rank {rank}: {result['memory']['peak']} vs {measured}"
@@ -278,15 +236,7 @@ def test_gpu_settings_leave_run_ids_alone_and_an_unknown_gpu_is_refused(tmp_path
 def test_many_configurations_from_one_import_equal_one_process_each(tmp_path: Path) -> None:
     exp = tiny(batch=16)
     argv = ["--target", "cpu", "--processes-per-node", "2"]
-    jobs = [
-        {"experiment": exp.model_dump(mode="json"), "argv": argv},
-        {"experiment": exp.model_dump(mode="json"), "argv": ["--processes-per-node", "3"]},
-        {"experiment": {"model": {"arch": "vit_huge"}}, "argv": []},
-    ]
-    cmd = [sys.executable, "-m", "extrema.check", "-", "--many", "--jobs", "2"]
-    proc = subprocess.run(cmd, input=json.dumps(jobs), capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    first, indivisible, invalid = json.loads(proc.stdout)
+    first, indivisible, invalid = many([(exp, argv), (exp, ["--processes-per-node", "3"]), (None, [])])
     alone = estimate(written(tmp_path, exp), *argv)
     assert first["result"]["memory"] == alone["memory"] and first["result"]["flops_per_step"] == alone["flops_per_step"]
     assert indivisible == {"error": "pretrain.batch_size 16 is not divisible by 3 ranks"}

@@ -1,0 +1,72 @@
+"""The CPU allocator's peak over one steady pretraining step, built and run as the stage does (tests/test_check.py's
+measurement, in a module of its own so that the gloo ranks it spawns import little)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._C._profiler import _EventType
+from torch.distributed.tensor import DTensor
+from torch.profiler import ProfilerActivity, profile
+from torch.profiler._memory_profiler import OpTree
+
+from extrema.models.extrema import ExtreMA, random_masks
+from extrema.spec import Experiment
+from extrema.stages.pretrain import train_step
+from extrema.train.dist import World, wrap
+from extrema.train.optim import build_adamw, param_groups, scaled_lr
+
+
+def live_bytes(tensors: list[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind these tensors (a DTensor's local shard)."""
+    storages: dict[int, int] = {}
+    for t in tensors:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        storages[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def measured_peak(exp: Experiment, world: World) -> int:
+    """A real CPU step as the stage runs it (after a first step, so the optimizer's state exists): the bytes
+    alive before it plus the highest sum of the CPU allocator's allocations and frees the profiler saw in it."""
+    p = exp.pretrain
+    torch.manual_seed(0)
+    model = ExtreMA(exp.model)
+    loss_module, core = wrap(model, world, p.strategy, bf16=False)
+    trainable = nn.ModuleDict({"online": core.online, "predictor": core.predictor})
+    groups = param_groups(trainable, p.weight_decay, no_decay_names=("pos_embed", "cls_token"))
+    optimizer = build_adamw(groups, lr=scaled_lr(p.base_lr, p.batch_size), betas=p.betas)
+    b, size, m = p.batch_size // world.size, exp.model.resolved_img_size, p.masking
+    views = torch.randn(b, 3, size, size), torch.randn(b, 3, size, size)
+    batch = (*views, random_masks(b, exp.model.num_patches, m.num_masks, m.ratio).transpose(0, 1).contiguous())
+    model.train()
+    core.update_target(p.ema_momentum)
+    train_step(loss_module, optimizer, batch, p, world, None, False, True)  # makes the optimizer's state
+    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    before = live_bytes([*core.parameters(), *core.buffers(), *state, *batch])
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        core.update_target(p.ema_momentum)
+        train_step(loss_module, optimizer, batch, p, world, None, False, True)
+    events = OpTree(prof.profiler.kineto_results).sorted_nodes
+    allocations = sorted(
+        (e.start_time_ns, e.typed[1].alloc_size) for e in events if e.typed[0] == _EventType.Allocation
+    )
+    now = top = 0
+    for _, size_change in allocations:
+        now += size_change
+        top = max(top, now)
+    return before + top
+
+
+def measure_rank(rank: int, port: int, spec: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    exp = Experiment.model_validate_json(Path(spec).read_text())
+    peak = measured_peak(exp, World(rank, 2, rank, torch.device("cpu")))
+    Path(f"{out}.{rank}").write_text(str(peak))
+    dist.destroy_process_group()
