@@ -293,9 +293,28 @@ def data_parallel(module: M, world: World) -> tuple[M, nn.Module]:
     )
 
 
+SLOW_BF16_CAPABILITIES = ("DEFAULT", "AVX2")  # x86 CPUs without AVX-512: bf16 matmuls have no vector units here
+
+
+def slow_bf16(device: torch.device, capability: str) -> bool:
+    """Whether bf16 matrix products on this device run far slower than fp32 (a CPU whose best vector instruction
+    set, as torch names it, is AVX2 or less: measured about 30x slower on a 1024 x 1024 product)."""
+    return device.type == "cpu" and capability in SLOW_BF16_CAPABILITIES
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a stage's `precision`: bf16 on GPU (and on CPU when asked), None for fp32."""
-    return torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else None
+    """The autocast dtype of a stage's `precision`: bf16 on GPU (and on CPU when asked), None for fp32; a CPU
+    where bf16 is slow gets a one-line warning naming the setting that avoids it (the numerics stay as asked)."""
+    dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and device.type == "cuda") else None
+    capability = torch.backends.cpu.get_cpu_capability()
+    if dtype is not None and slow_bf16(device, capability):
+        print(
+            f"extrema: warning: precision bf16 on this CPU ({capability}, no AVX-512) makes every matrix product "
+            "tens of times slower than fp32; set the stage's precision: fp32 to run at this CPU's speed",
+            file=sys.stderr,
+            flush=True,
+        )
+    return dtype
 
 
 def broadcast_buffers(module: nn.Module) -> None:
