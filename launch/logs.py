@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from launch.sweepfile.model import LauncherSpec
 
 SAID = "extrema: "  # how the project's own one-line reasons for stopping begin (a refused code snapshot, ...)
+WARNING = "extrema: warning:"  # a line that says something about a job but is no reason it stopped
 SAID_BYTES = 64 << 10  # how much of the end of each log is searched for one
 
 LOCAL_LOG = re.compile(r"local(?:\.(\d{1,9}))?\.log")  # local.<n>.log per attempt; local.log in older stores
@@ -86,12 +87,13 @@ def sources(
 
 
 def last_said(logs: list[LogSource]) -> str | None:
-    """The last line beginning `extrema: ` near the end of the last of these logs that has one (the one-line
-    reason a job gave for stopping before it ran), cut to 300 characters; None when none has one or none can be
+    """The last line beginning `extrema: ` (warnings aside) near the end of the last of these logs that has one (the
+    one-line reason a job gave for stopping before it ran), cut to 300 characters; None when none has one or none can be
     read."""
     for src in reversed(logs):
         text = _end_of(src)
-        said = next((line[line.find(SAID) :] for line in reversed(text.splitlines()) if SAID in line), None)
+        lines = (line[line.find(SAID) :] for line in reversed(text.splitlines()) if SAID in line)
+        said = next((line for line in lines if not line.startswith(WARNING)), None)
         if said is not None:
             return said.strip()[:300]
     return None

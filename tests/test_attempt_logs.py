@@ -15,6 +15,7 @@ from extrema.run import rundir
 from launch import logs
 from launch.backends.base import State
 from launch.backends.local import LocalBackend
+from launch.backends.log_source import file_source
 from launch.runstore import store
 from tests.s3server import S3Server, isolated_aws_env, s3_server  # noqa: F401  (fixture)
 from tests.test_cli import cli
@@ -98,3 +99,15 @@ def test_an_older_stores_single_log_is_shown_first(tmp_path: Path) -> None:
     headers = [line.split(f"{stage}/logs/")[-1] for line in out.splitlines() if line.startswith("==> ")]
     assert headers == ["local.log <==", "local.1.log <==", "local.10.log <==", "ray-raysubmit_1.log <=="], out
     assert "==> earlier attempts, one file: " in out and out.index("older launcher") < out.index("hello from")
+
+
+def test_the_reason_a_log_ends_with_skips_warnings(tmp_path: Path) -> None:
+    path = tmp_path / "job.err"
+    path.write_text(
+        "extrema: code snapshot refused: extrema/spec.py differs (in /x)\n"
+        "0: extrema: warning: precision bf16 on this CPU (AVX2, no AVX-512) makes every matrix product slower\n"
+        "Traceback: nothing the project said\n"
+    )
+    assert logs.last_said([file_source(str(path))]) == "extrema: code snapshot refused: extrema/spec.py differs (in /x)"
+    path.write_text("extrema: warning: only a warning\n")
+    assert logs.last_said([file_source(str(path))]) is None
