@@ -111,10 +111,11 @@ def agree(decision: bool, world: int) -> bool:
         return decision
     import torch
 
-    from extrema.train.dist import init_world, wait_for_main
+    from extrema.train.dist import init_world, wait_for_all
 
     device = init_world().device
-    wait_for_main("extrema/stage-owned")  # rank 0 may wait long for the lease: the others wait without a timeout
+    # Rank 0 may wait long for the lease, another rank to start: each waits in the store, not in the broadcast.
+    wait_for_all("extrema/stage-owned")
     flag = torch.tensor([1.0 if decision else 0.0], device=device)
     torch.distributed.broadcast(flag, src=0)
     return bool(flag.item() > 0)

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -234,6 +235,41 @@ def rank_places() -> list[dict[str, Any]]:
 
 
 MAIN_WAIT = timedelta(days=7)  # how long other ranks wait for rank 0 to be ready (its death ends the wait sooner)
+ARRIVAL_WAIT_S = 1800.0  # how long rank 0 waits for every other rank to start (a cold node, a slow file system)
+ARRIVAL_POLL_S = 0.5
+
+
+class RanksMissing(RuntimeError):
+    """Some ranks never reached the start of the stage within ARRIVAL_WAIT_S."""
+
+
+def wait_for_all(key: str, limit_s: float = ARRIVAL_WAIT_S) -> None:
+    """Every rank says in the process group's store that it reached `key`, and the world goes on only when all have,
+    rank 0 last: the collective that follows then starts with every rank present. Ranks start at different times (a
+    retry's fresh node imports and unpacks the code while rank 0 is ready), and a collective's timeout, meant for a
+    step, must not end a rank's wait for a peer that is still starting. Rank 0 names the ranks that never came."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    from torch.distributed import distributed_c10d
+
+    store = distributed_c10d._get_default_store()
+    rank, size = dist.get_rank(), dist.get_world_size()
+    store.set(f"{key}/arrived/{rank}", "1")
+    if rank != 0:
+        store.wait([f"{key}/go"], MAIN_WAIT)
+        return
+    waiting = [f"{key}/arrived/{r}" for r in range(1, size)]
+    deadline = time.monotonic() + limit_s
+    while waiting:
+        waiting = [k for k in waiting if not store.check([k])]
+        if waiting and time.monotonic() > deadline:
+            missing = ", ".join(k.rsplit("/", 1)[1] for k in waiting[:16])
+            raise RanksMissing(
+                f"ranks {missing} (of {size}) did not start within {limit_s:g} s; every other rank is ready"
+            )
+        if waiting:
+            time.sleep(ARRIVAL_POLL_S)
+    store.set(f"{key}/go", "1")
 
 
 def wait_for_main(key: str) -> None:
