@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from extrema.spec_groups import LOCATED as LOCATED
-from extrema.spec_groups import WHEN_SET, Spec, located
+from extrema.spec_groups import NOT_IDENTITY, WHEN_SET, Spec, located
 from extrema.stage_specs import (
     DetectSpec,
     FinetuneSpec,
@@ -195,9 +195,18 @@ class DataSpec(Spec):
     root: str | None = Field(
         None,
         description="fsspec URL: ImageFolder root, shard root (`extrema-launch data shard`), or directory of "
-        "Fashion-MNIST IDX files",
+        "Fashion-MNIST IDX files; part of a run's identity unless name is set",
     )
-    storage: StorageSpec | None = Field(None, description="object-store settings for s3:// roots (no secrets)")
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}$",
+        description="a name for the dataset's content (e.g. imagenet-1k): when set, it stands for the dataset in a "
+        "run's identity in place of root, so that a copy of the same images elsewhere keeps every run id",
+        json_schema_extra=WHEN_SET,
+    )
+    storage: StorageSpec | None = Field(
+        None, description="object-store settings for s3:// roots (no secrets)", json_schema_extra=NOT_IDENTITY
+    )
     decode: Literal["cpu", "gpu"] = Field(
         "cpu", description="gpu: pretraining decodes JPEG batches with nvJPEG on the device (CPU when there is none)"
     )
@@ -216,9 +225,13 @@ class DataSpec(Spec):
     color_on_device: bool | None = Field(
         None, description="apply colour jitter batched on the training device; auto: on GPU only"
     )
-    num_workers: int = Field(4, ge=0, description="data-loading processes per rank")
+    num_workers: int = Field(4, ge=0, description="data-loading processes per rank", json_schema_extra=NOT_IDENTITY)
     synthetic_size: int = Field(256, gt=0, description="images per split of the synthetic test dataset")
-    cache_dir: str | None = Field(None, description="download cache for Fashion-MNIST when no local copy exists")
+    cache_dir: str | None = Field(
+        None,
+        description="download cache for Fashion-MNIST when no local copy exists",
+        json_schema_extra=NOT_IDENTITY,
+    )
     order: Literal["global", "blocks"] = Field(
         "global",
         description="sample order of training reads: global: every sample shuffled each epoch; blocks (shards "
@@ -233,6 +246,10 @@ class DataSpec(Spec):
         16, ge=1, description="blocks order: blocks whose samples are shuffled together", json_schema_extra=WHEN_SET
     )
 
+    def identity_omits(self) -> frozenset[str]:
+        """root, when name stands for the dataset."""
+        return frozenset({"root"}) if self.name else frozenset()
+
     @model_validator(mode="after")
     def _root_given(self) -> DataSpec:
         if self.dataset in ("imagefolder", "shards") and not self.root:
@@ -244,19 +261,23 @@ class DataSpec(Spec):
         return self
 
 
-def identity(model: BaseModel) -> Any:
-    """The JSON form of a spec that a run's id hashes: every field, less WHEN_SET fields at their default."""
-    return _prune(model, model.model_dump(mode="json"))
+def identity(model: BaseModel, earlier: bool = False) -> Any:
+    """The JSON form of a spec that a run's id hashes: every field, less WHEN_SET fields at their default, fields
+    marked NOT_IDENTITY and what the spec's `identity_omits` names. `earlier`: the rule before 2026-12 (every field
+    less WHEN_SET fields at their default), by which run stores swept before then named their runs."""
+    return _prune(model, model.model_dump(mode="json"), earlier)
 
 
-def _prune(model: BaseModel, dumped: dict[str, Any]) -> dict[str, Any]:
+def _prune(model: BaseModel, dumped: dict[str, Any], earlier: bool) -> dict[str, Any]:
+    omitted = model.identity_omits() if isinstance(model, Spec) and not earlier else frozenset()
     for name, info in type(model).model_fields.items():
         value = getattr(model, name)
         extra = info.json_schema_extra
-        if isinstance(extra, dict) and extra.get("identity") == "when_set" and value == info.default:
+        marked = extra.get("identity") if isinstance(extra, dict) else None
+        if (marked == "when_set" and value == info.default) or (not earlier and (marked == "never" or name in omitted)):
             dumped.pop(name, None)
         elif isinstance(value, BaseModel) and isinstance(dumped.get(name), dict):
-            _prune(value, dumped[name])
+            _prune(value, dumped[name], earlier)
     return dumped
 
 

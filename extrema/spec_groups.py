@@ -24,12 +24,20 @@ def located(at: str, reason: str) -> PydanticCustomError:
 # A field marked WHEN_SET is part of a run's identity only when it differs from its default: fields added after runs
 # exist keep every earlier run's id (`extrema.spec.identity`).
 WHEN_SET: dict[str, Any] = {"identity": "when_set"}
+# A field marked NOT_IDENTITY is never part of a run's identity: it changes how a stage runs (loader processes, log,
+# evaluation and checkpoint cadences, retention, how an object store is reached), never what the stage computes, so
+# changing it reuses the run, its checkpoints and results. README's "What makes a run's identity" lists them.
+NOT_IDENTITY: dict[str, Any] = {"identity": "never"}
 
 
 class Spec(BaseModel):
     """Base of every spec: unknown keys are refused and instances are immutable."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def identity_omits(self) -> frozenset[str]:
+        """Fields this instance's values leave out of a run's identity, besides those marked NOT_IDENTITY."""
+        return frozenset()
 
 
 class FromCheckpoint(Spec):
@@ -72,8 +80,10 @@ class Batching(Spec):
 class Retention(Spec):
     """How many complete checkpoints a training stage keeps, and what it does when training diverges."""
 
-    keep_last: int = Field(2, ge=1, description="complete checkpoints kept")
-    keep_every: int | None = Field(None, ge=1, description="also keep checkpoints at multiples of this step")
+    keep_last: int = Field(2, ge=1, description="complete checkpoints kept", json_schema_extra=NOT_IDENTITY)
+    keep_every: int | None = Field(
+        None, ge=1, description="also keep checkpoints at multiples of this step", json_schema_extra=NOT_IDENTITY
+    )
     on_nonfinite: Literal["fail", "skip"] = Field(
         "fail",
         description="a non-finite loss, gradient or parameter: fail the stage at once, keeping the last finite "

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from extrema.spec_groups import (
+    NOT_IDENTITY,
     WHEN_SET,
     AdamW,
     BaseLr,
@@ -57,9 +58,13 @@ class PretrainSpec(AdamW, WarmupCosine, Retention, Batching):
     temperature: float = Field(0.2, gt=0, description="InfoNCE temperature")
     symmetric: bool = Field(False, description="also swap the two views' roles (loss on both directions)")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
-    log_every: int = Field(20, ge=1, description="steps between loss logs (the only host syncs)")
-    ckpt_every: int = Field(1000, ge=1, description="steps between checkpoints")
-    async_save: bool = Field(False, description="write periodic checkpoints in the background")
+    log_every: int = Field(
+        20, ge=1, description="steps between loss logs (the only host syncs)", json_schema_extra=NOT_IDENTITY
+    )
+    ckpt_every: int = Field(1000, ge=1, description="steps between checkpoints", json_schema_extra=NOT_IDENTITY)
+    async_save: bool = Field(
+        False, description="write periodic checkpoints in the background", json_schema_extra=NOT_IDENTITY
+    )
     strategy: Literal["fsdp", "hsdp", "ddp", "none"] = Field(
         "fsdp",
         description="data parallelism with several processes: fsdp shards over every rank, hsdp shards within a node "
@@ -70,7 +75,9 @@ class PretrainSpec(AdamW, WarmupCosine, Retention, Batching):
         description="torch.compile each transformer block before sharding (masks have a fixed size: static shapes)",
     )
     knn_monitor: bool = Field(True, description="kNN accuracy (knn settings) at the start, periodically and at the end")
-    knn_every_epochs: float | None = Field(None, gt=0, description="kNN monitor period; only at start and end if unset")
+    knn_every_epochs: float | None = Field(
+        None, gt=0, description="kNN monitor period; only at start and end if unset", json_schema_extra=NOT_IDENTITY
+    )
     init_from: str | None = Field(
         None, description="start from this official ExtreMA .pth or DCP step (every part, both branches); resuming wins"
     )
@@ -115,7 +122,9 @@ class DownstreamSpec(Retention, FromPretrained, Batching):
     val_size: int | None = Field(None, gt=0, description="validation images evaluated; all when unset")
     eval_batch_size: int = Field(256, gt=0, description="images per forward pass at evaluation, per process")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on GPU, fp32 on CPU")
-    ckpt_every: int | None = Field(None, ge=1, description="steps between checkpoints besides epoch ends")
+    ckpt_every: int | None = Field(
+        None, ge=1, description="steps between checkpoints besides epoch ends", json_schema_extra=NOT_IDENTITY
+    )
     seed: int = Field(0, description="random seed of the stage")
 
 
@@ -214,13 +223,19 @@ class DetectSpec(Canvas, AdamW, Retention, FromPretrained):
     activation_checkpointing: bool = Field(False, description="recompute transformer blocks in the backward pass")
     train_size: int | None = Field(None, gt=0, description="seeded subset of training images; all when unset")
     val_size: int | None = Field(None, gt=0, description="seeded subset of validation images; all when unset")
-    log_every: int = Field(50, ge=1, description="steps between loss logs (and at every epoch end)")
-    eval_every_epochs: float | None = Field(None, gt=0, description="COCO evaluation period; only at the end if unset")
+    log_every: int = Field(
+        50, ge=1, description="steps between loss logs (and at every epoch end)", json_schema_extra=NOT_IDENTITY
+    )
+    eval_every_epochs: float | None = Field(
+        None, gt=0, description="COCO evaluation period; only at the end if unset", json_schema_extra=NOT_IDENTITY
+    )
     eval_batch_size: int = Field(2, gt=0, description="images per forward at evaluation, per process")
     precision: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="auto: the backbone in bf16 autocast on GPU, fp32 on CPU; the heads always run in fp32"
     )
-    ckpt_every: int | None = Field(None, ge=1, description="steps between checkpoints besides epoch ends")
+    ckpt_every: int | None = Field(
+        None, ge=1, description="steps between checkpoints besides epoch ends", json_schema_extra=NOT_IDENTITY
+    )
     seed: int = Field(0, description="random seed of the stage")
 
     @model_validator(mode="after")

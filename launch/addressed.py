@@ -14,6 +14,7 @@ from rich.text import Text
 from launch.inputs.errors import DamagedStore, UsageError
 from launch.reconcile import Reconciled
 from launch.runstore import results, roots, store
+from launch.sweepfile.earlier_ids import under_earlier_ids
 from launch.sweepfile.expand import load_runs
 from launch.sweepfile.model import LauncherSpec, SweepFile
 
@@ -45,11 +46,12 @@ def open_addressed(arg: str, root: str | None = None, overrides: Sequence[str] =
         sweep, runs = load_runs(arg, root=root, overrides=overrides)
         url = store.sweep_url(sweep.root, sweep.name)
         roots.check_usable(url, write=False)
-        listed = [r.stored() for r in runs]
         try:
-            return Addressed(url, listed, sweep.launcher, store.read_manifest(url), sweep)
+            manifest = store.read_manifest(url)
         except store.Unreadable as e:  # the file says what the runs are; the manifest only adds job records
-            return Addressed(url, listed, sweep.launcher, None, sweep, [str(e)])
+            return Addressed(url, [r.stored() for r in runs], sweep.launcher, None, sweep, [str(e)])
+        listed = [r.stored() for r in under_earlier_ids(runs, held_run_ids(manifest))]
+        return Addressed(url, listed, sweep.launcher, manifest, sweep)
     try:
         url = store.normalize_root(arg)
     except ValueError as e:
@@ -70,6 +72,12 @@ def open_addressed(arg: str, root: str | None = None, overrides: Sequence[str] =
         raise DamagedStore(str(e)) from None
     except ValidationError as e:
         raise DamagedStore(f"{url}/{store.MANIFEST}: malformed launcher ({e.error_count()} problems)") from None
+
+
+def held_run_ids(manifest: dict[str, Any] | None) -> list[str]:
+    """The run ids a sweep's manifest lists (none when it has no manifest or its run list is malformed)."""
+    runs = (manifest or {}).get("runs", [])
+    return [r["run_id"] for r in runs if isinstance(r, dict) and isinstance(r.get("run_id"), str)]
 
 
 def swept_axes(runs: Sequence[store.StoredRun]) -> list[str]:

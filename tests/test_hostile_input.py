@@ -326,7 +326,7 @@ def test_unusable_roots_are_refused_before_anything_is_written(tmp_path: Path) -
 
 def test_control_characters_in_swept_values_are_shown_escaped(tmp_path: Path) -> None:
     red, title = f"{ESC}[31mred", f"{ESC}]0;pwned{chr(7)}"
-    doc = sweep_doc(sweep={"grid": {"data.cache_dir": [red, title]}})
+    doc = sweep_doc(sweep={"grid": {"data.train_split": [red, title]}})
     path = write(tmp_path / "esc.yaml", doc)
     root = str(tmp_path / "runs")
     sweep, runs = load_runs(path, root=root)  # status shows a sweep once submitted: its manifest written as then

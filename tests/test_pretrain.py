@@ -89,6 +89,24 @@ def test_resume_from_checkpoint_is_exact(reference_run: Path, tmp_path: Path) ->
     assert all(torch.equal(ref[k], resumed[k]) for k in ref)
 
 
+def test_settings_outside_a_runs_identity_leave_its_training_unchanged(reference_run: Path, tmp_path: Path) -> None:
+    """Loader processes, log and checkpoint cadence, retention and background saves are outside a run's identity
+    (`extrema.spec.identity`): the same run with each changed trains to bitwise the same weights and losses."""
+    changed = {
+        "data": {"num_workers": 2},
+        "pretrain": {"log_every": 5, "ckpt_every": 5, "keep_last": 1, "keep_every": 10, "async_save": True},
+    }
+    make_run(str(tmp_path), changed)
+    assert entry.main([str(tmp_path), "pretrain"]) == 0
+    stage = tmp_path / "pretrain"
+    ref, other = final_weights(reference_run / "pretrain"), final_weights(stage)
+    assert ref.keys() == other.keys() and all(torch.equal(ref[k], other[k]) for k in ref)
+    trace = losses(reference_run / "pretrain")  # every step; each log of the other is the mean since its last
+    windows = [trace[0:5], trace[5:10], trace[10:12]]
+    assert losses(stage) == pytest.approx([sum(w) / len(w) for w in windows], rel=1e-6)
+    assert sorted(p.name for p in (stage / "ckpt").iterdir() if p.name.startswith("step-")) == ["step-10", "step-12"]
+
+
 def test_knn_stage_reads_the_pretrain_checkpoint(reference_run: Path) -> None:
     assert entry.main([str(reference_run), "knn"]) == 0
     result = json.loads((reference_run / "knn" / "result.json").read_text())

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.text import Text
 
 from extrema.run.contract import StageState, os_reason
-from launch.addressed import DAMAGED, FAILED, OK, USAGE, print_notes, print_unreadable, swept_axes
+from launch.addressed import DAMAGED, FAILED, OK, USAGE, held_run_ids, print_notes, print_unreadable, swept_axes
 from launch.backends.base import BACKENDS, backend_class
 from launch.cli import check
 from launch.cli.arguments import add_command, add_sweep_file, positive
@@ -26,6 +26,7 @@ from launch.runstore import ledger, results, roots, store
 from launch.runstore import snapshot as snapshots
 from launch.submit import Submission, submit
 from launch.sweepfile import overrides
+from launch.sweepfile.earlier_ids import under_earlier_ids
 from launch.sweepfile.expand import load_runs
 from launch.sweepfile.model import LauncherSpec
 from launch.views import plan_view, tables
@@ -140,13 +141,15 @@ def cmd_sweep(args: argparse.Namespace, out: Console) -> int:
     if check.before_submit(args, out, sweep.name, runs, launcher) != OK:
         return USAGE
     roots.check_usable(url, write=not args.dry_run)
-    jobs = plan(runs, launcher, url)
-    statuses = store.read_statuses(url, [j.key for j in jobs])
-    problems = store.unreadable(statuses)
+    damage: list[str] = []
     try:
         old_manifest = store.read_manifest(url)
     except store.Unreadable as e:
-        old_manifest, problems = None, [*problems, f"{e} (kept beside as {store.MANIFEST}.damaged-<time>)"]
+        old_manifest, damage = None, [f"{e} (kept beside as {store.MANIFEST}.damaged-<time>)"]
+    runs = under_earlier_ids(runs, held_run_ids(old_manifest))
+    jobs = plan(runs, launcher, url)
+    statuses = store.read_statuses(url, [j.key for j in jobs])
+    problems = [*store.unreadable(statuses), *damage]
     seen = reconcile(url, statuses, launcher, old_manifest, write=not args.dry_run)
     if not args.dry_run:
         unvouch(url, statuses)

@@ -126,9 +126,10 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def run_id(experiment: Experiment) -> str:
-    """10 hex digits of the sha256 of the experiment's canonical JSON (sorted keys, no spaces; `spec.identity`)."""
-    return _digest(canonical_json(identity(experiment)))
+def run_id(experiment: Experiment, earlier: bool = False) -> str:
+    """10 hex digits of the sha256 of the experiment's canonical JSON (sorted keys, no spaces; `spec.identity`);
+    `earlier`: the id the rule before 2026-12 gave it (settings outside the identity included)."""
+    return _digest(canonical_json(identity(experiment, earlier)))
 
 
 class RunIds:
@@ -136,12 +137,13 @@ class RunIds:
     sorted top-level keys joined exactly as `json.dumps` joins them), and a section equal to the one seen before
     reuses that one's text. Sweeps change a few sections per run; the rest are the same from run to run."""
 
-    def __init__(self) -> None:
+    def __init__(self, earlier: bool = False) -> None:
+        self.earlier = earlier
         self._last: dict[str, tuple[Any, str]] = {}
         self._keys: dict[type[BaseModel], list[tuple[str, str]]] = {}
 
     def __call__(self, experiment: Experiment) -> str:
-        """The run id of the experiment, equal to `run_id(experiment)`."""
+        """The run id of the experiment, equal to `run_id(experiment, self.earlier)`."""
         model = type(experiment)
         if model not in self._keys:
             names = sorted({*model.model_fields, *model.model_computed_fields})
@@ -153,7 +155,7 @@ class RunIds:
             if seen is not None and (seen[0] is value or (type(seen[0]) is type(value) and seen[0] == value)):
                 text = seen[1]
             else:
-                dumped = identity(value) if isinstance(value, BaseModel) else None
+                dumped = identity(value, self.earlier) if isinstance(value, BaseModel) else None
                 text = canonical_json(
                     dumped if dumped is not None else experiment.model_dump(mode="json", include={name})[name]
                 )

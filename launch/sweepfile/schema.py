@@ -80,6 +80,8 @@ def rows(model: type[BaseModel] = SweepFileSchema, prefix: str = "") -> list[Fie
         subs = list(_models(field.annotation))
         default = "(section)" if subs else _default(field)
         about = field.description or (_first_line(subs[0][1].__doc__) if subs and not subs[0][0] else "")
+        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("identity") == "never":
+            about += " (not part of a run's identity)"
         out.append(FieldRow(path, type_name(field.annotation), default, about))
         for key, sub in subs:
             out += rows(sub, f"{path}.{key}." if key else f"{path}.")
