@@ -7,6 +7,7 @@ import io
 import json
 import os
 import select
+import shutil
 import signal
 import statistics
 import struct
@@ -27,7 +28,7 @@ from extrema.run.contract import update_status
 from launch.addressed import open_addressed
 from launch.runstore import store
 from launch.sweepfile.expand import load_runs
-from launch.views import tables
+from launch.views import plots, tables
 from launch.views.results_view import collect, results_view, show_view
 from tests.processes import interruptible
 from tests.test_cli import TINY, cli
@@ -173,6 +174,60 @@ def test_plot_writes_png_and_svg_figures(swept: Swept, tmp_path: Path) -> None:
         assert_figure(png)
     names = "".join(out.split())  # the files table may wrap long paths
     assert all(name in names for name in written), out
+
+
+def raised_copy(url: str, to: Path) -> str:
+    """A second completed sweep: the store at `url` copied to `to`, each pretrain loss logged raised by 1 and each
+    kNN top-1 result raised by 10 (its ledger dropped, so the stages' own records are read)."""
+    shutil.copytree(url, to)
+    shutil.rmtree(to / "ledger", ignore_errors=True)
+    for log in to.glob("*/pretrain/metrics.jsonl"):
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        raised = [r | {"loss": r["loss"] + 1} if "loss" in r else r for r in records]
+        log.write_text("".join(json.dumps(r) + "\n" for r in raised))
+    for path in to.glob("*/pretrain/result.json"):
+        result = json.loads(path.read_text())
+        path.write_text(json.dumps(result | {"knn_top1": result["knn_top1"] + 10}))
+    return str(to)
+
+
+def test_plot_of_two_sweeps_draws_each_sweep_labelled(
+    swept: Swept, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    other = raised_copy(swept.url, tmp_path / "other" / "figures")
+    drawn: list[plots.Plotted] = []
+    plot_sweeps = plots.plot_sweeps
+    monkeypatch.setattr(plots, "plot_sweeps", lambda *a, **k: drawn.extend(plot_sweeps(*a, **k)) or drawn)
+    code, out, err = cli("plot", swept.url, other, "--out", str(tmp_path / "figs"))
+    assert code == 0, err
+    assert other in "".join(out.split()) and swept.url in "".join(out.split())
+    figs = {f.name: f for f in drawn}
+    for name in ("fig1_curves", "knn_top1_pretrain_vs_sweep", "knn_top1_pretrain_vs_cls_token"):
+        assert_figure(tmp_path / "figs" / f"{name}.png")
+    mine, theirs = "runs/figures", "other/figures"  # the sweeps' names: the shortest ends of their URLs that differ
+
+    curves = {s.label: s for s in figs["fig1_curves"].panels["loss"]}  # a line per design and sweep
+    for design in DESIGNS:
+        first, second = (curves[f"cls_token={design}, sweep={n}, num_masks=2"] for n in (mine, theirs))
+        assert first.x == second.x and max(first.count) == max(second.count) == 2
+        assert second.mean == pytest.approx([m + 1 for m in first.mean], rel=1e-9)  # each sweep's own logs
+        ids = sorted(r["run_id"] for r in swept.runs if r["design"] == design)
+        assert sorted(second.run_ids) == [f"{theirs}/{i}" for i in ids]
+    assert "sweeps runs/figures, other/figures" in figs["fig1_curves"].caption
+
+    (by_sweep,) = [
+        s for s in figs["knn_top1_pretrain_vs_sweep"].panels["knn_top1"] if s.label == "cls_token=cait, num_masks=2"
+    ]
+    values = [r["result"]["knn_top1"] for r in swept.runs if r["design"] == "cait"]
+    assert by_sweep.x == [mine, theirs] and by_sweep.count == [2, 2]
+    assert by_sweep.mean == pytest.approx([statistics.mean(values), statistics.mean(values) + 10], rel=1e-9)
+    lines = {s.label: s for s in figs["knn_top1_pretrain_vs_cls_token"].panels["knn_top1"]}
+    assert list(lines) == [f"sweep={n}, num_masks=2" for n in (mine, theirs)]  # a line per sweep
+    assert lines[f"sweep={theirs}, num_masks=2"].x == list(DESIGNS)
+
+    code, out, err = cli("plot", swept.url, other, swept.url, "--out", str(tmp_path / "twice"))
+    assert code == 2 and f"the same sweep given twice: {swept.url}" in err
+    assert not (tmp_path / "twice").exists()
 
 
 def test_viz_attention_writes_the_attention_figure(swept: Swept, tmp_path: Path) -> None:

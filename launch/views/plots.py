@@ -5,6 +5,10 @@ one line per value of an axis (default `model.cls_token`) with the mean over see
 deviation. `plot_metric`: a result metric against a swept axis with error bars over seeds. `plot_sweep` draws
 every figure a sweep has data for. Each function returns the plotted numbers with the files it wrote, and every
 figure names its sweep and run ids in the caption.
+
+Several sweeps (`plot_sweeps`, `curves_of`, `plot_curves_of`) draw as one: each sweep is named by the shortest end
+of its URL that no other of them shares (`sweep_names`), the results table's `sweep` column holds that name (an
+axis like the swept ones), Figure 1 has a line per sweep and value, and run ids read `<sweep name>/<run id>`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from extrema.run.contract import StageDir
 from extrema.viz import figures
 from launch.runstore import results, store
 from launch.views import aggregate
+from launch.views.results_view import SWEEP
 
 CURVE_METRICS = ("loss", "knn_top1")
 RESULT_METRICS = (
@@ -48,8 +53,11 @@ LABELS = {
     "pretrain.masking.ratio": "masking ratio",
     "pretrain.masking.num_masks": "number of masks",
     "pretrain.seed": "seed",
+    SWEEP: "sweep",
 }
 _READERS = 16
+
+Sweeps = Sequence[tuple[str, Sequence[store.StoredRun]]]  # each sweep of a figure: its URL and its runs
 
 
 def label(name: str) -> str:
@@ -60,6 +68,35 @@ def label(name: str) -> str:
 def short(name: str) -> str:
     """The last part of a dotted axis path (`model.cls_token` -> `cls_token`)."""
     return name.rsplit(".", 1)[-1]
+
+
+def sweep_names(urls: Sequence[str]) -> dict[str, str]:
+    """Each of several distinct sweep URLs -> the shortest end of its path that no other of them ends with: the
+    sweep's name where that is unique (`/a/runs/abl`, `s3://b/abl-2` -> `abl`, `abl-2`), else more of the path
+    (`/a/runs/abl`, `/b/runs/abl` -> `a/runs/abl`, `b/runs/abl`)."""
+    parts = {u: u.rstrip("/").split("/") for u in urls}
+    names = {}
+    for url, mine in parts.items():
+        for n in range(1, len(mine) + 1):
+            tail = mine[-n:]
+            if not any(other[-n:] == tail for u, other in parts.items() if u != url):
+                break
+        names[url] = "/".join(tail)
+    return names
+
+
+def qualified(sweep: str, run_id: str) -> str:
+    """A run id as figures of several sweeps name it, `<sweep name>/<run id>`; the bare id where `sweep` is ""."""
+    return f"{sweep}/{run_id}" if sweep else run_id
+
+
+def named_sweeps(table: pa.Table, names: Mapping[str, str]) -> pa.Table:
+    """A results table of several sweeps (a `sweep` column of URLs) with each URL replaced by its name in `names`
+    and each run id qualified by it, as the figures show them."""
+    urls = table.column(SWEEP).to_pylist()
+    ids = [qualified(names[u], r) for u, r in zip(urls, table.column("run_id").to_pylist())]
+    table = table.set_column(table.column_names.index(SWEEP), SWEEP, pa.array([names[u] for u in urls], pa.string()))
+    return table.set_column(table.column_names.index("run_id"), "run_id", pa.array(ids, pa.string()))
 
 
 @dataclass(frozen=True)
@@ -87,20 +124,25 @@ class Plotted:
 # --------------------------------------------------------------------------------------------- the data
 
 
-def line_keys(runs: Sequence[store.StoredRun], axis: str) -> dict[str, tuple[str, list[store.StoredRun]]]:
-    """Runs grouped into lines: by `axis` and every other non-seed swept value; key -> (label, runs)."""
-    flat = {r.run_id: results.flatten(r.overrides) for r in runs}
-    paths = list(dict.fromkeys(p for f in flat.values() for p in f))
+Member = tuple[str, store.StoredRun]  # a run of a figure with its sweep's name ("" where one sweep is drawn)
+
+
+def line_keys(runs: Sequence[Member], axis: str) -> dict[str, tuple[str, list[Member]]]:
+    """Runs grouped into lines: by `axis`, their sweep (of several) and every other non-seed swept value;
+    key -> (label, runs)."""
+    flat = [results.flatten(r.overrides) for _, r in runs]
+    paths = list(dict.fromkeys(p for f in flat for p in f))
     others = [p for p in paths if p != axis and p not in aggregate.seed_axes(paths)]
-    lines: dict[str, tuple[str, list[store.StoredRun]]] = {}
-    for r in runs:
-        f = flat[r.run_id]
+    lines: dict[str, tuple[str, list[Member]]] = {}
+    for (sweep, r), f in zip(runs, flat):
         parts = [(axis, f[axis])] if axis in f else []
+        if sweep:
+            parts.insert(0 if axis == SWEEP else len(parts), (SWEEP, sweep))
         parts += [(p, f.get(p)) for p in others]
         key = aggregate.value_key(parts)
         text = str(parts[0][1]) if len(parts) == 1 and parts[0][0] == axis else ""
         text = text or ", ".join(f"{short(p)}={v}" for p, v in parts) or "all runs"
-        lines.setdefault(key, (text, []))[1].append(r)
+        lines.setdefault(key, (text, []))[1].append((sweep, r))
     return lines
 
 
@@ -141,18 +183,33 @@ def curves(
     metrics: Iterable[str] = CURVE_METRICS,
 ) -> dict[str, list[Series]]:
     """metric -> one Series per line (see `line_keys`) against epoch, from the runs' pretrain metrics.jsonl."""
-    logs = read_metrics(sweep_url, [r for r in runs if "pretrain" in r.stages])
+    return curves_of([(sweep_url, runs)], axis, metrics)
+
+
+def curves_of(
+    sweeps: Sweeps, axis: str = "model.cls_token", metrics: Iterable[str] = CURVE_METRICS
+) -> dict[str, list[Series]]:
+    """`curves` of one or more sweeps, each sweep's runs read from its own store; with several, a line per sweep
+    and value (see `line_keys`) and run ids qualified by the sweep's name."""
+    names = sweep_names([url for url, _ in sweeps]) if len(sweeps) > 1 else {}
+    members: list[Member] = []
+    logs: dict[str, list[dict]] = {}
+    for url, runs in sweeps:
+        read = read_metrics(url, [r for r in runs if "pretrain" in r.stages])
+        name = names.get(url, "")
+        members += [(name, r) for r in runs if r.run_id in read]
+        logs.update({qualified(name, i): records for i, records in read.items()})
     out: dict[str, list[Series]] = {}
     for metric in metrics:
         lines = []
-        for text, members in line_keys([r for r in runs if r.run_id in logs], axis).values():
+        for text, group in line_keys(members, axis).values():
             points = {
-                r.run_id: {
+                qualified(sweep, r.run_id): {
                     int(rec["step"]): (float(rec.get("epoch", rec["step"])), float(rec[metric]))
-                    for rec in logs[r.run_id]
+                    for rec in logs[qualified(sweep, r.run_id)]
                     if isinstance(rec.get(metric), (int, float)) and "step" in rec
                 }
-                for r in members
+                for sweep, r in group
             }
             points = {k: v for k, v in points.items() if v}
             if points:
@@ -199,10 +256,12 @@ def metric_series(table: pa.Table, axis: str, metric: str, stage: str | None = N
 # ------------------------------------------------------------------------------------------------ drawing
 
 
-def caption(sweep_name: str, run_ids: Sequence[str], what: str) -> str:
-    """`sweep NAME · what · N runs: id, id, ...`, wrapped to the figure width."""
+def caption(sweep_name: str | Sequence[str], run_ids: Sequence[str], what: str) -> str:
+    """`sweep NAME · what · N runs: id, id, ...` (`sweeps NAME, NAME` for several), wrapped to the figure width."""
     ids = ", ".join(dict.fromkeys(run_ids))
-    text = f"sweep {sweep_name} · {what} · {len(set(run_ids))} runs: {ids}"
+    several = not isinstance(sweep_name, str) and len(sweep_name) > 1
+    named = sweep_name if isinstance(sweep_name, str) else ", ".join(sweep_name)
+    text = f"sweep{'s' if several else ''} {named} · {what} · {len(set(run_ids))} runs: {ids}"
     return "\n".join(textwrap.wrap(text, 150))
 
 
@@ -222,7 +281,12 @@ def plot_curves(
     name: str = "fig1_curves",
 ) -> Plotted:
     """Figure 1: training loss and kNN top-1 against epoch, a line per value of `axis`, mean ± std over seeds."""
-    panels = curves(sweep_url, runs, axis)
+    return plot_curves_of([(sweep_url, runs)], out_dir, axis, name)
+
+
+def plot_curves_of(sweeps: Sweeps, out_dir: str, axis: str = "model.cls_token", name: str = "fig1_curves") -> Plotted:
+    """`plot_curves` of one or more sweeps: with several, a line per sweep and value, labelled with the sweep."""
+    panels = curves_of(sweeps, axis)
     if not panels:
         raise ValueError("no run has pretrain metrics (loss or knn_top1) in its metrics.jsonl")
     fig = figures.new_figure(5.2 * len(panels), 4.2)
@@ -236,9 +300,8 @@ def plot_curves(
         ax.set_title(label(metric))
         ax.grid(alpha=0.3)
     axes[-1].legend(title=label(axis), fontsize=8, title_fontsize=8)
-    sweep_name = sweep_url.rstrip("/").rsplit("/", 1)[-1]
     ids = [i for lines in panels.values() for s in lines for i in s.run_ids]
-    text = caption(sweep_name, ids, "mean over seeds, band ±1 std")
+    text = caption(list(sweep_names([url for url, _ in sweeps]).values()), ids, "mean over seeds, band ±1 std")
     fig.suptitle(f"Training loss and kNN accuracy by {label(axis)}", fontsize=11)
     fig.text(0.0, -0.01, text, fontsize=7, va="top", ha="left", color="0.3")
     return Plotted(name, figures.save(fig, out_dir, name), text, panels)
@@ -257,7 +320,7 @@ def plot_metric(
     metric: str,
     out_dir: str,
     stage: str | None = None,
-    sweep_name: str = "",
+    sweep_name: str | Sequence[str] = "",
     name: str | None = None,
 ) -> Plotted:
     """`metric` against swept `axis`, mean with ±1 std error bars over seeds, a line per other-axis combination."""
@@ -301,7 +364,7 @@ def _setting(row: dict[str, Any], axis: str) -> Any:
 
 
 def plot_locality(
-    table: pa.Table, axis: str, out_dir: str, sweep_name: str = "", name: str = "fig2_locality"
+    table: pa.Table, axis: str, out_dir: str, sweep_name: str | Sequence[str] = "", name: str = "fig2_locality"
 ) -> Plotted:
     """Figure 2: Jaccard and CorLoc of the class token's attention, grouped bars (mean ± std over seeds) by `axis`,
     one bar per combination of the other swept axes (e.g. pretrained vs random init); `n/a` where a design has
@@ -370,10 +433,26 @@ def plot_sweep(
     """Every figure the sweep has data for: Figure 1 when pretrain logged curves, then each reported metric of
     each stage against each non-seed swept axis. The results table is
     `launch.runstore.results.collect(sweep_url, runs)`."""
-    sweep_name = sweep_url.rstrip("/").rsplit("/", 1)[-1]
+    return plot_sweeps([(sweep_url, runs)], table, out_dir, axis, metrics)
+
+
+def plot_sweeps(
+    sweeps: Sweeps,
+    table: pa.Table,
+    out_dir: str,
+    axis: str = "model.cls_token",
+    metrics: Sequence[str] = RESULT_METRICS,
+) -> list[Plotted]:
+    """`plot_sweep` of one or more sweeps. With several, the table is theirs together with a `sweep` column of
+    their URLs (`launch.views.results_view.collect_many`): Figure 1 has a line per sweep and value, and `sweep`
+    is an axis of the metric figures (each metric against it, and a line per sweep against the other axes)."""
+    names = sweep_names([url for url, _ in sweeps])
+    sweep_name = list(names.values())
+    if len(sweeps) > 1:
+        table = named_sweeps(table, names)
     out = []
     with contextlib.suppress(ValueError):  # no pretrain curves: no pretrain stage, or nothing logged yet
-        out.append(plot_curves(sweep_url, runs, out_dir, axis))
+        out.append(plot_curves_of(sweeps, out_dir, axis))
     keep, _ = aggregate.resolve_by(table, None)
     agg = aggregate.aggregate(table)
     present = [m for m in metrics if f"{m}.count" in agg.column_names]
