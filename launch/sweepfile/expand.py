@@ -163,7 +163,12 @@ def expand(sweep: SweepFile) -> list[Run]:
         if rid in seen:
             where = next(iter(origin.values()), ("sweep",))
             problems.append(
-                Problem("", where, f"runs {seen[rid] + 1} and {i + 1} are the same experiment ({_describe(overrides)})")
+                Problem(
+                    "",
+                    where,
+                    f"runs {seen[rid] + 1} and {i + 1} are the same experiment ({_describe(overrides)}); settings "
+                    "outside a run's identity (loader workers, cadences, retention, store access) tell no runs apart",
+                )
             )
             continue
         seen[rid] = i
