@@ -23,6 +23,7 @@ import os
 import re
 import stat
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -164,10 +165,19 @@ def verify(files_dir: Path) -> dict[str, Any]:
     extra = unlisted(files_dir, listed)
     if extra is not None:
         raise SnapshotRefused(extra)
+    for _ in checked_files(listed, lambda name: read_bounded(files_dir / name, MAX_BYTES)):
+        pass
+    return manifest
+
+
+def checked_files(listed: dict[str, str], read: Callable[[str], bytes]) -> Iterator[tuple[str, bytes]]:
+    """Each listed file (name, content) as `read` gives it (at most MAX_BYTES + 1 bytes), in name order, once its
+    content matches its listed sha256 and the files so far stay within MAX_BYTES; SnapshotRefused (naming the file)
+    otherwise, FileNotFoundError from `read` included."""
     total = 0
     for name, digest in sorted(listed.items()):
         try:
-            data = read_bounded(files_dir / name, MAX_BYTES)
+            data = read(name)
         except FileNotFoundError:
             raise SnapshotRefused(f"{name} is missing") from None
         total += len(data)
@@ -175,7 +185,7 @@ def verify(files_dir: Path) -> dict[str, Any]:
             raise SnapshotRefused(f"its files exceed {MAX_BYTES >> 20} MiB")
         if hashlib.sha256(data).hexdigest() != digest:
             raise SnapshotRefused(f"{name} differs from the snapshot's manifest (changed after it was taken)")
-    return manifest
+        yield name, data
 
 
 def imported_from() -> Path:

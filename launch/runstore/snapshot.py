@@ -202,22 +202,19 @@ def fetch(url: str, manifest: dict[str, Any], into: Path) -> None:
     every name was checked by `code_snapshot.read_manifest`, and every file is created, never opened through a link."""
     into.mkdir()
     fs, _ = rundir.filesystem(url)
-    total = 0
-    for path, digest in manifest["files"].items():
-        try:
-            with fs.open(rundir.filesystem(rundir.join(url, code_snapshot.FILES, path))[1], "rb") as f:
-                data = f.read(MAX_BYTES + 1)
-        except FileNotFoundError:
-            raise SnapshotError(f"{url}: {path} is missing") from None
-        total += len(data)
-        if total > MAX_BYTES:
-            raise SnapshotError(f"{url}: its files exceed {MAX_BYTES >> 20} MiB")
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise SnapshotError(f"{url}: {path} does not match the snapshot's manifest")
-        dest = into / code_snapshot.FILES / path
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with open(dest, "xb") as out:
-            out.write(data)
+
+    def read(path: str) -> bytes:
+        with fs.open(rundir.filesystem(rundir.join(url, code_snapshot.FILES, path))[1], "rb") as f:
+            return bytes(f.read(MAX_BYTES + 1))
+
+    try:
+        for path, data in code_snapshot.checked_files(manifest["files"], read):
+            dest = into / code_snapshot.FILES / path
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(dest, "xb") as out:
+                out.write(data)
+    except code_snapshot.SnapshotRefused as e:
+        raise SnapshotError(f"{url}: {e}") from None
     text = json.dumps(manifest, indent=2, sort_keys=True)
     (into / code_snapshot.FILES / code_snapshot.INSIDE).write_text(text)
     (into / code_snapshot.MANIFEST).write_text(text)
