@@ -169,6 +169,23 @@ def test_include_merges_underneath_and_nests(tmp_path: Path) -> None:
     assert sweep.name == "inc"
 
 
+def test_include_by_bare_name_finds_the_projects_recipe_and_a_file_beside_wins(tmp_path: Path) -> None:
+    """`include: vit_small_in1k.yaml` in a sweep file anywhere reads jobs/recipes' recipe (which includes the ViT-B
+    one beside it); a file of that name next to the sweep file is read instead; names with a folder are not looked
+    up among the recipes."""
+    path = write(
+        tmp_path, "include: vit_small_in1k.yaml\nname: mine\nroot: /shared/runs\nbase:\n  data: {root: /data/in1k}\n"
+    )
+    sweep, runs = load_runs(path)
+    assert (sweep.name, runs[0].experiment.model.arch, runs[0].experiment.finetune.epochs) == ("mine", "vit_small", 200)
+    write(tmp_path, "base:\n  model: {arch: vit_pico}\n  data: {dataset: synthetic}\n", "vit_small_in1k.yaml")
+    assert load_runs(path)[1][0].experiment.model.arch == "vit_pico"
+    (msg,) = problems(write(tmp_path, "include: nowhere.yaml\n" + BASE, "a.yaml"))
+    assert "not found" in msg and str(REPO / "jobs" / "recipes" / "nowhere.yaml") in msg
+    (msg,) = problems(write(tmp_path, "include: sub/vit_small_in1k.yaml\n" + BASE, "b.yaml"))
+    assert "not found" in msg and "jobs/recipes" not in msg
+
+
 def test_include_problems_name_the_included_file(tmp_path: Path) -> None:
     write(tmp_path, "base:\n  model: {arch: vit_pico, depth: 3}\n", "recipe.yaml")
     path = write(tmp_path, "include: recipe.yaml\n" + BASE.replace("  model: {arch: vit_pico}\n", ""))

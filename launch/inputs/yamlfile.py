@@ -183,11 +183,24 @@ def read_yaml(path: Path, limit: int = MAX_YAML_BYTES) -> tuple[Any, yaml.Node |
     return parse_yaml(read_text(path, limit), str(path))
 
 
+RECIPE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}\.ya?ml")
+
+
+def recipes_dir() -> Path:
+    """The project's recipes (jobs/recipes beside the installed packages: a checkout, or an editable install)."""
+    return Path(__file__).resolve().parents[2] / "jobs" / "recipes"
+
+
+def recipe(name: str) -> Path | None:
+    """The recipe a bare file name (`vit_small_in1k.yaml`) names; None for any other name."""
+    return recipes_dir() / name if RECIPE_NAME.fullmatch(name) else None
+
+
 def load_with_includes(
     path: Path, chain: tuple[Path, ...] = (), budget: int = MAX_YAML_BYTES
 ) -> tuple[dict[str, Any], list[Source]]:
-    """The file's mapping with its `include:` files (relative to it) merged underneath, and every source file;
-    all of them together at most `budget` bytes."""
+    """The file's mapping with its `include:` files (relative to it, else a recipe of jobs/recipes by its bare file
+    name) merged underneath, and every source file; all of them together at most `budget` bytes."""
     file = str(path)
     text = read_text(path, budget)
     data, node = parse_yaml(text, file)
@@ -207,15 +220,18 @@ def load_with_includes(
     included: list[Source] = []
     here = path.resolve()
     for i, name in enumerate(includes):
-        target = (path.parent / name).resolve()
+        beside = path.parent / name
+        found = next((t for t in (beside, recipe(name)) if t is not None and t.is_file()), None)
+        target = (found or beside).resolve()
         if target in (*chain, here):
             cycle = " -> ".join(str(p) for p in (*chain, here, target))
             raise InvalidSweep(locate([Problem(file, ("include", i), f"include cycle: {cycle}")], [Source(file, node)]))
-        if not target.is_file():
-            problem = Problem(file, ("include", i), f"included file {name!r} not found (looked for {target})")
+        if found is None:
+            looked = " or ".join(str(t) for t in (beside.resolve(), recipe(name)) if t is not None)
+            problem = Problem(file, ("include", i), f"included file {name!r} not found (looked for {looked})")
             raise InvalidSweep(locate([problem], [Source(file, node)]))
         used = size + sum(s.size for s in included)
-        sub, sources = load_with_includes(path.parent / name, (*chain, here), budget - used)
+        sub, sources = load_with_includes(found, (*chain, here), budget - used)
         merged = deep_merge(merged, sub)
         included = sources + included
     return deep_merge(merged, data), [Source(file, node, size), *included]
