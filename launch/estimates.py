@@ -1,12 +1,12 @@
-"""Know before you queue: a sweep's pretraining stage configurations, estimated by `python -m extrema.check` (torch
-and its fake process groups stay out of the launcher), and the ones that do not fit.
+"""Know before you queue: a sweep's pretraining, finetuning and linear-probe stage configurations, estimated by
+`python -m extrema.check` (torch and its fake process groups stay out of the launcher), and the ones that do not fit.
 
 One estimator process serves every configuration: it imports torch once and forks a fresh child per configuration
 (`extrema.check.many`), so each fake process group still lives in a process of its own. A configuration is what
-the estimate depends on: the experiment less the seed and the other stages' settings, and
-the pretraining stage's resources (nodes, ranks per node, GPUs, GPU type and memory); the runs sharing one are
-estimated once. The estimator prints JSON (memory per rank, FLOPs per step, time and GPU-hours on the GPU type);
-this module runs it, reads it and words what does not fit, one line per configuration.
+the estimate depends on: the stage, the experiment less that stage's seed and the other stages' settings, and the
+stage's resources (nodes, ranks per node, GPUs, GPU type and memory); the runs sharing one are estimated once. The
+estimator prints JSON (memory per rank, FLOPs per step, time and GPU-hours on the GPU type); this module runs it,
+reads it and words what does not fit, one line per configuration.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from extrema.spec import Experiment
 from launch.backends.resources import ResourcesSpec
 from launch.sweepfile.model import STAGE_ORDER, LauncherSpec, Run, canonical_json
 
-CHECKED = "pretrain"  # the stage the estimator can step (the others' steps are written inside their run())
+CHECKED = ("pretrain", "finetune", "probe")  # the stages whose step is a function the estimator runs
 PARALLEL = 4  # estimates at once (each child holds ~1 GB while it steps a fake ViT-B)
 TIMEOUT_S = 1800.0  # for every configuration of a sweep together
 TAIL = 400  # characters of an estimator's standard error quoted when it fails
@@ -32,12 +32,13 @@ TAIL = 400  # characters of an estimator's standard error quoted when it fails
 
 @dataclass(frozen=True)
 class Configuration:
-    """One distinct pretraining configuration of a sweep: an experiment standing for its runs (`run_ids`, those
-    differing from it only in seed or in the other stages' settings) and the stage's resources."""
+    """One distinct stage configuration of a sweep: the stage, an experiment standing for its runs (`run_ids`,
+    those differing from it only in the stage's seed or in the other stages' settings) and the stage's resources."""
 
     experiment: Experiment
     run_ids: tuple[str, ...]
     resources: ResourcesSpec
+    stage: str = "pretrain"
 
     @property
     def target(self) -> str:
@@ -49,15 +50,19 @@ class Configuration:
     def label(self) -> str:
         """A short name: the stage, the runs it stands for and its world."""
         ids = ", ".join(self.run_ids[:3]) + (f" and {len(self.run_ids) - 3} more" if len(self.run_ids) > 3 else "")
-        r = self.resources
-        return (
-            f"{CHECKED} of run{'s' if len(self.run_ids) > 1 else ''} {ids} ({r.nodes} x {r.processes_per_node} ranks)"
-        )
+        r, runs = self.resources, "runs" if len(self.run_ids) > 1 else "run"
+        return f"{self.stage} of {runs} {ids} ({r.nodes} x {r.processes_per_node} ranks)"
 
     @property
     def model(self) -> str:
-        """The model and masking in a few words."""
-        m, p = self.experiment.model, self.experiment.pretrain
+        """The model and what sets the stage's step apart, in a few words."""
+        m, e = self.experiment.model, self.experiment
+        if self.stage == "finetune":
+            size = e.finetune.img_size or m.resolved_img_size
+            return f"{m.arch} {m.cls_token}, {size} px, batch {e.finetune.batch_size}"
+        if self.stage == "probe":
+            return f"{m.arch} {m.cls_token}, {e.probe.optimizer}, batch {e.probe.batch_size}"
+        p = e.pretrain
         return f"{m.arch} {m.cls_token}, {p.masking.ratio:.0%} x {p.masking.num_masks}, batch {p.batch_size}"
 
 
@@ -66,37 +71,40 @@ def size(n: float) -> str:
     return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 
-def configuration_key(experiment: Experiment, resources: ResourcesSpec) -> str:
-    """What an estimate depends on, as text: the experiment less its seed and the settings of stages not estimated,
-    and the resources that shape the job's world and its limit."""
-    shown = experiment.model_dump(mode="json", exclude={"stages", "knn", "probe", "finetune", "detect", "inpaint"})
-    shown.pop("locality", None)
-    shown["pretrain"].pop("seed", None)
+def configuration_key(experiment: Experiment, resources: ResourcesSpec, stage: str = "pretrain") -> str:
+    """What a stage's estimate depends on, as text: the experiment less the stage's seed and the settings of the
+    other stages, and the resources that shape the job's world and its limit."""
+    shown = experiment.model_dump(mode="json", exclude={"stages", *(set(STAGE_ORDER) - {stage})})
+    shown[stage].pop("seed", None)
     fields = ("nodes", "processes_per_node", "gpus_per_node", "gpu_type", "gpu_memory_gb")
     return canonical_json({"experiment": shown, "resources": resources.model_dump(mode="json", include=set(fields))})
 
 
 def configurations(runs: Sequence[Run], launcher: LauncherSpec) -> list[Configuration]:
-    """The distinct pretraining configurations of these runs, in the order their first run comes."""
-    resources = launcher.resources_for(CHECKED)
-    grouped: dict[str, tuple[Experiment, list[str]]] = {}
-    for run in runs:
-        if CHECKED in run.stages:
-            key = configuration_key(run.experiment, resources)
-            grouped.setdefault(key, (run.experiment, []))[1].append(run.run_id)
-    return [Configuration(exp, tuple(ids), resources) for exp, ids in grouped.values()]
+    """The distinct configurations of the estimated stages of these runs, stage by stage in pipeline order, each
+    stage's in the order their first run comes."""
+    found: list[Configuration] = []
+    for stage in (s for s in STAGE_ORDER if s in CHECKED):
+        resources = launcher.resources_for(stage)
+        grouped: dict[str, tuple[Experiment, list[str]]] = {}
+        for run in runs:
+            if stage in run.stages:
+                key = configuration_key(run.experiment, resources, stage)
+                grouped.setdefault(key, (run.experiment, []))[1].append(run.run_id)
+        found += [Configuration(exp, tuple(ids), resources, stage) for exp, ids in grouped.values()]
+    return found
 
 
 def unchecked(runs: Sequence[Run]) -> list[str]:
     """The sweep's stages the check does not estimate, in pipeline order."""
-    present = {s for r in runs for s in r.stages if s != CHECKED}
+    present = {s for r in runs for s in r.stages if s not in CHECKED}
     return [s for s in STAGE_ORDER if s in present]
 
 
 def wanted(launcher: LauncherSpec) -> bool:
-    """Whether `sweep` checks before it submits: the pretraining resources name a GPU type or a GPU memory."""
-    r = launcher.resources_for(CHECKED)
-    return r.gpu_type is not None or r.gpu_memory_gb is not None
+    """Whether `sweep` checks before it submits: an estimated stage's resources name a GPU type or a GPU memory."""
+    limits = (launcher.resources_for(stage) for stage in CHECKED)
+    return any(r.gpu_type is not None or r.gpu_memory_gb is not None for r in limits)
 
 
 @dataclass(frozen=True)
@@ -142,7 +150,8 @@ class Estimate:
 def arguments(c: Configuration, options: Options) -> list[str]:
     """The estimator's options for one configuration (its experiment travels beside them)."""
     r = c.resources
-    argv = ["--target", c.target, "--nodes", str(r.nodes), "--processes-per-node", str(r.processes_per_node)]
+    argv = ["--stage", c.stage, "--target", c.target]
+    argv += ["--nodes", str(r.nodes), "--processes-per-node", str(r.processes_per_node)]
     argv += ["--utilization", repr(options.utilization)]
     if r.gpu_type:
         argv += ["--gpu-type", r.gpu_type]

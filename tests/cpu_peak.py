@@ -4,6 +4,7 @@ measurement, in a module of its own so that the gloo ranks it spawns import litt
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,9 +15,13 @@ from torch.distributed.tensor import DTensor
 from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import OpTree
 
+from extrema.check.downstream import applies, num_classes
 from extrema.models.extrema import ExtreMA, random_masks
 from extrema.spec import Experiment
+from extrema.stages import finetune, probe
+from extrema.stages.finetune import build_classifier, finetune_optimizer
 from extrema.stages.pretrain import train_step
+from extrema.stages.probe import frozen_encoder, probe_head, probe_optimizer
 from extrema.train.dist import World, wrap
 from extrema.train.optim import build_adamw, param_groups, scaled_lr
 
@@ -46,11 +51,19 @@ def measured_peak(exp: Experiment, world: World) -> int:
     model.train()
     core.update_target(p.ema_momentum)
     train_step(loss_module, optimizer, batch, p, world, None, False, True)  # makes the optimizer's state
-    state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    before = live_bytes([*core.parameters(), *core.buffers(), *state, *batch])
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    before = live_bytes([*core.parameters(), *core.buffers(), *optimizer_state(optimizer), *batch])
+
+    def step() -> None:
         core.update_target(p.ema_momentum)
         train_step(loss_module, optimizer, batch, p, world, None, False, True)
+
+    return before + allocator_peak(step)
+
+
+def allocator_peak(step: Callable[[], object]) -> int:
+    """The highest sum of the CPU allocator's allocations and frees the profiler sees while `step` runs."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
     events = OpTree(prof.profiler.kineto_results).sorted_nodes
     allocations = sorted(
         (e.start_time_ns, e.typed[1].alloc_size) for e in events if e.typed[0] == _EventType.Allocation
@@ -59,7 +72,44 @@ def measured_peak(exp: Experiment, world: World) -> int:
     for _, size_change in allocations:
         now += size_change
         top = max(top, now)
-    return before + top
+    return top
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The optimizer's state tensors."""
+    return [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+
+
+def measured_finetune_peak(exp: Experiment, world: World) -> int:
+    """A real CPU finetuning step of one rank as the stage runs it, on mixed images and soft labels, after a first
+    step: the bytes alive before it plus the allocator's peak in it."""
+    f, classes = exp.finetune, num_classes(exp)
+    model = build_classifier(exp, f, classes, None)
+    optimizer = finetune_optimizer(model, f)
+    b, size = f.batch_size // world.size, model.encoder.img_size
+    x, soft = torch.randn(b, exp.model.in_chans, size, size), torch.softmax(torch.randn(b, classes), dim=1)
+    apply = applies(optimizer, list(model.parameters()), f.clip_grad)
+    model.train()
+    finetune.train_step(model, x, soft, f, world, None, apply)
+    before = live_bytes([*model.parameters(), *model.buffers(), *optimizer_state(optimizer), x, soft])
+    return before + allocator_peak(lambda: finetune.train_step(model, x, soft, f, world, None, apply))
+
+
+def measured_probe_peak(exp: Experiment, world: World) -> int:
+    """A real CPU linear-probe step of one rank as the stage runs it, after a first step: the bytes alive before
+    it plus the allocator's peak in it."""
+    p = exp.probe
+    encoder = frozen_encoder(exp, p, None)
+    head = probe_head(encoder.embed_dim, num_classes(exp), p)
+    optimizer = probe_optimizer(head, p)
+    b, size = p.batch_size // world.size, exp.model.resolved_img_size
+    x, y = torch.randn(b, exp.model.in_chans, size, size), torch.randint(num_classes(exp), (b,))
+    apply = applies(optimizer, list(head.parameters()), None)
+    head.train()
+    probe.train_step(encoder, head, x, y, p, world, None, apply)
+    modules = [*encoder.parameters(), *encoder.buffers(), *head.parameters(), *head.buffers()]
+    before = live_bytes([*modules, *optimizer_state(optimizer), x, y])
+    return before + allocator_peak(lambda: probe.train_step(encoder, head, x, y, p, world, None, apply))
 
 
 def measure_rank(rank: int, port: int, spec: str, out: str) -> None:

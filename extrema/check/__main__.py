@@ -4,10 +4,11 @@
     extrema-launch sweep-expanded experiment JSON on standard input:  ... | python -m extrema.check - --json
 
 SPEC is a stage's `spec.json` (a RunSpec) or an experiment's JSON (`-`: standard input); with --many, standard
-input holds several configurations (`extrema.check.many`). Only pretraining is
-estimated (the other stages' steps are written inside their `run`, not as functions this could call). Exit
-codes: 0 estimated (whether or not it fits: `fits` says), 2 unreadable or invalid input. Run one configuration
-per process: the estimate joins a fake process group of the job's world size.
+input holds several configurations (`extrema.check.many`). Pretraining, finetuning and the linear probe are
+estimated (`estimate`, `downstream`: each stage's own step); an experiment's JSON as --stage says (default
+pretrain), a stage's spec.json as its stage. Exit codes: 0 estimated (whether or not it fits: `fits` says), 2
+unreadable or invalid input. Run one configuration per process: the estimate joins a fake process group of the
+job's world size.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pydantic import ValidationError
 from extrema.check.devices import DEFAULT_UTILIZATION, DEVICES, GpuType, limit_bytes, step_seconds
 from extrema.spec import Experiment, RunSpec
 
+ESTIMATED = ("pretrain", "finetune", "probe")  # the stages whose step is a function the check runs
 IMAGENET_TRAIN = 1_281_167  # images in ImageNet-1k's train split: the assumed size of a folder or shard set
 FASHION_MNIST_TRAIN = 60_000
 
@@ -36,6 +38,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(prog="python -m extrema.check", description=__doc__.split("\n")[0])
     p.add_argument("spec", help="a stage's spec.json or an experiment's JSON; - reads standard input")
+    p.add_argument("--stage", choices=ESTIMATED, default="pretrain", help="the stage of an experiment's JSON")
     p.add_argument("--nodes", type=int, default=1, help="nodes of the job (default 1)")
     p.add_argument("--processes-per-node", type=int, default=1, help="ranks per node (default 1)")
     p.add_argument("--rank", type=int, default=0, help="the rank this process plays (default 0)")
@@ -59,8 +62,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_experiment(source: str) -> Experiment:
-    """The experiment of a RunSpec (a pretrain stage's) or of an experiment's JSON; InputError naming the field."""
+def load_experiment(source: str, stage: str = "pretrain") -> tuple[Experiment, str]:
+    """The experiment and stage of a RunSpec (its own stage) or of an experiment's JSON (`stage`); InputError
+    naming the field."""
     try:
         text = sys.stdin.read() if source == "-" else open(source, encoding="utf-8").read()  # noqa: SIM115
         data = json.loads(text)
@@ -73,10 +77,10 @@ def load_experiment(source: str) -> Experiment:
     try:
         if "experiment" in data:
             spec = RunSpec.model_validate(data)
-            if spec.stage != "pretrain":
-                raise InputError(f"{source}: stage {spec.stage}: only pretrain stages are estimated")
-            return spec.experiment
-        return Experiment.model_validate(data)
+            if spec.stage not in ESTIMATED:
+                raise InputError(f"{source}: stage {spec.stage}: only {', '.join(ESTIMATED)} stages are estimated")
+            return spec.experiment, spec.stage
+        return Experiment.model_validate(data), stage
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"]) or "(top level)"
@@ -94,11 +98,27 @@ def train_images(exp: Experiment, given: int | None) -> int:
     return IMAGENET_TRAIN
 
 
+def stage_steps(exp: Experiment, stage: str, images: int) -> int:
+    """Optimizer steps of `stage` over epochs of `images` (a downstream stage's train_size or val_fraction
+    holdout taken off first); InputError when its batch is larger than what is left."""
+    if stage == "pretrain":
+        return exp.total_steps(images)
+    from extrema.eval.supervised import step_counts
+
+    s = getattr(exp, stage)
+    if s.val_fraction is not None:
+        images -= min(images - 1, max(1, math.ceil(s.val_fraction * images)))
+    try:
+        return step_counts(min(images, s.train_size or images), s.batch_size, s.epochs)[1]
+    except ValueError as e:
+        raise InputError(f"{stage}: {e} (--train-images)") from None
+
+
 def budget(result: dict[str, Any], args: argparse.Namespace, exp: Experiment) -> dict[str, Any]:
     """Steps, and with a GPU type or memory: the limit, whether the peak fits, the largest batch per rank that
     does, seconds per step, hours of the stage and its GPU-hours."""
     images = train_images(exp, args.train_images)
-    out: dict[str, Any] = {"train_images": images, "steps": exp.total_steps(images)}
+    out: dict[str, Any] = {"train_images": images, "steps": stage_steps(exp, result["stage"], images)}
     device = DEVICES.get(args.gpu_type) if args.gpu_type else None
     memory_gb = args.gpu_memory_gb or (device.memory_gb if device else None)
     if memory_gb:
@@ -119,7 +139,7 @@ def summary(result: dict[str, Any]) -> str:
     """A few human lines of the result."""
     gib = 2**30
     lines = [
-        f"pretrain at {result['world_size']} ranks ({result['strategy']}, {result['precision']}, "
+        f"{result['stage']} at {result['world_size']} ranks ({result['strategy']}, {result['precision']}, "
         f"{result['batch_per_rank']} images per rank)"
     ]
     if "memory" in result:
@@ -161,15 +181,21 @@ def checked_numbers(args: argparse.Namespace) -> None:
         raise InputError("--fake-device cuda estimates a GPU job: give --target cuda")
 
 
-def estimate_one(args: argparse.Namespace, exp: Experiment) -> dict[str, Any]:
+def estimate_one(args: argparse.Namespace, exp: Experiment, stage: str = "pretrain") -> dict[str, Any]:
     """One configuration's result (with its budget after a step); InputError for what cannot be estimated."""
-    from extrema.check.estimate import estimate_pretrain  # torch, after the input is known to be usable
+    from extrema.check.downstream import estimate_downstream  # torch, after the input is known to be usable
+    from extrema.check.estimate import estimate_pretrain
 
     checked_numbers(args)
+    plan, step = args.plan or args.plan_only, not args.plan_only
+    if stage != "pretrain" and (plan or args.fake_device != "cpu"):
+        raise InputError(f"{stage}: the checkpoint plan and fake CUDA tensors are for pretraining only")
     try:
-        plan, step = args.plan or args.plan_only, not args.plan_only
         world = (args.nodes, args.processes_per_node)
-        result = estimate_pretrain(exp, *world, args.target, args.rank, plan, step, args.fake_device)
+        if stage == "pretrain":
+            result = estimate_pretrain(exp, *world, args.target, args.rank, plan, step, args.fake_device)
+        else:
+            result = estimate_downstream(exp, stage, *world, args.target, args.rank)
     except ValueError as e:
         raise InputError(str(e)) from None
     if step:
@@ -185,12 +211,13 @@ def job_estimate(job: dict[str, Any]) -> dict[str, Any]:
         exp = Experiment.model_validate(job.get("experiment"))
     except ValidationError as e:
         raise InputError(f"not an experiment: {e.errors()[0]['msg']}") from None
-    return estimate_one(parse(["-", *map(str, job["argv"])]), exp)
+    args = parse(["-", *map(str, job["argv"])])
+    return estimate_one(args, exp, args.stage)
 
 
 def many(args: argparse.Namespace) -> int:
     """--many: the JSON list of jobs on standard input, each estimated in a forked child; a JSON list out."""
-    from extrema.check import estimate  # noqa: F401 (imported once, before the children are forked)
+    from extrema.check import downstream, estimate  # noqa: F401 (imported once, before the children are forked)
     from extrema.check.many import estimate_many
 
     try:
@@ -209,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.many:
             return many(args)
-        result = estimate_one(args, load_experiment(args.spec))
+        result = estimate_one(args, *load_experiment(args.spec, args.stage))
     except InputError as e:
         print(f"extrema.check: {e}", file=sys.stderr)
         return 2

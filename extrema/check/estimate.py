@@ -25,7 +25,7 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -47,6 +47,7 @@ from extrema.train.dist import World, autocast_dtype, wrap
 from extrema.train.optim import build_adamw, param_groups, scaled_lr
 
 Target = Literal["cuda", "cpu"]
+M = TypeVar("M", bound=nn.Module)
 Batch = tuple[
     torch.Tensor, torch.Tensor, torch.Tensor
 ]  # what the loader hands a rank: two views (or crop, colour), masks
@@ -101,10 +102,10 @@ class Setting:
     cuda_autocast: bool
 
     @classmethod
-    def of(cls, exp: Experiment, target: Target, fake_device: Target = "cpu") -> Setting:
-        """As `extrema.stages.pretrain.run` decides them on a `target` device, its fake tensors on `fake_device`."""
+    def of(cls, exp: Experiment, target: Target, fake_device: Target = "cpu", stage: str = "pretrain") -> Setting:
+        """As the `stage`'s run decides them on a `target` device, its fake tensors on `fake_device`."""
         device = torch.device(target)
-        amp = autocast_dtype(exp.pretrain.precision, device)
+        amp = autocast_dtype(getattr(exp, stage).precision, device)
         cuda_amp = target == "cuda" and amp is not None
         return cls(amp, cuda_amp, color_on_device(exp, device), cuda_amp and fake_device == "cpu")
 
@@ -119,10 +120,15 @@ def fake_world(world_size: int, rank: int = 0, device: Target = "cpu") -> World:
 
 def fake_extrema(exp: Experiment, fake: FakeTensorMode, device: torch.device) -> ExtreMA:
     """`ExtreMA(exp.model)` as the stage builds it, with fake storage: built on the meta device outside the fake
-    mode (its deep copy of the projector would start a second fake mode), then each parameter and buffer given a
-    fake tensor of its shape and dtype on `device`."""
+    mode (its deep copy of the projector would start a second fake mode), then given fake storage."""
     with torch.device("meta"):
         model = ExtreMA(exp.model)
+    return fake_storage(model, fake, device)
+
+
+def fake_storage(model: M, fake: FakeTensorMode, device: torch.device) -> M:
+    """A meta-device model with each parameter and buffer given a fake tensor of its shape and dtype on `device`
+    (parameters keep whether they require gradients)."""
     with fake:
         for module in model.modules():
             for name, p in module._parameters.items():
@@ -144,11 +150,11 @@ def local_bytes(tensors: Iterator[torch.Tensor]) -> int:
     return total
 
 
-def per_rank_batch(exp: Experiment, world_size: int) -> int:
-    """Images per rank per optimizer step; ValueError when the global batch does not divide."""
-    p = exp.pretrain
+def per_rank_batch(exp: Experiment, world_size: int, stage: str = "pretrain") -> int:
+    """Images per rank per optimizer step of `stage`; ValueError when its global batch does not divide."""
+    p = getattr(exp, stage)
     if p.batch_size % world_size:
-        raise ValueError(f"pretrain.batch_size {p.batch_size} is not divisible by {world_size} ranks")
+        raise ValueError(f"{stage}.batch_size {p.batch_size} is not divisible by {world_size} ranks")
     if (p.batch_size // world_size) % p.accum_steps:
         raise ValueError(
             f"{p.batch_size // world_size} images per rank do not split into {p.accum_steps} micro-batches"

@@ -10,12 +10,13 @@ cross-entropy over `accum_steps` micro-batches -> step), top-1/top-5 at every ep
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode, v2
 
 from extrema.data import datasets, loaders, transforms
@@ -24,7 +25,7 @@ from extrema.models.classifier import Classifier, discarded_keys, fresh_keys
 from extrema.run.attempt import BARE, Attempt
 from extrema.spec import Experiment, FinetuneSpec, RunSpec
 from extrema.train import weights
-from extrema.train.dist import Preemption, autocast_dtype, data_parallel, gradient_sync, init_world
+from extrema.train.dist import Preemption, World, autocast_dtype, data_parallel, gradient_sync, init_world
 from extrema.train.optim import build_adamw, cosine_schedule, param_groups, scaled_lr, set_hyperparams
 from extrema.train.step_end import accuracy_outcome
 
@@ -61,8 +62,8 @@ def mix_batch(x: Tensor, y: Tensor, num_classes: int, mixup: float, cutmix: floa
     return mixed, soft
 
 
-def build_classifier(exp: Experiment, f: FinetuneSpec, num_classes: int, source: str | None) -> Classifier:
-    """The finetuning model at the finetune resolution, strictly loaded from `source` (seeded init when None)."""
+def new_classifier(exp: Experiment, f: FinetuneSpec, num_classes: int) -> Classifier:
+    """The finetuning model at the finetune resolution, seeded, before any weights are loaded."""
     img_size = f.img_size or exp.model.resolved_img_size
     if img_size % exp.model.resolved_patch_size:
         raise ValueError(
@@ -70,7 +71,12 @@ def build_classifier(exp: Experiment, f: FinetuneSpec, num_classes: int, source:
         )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(f.seed)
-        model = Classifier(exp.model, num_classes, img_size, f.drop_path_rate)
+        return Classifier(exp.model, num_classes, img_size, f.drop_path_rate)
+
+
+def build_classifier(exp: Experiment, f: FinetuneSpec, num_classes: int, source: str | None) -> Classifier:
+    """The finetuning model at the finetune resolution, strictly loaded from `source` (seeded init when None)."""
+    model = new_classifier(exp, f, num_classes)
     learnable = f.pos_embed == "learnable"
     if source is None:
         weights.use_pos_embed(model.encoder, None, learnable=learnable)
@@ -85,6 +91,36 @@ def build_classifier(exp: Experiment, f: FinetuneSpec, num_classes: int, source:
             learnable_pos=learnable,
         )
     return model
+
+
+def finetune_optimizer(model: Classifier, f: FinetuneSpec) -> torch.optim.AdamW:
+    """AdamW with layer-wise lr decay over the classifier's blocks, starting at the scaled peak lr."""
+    groups = param_groups(
+        model, f.weight_decay, ("pos_embed", "cls_token"), layer_decay=f.layer_decay, num_layers=model.num_layers
+    )
+    return build_adamw(groups, lr=scaled_lr(f.base_lr, f.batch_size), betas=f.betas)
+
+
+def train_step(
+    trained: nn.Module,
+    x: Tensor,
+    soft: Tensor,
+    f: FinetuneSpec,
+    world: World,
+    amp: torch.dtype | None,
+    apply: Callable[[Tensor], bool],
+) -> tuple[Tensor, bool]:
+    """Label-smoothed cross-entropy of mixed images `x` against soft labels over `accum_steps` micro-batches, then
+    `apply(loss)` (clip, step, zero the gradients); the mean loss (a device tensor, no sync) and whether applied."""
+    chunks = list(zip(x.chunk(f.accum_steps), soft.chunk(f.accum_steps)))
+    step_loss = torch.zeros((), device=world.device)
+    for i, (cx, cy) in enumerate(chunks):
+        with gradient_sync(trained, sync=i == len(chunks) - 1):
+            with torch.autocast(world.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+                loss = F.cross_entropy(trained(cx).float(), cy, label_smoothing=f.label_smoothing)
+            (loss / len(chunks)).backward()
+        step_loss += loss.detach() / len(chunks)
+    return step_loss, apply(step_loss)
 
 
 def run(spec: RunSpec, stage_dir: str, attempt: Attempt = BARE) -> dict[str, Any]:
@@ -103,10 +139,7 @@ def run(spec: RunSpec, stage_dir: str, attempt: Attempt = BARE) -> dict[str, Any
     source = None if f.init == "random" else weights.weights_source(f.checkpoint, stage_dir)
     model, trained = data_parallel(build_classifier(exp, f, splits.num_classes, source), world)
     img_size = model.encoder.img_size
-    groups = param_groups(
-        model, f.weight_decay, ("pos_embed", "cls_token"), layer_decay=f.layer_decay, num_layers=model.num_layers
-    )
-    optimizer = build_adamw(groups, lr=peak_lr, betas=f.betas)
+    optimizer = finetune_optimizer(model, f)
 
     vals = supervised.val_loader(splits, img_size, f.eval_batch_size, world, exp.data.num_workers)
     steps = (steps_per_epoch, total_steps)
@@ -129,15 +162,11 @@ def run(spec: RunSpec, stage_dir: str, attempt: Attempt = BARE) -> dict[str, Any
             x, soft = mix_batch(
                 x, y, splits.num_classes, f.mixup, f.cutmix, datasets.seed_of(f.seed, world.rank, step, 1)
             )
-            chunks = list(zip(x.chunk(f.accum_steps), soft.chunk(f.accum_steps)))
-            step_loss = torch.zeros((), device=world.device)
-            for i, (cx, cy) in enumerate(chunks):
-                with gradient_sync(trained, sync=i == len(chunks) - 1):
-                    with torch.autocast(world.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
-                        loss = F.cross_entropy(trained(cx).float(), cy, label_smoothing=f.label_smoothing)
-                    (loss / len(chunks)).backward()
-                step_loss += loss.detach() / len(chunks)
-            if step_end.optimizer_step(step + 1, step_loss, model.parameters(), f.clip_grad):
+            apply = functools.partial(
+                step_end.optimizer_step, step + 1, parameters=model.parameters(), clip_grad=f.clip_grad
+            )
+            step_loss, applied = train_step(trained, x, soft, f, world, amp, apply)
+            if applied:
                 running += step_loss
             step_end(step + 1, running, preemption, lr=lr)
 

@@ -10,11 +10,13 @@ result with its protocol.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from extrema.data import loaders, transforms
 from extrema.eval import supervised
@@ -23,7 +25,7 @@ from extrema.models.vit import VisionTransformer, build_vit
 from extrema.run.attempt import BARE, Attempt
 from extrema.spec import Experiment, ProbeSpec, RunSpec
 from extrema.train import weights
-from extrema.train.dist import Preemption, autocast_dtype, data_parallel, init_world
+from extrema.train.dist import Preemption, World, autocast_dtype, data_parallel, init_world
 from extrema.train.optim import LARS, cosine_schedule, param_groups, scaled_lr, set_hyperparams
 from extrema.train.step_end import accuracy_outcome
 
@@ -45,6 +47,41 @@ def frozen_encoder(exp: Experiment, p: ProbeSpec, source: str | None) -> VisionT
     return encoder.requires_grad_(False).eval()
 
 
+def probe_head(dim: int, num_classes: int, p: ProbeSpec) -> LinearProbe:
+    """The seeded linear head on `dim` features."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(p.seed)
+        return LinearProbe(dim, num_classes)
+
+
+def probe_optimizer(head: nn.Module, p: ProbeSpec) -> torch.optim.Optimizer:
+    """LARS (or SGD) over the head, starting at the scaled peak lr."""
+    groups = param_groups(head, p.weight_decay, no_decay_names=())
+    peak_lr = scaled_lr(p.base_lr, p.batch_size)
+    if p.optimizer == "lars":
+        return LARS(groups, lr=peak_lr, weight_decay=p.weight_decay, momentum=p.momentum)
+    return torch.optim.SGD(groups, lr=peak_lr, momentum=p.momentum)
+
+
+def train_step(
+    encoder: VisionTransformer,
+    trained: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    p: ProbeSpec,
+    world: World,
+    amp: torch.dtype | None,
+    apply: Callable[[Tensor], bool],
+) -> tuple[Tensor, bool]:
+    """Frozen features of `x` in `accum_steps` micro-batches (no gradient), the head's cross-entropy on the whole
+    batch, its backward, then `apply(loss)` (step, zero the gradients); the loss (no sync) and whether applied."""
+    with torch.no_grad(), torch.autocast(world.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        feats = torch.cat([probe_features(encoder, chunk, p) for chunk in x.chunk(p.accum_steps)])
+    loss = F.cross_entropy(trained(feats.float()), y)
+    loss.backward()
+    return loss.detach(), apply(loss.detach())
+
+
 def run(spec: RunSpec, stage_dir: str, attempt: Attempt = BARE) -> dict[str, Any]:
     """Train a linear probe on frozen features, evaluating each epoch; return last/best accuracy and the protocol.
     `attempt` (the job entry's) fences the checkpoints and receives the metrics."""
@@ -61,16 +98,8 @@ def run(spec: RunSpec, stage_dir: str, attempt: Attempt = BARE) -> dict[str, Any
 
     source = None if p.init == "random" else weights.weights_source(p.checkpoint, stage_dir)
     encoder = frozen_encoder(exp, p, source).to(world.device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(p.seed)
-        head = LinearProbe(encoder.embed_dim, splits.num_classes)
-    head, trained = data_parallel(head, world)
-    groups = param_groups(head, p.weight_decay, no_decay_names=())
-    optimizer: torch.optim.Optimizer
-    if p.optimizer == "lars":
-        optimizer = LARS(groups, lr=peak_lr, weight_decay=p.weight_decay, momentum=p.momentum)
-    else:
-        optimizer = torch.optim.SGD(groups, lr=peak_lr, momentum=p.momentum)
+    head, trained = data_parallel(probe_head(encoder.embed_dim, splits.num_classes, p), world)
+    optimizer = probe_optimizer(head, p)
 
     vals = supervised.val_loader(splits, img_size, p.eval_batch_size, world, exp.data.num_workers)
 
@@ -92,15 +121,10 @@ def run(spec: RunSpec, stage_dir: str, attempt: Attempt = BARE) -> dict[str, Any
             lr = cosine_schedule(step, total_steps, peak_lr, p.min_lr, warmup_steps)
             set_hyperparams(optimizer, lr)
             x, y = x.to(world.device, non_blocking=True), y.to(world.device, non_blocking=True)
-            with (
-                torch.no_grad(),
-                torch.autocast(world.device.type, dtype=amp or torch.bfloat16, enabled=amp is not None),
-            ):
-                feats = torch.cat([probe_features(encoder, chunk, p) for chunk in x.chunk(p.accum_steps)])
-            loss = F.cross_entropy(trained(feats.float()), y)
-            loss.backward()
-            if step_end.optimizer_step(step + 1, loss.detach(), trained.parameters()):
-                running += loss.detach()
+            apply = functools.partial(step_end.optimizer_step, step + 1, parameters=trained.parameters())
+            loss, applied = train_step(encoder, trained, x, y, p, world, amp, apply)
+            if applied:
+                running += loss
             step_end(step + 1, running, preemption, lr=lr)
 
     return {

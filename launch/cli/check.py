@@ -1,7 +1,8 @@
-"""`extrema-launch check`: will it fit? Each pretraining configuration of a sweep stepped once under fake tensors
-at its world size (`python -m extrema.check`, one process each): memory per GPU, FLOPs, time and GPU-hours; a
-configuration that does not fit the GPU named in launcher.resources is refused. `sweep` runs the same check before
-it submits when the resources name a gpu_type or gpu_memory_gb (or with --check; --no-check skips it)."""
+"""`extrema-launch check`: will it fit? Each pretraining, finetuning and linear-probe configuration of a sweep
+stepped once under fake tensors at its world size (`python -m extrema.check`, one process each): memory per GPU,
+FLOPs, time and GPU-hours; a configuration that does not fit the GPU named in launcher.resources is refused. `sweep`
+runs the same check before it submits when the resources name a gpu_type or gpu_memory_gb (or with --check;
+--no-check skips it)."""
 
 from __future__ import annotations
 
@@ -24,15 +25,16 @@ from launch.sweepfile.model import LauncherSpec, Run
 from launch.views import check_view
 
 LOCAL_ROOT = "runs"  # a root every backend accepts (nothing is read or written there)
-HELP = "predict each pretraining configuration's memory per GPU, FLOPs and GPU-hours; refuse what does not fit"
+HELP = "predict each stage configuration's memory per GPU, FLOPs and GPU-hours; refuse what does not fit"
 MORE = (
-    "Each distinct pretraining configuration of the sweep (runs differing only in seed share one) is built as\n"
-    "the stage builds it, wrapped at the job's world size (launcher.resources nodes x processes_per_node) in a\n"
-    "fake process group and stepped once under fake tensors: nothing is allocated, no GPU is needed, torch is.\n"
-    "launcher.resources.gpu_type (H100, H200, A100-40GB, A100-80GB, V100, L40S) gives the peak FLOP/s and the\n"
-    "memory; gpu_memory_gb overrides the memory. A configuration whose predicted peak per GPU passes 90% of it\n"
-    "is refused with one line. Other stages are listed as not estimated. Whether the backend can use the file's\n"
-    "root (a shared folder for Slurm's logs) is left to sweep: nothing is read or written there.\n"
+    "Each distinct pretrain, finetune and probe configuration of the sweep (runs differing only in the stage's\n"
+    "seed share one) is built as the stage builds it, wrapped at the stage's world size (its launcher.resources\n"
+    "nodes x processes_per_node) in a fake process group and stepped once under fake tensors: nothing is\n"
+    "allocated, no GPU is needed, torch is. launcher.resources.gpu_type (H100, H200, A100-40GB, A100-80GB, V100,\n"
+    "L40S) gives the peak FLOP/s and the memory; gpu_memory_gb overrides the memory. A configuration whose\n"
+    "predicted peak per GPU passes 90% of it is refused with one line. Other stages (knn, detect, inpaint,\n"
+    "locality) are listed as not estimated. Whether the backend can use the file's root (a shared folder for\n"
+    "Slurm's logs) is left to sweep: nothing is read or written there.\n"
     "Exit codes: 0 every configuration fits (or no limit was given), 2 one does not or cannot be estimated, or\n"
     "the file is invalid."
 )
@@ -68,16 +70,16 @@ def options_of(args: argparse.Namespace) -> Options:
 
 
 def run_check(out: Console, name: str, runs: Sequence[Run], launcher: LauncherSpec, options: Options) -> list[str]:
-    """Estimate every pretraining configuration, show the table; the refusal lines (empty when all fit)."""
+    """Estimate every stage configuration, show the table; the refusal lines (empty when all fit)."""
     configs = configurations(runs, launcher)
     if not configs:
         others = ", ".join(unchecked(runs))
-        out.print(Text(f"check {name}: no pretraining stage to estimate (not estimated: {others})", style="dim"))
+        out.print(Text(f"check {name}: no stage to estimate (not estimated: {others})", style="dim"))
         return []
     start = time.monotonic()
     estimates = estimate_all(configs, options)
     seconds = time.monotonic() - start
-    title = f"check {name}: {len(configs)} pretraining configuration{'s' if len(configs) > 1 else ''} ({seconds:.0f} s)"
+    title = f"check {name}: {len(configs)} stage configuration{'s' if len(configs) > 1 else ''} ({seconds:.0f} s)"
     check_view.show(out, title, estimates, unchecked(runs), options)
     return [e.refusal for e in estimates if e.refusal]
 

@@ -1,5 +1,6 @@
-"""The check's table: one row per pretraining configuration of a sweep, its memory per GPU by kind, the peak
-against the limit, FLOPs per step, and time and GPU-hours on the GPU type; the sweep's total below."""
+"""The check's table: one row per stage configuration of a sweep (pretraining, finetuning, linear probe), its memory
+per GPU by kind, the peak against the limit, FLOPs per step, and time and GPU-hours on the GPU type; the sweep's
+total below."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from launch.estimates import Estimate, Options
 from launch.views import tables
 
 COLUMNS = (
+    "stage",
     "configuration",
     "runs",
     "ranks",
@@ -42,7 +44,7 @@ def row(e: Estimate) -> list[str]:
     """One configuration's cells ('-' where the estimate says nothing)."""
     c, r = e.configuration, e.result or {}
     memory = r.get("memory", {})
-    cells = [c.model, str(len(c.run_ids)), f"{c.resources.nodes} x {c.resources.processes_per_node}"]
+    cells = [c.stage, c.model, str(len(c.run_ids)), f"{c.resources.nodes} x {c.resources.processes_per_node}"]
     cells.append(tables.cell(r.get("batch_per_rank")))
     cells += [gib(memory.get(k)) for k in MEMORY]
     cells.append(gib(r.get("limit_bytes")))
@@ -68,9 +70,9 @@ def show(out: Console, title: str, estimates: Sequence[Estimate], unchecked: Seq
     devices = "; ".join(f"{t}: {DEVICES[t].bf16_flops / 1e12:,.0f} TFLOP/s bf16" for t in types)
     images = {e.result.get("train_images") for e in estimates if e.result}
     notes = [
-        "Predictions, not measurements: memory per rank from one step under fake tensors and a fake process group, "
-        "as the job runs it (on GPUs: bf16 autocast where the stage asks for it), the limit 90% of the GPU's "
-        "memory; time = FLOPs / (peak x "
+        "Predictions, not measurements: memory per rank from one step of the stage under fake tensors and a fake "
+        "process group, as the job runs it (on GPUs: bf16 autocast where the stage asks for it; params include a "
+        "probe's frozen encoder), the limit 90% of the GPU's memory; time = FLOPs / (peak x "
         f"{options.utilization:.0%})"
         + (f" ({devices})" if devices else "")
         + "; epochs of "
@@ -79,10 +81,13 @@ def show(out: Console, title: str, estimates: Sequence[Estimate], unchecked: Seq
     ]
     hours = [e.gpu_hours for e in estimates if e.gpu_hours is not None]
     if hours:
-        runs = sum(len(e.configuration.run_ids) for e in estimates)
-        notes.append(f"Total: {number(sum(hours))} GPU-hours of pretraining for {runs} run{'s' if runs != 1 else ''}.")
+        runs = len({r for e in estimates for r in e.configuration.run_ids})
+        stages = ", ".join(dict.fromkeys(e.configuration.stage for e in estimates if e.gpu_hours is not None))
+        notes.append(f"Total: {number(sum(hours))} GPU-hours of {stages} for {runs} run{'s' if runs != 1 else ''}.")
     if unchecked:
-        notes.append(f"Not estimated: {', '.join(unchecked)} (only pretraining's step is a function the check runs).")
+        notes.append(
+            f"Not estimated: {', '.join(unchecked)} (the check runs the steps of pretrain, finetune and probe only)."
+        )
     for note in notes:
         out.print(Text(note, style="dim"), soft_wrap=True)
 
@@ -91,7 +96,7 @@ def records(estimates: Sequence[Estimate]) -> list[dict[str, Any]]:
     """The estimates as JSON records (check --json)."""
     return [
         {
-            "stage": "pretrain",
+            "stage": e.configuration.stage,
             "runs": list(e.configuration.run_ids),
             "resources": e.configuration.resources.model_dump(
                 mode="json", include={"nodes", "processes_per_node", "gpus_per_node", "gpu_type", "gpu_memory_gb"}
