@@ -1,4 +1,4 @@
-"""Know before you queue: a sweep's pretraining, finetuning and linear-probe stage configurations, estimated by
+"""Know before you queue: a sweep's pretraining, kNN, finetuning and linear-probe stage configurations, estimated by
 `python -m extrema.check` (torch and its fake process groups stay out of the launcher), and the ones that do not fit.
 
 One estimator process serves every configuration: it imports torch once and forks a fresh child per configuration
@@ -24,7 +24,7 @@ from extrema.spec import Experiment
 from launch.backends.resources import ResourcesSpec
 from launch.sweepfile.model import STAGE_ORDER, LauncherSpec, Run, canonical_json
 
-CHECKED = ("pretrain", "finetune", "probe")  # the stages whose step is a function the estimator runs
+CHECKED = ("pretrain", "knn", "finetune", "probe")  # the stages whose step is a function the estimator runs
 PARALLEL = 4  # estimates at once (each child holds ~1 GB while it steps a fake ViT-B)
 TIMEOUT_S = 1800.0  # for every configuration of a sweep together
 TAIL = 400  # characters of an estimator's standard error quoted when it fails
@@ -62,6 +62,9 @@ class Configuration:
             return f"{m.arch} {m.cls_token}, {size} px, batch {e.finetune.batch_size}"
         if self.stage == "probe":
             return f"{m.arch} {m.cls_token}, {e.probe.optimizer}, batch {e.probe.batch_size}"
+        if self.stage == "knn":
+            bank = f"{e.knn.bank_size:,}" if e.knn.bank_size else "all"
+            return f"{m.arch} {m.cls_token}, bank {bank}, batch {e.knn.batch_size}"
         p = e.pretrain
         return f"{m.arch} {m.cls_token}, {p.masking.ratio:.0%} x {p.masking.num_masks}, batch {p.batch_size}"
 

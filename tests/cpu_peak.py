@@ -1,5 +1,6 @@
-"""The CPU allocator's peak over one steady pretraining step, built and run as the stage does (tests/test_check.py's
-measurement, in a module of its own so that the gloo ranks it spawns import little)."""
+"""The CPU allocator's peak over one steady pretraining, finetuning or probe step, or the knn stage's moments, built
+and run as the stage does (tests/test_check.py's measurement, in a module of its own so that the gloo ranks it
+spawns import little)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,13 @@ from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import OpTree
 
 from extrema.check.downstream import applies, num_classes
+from extrema.eval.knn_monitor import extract, gather_bank
+from extrema.eval.neighbors import knn_hits
 from extrema.models.extrema import ExtreMA, random_masks
 from extrema.spec import Experiment
 from extrema.stages import finetune, probe
 from extrema.stages.finetune import build_classifier, finetune_optimizer
+from extrema.stages.knn import knn_encoder
 from extrema.stages.pretrain import train_step
 from extrema.stages.probe import frozen_encoder, probe_head, probe_optimizer
 from extrema.train.dist import World, wrap
@@ -120,3 +124,26 @@ def measure_rank(rank: int, port: int, spec: str, out: str) -> None:
     peak = measured_peak(exp, World(rank, 2, rank, torch.device("cpu")))
     Path(f"{out}.{rank}").write_text(str(peak))
     dist.destroy_process_group()
+
+
+def measured_knn_peaks(exp: Experiment, bank_rows: int, query_rows: int) -> dict[str, int]:
+    """The knn stage on one CPU rank as it runs, each moment after the tensors it finds alive: a forward pass of
+    one batch with the gathered bank and the queries held, the gather of the bank, the search of the queries."""
+    k, classes = exp.knn, num_classes(exp)
+    encoder = knn_encoder(exp).requires_grad_(False).eval()
+    dim = encoder.embed_dim
+    size = exp.model.resolved_img_size
+    x, y = torch.randn(k.batch_size, exp.model.in_chans, size, size), torch.randint(classes, (k.batch_size,))
+    feats, labels = torch.randn(bank_rows, dim), torch.randint(classes, (bank_rows,))
+    model = [*encoder.parameters(), *encoder.buffers()]
+    gathered = allocator_peak(lambda: gather_bank(feats, labels))
+    bank, bank_y = gather_bank(feats, labels)
+    queries, query_y = torch.randn(query_rows, dim), torch.randint(classes, (query_rows,))
+    held = [*model, bank, bank_y, queries, query_y]
+    forward = allocator_peak(lambda: extract(encoder, [(x, y)], k.feature, torch.device("cpu")))
+    search = allocator_peak(lambda: knn_hits(bank, bank_y, queries, query_y, classes, k.k, k.temperature))
+    return {
+        "forward": live_bytes([*held, x, y]) + forward,
+        "search": live_bytes(held) + search,
+        "gather": live_bytes([*model, feats, labels]) + gathered,
+    }

@@ -1,5 +1,6 @@
 """Will it fit? (`extrema.check`): the predicted peak of a pretraining step against what the CPU allocator saw in a
-real step at one and two gloo ranks, FSDP shards at 2, 8 and 64 fake ranks against the exact division, the ViT-B
+real step at one and two gloo ranks (and of a finetuning and a probe step, and the knn stage's moments, at one),
+FSDP shards at 2, 8 and 64 fake ranks against the exact division, the ViT-B
 recipe wrapped and its checkpoint planned at 64 ranks, and unusable input refused in one line."""
 
 from __future__ import annotations
@@ -28,14 +29,21 @@ from extrema.train.dist import World
 from launch.backends.ray.head import free_ports
 from launch.estimates import size
 from launch.sweepfile.expand import load_runs
-from tests.cpu_peak import measure_rank, measured_finetune_peak, measured_peak, measured_probe_peak
+from tests.cpu_peak import (
+    measure_rank,
+    measured_finetune_peak,
+    measured_knn_peaks,
+    measured_peak,
+    measured_probe_peak,
+)
 from tests.test_cli import cli
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 0.15  # the issue's bound on predicted against measured peak memory
 # A finetune or probe step's prediction counts every tensor the step makes; what it leaves out is a CPU kernel's own
 # scratch (scaled_dot_product_attention's at one thread: under 64 x 65 floats a buffer, about 17 KiB) and the
-# allocator's view of scalars. Measured here: 72 B apart (finetune), 0 B (probe).
+# allocator's view of scalars. Measured here: 72 B apart (finetune), 0 B (probe), 0 B (each of knn's forward pass,
+# search and gather). Sizes only: no shape here depends on a value, so no floating-point rounding moves them.
 DOWNSTREAM_TOLERANCE = 64 * 1024
 
 
@@ -153,6 +161,36 @@ def test_predicted_peak_of_a_finetune_and_a_probe_step_matches_the_cpu_allocator
     assert probe["memory"]["parameters"] > 100 * head  # the frozen encoder is held, not trained
 
 
+def tiny_knn() -> Experiment:
+    """vit_micro on 32 px synthetic images (patch 4): a bank of 2,048 training images, 512 queries, batch 64 (more
+    queries than the width: the search's similarities, not the gather, outweigh the bank's copies)."""
+    return Experiment.model_validate(
+        {
+            "model": {"arch": "vit_micro", "mlp_dim": 512, "proj_dim": 128},
+            "data": {"dataset": "synthetic", "synthetic_size": 4096},
+            "stages": ["knn"],
+            "knn": {"bank_size": 2048, "val_size": 512, "batch_size": 64},
+        }
+    )
+
+
+def test_predicted_memory_of_the_knn_stage_matches_the_cpu_allocator() -> None:
+    exp = tiny_knn()
+    with ThreadPoolExecutor(1) as pool, one_thread():  # predicted from one import while the real moments run
+        predicted = pool.submit(many, [(exp, ["--stage", "knn", "--target", "cpu"])])
+        measured = measured_knn_peaks(exp, bank_rows=2048, query_rows=512)
+    (outcome,) = predicted.result()
+    result = outcome["result"]
+    for moment, peak in measured.items():  # a forward pass with the bank held, the search, the gather
+        assert abs(result["phases"][moment] - peak) <= DOWNSTREAM_TOLERANCE, (moment, result["phases"], measured)
+    memory = result["memory"]
+    assert memory["peak"] == max(result["phases"].values()) and result["steps"] == 1
+    assert memory["bank"] == 2048 * (193 * 4 + 8)  # fp32 features and their label in one row, then int64 labels
+    assert result["precision"] == "fp32" and result["batch_per_rank"] == 64 and result["feature_dim"] == 192
+    search = 2 * 512 * 2048 * 192  # one multiply-add per query, bank row and feature
+    assert result["flops_per_rank"] > search and (result["flops_per_rank"] - search) % (2048 + 512) == 0
+
+
 def finetune_parameters(exp: Experiment) -> int:
     """How many parameters finetuning trains: the classifier's and its learnable position table."""
     from extrema.stages.finetune import new_classifier
@@ -206,7 +244,10 @@ def test_vit_b_recipe_wraps_and_plans_its_checkpoint_at_64_ranks(tmp_path: Path)
         ('{"model": ', "not JSON"),
         ("[1, 2]", "not a JSON object"),
         ('{"data": {"dataset": "synthetic"}, "model": {"arch": "vit_huge"}}', "model.arch"),
-        ('{"sweep": "s", "run_id": "r", "stage": "knn", "experiment": {"data": {"dataset": "synthetic"}}}', "knn"),
+        (
+            '{"sweep": "s", "run_id": "r", "stage": "locality", "experiment": {"data": {"dataset": "synthetic"}}}',
+            "locality",
+        ),
     ],
 )
 def test_unusable_input_is_refused_in_one_line(tmp_path: Path, text: str, reason: str) -> None:
@@ -309,7 +350,7 @@ def test_a_configuration_that_cannot_be_estimated_is_refused(tmp_path: Path) -> 
     )
 
 
-def test_check_prints_a_row_for_each_finetune_and_probe_configuration(tmp_path: Path) -> None:
+def test_check_prints_a_row_for_each_knn_finetune_and_probe_configuration(tmp_path: Path) -> None:
     raw = yaml.safe_load(TINY.read_text())
     raw["base"]["stages"] = ["pretrain", "knn", "probe", "finetune"]
     raw["base"]["probe"] = {"batch_size": 16, "epochs": 1}
@@ -322,7 +363,7 @@ def test_check_prints_a_row_for_each_finetune_and_probe_configuration(tmp_path: 
     assert code == 0, err
     rows = [line for line in out.splitlines() if "vit_pico" in line]
     stages = [line.split()[1] for line in rows]  # after the table's border
-    assert stages == ["pretrain", "probe", "finetune", "finetune"], out
-    assert "check tiny: 4 stage configurations" in out
-    assert "GPU-hours of pretrain, probe, finetune for 4 runs" in " ".join(out.split())
-    assert "Not estimated: knn" in out
+    assert stages == ["pretrain", "knn", "probe", "finetune", "finetune"], out
+    assert "check tiny: 5 stage configurations" in out
+    assert "GPU-hours of pretrain, knn, probe, finetune for 4 runs" in " ".join(out.split())
+    assert "Not estimated" not in out

@@ -4,11 +4,11 @@
     extrema-launch sweep-expanded experiment JSON on standard input:  ... | python -m extrema.check - --json
 
 SPEC is a stage's `spec.json` (a RunSpec) or an experiment's JSON (`-`: standard input); with --many, standard
-input holds several configurations (`extrema.check.many`). Pretraining, finetuning and the linear probe are
-estimated (`estimate`, `downstream`: each stage's own step); an experiment's JSON as --stage says (default
-pretrain), a stage's spec.json as its stage. Exit codes: 0 estimated (whether or not it fits: `fits` says), 2
-unreadable or invalid input. Run one configuration per process: the estimate joins a fake process group of the
-job's world size.
+input holds several configurations (`extrema.check.many`). Pretraining, finetuning, the linear probe and kNN are
+estimated (`estimate`, `downstream`: each stage's own step; `knn`: its forward pass, bank and search); an
+experiment's JSON as --stage says (default pretrain), a stage's spec.json as its stage. Exit codes: 0 estimated
+(whether or not it fits: `fits` says), 2 unreadable or invalid input. Run one configuration per process: the
+estimate joins a fake process group of the job's world size.
 """
 
 from __future__ import annotations
@@ -25,9 +25,11 @@ from pydantic import ValidationError
 from extrema.check.devices import DEFAULT_UTILIZATION, DEVICES, GpuType, limit_bytes, step_seconds
 from extrema.spec import Experiment, RunSpec
 
-ESTIMATED = ("pretrain", "finetune", "probe")  # the stages whose step is a function the check runs
+ESTIMATED = ("pretrain", "knn", "finetune", "probe")  # the stages whose step is a function the check runs
 IMAGENET_TRAIN = 1_281_167  # images in ImageNet-1k's train split: the assumed size of a folder or shard set
 FASHION_MNIST_TRAIN = 60_000
+IMAGENET_VAL = 50_000  # the validation split's images (folders and shards: ImageNet-1k's)
+FASHION_MNIST_VAL = 10_000
 
 
 class InputError(ValueError):
@@ -98,11 +100,23 @@ def train_images(exp: Experiment, given: int | None) -> int:
     return IMAGENET_TRAIN
 
 
+def val_images(exp: Experiment) -> int:
+    """Validation images of the dataset (folders and shards: ImageNet-1k's validation split)."""
+    if exp.data.dataset == "synthetic":
+        return exp.data.synthetic_size
+    if exp.data.dataset == "fashion_mnist":
+        return FASHION_MNIST_VAL
+    return IMAGENET_VAL
+
+
 def stage_steps(exp: Experiment, stage: str, images: int) -> int:
     """Optimizer steps of `stage` over epochs of `images` (a downstream stage's train_size or val_fraction
-    holdout taken off first); InputError when its batch is larger than what is left."""
+    holdout taken off first; knn: one, its whole evaluation); InputError when its batch is larger than what is
+    left."""
     if stage == "pretrain":
         return exp.total_steps(images)
+    if stage == "knn":
+        return 1
     from extrema.eval.supervised import step_counts
 
     s = getattr(exp, stage)
@@ -185,6 +199,7 @@ def estimate_one(args: argparse.Namespace, exp: Experiment, stage: str = "pretra
     """One configuration's result (with its budget after a step); InputError for what cannot be estimated."""
     from extrema.check.downstream import estimate_downstream  # torch, after the input is known to be usable
     from extrema.check.estimate import estimate_pretrain
+    from extrema.check.knn import estimate_knn
 
     checked_numbers(args)
     plan, step = args.plan or args.plan_only, not args.plan_only
@@ -194,6 +209,9 @@ def estimate_one(args: argparse.Namespace, exp: Experiment, stage: str = "pretra
         world = (args.nodes, args.processes_per_node)
         if stage == "pretrain":
             result = estimate_pretrain(exp, *world, args.target, args.rank, plan, step, args.fake_device)
+        elif stage == "knn":
+            images = train_images(exp, args.train_images), val_images(exp)
+            result = estimate_knn(exp, *world, args.target, *images, args.rank)
         else:
             result = estimate_downstream(exp, stage, *world, args.target, args.rank)
     except ValueError as e:
@@ -217,7 +235,7 @@ def job_estimate(job: dict[str, Any]) -> dict[str, Any]:
 
 def many(args: argparse.Namespace) -> int:
     """--many: the JSON list of jobs on standard input, each estimated in a forked child; a JSON list out."""
-    from extrema.check import downstream, estimate  # noqa: F401 (imported once, before the children are forked)
+    from extrema.check import downstream, estimate, knn  # noqa: F401 (imported once, before the children are forked)
     from extrema.check.many import estimate_many
 
     try:

@@ -318,9 +318,12 @@ def first_step(exp: Experiment, built: Built) -> None:
 
 def max_batch_per_rank(result: dict[str, Any], limit: int) -> int:
     """The largest images per rank whose predicted peak stays under `limit`: activations grow with the batch, the
-    rest does not (a linear model through this estimate's batch)."""
+    rest does not (a linear model through this estimate's batch); moments no batch changes (knn's search and
+    gather: `batch_free_peak`) must fit too."""
     memory, batch = result["memory"], result["batch_per_rank"]
-    fixed = memory["peak"] - memory["activations"]
+    if result.get("batch_free_peak", 0) > limit:
+        return 0
+    fixed = result.get("forward_peak", memory["peak"]) - memory["activations"]
     per_image = memory["activations"] / batch
     if per_image <= 0:
         return batch

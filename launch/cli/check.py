@@ -1,4 +1,4 @@
-"""`extrema-launch check`: will it fit? Each pretraining, finetuning and linear-probe configuration of a sweep
+"""`extrema-launch check`: will it fit? Each pretraining, kNN, finetuning and linear-probe configuration of a sweep
 stepped once under fake tensors at its world size (`python -m extrema.check`, one process each): memory per GPU,
 FLOPs, time and GPU-hours; a configuration that does not fit the GPU named in launcher.resources is refused. `sweep`
 runs the same check before it submits when the resources name a gpu_type or gpu_memory_gb (or with --check;
@@ -27,14 +27,15 @@ from launch.views import check_view
 LOCAL_ROOT = "runs"  # a root every backend accepts (nothing is read or written there)
 HELP = "predict each stage configuration's memory per GPU, FLOPs and GPU-hours; refuse what does not fit"
 MORE = (
-    "Each distinct pretrain, finetune and probe configuration of the sweep (runs differing only in the stage's\n"
-    "seed share one) is built as the stage builds it, wrapped at the stage's world size (its launcher.resources\n"
-    "nodes x processes_per_node) in a fake process group and stepped once under fake tensors: nothing is\n"
-    "allocated, no GPU is needed, torch is. launcher.resources.gpu_type (H100, H200, A100-40GB, A100-80GB, V100,\n"
-    "L40S) gives the peak FLOP/s and the memory; gpu_memory_gb overrides the memory. A configuration whose\n"
-    "predicted peak per GPU passes 90% of it is refused with one line. Other stages (knn, detect, inpaint,\n"
-    "locality) are listed as not estimated. Whether the backend can use the file's root (a shared folder for\n"
-    "Slurm's logs) is left to sweep: nothing is read or written there.\n"
+    "Each distinct pretrain, knn, finetune and probe configuration of the sweep (runs differing only in the\n"
+    "stage's seed share one) is built as the stage builds it, wrapped at the stage's world size (its\n"
+    "launcher.resources nodes x processes_per_node) in a fake process group and stepped once under fake tensors\n"
+    "(knn: a forward pass, its feature bank and the search of its queries): nothing is allocated, no GPU is\n"
+    "needed, torch is. launcher.resources.gpu_type (H100, H200, A100-40GB, A100-80GB, V100, L40S) gives the peak\n"
+    "FLOP/s and the memory; gpu_memory_gb overrides the memory. A configuration whose predicted peak per GPU\n"
+    "passes 90% of it is refused with one line. Other stages (detect, inpaint, locality) are listed as not\n"
+    "estimated. Whether the backend can use the file's root (a shared folder for Slurm's logs) is left to\n"
+    "sweep: nothing is read or written there.\n"
     "Exit codes: 0 every configuration fits (or no limit was given), 2 one does not or cannot be estimated, or\n"
     "the file is invalid."
 )

@@ -91,7 +91,7 @@ def add_parser(sub: Any) -> None:
         "--check",
         action="store_true",
         default=None,
-        help="predict each pretraining configuration's memory per GPU and time first, and refuse what does not fit "
+        help="predict each stage configuration's memory per GPU and time first, and refuse what does not fit "
         "(extrema-launch check; on by default when launcher.resources names gpu_type or gpu_memory_gb)",
     )
     checked.add_argument("--no-check", dest="check", action="store_false", help="submit without the check")

@@ -1,6 +1,6 @@
-"""The check's table: one row per stage configuration of a sweep (pretraining, finetuning, linear probe), its memory
-per GPU by kind, the peak against the limit, FLOPs per step, and time and GPU-hours on the GPU type; the sweep's
-total below."""
+"""The check's table: one row per stage configuration of a sweep (pretraining, kNN, finetuning, linear probe), its
+memory per GPU by kind, the peak against the limit, FLOPs per step, and time and GPU-hours on the GPU type; the
+sweep's total below."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ COLUMNS = (
     "params",
     "grads",
     "optim",
-    "EMA",
+    "held",
     "activ.",
     "peak GiB",
     "limit",
@@ -34,6 +34,7 @@ COLUMNS = (
     "GPU-hours",
 )
 MEMORY = ("parameters", "gradients", "optimizer", "ema_target", "activations", "peak")
+HELD = ("ema_target", "bank")  # the column "held": pretraining's EMA target, or knn's gathered feature bank
 
 
 def gib(value: float | None) -> str:
@@ -46,7 +47,8 @@ def row(e: Estimate) -> list[str]:
     memory = r.get("memory", {})
     cells = [c.stage, c.model, str(len(c.run_ids)), f"{c.resources.nodes} x {c.resources.processes_per_node}"]
     cells.append(tables.cell(r.get("batch_per_rank")))
-    cells += [gib(memory.get(k)) for k in MEMORY]
+    held = next((memory[k] for k in HELD if k in memory), None)
+    cells += [gib(held if k == "ema_target" else memory.get(k)) for k in MEMORY]
     cells.append(gib(r.get("limit_bytes")))
     cells.append(tables.cell(r.get("max_batch_per_rank")))
     cells.append(number(r["flops_per_step"] / 1e12 if "flops_per_step" in r else None))
@@ -72,7 +74,9 @@ def show(out: Console, title: str, estimates: Sequence[Estimate], unchecked: Seq
     notes = [
         "Predictions, not measurements: memory per rank from one step of the stage under fake tensors and a fake "
         "process group, as the job runs it (on GPUs: bf16 autocast where the stage asks for it; params include a "
-        "probe's frozen encoder), the limit 90% of the GPU's memory; time = FLOPs / (peak x "
+        "probe's frozen encoder; held: pretraining's EMA target, knn's feature bank, which it gathers on every GPU "
+        "before it searches its queries; knn's forward passes and search are one step), the limit 90% of the GPU's "
+        "memory; time = FLOPs / (peak x "
         f"{options.utilization:.0%})"
         + (f" ({devices})" if devices else "")
         + "; epochs of "
@@ -86,7 +90,8 @@ def show(out: Console, title: str, estimates: Sequence[Estimate], unchecked: Seq
         notes.append(f"Total: {number(sum(hours))} GPU-hours of {stages} for {runs} run{'s' if runs != 1 else ''}.")
     if unchecked:
         notes.append(
-            f"Not estimated: {', '.join(unchecked)} (the check runs the steps of pretrain, finetune and probe only)."
+            f"Not estimated: {', '.join(unchecked)} (the check runs the steps of pretrain, knn, finetune and probe "
+            "only)."
         )
     for note in notes:
         out.print(Text(note, style="dim"), soft_wrap=True)
