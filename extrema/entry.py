@@ -22,7 +22,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from extrema.run import code_snapshot, contract, lease, provenance, rundir
+from extrema.run import bad_nodes, code_snapshot, contract, lease, provenance, rank_progress, rundir
 from extrema.run.attempt import Attempt
 from extrema.spec import STAGE_BY_NAME, RunSpec
 from extrema.train import trackers, watchdog
@@ -122,7 +122,13 @@ def agree(decision: bool, world: int) -> bool:
 
 
 class CollectiveFailed(RuntimeError):
-    """A collective between the ranks of a stage failed or timed out: a peer, its node or the link is gone."""
+    """A collective between the ranks of a stage failed or timed out: a peer, its node or the link is gone.
+    `nodes`: the nodes of the ranks on other nodes than this one (those the failure names), `peers` those ranks
+    ("rank 0 on n1")."""
+
+    def __init__(self, note: str, nodes: list[str], peers: list[str]) -> None:
+        super().__init__(note)
+        self.nodes, self.peers = nodes, peers
 
 
 def places(world: int) -> list[dict[str, Any]]:
@@ -144,9 +150,22 @@ def is_collective_failure(e: BaseException) -> bool:
     return False
 
 
+def host_of(ranks: list[dict[str, Any]], rank: int) -> str:
+    """The node a rank runs on (this one's when the list does not say)."""
+    return str(next((r["host"] for r in ranks if r["rank"] == rank), socket.gethostname()))
+
+
+def lost_to(e: BaseException, ranks: list[dict[str, Any]], rank: int) -> CollectiveFailed:
+    """A failed collective, naming the ranks on other nodes than this rank's and their nodes."""
+    mine = host_of(ranks, rank)
+    remote = [r for r in ranks if r["host"] != mine]
+    nodes = list(dict.fromkeys(str(r["host"]) for r in remote))
+    return CollectiveFailed(peer_note(e, ranks, rank), nodes, [f"rank {r['rank']} on {r['host']}" for r in remote])
+
+
 def peer_note(e: BaseException, ranks: list[dict[str, Any]], rank: int) -> str:
     """What failed and where the other ranks ran, so that the record names the node that went away."""
-    mine = next((r["host"] for r in ranks if r["rank"] == rank), socket.gethostname())
+    mine = host_of(ranks, rank)
     others = [r for r in ranks if r["rank"] != rank]
     remote = [r for r in others if r["host"] != mine]
     shown = ", ".join(f"rank {r['rank']} on {r['host']}" for r in (remote or others)[:8])
@@ -217,7 +236,19 @@ def record_end(stage_dir: str, e: BaseException, fence: lease.Fence) -> None:
         error = str(e)
     else:
         error = contract.describe_error(e)  # torch's CheckpointException and others derive from BaseException
-    commit_status(stage_dir, fence, state=state, finished_at=now(), error=error)
+    at = now()
+    named = bad_nodes.added(stage_dir, e.nodes, "a collective failed", at) if isinstance(e, CollectiveFailed) else {}
+    commit_status(stage_dir, fence, state=state, finished_at=at, error=error, **named)
+
+
+def leave_ending(stage_dir: str, failed: CollectiveFailed, ranks: list[dict[str, Any]], rank: int) -> None:
+    """This rank's account of its failed collective (`rank_progress.write_ending`): rank 0, which records the
+    stage's status, may be the rank that went away."""
+    try:
+        lost = rank_progress.Lost(failed.nodes, failed.peers, str(failed))
+        rank_progress.write_ending(stage_dir, rank, host_of(ranks, rank), job_id_from_env(), lost)
+    except Exception as e:  # the store does not answer: the backend's view stands alone
+        print(f"extrema.entry: rank {rank}: ending record not written: {e}", file=sys.stderr, flush=True)
 
 
 def run_stage(run_dir: str, stage: str) -> dict[str, Any]:
@@ -313,7 +344,9 @@ def attempt(spec: RunSpec, stage_dir: str, mine: lease.Lease | None) -> dict[str
             result = fn(spec, stage_dir, Attempt(fence, mirror))
     except Exception as e:
         if world > 1 and is_collective_failure(e):
-            raise CollectiveFailed(peer_note(e, ranks, rank)) from e
+            failed = lost_to(e, ranks, rank)
+            leave_ending(stage_dir, failed, ranks, rank)
+            raise failed from e
         raise
     if rank == 0:
         fence("result")

@@ -12,7 +12,9 @@ submitting process is not needed), and:
 
 - pending/running there: shown as such (a preempted stage that Slurm requeued is pending again);
 - ended there while the store still shows it in flight: recorded failed (failed, or completed without a result)
-  or cancelled, with the reason;
+  or cancelled, with the reason; a failed job's lost nodes (a rank 0 whose node went away cannot record the
+  failure: the surviving ranks' ending records name it; Slurm's NODE_FAIL names the nodes it marks down) are
+  named in the error and recorded as the stage's bad nodes (`extrema.run.bad_nodes`);
 - unknown there (the job vanished, or the local Ray head that ran it has stopped): recorded cancelled, so that
   the next `sweep` resumes it;
 - the backend cannot be asked (no address, unreachable): the store's word stands, and a note says so;
@@ -29,11 +31,12 @@ shown, and one note says they were not recorded.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from extrema.run import contract, lease
+from extrema.run import bad_nodes, contract, lease, rank_progress
 from extrema.run.contract import StageState, os_reason
 from launch import logs
 from launch.backends.base import State, Unreachable, backend_class, in_flight_groups, recorded_class
@@ -101,6 +104,53 @@ def ask(
         return None, f"{name}{where}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
 
 
+def failed_nodes(name: str, address: str | None, launcher: LauncherSpec, job_ids: list[str]) -> dict[str, list[str]]:
+    """Of these failed jobs, the nodes their backend saw fail under them (job id -> nodes); {} when it cannot say."""
+    if not job_ids:
+        return {}
+    try:
+        return backend_class(name).lost_nodes(launcher, address, job_ids)
+    except Exception:  # the failure stands without the nodes
+        return {}
+
+
+def named_lost(stage: str, status: Mapping[str, Any], down: list[str], why: str) -> tuple[list[str], str]:
+    """The nodes a failed job lost, and `why` naming them: those its surviving ranks saw go (their ending records
+    since the attempt started: rank 0's node among them, whose rank could not record the failure), then those the
+    backend saw fail."""
+    since = status.get("started_at") or status.get("submitted_at") or 0.0
+    seen, line = rank_progress.lost_peers(stage, float(since))
+    more = [n for n in down if n not in seen]
+    words = [why, *([line] if line else []), *([failed_under(stage, more)] if more else [])]
+    return [*seen, *more], "; ".join(words)
+
+
+def failed_under(stage: str, nodes: list[str]) -> str:
+    """Words naming nodes that failed under a job and the ranks of its last attempt they ran (provenance)."""
+    try:
+        ranks = (contract.read_record(contract.StageDir(stage).provenance) or {}).get("ranks") or []
+    except (contract.Unreadable, OSError):
+        ranks = []
+    lost = [f"rank {r.get('rank')} on {r.get('host')}" for r in ranks if r.get("host") in nodes]
+    return f"node(s) {', '.join(nodes)} failed under it" + (f": {', '.join(lost[:8])} lost" if lost else "")
+
+
+def requeued(status: Mapping[str, Any], seen: State | None) -> bool:
+    """Whether the backend queued again the job of a stage whose attempt was running and ended unrecorded (its
+    lease is free: the caller asks only then), as Slurm requeues a job whose node failed."""
+    return seen in (State.PENDING, State.PREEMPTED) and status.get("state") == StageState.RUNNING
+
+
+def note_requeued(stage: str, status: Mapping[str, Any], job: str, down: list[str]) -> None:
+    """Record a requeued stage pending, its error naming the nodes its attempt lost (the surviving ranks' ending
+    records: rank 0's node among them) and those as bad nodes; nothing when no rank or backend named one."""
+    lost, why = named_lost(stage, status, down, f"{job} was queued again after its attempt ended unrecorded")
+    if not lost or lease.live_holder(stage) is not None:
+        return
+    named = bad_nodes.added(stage, lost, f"lost under {job}: {why.split('; ', 1)[-1]}", time.time())
+    contract.update_status(stage, state=StageState.PENDING, error=why, **named)
+
+
 def in_flight(status: Mapping[str, Any]) -> bool:
     """Whether the run store shows the stage pending, running or preempted."""
     return status.get("state") in contract.IN_FLIGHT
@@ -147,6 +197,8 @@ def reconcile(
         if answer is None:
             out.notes.append(f"could not ask {note}; {len(ids)} stage(s) show the run store's state")
             continue
+        ended = [i for k, i in ids.items() if answer.get(i) == State.FAILED or requeued(statuses[k], answer.get(i))]
+        down = failed_nodes(name, address, launcher, ended)
         for key, job_id in ids.items():
             if answer.get(job_id) == State.ELSEWHERE:
                 out.elsewhere.add(key)
@@ -157,18 +209,28 @@ def reconcile(
                 if state in (StageState.RUNNING, StageState.PENDING):  # the attempt failed; its job is trying again
                     out.states[key] = state
                 continue
+            if write and refused is None and requeued(statuses[key], answer.get(job_id)):
+                stage = store.stage_url(sweep_url, *store.split_key(key))
+                try:
+                    note_requeued(stage, statuses[key], f"{name} job {job_id}", down.get(job_id, []))
+                except OSError as e:
+                    refused = f"{os_reason(e, path=False)}: {stage}"
             if state in contract.TERMINAL:
                 stage = store.stage_url(sweep_url, *store.split_key(key))
                 now = store.read_status(stage).get("state")  # the stage may have ended since it was read
                 if now in contract.TERMINAL:
                     state = now
                 else:
+                    lost: list[str] = []
                     if state == StageState.FAILED:
                         why = with_reason(why, stage, statuses[key], launcher, manifest)
+                        lost, why = named_lost(stage, statuses[key], down.get(job_id, []), why)
                     out.corrected[key] = why
                     if write and refused is None:
                         try:
-                            store.record_ended(stage, state, why)
+                            if store.record_ended(stage, state, why) is not None and lost:
+                                reason = f"lost under {name} job {job_id}: {why.split('; ', 1)[-1]}"
+                                contract.update_status(stage, **bad_nodes.added(stage, lost, reason, time.time()))
                         except OSError as e:
                             refused = f"{os_reason(e, path=False)}: {stage}"
                     if write and refused is not None:

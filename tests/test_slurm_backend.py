@@ -259,6 +259,9 @@ def golden_scripts() -> dict[str, str]:
         backend = SlurmBackend.from_launcher(LauncherSpec.model_validate(yaml.safe_load(text)))
         for i, (chunk, dependency) in enumerate(arrays, start=1):
             scripts[f"{way}.{i}.sh"] = backend.script(chunk, dependency, Path("/shared/logs"))
+    plain = SlurmBackend.from_launcher(LauncherSpec.model_validate(yaml.safe_load(GOLDEN_WAYS["plain"])))
+    chunk, dependency = arrays[0]  # the first array again, its stages' failures having named nodes gpu-07, gpu-12
+    scripts["exclude.1.sh"] = plain.script(chunk, dependency, Path("/shared/logs"), exclude=["gpu-07", "gpu-12"])
     return scripts
 
 

@@ -9,6 +9,8 @@ Every stage directory `<root>/<sweep>/<run-id>/<stage>/` holds `status.json`, th
     submitted_at, started_at, finished_at   wall-clock seconds
     error        why it failed, was cancelled or preempted (None otherwise)
     checkpoint_skips   [{step, reason}] checkpoints that could not be loaded and were skipped on resume
+    bad_nodes    [{node, reason, at}] nodes failures named, oldest first; the next attempt avoids them
+                 (`extrema.run.bad_nodes`)
 
 States and who writes them:
 
@@ -231,6 +233,14 @@ class Skip(Record):
     reason: str | None = None
 
 
+class BadNode(Record):
+    """A node a failure named, why and when (`extrema.run.bad_nodes`)."""
+
+    node: str
+    reason: str | None = None
+    at: Seconds | None = None
+
+
 class StatusRecord(Record):
     """`status.json`: the fields of the module docstring."""
 
@@ -252,6 +262,7 @@ class StatusRecord(Record):
     error: str | None = None
     replaced_damaged: str | None = None
     checkpoint_skips: list[Skip] | None = None
+    bad_nodes: list[BadNode] | None = None
 
 
 class Rank(Record):

@@ -6,7 +6,10 @@ phase it is in and since when, its recent step times, and when the record was wr
 written belongs to a process that cannot act (stopped, frozen, its node gone); a record still written whose step
 does not move belongs to a rank that waits or is stuck. When a stage hangs, every live rank dumps the Python stacks
 of its threads into `<stage>/hang/<rank>.txt` and the stage's status.json names the rank behind
-(`describe_hang`). Torch-free: `status` reads these records too.
+(`describe_hang`). A rank whose collective failed leaves `<stage>/ranks/ended-<rank>.json`: what it saw and the
+nodes of the peers it lost (`write_ending`), so that a lost rank 0, which cannot record the failure itself, is named
+by the survivors when the launcher records the stage failed (`lost_peers`). Torch-free: `status` reads these records
+too.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import math
 import os
 import re
 import statistics
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +47,8 @@ STRAGGLER_CHECKS = 3  # ...in this many consecutive checks (a window of WINDOW s
 STRAGGLER_MIN_SHARE = 0.1  # ...when that time is at least this share of the step
 WINDOW = 20  # steps the medians of a record cover
 STRAGGLERS = "stragglers.json"  # <stage>/ranks/stragglers.json: rank 0's findings
+MAX_NOTE = 400  # characters of a rank's ending note shown in the stage's error
+ENDING = "ended-{rank}.json"  # <stage>/ranks/ended-<rank>.json: how a rank's collective failed, and the nodes it lost
 
 
 def hang_timeout_s() -> float:
@@ -249,3 +255,59 @@ def summary(stage_dir: str, now: float) -> str | None:
         shown = [f"rank {r.get('rank')} on {r.get('host')}" for r in ranks[:4] if isinstance(r, dict)]
         text += "; stragglers: " + ", ".join(shown)
     return text
+
+
+def ending_url(stage_dir: str, rank: int) -> str:
+    """Where rank `rank` says how its collective failed."""
+    return rundir.join(stage_dir, RANKS_DIR, ENDING.format(rank=rank))
+
+
+@dataclass(frozen=True)
+class Lost:
+    """What a rank whose collective failed lost: the nodes, the ranks on them ("rank 0 on n1"), and how it failed."""
+
+    nodes: list[str]
+    ranks: list[str]
+    note: str
+
+
+def write_ending(stage_dir: str, rank: int, host: str, job_id: str | None, lost: Lost) -> None:
+    """Rank `rank` on `host` (of job `job_id`) lost its peers (not fenced by the lease: it is this rank's account,
+    not the stage's status)."""
+    doc = {"rank": rank, "host": host, "job_id": job_id, "lost": lost.nodes, "lost_ranks": lost.ranks}
+    rundir.write_json(ending_url(stage_dir, rank), {**doc, "note": lost.note[:2000], "at": time.time()})
+
+
+def endings(stage_dir: str, since: float) -> list[dict[str, Any]]:
+    """The ending records written at or after `since`, by rank."""
+    fs, path = rundir.filesystem(rundir.join(stage_dir, RANKS_DIR))
+    try:
+        names = [str(n).rsplit("/", 1)[-1] for n in fs.ls(path, detail=False, refresh=True)]
+    except (OSError, TypeError):
+        return []
+    out = []
+    for name in sorted(names):
+        stem = name.removeprefix("ended-").removesuffix(".json")
+        if not (name.startswith("ended-") and name.endswith(".json") and stem.isdigit()):
+            continue
+        try:
+            doc = contract.read_record(ending_url(stage_dir, int(stem)))
+        except (contract.Unreadable, OSError):
+            continue
+        if doc and isinstance(doc.get("at"), (int, float)) and doc["at"] >= since and isinstance(doc.get("lost"), list):
+            out.append(doc)
+    return out
+
+
+def lost_peers(stage_dir: str, since: float) -> tuple[list[str], str | None]:
+    """(the nodes surviving ranks lost since `since`, one line naming the ranks lost and who saw it), from the ending
+    records; ([], None) when no rank left one."""
+    seen = [doc for doc in endings(stage_dir, since) if doc["lost"]]
+    nodes = list(dict.fromkeys(str(n) for doc in seen for n in doc["lost"] if isinstance(n, str) and n))
+    if not nodes:
+        return [], None
+    first = seen[0]
+    ranks = first.get("lost_ranks")
+    shown = ", ".join(map(str, (ranks if isinstance(ranks, list) else first["lost"])[:8]))
+    note = str(first.get("note"))[:MAX_NOTE]
+    return nodes, f"{shown} lost, as rank {first.get('rank')} on {first.get('host')} saw it: {note}"

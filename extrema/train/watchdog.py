@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from extrema.run import contract, lease, rank_progress, rundir
+from extrema.run import bad_nodes, contract, lease, rank_progress, rundir
 from extrema.run.rank_progress import RankRecord
 
 REMOTE_INTERVAL_S = 5.0  # at least this between two writes of a record on an object store
@@ -251,13 +251,23 @@ class Watchdog:
         try:
             if self.held is not None:
                 self.held.fence("status failed (hung)")
-            contract.update_status(self.stage_dir, state=contract.StageState.FAILED, finished_at=now, error=line)
+            named = self.culprit_node(records.get(culprit), culprit, now)
+            contract.update_status(
+                self.stage_dir, state=contract.StageState.FAILED, finished_at=now, error=line, **named
+            )
             rundir.write_json(
                 rank_progress.declared_url(self.stage_dir), {"attempt": self.attempt, "by": self.rank, "error": line}
             )
         except Exception as e:  # the lease was lost or the store does not answer: end all the same
             print(f"extrema.watchdog: hang not recorded: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         self.finish("the stage hung")
+
+    def culprit_node(self, rec: RankRecord | None, rank: int, now: float) -> dict[str, Any]:
+        """The status fields naming the hung rank's node bad ({} when its node is unknown)."""
+        if rec is None:
+            return {}
+        reason = f"rank {rank} (pid {rec.pid}) hung at step {rec.step + 1} in {rec.phase}"
+        return bad_nodes.added(self.stage_dir, [rec.host], reason, now)
 
     def finish(self, why: str) -> None:
         """End this process now (exit code 1): the main thread is stuck and cannot end it."""

@@ -12,8 +12,8 @@ callers then keep the run store's word. The rest are class-level facts and hooks
 those it agrees with): whether its jobs wait for a live attempt (`adopts_running`) or retry a failed stage by
 themselves (`retries_in_job`), whether `sweep` stays while the stages run (`runs_here`), where a recorded job's
 cluster is (`recorded_address`), the cluster a sweep starts for itself (`private_cluster`) and what to keep before
-it stops (`keep_logs`), where a job's logs are (`log_dir`, `job_logs`), and how to stop the attempts it started
-on this machine (`stop_attempts`).
+it stops (`keep_logs`), which nodes a failed job lost (`lost_nodes`), where a job's logs are (`log_dir`,
+`job_logs`), and how to stop the attempts it started on this machine (`stop_attempts`).
 """
 
 from __future__ import annotations
@@ -233,6 +233,14 @@ class Backend(Protocol):
     ) -> dict[str, State]:
         """The states of jobs recorded at `address` (see `status`); Unreachable when they cannot be asked."""
         return cls.from_launcher(launcher, address).status(job_ids)
+
+    @classmethod
+    def lost_nodes(
+        cls, launcher: LauncherSettings, address: str | None, job_ids: Sequence[str]
+    ) -> dict[str, list[str]]:
+        """Of these failed jobs recorded at `address`, those the cluster ended for a failed node: job id -> the
+        nodes it marks failed ({}: the backend does not say)."""
+        return {}
 
     @classmethod
     def log_dir(cls, launcher: LauncherSettings, sweep_url: str) -> str:

@@ -91,6 +91,11 @@ class ResourcesSpec(Spec):
         description="seconds without a finished step (or a rank's progress record) before the stage counts as hung "
         "and every rank ends with its stacks dumped; 0: off",
     )
+    exclude_bad_nodes: bool = Field(
+        True,
+        description="the next attempt of a stage avoids the nodes its failures named (a hung rank's, a lost one's; "
+        "slurm: sbatch --exclude, ray: a placement without them) while enough nodes remain for the job",
+    )
 
     gpu_type: GpuType | None = Field(
         None,

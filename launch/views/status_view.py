@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import io
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from extrema.run import contract, rank_progress
+from extrema.run import bad_nodes, contract, rank_progress
 from extrema.run.contract import StageState
 from launch.addressed import DAMAGED, FAILED, OK, Addressed, print_notes, print_unreadable, swept_axes
 from launch.inputs.printable import clip, printable
@@ -70,11 +70,19 @@ class StatusTable:
     keys: list[str]
     problems: list[str]  # `path: reason` of every unreadable record (its row shows `unreadable`)
     errors: dict[str, str]  # key -> why each failed stage failed, whole (the table's row shows its start)
+    bad_nodes: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # key -> its status's bad nodes
+    avoiding: dict[str, bool] = field(default_factory=dict)  # key -> whether its next attempt avoids them
 
-    def records(self) -> list[dict[str, str]]:
-        """The table as JSON records, each with its stage's whole `error` (empty unless it failed)."""
+    def records(self) -> list[dict[str, Any]]:
+        """The table as JSON records, each with its stage's whole `error` (empty unless it failed) and the nodes its
+        failures named (`bad_nodes`, which its next attempt avoids as far as it stays runnable)."""
         return [
-            {**dict(zip(self.columns, row)), "error": self.errors.get(k, "")} for k, row in zip(self.keys, self.rows)
+            {
+                **dict(zip(self.columns, row)),
+                "error": self.errors.get(k, ""),
+                "bad_nodes": [e["node"] for e in self.bad_nodes.get(k, [])],
+            }
+            for k, row in zip(self.keys, self.rows)
         ]
 
 
@@ -96,6 +104,8 @@ def status_table(target: Addressed, write: bool = True, fresh: bool = False) -> 
     columns = ("run", "stage", *paths, "state", "attempts", "elapsed", "latest", "job id", "code")
     rows, styles, pairs = [], [], []
     errors: dict[str, str] = {}
+    bad: dict[str, list[dict[str, Any]]] = {}
+    avoiding: dict[str, bool] = {}
     for run in target.runs:
         flat = results.flatten(run.overrides)
         for stage, key in zip(run.stages, run.job_keys()):
@@ -107,6 +117,8 @@ def status_table(target: Addressed, write: bool = True, fresh: bool = False) -> 
             latest = _latest(state, s, found.get(key), store.stage_url(target.url, run.run_id, stage), tree)
             if state == StageState.FAILED and s.get("error"):
                 errors[key] = clip(printable(str(s["error"])), MAX_ERROR)
+            if named := bad_nodes.named(s):
+                bad[key], avoiding[key] = named, target.launcher.resources_for(stage).exclude_bad_nodes
             if key in seen.holders:
                 latest = f"{latest} (pid {seen.holders[key].pid} on {seen.holders[key].host})"
             hosts = s.get("hosts")
@@ -118,13 +130,14 @@ def status_table(target: Addressed, write: bool = True, fresh: bool = False) -> 
                          cell(s.get("job_id")), code))  # fmt: skip
             styles.append({"state": tables.STATE_STYLES.get(state or "", "")})
             pairs.append((stage, state))
-    return StatusTable(columns, rows, styles, pairs, seen, keys, problems, errors)
+    return StatusTable(columns, rows, styles, pairs, seen, keys, problems, errors, bad, avoiding)
 
 
 def show_status(out: Console, title: str, view: StatusTable) -> None:
     """Print the status table and the notes on backends that could not be asked."""
     tables.show(out, title, view.columns, view.rows, view.styles, view.pairs)
     print_failures(out, view.errors)
+    print_bad_nodes(out, view)
     print_notes(out, view.seen)
     print_unreadable(out, view.problems)
 
@@ -135,6 +148,20 @@ def print_failures(out: Console, errors: dict[str, str]) -> None:
         out.print(Text(f"{key} failed: {error}", style="red"), soft_wrap=True, markup=False, highlight=False)
     if len(errors) > SHOWN_FAILURES:
         out.print(Text(f"... and {len(errors) - SHOWN_FAILURES} more failed stage(s)", style="red"))
+
+
+def bad_nodes_line(key: str, named: list[dict[str, Any]], avoiding: bool) -> str:
+    """One line on the nodes a stage's failures named, latest first, and whether its next attempt avoids them."""
+    shown = [f"{e['node']} ({clip(printable(str(e.get('reason') or '')), 80)})" for e in reversed(named)]
+    how = "avoided on retry" if avoiding else "not avoided: exclude_bad_nodes is off"
+    return f"{key} bad nodes, {how}: {', '.join(shown[:8])}"
+
+
+def print_bad_nodes(out: Console, view: StatusTable) -> None:
+    """The nodes each stage's failures named, one line per stage (the first `SHOWN_FAILURES`)."""
+    for key, named in list(view.bad_nodes.items())[:SHOWN_FAILURES]:
+        line = bad_nodes_line(key, named, view.avoiding.get(key, True))
+        out.print(Text(line, style="yellow"), soft_wrap=True, markup=False, highlight=False)
 
 
 def status_code(view: StatusTable) -> int:

@@ -16,6 +16,8 @@ The driver
    world size > 1 -> Ray Train's `TorchTrainer`, one worker per rank (gloo on CPU, nccl on GPU), each calling
    `extrema.entry.main` inside the process group Ray Train set up, retried through
    `FailureConfig(max_failures)`. The stage resumes from its latest checkpoint in the run store on each retry.
+   The nodes the stage's failures named (`extrema.run.bad_nodes`) are left out of the placement by a label selector
+   on Ray's node id, as far as enough live nodes remain (unless `exclude_bad_nodes` is off: `--keep-bad-nodes`).
 
 Stopping a Ray job (`cancel`) kills its driver and with it the task or trainer the driver owns. The cluster is
 `address`, else RAY_ADDRESS, never one found by guessing; `extrema-launch sweep` starts a private local head
@@ -42,8 +44,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from extrema.run import rundir
-from extrema.run.contract import EXIT_UPSTREAM_FAILED, StageDir
+from extrema.run import bad_nodes, rundir
+from extrema.run.contract import EXIT_UPSTREAM_FAILED, StageDir, Unreadable, read_status
 from extrema.spec import DEFAULT_COLLECTIVE_TIMEOUT_S
 from launch.backends.base import (
     Backend,
@@ -76,6 +78,7 @@ RAY_STATES: dict[str, State] = {
     "STOPPED": State.CANCELLED,
 }
 UPSTREAM_FAILED_EXIT = EXIT_UPSTREAM_FAILED
+NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node: its id
 HEAD_RECORD = "ray_head"  # the manifest's record of the private head a sweep started (RayHead.record())
 
 
@@ -133,6 +136,7 @@ def driver_command(
     argv += [f"--cpus={r.cpus_per_task}", f"--gpus={gpus:g}", f"--workers={r.world_size}", f"--nodes={r.nodes}"]
     argv += [f"--collective-timeout={r.collective_timeout_s:g}"]
     argv += [f"--max-failures={max_failures}"]
+    argv += [] if r.exclude_bad_nodes else ["--keep-bad-nodes"]
     if storage:
         argv.append(f"--storage={storage}")
     return [*argv, "--", job.run_dir, job.stage]
@@ -400,15 +404,49 @@ def wait_for(address: str, upstream: Sequence[str], poll_s: float) -> str | None
     return None
 
 
+def alive_nodes() -> dict[str, list[str]]:
+    """The cluster's live nodes: host name -> Ray node ids."""
+    import ray
+
+    out: dict[str, list[str]] = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            out.setdefault(str(node.get("NodeManagerHostname")), []).append(str(node.get("NodeID")))
+    return out
+
+
+def avoiding(run_dir: str, stage: str, nodes: int) -> dict[str, str]:
+    """The label selector that keeps the stage's workers off the nodes its failures named (`bad_nodes.avoided`:
+    as far as `nodes` live nodes remain; one line says which it keeps); {} when there are none."""
+    try:
+        named = bad_nodes.named(read_status(StageDir.of(run_dir, stage).url))
+    except (Unreadable, OSError):
+        named = []
+    if not named:
+        return {}
+    hosts = alive_nodes()
+    excluded, kept = bad_nodes.avoided(named, list(hosts), nodes)
+    if kept:
+        print(bad_nodes.kept_line(f"launch.backends.ray: {stage}", kept, list(hosts), nodes), file=sys.stderr)
+    ids = [i for host in excluded for i in hosts[host]]
+    if not ids:
+        return {}
+    print(f"launch.backends.ray: {stage} avoids bad node(s) {', '.join(excluded)}", file=sys.stderr, flush=True)
+    return {NODE_ID_LABEL: f"!in({','.join(ids)})"}
+
+
 def run_stage(args: argparse.Namespace, job_id: str) -> None:
     """Run the stage on the cluster: one resource-reserving task, or a TorchTrainer for several ranks."""
     import ray
 
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
+    selector = {} if args.keep_bad_nodes else avoiding(args.run_dir, args.stage, args.nodes)
+    placed: dict[str, Any] = {"label_selector": selector} if selector else {}  # Ray Train v2's ScalingConfig
     if args.workers == 1:
         task = ray.remote(
             num_cpus=args.cpus, num_gpus=args.gpus, max_retries=args.max_failures, retry_exceptions=True, max_calls=1
         )(run_entry)
+        task = task.options(label_selector=selector) if selector else task
         ray.get(task.remote(args.run_dir, args.stage, job_id))
         return
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -423,6 +461,7 @@ def run_stage(args: argparse.Namespace, job_id: str) -> None:
             use_gpu=args.gpus > 0,
             resources_per_worker=resources,
             placement_strategy=placement(args.nodes, args.workers),
+            **placed,
         ),
         torch_config=TorchConfig(
             backend="nccl" if args.gpus else "gloo", timeout_s=max(1, round(args.collective_timeout))
@@ -452,6 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--max-failures", type=int, default=1, help="retries after a failure")
     parser.add_argument("--storage", default=None, help="Ray Train storage path")
+    parser.add_argument("--keep-bad-nodes", action="store_true", help="place workers on the nodes failures named too")
     parser.add_argument("--poll", type=float, default=1.0, help="seconds between upstream status checks")
     parser.add_argument("run_dir")
     parser.add_argument("stage")

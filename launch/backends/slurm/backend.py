@@ -22,6 +22,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -32,6 +33,7 @@ import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission, TorchDistributedEnvironment
 from submitit.slurm.slurm import _make_sbatch_string, read_job_id
 
+from extrema.run import bad_nodes, contract
 from launch.backends.base import Backend, Job, LauncherSettings, RecordedJob, State
 from launch.backends.container import ContainerSpec
 from launch.backends.log_source import LogSource, file_source, rank_hosts
@@ -96,6 +98,34 @@ def parse_states(text: str) -> dict[str, tuple[str, str]]:
                 for index in range(int(split[1]), int(split[2]) + 1):
                     out[f"{split[0]}_{index}"] = (state, reason)
     return out
+
+
+def parse_partition_nodes(text: str, partition: str | None) -> list[str]:
+    """The nodes of `partition` (the default one, marked `*`, when None) from `sinfo -h -N -o '%N|%P'` lines."""
+    out = []
+    for line in text.splitlines():
+        node, _, part = line.strip().partition("|")
+        if node and (part.rstrip("*") == partition if partition else part.endswith("*")):
+            out.append(node)
+    return list(dict.fromkeys(out))
+
+
+def node_fails(text: str) -> dict[str, str]:
+    """Job id -> node list of the incarnations that ended NODE_FAIL, from `JobID|State|NodeList` lines."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        for job_id, (state, nodes) in parse_states(line).items():
+            if state == "NODE_FAIL":
+                out[job_id] = nodes
+    return out
+
+
+def stage_status(job: Job) -> dict[str, Any]:
+    """The status record of a job's stage ({} when it has none or it cannot be read)."""
+    try:
+        return contract.read_status(contract.StageDir.of(job.run_dir, job.stage).url)
+    except (contract.Unreadable, OSError):
+        return {}
 
 
 def to_state(slurm_state: str, reason: str = "") -> State:
@@ -303,22 +333,77 @@ class SlurmBackend(Backend):
         for j in jobs:
             validate_resources(j.resources)
 
+        exclude = self.exclusions(jobs)
+
         def sbatch(chunk: list[Job], dependency: str | None) -> list[str]:
             ex = self._executor(folder, self.task_python(chunk, folder))
-            ex.update_parameters(**self.parameters(chunk, dependency, folder))
+            ex.update_parameters(**self.parameters(chunk, dependency, folder, exclude.get(chunk[0].key, ())))
             with ex.batch():
                 handles = [ex.submit(StageCall(j.run_dir, j.stage, j.env())) for j in chunk]
             return [h.job_id for h in handles]
 
-        return send_arrays(jobs, self.max_array_size, sbatch)
+        return send_arrays(jobs, self.max_array_size, sbatch, exclude)
+
+    def exclusions(self, jobs: Sequence[Job]) -> dict[str, list[str]]:
+        """The nodes each job's sbatch excludes (job key -> nodes): those its stage's failures named, as far as the
+        job stays runnable on its partition (`bad_nodes.avoided`; one line on standard error names those kept)."""
+        out: dict[str, list[str]] = {}
+        partitions: dict[str | None, list[str] | None] = {}
+        for j in jobs:
+            named = bad_nodes.named(stage_status(j)) if j.resources.exclude_bad_nodes else []
+            if not named:
+                continue
+            part = j.resources.partition
+            if part not in partitions:
+                partitions[part] = self.partition_nodes(part)
+            available = partitions[part]
+            out[j.key], kept = bad_nodes.avoided(named, available, j.resources.nodes)
+            if kept and available is not None:
+                print(bad_nodes.kept_line(f"slurm: {j.key}", kept, available, j.resources.nodes), file=sys.stderr)
+        return out
+
+    def partition_nodes(self, partition: str | None) -> list[str] | None:
+        """The nodes of a partition (the default one when None), whatever their state; None when sinfo does not
+        answer."""
+        out = self._client("sinfo", "-h", "-N", "-o", "%N|%P")
+        return None if out.returncode else parse_partition_nodes(out.stdout, partition)
+
+    @classmethod
+    def lost_nodes(
+        cls, launcher: LauncherSettings, address: str | None, job_ids: Sequence[str]
+    ) -> dict[str, list[str]]:
+        """Of these failed jobs, those Slurm ended NODE_FAIL: job id -> their nodes it marks down (or failing)."""
+        return cls.from_launcher(launcher, address).node_failures(job_ids)
+
+    def node_failures(self, job_ids: Sequence[str]) -> dict[str, list[str]]:
+        """Job id -> the nodes of a NODE_FAIL job that Slurm marks down, drained or not responding."""
+        ids = checked_ids(job_ids)
+        bases = sorted({i.partition("_")[0] for i in ids}, key=int)
+        if not bases:
+            return {}
+        # -D: every incarnation, so that a job Slurm queued again after the node failed still shows it.
+        sacct = self._client("sacct", "-X", "-D", "-n", "-P", "-o", "JobID,State,NodeList", "-j", ",".join(bases))
+        failed = {i: nodes for i, nodes in node_fails(sacct.stdout).items() if i in ids}
+        if not failed:
+            return {}
+        down = set(self._client("sinfo", "-h", "-N", "-t", "down,drain,fail,no_respond", "-o", "%N").stdout.split())
+        return {i: [n for n in self.hostnames(nodes) if n in down] for i, nodes in failed.items()}
+
+    def hostnames(self, nodelist: str) -> list[str]:
+        """The node names of a Slurm node list (`n[1-2]`), as `scontrol show hostnames` expands it."""
+        if not nodelist or nodelist == "None assigned":
+            return []
+        return self._client("scontrol", "show", "hostnames", nodelist).stdout.split()
 
     def mounts(self, chunk: Sequence[Job], folder: Path) -> list[tuple[str, str]]:
         """What the container of one array's tasks mounts (nothing without a container)."""
         return [] if self.container is None else container_mounts(self.container, folder, chunk)
 
-    def parameters(self, chunk: Sequence[Job], dependency: str | None, folder: Path) -> dict[str, Any]:
-        """The sbatch parameters of one array of jobs (same resources, same job name) waiting on `dependency`, with
-        logs and pickles in `folder`."""
+    def parameters(
+        self, chunk: Sequence[Job], dependency: str | None, folder: Path, exclude: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        """The sbatch parameters of one array of jobs (same resources, same job name, same nodes excluded) waiting
+        on `dependency`, with logs and pickles in `folder`."""
         for i, line in enumerate(self.setup):
             reason = setup_line_problem(line)
             if reason:
@@ -326,16 +411,16 @@ class SlurmBackend(Backend):
         setup = [*self.setup, *code_setup(chunk[0].code_dir)]
         srun = pyxis_args(self.container, self.mounts(chunk, folder))
         r = chunk[0].resources
-        return sbatch_parameters(r, job_name(chunk[0]), dependency, self.array_parallelism, setup, srun)
+        return sbatch_parameters(r, job_name(chunk[0]), dependency, self.array_parallelism, setup, srun, exclude)
 
     def task_python(self, chunk: Sequence[Job], folder: Path) -> str:
         """The interpreter every task of one array runs (in its container), as shell words."""
         gpus = chunk[0].resources.gpus_per_node > 0
         return task_python(self.python, self.container, self.mounts(chunk, folder), gpus)
 
-    def script(self, chunk: Sequence[Job], dependency: str | None, folder: Path) -> str:
+    def script(self, chunk: Sequence[Job], dependency: str | None, folder: Path, exclude: Sequence[str] = ()) -> str:
         """The sbatch script `submit` sends for one array (`send_arrays`' chunk); nothing is submitted."""
-        params = self.parameters(chunk, dependency, folder)
+        params = self.parameters(chunk, dependency, folder, exclude)
         return sbatch_script(params, folder, len(chunk), self.task_python(chunk, folder))
 
     def status(self, job_ids: Sequence[str]) -> dict[str, State]:

@@ -1,6 +1,7 @@
 """Slurm planning, pure: what goes into each sbatch script and how jobs become arrays. Imports no submitit.
 
-Jobs are grouped by dependency level, sweep, stage and resources; each group goes out as job arrays of at most
+Jobs are grouped by dependency level, sweep, stage, resources and the nodes they avoid (`--exclude`: the nodes the
+stage's failures named, `extrema.run.bad_nodes`); each group goes out as job arrays of at most
 `MaxArraySize` tasks, one `sbatch` per array. A downstream array whose task i waits for exactly task i of one
 upstream array uses `aftercorr:<array>`, so a failed run holds back only its own downstream task; any other
 dependency is `afterok` on the per-task ids `<array>_<i>` (or on a whole array when every task of it is awaited).
@@ -40,6 +41,7 @@ from launch.runstore import roots
 
 JOB_ID = re.compile(r"\d+(?:_\d+)?")
 JOB_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,200}")
+NODE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,255}")
 
 
 def checked(value: str, pattern: re.Pattern[str], field: str, allowed: str) -> str:
@@ -105,6 +107,7 @@ def sbatch_parameters(
     array_parallelism: int,
     setup: Sequence[str] = (),
     srun_args: Sequence[str] = (),
+    exclude: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The parameters of one array's sbatch script, named as submitit's SlurmExecutor takes them (values already
     validated): `SlurmExecutor.update_parameters(**p)` submits with them, `slurm.sbatch_script` shows the script.
@@ -129,6 +132,7 @@ def sbatch_parameters(
         "qos": r.qos,
         "constraint": r.constraint,
         "dependency": dependency,
+        "exclude": ",".join(checked_nodes(exclude)) or None,
         "additional_parameters": {k: (v if v else True) for k, v in r.sbatch_extra.items()} or None,
         "setup": list(setup) or None,
     }
@@ -157,12 +161,20 @@ def dependency_levels(jobs: Sequence[Job]) -> dict[str, int]:
     return level
 
 
-def array_groups(jobs: Sequence[Job]) -> list[list[Job]]:
-    """Jobs grouped by (level, job name, resources), levels in order, groups in order of first appearance."""
+def checked_nodes(nodes: Sequence[str]) -> list[str]:
+    """Node names for `--exclude`, each checked to go into an sbatch script (ValueError naming it otherwise)."""
+    return [checked(n, NODE_NAME, "excluded node", "letters, digits and _ . -") for n in nodes]
+
+
+def array_groups(jobs: Sequence[Job], exclude: Mapping[str, Sequence[str]] | None = None) -> list[list[Job]]:
+    """Jobs grouped by (level, job name, resources, nodes excluded: job key -> nodes), levels in order, groups in
+    order of first appearance: the tasks of one array share one script, and so one exclusion."""
     level = dependency_levels(jobs)
-    groups: dict[tuple[int, str, str], list[Job]] = {}
+    avoid = exclude or {}
+    groups: dict[tuple[int, str, str, tuple[str, ...]], list[Job]] = {}
     for j in jobs:
-        groups.setdefault((level[j.key], job_name(j), j.resources.model_dump_json()), []).append(j)
+        key = (level[j.key], job_name(j), j.resources.model_dump_json(), tuple(sorted(avoid.get(j.key, ()))))
+        groups.setdefault(key, []).append(j)
     return [groups[k] for k in sorted(groups, key=lambda k: k[0])]
 
 
@@ -213,13 +225,17 @@ def plan_arrays(
 
 
 def send_arrays(
-    jobs: Sequence[Job], max_size: int, sbatch: Callable[[list[Job], str | None], list[str]]
+    jobs: Sequence[Job],
+    max_size: int,
+    sbatch: Callable[[list[Job], str | None], list[str]],
+    exclude: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, str]:
     """Send every array of the jobs with `sbatch(chunk, dependency) -> ids`, one call per array, levels in order;
-    job key -> id. `SlurmBackend.submit` passes a real submission, `planned_arrays` a stand-in."""
+    job key -> id. `exclude`: the nodes each job avoids (job key -> nodes); an array's jobs share theirs.
+    `SlurmBackend.submit` passes a real submission, `planned_arrays` a stand-in."""
     ids: dict[str, str] = {}
     array_sizes: dict[str, int] = {}
-    for group in array_groups(jobs):
+    for group in array_groups(jobs, exclude):
         for chunk, dependency in plan_arrays(group, ids, array_sizes, max_size):
             got = sbatch(chunk, dependency)
             ids.update(zip((j.key for j in chunk), got))
@@ -227,7 +243,9 @@ def send_arrays(
     return ids
 
 
-def planned_arrays(jobs: Sequence[Job], max_size: int) -> list[tuple[list[str], str | None]]:
+def planned_arrays(
+    jobs: Sequence[Job], max_size: int, exclude: Mapping[str, Sequence[str]] | None = None
+) -> list[tuple[list[str], str | None]]:
     """The arrays `submit` sends, one `sbatch` each, as (job keys, dependency), with stand-in job ids 1, 2, ...
     (an array of one job is a plain job, as submitit submits it). Pure: nothing is submitted."""
     sent: list[tuple[list[str], str | None]] = []
@@ -237,7 +255,7 @@ def planned_arrays(jobs: Sequence[Job], max_size: int) -> list[tuple[list[str], 
         base = str(len(sent))
         return [base] if len(chunk) == 1 else [f"{base}_{i}" for i in range(len(chunk))]
 
-    send_arrays(jobs, max_size, stand_in)
+    send_arrays(jobs, max_size, stand_in, exclude)
     return sent
 
 

@@ -1,0 +1,232 @@
+"""Bad nodes excluded on retry, and rank 0's node lost (issue #30, points 4 and 5).
+
+Unit tests: which named nodes a job avoids while it stays runnable, arrays split by their exclusion, the records a
+failure leaves. On the two-node Slurm cluster (`slurm_two_nodes`): a one-node stage whose rank is SIGSTOPped fails
+naming its node and the retry runs on the other node (`--exclude`), equal to the reference bit for bit; rank 0's
+node killed mid-run is named by the surviving rank, and the retry, which cannot exclude a node of a two-node job on
+two nodes, resumes equal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from extrema.run import bad_nodes, contract, rank_progress
+from launch.backends.base import Job
+from launch.backends.resources import ResourcesSpec
+from launch.backends.slurm.backend import SlurmBackend, parse_partition_nodes
+from launch.backends.slurm.plan import planned_arrays
+from launch.reconcile import named_lost
+from tests import test_multinode
+from tests.cluster_sweeps import cli
+from tests.clusters.slurm_two_node import USABLE, TwoNodeSlurmCluster
+from tests.test_multinode import (
+    STEPS,
+    TWO_NODES,
+    assert_equal_models,
+    ckpt_steps,
+    job_logs,
+    only_run,
+    status_of,
+    wait_for,
+    wait_mid_run,
+    wait_state,
+)
+from tests.test_multinode import sweep_file as multinode_sweep_file
+
+# The reference (the same stage, one node, two processes, on the local backend) and the CLI on the two-node cluster.
+one_node_two_processes = test_multinode.one_node_two_processes
+on_two_node_slurm = test_multinode.on_two_node_slurm
+
+
+def entry(node: str, at: float, reason: str = "hung") -> dict[str, Any]:
+    return {"node": node, "reason": reason, "at": at}
+
+
+def test_the_most_recently_named_nodes_are_avoided_while_the_job_stays_runnable() -> None:
+    named = [entry("n1", 1), entry("n3", 3), entry("n2", 2)]
+    four = ["n1", "n2", "n3", "n4"]
+    assert bad_nodes.avoided(named, four, 1) == (["n1", "n2", "n3"], [])
+    assert bad_nodes.avoided(named, four, 2) == (["n2", "n3"], ["n1"])  # n1, named first, is kept
+    assert bad_nodes.avoided(named, four, 4) == ([], ["n3", "n2", "n1"])
+    assert bad_nodes.avoided(named, ["n1", "n2"], 2) == ([], ["n2", "n1"])
+    assert bad_nodes.avoided(named, ["n2", "n4"], 1) == (["n2"], [])  # n1, n3: not the job's partition's
+    assert bad_nodes.avoided(named, None, 8) == (["n1", "n2", "n3"], [])  # the cluster did not say: all of them
+    line = bad_nodes.kept_line("slurm: r1/pretrain", ["n1"], ["n1", "n2"], 2)
+    assert (
+        line == "slurm: r1/pretrain: not avoiding bad node(s) n1: the job needs 2 of 2 node(s) and must stay runnable"
+    )
+
+
+def test_a_node_named_again_moves_to_the_end_and_the_record_parses() -> None:
+    entries = bad_nodes.merged([entry("n1", 1), entry("n2", 2)], ["n1"], "lost", 5)
+    assert [(e["node"], e["reason"]) for e in entries] == [("n2", "hung"), ("n1", "lost")]
+    assert len(bad_nodes.merged([], [f"n{i}" for i in range(100)], "x", 1)) == bad_nodes.MAX_KEPT
+    doc = {"state": "failed", "bad_nodes": entries}
+    assert contract.parse_record("status.json", json.dumps(doc).encode()) == doc
+    with pytest.raises(contract.Unreadable, match="bad_nodes"):
+        contract.parse_record("status.json", json.dumps({"bad_nodes": [{"reason": "no node"}]}).encode())
+
+
+def job(run: str, stage: str = "pretrain", **kw: Any) -> Job:
+    return Job(f"{run}/{stage}", f"/runs/sw/{run}", stage, (), ResourcesSpec(partition="two", **kw))
+
+
+def test_jobs_of_one_array_share_their_exclusion() -> None:
+    jobs = [job(f"r{i}") for i in range(5)]
+    exclude = {"r1/pretrain": ["n2"], "r3/pretrain": ["n2"], "r4/pretrain": ["n1", "n2"]}
+    arrays = planned_arrays(jobs, 10, exclude)
+    assert [keys for keys, _ in arrays] == [
+        ["r0/pretrain", "r2/pretrain"],
+        ["r1/pretrain", "r3/pretrain"],
+        ["r4/pretrain"],
+    ]
+    assert len(planned_arrays(jobs, 10)) == 1
+    assert parse_partition_nodes("n1|two*\nn2|two*\nn3|big\nn1|big\n", None) == ["n1", "n2"]
+    assert parse_partition_nodes("n1|two*\nn2|two*\nn3|big\nn1|big\n", "big") == ["n3", "n1"]
+
+
+def test_the_nodes_surviving_ranks_lost_name_the_failure(tmp_path: Path) -> None:
+    stage = str(tmp_path)
+    note = "collective between ranks failed on rank 1 (n2); ranks on other nodes: rank 0 on n1 (...): boom"
+    rank_progress.write_ending(stage, 1, "n2", "7", rank_progress.Lost(["n1"], ["rank 0 on n1"], note))
+    lost, why = named_lost(stage, {"started_at": time.time() - 5}, ["n1", "n3"], "slurm job 7 failed")
+    assert lost == ["n1", "n3"]
+    assert why == f"slurm job 7 failed; rank 0 on n1 lost, as rank 1 on n2 saw it: {note}; node(s) n3 failed under it"
+    assert named_lost(stage, {"started_at": time.time() + 5}, [], "x") == ([], "x")  # an earlier attempt's record
+    assert sorted(rank_progress.read_all(stage)) == []  # not a progress record
+
+
+# --- on the two-node Slurm cluster ------------------------------------------------------------------------------
+
+HANG_S = 6  # seen before the collective times out (COLLECTIVE_S), which would name the node too
+COLLECTIVE_S = 30
+
+
+def slurm_sweep(tmp_path: Path, cluster: TwoNodeSlurmCluster, resources: dict[str, Any]) -> tuple[Path, Path]:
+    """Submit the one-run sweep with these resources to the two-node cluster; (sweep file, run directory)."""
+    launcher = {"backend": "slurm", "resources": {**resources, "partition": cluster.partition}}
+    path = multinode_sweep_file(tmp_path / "mn.yaml", tmp_path / "runs", launcher)
+    code, out = cli("sweep", str(path))
+    assert code == 0, out
+    return path, only_run(tmp_path / "runs")
+
+
+def submitted_script(tmp_path: Path, job_id: str) -> str:
+    """The sbatch script submitit sent for a job."""
+    (script,) = (tmp_path / "runs").rglob(f"{job_id}_submission.sh")
+    return script.read_text()
+
+
+def status_json(path: Path) -> list[dict[str, Any]]:
+    """`status --json` of the sweep."""
+    _, out = cli("status", str(path), "--json")
+    return list(json.loads(out[out.index("\n[") + 1 :] if not out.startswith("[") else out))
+
+
+@pytest.mark.slurm
+def test_slurm_a_hung_rank_names_its_node_and_the_retry_on_one_node_excludes_it(
+    on_two_node_slurm: TwoNodeSlurmCluster, tmp_path: Path
+) -> None:
+    """A rank of a two-node stage SIGSTOPped: the stage fails naming it and its node, which `status` lists; the
+    retry on one node (the cluster's nodes have one CPU each: a stage of two ranks on one node cannot be asked for)
+    is sent with `--exclude` of that node and ends on the other, resumed from the hung attempt's checkpoint."""
+    cluster = on_two_node_slurm
+    resources = {**TWO_NODES, "hang_timeout_s": HANG_S, "collective_timeout_s": COLLECTIVE_S}
+    path, run = slurm_sweep(tmp_path, cluster, resources)
+    stage = str(run / "pretrain")
+
+    def both_ranks_past_step_3() -> bool:
+        recs = rank_progress.read_all(stage)
+        return recs.keys() == {0, 1} and min(r.step for r in recs.values()) >= 4 and any(ckpt_steps(run).values())
+
+    wait_for(both_ranks_past_step_3, 150, "both ranks past step 3 and a checkpoint")
+    stopped = rank_progress.read_all(stage)[1]
+    os.kill(int(stopped.pid or 0), signal.SIGSTOP)
+    try:
+        took = wait_for(lambda: status_of(run).get("state") == "failed", HANG_S + 15, "the stage recorded hung")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(stopped.pid or 0), signal.SIGKILL)
+    status = status_of(run)
+    print(f"\nhung rank 1 on {stopped.host}: failed after {took:.1f} s: {status['error'][:300]}")
+    assert f"rank 1 on {stopped.host} (pid {stopped.pid})" in status["error"]
+    assert [e["node"] for e in status["bad_nodes"]] == [stopped.host]
+    assert wait_state(path, run, {"failed"}, 60, tmp_path) == "failed"
+    _, out = cli("status", str(path))
+    assert f"bad nodes, avoided on retry: {stopped.host} (rank 1 (pid {stopped.pid}) hung at step " in out, out
+    assert status_json(path)[0]["bad_nodes"] == [stopped.host]
+
+    code, out = cli("sweep", str(path), "--retry-failed", "launcher.resources.nodes=1")
+    assert code == 0, out
+    assert f"#SBATCH --exclude={stopped.host}\n" in submitted_script(tmp_path, str(status_of(run)["job_id"]))
+    assert wait_state(path, run, {"completed", "failed"}, 180, tmp_path) == "completed", job_logs(tmp_path)
+    other = ({"n1", "n2"} - {stopped.host}).pop()
+    assert status_of(run)["hosts"] == [other] and status_of(run)["attempts"] == 2
+    assert max(ckpt_steps(run)) == STEPS
+
+
+@pytest.mark.slurm
+def test_slurm_rank_0s_node_lost_is_named_by_the_survivor_and_the_retry_resumes_equal(
+    on_two_node_slurm: TwoNodeSlurmCluster,
+    one_node_two_processes: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cluster = on_two_node_slurm
+    # Rank 0 holds the stage's lease and goes with its node: the lease is free once its heartbeat is this old.
+    monkeypatch.setenv("EXTREMA_LEASE_TTL_S", "10")
+    path, run = slurm_sweep(tmp_path, cluster, TWO_NODES)
+    wait_mid_run(run, 120)
+    assert cluster.kill_node("n1")
+    try:
+        # Slurm ends the job NODE_FAIL and queues it again; rank 0 could record nothing: the surviving rank 1 names
+        # its node (when it ended by itself, not with the job), else Slurm's failed node does, with its rank.
+        took = wait_for(lambda: bool(named_in_status(path, run)), 90, "status to name the lost node")
+        status = status_of(run)
+        with capsys.disabled():
+            print(f"\nrank 0's node lost: named after {took:.1f} s, {status['state']}: {status['error'][:400]}")
+        assert "rank 0 on n1 lost" in status["error"], status["error"]
+        assert named_in_status(path, run) == ["n1"]
+        _, out = cli("status", str(path))
+        assert "bad nodes, avoided on retry: n1 (lost under slurm job 1: " in out, out
+    finally:
+        if cluster.node_state("n1") not in USABLE:
+            cluster.start_node("n1")
+    assert max(s for s, done in ckpt_steps(run).items() if done) < STEPS
+    # Its next submission could not avoid n1 (two nodes of two), and says so: asked of the cluster as `submit` asks.
+    resources = ResourcesSpec(**TWO_NODES, partition=cluster.partition)
+    assert SlurmBackend().exclusions([Job(f"{run.name}/pretrain", str(run), "pretrain", (), resources)]) == {
+        f"{run.name}/pretrain": []
+    }
+    said = capsys.readouterr().err
+    assert f"slurm: {run.name}/pretrain: not avoiding bad node(s) n1: the job needs 2 of 2 node(s)" in said, said
+    job_id = str(status_of(run)["job_id"])
+    if cluster.run("squeue", "-h", "-j", job_id, "-o", "%T", check=False).stdout.strip() == "PENDING":
+        with capsys.disabled():
+            print("the next attempt: Slurm's requeue of the job")  # started in 3 s, not after Slurm's hold
+        cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+3", check=False)
+    else:
+        with capsys.disabled():
+            print("the next attempt: sweep --retry-failed")
+        code, out = cli("sweep", str(path), "--retry-failed")
+        assert code == 0 and "not avoiding bad node(s) n1: the job needs 2 of 2 node(s)" in out, out
+        assert "--exclude" not in submitted_script(tmp_path, str(status_of(run)["job_id"]))
+    assert wait_state(path, run, {"completed"}, 180, tmp_path) == "completed", job_logs(tmp_path)
+    assert status_of(run)["attempts"] == 2
+    assert_equal_models(run, one_node_two_processes)
+
+
+def named_in_status(path: Path, run: Path) -> list[str]:
+    """The bad nodes of the stage once `status` (which records what the backend saw) has named them."""
+    cli("status", str(path))
+    return [e["node"] for e in status_of(run).get("bad_nodes") or []]
