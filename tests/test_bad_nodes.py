@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from extrema.run import bad_nodes, contract, rank_progress
 from launch.backends.base import Job
@@ -25,10 +26,14 @@ from launch.backends.resources import ResourcesSpec
 from launch.backends.slurm.backend import SlurmBackend, parse_partition_nodes
 from launch.backends.slurm.plan import planned_arrays
 from launch.reconcile import named_lost
+from launch.sweepfile.expand import load_runs
 from tests import test_multinode
 from tests.cluster_sweeps import cli
+from tests.clusters.ray_two_node import TwoNodeRay
 from tests.clusters.slurm_two_node import USABLE, TwoNodeSlurmCluster
+from tests.stage_runs import merge
 from tests.test_multinode import (
+    EXPERIMENT,
     STEPS,
     TWO_NODES,
     assert_equal_models,
@@ -230,3 +235,26 @@ def named_in_status(path: Path, run: Path) -> list[str]:
     """The bad nodes of the stage once `status` (which records what the backend saw) has named them."""
     cli("status", str(path))
     return [e["node"] for e in status_of(run).get("bad_nodes") or []]
+
+
+@pytest.mark.ray
+def test_ray_places_a_stage_off_its_bad_node(ray_two_nodes: TwoNodeRay, tmp_path: Path) -> None:
+    """A one-node stage of two ranks (Ray Train) whose record names the head node n1, where Ray would pack it first,
+    runs on n2: a label selector on Ray's node id. A short run: the placement is what is tested here."""
+    resources = {**TWO_NODES, "nodes": 1, "processes_per_node": 2}
+    launcher = {"backend": "ray", "ray_address": ray_two_nodes.address, "resources": resources}
+    path = tmp_path / "mn.yaml"
+    short = merge(EXPERIMENT, {"pretrain": {"steps": 2, "ckpt_every": 2}})
+    path.write_text(yaml.safe_dump({"name": "mn", "root": str(tmp_path / "runs"), "base": short, "launcher": launcher}))
+    _, runs = load_runs(str(path))
+    stage = tmp_path / "runs" / "mn" / runs[0].run_id / "pretrain"
+    stage.mkdir(parents=True)
+    # As an earlier attempt's hang on n1 would have left it (the watchdog's own record of it is tested above).
+    contract.update_status(str(stage), **bad_nodes.added(str(stage), ["n1"], "rank 0 (pid 1) hung", time.time()))
+    code, out = cli("sweep", str(path))
+    assert code == 0, out
+    run = only_run(tmp_path / "runs")
+    assert wait_state(path, run, {"completed", "failed"}, 240, tmp_path) == "completed", status_of(run)
+    assert json.loads((run / "pretrain" / "provenance.json").read_text())["hosts"] == ["n2"]
+    _, logs = cli("logs", str(tmp_path / "runs" / "mn"), "--run", run.name, "--stage", "pretrain")
+    assert "launch.backends.ray: pretrain avoids bad node(s) n1" in logs, logs[-3000:]

@@ -7,7 +7,9 @@ requeues the same call: training state lives in the run store, and the stage res
 checkpoint. A stage that catches the signal itself saves a checkpoint and exits with 3; the signal is then handed
 back to submitit, which requeues. Ranks of a multi-task stage get MASTER_ADDR/PORT, RANK, WORLD_SIZE and
 LOCAL_RANK from submitit's job environment. A downstream task whose dependency can never be satisfied (its
-upstream failed) is reported CANCELLED. MaxArraySize is read once from `scontrol show config`.
+upstream failed) is reported CANCELLED. MaxArraySize is read once from `scontrol show config`. A stage whose
+failures named nodes (`extrema.run.bad_nodes`) is sent with `--exclude` of them, as far as its partition (`sinfo`)
+keeps enough nodes for it; a job Slurm ended NODE_FAIL names the nodes it marks down (`lost_nodes`).
 
 The launcher's Slurm settings (`SlurmSettings`) shape every script: `max_parallel` is each array's `%n`, `max_requeues`
 submitit's `max_num_timeout`, `setup` the lines before srun, and `container` / `python` what each task runs
