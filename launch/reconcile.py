@@ -141,14 +141,26 @@ def requeued(status: Mapping[str, Any], seen: State | None) -> bool:
     return seen in (State.PENDING, State.PREEMPTED) and status.get("state") == StageState.RUNNING
 
 
-def note_requeued(stage: str, status: Mapping[str, Any], job: str, down: list[str]) -> None:
+def note_requeued(stage: str, status: Mapping[str, Any], job: str, down: list[str]) -> list[dict[str, Any]]:
     """Record a requeued stage pending, its error naming the nodes its attempt lost (the surviving ranks' ending
-    records: rank 0's node among them) and those as bad nodes; nothing when no rank or backend named one."""
+    records: rank 0's node among them) and those as bad nodes; the stage's bad nodes now ([] when no rank or
+    backend named one: nothing is written)."""
     lost, why = named_lost(stage, status, down, f"{job} was queued again after its attempt ended unrecorded")
     if not lost or lease.live_holder(stage) is not None:
-        return
+        return []
     named = bad_nodes.added(stage, lost, f"lost under {job}: {why.split('; ', 1)[-1]}", time.time())
     contract.update_status(stage, state=StageState.PENDING, error=why, **named)
+    return list(named[bad_nodes.FIELD])
+
+
+def avoid_requeued(
+    name: str, address: str | None, launcher: LauncherSpec, key: str, job_id: str, named: list[dict[str, Any]]
+) -> str | None:
+    """Keep a requeued job off its stage's bad nodes through its backend; what was done, or why not, in a line."""
+    try:
+        return backend_class(name).avoid(launcher, address, job_id, store.split_key(key)[1], named)
+    except Exception as e:  # the record stands; the next submission avoids them
+        return f"{key}: could not keep {name} job {job_id} off its bad nodes: {type(e).__name__}: {e}"
 
 
 def in_flight(status: Mapping[str, Any]) -> bool:
@@ -212,9 +224,11 @@ def reconcile(
             if write and refused is None and requeued(statuses[key], answer.get(job_id)):
                 stage = store.stage_url(sweep_url, *store.split_key(key))
                 try:
-                    note_requeued(stage, statuses[key], f"{name} job {job_id}", down.get(job_id, []))
+                    named = note_requeued(stage, statuses[key], f"{name} job {job_id}", down.get(job_id, []))
                 except OSError as e:
-                    refused = f"{os_reason(e, path=False)}: {stage}"
+                    refused, named = f"{os_reason(e, path=False)}: {stage}", []
+                said = avoid_requeued(name, address, launcher, key, job_id, named) if named else None
+                out.notes += [said] if said else []
             if state in contract.TERMINAL:
                 stage = store.stage_url(sweep_url, *store.split_key(key))
                 now = store.read_status(stage).get("state")  # the stage may have ended since it was read

@@ -28,7 +28,7 @@ from launch.backends.slurm.plan import planned_arrays
 from launch.reconcile import named_lost
 from launch.sweepfile.expand import load_runs
 from tests import test_multinode
-from tests.cluster_sweeps import cli
+from tests.cluster_sweeps import cli, release_requeued
 from tests.clusters.ray_two_node import TwoNodeRay
 from tests.clusters.slurm_two_node import USABLE, TwoNodeSlurmCluster
 from tests.stage_runs import merge
@@ -193,47 +193,75 @@ def test_slurm_rank_0s_node_lost_is_named_by_the_survivor_and_the_retry_resumes_
     path, run = slurm_sweep(tmp_path, cluster, TWO_NODES)
     wait_mid_run(run, 120)
     assert cluster.kill_node("n1")
+    said: list[str] = []
     try:
         # Slurm ends the job NODE_FAIL and queues it again; rank 0 could record nothing: the surviving rank 1 names
         # its node (when it ended by itself, not with the job), else Slurm's failed node does, with its rank.
-        took = wait_for(lambda: bool(named_in_status(path, run)), 90, "status to name the lost node")
+        took = wait_for(lambda: bool(named_in_status(path, run, said)), 90, "status to name the lost node")
         status = status_of(run)
         with capsys.disabled():
             print(f"\nrank 0's node lost: named after {took:.1f} s, {status['state']}: {status['error'][:400]}")
+        assert status["state"] == "pending", status  # Slurm queued the job again: its next attempt
         assert "rank 0 on n1 lost" in status["error"], status["error"]
-        assert named_in_status(path, run) == ["n1"]
-        _, out = cli("status", str(path))
-        assert "bad nodes, avoided on retry: n1 (lost under slurm job 1: " in out, out
+        assert named_in_status(path, run, said) == ["n1"]
+        # The requeued job cannot avoid n1 (two nodes of two), and `status` says so, once.
+        kept = [o for o in said if "slurm job 1: not avoiding bad node(s) n1: the job needs 2 of 2 node(s)" in o]
+        assert len(kept) == 1, said
+        assert "bad nodes, avoided on retry: n1 (lost under slurm job 1: " in said[-1], said[-1]
     finally:
         if cluster.node_state("n1") not in USABLE:
             cluster.start_node("n1")
     assert max(s for s, done in ckpt_steps(run).items() if done) < STEPS
-    # Its next submission could not avoid n1 (two nodes of two), and says so: asked of the cluster as `submit` asks.
+    # A submission would not avoid it either (asked of the cluster as `submit` asks).
     resources = ResourcesSpec(**TWO_NODES, partition=cluster.partition)
     assert SlurmBackend().exclusions([Job(f"{run.name}/pretrain", str(run), "pretrain", (), resources)]) == {
         f"{run.name}/pretrain": []
     }
-    said = capsys.readouterr().err
-    assert f"slurm: {run.name}/pretrain: not avoiding bad node(s) n1: the job needs 2 of 2 node(s)" in said, said
-    job_id = str(status_of(run)["job_id"])
-    if cluster.run("squeue", "-h", "-j", job_id, "-o", "%T", check=False).stdout.strip() == "PENDING":
-        with capsys.disabled():
-            print("the next attempt: Slurm's requeue of the job")  # started in 3 s, not after Slurm's hold
-        cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now+3", check=False)
-    else:
-        with capsys.disabled():
-            print("the next attempt: sweep --retry-failed")
-        code, out = cli("sweep", str(path), "--retry-failed")
-        assert code == 0 and "not avoiding bad node(s) n1: the job needs 2 of 2 node(s)" in out, out
-        assert "--exclude" not in submitted_script(tmp_path, str(status_of(run)["job_id"]))
+    err = capsys.readouterr().err
+    assert f"slurm: {run.name}/pretrain: not avoiding bad node(s) n1: the job needs 2 of 2 node(s)" in err, err
+    release_requeued(cluster.run, str(status_of(run)["job_id"]))
     assert wait_state(path, run, {"completed"}, 180, tmp_path) == "completed", job_logs(tmp_path)
     assert status_of(run)["attempts"] == 2
     assert_equal_models(run, one_node_two_processes)
 
 
-def named_in_status(path: Path, run: Path) -> list[str]:
-    """The bad nodes of the stage once `status` (which records what the backend saw) has named them."""
-    cli("status", str(path))
+@pytest.mark.slurm
+def test_slurm_a_one_node_job_queued_again_after_its_node_failed_avoids_it(
+    on_two_node_slurm: TwoNodeSlurmCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-node stage whose node dies: Slurm ends the job NODE_FAIL and queues it again; `status` names the node,
+    keeps the requeued job off it (ExcNodeList), and the stage resumes on the other node even with the node back."""
+    cluster = on_two_node_slurm
+    monkeypatch.setenv("EXTREMA_LEASE_TTL_S", "10")
+    path, run = slurm_sweep(tmp_path, cluster, {**TWO_NODES, "nodes": 1})
+    wait_mid_run(run, 120)
+    (node,) = status_of(run)["hosts"]
+    assert cluster.kill_node(node)
+    said: list[str] = []
+    try:
+        took = wait_for(lambda: bool(named_in_status(path, run, said)), 90, "status to name the lost node")
+        status = status_of(run)
+        print(f"\none-node job's node lost: named after {took:.1f} s, {status['state']}: {status['error'][:300]}")
+        assert status["state"] == "pending", status
+        assert f"node(s) {node} failed under it: rank 0 on {node} lost" in status["error"], status["error"]
+        job_id = str(status["job_id"])
+        assert any(f"slurm job {job_id}, queued again, avoids bad node(s) {node}" in o for o in said), said
+        shown = cluster.run("scontrol", "-o", "show", "job", job_id).stdout
+        assert f"ExcNodeList={node} " in shown, shown
+    finally:
+        if cluster.node_state(node) not in USABLE:
+            cluster.start_node(node)
+    release_requeued(cluster.run, job_id)
+    assert wait_state(path, run, {"completed"}, 180, tmp_path) == "completed", job_logs(tmp_path)
+    other = ({"n1", "n2"} - {node}).pop()
+    assert status_of(run)["hosts"] == [other] and status_of(run)["attempts"] == 2
+    assert max(ckpt_steps(run)) == STEPS
+
+
+def named_in_status(path: Path, run: Path, said: list[str]) -> list[str]:
+    """The bad nodes of the stage once `status` (which records what the backend saw) has named them; what status
+    said goes to `said`."""
+    said.append(cli("status", str(path))[1])
     return [e["node"] for e in status_of(run).get("bad_nodes") or []]
 
 

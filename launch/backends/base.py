@@ -12,8 +12,9 @@ callers then keep the run store's word. The rest are class-level facts and hooks
 those it agrees with): whether its jobs wait for a live attempt (`adopts_running`) or retry a failed stage by
 themselves (`retries_in_job`), whether `sweep` stays while the stages run (`runs_here`), where a recorded job's
 cluster is (`recorded_address`), the cluster a sweep starts for itself (`private_cluster`) and what to keep before
-it stops (`keep_logs`), which nodes a failed job lost (`lost_nodes`), where a job's logs are (`log_dir`,
-`job_logs`), and how to stop the attempts it started on this machine (`stop_attempts`).
+it stops (`keep_logs`), which nodes a failed job lost (`lost_nodes`) and how a requeued one avoids them (`avoid`),
+where a job's logs are (`log_dir`, `job_logs`), and how to stop the attempts it started on this machine
+(`stop_attempts`).
 """
 
 from __future__ import annotations
@@ -241,6 +242,15 @@ class Backend(Protocol):
         """Of these failed jobs recorded at `address`, those the cluster ended for a failed node: job id -> the
         nodes it marks failed ({}: the backend does not say)."""
         return {}
+
+    @classmethod
+    def avoid(
+        cls, launcher: LauncherSettings, address: str | None, job_id: str, stage: str, named: list[dict[str, Any]]
+    ) -> str | None:
+        """Keep a job the cluster queued again for `stage` off the bad nodes `named` (`extrema.run.bad_nodes`), as
+        far as it stays runnable; a line saying what was done or kept, None when nothing (the default: the backend
+        does not requeue jobs itself)."""
+        return None
 
     @classmethod
     def log_dir(cls, launcher: LauncherSettings, sweep_url: str) -> str:

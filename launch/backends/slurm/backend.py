@@ -42,6 +42,7 @@ from launch.backends.log_source import LogSource, file_source, rank_hosts
 from launch.backends.slurm.logs import slurm_files, slurm_label, slurm_rank
 from launch.backends.slurm.plan import (
     checked_ids,
+    checked_nodes,
     code_setup,
     container_mounts,
     job_name,
@@ -377,6 +378,26 @@ class SlurmBackend(Backend):
         """Of these failed jobs, those Slurm ended NODE_FAIL: job id -> their nodes it marks down (or failing)."""
         return cls.from_launcher(launcher, address).node_failures(job_ids)
 
+    @classmethod
+    def avoid(
+        cls, launcher: LauncherSettings, address: str | None, job_id: str, stage: str, named: list[dict[str, Any]]
+    ) -> str | None:
+        """Set the excluded nodes of a job Slurm queued again (`scontrol update ExcNodeList`): the bad nodes, as
+        far as the stage's partition keeps enough nodes for it."""
+        r = launcher.resources_for(stage)
+        if not r.exclude_bad_nodes:
+            return None
+        backend = cls.from_launcher(launcher, address)
+        available = backend.partition_nodes(r.partition)
+        excluded, kept = bad_nodes.avoided(named, available, r.nodes)
+        said = [bad_nodes.kept_line(f"slurm job {job_id}", kept, available, r.nodes)] if kept and available else []
+        if excluded:
+            nodes = ",".join(checked_nodes(excluded))
+            out = backend._client("scontrol", "update", f"JobId={checked_ids([job_id])[0]}", f"ExcNodeList={nodes}")
+            done = "avoids" if out.returncode == 0 else f"could not be kept off ({out.stderr.strip()[:200]})"
+            said.append(f"slurm job {job_id}, queued again, {done} bad node(s) {', '.join(excluded)}")
+        return "; ".join(said) or None
+
     def node_failures(self, job_ids: Sequence[str]) -> dict[str, list[str]]:
         """Job id -> the nodes of a NODE_FAIL job that Slurm marks down, drained or not responding."""
         ids = checked_ids(job_ids)
@@ -440,8 +461,9 @@ class SlurmBackend(Backend):
         if sacct.returncode == 0:
             raw.update(parse_states(sacct.stdout))
         # squeue is authoritative for live jobs: it knows jobs accounting has not recorded yet (ended ones too,
-        # for MinJobAge, with `-t all`), and the current pending reason (sacct keeps the one from submission).
-        live = [i for i in ids if i not in raw or raw[i][0] == "PENDING"]
+        # for MinJobAge, with `-t all`), the current pending reason (sacct keeps the one from submission), and
+        # whether a job accounting shows NODE_FAIL is being queued again (COMPLETING, then PENDING).
+        live = [i for i in ids if i not in raw or raw[i][0] in ("PENDING", "NODE_FAIL")]
         squeue_ok = True
         if live:
             squeue = self._client("squeue", "-h", "-r", "-t", "all", "-o", "%i|%T|%r", "-j", ",".join(live))
