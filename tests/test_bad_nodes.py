@@ -205,9 +205,10 @@ def test_slurm_rank_0s_node_lost_is_named_by_the_survivor_and_the_retry_resumes_
         assert "rank 0 on n1 lost" in status["error"], status["error"]
         assert named_in_status(path, run, said) == ["n1"]
         # The requeued job cannot avoid n1 (two nodes of two), and `status` says so, once.
-        kept = [o for o in said if "slurm job 1: not avoiding bad node(s) n1: the job needs 2 of 2 node(s)" in o]
+        job_id = str(status["job_id"])
+        kept = [o for o in said if f"slurm job {job_id}: not avoiding bad node(s) n1: the job needs 2 of 2 node" in o]
         assert len(kept) == 1, said
-        assert "bad nodes, avoided on retry: n1 (lost under slurm job 1: " in said[-1], said[-1]
+        assert f"bad nodes, avoided on retry: n1 (lost under slurm job {job_id}: " in said[-1], said[-1]
     finally:
         if cluster.node_state("n1") not in USABLE:
             cluster.start_node("n1")
@@ -219,7 +220,7 @@ def test_slurm_rank_0s_node_lost_is_named_by_the_survivor_and_the_retry_resumes_
     }
     err = capsys.readouterr().err
     assert f"slurm: {run.name}/pretrain: not avoiding bad node(s) n1: the job needs 2 of 2 node(s)" in err, err
-    release_requeued(cluster.run, str(status_of(run)["job_id"]))
+    release_requeued(cluster.run, job_id)
     assert wait_state(path, run, {"completed"}, 180, tmp_path) == "completed", job_logs(tmp_path)
     assert status_of(run)["attempts"] == 2
     assert_equal_models(run, one_node_two_processes)
