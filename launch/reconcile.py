@@ -209,7 +209,12 @@ def reconcile(
         if answer is None:
             out.notes.append(f"could not ask {note}; {len(ids)} stage(s) show the run store's state")
             continue
-        ended = [i for k, i in ids.items() if answer.get(i) == State.FAILED or requeued(statuses[k], answer.get(i))]
+        # Only stages the store shows in flight are recorded below: only their jobs' nodes are asked for.
+        ended = [
+            i
+            for k, i in ids.items()
+            if in_flight(statuses[k]) and (answer.get(i) == State.FAILED or requeued(statuses[k], answer.get(i)))
+        ]
         down = failed_nodes(name, address, launcher, ended)
         for key, job_id in ids.items():
             if answer.get(job_id) == State.ELSEWHERE:
@@ -242,9 +247,8 @@ def reconcile(
                     out.corrected[key] = why
                     if write and refused is None:
                         try:
-                            if store.record_ended(stage, state, why) is not None and lost:
-                                reason = f"lost under {name} job {job_id}: {why.split('; ', 1)[-1]}"
-                                contract.update_status(stage, **bad_nodes.added(stage, lost, reason, time.time()))
+                            reason = f"lost under {name} job {job_id}: {why.split('; ', 1)[-1]}"
+                            store.record_ended(stage, state, why, **bad_nodes.added(stage, lost, reason, time.time()))
                         except OSError as e:
                             refused = f"{os_reason(e, path=False)}: {stage}"
                     if write and refused is not None:

@@ -423,12 +423,13 @@ def interrupted_submission(status: Mapping[str, Any], now: float | None = None) 
     return not isinstance(at, (int, float)) or (now or time.time()) - at > STUCK_AFTER_S
 
 
-def record_ended(stage: str, state: StageState, error: str) -> dict[str, Any] | None:
-    """Record that a stage ended as `state` unless it already reached a terminal state or a live attempt owns it;
-    the new status or None. OSError when the store refuses the write (read-only, no permission, full)."""
+def record_ended(stage: str, state: StageState, error: str, **fields: Any) -> dict[str, Any] | None:
+    """Record that a stage ended as `state` (with other status `fields` in the same write) unless it already reached
+    a terminal state or a live attempt owns it; the new status or None. OSError when the store refuses the write
+    (read-only, no permission, full)."""
     if read_status(stage).get("state") in contract.TERMINAL or lease.live_holder(stage) is not None:
         return None
-    return contract.update_status(stage, state=state, error=error, finished_at=time.time())
+    return contract.update_status(stage, state=state, error=error, finished_at=time.time(), **fields)
 
 
 def mark_ended(stage: str, state: StageState, error: str) -> dict[str, Any] | None:
