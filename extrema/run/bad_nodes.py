@@ -28,6 +28,15 @@ def named(status: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [e for e in entries if isinstance(e, dict) and isinstance(e.get("node"), str) and e["node"]]
 
 
+def of_stage(stage_dir: str) -> list[dict[str, Any]]:
+    """The bad-node entries of a stage's status record ([] when it has none or cannot be read: the next attempt then
+    avoids nothing)."""
+    try:
+        return named(contract.read_status(stage_dir))
+    except (contract.Unreadable, OSError):
+        return []
+
+
 def merged(entries: list[dict[str, Any]], nodes: Iterable[str], reason: str, at: float) -> list[dict[str, Any]]:
     """`entries` with `nodes` named (again) now for `reason`, oldest first, at most MAX_KEPT."""
     fresh = list(dict.fromkeys(n for n in nodes if n))

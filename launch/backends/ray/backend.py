@@ -45,7 +45,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from extrema.run import bad_nodes, rundir
-from extrema.run.contract import EXIT_UPSTREAM_FAILED, StageDir, Unreadable, read_status
+from extrema.run.contract import EXIT_UPSTREAM_FAILED, StageDir
 from extrema.spec import DEFAULT_COLLECTIVE_TIMEOUT_S
 from launch.backends.base import (
     Backend,
@@ -418,10 +418,7 @@ def alive_nodes() -> dict[str, list[str]]:
 def avoiding(run_dir: str, stage: str, nodes: int) -> dict[str, str]:
     """The label selector that keeps the stage's workers off the nodes its failures named (`bad_nodes.avoided`:
     as far as `nodes` live nodes remain; one line says which it keeps); {} when there are none."""
-    try:
-        named = bad_nodes.named(read_status(StageDir.of(run_dir, stage).url))
-    except (Unreadable, OSError):
-        named = []
+    named = bad_nodes.of_stage(StageDir.of(run_dir, stage).url)
     if not named:
         return {}
     hosts = alive_nodes()

@@ -123,14 +123,6 @@ def node_fails(text: str) -> dict[str, str]:
     return out
 
 
-def stage_status(job: Job) -> dict[str, Any]:
-    """The status record of a job's stage ({} when it has none or it cannot be read)."""
-    try:
-        return contract.read_status(contract.StageDir.of(job.run_dir, job.stage).url)
-    except (contract.Unreadable, OSError):
-        return {}
-
-
 def to_state(slurm_state: str, reason: str = "") -> State:
     """A Slurm job state (and pending reason) as a backend State."""
     if slurm_state == "PENDING" and reason == "DependencyNeverSatisfied":
@@ -353,7 +345,11 @@ class SlurmBackend(Backend):
         out: dict[str, list[str]] = {}
         partitions: dict[str | None, list[str] | None] = {}
         for j in jobs:
-            named = bad_nodes.named(stage_status(j)) if j.resources.exclude_bad_nodes else []
+            named = (
+                bad_nodes.of_stage(contract.StageDir.of(j.run_dir, j.stage).url)
+                if j.resources.exclude_bad_nodes
+                else []
+            )
             if not named:
                 continue
             part = j.resources.partition
