@@ -29,26 +29,22 @@ from launch.reconcile import named_lost
 from launch.sweepfile.expand import load_runs
 from tests import test_multinode
 from tests.cluster_sweeps import cli, release_requeued
-from tests.clusters.ray_two_node import TwoNodeRay
-from tests.clusters.slurm_two_node import USABLE, TwoNodeSlurmCluster
+from tests.clusters.ray_nodes import RayNodes
+from tests.clusters.slurm_nodes import USABLE, SlurmNodes
+from tests.multinode_runs import EXPERIMENT, STEPS, TWO_NODES, only_run
+from tests.multinode_runs import sweep_file as multinode_sweep_file
 from tests.stage_runs import merge
 from tests.test_multinode import (
-    EXPERIMENT,
-    STEPS,
-    TWO_NODES,
     assert_equal_models,
     ckpt_steps,
     job_logs,
-    only_run,
     status_of,
     wait_for,
     wait_mid_run,
     wait_state,
 )
-from tests.test_multinode import sweep_file as multinode_sweep_file
 
-# The reference (the same stage, one node, two processes, on the local backend) and the CLI on the two-node cluster.
-one_node_two_processes = test_multinode.one_node_two_processes
+# The CLI on the two-node cluster (the reference, `one_node_two_processes`, is the session's: tests.multinode_runs).
 on_two_node_slurm = test_multinode.on_two_node_slurm
 
 
@@ -116,13 +112,27 @@ HANG_S = 6  # seen before the collective times out (COLLECTIVE_S), which would n
 COLLECTIVE_S = 30
 
 
-def slurm_sweep(tmp_path: Path, cluster: TwoNodeSlurmCluster, resources: dict[str, Any]) -> tuple[Path, Path]:
+def slurm_sweep(tmp_path: Path, cluster: SlurmNodes, resources: dict[str, Any]) -> tuple[Path, Path]:
     """Submit the one-run sweep with these resources to the two-node cluster; (sweep file, run directory)."""
     launcher = {"backend": "slurm", "resources": {**resources, "partition": cluster.partition}}
     path = multinode_sweep_file(tmp_path / "mn.yaml", tmp_path / "runs", launcher)
     code, out = cli("sweep", str(path))
     assert code == 0, out
     return path, only_run(tmp_path / "runs")
+
+
+def stop_rank_1_after_step_3(run: Path, timeout_s: float) -> rank_progress.RankRecord:
+    """SIGSTOP rank 1 of the two-rank stage once both ranks are past step 3 and a checkpoint is saved; its record."""
+    stage = str(run / "pretrain")
+
+    def both_ranks_past_step_3() -> bool:
+        recs = rank_progress.read_all(stage)
+        return recs.keys() == {0, 1} and min(r.step for r in recs.values()) >= 4 and any(ckpt_steps(run).values())
+
+    wait_for(both_ranks_past_step_3, timeout_s, "both ranks past step 3 and a checkpoint")
+    stopped = rank_progress.read_all(stage)[1]
+    os.kill(int(stopped.pid or 0), signal.SIGSTOP)
+    return stopped
 
 
 def submitted_script(tmp_path: Path, job_id: str) -> str:
@@ -139,7 +149,7 @@ def status_json(path: Path) -> list[dict[str, Any]]:
 
 @pytest.mark.slurm
 def test_slurm_a_hung_rank_names_its_node_and_the_retry_on_one_node_excludes_it(
-    on_two_node_slurm: TwoNodeSlurmCluster, tmp_path: Path
+    on_two_node_slurm: SlurmNodes, tmp_path: Path
 ) -> None:
     """A rank of a two-node stage SIGSTOPped: the stage fails naming it and its node, which `status` lists; the
     retry on one node (the cluster's nodes have one CPU each: a stage of two ranks on one node cannot be asked for)
@@ -147,15 +157,7 @@ def test_slurm_a_hung_rank_names_its_node_and_the_retry_on_one_node_excludes_it(
     cluster = on_two_node_slurm
     resources = {**TWO_NODES, "hang_timeout_s": HANG_S, "collective_timeout_s": COLLECTIVE_S}
     path, run = slurm_sweep(tmp_path, cluster, resources)
-    stage = str(run / "pretrain")
-
-    def both_ranks_past_step_3() -> bool:
-        recs = rank_progress.read_all(stage)
-        return recs.keys() == {0, 1} and min(r.step for r in recs.values()) >= 4 and any(ckpt_steps(run).values())
-
-    wait_for(both_ranks_past_step_3, 150, "both ranks past step 3 and a checkpoint")
-    stopped = rank_progress.read_all(stage)[1]
-    os.kill(int(stopped.pid or 0), signal.SIGSTOP)
+    stopped = stop_rank_1_after_step_3(run, 150)
     try:
         took = wait_for(lambda: status_of(run).get("state") == "failed", HANG_S + 15, "the stage recorded hung")
     finally:
@@ -181,7 +183,7 @@ def test_slurm_a_hung_rank_names_its_node_and_the_retry_on_one_node_excludes_it(
 
 @pytest.mark.slurm
 def test_slurm_rank_0s_node_lost_is_named_by_the_survivor_and_the_retry_resumes_equal(
-    on_two_node_slurm: TwoNodeSlurmCluster,
+    on_two_node_slurm: SlurmNodes,
     one_node_two_processes: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -228,7 +230,7 @@ def test_slurm_rank_0s_node_lost_is_named_by_the_survivor_and_the_retry_resumes_
 
 @pytest.mark.slurm
 def test_slurm_a_one_node_job_queued_again_after_its_node_failed_avoids_it(
-    on_two_node_slurm: TwoNodeSlurmCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    on_two_node_slurm: SlurmNodes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A one-node stage whose node dies: Slurm ends the job NODE_FAIL and queues it again; `status` names the node,
     keeps the requeued job off it (ExcNodeList), and the stage resumes on the other node even with the node back."""
@@ -267,7 +269,7 @@ def named_in_status(path: Path, run: Path, said: list[str]) -> list[str]:
 
 
 @pytest.mark.ray
-def test_ray_places_a_stage_off_its_bad_node(ray_two_nodes: TwoNodeRay, tmp_path: Path) -> None:
+def test_ray_places_a_stage_off_its_bad_node(ray_two_nodes: RayNodes, tmp_path: Path) -> None:
     """A one-node stage of two ranks (Ray Train) whose record names the head node n1, where Ray would pack it first,
     runs on n2: a label selector on Ray's node id. A short run: the placement is what is tested here."""
     resources = {**TWO_NODES, "nodes": 1, "processes_per_node": 2}
@@ -287,3 +289,33 @@ def test_ray_places_a_stage_off_its_bad_node(ray_two_nodes: TwoNodeRay, tmp_path
     assert json.loads((run / "pretrain" / "provenance.json").read_text())["hosts"] == ["n2"]
     _, logs = cli("logs", str(tmp_path / "runs" / "mn"), "--run", run.name, "--stage", "pretrain")
     assert "launch.backends.ray: pretrain avoids bad node(s) n1" in logs, logs[-3000:]
+
+
+@pytest.mark.ray
+def test_ray_a_retry_inside_the_job_is_placed_off_the_node_its_attempt_named(
+    ray_two_nodes: RayNodes, one_node_two_processes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-node stage of two ranks under Ray Train: rank 1 SIGSTOPped, the watchdog ends the attempt naming its
+    node; the driver's own retry, in the same Ray job, reads the stage's bad nodes again and places the ranks on
+    the other node, resumed from the checkpoint and equal to one node with two processes."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    resources = {**TWO_NODES, "nodes": 1, "processes_per_node": 2, "hang_timeout_s": HANG_S}
+    resources["collective_timeout_s"] = COLLECTIVE_S
+    launcher = {"backend": "ray", "ray_address": ray_two_nodes.address, "resources": resources}
+    path = multinode_sweep_file(tmp_path / "mn.yaml", tmp_path / "runs", launcher)
+    code, out = cli("sweep", str(path))
+    assert code == 0, out
+    run = only_run(tmp_path / "runs")
+    stopped = stop_rank_1_after_step_3(run, 180)
+    try:
+        wait_for(lambda: bool(status_of(run).get("bad_nodes")), HANG_S + 15, "the hang to name the node")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(stopped.pid or 0), signal.SIGKILL)
+    assert wait_state(path, run, {"completed", "failed"}, 300, tmp_path) == "completed", status_of(run)
+    other = ({"n1", "n2"} - {stopped.host}).pop()
+    assert json.loads((run / "pretrain" / "provenance.json").read_text())["hosts"] == [other]
+    assert status_of(run)["attempts"] == 2
+    _, logs = cli("logs", str(tmp_path / "runs" / "mn"), "--run", run.name, "--stage", "pretrain")
+    assert f"launch.backends.ray: pretrain avoids bad node(s) {stopped.host}" in logs, logs[-3000:]
+    assert_equal_models(run, one_node_two_processes)

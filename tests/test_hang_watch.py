@@ -19,10 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
-from extrema.run import rank_progress
+from extrema.run import contract, rank_progress, rundir
 from extrema.run.rank_progress import RankRecord
+from extrema.train.watchdog import Watchdog
+from launch.backends.base import network_env
 from launch.backends.ray.head import free_ports
+from launch.backends.resources import ResourcesSpec
 from tests.stage_runs import checkpointed_model, make_run
 
 HANG_S = 10.0
@@ -158,3 +162,60 @@ def test_the_rank_behind_is_the_silent_one_else_the_one_not_waiting_in_a_collect
     why = "its record stopped 60 s ago: the process is stopped or frozen"
     assert rank_progress.behind(silent, 3, now, 5) == (2, why)
     assert rank_progress.behind({0: fresh[0]}, 2, now, 5) == (1, "no progress record")
+
+
+def loading(rank: int, data_s: float, step_s: float, now: float) -> RankRecord:
+    """A rank's record in the middle of training, with its median loading and step times."""
+    phase = rank_progress.COMPUTE
+    return RankRecord(rank, f"n{rank + 1}", 100 + rank, "n1:100", 9, now, phase, now, now, step_s, data_s)
+
+
+@pytest.mark.parametrize("action", ["flag", "fail"])
+def test_a_rank_slow_at_loading_in_consecutive_checks_is_flagged_and_fail_ends_the_stage(
+    action: str, tmp_path: Path
+) -> None:
+    """Rank 0's check over the ranks' records: rank 1 loads data 6x slower than rank 0 (a share of its step that
+    counts); flagged on the third consecutive check (`stragglers.json`, `status`), not before; with `fail`, the stage
+    is recorded failed naming rank 1's node bad, every rank is told to end (`hang/declared.json`), and rank 0 ends
+    with the failure exit code. A rank merely slower by 1.2x is never flagged."""
+    stage = str(tmp_path / "pretrain")
+    ranks = [{"host": "n1", "pid": 100}, {"host": "n2", "pid": 101}]
+    ended: list[int] = []
+    dog = Watchdog(stage, 0, ranks, 10.0, interval_s=60, end=ended.append, straggler_action=action)
+    now = time.time()
+    close = {0: loading(0, 0.10, 1.0, now), 1: loading(1, 0.12, 1.0, now)}
+    for _ in range(5):
+        dog.check_stragglers(close)
+    assert not rundir.exists(rank_progress.stragglers_url(stage))
+    slow = {0: loading(0, 0.05, 1.0, now), 1: loading(1, 0.30, 1.0, now)}
+    for _ in range(rank_progress.STRAGGLER_CHECKS - 1):
+        dog.check_stragglers(slow)
+    assert not rundir.exists(rank_progress.stragglers_url(stage))
+    for r in (0, 1):
+        rank_progress.write(stage, slow[r])
+    if action == "flag":
+        dog.check_stragglers(slow)
+        assert ended == []
+        assert contract.read_record(rank_progress.stragglers_url(stage))["ranks"][0]["host"] == "n2"
+        assert "stragglers: rank 1 on n2" in str(rank_progress.summary(stage, now))
+        return
+    # The other rank's dump arrives while rank 0 waits for it, as a live rank's would at its next tick.
+    rundir.write_text_atomic(rank_progress.dump_url(stage, 1), "rank 1's stacks")
+    with pytest.raises(SystemExit):
+        dog.check_stragglers(slow)
+    assert ended == [contract.EXIT_FAILED]
+    status = dict(contract.read_record(rundir.join(stage, "status.json")) or {})
+    assert status["state"] == "failed"
+    assert status["error"].startswith("straggler: rank 1 on n2 loads data in 0.300 s a step (6.0x"), status["error"]
+    assert "ended (straggler_action: fail), its node avoided on retry" in status["error"]
+    assert [e["node"] for e in status["bad_nodes"]] == ["n2"]
+    assert contract.read_record(rank_progress.declared_url(stage))["error"] == status["error"]
+    assert rundir.exists(rank_progress.dump_url(stage, 0))
+
+
+def test_straggler_action_fail_is_refused_without_the_watchdog_and_reaches_the_ranks() -> None:
+    with pytest.raises(ValidationError, match="straggler_action"):
+        ResourcesSpec(straggler_action="fail", hang_timeout_s=0)
+    env = network_env(ResourcesSpec(straggler_action="fail"))
+    assert env[rank_progress.STRAGGLER_ACTION_ENV] == "fail"
+    assert rank_progress.STRAGGLER_ACTION_ENV not in network_env(ResourcesSpec())

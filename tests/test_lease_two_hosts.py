@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.clusters.netns import TwoNodeNetwork, require_network, start_network, stop_network
+from tests.clusters.netns import NodeNetwork, require_network, start_network, stop_network
 from tests.s3server import KEY, REPO, SECRET, S3Server, running_server
 
 BUCKET = "leases"
@@ -57,7 +57,7 @@ if isinstance(got, lease.Lease):
 
 
 @pytest.fixture(scope="module")
-def two_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TwoNodeNetwork, S3Server]]:
+def two_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NodeNetwork, S3Server]]:
     """The two-node network and a moto server (one request at a time) on its bridge address."""
     require_network()
     root = tmp_path_factory.mktemp("lease2h")
@@ -70,7 +70,7 @@ def two_hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TwoNod
         stop_network(net)
 
 
-def racer(net: TwoNodeNetwork, node: str, server: S3Server, args: list[str]) -> subprocess.Popen[str]:
+def racer(net: NodeNetwork, node: str, server: S3Server, args: list[str]) -> subprocess.Popen[str]:
     """A racer process on `node` (its stdout piped)."""
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("AWS_")},
@@ -99,7 +99,7 @@ def answers(procs: list[subprocess.Popen[str]]) -> list[dict[str, object]]:
 
 
 def test_one_winner_across_two_hosts_and_a_frozen_winner_is_taken_over_once_and_fenced(
-    two_hosts: tuple[TwoNodeNetwork, S3Server], tmp_path: Path
+    two_hosts: tuple[NodeNetwork, S3Server], tmp_path: Path
 ) -> None:
     net, server = two_hosts
     stage = f"s3://{BUCKET}/{uuid.uuid4().hex}/run/pretrain"

@@ -10,7 +10,6 @@ The tests drive the CLI as users do (`sweep`, `status`, `logs`, `sweep --retry-f
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,7 +17,6 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 
 from extrema.run import rundir
 from extrema.train import ckpt
@@ -26,43 +24,12 @@ from launch.addressed import open_addressed
 from launch.runstore import store
 from launch.views.status_view import status_table
 from tests.cluster_sweeps import cli, release_requeued
-from tests.clusters.ray_two_node import TwoNodeRay
-from tests.clusters.slurm_two_node import USABLE, TwoNodeSlurmCluster
-from tests.stage_runs import TINY_EXPERIMENT, checkpointed_model, merge
+from tests.clusters.ray_nodes import RayNodes
+from tests.clusters.slurm_nodes import USABLE, SlurmNodes
+from tests.multinode_runs import COLLECTIVE_TIMEOUT_S, STEPS, TWO_NODES, only_run, sweep_file
+from tests.stage_runs import checkpointed_model
 
-STEPS = 30
-COLLECTIVE_TIMEOUT_S = 8
 LEASE_TTL_S = 10
-EXPERIMENT = merge(
-    TINY_EXPERIMENT,
-    {
-        "model": {"drop_path_rate": 0.0},
-        "stages": ["pretrain"],
-        "pretrain": {"steps": STEPS, "ckpt_every": 5, "keep_last": 10, "strategy": "fsdp"},
-    },
-)
-TWO_NODES = {
-    "nodes": 2,
-    "processes_per_node": 1,
-    "cpus_per_task": 1,
-    "time_min": 20,
-    "network_interface": "eth0",
-    "collective_timeout_s": COLLECTIVE_TIMEOUT_S,
-}
-
-
-def sweep_file(path: Path, root: Path, launcher: dict[str, Any]) -> Path:
-    """A one-run sweep of the tiny FSDP pretrain with the given launcher section."""
-    doc = {"name": "mn", "root": str(root), "base": EXPERIMENT, "launcher": launcher}
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
-def only_run(root: Path) -> Path:
-    """The run directory of the sweep's single run."""
-    runs = [p for p in (root / "mn").iterdir() if p.is_dir() and re.fullmatch(r"[0-9a-f]{10,}", p.name)]
-    assert len(runs) == 1, runs
-    return runs[0]
 
 
 def status_of(run: Path) -> dict[str, Any]:
@@ -105,28 +72,15 @@ def assert_equal_models(run: Path, reference: Path) -> None:
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
 
 
-@pytest.fixture(scope="module")
-def one_node_two_processes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The reference: the same sweep on the local backend, one node, two processes (torchrun)."""
-    tmp = tmp_path_factory.mktemp("reference")
-    launcher = {"backend": "local", "resources": {"processes_per_node": 2, "cpus_per_task": 1}}
-    path = sweep_file(tmp / "ref.yaml", tmp / "runs", launcher)
-    code, out = cli("sweep", str(path))
-    assert code == 0, out
-    run = only_run(tmp / "runs")
-    assert json.loads((run / "pretrain" / "provenance.json").read_text())["world_size"] == 2
-    return run
-
-
 @pytest.fixture
-def on_two_node_slurm(slurm_two_nodes: TwoNodeSlurmCluster, monkeypatch: pytest.MonkeyPatch) -> TwoNodeSlurmCluster:
+def on_two_node_slurm(slurm_two_nodes: SlurmNodes, monkeypatch: pytest.MonkeyPatch) -> SlurmNodes:
     """The CLI and its jobs talk to the two-node cluster; one thread per rank, as in the reference."""
     monkeypatch.setenv("SLURM_CONF", str(slurm_two_nodes.conf))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     return slurm_two_nodes
 
 
-def slurm_sweep(tmp_path: Path, cluster: TwoNodeSlurmCluster) -> tuple[Path, Path]:
+def slurm_sweep(tmp_path: Path, cluster: SlurmNodes) -> tuple[Path, Path]:
     """Submit the two-node sweep to Slurm; (sweep file, run directory)."""
     launcher = {"backend": "slurm", "resources": {**TWO_NODES, "partition": cluster.partition}}
     path = sweep_file(tmp_path / "mn.yaml", tmp_path / "runs", launcher)
@@ -160,7 +114,7 @@ def wait_state(path: Path, run: Path, states: set[str], timeout_s: float, tmp_pa
 
 @pytest.mark.slurm
 def test_slurm_fsdp_across_two_nodes_equals_one_node_two_processes(
-    on_two_node_slurm: TwoNodeSlurmCluster, one_node_two_processes: Path, tmp_path: Path
+    on_two_node_slurm: SlurmNodes, one_node_two_processes: Path, tmp_path: Path
 ) -> None:
     path, run = slurm_sweep(tmp_path, on_two_node_slurm)
     url = str(tmp_path / "runs" / "mn")
@@ -186,7 +140,7 @@ def test_slurm_fsdp_across_two_nodes_equals_one_node_two_processes(
 
 @pytest.mark.slurm
 def test_slurm_two_node_preemption_stops_both_nodes_at_one_step_and_resumes_equal(
-    on_two_node_slurm: TwoNodeSlurmCluster, one_node_two_processes: Path, tmp_path: Path
+    on_two_node_slurm: SlurmNodes, one_node_two_processes: Path, tmp_path: Path
 ) -> None:
     cluster = on_two_node_slurm
     path, run = slurm_sweep(tmp_path, cluster)
@@ -236,7 +190,7 @@ def retry_to_the_end(path: Path, run: Path, reference: Path, tmp_path: Path) -> 
 
 @pytest.mark.slurm
 def test_slurm_node_lost_mid_run_fails_naming_it_then_the_retry_resumes_equal(
-    on_two_node_slurm: TwoNodeSlurmCluster, one_node_two_processes: Path, tmp_path: Path
+    on_two_node_slurm: SlurmNodes, one_node_two_processes: Path, tmp_path: Path
 ) -> None:
     cluster = on_two_node_slurm
     path, run = slurm_sweep(tmp_path, cluster)
@@ -258,7 +212,7 @@ def test_slurm_node_lost_mid_run_fails_naming_it_then_the_retry_resumes_equal(
 
 @pytest.mark.slurm
 def test_slurm_link_cut_mid_run_ends_every_rank_within_the_timeout_then_the_retry_resumes_equal(
-    on_two_node_slurm: TwoNodeSlurmCluster, one_node_two_processes: Path, tmp_path: Path
+    on_two_node_slurm: SlurmNodes, one_node_two_processes: Path, tmp_path: Path
 ) -> None:
     cluster = on_two_node_slurm
     path, run = slurm_sweep(tmp_path, cluster)
@@ -282,7 +236,7 @@ def test_slurm_link_cut_mid_run_ends_every_rank_within_the_timeout_then_the_retr
 
 
 @pytest.fixture
-def on_two_node_ray(ray_two_nodes: TwoNodeRay, monkeypatch: pytest.MonkeyPatch) -> Iterator[TwoNodeRay]:
+def on_two_node_ray(ray_two_nodes: RayNodes, monkeypatch: pytest.MonkeyPatch) -> Iterator[RayNodes]:
     """The CLI talks to the two-node Ray cluster; one thread per rank, as in the reference."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     # A lost node's attempt cannot be asked whether it lives: its lease is free once its heartbeat is this old.
@@ -290,7 +244,7 @@ def on_two_node_ray(ray_two_nodes: TwoNodeRay, monkeypatch: pytest.MonkeyPatch) 
     yield ray_two_nodes
 
 
-def ray_sweep(tmp_path: Path, cluster: TwoNodeRay) -> tuple[Path, Path]:
+def ray_sweep(tmp_path: Path, cluster: RayNodes) -> tuple[Path, Path]:
     """Submit the two-node sweep to the Ray cluster; (sweep file, run directory)."""
     launcher = {"backend": "ray", "ray_address": cluster.address, "resources": TWO_NODES}
     path = sweep_file(tmp_path / "mn.yaml", tmp_path / "runs", launcher)
@@ -301,7 +255,7 @@ def ray_sweep(tmp_path: Path, cluster: TwoNodeRay) -> tuple[Path, Path]:
 
 @pytest.mark.ray
 def test_ray_fsdp_across_two_nodes_equals_one_node_two_processes(
-    on_two_node_ray: TwoNodeRay, one_node_two_processes: Path, tmp_path: Path
+    on_two_node_ray: RayNodes, one_node_two_processes: Path, tmp_path: Path
 ) -> None:
     path, run = ray_sweep(tmp_path, on_two_node_ray)
     assert wait_state(path, run, {"completed", "failed"}, 240, tmp_path) == "completed", status_of(run)
@@ -318,7 +272,7 @@ def test_ray_fsdp_across_two_nodes_equals_one_node_two_processes(
 
 @pytest.mark.ray
 def test_ray_worker_node_lost_mid_run_retries_from_the_checkpoint_and_ends_equal(
-    on_two_node_ray: TwoNodeRay, one_node_two_processes: Path, tmp_path: Path
+    on_two_node_ray: RayNodes, one_node_two_processes: Path, tmp_path: Path
 ) -> None:
     cluster = on_two_node_ray
     path, run = ray_sweep(tmp_path, cluster)

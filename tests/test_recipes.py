@@ -30,7 +30,7 @@ from extrema.train import ckpt
 from launch.runstore import store
 from launch.sweepfile.expand import load_runs
 from tests.cluster_sweeps import cli
-from tests.clusters.slurm_two_node import TwoNodeSlurmCluster
+from tests.clusters.slurm_nodes import SlurmNodes
 from tests.recipes import RECIPES, STEPS, scaled_down
 from tests.stage_runs import checkpointed_model
 
@@ -261,7 +261,7 @@ def test_the_vit_base_recipe_compiled_block_by_block_trains_as_eager(
 
 @pytest.mark.slurm
 def test_the_vit_base_recipe_runs_across_two_slurm_nodes(
-    slurm_two_nodes: TwoNodeSlurmCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    slurm_two_nodes: SlurmNodes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SLURM_CONF", str(slurm_two_nodes.conf))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

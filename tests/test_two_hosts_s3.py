@@ -37,7 +37,7 @@ from s3fs import S3FileSystem
 from extrema.run import code_snapshot, contract, lease, metrics_log, rundir
 from launch.runstore import snapshot, store
 from launch.sweepfile.expand import load_runs
-from tests.clusters.netns import TwoNodeNetwork, require_network, start_network, stop_network
+from tests.clusters.netns import NodeNetwork, require_network, start_network, stop_network
 from tests.s3server import KEY, REPO, SECRET, S3Server, running_server
 
 BUCKET = "two-hosts"
@@ -50,7 +50,7 @@ STEPS, CKPT_EVERY = 24, 4  # long enough to catch the pretraining running past i
 class Hosts:
     """The network, the S3 server, and per host: its copy of the source and its environment."""
 
-    net: TwoNodeNetwork
+    net: NodeNetwork
     server: S3Server
     root: Path
     src: dict[str, Path]

@@ -25,6 +25,8 @@ from typing import Any
 from extrema.run import contract, rundir
 
 HANG_TIMEOUT_ENV = "EXTREMA_HANG_TIMEOUT_S"  # the launcher's resources.hang_timeout_s; 0 turns detection off
+STRAGGLER_ACTION_ENV = "EXTREMA_STRAGGLER_ACTION"  # the launcher's resources.straggler_action
+STRAGGLER_ACTIONS = ("flag", "fail")  # flag: recorded and shown; fail: the stage ends naming the node, as a hang does
 DEFAULT_HANG_TIMEOUT_S = 300.0
 RANKS_DIR = "ranks"  # <stage>/ranks/<rank>.json
 HANG_DIR = "hang"  # <stage>/hang/<rank>.txt (stack dumps) and declared.json (the hang, as every rank learns it)
@@ -42,7 +44,7 @@ ENDED = "ended"
 TRAINING = frozenset({LOADING, COMPUTE, SYNC})  # phases a step passes through: hang_timeout_s applies as it is
 WAITS_ON_PEERS = {SYNC: 2, COMPUTE: 1}  # at an equal step, the rank NOT waiting in a collective is the one behind
 
-STRAGGLER_RATIO = 1.5  # a rank's median time of its own (loading data) above this times the ranks' median...
+STRAGGLER_RATIO = 1.5  # a rank's median time of its own (loading data) above this times the other ranks' median...
 STRAGGLER_CHECKS = 3  # ...in this many consecutive checks (a window of WINDOW steps each) is flagged
 STRAGGLER_MIN_SHARE = 0.1  # ...when that time is at least this share of the step
 WINDOW = 20  # steps the medians of a record cover
@@ -59,6 +61,13 @@ def hang_timeout_s() -> float:
     except ValueError:
         return DEFAULT_HANG_TIMEOUT_S
     return value if math.isfinite(value) and value >= 0 else DEFAULT_HANG_TIMEOUT_S
+
+
+def straggler_action() -> str:
+    """What a persistent straggler does to its stage (STRAGGLER_ACTION_ENV): "flag" (the default, also for an
+    unknown value) or "fail"."""
+    value = os.environ.get(STRAGGLER_ACTION_ENV, STRAGGLER_ACTIONS[0])
+    return value if value in STRAGGLER_ACTIONS else STRAGGLER_ACTIONS[0]
 
 
 def record_url(stage_dir: str, rank: int) -> str:
@@ -212,17 +221,28 @@ def describe_hang(stage_dir: str, rec: RankRecord | None, rank: int, why: str, f
 def stragglers(records: dict[int, RankRecord]) -> list[int]:
     """Ranks slower than the others at what they do alone (one check): a step's wall time is the same on every
     rank of synchronous training (the collectives wait for the slowest), so the time a rank spends loading data,
-    which waits on no peer, is what tells a slow node. Flagged: over STRAGGLER_RATIO times the median over ranks,
-    and at least STRAGGLER_MIN_SHARE of the step."""
+    which waits on no peer, is what tells a slow node. Flagged: over STRAGGLER_RATIO times the median of the other
+    ranks (of two ranks, the other's time), and at least STRAGGLER_MIN_SHARE of the step."""
     times = {r: rec.data_s for r, rec in records.items() if rec.data_s is not None}
     if len(times) < 2:
         return []
-    middle = statistics.median(times.values())
     return [
         r
         for r, t in times.items()
-        if t > STRAGGLER_RATIO * middle and t >= STRAGGLER_MIN_SHARE * (records[r].step_s or math.inf)
+        if t > STRAGGLER_RATIO * statistics.median(v for o, v in times.items() if o != r)
+        and t >= STRAGGLER_MIN_SHARE * (records[r].step_s or math.inf)
     ]
+
+
+def describe_stragglers(ranks: list[dict[str, Any]], median_data_s: float) -> str:
+    """The one line status.json records for a stage ended by its stragglers (straggler_action: fail)."""
+    shown = [
+        f"rank {r['rank']} on {r['host']} loads data in {r['data_s']:.3f} s a step "
+        f"({r['data_s'] / median_data_s if median_data_s > 0 else math.inf:.1f}x the other ranks' median "
+        f"{median_data_s:.3f} s)"
+        for r in ranks
+    ]
+    return f"straggler: {'; '.join(shown)}; ended (straggler_action: fail), its node avoided on retry"
 
 
 def stragglers_url(stage_dir: str) -> str:

@@ -20,7 +20,8 @@ unavailable), records the stage failed with that line in status.json, releases t
 with exit code 1, as every other live rank does: the backend retries from the last checkpoint.
 
 Rank 0 also compares the ranks' loading times over a window and records persistent stragglers
-(`ranks/stragglers.json`).
+(`ranks/stragglers.json`); with `EXTREMA_STRAGGLER_ACTION=fail` (the launcher's `resources.straggler_action`) it ends
+the attempt as for a hang, naming the stragglers' nodes bad so that the retry avoids them.
 """
 
 from __future__ import annotations
@@ -62,12 +63,14 @@ class Watchdog:
         interval_s: float | None = None,
         end: Callable[[int], object] = os._exit,
         held: lease.Lease | None = None,
+        straggler_action: str = "flag",
     ) -> None:
         self.stage_dir, self.rank, self.world = stage_dir, rank, len(ranks)
         self.held = held  # the lease (rank 0 under the job entry): fences the hang record; released on ending
         self.place = ranks[rank] if rank < len(ranks) else contract.this_process(rank)
         self.attempt = f"{ranks[0].get('host')}:{ranks[0].get('pid')}"
         self.timeout_s = timeout_s
+        self.straggler_action = straggler_action
         self.interval_s = interval_s or interval_for(timeout_s, stage_dir)
         self.end = end
         now = time.time()
@@ -169,7 +172,7 @@ class Watchdog:
             return
         if self.declared() is not None:
             self.dump()
-            self.finish("another rank declared the stage hung")
+            self.finish("another rank ended this attempt (hung or a straggler; see the stage's status)")
         stuck = now - max(self.step_at, self.phase_at) > self.limit()
         if not stuck and self.rank != 0:  # one read a tick: rank 0 watches the others, the others watch rank 0
             main = rank_progress.read(self.stage_dir, 0)
@@ -230,13 +233,7 @@ class Watchdog:
                 self.write(time.time())  # stay visibly live while the reporter looks
                 time.sleep(min(self.interval_s, 1.0))
             self.finish("the stage hung")
-        rundir.write_json(rank_progress.declared_url(self.stage_dir), {"attempt": self.attempt, "by": self.rank})
-        deadline = time.monotonic() + DUMP_GRACE_S
-        others = [r for r in live if r != self.rank]
-        while time.monotonic() < deadline and not all(
-            rundir.exists(rank_progress.dump_url(self.stage_dir, r)) for r in others
-        ):
-            time.sleep(0.2)
+        self.declare([r for r in live if r != self.rank])
         now = time.time()
         records = rank_progress.read_all(self.stage_dir, self.attempt)
         culprit, why = rank_progress.behind(records, self.world, now, self.timeout_s)
@@ -247,20 +244,33 @@ class Watchdog:
         except (contract.Unreadable, OSError):
             pass
         line = rank_progress.describe_hang(self.stage_dir, records.get(culprit), culprit, why, frame)
+        self.record_failure(line, lambda: self.culprit_node(records.get(culprit), culprit, now), "hung")
+        self.finish("the stage hung")
+
+    def declare(self, others: list[int]) -> None:
+        """Tell every rank that this attempt ends (`hang/declared.json`) and wait a little for the others' dumps."""
+        rundir.write_json(rank_progress.declared_url(self.stage_dir), {"attempt": self.attempt, "by": self.rank})
+        deadline = time.monotonic() + DUMP_GRACE_S
+        while time.monotonic() < deadline and not all(
+            rundir.exists(rank_progress.dump_url(self.stage_dir, r)) for r in others
+        ):
+            time.sleep(0.2)
+
+    def record_failure(self, line: str, named: Callable[[], dict[str, Any]], what: str) -> None:
+        """Record the stage failed with `line` and the bad nodes `named` gives, fenced by the lease; never raises."""
         print(f"extrema.watchdog: {line}", file=sys.stderr, flush=True)
         try:
             if self.held is not None:
-                self.held.fence("status failed (hung)")
-            named = self.culprit_node(records.get(culprit), culprit, now)
+                self.held.fence(f"status failed ({what})")
+            now = time.time()
             contract.update_status(
-                self.stage_dir, state=contract.StageState.FAILED, finished_at=now, error=line, **named
+                self.stage_dir, state=contract.StageState.FAILED, finished_at=now, error=line, **named()
             )
             rundir.write_json(
                 rank_progress.declared_url(self.stage_dir), {"attempt": self.attempt, "by": self.rank, "error": line}
             )
         except Exception as e:  # the lease was lost or the store does not answer: end all the same
-            print(f"extrema.watchdog: hang not recorded: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        self.finish("the stage hung")
+            print(f"extrema.watchdog: {what} not recorded: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
 
     def culprit_node(self, rec: RankRecord | None, rank: int, now: float) -> dict[str, Any]:
         """The status fields naming the hung rank's node bad ({} when its node is unknown)."""
@@ -287,7 +297,8 @@ class Watchdog:
         if flagged == self.flagged:
             return
         self.flagged = flagged
-        middle = statistics.median([rec.data_s for rec in records.values() if rec.data_s is not None] or [0.0])
+        healthy = [rec.data_s for r, rec in records.items() if rec.data_s is not None and r not in flagged]
+        middle = statistics.median(healthy or [0.0])
         ranks = [
             {"rank": r, "host": records[r].host, "data_s": records[r].data_s, "step_s": records[r].step_s}
             for r in flagged
@@ -297,7 +308,20 @@ class Watchdog:
         rundir.write_json(rank_progress.stragglers_url(self.stage_dir), doc)
         for r in ranks:
             print(f"extrema.watchdog: straggler: rank {r['rank']} on {r['host']} loads data in {r['data_s']:.3f} s a "
-                  f"step, the ranks' median {middle:.3f} s", file=sys.stderr, flush=True)  # fmt: skip
+                  f"step, the other ranks' median {middle:.3f} s", file=sys.stderr, flush=True)  # fmt: skip
+        if ranks and self.straggler_action == "fail":
+            self.end_for_stragglers(ranks, middle)
+
+    def end_for_stragglers(self, ranks: list[dict[str, Any]], middle: float) -> None:
+        """Rank 0, straggler_action fail: end the attempt as a hang would (every rank dumps its stacks and ends), the
+        stage failed naming the stragglers' nodes bad, so that the retry avoids them."""
+        self.dump()
+        self.declare([r for r in range(self.world) if r != self.rank])
+        line = rank_progress.describe_stragglers(ranks, middle)
+        hosts = sorted({str(r["host"]) for r in ranks})
+        reason = "straggler: " + ", ".join(f"rank {r['rank']} loads data {r['data_s']:.3f} s a step" for r in ranks)
+        self.record_failure(line, lambda: bad_nodes.added(self.stage_dir, hosts, reason, time.time()), "straggler")
+        self.finish("a straggler ended the stage (straggler_action: fail)")
 
 
 _active: Watchdog | None = None
@@ -331,7 +355,8 @@ def started(stage_dir: str, rank: int, ranks: list[dict[str, Any]], held: lease.
     """Run a watchdog for this rank of the stage while the block runs (the hang timeout from the environment); `held`:
     the attempt's lease, when this process holds it."""
     global _active
-    dog = Watchdog(stage_dir, rank, ranks, rank_progress.hang_timeout_s(), held=held).start()
+    timeout_s, action = rank_progress.hang_timeout_s(), rank_progress.straggler_action()
+    dog = Watchdog(stage_dir, rank, ranks, timeout_s, held=held, straggler_action=action).start()
     _active = dog
     try:
         yield dog

@@ -171,6 +171,8 @@ def network_env(r: ResourcesSpec) -> dict[str, str]:
     env[contract.COLLECTIVE_TIMEOUT_ENV] = f"{r.collective_timeout_s:g}"
     if r.hang_timeout_s != rank_progress.DEFAULT_HANG_TIMEOUT_S:  # the ranks' default otherwise
         env[rank_progress.HANG_TIMEOUT_ENV] = f"{r.hang_timeout_s:g}"
+    if r.straggler_action != rank_progress.STRAGGLER_ACTIONS[0]:
+        env[rank_progress.STRAGGLER_ACTION_ENV] = r.straggler_action
     if r.network_interface:
         env.update(dict.fromkeys(contract.INTERFACE_ENVS, r.network_interface))
     return env

@@ -5,6 +5,7 @@ before each submission. Launcher settings, never part of a run's identity."""
 from __future__ import annotations
 
 import re
+from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
@@ -91,6 +92,12 @@ class ResourcesSpec(Spec):
         description="seconds without a finished step (or a rank's progress record) before the stage counts as hung "
         "and every rank ends with its stacks dumped; 0: off",
     )
+    straggler_action: Literal["flag", "fail"] = Field(
+        "flag",
+        description="what a rank persistently slower than the others at loading data (its node slow) does: flag: "
+        "shown in status and the stage's records; fail: the attempt ends as for a hang, naming the node bad, so that "
+        "the retry avoids it (needs hang_timeout_s > 0)",
+    )
     exclude_bad_nodes: bool = Field(
         True,
         description="the next attempt of a stage avoids the nodes its failures named (a hung rank's, a lost one's; "
@@ -122,6 +129,13 @@ class ResourcesSpec(Spec):
     def _interface(cls, value: str | None) -> str | None:
         if value is not None and not INTERFACE.fullmatch(value):
             raise ValueError(f"{_quoted(value)} is not a network interface name (1-15 of letters, digits, _ . : -)")
+        return value
+
+    @field_validator("straggler_action")
+    @classmethod
+    def _straggler_action(cls, value: str, info: ValidationInfo) -> str:
+        if value == "fail" and info.data.get("hang_timeout_s") == 0:
+            raise ValueError("fail needs the watchdog, which hang_timeout_s 0 turns off")
         return value
 
     @field_validator(*SBATCH_FIELDS)

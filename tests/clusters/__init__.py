@@ -1,11 +1,12 @@
 """Real clusters for tests: a private Slurm (`tests.clusters.slurm`) and a local Ray head (`tests.clusters.ray`),
-and both again as two nodes on a private network of this machine (`tests.clusters.slurm_two_node`,
-`tests.clusters.ray_two_node`, on `tests.clusters.netns`).
+and both again as two nodes, and as four, on a private network of this machine (`tests.clusters.slurm_nodes`,
+`tests.clusters.ray_nodes`, on `tests.clusters.netns`).
 
-All are session-scoped pytest fixtures, loaded from `tests/conftest.py` through `pytest_plugins`. What a cluster
+All are pytest fixtures loaded from `tests/conftest.py` through `pytest_plugins`: session-scoped, except the
+four-node ones, which live as long as the test module that asks for them. What a cluster
 needs and cannot find (a binary, root, a Python package, the right to create network namespaces) skips its tests
 with the reason, except under CI (`CI=true`), where it fails them. The single-node fixtures set SLURM_CONF and
-RAY_ADDRESS for the session; the two-node ones set nothing: pass their `env` or address explicitly.
+RAY_ADDRESS for the session; the multi-node ones set nothing: pass their `env` or address explicitly.
 """
 
 from __future__ import annotations

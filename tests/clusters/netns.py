@@ -1,12 +1,13 @@
-"""Two "hosts" on one machine, as root: network namespaces n1 and n2 on a private bridge with no uplink.
+"""Several "hosts" on one machine, as root: network namespaces n1, n2, ... on a private bridge with no uplink.
 
 Each node is a veth pair whose bridge end stays in the root namespace and whose other end is `eth0` inside the
-node's namespace (the same name on both nodes, so GLOO_SOCKET_IFNAME=eth0 works). The bridge holds `.1` of a
-private /24 that no interface of the machine uses, n1 is `.11`, n2 is `.12`. A command runs "on" a node through
-`TwoNodeNetwork.wrap`: the node's network namespace (entered with nsenter: `ip netns exec` remounts /sys and hides
-the cgroup mounts), its own UTS namespace with the node's hostname, and its own mount namespace with a private
-hosts file and resolv.conf bind-mounted over the machine's (which are never touched). Names carry a random suffix,
-so two test sessions on the machine never collide; `stop_network` asserts that nothing of the network is left.
+node's namespace (the same name on every node, so GLOO_SOCKET_IFNAME=eth0 works). The bridge holds `.1` of a
+private /24 that no interface of the machine uses, n1 is `.11`, n2 is `.12`, and so on (two nodes unless asked for
+more, at most nine). A command runs "on" a node through `NodeNetwork.wrap`: the node's network namespace (entered
+with nsenter: `ip netns exec` remounts /sys and hides the cgroup mounts), its own UTS namespace with the node's
+hostname, and its own mount namespace with a private hosts file and resolv.conf bind-mounted over the machine's
+(which are never touched). Names carry a random suffix, so two test sessions on the machine never collide;
+`stop_network` asserts that nothing of the network is left.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ BINARIES = ("ip", "nsenter", "unshare", "mount", "hostname")
 INSTALL_HINT = ".ci/install_clusters.sh (apt-get install iproute2 util-linux mount hostname)"
 # Serialises the choice of a free subnet between test sessions of this machine.
 SUBNET_LOCK = Path("/tmp/extrema-netns.lock")
-NODE_NAMES = ("n1", "n2")
+MAX_NODES = 9
 STOP_TIMEOUT_S = 15.0
 IP_TIMEOUT_S = 30.0
 # Binds the hosts file ($1) and resolv.conf ($2), sets the hostname ($3), then runs the rest of the arguments.
@@ -56,8 +57,8 @@ class Node:
 
 
 @dataclass
-class TwoNodeNetwork:
-    """A running two-node network: its directory, bridge, nodes and hosts file."""
+class NodeNetwork:
+    """A running network of nodes: its directory, bridge, nodes (n1, n2, ... in order) and hosts file."""
 
     root: Path
     bridge: str
@@ -84,7 +85,7 @@ class TwoNodeNetwork:
         return ["unshare", "--uts", "--mount", "sh", "-c", ENTER, "sh", str(self.hosts_file), resolv, hostname, *argv]
 
     def cut(self, node_name: str) -> None:
-        """Take the node's link down: it can no longer reach the other node nor `ctl`."""
+        """Take the node's link down: it can no longer reach the other nodes nor `ctl`."""
         ip("link", "set", self.nodes[node_name].host_veth, "down")
 
     def restore(self, node_name: str) -> None:
@@ -156,18 +157,20 @@ def free_subnet() -> str:
 
 def require_network() -> None:
     """Root, the binaries, and the right to create network namespaces, else fail/skip."""
-    require_root("the two-node network")
+    require_root("the network of nodes")
     require_binaries(BINARIES, INSTALL_HINT)
     probe = subprocess.run(["unshare", "--net", "--uts", "--mount", "true"], capture_output=True, text=True)
     if probe.returncode != 0:
         unavailable(f"cannot create network namespaces here: {probe.stderr.strip()}")
 
 
-def start_network(root: Path) -> TwoNodeNetwork:
-    """Create the bridge, the two node namespaces and the hosts file under `root`."""
+def start_network(root: Path, count: int = 2) -> NodeNetwork:
+    """Create the bridge, `count` node namespaces (n1 .. n<count>) and the hosts file under `root`."""
+    if not 1 <= count <= MAX_NODES:
+        raise ValueError(f"a network of 1 to {MAX_NODES} nodes, not {count}")
     suffix = secrets.token_hex(3)
     root.mkdir(parents=True, exist_ok=True)
-    net = TwoNodeNetwork(root, f"xbr{suffix}", "", {}, root / "hosts")
+    net = NodeNetwork(root, f"xbr{suffix}", "", {}, root / "hosts")
     try:
         with open(SUBNET_LOCK, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -176,7 +179,8 @@ def start_network(root: Path) -> TwoNodeNetwork:
             ip("link", "add", net.bridge, "type", "bridge")
             ip("addr", "add", f"{net.bridge_address}/24", "dev", net.bridge)
             ip("link", "set", net.bridge, "up")
-        for i, name in enumerate(NODE_NAMES, start=1):
+        for i in range(1, count + 1):
+            name = f"n{i}"
             node = Node(name, f"{base}.1{i}", f"x{suffix}{name}", f"x{suffix}v{i}")
             net.nodes[name] = node
             peer = f"x{suffix}p{i}"
@@ -200,7 +204,7 @@ def start_network(root: Path) -> TwoNodeNetwork:
     return net
 
 
-def leftovers(net: TwoNodeNetwork, inodes: dict[str, int]) -> list[str]:
+def leftovers(net: NodeNetwork, inodes: dict[str, int]) -> list[str]:
     """What of the network still exists: namespaces, links, processes in its namespaces, hosts-file mounts."""
     left = []
     listed = ip("netns", "list").stdout
@@ -219,7 +223,7 @@ def leftovers(net: TwoNodeNetwork, inodes: dict[str, int]) -> list[str]:
     return left
 
 
-def stop_network(net: TwoNodeNetwork) -> None:
+def stop_network(net: NodeNetwork) -> None:
     """Kill what runs in the node namespaces, delete them, the veths and the bridge; AssertionError if any is left."""
     inodes = {}
     for name, node in net.nodes.items():
@@ -234,4 +238,4 @@ def stop_network(net: TwoNodeNetwork) -> None:
     deadline = time.monotonic() + STOP_TIMEOUT_S
     while (left := leftovers(net, inodes)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not left, f"the two-node network left {', '.join(left)}"
+    assert not left, f"the network of nodes left {', '.join(left)}"

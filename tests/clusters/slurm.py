@@ -4,7 +4,7 @@ Everything (config, state, spool, logs, the munge key and socket, the database) 
 directory; the daemons run in the foreground as children of the test process, listen on free non-default ports,
 and are stopped by PID in the order slurmd, slurmctld, slurmdbd, mariadbd, munged. Every client call is bounded
 by a timeout, since Slurm clients hang for tens of seconds when slurmctld is down. The conf writer and the start
-of munge, MariaDB, slurmdbd and slurmctld are shared with `tests.clusters.slurm_two_node`.
+of munge, MariaDB, slurmdbd and slurmctld are shared with `tests.clusters.slurm_nodes`.
 
     pytest -m slurm          # fixture `slurm_cluster`; sets SLURM_CONF for the test session
 """

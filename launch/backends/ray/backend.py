@@ -12,12 +12,13 @@ The driver
    STOPPED. So `submit` returns at once, dependency order is kept by the cluster, and a waiting job holds no CPU
    or GPU that its upstream might need (every wait points at an earlier job: no lane can deadlock);
 3. runs the stage where the resources are: world size 1 -> one Ray task that reserves the stage's CPUs/GPUs and
-   calls `extrema.entry.main([run_dir, stage])` in its own worker process (retried up to `max_failures` times);
-   world size > 1 -> Ray Train's `TorchTrainer`, one worker per rank (gloo on CPU, nccl on GPU), each calling
-   `extrema.entry.main` inside the process group Ray Train set up, retried through
-   `FailureConfig(max_failures)`. The stage resumes from its latest checkpoint in the run store on each retry.
-   The nodes the stage's failures named (`extrema.run.bad_nodes`) are left out of the placement by a label selector
-   on Ray's node id, as far as enough live nodes remain (unless `exclude_bad_nodes` is off: `--keep-bad-nodes`).
+   calls `extrema.entry.main([run_dir, stage])` in its own worker process; world size > 1 -> Ray Train's
+   `TorchTrainer`, one worker per rank (gloo on CPU, nccl on GPU), each calling `extrema.entry.main` inside the
+   process group Ray Train set up. A failed attempt is retried by the driver itself, up to `max_failures` times
+   (Ray's own retries are off), resuming from the stage's latest checkpoint in the run store; each attempt's
+   placement leaves out the nodes the stage's failures named so far (`extrema.run.bad_nodes`: the attempt before
+   may have named one) by a label selector on Ray's node id, as far as enough live nodes remain (unless
+   `exclude_bad_nodes` is off: `--keep-bad-nodes`).
 
 Stopping a Ray job (`cancel`) kills its driver and with it the task or trainer the driver owns. The cluster is
 `address`, else RAY_ADDRESS, never one found by guessing; `extrema-launch sweep` starts a private local head
@@ -433,16 +434,34 @@ def avoiding(run_dir: str, stage: str, nodes: int) -> dict[str, str]:
 
 
 def run_stage(args: argparse.Namespace, job_id: str) -> None:
-    """Run the stage on the cluster: one resource-reserving task, or a TorchTrainer for several ranks."""
+    """Run the stage on the cluster, retried up to `max_failures` times by this driver: each attempt places the
+    stage afresh, off the nodes its failures named so far (a hung rank's, a straggler's, a lost one's)."""
     import ray
 
     ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=True)
-    selector = {} if args.keep_bad_nodes else avoiding(args.run_dir, args.stage, args.nodes)
+    for attempt in range(args.max_failures + 1):
+        selector = {} if args.keep_bad_nodes else avoiding(args.run_dir, args.stage, args.nodes)
+        try:
+            run_attempt(args, job_id, selector, attempt)
+            return
+        except Exception as e:  # the attempt's task or worker group failed, however (Ray's errors, the stage's)
+            if attempt >= args.max_failures:
+                raise
+            print(
+                f"launch.backends.ray: {args.stage}: attempt {attempt + 1} of {args.max_failures + 1} failed "
+                f"({type(e).__name__}); the next resumes from the last checkpoint",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def run_attempt(args: argparse.Namespace, job_id: str, selector: dict[str, str], attempt: int) -> None:
+    """One attempt: a resource-reserving task for one rank, a TorchTrainer for several; never retried by Ray."""
+    import ray
+
     placed: dict[str, Any] = {"label_selector": selector} if selector else {}  # Ray Train v2's ScalingConfig
     if args.workers == 1:
-        task = ray.remote(
-            num_cpus=args.cpus, num_gpus=args.gpus, max_retries=args.max_failures, retry_exceptions=True, max_calls=1
-        )(run_entry)
+        task = ray.remote(num_cpus=args.cpus, num_gpus=args.gpus, max_retries=0, max_calls=1)(run_entry)
         task = task.options(label_selector=selector) if selector else task
         ray.get(task.remote(args.run_dir, args.stage, job_id))
         return
@@ -450,6 +469,7 @@ def run_stage(args: argparse.Namespace, job_id: str) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     resources = {"CPU": float(args.cpus), **({"GPU": args.gpus} if args.gpus else {})}
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", job_id) + (f"-attempt{attempt + 1}" if attempt else "")
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"run_dir": args.run_dir, "stage": args.stage, "job_id": job_id},
@@ -463,11 +483,7 @@ def run_stage(args: argparse.Namespace, job_id: str) -> None:
         torch_config=TorchConfig(
             backend="nccl" if args.gpus else "gloo", timeout_s=max(1, round(args.collective_timeout))
         ),
-        run_config=RunConfig(
-            name=re.sub(r"[^A-Za-z0-9_.-]", "-", job_id),
-            storage_path=args.storage,
-            failure_config=FailureConfig(max_failures=args.max_failures),
-        ),
+        run_config=RunConfig(name=name, storage_path=args.storage, failure_config=FailureConfig(max_failures=0)),
     )
     trainer.fit()
 

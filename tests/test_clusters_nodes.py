@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.clusters.ray_two_node import TwoNodeRay
-from tests.clusters.slurm_two_node import TwoNodeSlurmCluster
+from tests.clusters.ray_nodes import RayNodes
+from tests.clusters.slurm_nodes import SlurmNodes
 
 ALL_REDUCE = """\
 import json, os, socket, subprocess, sys
@@ -62,7 +62,7 @@ print("HOSTS=" + json.dumps(sorted(ray.get(refs, timeout=60))))
 """
 
 
-def wait_job(c: TwoNodeSlurmCluster, job_id: str, timeout_s: float) -> str:
+def wait_job(c: SlurmNodes, job_id: str, timeout_s: float) -> str:
     """Poll slurmctld until the job has left PENDING/RUNNING/COMPLETING; its last state."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -74,7 +74,7 @@ def wait_job(c: TwoNodeSlurmCluster, job_id: str, timeout_s: float) -> str:
 
 
 @pytest.mark.slurm
-def test_gloo_all_reduce_spans_both_slurm_nodes(slurm_two_nodes: TwoNodeSlurmCluster, tmp_path: Path) -> None:
+def test_gloo_all_reduce_spans_both_slurm_nodes(slurm_two_nodes: SlurmNodes, tmp_path: Path) -> None:
     c = slurm_two_nodes
     assert c.node_names == ["n1", "n2"]
     (tmp_path / "all_reduce.py").write_text(ALL_REDUCE)
@@ -94,7 +94,7 @@ def test_gloo_all_reduce_spans_both_slurm_nodes(slurm_two_nodes: TwoNodeSlurmClu
 
 @pytest.mark.ray
 def test_strict_spread_tasks_run_on_both_ray_nodes(
-    ray_two_nodes: TwoNodeRay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ray_two_nodes: RayNodes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from ray.job_submission import JobStatus, JobSubmissionClient
 

@@ -1,4 +1,5 @@
-"""A two-node Ray cluster on one machine: the head on n1 and a worker on n2 of a `tests.clusters.netns` network.
+"""A Ray cluster of nodes on one machine: the head on n1 and a worker on n2 (and n3, n4) of a `tests.clusters.netns`
+network.
 
 Each node is `ray start --block` run on its node with the launcher's `head_env` (a private HOME, no token auth, no
 usage stats), its own temp dir, `--node-ip-address` and explicit non-default ports, and two CPUs (so that only a
@@ -6,7 +7,7 @@ placement strategy, not the CPU count, forces work onto distinct nodes). The hea
 address, so the job API answers from the test process at `address`. Stopped by PID (never `ray stop`): each
 node's process tree gets TERM, then KILL, then whatever is left in the namespaces is killed.
 
-    pytest -m ray            # fixture `ray_two_nodes`; RAY_ADDRESS is NOT set for the session
+    pytest -m ray            # fixture `ray_two_nodes`, `ray_four_nodes` (one test module); RAY_ADDRESS is NOT set
 
 Ray's clients prefer RAY_ADDRESS to the address they are given (`JobSubmissionClient(address)` and
 `ray.init(address=...)` alike), and the single-node `ray_cluster` sets RAY_ADDRESS to its own head for the session.
@@ -34,7 +35,7 @@ import pytest
 
 from launch.backends.ray.head import PORT_NAMES, WORKER_PORTS, free_ports, head_env, ray_executable
 from tests.clusters import port_open, require_module, wait_until
-from tests.clusters.netns import TwoNodeNetwork, require_network, start_network, stop_network
+from tests.clusters.netns import NodeNetwork, require_network, start_network, stop_network
 from tests.clusters.ray import INSTALL_HINT
 
 HEAD, WORKER = "n1", "n2"
@@ -48,11 +49,11 @@ NODE_PORTS = tuple(p for p in PORT_NAMES if p not in ("gcs", "dashboard", "clien
 
 
 @dataclass
-class TwoNodeRay:
-    """A running two-node Ray cluster: its directory, network, ports and `ray start --block` processes."""
+class RayNodes:
+    """A running Ray cluster of nodes: its directory, network, ports and `ray start --block` processes."""
 
     root: Path
-    net: TwoNodeNetwork
+    net: NodeNetwork
     ports: dict[str, dict[str, int]]
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -90,25 +91,26 @@ class TwoNodeRay:
             return []
         return [n["raylet"] for n in summary if n.get("raylet", {}).get("state") == "ALIVE"]
 
-    def kill_worker_node(self) -> list[int]:
-        """SIGKILL every process of n2 (the worker node dies); the PIDs killed."""
-        killed = self.net.kill_node(WORKER)
-        self.procs[WORKER].wait(timeout=STOP_GRACE_S)
+    def kill_worker_node(self, name: str = WORKER) -> list[int]:
+        """SIGKILL every process of a worker node (n2 unless named: the node dies); the PIDs killed."""
+        killed = self.net.kill_node(name)
+        self.procs[name].wait(timeout=STOP_GRACE_S)
         return killed
 
-    def start_worker_node(self) -> None:
-        """Start the n2 worker (again) and wait until the GCS reports exactly two alive nodes, one of them new."""
+    def start_worker_node(self, name: str = WORKER) -> None:
+        """Start a worker node (n2 unless named) again and wait until the GCS reports every node alive, one of them
+        new."""
         before = {n["nodeId"] for n in self.alive_nodes()}
-        start_node(self, WORKER)
+        start_node(self, name)
 
         def joined() -> bool:
             alive = self.alive_nodes()
-            return len(alive) == 2 and any(n["nodeId"] not in before for n in alive)
+            return len(alive) == len(self.net.nodes) and any(n["nodeId"] not in before for n in alive)
 
         wait_until(joined, START_TIMEOUT_S, "the Ray worker node to join", interval_s=0.5)
 
 
-def start_node(c: TwoNodeRay, name: str) -> None:
+def start_node(c: RayNodes, name: str) -> None:
     """`ray start --block` on the node: the head on n1, a worker joining it elsewhere."""
     node_dir = c.root / name
     (node_dir / "home").mkdir(parents=True, exist_ok=True)
@@ -144,7 +146,7 @@ def start_node(c: TwoNodeRay, name: str) -> None:
         )
 
 
-def check_running(c: TwoNodeRay) -> None:
+def check_running(c: RayNodes) -> None:
     """RuntimeError with its output when a `ray start` has exited."""
     for name, proc in c.procs.items():
         if proc.poll() is not None:
@@ -152,13 +154,13 @@ def check_running(c: TwoNodeRay) -> None:
             raise RuntimeError(f"ray start on {name} exited with {proc.returncode}:\n{out}")
 
 
-def gcs_listens(c: TwoNodeRay) -> bool:
+def gcs_listens(c: RayNodes) -> bool:
     """The head's GCS accepts connections from this (the root) namespace."""
     check_running(c)
     return port_open(c.ports[HEAD]["gcs"], c.head_ip)
 
 
-def head_ready(c: TwoNodeRay) -> bool:
+def head_ready(c: RayNodes) -> bool:
     """The job API answers from this (the root) namespace."""
     check_running(c)
     # Plain HTTP: Ray's JobSubmissionClient would ask whatever cluster RAY_ADDRESS names instead of `address`.
@@ -169,20 +171,23 @@ def head_ready(c: TwoNodeRay) -> bool:
         return False
 
 
-def start_ray_two_nodes(net: TwoNodeNetwork) -> TwoNodeRay:
-    """Start the head on n1 and the worker on n2; return once the job API answers and both nodes are alive."""
+def start_ray_nodes(net: NodeNetwork) -> RayNodes:
+    """Start the head on n1 and a worker on every other node; return once the job API answers and every node is
+    alive."""
     # Ray's Unix socket paths live under the temp dirs and must stay short (about 100 characters).
-    root = Path(tempfile.mkdtemp(prefix="extrema-ray2-", dir="/tmp"))
+    root = Path(tempfile.mkdtemp(prefix=f"extrema-ray{len(net.nodes)}-", dir="/tmp"))
     (root / "home").mkdir()
-    c = TwoNodeRay(root, net, {})
+    c = RayNodes(root, net, {})
     try:
         start_node(c, HEAD)
         # The worker needs only the GCS; the dashboard comes up meanwhile.
         wait_until(lambda: gcs_listens(c), START_TIMEOUT_S, "the Ray head's GCS", interval_s=0.2)
-        start_node(c, WORKER)
-        wait_until(lambda: head_ready(c) and len(c.alive_nodes()) == 2, START_TIMEOUT_S, "two alive Ray nodes", 0.3)
+        for name in list(net.nodes)[1:]:
+            start_node(c, name)
+        count = len(net.nodes)
+        wait_until(lambda: head_ready(c) and len(c.alive_nodes()) == count, START_TIMEOUT_S, "alive Ray nodes", 0.3)
     except BaseException:
-        stop_ray_two_nodes(c)
+        stop_ray_nodes(c)
         raise
     return c
 
@@ -203,9 +208,9 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def stop_ray_two_nodes(c: TwoNodeRay) -> None:
+def stop_ray_nodes(c: RayNodes) -> None:
     """TERM each `ray start --block`, then KILL its process tree and whatever is left on the nodes; remove its dir."""
-    for name in (WORKER, HEAD):
+    for name in reversed(c.net.nodes):
         proc = c.procs.get(name)
         if proc is None:
             continue
@@ -223,21 +228,20 @@ def stop_ray_two_nodes(c: TwoNodeRay) -> None:
     shutil.rmtree(c.root, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def ray_two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodeRay]:
-    """A two-node Ray cluster (head on n1, worker on n2) for the whole test session; RAY_ADDRESS is left alone."""
+def running_ray_nodes(tmp_path_factory: pytest.TempPathFactory, count: int, fixture: str) -> Iterator[RayNodes]:
+    """Start a network of `count` nodes and Ray on it (head on n1), yield the cluster, then stop both."""
     require_network()
     require_module("ray", INSTALL_HINT)
     t0 = time.perf_counter()
-    net = start_network(tmp_path_factory.mktemp("ray2n"))
+    net = start_network(tmp_path_factory.mktemp(f"ray{count}n"), count)
     try:
-        cluster = start_ray_two_nodes(net)
+        cluster = start_ray_nodes(net)
     except BaseException:
         stop_network(net)
         raise
     pids = {name: p.pid for name, p in cluster.procs.items()}
     print(
-        f"\nray_two_nodes: started in {time.perf_counter() - t0:.1f} s at {cluster.address} on bridge {net.bridge}"
+        f"\n{fixture}: started in {time.perf_counter() - t0:.1f} s at {cluster.address} on bridge {net.bridge}"
         f" under {cluster.root} (pids {pids})"
     )
     try:
@@ -245,7 +249,19 @@ def ray_two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodeR
     finally:
         t0 = time.perf_counter()
         try:
-            stop_ray_two_nodes(cluster)
+            stop_ray_nodes(cluster)
         finally:
             stop_network(net)
-        print(f"\nray_two_nodes: stopped in {time.perf_counter() - t0:.1f} s")
+        print(f"\n{fixture}: stopped in {time.perf_counter() - t0:.1f} s")
+
+
+@pytest.fixture(scope="session")
+def ray_two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayNodes]:
+    """A two-node Ray cluster (head on n1, worker on n2) for the whole test session; RAY_ADDRESS is left alone."""
+    yield from running_ray_nodes(tmp_path_factory, 2, "ray_two_nodes")
+
+
+@pytest.fixture(scope="module")
+def ray_four_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayNodes]:
+    """A four-node Ray cluster (head on n1, workers on n2, n3, n4) for one test module; RAY_ADDRESS is left alone."""
+    yield from running_ray_nodes(tmp_path_factory, 4, "ray_four_nodes")

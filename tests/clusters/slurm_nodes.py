@@ -1,11 +1,12 @@
-"""A private two-node Slurm 22.05 with accounting on one machine: nodes n1 and n2 of a `tests.clusters.netns`
-network, each with its own slurmd, and slurmctld as host `ctl` on the bridge address.
+"""A private multi-node Slurm 22.05 with accounting on one machine: nodes n1, n2 (and n3, n4) of a
+`tests.clusters.netns` network, each with its own slurmd, and slurmctld as host `ctl` on the bridge address.
 
-munge, MariaDB and slurmdbd start as in `tests.clusters.slurm` and serve both nodes (a Unix socket and 127.0.0.1
+munge, MariaDB and slurmdbd start as in `tests.clusters.slurm` and serve every node (a Unix socket and 127.0.0.1
 are reachable from the controller). Each node has one CPU; a node that stops answering is noticed after
 SlurmdTimeout (10 s) and comes back by itself once its slurmd registers again (ReturnToService=2).
 
-    pytest -m slurm          # fixture `slurm_two_nodes`; SLURM_CONF is NOT set for the session
+    pytest -m slurm          # fixture `slurm_two_nodes` (partition "two"), `slurm_four_nodes` (partition "four",
+                             # one test module); SLURM_CONF is NOT set for the session
 
 SLURM_CONF stays whatever it was (the single-node `slurm_cluster` sets it to its own cluster): reach this cluster
 with `cluster.run(...)` or pass `env=cluster.env` to every Slurm client (jobs inherit that environment); code that
@@ -25,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.clusters import require_binaries, wait_until
-from tests.clusters.netns import TwoNodeNetwork, require_network, start_network, stop_network
+from tests.clusters.netns import NodeNetwork, require_network, start_network, stop_network
 from tests.clusters.slurm import (
     CLIENTS,
     DAEMONS,
@@ -45,6 +46,7 @@ from tests.clusters.slurm import (
 )
 
 PARTITION = "two"
+FOUR = "four"
 CPUS_PER_NODE = 1
 MEMORY_MB_PER_NODE = 4000
 SLURMD_TIMEOUT_S = 10
@@ -54,14 +56,14 @@ RETURN_TO_SERVICE_S = 5.0
 
 
 @dataclass(kw_only=True)
-class TwoNodeSlurmCluster(SlurmCluster):
-    """A running two-node cluster: `SlurmCluster` plus its network and control over each node."""
+class SlurmNodes(SlurmCluster):
+    """A running cluster of nodes: `SlurmCluster` plus its network and control over each node."""
 
-    net: TwoNodeNetwork
+    net: NodeNetwork
 
     @property
     def node_names(self) -> list[str]:
-        """The nodes, in order: ["n1", "n2"]."""
+        """The nodes, in order: ["n1", "n2", ...]."""
         return list(self.net.nodes)
 
     def node_state(self, name: str) -> str:
@@ -110,11 +112,12 @@ class TwoNodeSlurmCluster(SlurmCluster):
         self.net.restore(name)
 
 
-def start_two_node_slurm(root: Path, net: TwoNodeNetwork, max_array_size: int = MAX_ARRAY_SIZE) -> TwoNodeSlurmCluster:
-    """Start munge, MariaDB, slurmdbd, slurmctld (host ctl) and a slurmd on each node; return once both are idle."""
-    c = TwoNodeSlurmCluster(
-        root=root, ports=cluster_ports(), partition=PARTITION, max_array_size=max_array_size, net=net
-    )
+def start_slurm_nodes(
+    root: Path, net: NodeNetwork, partition: str = PARTITION, max_array_size: int = MAX_ARRAY_SIZE
+) -> SlurmNodes:
+    """Start munge, MariaDB, slurmdbd, slurmctld (host ctl) and a slurmd on each node (one partition of all of
+    them); return once every node is idle."""
+    c = SlurmNodes(root=root, ports=cluster_ports(), partition=partition, max_array_size=max_array_size, net=net)
     nodes = {n.name: n.address for n in net.nodes.values()}
     write_confs(
         c,
@@ -141,21 +144,22 @@ def start_two_node_slurm(root: Path, net: TwoNodeNetwork, max_array_size: int = 
     return c
 
 
-@pytest.fixture(scope="session")
-def slurm_two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNodeSlurmCluster]:
-    """A private two-node Slurm with accounting for the whole test session; SLURM_CONF is left alone."""
+def running_slurm_nodes(
+    tmp_path_factory: pytest.TempPathFactory, count: int, partition: str, fixture: str
+) -> Iterator[SlurmNodes]:
+    """Start a network of `count` nodes and Slurm on it, yield the cluster, then stop both and check nothing is left."""
     require_network()
     require_binaries(DAEMONS + CLIENTS, INSTALL_HINT)
-    root = tmp_path_factory.mktemp("slurm2n")
+    root = tmp_path_factory.mktemp(f"slurm{count}n")
     t0 = time.perf_counter()
-    net = start_network(root / "net")
+    net = start_network(root / "net", count)
     try:
-        cluster = start_two_node_slurm(root, net)
+        cluster = start_slurm_nodes(root, net, partition)
     except BaseException:
         stop_network(net)
         raise
     print(
-        f"\nslurm_two_nodes: started in {time.perf_counter() - t0:.1f} s under {root} on bridge {net.bridge}"
+        f"\n{fixture}: started in {time.perf_counter() - t0:.1f} s under {root} on bridge {net.bridge}"
         f" {net.bridge_address} (pids {cluster.pids})"
     )
     try:
@@ -167,6 +171,18 @@ def slurm_two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TwoNod
         finally:
             stop_network(net)
         running = {name: p.pid for name, p in cluster.procs.items() if p.poll() is None}
-        assert not running, f"slurm_two_nodes left daemons running: {running}"
-        print(f"\nslurm_two_nodes: stopped in {time.perf_counter() - t0:.1f} s")
+        assert not running, f"{fixture} left daemons running: {running}"
+        print(f"\n{fixture}: stopped in {time.perf_counter() - t0:.1f} s")
         shutil.rmtree(root / "db", ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmNodes]:
+    """A private two-node Slurm with accounting for the whole test session; SLURM_CONF is left alone."""
+    yield from running_slurm_nodes(tmp_path_factory, 2, PARTITION, "slurm_two_nodes")
+
+
+@pytest.fixture(scope="module")
+def slurm_four_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmNodes]:
+    """A private four-node Slurm with accounting for one test module (partition "four"); SLURM_CONF is left alone."""
+    yield from running_slurm_nodes(tmp_path_factory, 4, FOUR, "slurm_four_nodes")
