@@ -4,7 +4,8 @@ Unit tests: which named nodes a job avoids while it stays runnable, arrays split
 failure leaves. On the two-node Slurm cluster (`slurm_two_nodes`): a one-node stage whose rank is SIGSTOPped fails
 naming its node and the retry runs on the other node (`--exclude`), equal to the reference bit for bit; rank 0's
 node killed mid-run is named by the surviving rank, and the retry, which cannot exclude a node of a two-node job on
-two nodes, resumes equal.
+two nodes, resumes equal. On the two-node Ray cluster: an attempt whose rank hung names its node, and the retry
+inside the same Ray job is placed off it, equal to the reference.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from extrema.run import bad_nodes, contract, rank_progress
 from launch.backends.base import Job
@@ -26,14 +26,12 @@ from launch.backends.resources import ResourcesSpec
 from launch.backends.slurm.backend import SlurmBackend, parse_partition_nodes
 from launch.backends.slurm.plan import planned_arrays
 from launch.reconcile import named_lost
-from launch.sweepfile.expand import load_runs
 from tests import test_multinode
 from tests.cluster_sweeps import cli, release_requeued
 from tests.clusters.ray_nodes import RayNodes
 from tests.clusters.slurm_nodes import USABLE, SlurmNodes
-from tests.multinode_runs import EXPERIMENT, STEPS, TWO_NODES, only_run
+from tests.multinode_runs import STEPS, TWO_NODES, only_run
 from tests.multinode_runs import sweep_file as multinode_sweep_file
-from tests.stage_runs import merge
 from tests.test_multinode import (
     assert_equal_models,
     ckpt_steps,
@@ -266,29 +264,6 @@ def named_in_status(path: Path, run: Path, said: list[str]) -> list[str]:
     said goes to `said`."""
     said.append(cli("status", str(path))[1])
     return [e["node"] for e in status_of(run).get("bad_nodes") or []]
-
-
-@pytest.mark.ray
-def test_ray_places_a_stage_off_its_bad_node(ray_two_nodes: RayNodes, tmp_path: Path) -> None:
-    """A one-node stage of two ranks (Ray Train) whose record names the head node n1, where Ray would pack it first,
-    runs on n2: a label selector on Ray's node id. A short run: the placement is what is tested here."""
-    resources = {**TWO_NODES, "nodes": 1, "processes_per_node": 2}
-    launcher = {"backend": "ray", "ray_address": ray_two_nodes.address, "resources": resources}
-    path = tmp_path / "mn.yaml"
-    short = merge(EXPERIMENT, {"pretrain": {"steps": 2, "ckpt_every": 2}})
-    path.write_text(yaml.safe_dump({"name": "mn", "root": str(tmp_path / "runs"), "base": short, "launcher": launcher}))
-    _, runs = load_runs(str(path))
-    stage = tmp_path / "runs" / "mn" / runs[0].run_id / "pretrain"
-    stage.mkdir(parents=True)
-    # As an earlier attempt's hang on n1 would have left it (the watchdog's own record of it is tested above).
-    contract.update_status(str(stage), **bad_nodes.added(str(stage), ["n1"], "rank 0 (pid 1) hung", time.time()))
-    code, out = cli("sweep", str(path))
-    assert code == 0, out
-    run = only_run(tmp_path / "runs")
-    assert wait_state(path, run, {"completed", "failed"}, 240, tmp_path) == "completed", status_of(run)
-    assert json.loads((run / "pretrain" / "provenance.json").read_text())["hosts"] == ["n2"]
-    _, logs = cli("logs", str(tmp_path / "runs" / "mn"), "--run", run.name, "--stage", "pretrain")
-    assert "launch.backends.ray: pretrain avoids bad node(s) n1" in logs, logs[-3000:]
 
 
 @pytest.mark.ray

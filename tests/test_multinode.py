@@ -113,38 +113,16 @@ def wait_state(path: Path, run: Path, states: set[str], timeout_s: float, tmp_pa
 
 
 @pytest.mark.slurm
-def test_slurm_fsdp_across_two_nodes_equals_one_node_two_processes(
+def test_slurm_fsdp_across_two_nodes_preempted_stops_both_at_one_step_and_resumes_equal_to_one_node(
     on_two_node_slurm: SlurmNodes, one_node_two_processes: Path, tmp_path: Path
 ) -> None:
-    path, run = slurm_sweep(tmp_path, on_two_node_slurm)
-    url = str(tmp_path / "runs" / "mn")
-
-    def shows_nodes() -> bool:
-        return "n1, n2" in cli("status", str(path))[1]
-
-    wait_for(shows_nodes, 120, "status to show the running stage on nodes n1, n2")
-    assert wait_state(path, run, {"completed", "failed"}, 180, tmp_path) == "completed", job_logs(tmp_path)
-    prov = json.loads((run / "pretrain" / "provenance.json").read_text())
-    assert prov["world_size"] == 2 and prov["hosts"] == ["n1", "n2"]
-    assert [(r["rank"], r["host"]) for r in prov["ranks"]] == [(0, "n1"), (1, "n2")]
-    assert status_of(run)["hosts"] == ["n1", "n2"] and status_of(run)["attempts"] == 1
-    assert_equal_models(run, one_node_two_processes)
-
-    code, out = cli("logs", url, "--run", run.name, "--stage", "pretrain")
-    assert code == 0, out
-    for node, rank in (("n1", 0), ("n2", 1)):
-        tagged = [line for line in out.splitlines() if line.startswith(f"[{node} rank {rank}] ")]
-        assert any("Starting with JobEnvironment" in line for line in tagged), out[-3000:]
-        assert any(f"extrema.entry: rank {rank} of 2 on {node}" in line for line in tagged), out[-3000:]
-
-
-@pytest.mark.slurm
-def test_slurm_two_node_preemption_stops_both_nodes_at_one_step_and_resumes_equal(
-    on_two_node_slurm: SlurmNodes, one_node_two_processes: Path, tmp_path: Path
-) -> None:
+    """FSDP across two Slurm nodes: `status` shows the running stage on both nodes; preempted (USR2), both nodes
+    stop at one step with one checkpoint; the requeued job resumes and ends equal, bit for bit, to one node with two
+    processes; its provenance places rank 0 on n1 and rank 1 on n2, and `logs` tags every line with node and rank."""
     cluster = on_two_node_slurm
     path, run = slurm_sweep(tmp_path, cluster)
     job_id = str(status_of(run)["job_id"])
+    wait_for(lambda: "n1, n2" in cli("status", str(path))[1], 120, "status to show the stage on nodes n1, n2")
     wait_for(lambda: steps_logged(run) >= 3, 120, "step 3")
     cluster.run("scancel", "--signal=USR2", job_id)
     wait_for(
@@ -162,6 +140,16 @@ def test_slurm_two_node_preemption_stops_both_nodes_at_one_step_and_resumes_equa
     assert wait_state(path, run, {"completed", "failed"}, 180, tmp_path) == "completed", job_logs(tmp_path)
     assert status_of(run)["attempts"] == 2
     assert_equal_models(run, one_node_two_processes)
+    prov = json.loads((run / "pretrain" / "provenance.json").read_text())
+    assert prov["world_size"] == 2 and prov["hosts"] == ["n1", "n2"]
+    assert [(r["rank"], r["host"]) for r in prov["ranks"]] == [(0, "n1"), (1, "n2")]
+    assert status_of(run)["hosts"] == ["n1", "n2"]
+    code, out = cli("logs", str(tmp_path / "runs" / "mn"), "--run", run.name, "--stage", "pretrain")
+    assert code == 0, out
+    for node, rank in (("n1", 0), ("n2", 1)):
+        tagged = [line for line in out.splitlines() if line.startswith(f"[{node} rank {rank}] ")]
+        assert any("Starting with JobEnvironment" in line for line in tagged), out[-3000:]
+        assert any(f"extrema.entry: rank {rank} of 2 on {node}" in line for line in tagged), out[-3000:]
 
     def history() -> list[str]:
         return cluster.run("sacct", "-X", "-D", "-n", "-P", "-o", "JobID,State", "-j", job_id).stdout.split()
@@ -254,26 +242,11 @@ def ray_sweep(tmp_path: Path, cluster: RayNodes) -> tuple[Path, Path]:
 
 
 @pytest.mark.ray
-def test_ray_fsdp_across_two_nodes_equals_one_node_two_processes(
-    on_two_node_ray: RayNodes, one_node_two_processes: Path, tmp_path: Path
-) -> None:
-    path, run = ray_sweep(tmp_path, on_two_node_ray)
-    assert wait_state(path, run, {"completed", "failed"}, 240, tmp_path) == "completed", status_of(run)
-    prov = json.loads((run / "pretrain" / "provenance.json").read_text())
-    assert prov["world_size"] == 2 and sorted(prov["hosts"]) == ["n1", "n2"]
-    assert_equal_models(run, one_node_two_processes)
-    code, out = cli("logs", str(tmp_path / "runs" / "mn"), "--run", run.name, "--stage", "pretrain")
-    assert code == 0, out
-    hosts = dict((r["rank"], r["host"]) for r in prov["ranks"])
-    for rank, node in hosts.items():
-        mine = f"[{node} rank {rank}] extrema.entry: rank {rank} of 2 on {node}"
-        assert any(line.startswith(mine) for line in out.splitlines()), out[-3000:]
-
-
-@pytest.mark.ray
 def test_ray_worker_node_lost_mid_run_retries_from_the_checkpoint_and_ends_equal(
     on_two_node_ray: RayNodes, one_node_two_processes: Path, tmp_path: Path
 ) -> None:
+    """FSDP across two Ray nodes, the worker node killed mid-run and started again: the retry resumes from the
+    checkpoint and ends equal, bit for bit, to one node with two processes; `logs` tags lines with node and rank."""
     cluster = on_two_node_ray
     path, run = ray_sweep(tmp_path, cluster)
     wait_mid_run(run, 180)
@@ -286,3 +259,10 @@ def test_ray_worker_node_lost_mid_run_retries_from_the_checkpoint_and_ends_equal
     assert state == "completed", status_of(run)
     assert status_of(run)["attempts"] == 2
     assert_equal_models(run, one_node_two_processes)
+    prov = json.loads((run / "pretrain" / "provenance.json").read_text())
+    assert prov["world_size"] == 2 and sorted(prov["hosts"]) == ["n1", "n2"]
+    code, out = cli("logs", str(tmp_path / "runs" / "mn"), "--run", run.name, "--stage", "pretrain")
+    assert code == 0, out
+    for r in prov["ranks"]:  # the last attempt's ranks, each line tagged with its node and rank
+        mine = f"[{r['host']} rank {r['rank']}] extrema.entry: rank {r['rank']} of 2 on {r['host']}"
+        assert any(line.startswith(mine) for line in out.splitlines()), out[-3000:]

@@ -2,11 +2,12 @@
 and both again as two nodes, and as four, on a private network of this machine (`tests.clusters.slurm_nodes`,
 `tests.clusters.ray_nodes`, on `tests.clusters.netns`).
 
-All are pytest fixtures loaded from `tests/conftest.py` through `pytest_plugins`: session-scoped, except the
-four-node ones, which live as long as the test module that asks for them. What a cluster
-needs and cannot find (a binary, root, a Python package, the right to create network namespaces) skips its tests
-with the reason, except under CI (`CI=true`), where it fails them. The single-node fixtures set SLURM_CONF and
-RAY_ADDRESS for the session; the multi-node ones set nothing: pass their `env` or address explicitly.
+All are pytest fixtures loaded from `tests/conftest.py` through `pytest_plugins`: the Slurm ones of one and two
+nodes are session-scoped (idle, they cost nothing); the Ray ones and the four-node Slurm live as long as the test
+module that asks for them. What a cluster needs and cannot find (a binary, root, a Python package, the right to
+create network namespaces) skips its tests with the reason, except under CI (`CI=true`), where it fails them. The
+single-node fixtures set SLURM_CONF and RAY_ADDRESS while they live; the multi-node ones set nothing: pass their
+`env` or address explicitly.
 """
 
 from __future__ import annotations

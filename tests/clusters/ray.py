@@ -1,7 +1,10 @@
 """A local Ray head for tests: the launcher's own `launch.backends.ray.head` (explicit free ports, a private HOME
 and temp dir, stopped by PID; never `ray stop`), with two CPUs and a small object store.
 
-    pytest -m ray            # fixture `ray_cluster`; sets RAY_ADDRESS (the dashboard URL) for the session
+    pytest -m ray            # fixture `ray_cluster`; sets RAY_ADDRESS (the dashboard URL) meanwhile
+
+Module-scoped, like every Ray fixture here: an idle Ray head keeps its dashboard, agents and log monitor busy (about
+a tenth of one core measured beside a test suite), which a session-long cluster would take from every later test.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ OBJECT_STORE_BYTES = 200_000_000
 RayCluster = RayHead
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[RayCluster]:
-    """A local Ray head for the whole test session; RAY_ADDRESS points at its dashboard meanwhile."""
+    """A local Ray head for one test module; RAY_ADDRESS points at its dashboard meanwhile."""
     require_module("ray", INSTALL_HINT)
     t0 = time.perf_counter()
     cluster = start_head(num_cpus=NUM_CPUS, object_store_bytes=OBJECT_STORE_BYTES)

@@ -10,7 +10,7 @@ node's process tree gets TERM, then KILL, then whatever is left in the namespace
     pytest -m ray            # fixture `ray_two_nodes`, `ray_four_nodes` (one test module); RAY_ADDRESS is NOT set
 
 Ray's clients prefer RAY_ADDRESS to the address they are given (`JobSubmissionClient(address)` and
-`ray.init(address=...)` alike), and the single-node `ray_cluster` sets RAY_ADDRESS to its own head for the session.
+`ray.init(address=...)` alike), and the single-node `ray_cluster` sets RAY_ADDRESS to its own head while it lives.
 So a test of this cluster sets it for itself, `monkeypatch.setenv("RAY_ADDRESS", ray_two_nodes.address)`, and runs
 job clients with `env=cluster.env` (RAY_ADDRESS: the dashboard URL) and `ray.init()` drivers, which may run in the
 test's own namespace too, with `env=cluster.driver_env` (RAY_ADDRESS: the GCS address).
@@ -255,9 +255,10 @@ def running_ray_nodes(tmp_path_factory: pytest.TempPathFactory, count: int, fixt
         print(f"\n{fixture}: stopped in {time.perf_counter() - t0:.1f} s")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayNodes]:
-    """A two-node Ray cluster (head on n1, worker on n2) for the whole test session; RAY_ADDRESS is left alone."""
+    """A two-node Ray cluster (head on n1, worker on n2) for one test module (see `tests.clusters.ray`: an idle
+    cluster costs CPU); RAY_ADDRESS is left alone."""
     yield from running_ray_nodes(tmp_path_factory, 2, "ray_two_nodes")
 
 
