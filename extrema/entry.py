@@ -155,10 +155,15 @@ def host_of(ranks: list[dict[str, Any]], rank: int) -> str:
     return str(next((r["host"] for r in ranks if r["rank"] == rank), socket.gethostname()))
 
 
+def on_other_nodes(ranks: list[dict[str, Any]], rank: int) -> list[dict[str, Any]]:
+    """The ranks whose node is not this rank's."""
+    mine = host_of(ranks, rank)
+    return [r for r in ranks if r["host"] != mine]
+
+
 def lost_to(e: BaseException, ranks: list[dict[str, Any]], rank: int) -> CollectiveFailed:
     """A failed collective, naming the ranks on other nodes than this rank's and their nodes."""
-    mine = host_of(ranks, rank)
-    remote = [r for r in ranks if r["host"] != mine]
+    remote = on_other_nodes(ranks, rank)
     nodes = list(dict.fromkeys(str(r["host"]) for r in remote))
     return CollectiveFailed(peer_note(e, ranks, rank), nodes, [f"rank {r['rank']} on {r['host']}" for r in remote])
 
@@ -167,7 +172,7 @@ def peer_note(e: BaseException, ranks: list[dict[str, Any]], rank: int) -> str:
     """What failed and where the other ranks ran, so that the record names the node that went away."""
     mine = host_of(ranks, rank)
     others = [r for r in ranks if r["rank"] != rank]
-    remote = [r for r in others if r["host"] != mine]
+    remote = on_other_nodes(ranks, rank)
     shown = ", ".join(f"rank {r['rank']} on {r['host']}" for r in (remote or others)[:8])
     where = "on other nodes" if remote else "on this node"
     timeout = contract.collective_timeout_s()
