@@ -123,7 +123,7 @@ def main() -> None:
         for run in sorted(p for p in (root / "order_knn").iterdir() if (p / "knn" / "result.json").exists()):
             spec = json.loads((run / "pretrain" / "spec.json").read_text())["overrides"]
             order, seed = spec["data.order"], spec["pretrain.seed"]
-            acc[order][seed] = 100 * json.loads((run / "knn" / "result.json").read_text())["knn_top1"]
+            acc[order][seed] = json.loads((run / "knn" / "result.json").read_text())["knn_top1"]
             wall[order][seed] = seconds(run / "pretrain" / "status.json") + seconds(run / "knn" / "status.json")
 
     seeds = sorted(acc["global"])
