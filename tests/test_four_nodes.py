@@ -105,11 +105,13 @@ def test_slurm_fsdp_across_four_nodes_equals_one_node_four_processes(
 
 @pytest.mark.slurm
 def test_slurm_a_four_node_checkpoint_resumes_on_two_nodes_equal_to_one_node_two_processes(
-    on_four_node_slurm: SlurmNodes, tmp_path: Path
+    on_four_node_slurm: SlurmNodes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Four nodes cancelled after a checkpoint; the same sweep again with `launcher.resources.nodes=2` resumes from
     the four ranks' checkpoint on two nodes; the same resume of a copy of the store on the local backend (one node,
     two processes) ends with the same bits."""
+    # Ranks killed by Slurm before they record the cancel (KillWait) leave rank 0's lease to expire: a short TTL.
+    monkeypatch.setenv("EXTREMA_LEASE_TTL_S", "10")
     path, run = slurm_sweep(tmp_path, on_four_node_slurm, FOUR_NODES)
     wait_for(lambda: any(ckpt_steps(run).values()) and steps_logged(run) >= 6, 240, "a checkpoint and step 6")
     code, out = cli("cancel", str(path))
