@@ -115,7 +115,8 @@ def test_slurm_a_four_node_checkpoint_resumes_on_two_nodes_equal_to_one_node_two
     path, run = slurm_sweep(tmp_path, on_four_node_slurm, FOUR_NODES)
     wait_for(lambda: any(ckpt_steps(run).values()) and steps_logged(run) >= 6, 240, "a checkpoint and step 6")
     code, out = cli("cancel", str(path))
-    assert code == 0, out
+    assert code == 0 and "cancelled 1 stage job(s)" in out, out
+    print(f"\ncancel said: {out}")  # with "still holds the stage's lease" when Slurm killed the ranks first
     assert wait_state(path, run, {"cancelled", "preempted", "failed"}, 90, tmp_path) in {"cancelled", "preempted"}
     saved = max(s for s, complete in ckpt_steps(run).items() if complete)
     assert 4 <= saved < FOUR_STEPS and shards(run, saved) == 4

@@ -55,13 +55,25 @@ def cmd_cancel(args: argparse.Namespace, out: Console) -> int:
         out.print(Text(f"{k}: not stopped: {why}", style="red"), soft_wrap=True)
     done = [k for k in live if k not in kept]
     unrecorded = 0
+    held: list[str] = []
     for k in done:
         try:
-            store.record_ended(stages[k], StageState.CANCELLED, "cancelled by user")
+            if store.record_ended(stages[k], StageState.CANCELLED, "cancelled by user") is None:
+                held += [k] if lease.live_holder(stages[k]) is not None else []
         except OSError as e:  # a read-only store: the job is stopped, the record cannot say so
             unrecorded += 1
             out.print(Text(f"{k}: stopped, not recorded: {contract.os_reason(e)}", style="yellow"), soft_wrap=True)
     out.print(f"cancelled {len(done)} stage job(s)" + (f": {', '.join(done)}" if done else ""))
+    if held:  # not ended yet, or killed before it could say so: nobody may record over a live lease
+        out.print(
+            Text(
+                f"{', '.join(held)}: the job was told to stop, but its attempt still holds the stage's lease; `status` "
+                f"shows the attempt until it ends or its lease lapses (at most {lease.ttl_s():g} s after its last "
+                "heartbeat), then records it cancelled",
+                style="yellow",
+            ),
+            soft_wrap=True,
+        )
     print_unreadable(out, store.unreadable(statuses))
     return FAILED if kept or unrecorded else DAMAGED if store.unreadable(statuses) else OK
 
