@@ -8,8 +8,10 @@ import contextlib
 import faulthandler
 import json
 import os
+import random
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -219,3 +221,12 @@ def test_straggler_action_fail_is_refused_without_the_watchdog_and_reaches_the_r
     env = network_env(ResourcesSpec(straggler_action="fail"))
     assert env[rank_progress.STRAGGLER_ACTION_ENV] == "fail"
     assert rank_progress.STRAGGLER_ACTION_ENV not in network_env(ResourcesSpec())
+
+
+def test_the_median_of_the_other_ranks_is_the_median_of_the_rest() -> None:
+    rng = random.Random(0)
+    for n in (2, 3, 4, 7, 64):
+        values = [rng.choice([0.1, 0.2, 0.3, rng.random()]) for _ in range(n)]
+        ordered = sorted(values)
+        for i, v in enumerate(values):
+            assert rank_progress.median_without(ordered, v) == statistics.median(values[:i] + values[i + 1 :])
