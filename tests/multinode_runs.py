@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from tests.cluster_sweeps import cli
+from tests.clusters.slurm_nodes import SlurmNodes
 from tests.stage_runs import TINY_EXPERIMENT, merge
 
 STEPS = 30
@@ -40,6 +41,21 @@ def sweep_file(path: Path, root: Path, launcher: dict[str, Any], experiment: dic
     doc = {"name": "mn", "root": str(root), "base": experiment or EXPERIMENT, "launcher": launcher}
     path.write_text(yaml.safe_dump(doc))
     return path
+
+
+def slurm_sweep(
+    tmp_path: Path,
+    cluster: SlurmNodes,
+    resources: dict[str, Any] = TWO_NODES,
+    experiment: dict[str, Any] | None = None,
+) -> tuple[Path, Path]:
+    """Submit the one-run sweep (or `experiment`) with these resources to the cluster's partition through the CLI;
+    (sweep file, run directory)."""
+    launcher = {"backend": "slurm", "resources": {**resources, "partition": cluster.partition}}
+    path = sweep_file(tmp_path / "mn.yaml", tmp_path / "runs", launcher, experiment)
+    code, out = cli("sweep", str(path))
+    assert code == 0, out
+    return path, only_run(tmp_path / "runs")
 
 
 def only_run(root: Path) -> Path:

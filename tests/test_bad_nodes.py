@@ -30,7 +30,7 @@ from tests import test_multinode
 from tests.cluster_sweeps import cli, release_requeued
 from tests.clusters.ray_nodes import RayNodes
 from tests.clusters.slurm_nodes import USABLE, SlurmNodes
-from tests.multinode_runs import STEPS, TWO_NODES, only_run
+from tests.multinode_runs import STEPS, TWO_NODES, only_run, slurm_sweep
 from tests.multinode_runs import sweep_file as multinode_sweep_file
 from tests.test_multinode import (
     assert_equal_models,
@@ -108,15 +108,6 @@ def test_the_nodes_surviving_ranks_lost_name_the_failure(tmp_path: Path) -> None
 
 HANG_S = 6  # seen before the collective times out (COLLECTIVE_S), which would name the node too
 COLLECTIVE_S = 30
-
-
-def slurm_sweep(tmp_path: Path, cluster: SlurmNodes, resources: dict[str, Any]) -> tuple[Path, Path]:
-    """Submit the one-run sweep with these resources to the two-node cluster; (sweep file, run directory)."""
-    launcher = {"backend": "slurm", "resources": {**resources, "partition": cluster.partition}}
-    path = multinode_sweep_file(tmp_path / "mn.yaml", tmp_path / "runs", launcher)
-    code, out = cli("sweep", str(path))
-    assert code == 0, out
-    return path, only_run(tmp_path / "runs")
 
 
 def stop_rank_1_after_step_3(run: Path, timeout_s: float) -> rank_progress.RankRecord:

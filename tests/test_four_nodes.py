@@ -25,7 +25,7 @@ from tests.cluster_sweeps import cli
 from tests.clusters.cpu_limit import CpuLimit
 from tests.clusters.ray_nodes import RayNodes
 from tests.clusters.slurm_nodes import SlurmNodes
-from tests.multinode_runs import EXPERIMENT, TWO_NODES, only_run
+from tests.multinode_runs import EXPERIMENT, TWO_NODES, only_run, slurm_sweep
 from tests.multinode_runs import sweep_file as multinode_sweep_file
 from tests.stage_runs import merge
 from tests.test_multinode import (
@@ -69,17 +69,6 @@ def on_four_node_slurm(slurm_four_nodes: SlurmNodes, monkeypatch: pytest.MonkeyP
     return slurm_four_nodes
 
 
-def slurm_sweep(
-    tmp_path: Path, cluster: SlurmNodes, resources: dict[str, Any], experiment: dict[str, Any] = FOUR_EXPERIMENT
-) -> tuple[Path, Path]:
-    """Submit the one-run sweep with these resources to the four-node cluster; (sweep file, run directory)."""
-    launcher = {"backend": "slurm", "resources": {**resources, "partition": cluster.partition}}
-    path = multinode_sweep_file(tmp_path / "mn.yaml", tmp_path / "runs", launcher, experiment)
-    code, out = cli("sweep", str(path))
-    assert code == 0, out
-    return path, only_run(tmp_path / "runs")
-
-
 def provenance(run: Path) -> dict[str, Any]:
     """The pretrain stage's provenance record."""
     return dict(json.loads((run / "pretrain" / "provenance.json").read_text()))
@@ -94,7 +83,7 @@ def shards(run: Path, step: int) -> int:
 def test_slurm_fsdp_across_four_nodes_equals_one_node_four_processes(
     on_four_node_slurm: SlurmNodes, one_node_four_processes: Path, tmp_path: Path
 ) -> None:
-    path, run = slurm_sweep(tmp_path, on_four_node_slurm, FOUR_NODES)
+    path, run = slurm_sweep(tmp_path, on_four_node_slurm, FOUR_NODES, FOUR_EXPERIMENT)
     assert wait_state(path, run, {"completed", "failed"}, 300, tmp_path) == "completed", job_logs(tmp_path)
     prov = provenance(run)
     assert prov["world_size"] == 4 and prov["hosts"] == ["n1", "n2", "n3", "n4"]
@@ -112,7 +101,7 @@ def test_slurm_a_four_node_checkpoint_resumes_on_two_nodes_equal_to_one_node_two
     two processes) ends with the same bits."""
     # Ranks killed by Slurm before they record the cancel (KillWait) leave rank 0's lease to expire: a short TTL.
     monkeypatch.setenv("EXTREMA_LEASE_TTL_S", "10")
-    path, run = slurm_sweep(tmp_path, on_four_node_slurm, FOUR_NODES)
+    path, run = slurm_sweep(tmp_path, on_four_node_slurm, FOUR_NODES, FOUR_EXPERIMENT)
     wait_for(lambda: any(ckpt_steps(run).values()) and steps_logged(run) >= 6, 240, "a checkpoint and step 6")
     code, out = cli("cancel", str(path))
     assert code == 0 and "cancelled 1 stage job(s)" in out, out

@@ -26,7 +26,7 @@ from launch.views.status_view import status_table
 from tests.cluster_sweeps import cli, release_requeued
 from tests.clusters.ray_nodes import RayNodes
 from tests.clusters.slurm_nodes import USABLE, SlurmNodes
-from tests.multinode_runs import COLLECTIVE_TIMEOUT_S, STEPS, TWO_NODES, only_run, sweep_file
+from tests.multinode_runs import COLLECTIVE_TIMEOUT_S, STEPS, TWO_NODES, only_run, slurm_sweep, sweep_file
 from tests.stage_runs import checkpointed_model
 
 LEASE_TTL_S = 10
@@ -78,15 +78,6 @@ def on_two_node_slurm(slurm_two_nodes: SlurmNodes, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("SLURM_CONF", str(slurm_two_nodes.conf))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     return slurm_two_nodes
-
-
-def slurm_sweep(tmp_path: Path, cluster: SlurmNodes) -> tuple[Path, Path]:
-    """Submit the two-node sweep to Slurm; (sweep file, run directory)."""
-    launcher = {"backend": "slurm", "resources": {**TWO_NODES, "partition": cluster.partition}}
-    path = sweep_file(tmp_path / "mn.yaml", tmp_path / "runs", launcher)
-    code, out = cli("sweep", str(path))
-    assert code == 0, out
-    return path, only_run(tmp_path / "runs")
 
 
 def job_logs(tmp_path: Path) -> str:
