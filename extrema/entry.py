@@ -5,6 +5,9 @@ Takes the stage's lease (`extrema.run.lease`; waiting while another live attempt
 writes `result.json`. A stage that an earlier attempt completed is not run again. Every commit (status, result,
 checkpoint) is fenced by the lease. Exit codes (`extrema.run.contract`): 0 done, 1 failed, 2 bad invocation or spec,
 3 preempted (a checkpoint was saved: requeue and it resumes), 4 the lease was lost (nothing committed).
+
+`--processes N` runs N ranks of one node, forked from this process after one import of the stage
+(`extrema.train.local_ranks`): what torchrun --standalone does, at one import of torch instead of N + 1.
 """
 
 from __future__ import annotations
@@ -363,16 +366,36 @@ def attempt(spec: RunSpec, stage_dir: str, mine: lease.Lease | None) -> dict[str
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the process exit code."""
     parser = argparse.ArgumentParser(prog="python -m extrema.entry", description=__doc__)
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="ranks on this node, forked from this process after one import of the stage (instead of torchrun)",
+    )
     parser.add_argument("run_dir", help="run directory URL: <root>/<sweep>/<run-id>")
     parser.add_argument("stage", choices=sorted(STAGE_BY_NAME))
     args = parser.parse_args(argv)
-    stage_dir = rundir.join(args.run_dir, args.stage)
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
+    if args.processes == 1:
+        return run_checked(args.run_dir, args.stage)
+    from extrema.train import dist, local_ranks
+
+    stage_fn(args.stage)  # imported once, here, before the ranks are forked
+    body = functools.partial(run_checked, args.run_dir, args.stage)
+    return local_ranks.run_ranks(args.processes, body, dist.collective_timeout())
+
+
+def run_checked(run_dir: str, stage: str) -> int:
+    """Run the stage in this process (one rank) when its spec exists; the exit code."""
+    stage_dir = rundir.join(run_dir, stage)
     if not rundir.exists(contract.StageDir(stage_dir).spec):
         print(f"extrema.entry: no spec.json in {stage_dir}", file=sys.stderr)
         return contract.EXIT_USAGE
     code = contract.EXIT_OK
     try:
-        run_stage(args.run_dir, args.stage)
+        run_stage(run_dir, stage)
     except SystemExit:
         raise
     except BaseException as e:

@@ -105,7 +105,13 @@ def test_the_proof_accepts_the_commands_the_backend_starts_and_nothing_else(tmp_
     me = os.getpid()
     entry = ["-m", "extrema.entry", run, "pretrain"]
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    for argv in ([sys.executable, *entry], [sys.executable, "-u", *entry], [sys.executable, *torchrun, *entry]):
+    forked = ["-m", "extrema.entry", "--processes=2", run, "pretrain"]
+    for argv in (
+        [sys.executable, *entry],
+        [sys.executable, "-u", *entry],
+        [sys.executable, *torchrun, *entry],
+        [sys.executable, *forked],
+    ):
         assert local.runs_stage(argv, me, run, "pretrain"), argv
         assert local.runs_stage(argv, me, f"file://{run}/", "pretrain"), "the same place, spelled as a URL"
     os.makedirs(run)
@@ -118,6 +124,9 @@ def test_the_proof_accepts_the_commands_the_backend_starts_and_nothing_else(tmp_
         [sys.executable, "-m", "extrema.entry", run + "x", "pretrain"],  # another run
         [sys.executable, "-c", "pass", *entry],  # anything else before it
         [sys.executable, "-m", "evil", "--x", *entry],
+        [sys.executable, "-m", "extrema.entry", "--processes=2", "--processes=2", run, "pretrain"],
+        [sys.executable, "-m", "extrema.entry", "--processes=x", run, "pretrain"],
+        [sys.executable, "--processes=2", run, "pretrain"],
         ["sleep", "60"],
         [],
     ):

@@ -6,12 +6,13 @@ recipe wrapped and its checkpoint planned at 64 ranks, and unusable input refuse
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -118,9 +119,40 @@ def within(predicted: int, measured: int) -> bool:
     return abs(predicted - measured) <= TOLERANCE * measured
 
 
-def test_predicted_peak_matches_the_cpu_allocator_at_one_rank(tmp_path: Path) -> None:
+def vit_base_recipe() -> Experiment:
+    """jobs/recipes/vit_base_in1k.yaml's experiment."""
+    recipe = yaml.safe_load((REPO / "jobs" / "recipes" / "vit_base_in1k.yaml").read_text())
+    return Experiment.model_validate(recipe["base"])
+
+
+def shards_at(world: int) -> list[str]:
+    """The check's options for the last rank of `world` CPU ranks, its checkpoint planned."""
+    return ["--target", "cpu", "--processes-per-node", str(world), "--rank", str(world - 1), "--plan"]
+
+
+SHARD_WORLDS = (2, 8, 64)
+# Estimates several tests read, made in one `--many` process (one import of torch, a child each).
+PLANNED: dict[str, tuple[Callable[[], Experiment], list[str]]] = {
+    "one rank": (functools.partial(tiny, batch=64), ["--target", "cpu"]),
+    **{f"shards at {w}": (functools.partial(tiny, batch=w * 2), shards_at(w)) for w in SHARD_WORLDS},
+    **{
+        f"vit_base rank {r}": (vit_base_recipe, ["--processes-per-node", "64", "--rank", str(r), "--plan-only"])
+        for r in (0, 63)
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def planned() -> dict[str, dict[str, Any]]:
+    """Each PLANNED estimate's result by name (the check's --json result)."""
+    outcomes = many([(make(), argv) for make, argv in PLANNED.values()])
+    assert all("result" in o for o in outcomes), outcomes
+    return {name: o["result"] for name, o in zip(PLANNED, outcomes)}
+
+
+def test_predicted_peak_matches_the_cpu_allocator_at_one_rank(planned: dict[str, dict[str, Any]]) -> None:
     exp = tiny(batch=64)
-    result = estimate(written(tmp_path, exp), "--target", "cpu")
+    result = planned["one rank"]
     measured = measured_peak(exp, World(0, 1, 0, torch.device("cpu")))
     predicted = result["memory"]["peak"]
     assert result["strategy"] == "none" and result["precision"] == "fp32"
@@ -208,12 +240,11 @@ def exact_bytes(module: nn.Module, world_size: int, rank: int) -> int:
     return total
 
 
-@pytest.mark.parametrize("world_size", [2, 8, 64])
-def test_fsdp_shards_are_the_exact_division_of_the_rows(tmp_path: Path, world_size: int) -> None:
+@pytest.mark.parametrize("world_size", SHARD_WORLDS)
+def test_fsdp_shards_are_the_exact_division_of_the_rows(planned: dict[str, dict[str, Any]], world_size: int) -> None:
     exp = tiny(batch=world_size * 2)
     rank = world_size - 1  # the last rank holds the shortest (often empty) shards
-    world = ("--processes-per-node", str(world_size), "--rank", str(rank))
-    result = estimate(written(tmp_path, exp), "--target", "cpu", *world, "--plan")
+    result = planned[f"shards at {world_size}"]
     with torch.device("meta"):
         model = ExtreMA(exp.model)
     online = nn.ModuleDict({"online": model.online, "predictor": model.predictor})
@@ -226,12 +257,9 @@ def test_fsdp_shards_are_the_exact_division_of_the_rows(tmp_path: Path, world_si
     assert plan["sharded_tensors"] == len(list(model.parameters())) + 2 * len(list(online.parameters()))
 
 
-def test_vit_b_recipe_wraps_and_plans_its_checkpoint_at_64_ranks(tmp_path: Path) -> None:
-    base = yaml.safe_load((REPO / "jobs" / "recipes" / "vit_base_in1k.yaml").read_text())["base"]
-    spec = tmp_path / "vit_base.json"
-    spec.write_text(json.dumps(base))
+def test_vit_b_recipe_wraps_and_plans_its_checkpoint_at_64_ranks(planned: dict[str, dict[str, Any]]) -> None:
     for rank in (0, 63):
-        result = estimate(spec, "--processes-per-node", "64", "--rank", str(rank), "--plan-only")
+        result = planned[f"vit_base rank {rank}"]
         plan = result["checkpoint"]
         assert result["strategy"] == "fsdp" and result["batch_per_rank"] == 32
         assert plan["mismatches"] == [], plan["mismatches"][:5]

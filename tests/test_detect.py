@@ -32,7 +32,7 @@ from extrema.stages.detect import build_model, detection_sets, evaluate, step_lr
 from extrema.train import weights
 from extrema.train.dist import World
 from tests.stage_runs import TINY_EXPERIMENT, checkpointed_model, make_run, merge
-from tests.test_distributed import torchrun
+from tests.test_distributed import forked_ranks
 from tests.weight_sources import save_pretrain_checkpoint
 
 # pycocotools' mask decoding warns on every call under numpy 2; the masks are right all the same.
@@ -422,7 +422,7 @@ def test_two_processes_train_and_gather_the_evaluation(tmp_path: Path) -> None:
     """DDP over gloo: each rank evaluates half of the images; the gathered score is the one-process score."""
     exp = make_run(str(tmp_path), {"stages": ["pretrain", "detect"], "detect": {**DETECT, "eval_every_epochs": None}})
     save_pretrain_checkpoint(str(tmp_path / "pretrain" / "ckpt"), exp.model)
-    proc = torchrun(tmp_path, "detect")
+    proc = forked_ranks(tmp_path, "detect")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads((tmp_path / "detect" / "result.json").read_text())
     assert out["protocol"]["world_size"] == 2 and out["protocol"]["per_rank_batch"] == 2 and out["steps"] == 8

@@ -33,11 +33,10 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
-def torchrun(run_dir: Path, stage: str = "pretrain", nproc: int = 2) -> subprocess.CompletedProcess:
-    """Run a stage under torchrun with gloo on the CPU."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
-    cmd += ["--master_addr", "127.0.0.1", "-m", "extrema.entry", str(run_dir), stage]
+def forked_ranks(run_dir: Path, stage: str = "pretrain", nproc: int = 2) -> subprocess.CompletedProcess:
+    """Run a stage as `nproc` ranks forked by `extrema.entry --processes` (as the local backend starts it), gloo on
+    the CPU. torchrun's ranks: the two-node test below, tests/test_hang_watch.py, tests/test_ckpt_recovery.py."""
+    cmd = [sys.executable, "-m", "extrema.entry", f"--processes={nproc}", str(run_dir), stage]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert "outlived destroy_process_group" not in proc.stderr, proc.stderr[-3000:]  # the teardown abort's cause
@@ -68,7 +67,7 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_two_processes_match_one_on_the_same_global_batch(single: Path, tmp_path: Path, strategy: str) -> None:
     make_run(str(tmp_path), {**SETUP, "pretrain": {**SETUP["pretrain"], "strategy": strategy}})
-    proc = torchrun(tmp_path)
+    proc = forked_ranks(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert losses(tmp_path) == pytest.approx(losses(single), rel=1e-4, abs=1e-5)
     assert weights(single).keys() == weights(tmp_path).keys()
@@ -120,7 +119,7 @@ def test_hsdp_across_two_nodes_replicates_and_matches_one_process(single: Path, 
 def test_background_saves_with_two_processes_match_the_synchronous_run(single: Path, tmp_path: Path) -> None:
     """async_save's collectives run in a thread on a group of their own: no hang, the same losses and weights."""
     make_run(str(tmp_path), {**SETUP, "pretrain": {**SETUP["pretrain"], "ckpt_every": 2, "async_save": True}})
-    proc = torchrun(tmp_path)
+    proc = forked_ranks(tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert losses(tmp_path) == pytest.approx(losses(single), rel=1e-4, abs=1e-5)
     assert sorted(ckpt.list_steps(str(tmp_path / "pretrain" / "ckpt"))) == [4, 6]  # retention kept the last two
@@ -132,14 +131,14 @@ def test_background_saves_with_two_processes_match_the_synchronous_run(single: P
 def test_two_process_checkpoint_resumes_at_two_and_loads_at_one(tmp_path: Path) -> None:
     """Reshard: a 2-rank FSDP checkpoint loads in one plain process, and a 2-rank run resumes from step 3."""
     make_run(str(tmp_path / "a"), SETUP)
-    assert torchrun(tmp_path / "a").returncode == 0
+    assert forked_ranks(tmp_path / "a").returncode == 0
     make_run(str(tmp_path / "b"), SETUP)
     src = tmp_path / "a" / "pretrain" / "ckpt" / "step-3"
     dst = tmp_path / "b" / "pretrain" / "ckpt" / "step-3"
     dst.mkdir(parents=True)
     for f in src.iterdir():
         (dst / f.name).write_bytes(f.read_bytes())
-    proc = torchrun(tmp_path / "b")
+    proc = forked_ranks(tmp_path / "b")
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = without_key_bias(weights(tmp_path / "a")), without_key_bias(weights(tmp_path / "b"))
     for k in a:
@@ -266,8 +265,7 @@ def test_preemption_signal_saves_and_exits_with_requeue_code_then_resumes(uninte
 def test_distributed_preemption_agrees_across_ranks(tmp_path: Path) -> None:
     """SIGUSR2 to one rank only: both ranks stop at the same agreed step and save one checkpoint together."""
     make_run(str(tmp_path), {**SETUP, "pretrain": {**SETUP["pretrain"], "steps": 400, "ckpt_every": 1000}})
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
-    cmd += ["--master_addr", "127.0.0.1", "-m", "extrema.entry", str(tmp_path), "pretrain"]
+    cmd = [sys.executable, "-m", "extrema.entry", "--processes=2", str(tmp_path), "pretrain"]
     proc = subprocess.Popen(
         cmd,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -283,7 +281,7 @@ def test_distributed_preemption_agrees_across_ranks(tmp_path: Path) -> None:
     workers = [int(p) for p in children]
     assert len(workers) == 2
     os.kill(workers[1], signal.SIGUSR2)
-    proc.wait(timeout=180)
+    assert proc.wait(timeout=180) == entry.EXIT_REQUEUE, "the parent of the forked ranks passes the requeue on"
     status = json.loads((tmp_path / "pretrain" / "status.json").read_text())
     assert status["state"] == "preempted", proc.stderr.read()[-2000:] if proc.stderr else ""
     step = ckpt.latest_step(str(tmp_path / "pretrain" / "ckpt"))

@@ -174,7 +174,7 @@ def test_a_spec_that_sets_cpus_per_task_sets_the_thread_count(tmp_path: Path, mo
     assert "omp=None" in seen["free"], "a spec silent on CPUs leaves torch's own thread count"
 
 
-def test_a_two_process_fsdp_stage_runs_under_torchrun_from_a_sweep_file(tmp_path: Path) -> None:
+def test_a_two_process_fsdp_stage_forks_its_ranks_from_one_process_from_a_sweep_file(tmp_path: Path) -> None:
     sweep = yaml.safe_load(TINY.read_text())
     sweep["base"]["stages"] = ["pretrain"]
     sweep["base"]["pretrain"].update(steps=2, ckpt_every=2, strategy="fsdp")
@@ -188,8 +188,10 @@ def test_a_two_process_fsdp_stage_runs_under_torchrun_from_a_sweep_file(tmp_path
     assert code == 0, out.getvalue() + err.getvalue()
     (stage,) = (tmp_path / "runs" / "tiny").glob("*/pretrain")
     log = (stage / "logs" / "local.1.log").read_text()
-    assert "-m torch.distributed.run --standalone --nproc_per_node=2 -m extrema.entry" in log.splitlines()[0]
-    assert json.loads((stage / "provenance.json").read_text())["world_size"] == 2
+    assert "-m extrema.entry --processes=2 " in log.splitlines()[0]
+    provenance = json.loads((stage / "provenance.json").read_text())
+    assert provenance["world_size"] == 2
+    assert "rank 1 of 2" in log and "rank 0 of 2" in log, log
     assert json.loads((stage / "result.json").read_text())["steps"] == 2
     assert json.loads((stage / "status.json").read_text())["state"] == "completed"
     assert sorted(p.name for p in (stage / "ckpt" / "step-2").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]

@@ -142,12 +142,10 @@ class Job:
     allow_code_change: bool = False  # the stage may resume checkpoints written by other code
 
     def command(self) -> list[str]:
-        """The process to start: `extrema.entry` on the run directory, under torchrun for several local ranks."""
-        entry = ["-m", "extrema.entry", self.run_dir, self.stage]
+        """The process to start: `extrema.entry` on the run directory, forking its ranks for several on one node."""
         n = self.resources.processes_per_node
-        if n > 1 and self.resources.nodes == 1:
-            return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *entry]
-        return [sys.executable, *entry]
+        ranks = [f"--processes={n}"] if n > 1 and self.resources.nodes == 1 else []
+        return [sys.executable, "-m", "extrema.entry", *ranks, self.run_dir, self.stage]
 
     def env(self) -> dict[str, str]:
         """Environment every rank of the job gets: the collective timeout and, when set, the network interface,

@@ -6,7 +6,7 @@ running ones in this machine's CPUs (a job larger than the machine runs alone), 
 free: those GPUs are its own, pinned with CUDA_VISIBLE_DEVICES. A spec that sets cpus_per_task gets that many intra-op
 threads per process (OMP_NUM_THREADS, unless already set). A job asking more GPUs than the machine has fails
 at once with the reason. Jobs asking no GPUs are not pinned (they see what this process sees). A job of several
-processes runs under torchrun (`Job.command`).
+processes forks its ranks from one process (`Job.command`: `extrema.entry --processes N`).
 
 Each job's stdout and stderr go, interleaved, to a log of its own, `<run-dir>/<stage>/logs/local.<n>.log` (n = 1,
 2, ... in the order the attempts started; created exclusively, never overwritten; its first line names the job, host
@@ -425,10 +425,16 @@ def place(url: str, cwd: str | None) -> str | None:
 
 def runs_stage(argv: list[str], pid: int, run_dir: str, stage: str) -> bool:
     """Whether a command line is `extrema.entry <run_dir> <stage>` as this backend starts it (`Job.command`):
-    `python -m extrema.entry`, torchrun's worker of it (`python -u -m ...`), or the torchrun that runs it."""
-    if len(argv) < 5 or argv[-4:-2] != ["-m", "extrema.entry"] or argv[-1] != stage:
+    `python [-u] -m extrema.entry [--processes=N]` (the forked ranks show their parent's), or the torchrun that
+    runs it (`python -m torch.distributed.run --...`)."""
+    if len(argv) < 5 or argv[-1] != stage:
         return False
-    middle = argv[1:-4]
+    head = argv[1:-2]
+    if head and re.fullmatch(r"--processes=[0-9]+", head[-1]):
+        head = head[:-1]
+    if head[-2:] != ["-m", "extrema.entry"]:
+        return False
+    middle = head[:-2]
     torchrun = middle[:2] == ["-m", "torch.distributed.run"] and all(a.startswith("--") for a in middle[2:])
     if middle not in ([], ["-u"]) and not torchrun:
         return False
@@ -443,7 +449,8 @@ def runs_stage(argv: list[str], pid: int, run_dir: str, stage: str) -> bool:
 def why_not_the_attempt(h: lease.Holder, run_dir: str, stage: str) -> str | None:
     """Why the process group a lease record names cannot be proven to be this stage's local attempt, or None when
     it is: its pid is not 1, this process or an ancestor (nor their groups), it started when the record says, it
-    runs `extrema.entry <run_dir> <stage>`, and its group is its own or that of the torchrun that started it."""
+    runs `extrema.entry <run_dir> <stage>`, and its group is its own or that of the entry (or torchrun) that started
+    it."""
     pid, pgid = h.pid, h.pgid
     if pid <= 1 or pgid <= 1:
         return f"the record names pid {pid}, process group {pgid}"
@@ -465,7 +472,7 @@ def why_not_the_attempt(h: lease.Holder, run_dir: str, stage: str) -> str | None
     if pgid != pid:
         leader = proc_argv(pgid)
         if parent(pid) != pgid or leader is None or not runs_stage(leader, pgid, run_dir, stage):
-            return f"process group {pgid} is led neither by pid {pid} nor by the torchrun that started it"
+            return f"process group {pgid} is led neither by pid {pid} nor by the process that started it"
     return None
 
 
