@@ -6,8 +6,9 @@ writes `result.json`. A stage that an earlier attempt completed is not run again
 checkpoint) is fenced by the lease. Exit codes (`extrema.run.contract`): 0 done, 1 failed, 2 bad invocation or spec,
 3 preempted (a checkpoint was saved: requeue and it resumes), 4 the lease was lost (nothing committed).
 
-`--processes N` runs N ranks of one node, forked from this process after one import of the stage
-(`extrema.train.local_ranks`): what torchrun --standalone does, at one import of torch instead of N + 1.
+`--processes N` runs N CPU ranks of one node, forked from this process after one import of the stage
+(`extrema.train.local_ranks`): what torchrun --standalone does, at one import of torch instead of N + 1 (GPU ranks
+keep torchrun: CUDA cannot be used in a child forked after its driver was initialised).
 """
 
 from __future__ import annotations
@@ -371,7 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1,
         metavar="N",
-        help="ranks on this node, forked from this process after one import of the stage (instead of torchrun)",
+        help="CPU ranks on this node, forked from this process after one import of the stage (instead of torchrun; "
+        "GPU ranks: torchrun)",
     )
     parser.add_argument("run_dir", help="run directory URL: <root>/<sweep>/<run-id>")
     parser.add_argument("stage", choices=sorted(STAGE_BY_NAME))

@@ -197,6 +197,19 @@ def test_a_two_process_fsdp_stage_forks_its_ranks_from_one_process_from_a_sweep_
     assert sorted(p.name for p in (stage / "ckpt" / "step-2").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
 
 
+def test_ranks_are_forked_on_cpus_and_started_by_torchrun_on_gpus(tmp_path: Path) -> None:
+    def command(**resources: int) -> list[str]:
+        return Job("r/pretrain", str(tmp_path / "r"), "pretrain", (), ResourcesSpec(**resources)).command()
+
+    entry = ["-m", "extrema.entry", str(tmp_path / "r"), "pretrain"]
+    assert command() == [sys.executable, *entry]
+    assert command(processes_per_node=4) == [sys.executable, *entry[:2], "--processes=4", *entry[2:]]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *entry]
+    assert command(processes_per_node=2, gpus_per_node=2) == torchrun
+    assert command(processes_per_node=1, gpus_per_node=1) == [sys.executable, *entry]
+    assert command(nodes=2, processes_per_node=2) == [sys.executable, *entry]  # the backend's ranks, not one node's
+
+
 def test_a_failed_job_fails_and_its_downstream_is_not_run(tmp_path: Path) -> None:
     jobs = [job(tmp_path, "a/pretrain", code=5), job(tmp_path, "a/knn", ("a/pretrain",)), job(tmp_path, "b/pretrain")]
     backend = LocalBackend(max_parallel=1)

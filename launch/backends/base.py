@@ -142,10 +142,16 @@ class Job:
     allow_code_change: bool = False  # the stage may resume checkpoints written by other code
 
     def command(self) -> list[str]:
-        """The process to start: `extrema.entry` on the run directory, forking its ranks for several on one node."""
+        """The process to start: `extrema.entry` on the run directory; several ranks on one node forked by it on
+        CPUs, started by torchrun on GPUs (CUDA cannot be used in a child forked after its driver was initialised,
+        and no GPU has proven that nothing does so before the fork)."""
+        entry = ["-m", "extrema.entry", self.run_dir, self.stage]
         n = self.resources.processes_per_node
-        ranks = [f"--processes={n}"] if n > 1 and self.resources.nodes == 1 else []
-        return [sys.executable, "-m", "extrema.entry", *ranks, self.run_dir, self.stage]
+        if n > 1 and self.resources.nodes == 1 and self.resources.gpus_per_node:
+            return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *entry]
+        if n > 1 and self.resources.nodes == 1:
+            return [sys.executable, "-m", "extrema.entry", f"--processes={n}", self.run_dir, self.stage]
+        return [sys.executable, *entry]
 
     def env(self) -> dict[str, str]:
         """Environment every rank of the job gets: the collective timeout and, when set, the network interface,
