@@ -380,6 +380,20 @@ def test_a_one_process_stage_given_several_processes_is_refused_before_submissio
     assert "launcher.stages.locality: locality runs in one process, not 1 x 3" in msg
 
 
+@pytest.mark.parametrize(
+    ("resources", "field"),
+    [
+        ("{processes_per_node: 1000000}", "launcher.resources.processes_per_node"),
+        ("{nodes: 100001}", "launcher.resources.nodes"),
+        ("{gpus_per_node: 5000}", "launcher.resources.gpus_per_node"),
+        ("{cpus_per_task: 99999}", "launcher.resources.cpus_per_task"),
+    ],
+)
+def test_resources_past_any_machine_are_refused_by_field(tmp_path: Path, resources: str, field: str) -> None:
+    (msg,) = problems(write(tmp_path, BASE + f"launcher:\n  resources: {resources}\n"))
+    assert f"sweep.yaml:7: {field}: Input should be less than or equal to" in msg, msg
+
+
 def test_a_field_added_later_counts_in_the_run_id_only_when_set(tmp_path: Path) -> None:
     """`on_nonfinite` (WHEN_SET) at its default leaves every earlier run's id as it was; set, it makes a new run."""
     plain = load_runs(write(tmp_path, BASE, "a.yaml"))[1][0]

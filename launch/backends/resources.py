@@ -54,6 +54,10 @@ def sbatch_option_problem(name: str, value: str) -> str | None:
     return f"option {name!r}: {reason}" if reason else None
 
 
+MAX_NODES = 10_000  # far beyond any job's nodes: a typo (or a hostile spec) is refused, not submitted
+MAX_PER_NODE = 1_024  # ranks, GPUs or cores of one node: the local backend starts that many processes
+
+
 class ResourcesSpec(Spec):
     """What one stage job asks of its backend. Launcher settings: never part of a run's identity.
 
@@ -61,10 +65,14 @@ class ResourcesSpec(Spec):
     SBATCH_VALUE whatever the backend, so a value that could not go into an sbatch script is refused at validation.
     """
 
-    nodes: int = Field(1, ge=1, description="nodes of one job; its ranks are spread over them")
-    processes_per_node: int = Field(1, ge=1, description="training processes (ranks) per node")
-    gpus_per_node: int = Field(0, ge=0, description="GPUs per node (0: CPU only); each rank uses one")
-    cpus_per_task: int = Field(1, ge=1, description="CPU cores per rank (data loading workers included)")
+    nodes: int = Field(1, ge=1, le=MAX_NODES, description="nodes of one job; its ranks are spread over them")
+    processes_per_node: int = Field(
+        1, ge=1, le=MAX_PER_NODE, description="training processes (ranks) per node (the local backend starts them all)"
+    )
+    gpus_per_node: int = Field(0, ge=0, le=MAX_PER_NODE, description="GPUs per node (0: CPU only); each rank uses one")
+    cpus_per_task: int = Field(
+        1, ge=1, le=MAX_PER_NODE, description="CPU cores per rank (data loading workers included)"
+    )
     mem_gb: float | None = Field(
         None, gt=0, allow_inf_nan=False, description="memory per node in GB (sbatch --mem; unset: the default)"
     )
