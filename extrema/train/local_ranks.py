@@ -64,11 +64,13 @@ def die_with_parent() -> None:
         return
 
 
-def _child(rank: int, ranks: int, port_pipe: int, body: Callable[[], int]) -> None:
+def _child(rank: int, ranks: int, port_pipe: int, body: Callable[[], int], parent: int) -> None:
     """In a forked rank: wait for the store's port, then run `body` and end with its exit code."""
     code = 1
     try:
         die_with_parent()
+        if os.getppid() != parent:  # the parent ended before the kernel was told to end this rank with it
+            return
         with os.fdopen(port_pipe, "rb") as pipe:
             line = pipe.readline().strip()
         if not line.isdigit():
@@ -94,6 +96,7 @@ def run_ranks(ranks: int, body: Callable[[], int], timeout: timedelta) -> int:
     sys.stderr.flush()
     children: dict[int, int] = {}  # pid -> rank
     writers: list[int] = []
+    parent = os.getpid()
     for rank in range(ranks):
         read_end, write_end = os.pipe()
         pid = os.fork()
@@ -101,7 +104,7 @@ def run_ranks(ranks: int, body: Callable[[], int], timeout: timedelta) -> int:
             os.close(write_end)
             for w in writers:  # another rank's pipe stays open only in the parent, so its reader sees the end
                 os.close(w)
-            _child(rank, ranks, read_end, body)
+            _child(rank, ranks, read_end, body, parent)
         os.close(read_end)
         writers.append(write_end)
         children[pid] = rank
@@ -127,7 +130,11 @@ def _supervise(children: dict[int, int], writers: list[int], timeout: timedelta)
                 os.write(w, port)
             os.close(w)
         while live:
-            pid, status = os.waitpid(-1, os.WNOHANG)
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere (SIGCHLD ignored): their codes are lost
+                codes += [1] * len(live)
+                break
             if pid == 0:
                 if stop_at is not None and time.monotonic() >= stop_at:
                     for other in live:
