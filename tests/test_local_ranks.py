@@ -5,6 +5,7 @@ is kept, signals sent to the parent reach every rank, and ranks die with the par
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -37,7 +38,7 @@ SCRIPT = textwrap.dedent(
         dist.init_process_group("gloo")
         t = torch.tensor([float(dist.get_rank() + 1)])
         dist.all_reduce(t)
-        note(sum=t.item(), world=dist.get_world_size(), port=os.environ["MASTER_PORT"])
+        note(sum=t.item(), world=dist.get_world_size(), port=os.environ["MASTER_PORT"], threads=torch.get_num_threads())
         dist.destroy_process_group()
         return 0
 
@@ -73,10 +74,11 @@ SCRIPT = textwrap.dedent(
 
 
 def start(tmp_path: Path, scenario: str) -> subprocess.Popen[str]:
-    """The script as its own process (ranks forked from it), its output piped."""
+    """The script as its own process (ranks forked from it), its output piped; OMP_NUM_THREADS unset."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     return subprocess.Popen(
         [sys.executable, "-c", SCRIPT, str(tmp_path), scenario], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True,
+        text=True, env=env,
     )  # fmt: skip
 
 
@@ -118,6 +120,7 @@ def test_forked_ranks_meet_at_the_parents_store_and_reduce(tmp_path: Path) -> No
     records = notes(tmp_path, "collective", 3, timeout=1)
     assert [r["sum"] for r in records] == [6.0, 6.0, 6.0]  # 1 + 2 + 3 on every rank
     assert {r["world"] for r in records} == {3} and len({r["port"] for r in records}) == 1
+    assert {r["threads"] for r in records} == {1}, "one intra-op thread a rank, as under torchrun"
     assert {r["ppid"] for r in records} == {proc.pid} and len({r["pid"] for r in records}) == 3
 
 

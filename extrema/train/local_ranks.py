@@ -3,11 +3,12 @@
 
 Each rank is a child forked before anything but imports ran (no run-store access, no threads of our own); it
 reads the rendezvous port from a pipe, sets the variables torchrun would (RANK, LOCAL_RANK, WORLD_SIZE,
-LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, and the agent store's TORCHELASTIC_USE_AGENT_STORE /
-TORCHELASTIC_RESTART_COUNT) and runs the stage. The parent hosts the ranks' TCP store (bound to a free port, so
-no port is guessed), forwards the signals a launcher sends (SIGTERM, SIGINT, SIGUSR1, SIGUSR2) to every rank, and
-when a rank fails stops the others (SIGTERM, then SIGKILL after `STOP_GRACE_S`). Its exit code: the first failed
-rank's, else EXIT_REQUEUE when a rank stopped to be requeued, else 0. Ranks die with the parent (PR_SET_PDEATHSIG).
+LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT, the agent store's TORCHELASTIC_USE_AGENT_STORE /
+TORCHELASTIC_RESTART_COUNT; one intra-op thread unless OMP_NUM_THREADS is set) and runs the stage. The parent
+hosts the ranks' TCP store (bound to a free port, so no port is guessed), forwards the signals a launcher sends
+(SIGTERM, SIGINT, SIGUSR1, SIGUSR2) to every rank, and when a rank fails stops the others (SIGTERM, then SIGKILL
+after `STOP_GRACE_S`). Its exit code: the first failed rank's, else EXIT_REQUEUE when a rank stopped to be
+requeued, else 0. Ranks die with the parent (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -64,6 +65,17 @@ def die_with_parent() -> None:
         return
 
 
+def one_thread_unless_set() -> None:
+    """One intra-op thread in this rank unless OMP_NUM_THREADS says otherwise, as torchrun sets it for several
+    ranks (torch read the variable when the parent imported it, so the count is set here as well)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _child(rank: int, ranks: int, port_pipe: int, body: Callable[[], int], parent: int) -> None:
     """In a forked rank: wait for the store's port, then run `body` and end with its exit code."""
     code = 1
@@ -77,6 +89,7 @@ def _child(rank: int, ranks: int, port_pipe: int, body: Callable[[], int], paren
             print(f"extrema.entry: rank {rank}: no rendezvous from the parent process", file=sys.stderr, flush=True)
             return
         os.environ.update(rank_env(rank, ranks, int(line)))
+        one_thread_unless_set()
         code = body()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
