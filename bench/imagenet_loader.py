@@ -156,10 +156,11 @@ def start_s3(root: Path) -> tuple[subprocess.Popen[bytes], str]:
 
 def order_rows(
     tmp: Path, samples: list[tuple[bytes, int]], endpoint: str, total: int, repeats: int
-) -> list[tuple[str, float, float, float]]:
+) -> tuple[list[tuple[str, float, float, float]], list[float]]:
     """(name, images per CPU-second, requests per image, bytes fetched per byte used) of the two-view pipeline
     (colour on the device, reduced decode, masks) over one epoch of `total` samples in each order, from file://
-    and from the S3 server: the best of `repeats` passes, each with a fresh reader (a cold block cache)."""
+    and from the S3 server: the best of `repeats` passes, each with a fresh reader (a cold block cache); and each
+    round's ratio of S3 block reads to file:// block reads (the two passes next to each other in time)."""
     from fsspec.core import url_to_fs
 
     from extrema.data.object_store import storage_options
@@ -179,7 +180,9 @@ def order_rows(
     dev = transforms.TwoViewTransform(CROP, "spatial_consistent_color", device_color=True)
     batch = 256
     results: dict[tuple[str, str], tuple[float, float, float]] = {}
+    ratios: list[float] = []
     for _ in range(repeats):  # the configurations in turn, so that a change of load falls on all of them
+        this_round: dict[tuple[str, str], float] = {}
         for where, url in urls.items():
             for order in ("blocks", "global"):
                 storage = s3 if url.startswith("s3") else None
@@ -195,8 +198,10 @@ def order_rows(
                 fetched = base.cache_stats.bytes_fetched or used  # read image by image: what was used
                 best = results.get((order, where), (0.0, 0.0, 0.0))[0]
                 results[(order, where)] = (max(best, r), base.requests / len(perm), fetched / used)
+                this_round[(order, where)] = r
+        ratios.append(this_round[("blocks", "S3 server")] / this_round[("blocks", "file://")])
     rows = [(f"{order} order, {where}", *results[(order, where)]) for where in urls for order in ("blocks", "global")]
-    return rows
+    return rows, ratios
 
 
 def device_decode_rate(blobs: list[bytes], batch: int = 128, repeats: int = 5) -> float:
@@ -233,6 +238,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, help="files of the start-up test (100,000; --quick 20,000)")
     ap.add_argument("--gpu", action="store_true", help="only: batched nvJPEG decode + crop on the GPU against 1 core")
     ap.add_argument("--orders", action="store_true", help="only: the two sample orders from file:// and S3")
+    ap.add_argument("--rounds", type=int, help="passes of each order and source, interleaved (3; --quick 2)")
     args = ap.parse_args()
     n = args.images or (60 if args.quick else 200)
     files = args.files or (20_000 if args.quick else 100_000)
@@ -255,7 +261,7 @@ def main() -> None:
         write_shards(str(tmp / "shards" / "train"), samples, 10, max(n // 4, 1))
         proc, endpoint = start_s3(tmp)
         total = 1024 if args.quick else 2048
-        epoch = order_rows(tmp, samples, endpoint, total, 2 if args.quick else 3)
+        epoch, ratios = order_rows(tmp, samples, endpoint, total, args.rounds or (2 if args.quick else 3))
         print(f"\nCPU: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}, 1 thread; one epoch of "
               f"{total} samples (the {n} JPEGs repeated), shards of 1,024, blocks of 256\n")  # fmt: skip
         print("| two views, colour on the device, reduced decode | images per CPU-second | requests per image | "
@@ -266,6 +272,8 @@ def main() -> None:
         print(f"\nS3 (blocks) / file:// (blocks): {s3_blocks / file_blocks:.2f}; S3 (global) / file:// (global): "
               f"{epoch[3][1] / epoch[1][1]:.2f}; cores for {TARGET:,} images/s from S3: blocks "
               f"{TARGET / s3_blocks:.1f}, global {TARGET / epoch[3][1]:.1f}")  # fmt: skip
+        print(f"S3 (blocks) / file:// (blocks) round by round: median {statistics.median(ratios):.2f}, "
+              f"{min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} rounds")  # fmt: skip
         if args.orders:
             return
         s3 = StorageSpec(endpoint_url=endpoint)
