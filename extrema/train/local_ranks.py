@@ -107,7 +107,7 @@ def run_ranks(ranks: int, body: Callable[[], int], timeout: timedelta) -> int:
     (`outcome`) once every rank has ended."""
     sys.stdout.flush()
     sys.stderr.flush()
-    children: dict[int, int] = {}  # pid -> rank
+    children: list[int] = []  # pids
     writers: list[int] = []
     parent = os.getpid()
     for rank in range(ranks):
@@ -120,13 +120,13 @@ def run_ranks(ranks: int, body: Callable[[], int], timeout: timedelta) -> int:
             _child(rank, ranks, read_end, body, parent)
         os.close(read_end)
         writers.append(write_end)
-        children[pid] = rank
+        children.append(pid)
     return _supervise(children, writers, timeout)
 
 
-def _supervise(children: dict[int, int], writers: list[int], timeout: timedelta) -> int:
+def _supervise(children: list[int], writers: list[int], timeout: timedelta) -> int:
     """Host the ranks' store, send them its port, forward signals, stop the rest when one fails; the exit code."""
-    live = dict(children)
+    live = set(children)
 
     def forward(signum: int, frame: FrameType | None) -> None:
         for pid in live:
@@ -157,7 +157,7 @@ def _supervise(children: dict[int, int], writers: list[int], timeout: timedelta)
                 continue
             if pid not in live:
                 continue
-            del live[pid]
+            live.remove(pid)
             code = os.waitstatus_to_exitcode(status)
             codes.append(code)
             if code not in (contract.EXIT_OK, contract.EXIT_REQUEUE) and stop_at is None and live:

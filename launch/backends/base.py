@@ -150,7 +150,7 @@ class Job:
         if n > 1 and self.resources.nodes == 1 and self.resources.gpus_per_node:
             return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *entry]
         if n > 1 and self.resources.nodes == 1:
-            return [sys.executable, "-m", "extrema.entry", f"--processes={n}", self.run_dir, self.stage]
+            return [sys.executable, *entry[:2], f"--processes={n}", *entry[2:]]
         return [sys.executable, *entry]
 
     def env(self) -> dict[str, str]:
