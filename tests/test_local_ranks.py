@@ -31,8 +31,10 @@ SCRIPT = textwrap.dedent(
 
     def note(**kw):
         rank = int(os.environ["RANK"])
-        with open(os.path.join(out, f"{scenario}.{rank}.json"), "w") as f:
+        path = os.path.join(out, f"{scenario}.{rank}.json")
+        with open(path + ".tmp", "w") as f:
             json.dump({"pid": os.getpid(), "ppid": os.getppid(), **kw}, f)
+        os.replace(path + ".tmp", path)  # whole when it appears: another rank may act on it
 
     def collective():
         dist.init_process_group("gloo")
@@ -43,7 +45,11 @@ SCRIPT = textwrap.dedent(
         return 0
 
     def one_fails():
-        if os.environ["RANK"] == "1":
+        if os.environ["RANK"] == "1":  # fails once the others are running (have written their records)
+            others = [os.path.join(out, f"{scenario}.{r}.json") for r in (0, 2)]
+            deadline = time.monotonic() + 60
+            while not all(os.path.exists(p) for p in others) and time.monotonic() < deadline:
+                time.sleep(0.05)
             return 5
         note()
         time.sleep(60)
@@ -130,7 +136,8 @@ def test_a_failed_rank_stops_the_others_and_its_code_is_the_parents(tmp_path: Pa
     out, _ = proc.communicate(timeout=120)
     assert "ranks ended: 5" in out, out
     assert time.monotonic() - t0 < 30, "the sleeping ranks were stopped, not waited for"
-    assert not any(alive(r["pid"]) for r in notes(tmp_path, "one_fails", 1, timeout=1))
+    others = [json.loads((tmp_path / f"one_fails.{r}.json").read_text()) for r in (0, 2)]
+    assert not any(alive(r["pid"]) for r in others)
 
 
 def test_a_requeue_is_kept_and_a_signal_to_the_parent_reaches_every_rank(tmp_path: Path) -> None:
