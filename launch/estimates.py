@@ -1,5 +1,6 @@
-"""Know before you queue: a sweep's pretraining, kNN, finetuning and linear-probe stage configurations, estimated by
-`python -m extrema.check` (torch and its fake process groups stay out of the launcher), and the ones that do not fit.
+"""Know before you queue: a sweep's pretraining, kNN, finetuning, linear-probe and detection stage configurations,
+estimated by `python -m extrema.check` (torch and its fake process groups stay out of the launcher), and the ones
+that do not fit.
 
 One estimator process serves every configuration: it imports torch once and forks a fresh child per configuration
 (`extrema.check.many`), so each fake process group still lives in a process of its own. A configuration is what
@@ -24,7 +25,7 @@ from extrema.spec import Experiment
 from launch.backends.resources import ResourcesSpec
 from launch.sweepfile.model import STAGE_ORDER, LauncherSpec, Run, canonical_json
 
-CHECKED = ("pretrain", "knn", "finetune", "probe")  # the stages whose step is a function the estimator runs
+CHECKED = ("pretrain", "knn", "finetune", "probe", "detect")  # the stages whose step is a function the estimator runs
 PARALLEL = 4  # estimates at once (each child holds ~1 GB while it steps a fake ViT-B)
 TIMEOUT_S = 1800.0  # for every configuration of a sweep together
 TAIL = 400  # characters of an estimator's standard error quoted when it fails
@@ -62,6 +63,9 @@ class Configuration:
             return f"{m.arch} {m.cls_token}, {size} px, batch {e.finetune.batch_size}"
         if self.stage == "probe":
             return f"{m.arch} {m.cls_token}, {e.probe.optimizer}, batch {e.probe.batch_size}"
+        if self.stage == "detect":
+            d = e.detect
+            return f"{m.arch} Mask R-CNN, {d.dataset}, <= {d.max_size} px, batch {d.batch_size}"
         if self.stage == "knn":
             bank = f"{e.knn.bank_size:,}" if e.knn.bank_size else "all"
             return f"{m.arch} {m.cls_token}, bank {bank}, batch {e.knn.batch_size}"

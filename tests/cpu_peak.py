@@ -1,5 +1,5 @@
-"""The CPU allocator's peak over one steady pretraining, finetuning or probe step, or the knn stage's moments, built
-and run as the stage does (tests/test_check.py's measurement, in a module of its own so that the gloo ranks it
+"""The CPU allocator's peak over one steady pretraining, finetuning, probe or detect step, or the knn stage's moments,
+built and run as the stage does (tests/test_check.py's measurement, in a module of its own so that the gloo ranks it
 spawns import little)."""
 
 from __future__ import annotations
@@ -16,12 +16,14 @@ from torch.distributed.tensor import DTensor
 from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import OpTree
 
+from extrema.check.detect import caps, data_bounds
 from extrema.check.downstream import applies, num_classes
 from extrema.eval.knn_monitor import extract, gather_bank
 from extrema.eval.neighbors import knn_hits
 from extrema.models.extrema import ExtreMA, random_masks
 from extrema.spec import Experiment
 from extrema.stages import finetune, probe
+from extrema.stages.detect import LOSSES, build_model
 from extrema.stages.finetune import build_classifier, finetune_optimizer
 from extrema.stages.knn import knn_encoder
 from extrema.stages.pretrain import train_step
@@ -114,6 +116,48 @@ def measured_probe_peak(exp: Experiment, world: World) -> int:
     modules = [*encoder.parameters(), *encoder.buffers(), *head.parameters(), *head.buffers()]
     before = live_bytes([*modules, *optimizer_state(optimizer), x, y])
     return before + allocator_peak(lambda: probe.train_step(encoder, head, x, y, p, world, None, apply))
+
+
+def canvas_target(height: int, width: int, boxes: list[list[float]]) -> dict[str, torch.Tensor]:
+    """A detection target of these boxes (x0, y0, x1, y1), each object's mask its box, labels 1."""
+    masks = torch.zeros(len(boxes), height, width, dtype=torch.uint8)
+    for mask, (x0, y0, x1, y1) in zip(masks, boxes):
+        mask[int(y0) : int(y1), int(x0) : int(x1)] = 1
+    return {"boxes": torch.tensor(boxes), "labels": torch.ones(len(boxes), dtype=torch.int64), "masks": masks}
+
+
+def measured_detect_peak(exp: Experiment, boxes: list[list[float]]) -> tuple[int, dict[str, list[int]]]:
+    """A real CPU detect step of one rank as the stage runs it (Mask R-CNN's losses summed, backward, AdamW over
+    the layer-decayed groups) on images at the check's bound with these objects, after a first step: the bytes
+    alive before it plus the allocator's peak in it, and the proposals, box RoIs and mask RoIs per image it used."""
+    d = exp.detect
+    classes, _, aspect = data_bounds(d)
+    torch.manual_seed(0)
+    model = build_model(exp, d, classes, None, None)
+    c = caps(d, model, d.batch_size, len(boxes), aspect)
+    depth = model.backbone.body.encoder.depth
+    groups = param_groups(model, d.weight_decay, layer_decay=d.layer_decay, num_layers=depth)
+    optimizer = build_adamw(groups, lr=d.lr, betas=d.betas)
+    apply = applies(optimizer, list(model.parameters()), d.clip_grad)
+    images = [torch.rand(exp.model.in_chans, c.height, c.width) for _ in range(d.batch_size)]
+    targets = [canvas_target(c.height, c.width, boxes) for _ in images]
+    seen: dict[str, list[int]] = {}
+    heads = model.roi_heads
+    model.rpn.register_forward_hook(lambda m, i, o: seen.update(proposals=[len(p) for p in o[0]]))
+    heads.box_roi_pool.register_forward_hook(lambda m, i, o: seen.update(rois=[len(p) for p in i[1]]))
+    heads.mask_roi_pool.register_forward_hook(lambda m, i, o: seen.update(mask_rois=[len(p) for p in i[1]]))
+    model.train()
+
+    def step() -> None:
+        losses = model(images, targets)
+        loss = sum(losses[k] for k in LOSSES)
+        loss.backward()  # type: ignore[union-attr]
+        apply(loss)  # type: ignore[arg-type]
+
+    step()
+    held = [*model.parameters(), *model.buffers(), *optimizer_state(optimizer), *images]
+    before = live_bytes(held + [t for target in targets for t in target.values()])
+    return before + allocator_peak(step), seen
 
 
 def measure_rank(rank: int, port: int, spec: str, out: str) -> None:

@@ -1,5 +1,6 @@
 """Will it fit? (`extrema.check`): the predicted peak of a pretraining step against what the CPU allocator saw in a
-real step at one and two gloo ranks (and of a finetuning and a probe step, and the knn stage's moments, at one),
+real step at one and two gloo ranks (and of a finetuning, a probe and a detect step, and the knn stage's moments, at
+one),
 FSDP shards at 2, 8 and 64 fake ranks against the exact division, the ViT-B
 recipe wrapped and its checkpoint planned at 64 ranks, and unusable input refused in one line."""
 
@@ -23,15 +24,17 @@ import torch.multiprocessing as mp
 import yaml
 from torch import nn
 
+from extrema.check.detect import image_bound
 from extrema.check.plan import exact_rows
 from extrema.models.extrema import ExtreMA
-from extrema.spec import Experiment
+from extrema.spec import DetectSpec, Experiment
 from extrema.train.dist import World
 from launch.backends.ray.head import free_ports
 from launch.estimates import size
 from launch.sweepfile.expand import load_runs
 from tests.cpu_peak import (
     measure_rank,
+    measured_detect_peak,
     measured_finetune_peak,
     measured_knn_peaks,
     measured_peak,
@@ -191,6 +194,59 @@ def test_predicted_peak_of_a_finetune_and_a_probe_step_matches_the_cpu_allocator
     head = 4 * (192 * 10 + 10)  # the probe trains its head only: LARS's momentum, one copy of its gradients
     assert probe["memory"]["gradients"] == head and probe["memory"]["optimizer"] == head
     assert probe["memory"]["parameters"] > 100 * head  # the frozen encoder is held, not trained
+
+
+def tiny_detect() -> Experiment:
+    """Mask R-CNN on vit_micro over 64 px canvases (at most 8 objects), two images a step, caps a real step of
+    random weights reaches whatever its numbers: 100 proposals kept per image (of 1,023 anchors, few of them
+    overlapping), 32 RoIs sampled, 8 of them positive (the 8 objects' own boxes are among the proposals)."""
+    return Experiment.model_validate(
+        {
+            "model": {"arch": "vit_micro", "mlp_dim": 256, "proj_dim": 64},
+            "data": {"dataset": "fashion_mnist"},
+            "stages": ["detect"],
+            "detect": {
+                "dataset": "fashion_mnist_canvas", "init": "random", "canvas_size": 64, "canvas_objects": [1, 8],
+                "batch_size": 2, "train_scales": [64], "max_size": 64, "crop_scales": None, "fpn_channels": 32,
+                "box_head_dim": 64, "anchor_sizes": [8, 16, 32, 64, 128], "rpn_batch_size": 64,
+                "rpn_proposals": 100, "roi_batch_size": 32, "precision": "fp32",
+            },
+        }
+    )  # fmt: skip
+
+
+def test_predicted_peak_of_a_detect_step_matches_the_cpu_allocator_at_its_caps() -> None:
+    exp = tiny_detect()
+    boxes = [[16.0 * (i % 4), 32.0 * (i // 4), 16.0 * (i % 4) + 12, 32.0 * (i // 4) + 12] for i in range(8)]
+    with ThreadPoolExecutor(1) as pool, one_thread():  # predicted from one import while the real step runs
+        predicted = pool.submit(many, [(exp, ["--stage", "detect", "--target", "cpu"])])
+        measured, seen = measured_detect_peak(exp, boxes)
+    (outcome,) = predicted.result()
+    result = outcome["result"]
+    caps = result["caps"]
+    assert caps == {
+        "image": [64, 64],
+        "objects_per_image": 8,
+        "proposals_per_image": 108,
+        "rois_per_image": 32,
+        "mask_rois_per_image": 8,
+    }
+    # the real step reached every cap: the bound is compared with a step of the same sizes
+    assert seen == {"proposals": [100, 100], "rois": [32, 32], "mask_rois": [8, 8]}, seen
+    peak = result["memory"]["peak"]
+    assert within(peak, measured), f"predicted {peak} B, measured {measured} B"
+    assert result["strategy"] == "none" and result["precision"] == "fp32" and result["batch_per_rank"] == 2
+    assert result["memory"]["optimizer"] > 2 * result["memory"]["parameters"]  # AdamW's moments and step counts
+
+
+def test_detect_images_are_bounded_by_the_largest_padded_batch() -> None:
+    urls = {k: "memory://coco/x" for k in ("train_annotations", "train_images", "val_annotations", "val_images")}
+    d = DetectSpec.model_validate({"init": "random", "dataset": "coco", **urls})  # sides up to 800 and 1333
+    assert image_bound(d, None, 1, 32) == (800, 1344)  # one image: the longer side lies either way
+    assert image_bound(d, None, 2, 32) == (1344, 1344)  # one image stands, one lies: the batch pads both
+    canvas = d.model_copy(update={"train_scales": (80, 96), "max_size": 128, "crop_size": (64, 88)})
+    assert image_bound(canvas, 88 / 64, 2, 32) == (128, 128)  # 96 x 1.375 = 132, capped at 128
+    assert image_bound(canvas, 1.0, 1, 32) == (96, 96)  # square canvases, no crop branch
 
 
 def tiny_knn() -> Experiment:
@@ -378,9 +434,11 @@ def test_a_configuration_that_cannot_be_estimated_is_refused(tmp_path: Path) -> 
     )
 
 
-def test_check_prints_a_row_for_each_knn_finetune_and_probe_configuration(tmp_path: Path) -> None:
+def test_check_prints_a_row_for_each_knn_finetune_probe_and_detect_configuration(tmp_path: Path) -> None:
     raw = yaml.safe_load(TINY.read_text())
-    raw["base"]["stages"] = ["pretrain", "knn", "probe", "finetune"]
+    raw["base"]["stages"] = ["pretrain", "knn", "probe", "finetune", "detect"]
+    detect = tiny_detect().detect.model_copy(update={"precision": "auto", "activation_checkpointing": True})
+    raw["base"]["detect"] = detect.model_dump(mode="json", exclude_defaults=True)  # bf16, blocks recomputed
     raw["base"]["probe"] = {"batch_size": 16, "epochs": 1}
     raw["base"]["finetune"] = {"batch_size": 16, "epochs": 1}
     raw["sweep"] = {"grid": {"pretrain.seed": [0, 1], "finetune.batch_size": [16, 32]}}
@@ -391,7 +449,7 @@ def test_check_prints_a_row_for_each_knn_finetune_and_probe_configuration(tmp_pa
     assert code == 0, err
     rows = [line for line in out.splitlines() if "vit_pico" in line]
     stages = [line.split()[1] for line in rows]  # after the table's border
-    assert stages == ["pretrain", "knn", "probe", "finetune", "finetune"], out
-    assert "check tiny: 5 stage configurations" in out
-    assert "GPU-hours of pretrain, knn, probe, finetune for 4 runs" in " ".join(out.split())
+    assert stages == ["pretrain", "knn", "probe", "finetune", "finetune", "detect"], out
+    assert "check tiny: 6 stage configurations" in out
+    assert "GPU-hours of pretrain, knn, probe, finetune, detect for 4 runs" in " ".join(out.split())
     assert "Not estimated" not in out

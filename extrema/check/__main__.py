@@ -4,8 +4,9 @@
     extrema-launch sweep-expanded experiment JSON on standard input:  ... | python -m extrema.check - --json
 
 SPEC is a stage's `spec.json` (a RunSpec) or an experiment's JSON (`-`: standard input); with --many, standard
-input holds several configurations (`extrema.check.many`). Pretraining, finetuning, the linear probe and kNN are
-estimated (`estimate`, `downstream`: each stage's own step; `knn`: its forward pass, bank and search); an
+input holds several configurations (`extrema.check.many`). Pretraining, finetuning, the linear probe, kNN and detection
+are estimated (`estimate`, `downstream`: each stage's own step; `knn`: its forward pass, bank and search;
+`detect`: Mask R-CNN's step bounded at the configuration's caps); an
 experiment's JSON as --stage says (default pretrain), a stage's spec.json as its stage. Exit codes: 0 estimated
 (whether or not it fits: `fits` says), 2 unreadable or invalid input. Run one configuration per process: the
 estimate joins a fake process group of the job's world size.
@@ -25,11 +26,12 @@ from pydantic import ValidationError
 from extrema.check.devices import DEFAULT_UTILIZATION, DEVICES, GpuType, limit_bytes, step_seconds
 from extrema.spec import Experiment, RunSpec
 
-ESTIMATED = ("pretrain", "knn", "finetune", "probe")  # the stages whose step is a function the check runs
+ESTIMATED = ("pretrain", "knn", "finetune", "probe", "detect")  # the stages whose step is a function the check runs
 IMAGENET_TRAIN = 1_281_167  # images in ImageNet-1k's train split: the assumed size of a folder or shard set
 FASHION_MNIST_TRAIN = 60_000
 IMAGENET_VAL = 50_000  # the validation split's images (folders and shards: ImageNet-1k's)
 FASHION_MNIST_VAL = 10_000
+COCO_TRAIN = 117_266  # COCO train2017's images with an annotation (the detect stage drops the empty ones)
 
 
 class InputError(ValueError):
@@ -89,10 +91,13 @@ def load_experiment(source: str, stage: str = "pretrain") -> tuple[Experiment, s
         raise InputError(f"{source}: not a stage spec or an experiment: {where}: {first['msg']}") from None
 
 
-def train_images(exp: Experiment, given: int | None) -> int:
-    """Training images an epoch has: given, or the dataset's (folders and shards: ImageNet-1k's train split)."""
+def train_images(exp: Experiment, given: int | None, stage: str = "pretrain") -> int:
+    """Training images an epoch of `stage` has: given, or the dataset's (folders and shards: ImageNet-1k's train
+    split; detect: COCO train2017's annotated images, or the canvases built)."""
     if given is not None:
         return given
+    if stage == "detect":
+        return COCO_TRAIN if exp.detect.dataset == "coco" else exp.detect.canvas_train_images
     if exp.data.dataset == "synthetic":
         return exp.data.synthetic_size
     if exp.data.dataset == "fashion_mnist":
@@ -119,6 +124,12 @@ def stage_steps(exp: Experiment, stage: str, images: int) -> int:
         return 1
     from extrema.eval.supervised import step_counts
 
+    if stage == "detect":
+        images = min(images, exp.detect.train_size or images)
+        try:
+            return step_counts(images, exp.detect.batch_size, exp.detect.epochs)[1]
+        except ValueError as e:
+            raise InputError(f"detect: {e} (--train-images)") from None
     s = getattr(exp, stage)
     if s.val_fraction is not None:
         images -= min(images - 1, max(1, math.ceil(s.val_fraction * images)))
@@ -131,7 +142,7 @@ def stage_steps(exp: Experiment, stage: str, images: int) -> int:
 def budget(result: dict[str, Any], args: argparse.Namespace, exp: Experiment) -> dict[str, Any]:
     """Steps, and with a GPU type or memory: the limit, whether the peak fits, the largest batch per rank that
     does, seconds per step, hours of the stage and its GPU-hours."""
-    images = train_images(exp, args.train_images)
+    images = train_images(exp, args.train_images, result["stage"])
     out: dict[str, Any] = {"train_images": images, "steps": stage_steps(exp, result["stage"], images)}
     device = DEVICES.get(args.gpu_type) if args.gpu_type else None
     memory_gb = args.gpu_memory_gb or (device.memory_gb if device else None)
@@ -160,6 +171,13 @@ def summary(result: dict[str, Any]) -> str:
         lines[0] += ", per rank: " + ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in result["memory"].items())
         flops = result["flops_per_step"], result["flops_per_rank"], result["steps"]
         lines.append("FLOPs per step: {:.3e} ({:.3e} per rank); {} steps".format(*flops))
+    if "caps" in result:
+        c = result["caps"]
+        lines.append(
+            "bounded at {0[0]} x {0[1]} px images, {1} objects, {2} proposals, {3} RoIs ({4} with masks) per "
+            "image".format(c["image"], *(c[k] for k in ("objects_per_image", "proposals_per_image",
+                                                        "rois_per_image", "mask_rois_per_image")))
+        )  # fmt: skip
     if "limit_bytes" in result:
         verdict = "fits" if result["fits"] else "does NOT fit"
         lines.append(
@@ -197,7 +215,8 @@ def checked_numbers(args: argparse.Namespace) -> None:
 
 def estimate_one(args: argparse.Namespace, exp: Experiment, stage: str = "pretrain") -> dict[str, Any]:
     """One configuration's result (with its budget after a step); InputError for what cannot be estimated."""
-    from extrema.check.downstream import estimate_downstream  # torch, after the input is known to be usable
+    from extrema.check.detect import estimate_detect  # torch, after the input is known to be usable
+    from extrema.check.downstream import estimate_downstream
     from extrema.check.estimate import estimate_pretrain
     from extrema.check.knn import estimate_knn
 
@@ -209,6 +228,8 @@ def estimate_one(args: argparse.Namespace, exp: Experiment, stage: str = "pretra
         world = (args.nodes, args.processes_per_node)
         if stage == "pretrain":
             result = estimate_pretrain(exp, *world, args.target, args.rank, plan, step, args.fake_device)
+        elif stage == "detect":
+            result = estimate_detect(exp, *world, args.target, args.rank)
         elif stage == "knn":
             images = train_images(exp, args.train_images), val_images(exp)
             result = estimate_knn(exp, *world, args.target, *images, args.rank)
@@ -235,7 +256,7 @@ def job_estimate(job: dict[str, Any]) -> dict[str, Any]:
 
 def many(args: argparse.Namespace) -> int:
     """--many: the JSON list of jobs on standard input, each estimated in a forked child; a JSON list out."""
-    from extrema.check import downstream, estimate, knn  # noqa: F401 (imported once, before the children are forked)
+    from extrema.check import detect, downstream, estimate, knn  # noqa: F401 (imported once, before the children are forked)
     from extrema.check.many import estimate_many
 
     try:

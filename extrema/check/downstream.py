@@ -22,7 +22,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils.flop_counter import FlopCounterMode
 
 from extrema.check.estimate import (
     CudaAutocastFp32,
@@ -32,6 +31,8 @@ from extrema.check.estimate import (
     activations,
     fake_storage,
     fake_world,
+    flop_counter,
+    heading,
     local_bytes,
     per_rank_batch,
     snapshot_bytes,
@@ -146,17 +147,8 @@ def estimate_downstream(
     batch = per_rank_batch(exp, world_size, stage)
     fake = FakeTensorMode()
     modules, optimizer, inputs, step = PARTS[stage](exp, world, setting, fake, batch)
-    result: dict[str, Any] = {
-        "stage": stage,
-        "world_size": world_size,
-        "rank": rank,
-        "strategy": "ddp" if world_size > 1 else "none",
-        "target": target,
-        "fake_device": "cpu",
-        "precision": "bf16" if setting.amp is not None else "fp32",
-        "batch_per_rank": batch,
-        "micro_batch": batch // getattr(exp, stage).accum_steps,
-    }
+    strategy, micro = "ddp" if world_size > 1 else "none", batch // getattr(exp, stage).accum_steps
+    result = heading(stage, world, strategy, target, setting.amp, batch, micro)
     with fake:
         result.update(measure(modules, optimizer, inputs, step, setting, world))
     return result
@@ -174,7 +166,7 @@ def measure(
     parameters, frozen ones included; gradients and optimizer state of the trained ones), the peak, FLOPs."""
     tracker = FrozenAwareMemTracker()
     tracker.track_external(*modules, optimizer, *inputs)
-    flops = FlopCounterMode(display=False)
+    flops = flop_counter()
     emulate = CudaAutocastFp32() if setting.cuda_autocast else contextlib.nullcontext()
     with tracker, flops, emulate:
         step()

@@ -21,9 +21,10 @@ its step is the unwrapped one plus DDP's gradient buckets (a second copy of the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -35,9 +36,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import MemTracker
 from torch.distributed.tensor import DTensor
-from torch.overrides import TorchFunctionMode
 from torch.testing._internal.distributed.fake_pg import FakeStore
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from extrema.check.plan import plan_checkpoint
 from extrema.models.extrema import ExtreMA
@@ -55,17 +55,56 @@ Batch = tuple[
 CUDA_FP32_FUNCTIONS = (F.layer_norm, F.group_norm, F.softmax, F.log_softmax, F.cross_entropy)
 
 
-class CudaAutocastFp32(TorchFunctionMode):
-    """Under CPU autocast, run the functions CUDA autocast runs in fp32 in fp32 too (their inputs cast up, as CUDA
-    autocast casts them, so the fp32 copies are what their backward keeps)."""
+def fp32_under_autocast(func: Callable[..., Any]) -> Callable[..., Any]:
+    """`func` run in fp32 under CPU autocast (its floating-point inputs cast up, as CUDA autocast casts them, so
+    the fp32 copies are what its backward keeps); as it is otherwise."""
 
-    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        if func in CUDA_FP32_FUNCTIONS and torch.is_autocast_enabled("cpu"):
-            up = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-            with torch.autocast("cpu", enabled=False):
-                return func(*up, **kwargs)
-        return func(*args, **kwargs)
+    @functools.wraps(func)
+    def fp32(*args: Any, **kwargs: Any) -> Any:
+        if not torch.is_autocast_enabled("cpu"):
+            return func(*args, **kwargs)
+        up = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        with torch.autocast("cpu", enabled=False):
+            return func(*up, **kwargs)
+
+    return fp32
+
+
+class CudaAutocastFp32(contextlib.AbstractContextManager["CudaAutocastFp32"]):
+    """Under CPU autocast, the functions CUDA autocast runs in fp32 run in fp32 too, while active: they are swapped
+    in `torch.nn.functional`, which the models call them through (a torch-function mode would not reach the
+    recomputation of checkpointed blocks in the backward pass, which runs outside every such mode)."""
+
+    def __enter__(self) -> CudaAutocastFp32:
+        for func in CUDA_FP32_FUNCTIONS:
+            setattr(F, func.__name__, fp32_under_autocast(func))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for func in CUDA_FP32_FUNCTIONS:
+            setattr(F, func.__name__, func)
+
+
+def cpu_attention_flops(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> int:
+    """FLOPs of the CPU's fused attention (torch's counter has the CUDA kernels' formula only): the same formula."""
+    return int(sdpa_flop_count(query, key, value))
+
+
+def cpu_attention_backward_flops(grad: Any, query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> int:
+    """FLOPs of the CPU's fused attention's backward pass, by the CUDA kernels' formula."""
+    return int(sdpa_backward_flop_count(grad, query, key, value))
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter, counting the fused attention the fake CPU tensors run as a GPU's would be counted."""
+    aten = torch.ops.aten
+    return FlopCounterMode(
+        display=False,
+        custom_mapping={
+            aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention_flops,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_attention_backward_flops,
+        },
+    )
 
 
 class WholePeak(MemTracker):
@@ -116,6 +155,23 @@ def fake_world(world_size: int, rank: int = 0, device: Target = "cpu") -> World:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("fake", rank=rank, world_size=world_size, store=FakeStore())
     return World(rank, world_size, 0, torch.device(device))
+
+
+def heading(
+    stage: str, world: World, strategy: str, target: Target, amp: torch.dtype | None, batch: int, micro: int
+) -> dict[str, Any]:
+    """The fields a stage's result starts with: what was estimated, at which world, rank, wrapping and precision."""
+    return {
+        "stage": stage,
+        "world_size": world.size,
+        "rank": world.rank,
+        "strategy": strategy,
+        "target": target,
+        "fake_device": "cpu",
+        "precision": "bf16" if amp is not None else "fp32",
+        "batch_per_rank": batch,
+        "micro_batch": micro,
+    }
 
 
 def fake_extrema(exp: Experiment, fake: FakeTensorMode, device: torch.device) -> ExtreMA:
@@ -257,7 +313,7 @@ def measure_step(exp: Experiment, built: Built, world: World, setting: Setting, 
     bytes per rank by kind, the peak, FLOPs per rank and per step."""
     p, core, optimizer = exp.pretrain, built.core, built.optimizer
     tracker = memory_tracker(built, inputs)
-    flops = FlopCounterMode(display=False)
+    flops = flop_counter()
     emulate = CudaAutocastFp32() if setting.cuda_autocast else contextlib.nullcontext()
     core.train()
     with tracker, flops, emulate:

@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils.flop_counter import FlopCounterMode
 
 from extrema.check.downstream import num_classes
 from extrema.check.estimate import (
@@ -37,6 +36,8 @@ from extrema.check.estimate import (
     Target,
     fake_storage,
     fake_world,
+    flop_counter,
+    heading,
     local_bytes,
     snapshot_bytes,
 )
@@ -78,7 +79,7 @@ def tracked_peak(held: list[Any], run: Callable[[], object], cuda_autocast: bool
     FLOPs (call under the fake mode)."""
     tracker = FrozenAwareMemTracker()
     tracker.track_external(*held)
-    flops = FlopCounterMode(display=False)
+    flops = flop_counter()
     emulate = CudaAutocastFp32() if cuda_autocast else contextlib.nullcontext()
     with tracker, flops, emulate:
         run()
@@ -132,16 +133,8 @@ def estimate_knn(
     batch = max(1, min(exp.knn.batch_size, max(rows.bank_rank, rows.queries_rank)))
     fake = FakeTensorMode()
     encoder = frozen(exp, fake, world)
-    result: dict[str, Any] = {
-        "stage": "knn",
-        "world_size": world_size,
-        "rank": rank,
-        "strategy": "gathered bank" if world_size > 1 else "none",
-        "target": target,
-        "fake_device": "cpu",
-        "precision": "bf16" if amp is not None else "fp32",
-        "batch_per_rank": batch,
-        "micro_batch": batch,
+    result = heading("knn", world, "gathered bank" if world_size > 1 else "none", target, amp, batch, batch)
+    result |= {
         "bank_images": rows.bank,
         "query_images_per_rank": rows.queries_rank,
     }

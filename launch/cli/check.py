@@ -1,5 +1,5 @@
-"""`extrema-launch check`: will it fit? Each pretraining, kNN, finetuning and linear-probe configuration of a sweep
-stepped once under fake tensors at its world size (`python -m extrema.check`, one process each): memory per GPU,
+"""`extrema-launch check`: will it fit? Each pretraining, kNN, finetuning, linear-probe and detection configuration of
+a sweep stepped once under fake tensors at its world size (`python -m extrema.check`, one process each): memory per GPU,
 FLOPs, time and GPU-hours; a configuration that does not fit the GPU named in launcher.resources is refused. `sweep`
 runs the same check before it submits when the resources name a gpu_type or gpu_memory_gb (or with --check;
 --no-check skips it)."""
@@ -27,13 +27,14 @@ from launch.views import check_view
 LOCAL_ROOT = "runs"  # a root every backend accepts (nothing is read or written there)
 HELP = "predict each stage configuration's memory per GPU, FLOPs and GPU-hours; refuse what does not fit"
 MORE = (
-    "Each distinct pretrain, knn, finetune and probe configuration of the sweep (runs differing only in the\n"
-    "stage's seed share one) is built as the stage builds it, wrapped at the stage's world size (its\n"
+    "Each distinct pretrain, knn, finetune, probe and detect configuration of the sweep (runs differing only in\n"
+    "the stage's seed share one) is built as the stage builds it, wrapped at the stage's world size (its\n"
     "launcher.resources nodes x processes_per_node) in a fake process group and stepped once under fake tensors\n"
-    "(knn: a forward pass, its feature bank and the search of its queries): nothing is allocated, no GPU is\n"
+    "(knn: a forward pass, its feature bank and the search of its queries; detect: bounded at the largest padded\n"
+    "batch, 100 objects per COCO image, and the RPN's and RoI samplers' caps): nothing is allocated, no GPU is\n"
     "needed, torch is. launcher.resources.gpu_type (H100, H200, A100-40GB, A100-80GB, V100, L40S) gives the peak\n"
     "FLOP/s and the memory; gpu_memory_gb overrides the memory. A configuration whose predicted peak per GPU\n"
-    "passes 90% of it is refused with one line. Other stages (detect, inpaint, locality) are listed as not\n"
+    "passes 90% of it is refused with one line. Other stages (inpaint, locality) are listed as not\n"
     "estimated. Whether the backend can use the file's root (a shared folder for Slurm's logs) is left to\n"
     "sweep: nothing is read or written there.\n"
     "Exit codes: 0 every configuration fits (or no limit was given), 2 one does not or cannot be estimated, or\n"

@@ -75,7 +75,9 @@ def show(out: Console, title: str, estimates: Sequence[Estimate], unchecked: Seq
         "Predictions, not measurements: memory per rank from one step of the stage under fake tensors and a fake "
         "process group, as the job runs it (on GPUs: bf16 autocast where the stage asks for it; params include a "
         "probe's frozen encoder; held: pretraining's EMA target, knn's feature bank, which it gathers on every GPU "
-        "before it searches its queries; knn's forward passes and search are one step), the limit 90% of the GPU's "
+        "before it searches its queries; knn's forward passes and search are one step; detect: bounded at its caps, "
+        "the largest padded batch, 100 objects per COCO image, every proposal and RoI the samplers may keep), "
+        "the limit 90% of the GPU's "
         "memory; time = FLOPs / (peak x "
         f"{options.utilization:.0%})"
         + (f" ({devices})" if devices else "")
@@ -90,8 +92,8 @@ def show(out: Console, title: str, estimates: Sequence[Estimate], unchecked: Seq
         notes.append(f"Total: {number(sum(hours))} GPU-hours of {stages} for {runs} run{'s' if runs != 1 else ''}.")
     if unchecked:
         notes.append(
-            f"Not estimated: {', '.join(unchecked)} (the check runs the steps of pretrain, knn, finetune and probe "
-            "only)."
+            f"Not estimated: {', '.join(unchecked)} (the check runs the steps of pretrain, knn, finetune, probe and "
+            "detect only)."
         )
     for note in notes:
         out.print(Text(note, style="dim"), soft_wrap=True)
