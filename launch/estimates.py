@@ -1,6 +1,6 @@
-"""Know before you queue: a sweep's pretraining, kNN, finetuning, linear-probe and detection stage configurations,
-estimated by `python -m extrema.check` (torch and its fake process groups stay out of the launcher), and the ones
-that do not fit.
+"""Know before you queue: every stage configuration of a sweep (pretraining, kNN, finetuning, linear probe,
+detection, inpainting, locality), estimated by `python -m extrema.check` (torch and its fake process groups stay
+out of the launcher), and the ones that do not fit.
 
 One estimator process serves every configuration: it imports torch once and forks a fresh child per configuration
 (`extrema.check.many`), so each fake process group still lives in a process of its own. A configuration is what
@@ -25,7 +25,8 @@ from extrema.spec import Experiment
 from launch.backends.resources import ResourcesSpec
 from launch.sweepfile.model import STAGE_ORDER, LauncherSpec, Run, canonical_json
 
-CHECKED = ("pretrain", "knn", "finetune", "probe", "detect")  # the stages whose step is a function the estimator runs
+# every stage: a step (knn and locality: their passes) the estimator runs
+CHECKED = ("pretrain", "knn", "finetune", "probe", "detect", "inpaint", "locality")
 PARALLEL = 4  # estimates at once (each child holds ~1 GB while it steps a fake ViT-B)
 TIMEOUT_S = 1800.0  # for every configuration of a sweep together
 TAIL = 400  # characters of an estimator's standard error quoted when it fails
@@ -63,6 +64,11 @@ class Configuration:
             return f"{m.arch} {m.cls_token}, {size} px, batch {e.finetune.batch_size}"
         if self.stage == "probe":
             return f"{m.arch} {m.cls_token}, {e.probe.optimizer}, batch {e.probe.batch_size}"
+        if self.stage == "inpaint":
+            i = e.inpaint
+            return f"{m.arch} {m.cls_token}, decoder {i.decoder_depth} x {i.decoder_dim}, batch {i.batch_size}"
+        if self.stage == "locality":
+            return f"{m.arch} {m.cls_token}, {e.locality.dataset}, batch {e.locality.batch_size}"
         if self.stage == "detect":
             d = e.detect
             return f"{m.arch} Mask R-CNN, {d.dataset}, <= {d.max_size} px, batch {d.batch_size}"
@@ -100,12 +106,6 @@ def configurations(runs: Sequence[Run], launcher: LauncherSpec) -> list[Configur
                 grouped.setdefault(key, (run.experiment, []))[1].append(run.run_id)
         found += [Configuration(exp, tuple(ids), resources, stage) for exp, ids in grouped.values()]
     return found
-
-
-def unchecked(runs: Sequence[Run]) -> list[str]:
-    """The sweep's stages the check does not estimate, in pipeline order."""
-    present = {s for r in runs for s in r.stages if s not in CHECKED}
-    return [s for s in STAGE_ORDER if s in present]
 
 
 def wanted(launcher: LauncherSpec) -> bool:

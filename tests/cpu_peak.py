@@ -21,11 +21,14 @@ from extrema.check.downstream import applies, num_classes
 from extrema.eval.knn_monitor import extract, gather_bank
 from extrema.eval.neighbors import knn_hits
 from extrema.models.extrema import ExtreMA, random_masks
+from extrema.models.vit import build_vit
 from extrema.spec import Experiment
 from extrema.stages import finetune, probe
 from extrema.stages.detect import LOSSES, build_model
 from extrema.stages.finetune import build_classifier, finetune_optimizer
+from extrema.stages.inpaint import EVAL_BATCH, build_decoder, evaluate, mean_image, train
 from extrema.stages.knn import knn_encoder
+from extrema.stages.locality import head_maps
 from extrema.stages.pretrain import train_step
 from extrema.stages.probe import frozen_encoder, probe_head, probe_optimizer
 from extrema.train.dist import World, wrap
@@ -158,6 +161,36 @@ def measured_detect_peak(exp: Experiment, boxes: list[list[float]]) -> tuple[int
     held = [*model.parameters(), *model.buffers(), *optimizer_state(optimizer), *images]
     before = live_bytes(held + [t for target in targets for t in target.values()])
     return before + allocator_peak(step), seen
+
+
+def measured_inpaint_peak(exp: Experiment) -> int:
+    """The inpainting stage's own training (one step, after a first) and evaluation of one batch of held-out
+    images at its smallest ratio, on the CPU: the bytes alive before them plus the allocator's peak in them."""
+    s = exp.inpaint.model_copy(update={"steps": 1, "warmup_steps": 0, "ratios": (min(exp.inpaint.ratios),)})
+    torch.manual_seed(0)
+    encoder = build_vit(exp.model, drop_path_rate=0.0).requires_grad_(False).eval()
+    decoder = build_decoder(encoder, s)
+    size = exp.model.resolved_img_size
+    images = torch.randint(0, 256, (s.batch_size, exp.model.in_chans, size, size), dtype=torch.uint8)
+    held_out = images[: min(EVAL_BATCH, s.val_size or EVAL_BATCH)]
+    mean = mean_image(images, encoder.patch_size)
+    train(encoder, decoder, images, s, None)  # its optimizer is the stage's own, made afresh each call
+    before = live_bytes([*encoder.parameters(), *decoder.parameters(), *decoder.buffers(), images, mean])
+    return before + allocator_peak(lambda: (train(encoder, decoder, images, s, None), evaluate(
+        encoder, decoder, held_out, mean, s.ratios[0], s.seed, None)))  # fmt: skip
+
+
+def measured_locality_peak(exp: Experiment) -> int:
+    """The locality stage's class-token attention over one batch on the CPU: the bytes alive before it (the
+    encoder, the uint8 batch) plus the allocator's peak in it."""
+    s = exp.locality
+    encoder = build_vit(exp.model, drop_path_rate=0.0).requires_grad_(False).eval()
+    size = s.img_size or exp.model.resolved_img_size
+    images = torch.randint(0, 256, (s.batch_size, exp.model.in_chans, size, size), dtype=torch.uint8)
+    head_maps(encoder, images)
+    return live_bytes([*encoder.parameters(), *encoder.buffers(), images]) + allocator_peak(
+        lambda: head_maps(encoder, images)
+    )
 
 
 def measure_rank(rank: int, port: int, spec: str, out: str) -> None:

@@ -24,19 +24,25 @@ import torch.multiprocessing as mp
 import yaml
 from torch import nn
 
+from extrema.check.__main__ import ESTIMATED
 from extrema.check.detect import image_bound
 from extrema.check.plan import exact_rows
 from extrema.models.extrema import ExtreMA
+from extrema.models.vit import build_vit
 from extrema.spec import DetectSpec, Experiment
+from extrema.stages.inpaint import build_decoder
 from extrema.train.dist import World
 from launch.backends.ray.head import free_ports
-from launch.estimates import size
+from launch.estimates import CHECKED, size
 from launch.sweepfile.expand import load_runs
+from launch.sweepfile.model import STAGE_ORDER
 from tests.cpu_peak import (
     measure_rank,
     measured_detect_peak,
     measured_finetune_peak,
+    measured_inpaint_peak,
     measured_knn_peaks,
+    measured_locality_peak,
     measured_peak,
     measured_probe_peak,
 )
@@ -249,6 +255,41 @@ def test_detect_images_are_bounded_by_the_largest_padded_batch() -> None:
     assert image_bound(canvas, 1.0, 1, 32) == (96, 96)  # square canvases, no crop branch
 
 
+def tiny_frozen(cls_token: str = "cait") -> Experiment:
+    """vit_micro's inpainting (decoder 2 x 128, batch 64, 128 held-out images) and locality (batch 32 of 32 px
+    canvases) stages."""
+    return Experiment.model_validate(
+        {
+            "model": {"arch": "vit_micro", "mlp_dim": 256, "proj_dim": 64, "cls_token": cls_token},
+            "data": {"dataset": "synthetic", "synthetic_size": 512},
+            "stages": ["inpaint", "locality"],
+            "inpaint": {"checkpoint": "memory://x/ckpt", "batch_size": 64, "val_size": 128, "ratios": [0.75, 0.9]},
+            "locality": {"init": "random", "dataset": "fashion_mnist_canvas", "batch_size": 32, "canvas_size": 32},
+        }
+    )
+
+
+def test_predicted_peaks_of_inpainting_and_locality_match_the_cpu_allocator() -> None:
+    exp, avgpool, cpu = tiny_frozen(), tiny_frozen("avgpool"), ["--target", "cpu"]
+    jobs = [
+        (exp, ["--stage", "inpaint", *cpu]),
+        (exp, ["--stage", "locality", *cpu]),
+        (avgpool, ["--stage", "locality"]),
+    ]
+    with ThreadPoolExecutor(1) as pool, one_thread():  # predicted from one import while the real stages run
+        predicted = pool.submit(many, jobs)
+        measured = measured_inpaint_peak(exp), measured_locality_peak(exp)
+    inpaint, locality, not_applicable = (outcome["result"] for outcome in predicted.result())
+    for result, peak in zip((inpaint, locality), measured):
+        assert within(result["memory"]["peak"], peak), (result["stage"], result["memory"], peak)
+    assert inpaint["memory"]["peak"] == max(inpaint["phases"].values()) and inpaint["steps"] == 1000
+    assert inpaint["visible_patches"] == 16  # 25% of 64 patches, the ratio that shows the most
+    tensors = len(list(build_decoder(build_vit(exp.model, 0.0), exp.inpaint).parameters()))
+    assert inpaint["memory"]["optimizer"] == 2 * inpaint["memory"]["gradients"] + 4 * tensors  # moments, step counts
+    assert locality["scored_images"] == 500 and locality["steps"] == 1 and locality["memory"]["gradients"] == 0
+    assert not_applicable["applicable"] is False and not_applicable["memory"]["peak"] == 0
+
+
 def tiny_knn() -> Experiment:
     """vit_micro on 32 px synthetic images (patch 4): a bank of 2,048 training images, 512 queries, batch 64 (more
     queries than the width: the search's similarities, not the gather, outweigh the bank's copies)."""
@@ -329,8 +370,8 @@ def test_vit_b_recipe_wraps_and_plans_its_checkpoint_at_64_ranks(planned: dict[s
         ("[1, 2]", "not a JSON object"),
         ('{"data": {"dataset": "synthetic"}, "model": {"arch": "vit_huge"}}', "model.arch"),
         (
-            '{"sweep": "s", "run_id": "r", "stage": "locality", "experiment": {"data": {"dataset": "synthetic"}}}',
-            "locality",
+            '{"sweep": "s", "run_id": "r", "stage": "report", "experiment": {"data": {"dataset": "synthetic"}}}',
+            "stage",
         ),
     ],
 )
@@ -434,9 +475,9 @@ def test_a_configuration_that_cannot_be_estimated_is_refused(tmp_path: Path) -> 
     )
 
 
-def test_check_prints_a_row_for_each_knn_finetune_probe_and_detect_configuration(tmp_path: Path) -> None:
+def test_check_prints_a_row_for_each_configuration_of_every_stage(tmp_path: Path) -> None:
     raw = yaml.safe_load(TINY.read_text())
-    raw["base"]["stages"] = ["pretrain", "knn", "probe", "finetune", "detect"]
+    raw["base"]["stages"] = ["pretrain", "knn", "probe", "finetune", "detect", "inpaint", "locality"]
     detect = tiny_detect().detect.model_copy(update={"precision": "auto", "activation_checkpointing": True})
     raw["base"]["detect"] = detect.model_dump(mode="json", exclude_defaults=True)  # bf16, blocks recomputed
     raw["base"]["probe"] = {"batch_size": 16, "epochs": 1}
@@ -449,7 +490,10 @@ def test_check_prints_a_row_for_each_knn_finetune_probe_and_detect_configuration
     assert code == 0, err
     rows = [line for line in out.splitlines() if "vit_pico" in line]
     stages = [line.split()[1] for line in rows]  # after the table's border
-    assert stages == ["pretrain", "knn", "probe", "finetune", "finetune", "detect"], out
-    assert "check tiny: 6 stage configurations" in out
-    assert "GPU-hours of pretrain, knn, probe, finetune, detect for 4 runs" in " ".join(out.split())
-    assert "Not estimated" not in out
+    assert stages == ["pretrain", "knn", "probe", "finetune", "finetune", "detect", "inpaint", "locality"], out
+    assert "check tiny: 8 stage configurations" in out
+    assert "GPU-hours of pretrain, knn, probe, finetune, detect, inpaint, locality for 4 runs" in " ".join(out.split())
+
+
+def test_every_stage_has_an_estimate() -> None:
+    assert set(CHECKED) == set(STAGE_ORDER) == set(ESTIMATED)  # a new stage needs its estimate before it lands

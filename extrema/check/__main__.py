@@ -4,9 +4,9 @@
     extrema-launch sweep-expanded experiment JSON on standard input:  ... | python -m extrema.check - --json
 
 SPEC is a stage's `spec.json` (a RunSpec) or an experiment's JSON (`-`: standard input); with --many, standard
-input holds several configurations (`extrema.check.many`). Pretraining, finetuning, the linear probe, kNN and detection
-are estimated (`estimate`, `downstream`: each stage's own step; `knn`: its forward pass, bank and search;
-`detect`: Mask R-CNN's step bounded at the configuration's caps); an
+input holds several configurations (`extrema.check.many`). Every stage is estimated (`estimate`, `downstream`: each
+stage's own step; `knn`: its forward pass, bank and search; `detect`: Mask R-CNN's step at the configuration's
+caps; `inpaint`: the decoder's training step and an evaluation batch; `locality`: the attention of a batch); an
 experiment's JSON as --stage says (default pretrain), a stage's spec.json as its stage. Exit codes: 0 estimated
 (whether or not it fits: `fits` says), 2 unreadable or invalid input. Run one configuration per process: the
 estimate joins a fake process group of the job's world size.
@@ -26,7 +26,8 @@ from pydantic import ValidationError
 from extrema.check.devices import DEFAULT_UTILIZATION, DEVICES, GpuType, limit_bytes, step_seconds
 from extrema.spec import Experiment, RunSpec
 
-ESTIMATED = ("pretrain", "knn", "finetune", "probe", "detect")  # the stages whose step is a function the check runs
+# every stage: a step (knn and locality: their passes) the check runs
+ESTIMATED = ("pretrain", "knn", "finetune", "probe", "detect", "inpaint", "locality")
 IMAGENET_TRAIN = 1_281_167  # images in ImageNet-1k's train split: the assumed size of a folder or shard set
 FASHION_MNIST_TRAIN = 60_000
 IMAGENET_VAL = 50_000  # the validation split's images (folders and shards: ImageNet-1k's)
@@ -81,8 +82,6 @@ def load_experiment(source: str, stage: str = "pretrain") -> tuple[Experiment, s
     try:
         if "experiment" in data:
             spec = RunSpec.model_validate(data)
-            if spec.stage not in ESTIMATED:
-                raise InputError(f"{source}: stage {spec.stage}: only {', '.join(ESTIMATED)} stages are estimated")
             return spec.experiment, spec.stage
         return Experiment.model_validate(data), stage
     except ValidationError as e:
@@ -120,8 +119,10 @@ def stage_steps(exp: Experiment, stage: str, images: int) -> int:
     left."""
     if stage == "pretrain":
         return exp.total_steps(images)
-    if stage == "knn":
+    if stage in ("knn", "locality"):
         return 1
+    if stage == "inpaint":
+        return exp.inpaint.steps
     from extrema.eval.supervised import step_counts
 
     if stage == "detect":
@@ -218,7 +219,9 @@ def estimate_one(args: argparse.Namespace, exp: Experiment, stage: str = "pretra
     from extrema.check.detect import estimate_detect  # torch, after the input is known to be usable
     from extrema.check.downstream import estimate_downstream
     from extrema.check.estimate import estimate_pretrain
+    from extrema.check.inpaint import estimate_inpaint
     from extrema.check.knn import estimate_knn
+    from extrema.check.locality import estimate_locality
 
     checked_numbers(args)
     plan, step = args.plan or args.plan_only, not args.plan_only
@@ -230,6 +233,10 @@ def estimate_one(args: argparse.Namespace, exp: Experiment, stage: str = "pretra
             result = estimate_pretrain(exp, *world, args.target, args.rank, plan, step, args.fake_device)
         elif stage == "detect":
             result = estimate_detect(exp, *world, args.target, args.rank)
+        elif stage == "inpaint":
+            result = estimate_inpaint(exp, *world, args.target)
+        elif stage == "locality":
+            result = estimate_locality(exp, *world, args.target)
         elif stage == "knn":
             images = train_images(exp, args.train_images), val_images(exp)
             result = estimate_knn(exp, *world, args.target, *images, args.rank)
@@ -256,7 +263,7 @@ def job_estimate(job: dict[str, Any]) -> dict[str, Any]:
 
 def many(args: argparse.Namespace) -> int:
     """--many: the JSON list of jobs on standard input, each estimated in a forked child; a JSON list out."""
-    from extrema.check import detect, downstream, estimate, knn  # noqa: F401 (imported once, before the children are forked)
+    from extrema.check import detect, downstream, estimate, inpaint, knn, locality  # noqa: F401 (imported once, before the children are forked)
     from extrema.check.many import estimate_many
 
     try:

@@ -1,8 +1,7 @@
-"""`extrema-launch check`: will it fit? Each pretraining, kNN, finetuning, linear-probe and detection configuration of
-a sweep stepped once under fake tensors at its world size (`python -m extrema.check`, one process each): memory per GPU,
-FLOPs, time and GPU-hours; a configuration that does not fit the GPU named in launcher.resources is refused. `sweep`
-runs the same check before it submits when the resources name a gpu_type or gpu_memory_gb (or with --check;
---no-check skips it)."""
+"""`extrema-launch check`: will it fit? Each configuration of every stage of a sweep stepped once under fake tensors
+at its world size (`python -m extrema.check`, one process for all): memory per GPU, FLOPs, time and GPU-hours; a
+configuration that does not fit the GPU named in launcher.resources is refused. `sweep` runs the same check before
+it submits when the resources name a gpu_type or gpu_memory_gb (or with --check; --no-check skips it)."""
 
 from __future__ import annotations
 
@@ -18,7 +17,7 @@ from rich.text import Text
 
 from launch.addressed import OK, USAGE
 from launch.cli.arguments import add_command, add_sweep_file
-from launch.estimates import Options, configurations, estimate_all, unchecked, wanted
+from launch.estimates import Options, configurations, estimate_all, wanted
 from launch.inputs.errors import UsageError
 from launch.sweepfile.expand import load_runs
 from launch.sweepfile.model import LauncherSpec, Run
@@ -27,16 +26,16 @@ from launch.views import check_view
 LOCAL_ROOT = "runs"  # a root every backend accepts (nothing is read or written there)
 HELP = "predict each stage configuration's memory per GPU, FLOPs and GPU-hours; refuse what does not fit"
 MORE = (
-    "Each distinct pretrain, knn, finetune, probe and detect configuration of the sweep (runs differing only in\n"
-    "the stage's seed share one) is built as the stage builds it, wrapped at the stage's world size (its\n"
-    "launcher.resources nodes x processes_per_node) in a fake process group and stepped once under fake tensors\n"
-    "(knn: a forward pass, its feature bank and the search of its queries; detect: bounded at the largest padded\n"
-    "batch, 100 objects per COCO image, and the RPN's and RoI samplers' caps): nothing is allocated, no GPU is\n"
-    "needed, torch is. launcher.resources.gpu_type (H100, H200, A100-40GB, A100-80GB, V100, L40S) gives the peak\n"
-    "FLOP/s and the memory; gpu_memory_gb overrides the memory. A configuration whose predicted peak per GPU\n"
-    "passes 90% of it is refused with one line. Other stages (inpaint, locality) are listed as not\n"
-    "estimated. Whether the backend can use the file's root (a shared folder for Slurm's logs) is left to\n"
-    "sweep: nothing is read or written there.\n"
+    "Each distinct configuration of every stage of the sweep (runs differing only in the stage's seed share one)\n"
+    "is built as the stage builds it, wrapped at the stage's world size (its launcher.resources nodes x\n"
+    "processes_per_node) in a fake process group and stepped once under fake tensors (knn: a forward pass, its\n"
+    "feature bank and the search of its queries; detect: at the largest padded batch, 100 objects per COCO image\n"
+    "and the RPN's and RoI samplers' caps; inpaint: the decoder's step and an evaluation batch; locality: one\n"
+    "batch's attention): nothing is allocated, no GPU is needed, torch is. launcher.resources.gpu_type (H100,\n"
+    "H200, A100-40GB, A100-80GB, V100, L40S) gives the peak FLOP/s and the memory; gpu_memory_gb overrides the\n"
+    "memory. A configuration whose predicted peak per GPU passes 90% of it is refused with one line. Whether the\n"
+    "backend can use the file's root (a shared folder for Slurm's logs) is left to sweep: nothing is read or\n"
+    "written there.\n"
     "Exit codes: 0 every configuration fits (or no limit was given), 2 one does not or cannot be estimated, or\n"
     "the file is invalid."
 )
@@ -75,14 +74,13 @@ def run_check(out: Console, name: str, runs: Sequence[Run], launcher: LauncherSp
     """Estimate every stage configuration, show the table; the refusal lines (empty when all fit)."""
     configs = configurations(runs, launcher)
     if not configs:
-        others = ", ".join(unchecked(runs))
-        out.print(Text(f"check {name}: no stage to estimate (not estimated: {others})", style="dim"))
+        out.print(Text(f"check {name}: no run, no stage to estimate", style="dim"))
         return []
     start = time.monotonic()
     estimates = estimate_all(configs, options)
     seconds = time.monotonic() - start
     title = f"check {name}: {len(configs)} stage configuration{'s' if len(configs) > 1 else ''} ({seconds:.0f} s)"
-    check_view.show(out, title, estimates, unchecked(runs), options)
+    check_view.show(out, title, estimates, options)
     return [e.refusal for e in estimates if e.refusal]
 
 

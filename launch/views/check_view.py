@@ -63,8 +63,8 @@ def number(value: float | None) -> str:
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
 
 
-def show(out: Console, title: str, estimates: Sequence[Estimate], unchecked: Sequence[str], options: Options) -> None:
-    """The table, what its numbers assume, the total GPU-hours and what was not estimated."""
+def show(out: Console, title: str, estimates: Sequence[Estimate], options: Options) -> None:
+    """The table, what its numbers assume and the total GPU-hours."""
     rows = [row(e) for e in estimates]
     styles = [{"peak GiB": "bold red" if e.refusal else "green"} for e in estimates]
     tables.show(out, title, COLUMNS, rows, styles)
@@ -75,8 +75,9 @@ def show(out: Console, title: str, estimates: Sequence[Estimate], unchecked: Seq
         "Predictions, not measurements: memory per rank from one step of the stage under fake tensors and a fake "
         "process group, as the job runs it (on GPUs: bf16 autocast where the stage asks for it; params include a "
         "probe's frozen encoder; held: pretraining's EMA target, knn's feature bank, which it gathers on every GPU "
-        "before it searches its queries; knn's forward passes and search are one step; detect: bounded at its caps, "
-        "the largest padded batch, 100 objects per COCO image, every proposal and RoI the samplers may keep), "
+        "before it searches its queries; knn's forward passes and search are one step; detect: at its caps, "
+        "the largest padded batch, 100 objects per COCO image, every proposal and RoI the samplers may keep; "
+        "inpaint: the decoder's step or an evaluation batch; locality: a batch's attention, its images one step), "
         "the limit 90% of the GPU's "
         "memory; time = FLOPs / (peak x "
         f"{options.utilization:.0%})"
@@ -90,11 +91,6 @@ def show(out: Console, title: str, estimates: Sequence[Estimate], unchecked: Seq
         runs = len({r for e in estimates for r in e.configuration.run_ids})
         stages = ", ".join(dict.fromkeys(e.configuration.stage for e in estimates if e.gpu_hours is not None))
         notes.append(f"Total: {number(sum(hours))} GPU-hours of {stages} for {runs} run{'s' if runs != 1 else ''}.")
-    if unchecked:
-        notes.append(
-            f"Not estimated: {', '.join(unchecked)} (the check runs the steps of pretrain, knn, finetune, probe and "
-            "detect only)."
-        )
     for note in notes:
         out.print(Text(note, style="dim"), soft_wrap=True)
 
