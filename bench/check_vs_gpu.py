@@ -3,6 +3,13 @@ same step run for real on this machine's GPU, so that the first run on a GPU cal
 
     python bench/check_vs_gpu.py                                  # ViT-B 256 and ViT-S 512 per GPU, 80% x 5
     python bench/check_vs_gpu.py --arch vit_base --batch 128 --device cpu   # the same comparison's plumbing on a CPU
+    python bench/check_vs_gpu.py --detect jobs/detect_coco.yaml   # one GPU's Mask R-CNN step of the COCO recipe
+
+With --detect, the sweep file's first detect configuration on one GPU (its global batch cut to one GPU's share,
+two images for the COCO recipe): the check's prediction at its caps against a real step on images of the caps'
+size, each with the caps' objects laid out on a grid, and the proposals, RoIs and mask RoIs the real step used (a
+random-init detector rarely reaches the mask RoIs' cap: the prediction is then above the measure by the mask
+head's share).
 
 For each configuration (one process, as `pretrain` runs on one GPU): the prediction of `python -m extrema.check`
 with fake tensors on the CPU (CUDA autocast followed; what `extrema-launch check` uses) and, with a GPU here, with
@@ -24,9 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from extrema.check.detect import caps, data_bounds
 from extrema.check.devices import DEFAULT_UTILIZATION, DEVICES, Device
 from extrema.models.extrema import ExtreMA, random_masks
 from extrema.spec import Experiment
+from extrema.stages.detect import LOSSES, build_model
 from extrema.stages.pretrain import color_on_device, train_step
 from extrema.train.dist import World, autocast_dtype, wrap
 from extrema.train.optim import build_adamw, param_groups, scaled_lr
@@ -60,9 +69,12 @@ def gpu_type() -> Device | None:
     return None
 
 
-def predicted(exp: Experiment, target: str, fake_device: str, device: Device | None) -> dict[str, Any]:
+def predicted(
+    exp: Experiment, target: str, fake_device: str, device: Device | None, stage: str = "pretrain"
+) -> dict[str, Any]:
     """The check's JSON for one process on `target`, its fake tensors on `fake_device`."""
-    cmd = [sys.executable, "-m", "extrema.check", "-", "--json", "--target", target, "--fake-device", fake_device]
+    cmd = [sys.executable, "-m", "extrema.check", "-", "--json", "--target", target, "--stage", stage]
+    cmd += ["--fake-device", fake_device] if stage == "pretrain" else []
     if device is not None:
         cmd += ["--gpu-type", device.name]
     proc = subprocess.run(cmd, input=exp.model_dump_json(), capture_output=True, text=True, timeout=600)
@@ -94,22 +106,80 @@ def measured(exp: Experiment, device: torch.device, warmup: int, steps: int) -> 
     color = exp.data.augmentation == "spatial_consistent_color"
     model.train()
 
-    def step() -> float:
-        start = time.perf_counter()
+    def step() -> None:
         core.update_target(p.ema_momentum)
         train_step(loss_module, optimizer, batch, p, world, amp, device_color, color)
+
+    return timed(step, device, warmup, steps)
+
+
+def timed(step: Any, device: torch.device, warmup: int, steps: int) -> tuple[int | None, float]:
+    """(peak bytes of one steady call of `step` or None on a CPU, median seconds per call), after warm-up calls."""
+
+    def once() -> float:
+        start = time.perf_counter()
+        step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
     for _ in range(warmup):
-        step()
+        once()
     peak = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-        step()
+        once()
         peak = torch.cuda.max_memory_allocated()
-    return peak, statistics.median(step() for _ in range(steps))
+    return peak, statistics.median(once() for _ in range(steps))
+
+
+def detect_experiment(path: str) -> Experiment:
+    """The sweep file's first run with a detect stage, its detect batch cut to one GPU's share of it (the file's
+    detect resources: nodes x processes per node)."""
+    from launch.sweepfile.expand import load_runs
+
+    sweep, runs = load_runs(path)
+    exp = next(r.experiment for r in runs if "detect" in r.stages)
+    r = sweep.launcher.resources_for("detect")
+    share = max(1, exp.detect.batch_size // (r.nodes * r.processes_per_node))
+    return exp.model_copy(update={"detect": exp.detect.model_copy(update={"batch_size": share})})
+
+
+def measured_detect(exp: Experiment, device: torch.device, warmup: int, steps: int) -> tuple[Any, ...]:
+    """(peak bytes or None, median seconds, proposals / RoIs / mask RoIs per image seen) of the real detect step on
+    images of the caps' size with the caps' objects each, as the stage runs it on one GPU."""
+    d = exp.detect
+    classes, objects, aspect = data_bounds(d)
+    amp = autocast_dtype(d.precision, device)
+    model = build_model(exp, d, classes, None, amp).to(device)
+    c = caps(d, model, d.batch_size, objects, aspect)
+    depth = model.backbone.body.encoder.depth
+    groups = param_groups(model, d.weight_decay, layer_decay=d.layer_decay, num_layers=depth)
+    optimizer = build_adamw(groups, lr=d.lr, betas=d.betas)
+    side = max(4, int(min(c.height, c.width) / (objects**0.5 + 1)))
+    cols = max(1, c.width // side)
+    boxes = [[(i % cols) * side, (i // cols % max(1, c.height // side)) * side] for i in range(objects)]
+    boxes_t = torch.tensor([[x, y, x + side * 0.8, y + side * 0.8] for x, y in boxes], device=device)
+    masks = torch.zeros(objects, c.height, c.width, dtype=torch.uint8, device=device)
+    for mask, (x, y) in zip(masks, boxes):
+        mask[y : y + int(side * 0.8), x : x + int(side * 0.8)] = 1
+    labels = torch.ones(objects, dtype=torch.int64, device=device)
+    images = [torch.rand(exp.model.in_chans, c.height, c.width, device=device) for _ in range(d.batch_size)]
+    targets = [{"boxes": boxes_t, "labels": labels, "masks": masks} for _ in images]
+    seen: dict[str, list[int]] = {}
+    model.rpn.register_forward_hook(lambda m, i, o: seen.update(proposals=[len(p) for p in o[0]]))
+    model.roi_heads.box_roi_pool.register_forward_hook(lambda m, i, o: seen.update(rois=[len(p) for p in i[1]]))
+    model.roi_heads.mask_roi_pool.register_forward_hook(lambda m, i, o: seen.update(masks=[len(p) for p in i[1]]))
+    model.train()
+
+    def step() -> None:
+        losses = model(images, targets)
+        sum(losses[k] for k in LOSSES).backward()  # type: ignore[union-attr]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    peak, seconds = timed(step, device, warmup, steps)
+    return peak, seconds, seen
 
 
 def main() -> None:
@@ -121,11 +191,23 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--detect", metavar="SWEEP_FILE", help="compare one GPU's detect step of this sweep file instead")
     args = ap.parse_args()
     device = torch.device(args.device)
     table = gpu_type() if device.type == "cuda" else None
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"device: {name} (table entry: {table.name if table else 'none'}); check's utilisation {DEFAULT_UTILIZATION}")
+    if args.detect:
+        exp = detect_experiment(args.detect)
+        peak, seconds, seen = measured_detect(exp, device, args.warmup, args.steps)
+        r = predicted(exp, device.type, "cpu", table, "detect")
+        pred_peak, pred_s = r["memory"]["peak"], r.get("step_seconds")
+        print(f"detect {exp.model.arch}, {exp.detect.batch_size} images a GPU; caps {r['caps']}; real step used {seen}")
+        print(f"peak GiB predicted {pred_peak / GIB:.2f}, measured " + ("-" if peak is None else f"{peak / GIB:.2f}"))
+        print(f"s/step predicted {'-' if pred_s is None else f'{pred_s:.4f}'}, measured {seconds:.4f}")
+        if table:
+            print(f"MFU {r['flops_per_rank'] / (seconds * table.bf16_flops):.3f}")
+        return
     header = "arch       batch  fake  pred peak GiB  meas peak GiB  meas/pred  pred s/step  meas s/step  meas/pred  MFU"
     print(header)
     for arch, batch in zip(args.arch, args.batch):

@@ -18,4 +18,5 @@ run 45 python bench/max_batch.py --arch vit_base --ratio 0.8 --masks 5
 # The check (issue 33) against this GPU: predicted and measured peak memory and step time, ViT-B 256 and ViT-S 512
 # per GPU at 80% x 5 (compare max_batch's largest batch with `extrema-launch check`'s "fits up to")
 run 150 python bench/check_vs_gpu.py
+run 60 python bench/check_vs_gpu.py --detect jobs/detect_coco.yaml --steps 5
 run 60 python bench/imagenet_loader.py --quick --gpu
