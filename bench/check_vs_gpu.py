@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from extrema.check.detect import caps, data_bounds
+from extrema.check.detect import caps, data_bounds, image_sizes
 from extrema.check.devices import DEFAULT_UTILIZATION, DEVICES, Device
 from extrema.models.extrema import ExtreMA, random_masks
 from extrema.spec import Experiment
@@ -156,16 +156,19 @@ def measured_detect(exp: Experiment, device: torch.device, warmup: int, steps: i
     depth = model.backbone.body.encoder.depth
     groups = param_groups(model, d.weight_decay, layer_decay=d.layer_decay, num_layers=depth)
     optimizer = build_adamw(groups, lr=d.lr, betas=d.betas)
-    side = max(4, int(min(c.height, c.width) / (objects**0.5 + 1)))
-    cols = max(1, c.width // side)
-    boxes = [[(i % cols) * side, (i // cols % max(1, c.height // side)) * side] for i in range(objects)]
-    boxes_t = torch.tensor([[x, y, x + side * 0.8, y + side * 0.8] for x, y in boxes], device=device)
-    masks = torch.zeros(objects, c.height, c.width, dtype=torch.uint8, device=device)
-    for mask, (x, y) in zip(masks, boxes):
-        mask[y : y + int(side * 0.8), x : x + int(side * 0.8)] = 1
+    sizes = image_sizes(c)
+    side = max(4, int(c.short / (objects**0.5 + 1)))  # the objects on a grid inside the shorter side
+    corners = [((i % max(1, c.short // side)) * side, (i // max(1, c.short // side)) * side) for i in range(objects)]
+    extent = int(side * 0.8)
+    boxes = torch.tensor([[x, y, x + extent, y + extent] for x, y in corners], dtype=torch.float32, device=device)
     labels = torch.ones(objects, dtype=torch.int64, device=device)
-    images = [torch.rand(exp.model.in_chans, c.height, c.width, device=device) for _ in range(d.batch_size)]
-    targets = [{"boxes": boxes_t, "labels": labels, "masks": masks} for _ in images]
+    images, targets = [], []
+    for h, w in sizes:  # each image its own masks, as the loader hands them
+        masks = torch.zeros(objects, h, w, dtype=torch.uint8, device=device)
+        for mask, (x, y) in zip(masks, corners):
+            mask[y : y + extent, x : x + extent] = 1
+        images.append(torch.rand(exp.model.in_chans, h, w, device=device))
+        targets.append({"boxes": boxes, "labels": labels, "masks": masks})
     seen: dict[str, list[int]] = {}
     model.rpn.register_forward_hook(lambda m, i, o: seen.update(proposals=[len(p) for p in o[0]]))
     model.roi_heads.box_roi_pool.register_forward_hook(lambda m, i, o: seen.update(rois=[len(p) for p in i[1]]))

@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 from torch.profiler import ProfilerActivity, profile
 from torch.profiler._memory_profiler import OpTree
 
-from extrema.check.detect import caps, data_bounds
+from extrema.check.detect import caps, data_bounds, image_sizes
 from extrema.check.downstream import applies, num_classes
 from extrema.eval.knn_monitor import extract, gather_bank
 from extrema.eval.neighbors import knn_hits
@@ -142,8 +142,8 @@ def measured_detect_peak(exp: Experiment, boxes: list[list[float]]) -> tuple[int
     groups = param_groups(model, d.weight_decay, layer_decay=d.layer_decay, num_layers=depth)
     optimizer = build_adamw(groups, lr=d.lr, betas=d.betas)
     apply = applies(optimizer, list(model.parameters()), d.clip_grad)
-    images = [torch.rand(exp.model.in_chans, c.height, c.width) for _ in range(d.batch_size)]
-    targets = [canvas_target(c.height, c.width, boxes) for _ in images]
+    images = [torch.rand(exp.model.in_chans, h, w) for h, w in image_sizes(c)]
+    targets = [canvas_target(h, w, boxes) for h, w in image_sizes(c)]
     seen: dict[str, list[int]] = {}
     heads = model.roi_heads
     model.rpn.register_forward_hook(lambda m, i, o: seen.update(proposals=[len(p) for p in o[0]]))
@@ -163,21 +163,28 @@ def measured_detect_peak(exp: Experiment, boxes: list[list[float]]) -> tuple[int
     return before + allocator_peak(step), seen
 
 
-def measured_inpaint_peak(exp: Experiment) -> int:
-    """The inpainting stage's own training (one step, after a first) and evaluation of one batch of held-out
-    images at its smallest ratio, on the CPU: the bytes alive before them plus the allocator's peak in them."""
+def measured_inpaint_peaks(exp: Experiment) -> dict[str, int]:
+    """The inpainting stage's own training (one step, its optimizer made afresh as the stage makes it) and its
+    evaluation of one batch of held-out images at its smallest ratio, on the CPU: for each, the bytes alive
+    before it plus the allocator's peak in it."""
     s = exp.inpaint.model_copy(update={"steps": 1, "warmup_steps": 0, "ratios": (min(exp.inpaint.ratios),)})
     torch.manual_seed(0)
     encoder = build_vit(exp.model, drop_path_rate=0.0).requires_grad_(False).eval()
     decoder = build_decoder(encoder, s)
     size = exp.model.resolved_img_size
     images = torch.randint(0, 256, (s.batch_size, exp.model.in_chans, size, size), dtype=torch.uint8)
-    held_out = images[: min(EVAL_BATCH, s.val_size or EVAL_BATCH)]
+    shape = (min(EVAL_BATCH, s.val_size or EVAL_BATCH), exp.model.in_chans, size, size)
+    held_out = torch.randint(0, 256, shape, dtype=torch.uint8)
     mean = mean_image(images, encoder.patch_size)
-    train(encoder, decoder, images, s, None)  # its optimizer is the stage's own, made afresh each call
-    before = live_bytes([*encoder.parameters(), *decoder.parameters(), *decoder.buffers(), images, mean])
-    return before + allocator_peak(lambda: (train(encoder, decoder, images, s, None), evaluate(
-        encoder, decoder, held_out, mean, s.ratios[0], s.seed, None)))  # fmt: skip
+    train(encoder, decoder, images, s, None)
+    held = live_bytes([*encoder.parameters(), *decoder.parameters(), *decoder.buffers(), mean])
+    training = held + live_bytes([images]) + allocator_peak(lambda: train(encoder, decoder, images, s, None))
+    evaluation = (
+        held
+        + live_bytes([held_out])
+        + allocator_peak(lambda: evaluate(encoder, decoder, held_out, mean, s.ratios[0], s.seed, None))
+    )
+    return {"training step": training, "evaluation batch": evaluation}
 
 
 def measured_locality_peak(exp: Experiment) -> int:

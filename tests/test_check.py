@@ -40,7 +40,7 @@ from tests.cpu_peak import (
     measure_rank,
     measured_detect_peak,
     measured_finetune_peak,
-    measured_inpaint_peak,
+    measured_inpaint_peaks,
     measured_knn_peaks,
     measured_locality_peak,
     measured_peak,
@@ -222,27 +222,34 @@ def tiny_detect() -> Experiment:
 
 
 def test_predicted_peak_of_a_detect_step_matches_the_cpu_allocator_at_its_caps() -> None:
-    exp = tiny_detect()
+    plain = tiny_detect()
+    checkpointed = plain.model_copy(
+        update={"detect": plain.detect.model_copy(update={"activation_checkpointing": True})}
+    )
     boxes = [[16.0 * (i % 4), 32.0 * (i // 4), 16.0 * (i % 4) + 12, 32.0 * (i // 4) + 12] for i in range(8)]
-    with ThreadPoolExecutor(1) as pool, one_thread():  # predicted from one import while the real step runs
-        predicted = pool.submit(many, [(exp, ["--stage", "detect", "--target", "cpu"])])
-        measured, seen = measured_detect_peak(exp, boxes)
-    (outcome,) = predicted.result()
-    result = outcome["result"]
-    caps = result["caps"]
-    assert caps == {
-        "image": [64, 64],
-        "objects_per_image": 8,
-        "proposals_per_image": 108,
-        "rois_per_image": 32,
-        "mask_rois_per_image": 8,
-    }
-    # the real step reached every cap: the bound is compared with a step of the same sizes
-    assert seen == {"proposals": [100, 100], "rois": [32, 32], "mask_rois": [8, 8]}, seen
-    peak = result["memory"]["peak"]
-    assert within(peak, measured), f"predicted {peak} B, measured {measured} B"
-    assert result["strategy"] == "none" and result["precision"] == "fp32" and result["batch_per_rank"] == 2
-    assert result["memory"]["optimizer"] > 2 * result["memory"]["parameters"]  # AdamW's moments and step counts
+    argv = ["--stage", "detect", "--target", "cpu"]
+    with ThreadPoolExecutor(1) as pool, one_thread():  # predicted from one import while the real steps run
+        predicted = pool.submit(many, [(plain, argv), (checkpointed, argv)])
+        measured = [measured_detect_peak(exp, boxes) for exp in (plain, checkpointed)]
+    results = [outcome["result"] for outcome in predicted.result()]
+    for result, (peak, seen) in zip(results, measured):
+        assert result["caps"] == {
+            "image": [64, 64],
+            "classes": 10,
+            "objects_per_image": 8,
+            "proposals_per_image": 108,
+            "rois_per_image": 32,
+            "mask_rois_per_image": 8,
+        }
+        # the real step reached every cap: the bound is compared with a step of the same sizes
+        assert seen == {"proposals": [100, 100], "rois": [32, 32], "mask_rois": [8, 8]}, seen
+        assert within(result["memory"]["peak"], peak), f"predicted {result['memory']['peak']} B, measured {peak} B"
+        assert result["strategy"] == "none" and result["precision"] == "fp32" and result["batch_per_rank"] == 2
+        assert result["memory"]["optimizer"] > 2 * result["memory"]["parameters"]  # AdamW's moments, step counts
+    # recomputing the blocks in the backward pass shows in the prediction as in the allocator (0.65x here: the
+    # backbone's activations are most of this step's)
+    assert results[1]["memory"]["peak"] < 0.7 * results[0]["memory"]["peak"]
+    assert results[0]["flops_per_rank"] < results[1]["flops_per_rank"]  # and costs the blocks' forward again
 
 
 def test_detect_images_are_bounded_by_the_largest_padded_batch() -> None:
@@ -278,11 +285,12 @@ def test_predicted_peaks_of_inpainting_and_locality_match_the_cpu_allocator() ->
     ]
     with ThreadPoolExecutor(1) as pool, one_thread():  # predicted from one import while the real stages run
         predicted = pool.submit(many, jobs)
-        measured = measured_inpaint_peak(exp), measured_locality_peak(exp)
+        phases, locality_peak = measured_inpaint_peaks(exp), measured_locality_peak(exp)
     inpaint, locality, not_applicable = (outcome["result"] for outcome in predicted.result())
-    for result, peak in zip((inpaint, locality), measured):
-        assert within(result["memory"]["peak"], peak), (result["stage"], result["memory"], peak)
-    assert inpaint["memory"]["peak"] == max(inpaint["phases"].values()) and inpaint["steps"] == 1000
+    for phase, peak in phases.items():  # the training step (batch 64) and the evaluation batch (128 images)
+        assert within(inpaint["phases"][phase], peak), (phase, inpaint["phases"], peak)
+    assert within(locality["memory"]["peak"], locality_peak), (locality["memory"], locality_peak)
+    assert inpaint["phases"]["evaluation batch"] > inpaint["phases"]["training step"] / 2 and inpaint["steps"] == 1000
     assert inpaint["visible_patches"] == 16  # 25% of 64 patches, the ratio that shows the most
     tensors = len(list(build_decoder(build_vit(exp.model, 0.0), exp.inpaint).parameters()))
     assert inpaint["memory"]["optimizer"] == 2 * inpaint["memory"]["gradients"] + 4 * tensors  # moments, step counts

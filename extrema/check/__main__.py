@@ -244,6 +244,10 @@ def estimate_one(args: argparse.Namespace, exp: Experiment, stage: str = "pretra
             result = estimate_downstream(exp, stage, *world, args.target, args.rank)
     except ValueError as e:
         raise InputError(str(e)) from None
+    except RuntimeError as e:  # torch refusing the configuration's shapes: the stage could not run it either
+        raise InputError(
+            f"{stage}: the stage's step cannot run this configuration: {(str(e).splitlines() or [repr(e)])[0]}"
+        ) from None
     if step:
         result.update(budget(result, args, exp))
     return result

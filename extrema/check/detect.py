@@ -2,9 +2,10 @@
 peak, and FLOPs, as a bound at the configuration's caps (`extrema.check.downstream` measures the other stages).
 
 What a detection step holds depends on its data: the padded size of the batch, the objects in it, the proposals
-NMS keeps and the RoIs the samplers draw. The bound takes each at its cap: every image of the rank's batch padded
-to the largest the training resize can give (`image_bound`), `objects` objects in each (their masks at the image's
-size), the RPN's `rpn_proposals` proposals kept per image with the objects' boxes added, `roi_batch_size` RoIs per
+NMS keeps and the RoIs the samplers draw. The bound takes each at its cap: each image the largest the training resize
+can give (`image_sides`), lying and standing in turn, so that the batch pads to the largest it can (`image_bound`),
+`objects` objects in each (their masks at the image's own size; COCO: a stated 100, and COCO 2017's 80 classes), the
+RPN's `rpn_proposals` proposals kept per image with the objects' boxes added, `roi_batch_size` RoIs per
 image sampled for the box head and their positive fraction for the mask head. The model is the stage's own
 (`build_model` on the meta device, then given fake storage) with its optimizer (AdamW over layer-decayed groups)
 after one step; the step runs the stage's modules in the stage's order: the transform's normalised, padded batch,
@@ -12,8 +13,11 @@ the ViT pyramid and FPN (bf16 autocast on a GPU target, as the stage), the RPN h
 matching against the objects, the box head on RoIs pooled from the finest level, the mask head on the positive
 ones and torchvision's mask loss, then the backward pass and the optimizer's step. NMS, the matchers' thresholds and
 the samplers' draws choose values, not sizes: they are left out, their outputs taken at the caps; RoIs are pooled
-from one level (a pooled RoI has one size whatever level it comes from). Several ranks run DDP: the step is the
-unwrapped one plus DDP's gradient buckets, as for finetuning.
+from one level, with the model's pools' output sizes and sampling (a pooled RoI has one size whatever level it
+comes from; the backward pass then writes one level's gradient where the real step writes several levels' parts of
+theirs). Several ranks run DDP: the step is the unwrapped one plus DDP's gradient buckets, as for finetuning. With
+one image per rank, the largest batch that fits is extrapolated from the activations of an image padded as in a
+batch of two (the pixels' ratio), since every image from the second on pads to the larger square.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.roi_heads import maskrcnn_loss
 from torchvision.models.detection.rpn import concat_box_prediction_layers
-from torchvision.ops import box_iou, roi_align
+from torchvision.ops import MultiScaleRoIAlign, box_iou, roi_align
 
 from extrema.check.downstream import FASHION_MNIST_CLASSES, applies, first_step, measure
 from extrema.check.estimate import Setting, Target, fake_storage, fake_world, heading
@@ -42,18 +46,20 @@ from extrema.train.optim import build_adamw, param_groups
 
 COCO_CLASSES = 80  # object categories of COCO 2017's instance annotations
 COCO_OBJECTS = 100  # objects per image the bound assumes for COCO (its densest training images have fewer)
-BOX_POOL, MASK_POOL, POOL_SAMPLING = 7, 14, 2  # MultiScaleRoIAlign's output sizes and sampling ratio in Mask R-CNN
 Step = Callable[[], object]
 
 
 @dataclass(frozen=True)
 class Caps:
-    """The sizes one rank's step is bounded at: images, their padded height and width, objects per image,
-    proposals kept per image (objects added), RoIs sampled per image and the positive ones among them."""
+    """The sizes one rank's step is bounded at: images, their padded height and width, each image's shorter and
+    longer side, objects per image, proposals kept per image (objects added), RoIs sampled per image and the
+    positive ones among them."""
 
     images: int
     height: int
     width: int
+    short: int
+    long: int
     objects: int
     proposals: int
     rois: int
@@ -65,14 +71,25 @@ def padded(side: int, divisor: int) -> int:
     return -(-side // divisor) * divisor
 
 
-def image_bound(d: DetectSpec, aspect: float | None, images: int, divisor: int) -> tuple[int, int]:
-    """The largest padded (height, width) of a rank's batch: the shorter side at most the largest training scale,
+def image_sides(d: DetectSpec, aspect: float | None) -> tuple[int, int]:
+    """The largest (shorter, longer) sides of one training image: the shorter at most the largest training scale,
     the longer at most `max_size` (and at most `aspect` times the shorter when the images' aspect ratio is bounded,
-    None: not); with two images or more, one may stand and one lie, so both sides reach the longer."""
+    None: not)."""
     short = min(max(d.train_scales), d.max_size)
-    long = d.max_size if aspect is None else min(d.max_size, math.ceil(short * aspect))
+    return short, (d.max_size if aspect is None else min(d.max_size, math.ceil(short * aspect)))
+
+
+def image_bound(d: DetectSpec, aspect: float | None, images: int, divisor: int) -> tuple[int, int]:
+    """The largest padded (height, width) of a rank's batch: one image lies (shorter side up); with two or more,
+    one may stand and one lie, so both sides reach the longer."""
+    short, long = image_sides(d, aspect)
     height, width = (long, long) if images > 1 else (short, long)
     return padded(height, divisor), padded(width, divisor)
+
+
+def image_sizes(c: Caps) -> list[tuple[int, int]]:
+    """Each image's own (height, width) at the bound, before the batch pads them: lying and standing in turn."""
+    return [(c.short, c.long) if j % 2 == 0 else (c.long, c.short) for j in range(c.images)]
 
 
 def data_bounds(d: DetectSpec) -> tuple[int, int, float | None]:
@@ -86,23 +103,23 @@ def data_bounds(d: DetectSpec) -> tuple[int, int, float | None]:
 
 def caps(d: DetectSpec, model: MaskRCNN, images: int, objects: int, aspect: float | None) -> Caps:
     """The step's sizes at the stage's caps (the samplers' sizes read from the built model)."""
-    divisor = model.transform.size_divisible
-    height, width = image_bound(d, aspect, images, divisor)
+    height, width = image_bound(d, aspect, images, model.transform.size_divisible)
     sampler = model.roi_heads.fg_bg_sampler
     rois = min(sampler.batch_size_per_image, d.rpn_proposals + objects)
     positives = min(rois, int(sampler.batch_size_per_image * sampler.positive_fraction))
-    return Caps(images, height, width, objects, d.rpn_proposals + objects, rois, positives)
+    return Caps(images, height, width, *image_sides(d, aspect), objects, d.rpn_proposals + objects, rois, positives)
 
 
 def fake_targets(c: Caps, classes: int, device: torch.device) -> list[dict[str, Tensor]]:
-    """What `model_target` hands the model per image, at the caps (call under the fake mode)."""
+    """What `model_target` hands the model per image, at the caps, its masks at the image's own size (call under
+    the fake mode)."""
     return [
         {
             "boxes": torch.zeros(c.objects, 4, device=device),
             "labels": torch.ones(c.objects, dtype=torch.int64, device=device),
-            "masks": torch.zeros(c.objects, c.height, c.width, dtype=torch.uint8, device=device),
+            "masks": torch.zeros(c.objects, h, w, dtype=torch.uint8, device=device),
         }
-        for _ in range(c.images)
+        for h, w in image_sizes(c)
     ]
 
 
@@ -132,11 +149,11 @@ def rpn_losses(model: MaskRCNN, images: Any, features: list[Tensor], targets: li
     return score + box / chosen.shape[0]
 
 
-def pooled(finest: Tensor, rois: Tensor, size: int) -> Tensor:
-    """RoIs pooled as torchvision's MultiScaleRoIAlign pools them, every one from the finest level: each level's
-    pooled RoIs written into one zeroed result."""
-    result = torch.zeros(rois.shape[0], finest.shape[1], size, size, dtype=finest.dtype)
-    result[torch.arange(rois.shape[0])] = roi_align(finest, rois, size, 1 / STRIDES[0], POOL_SAMPLING)
+def pooled(finest: Tensor, rois: Tensor, pool: MultiScaleRoIAlign) -> Tensor:
+    """RoIs pooled as the model's MultiScaleRoIAlign `pool` pools them (its output size and sampling), every one
+    from the finest level: each level's pooled RoIs written into one zeroed result."""
+    result = torch.zeros(rois.shape[0], finest.shape[1], *pool.output_size, dtype=finest.dtype)
+    result[torch.arange(rois.shape[0])] = roi_align(finest, rois, pool.output_size, 1 / STRIDES[0], pool.sampling_ratio)
     return result
 
 
@@ -148,14 +165,14 @@ def roi_losses(model: MaskRCNN, finest: Tensor, targets: list[dict[str, Tensor]]
     for image_proposals, target in zip(proposals, targets):
         box_iou(target["boxes"], image_proposals).max(dim=0)
     rois = [torch.cat([torch.full((c.rois, 1), float(i)), p[: c.rois]], dim=1) for i, p in enumerate(proposals)]
-    boxes = heads.box_head(pooled(finest, torch.cat(rois), BOX_POOL))
+    boxes = heads.box_head(pooled(finest, torch.cat(rois), heads.box_roi_pool))
     logits, regression = heads.box_predictor(boxes)
     labels = torch.zeros(logits.shape[0], dtype=torch.int64)
     positive = torch.cat([i * c.rois + torch.arange(c.positives) for i in range(c.images)])
     chosen = regression.reshape(logits.shape[0], -1, 4)[positive, labels[positive]]
     box = F.smooth_l1_loss(chosen, torch.zeros_like(chosen), beta=1 / 9, reduction="sum") / logits.shape[0]
     mask_rois = torch.cat([r[: c.positives] for r in rois])
-    masks = heads.mask_predictor(heads.mask_head(pooled(finest, mask_rois, MASK_POOL)))
+    masks = heads.mask_predictor(heads.mask_head(pooled(finest, mask_rois, heads.mask_roi_pool)))
     matched = [torch.zeros(c.positives, dtype=torch.int64) for _ in targets]
     mask = maskrcnn_loss(
         masks, [p[: c.positives] for p in proposals], [t["masks"] for t in targets],
@@ -197,7 +214,7 @@ def detect_parts(
             param_groups(model, d.weight_decay, layer_decay=d.layer_decay, num_layers=depth), lr=d.lr, betas=d.betas
         )
         first_step([q for q in model.parameters() if q.requires_grad], optimizer)
-        images = [torch.zeros(exp.model.in_chans, c.height, c.width, device=device) for _ in range(per_rank)]
+        images = [torch.zeros(exp.model.in_chans, h, w, device=device) for h, w in image_sizes(c)]
         targets = fake_targets(c, classes, device)
     apply = applies(optimizer, list(model.parameters()), d.clip_grad)
     model.train()
@@ -227,6 +244,7 @@ def estimate_detect(
     result = heading("detect", world, "ddp" if world_size > 1 else "none", target, setting.amp, per_rank, per_rank)
     result["caps"] = {
         "image": [c.height, c.width],
+        "classes": model.roi_heads.box_predictor.cls_score.out_features - 1,
         "objects_per_image": c.objects,
         "proposals_per_image": c.proposals,
         "rois_per_image": c.rois,
@@ -234,4 +252,8 @@ def estimate_detect(
     }
     with fake:
         result.update(measure([model], optimizer, tuple(inputs), step, setting, world))
+    if per_rank == 1:
+        divisor = model.transform.size_divisible
+        square = padded(c.long, divisor) ** 2 / (c.height * c.width)
+        result["activations_per_image"] = round(result["memory"]["activations"] * square)
     return result

@@ -75,14 +75,19 @@ class CudaAutocastFp32(contextlib.AbstractContextManager["CudaAutocastFp32"]):
     in `torch.nn.functional`, which the models call them through (a torch-function mode would not reach the
     recomputation of checkpointed blocks in the backward pass, which runs outside every such mode)."""
 
+    def __init__(self) -> None:
+        self.replaced: list[tuple[str, Any]] = []
+
     def __enter__(self) -> CudaAutocastFp32:
         for func in CUDA_FP32_FUNCTIONS:
-            setattr(F, func.__name__, fp32_under_autocast(func))
+            name = func.__name__
+            self.replaced.append((name, getattr(F, name)))  # restored on exit, whatever was there (nested uses)
+            setattr(F, name, fp32_under_autocast(func))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for func in CUDA_FP32_FUNCTIONS:
-            setattr(F, func.__name__, func)
+        while self.replaced:
+            setattr(F, *self.replaced.pop())
 
 
 def cpu_attention_flops(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> int:
@@ -310,7 +315,9 @@ def estimate_pretrain(
 
 def measure_step(exp: Experiment, built: Built, world: World, setting: Setting, inputs: Batch) -> dict[str, Any]:
     """The EMA update and `train_step` under a memory tracker and a FLOP counter (call under the fake mode):
-    bytes per rank by kind, the peak, FLOPs per rank and per step."""
+    bytes per rank by kind, the peak, FLOPs per rank and per step. One step serves both: pretraining checkpoints
+    no block (under torch's FLOP counter a checkpointed block's activations stay alive: `downstream.measure` steps
+    twice)."""
     p, core, optimizer = exp.pretrain, built.core, built.optimizer
     tracker = memory_tracker(built, inputs)
     flops = flop_counter()
@@ -374,13 +381,14 @@ def first_step(exp: Experiment, built: Built) -> None:
 
 def max_batch_per_rank(result: dict[str, Any], limit: int) -> int:
     """The largest images per rank whose predicted peak stays under `limit`: activations grow with the batch, the
-    rest does not (a linear model through this estimate's batch); moments no batch changes (knn's search and
-    gather: `batch_free_peak`) must fit too."""
+    rest does not (a linear model through this estimate's batch, or `activations_per_image` where the estimate's
+    batch does not show an image's share: detect's batch of one); moments no batch changes (knn's search and
+    gather, inpainting's evaluation batch: `batch_free_peak`) must fit too."""
     memory, batch = result["memory"], result["batch_per_rank"]
     if result.get("batch_free_peak", 0) > limit:
         return 0
     fixed = result.get("forward_peak", memory["peak"]) - memory["activations"]
-    per_image = memory["activations"] / batch
+    per_image = result.get("activations_per_image", memory["activations"] / batch)
     if per_image <= 0:
         return batch
     return max(0, math.floor((limit - fixed) / per_image))

@@ -77,9 +77,11 @@ def estimate_inpaint(exp: Experiment, nodes: int, processes_per_node: int, targe
     result["visible_patches"] = shown
     with fake:
         result.update(measure([encoder, decoder], optimizer, (x, visible), step, setting, world))
-        decoder.eval()
-        held = [encoder, decoder, optimizer, held_out, held_visible]
-        evaluation_peak, _ = tracked_peak(held, evaluation, setting.cuda_autocast)
-    result["phases"] = {"training step": result["memory"]["peak"], "evaluation batch": evaluation_peak}
-    result["memory"]["peak"] = max(result["phases"].values())
+        decoder.eval()  # the stage evaluates after `train` returned: its optimizer is gone
+        evaluation_peak, _ = tracked_peak([encoder, decoder, held_out, held_visible], evaluation, setting.cuda_autocast)
+    training_peak = result["memory"]["peak"]
+    result["phases"] = {"training step": training_peak, "evaluation batch": evaluation_peak}
+    result["memory"]["peak"] = max(training_peak, evaluation_peak)
+    # the training batch sets the activations; the evaluation batch is the stage's own (`batch_size` leaves it)
+    result |= {"forward_peak": training_peak, "batch_free_peak": evaluation_peak}
     return result

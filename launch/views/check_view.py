@@ -1,6 +1,5 @@
-"""The check's table: one row per stage configuration of a sweep (pretraining, kNN, finetuning, linear probe), its
-memory per GPU by kind, the peak against the limit, FLOPs per step, and time and GPU-hours on the GPU type; the
-sweep's total below."""
+"""The check's table: one row per stage configuration of a sweep (every stage), its memory per GPU by kind, the
+peak against the limit, FLOPs per step, and time and GPU-hours on the GPU type; the sweep's total below."""
 
 from __future__ import annotations
 
