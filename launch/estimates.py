@@ -27,6 +27,9 @@ from launch.sweepfile.model import STAGE_ORDER, LauncherSpec, Run, canonical_jso
 
 # every stage: a step (knn and locality: their passes) the estimator runs
 CHECKED = ("pretrain", "knn", "finetune", "probe", "detect", "inpaint", "locality")
+# a stage's settings that change no shape: its seed, and where its encoder's weights come from (a random init,
+# a checkpoint, the student or the EMA branch: the same encoder either way)
+UNSHAPED = ("seed", "init", "checkpoint", "encoder")
 PARALLEL = 4  # estimates at once (each child holds ~1 GB while it steps a fake ViT-B)
 TIMEOUT_S = 1800.0  # for every configuration of a sweep together
 TAIL = 400  # characters of an estimator's standard error quoted when it fails
@@ -35,7 +38,8 @@ TAIL = 400  # characters of an estimator's standard error quoted when it fails
 @dataclass(frozen=True)
 class Configuration:
     """One distinct stage configuration of a sweep: the stage, an experiment standing for its runs (`run_ids`,
-    those differing from it only in the stage's seed or in the other stages' settings) and the stage's resources."""
+    those differing from it only in the stage's seed or weights' source or in the other stages' settings) and the
+    stage's resources."""
 
     experiment: Experiment
     run_ids: tuple[str, ...]
@@ -85,10 +89,11 @@ def size(n: float) -> str:
 
 
 def configuration_key(experiment: Experiment, resources: ResourcesSpec, stage: str = "pretrain") -> str:
-    """What a stage's estimate depends on, as text: the experiment less the stage's seed and the settings of the
-    other stages, and the resources that shape the job's world and its limit."""
+    """What a stage's estimate depends on, as text: the experiment less the settings of the other stages and the
+    stage's seed and weights' source (`UNSHAPED`), and the resources that shape the job's world and its limit."""
     shown = experiment.model_dump(mode="json", exclude={"stages", *(set(STAGE_ORDER) - {stage})})
-    shown[stage].pop("seed", None)
+    for name in UNSHAPED:
+        shown[stage].pop(name, None)
     fields = ("nodes", "processes_per_node", "gpus_per_node", "gpu_type", "gpu_memory_gb")
     return canonical_json({"experiment": shown, "resources": resources.model_dump(mode="json", include=set(fields))})
 

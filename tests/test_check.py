@@ -490,7 +490,9 @@ def test_check_prints_a_row_for_each_configuration_of_every_stage(tmp_path: Path
     raw["base"]["detect"] = detect.model_dump(mode="json", exclude_defaults=True)  # bf16, blocks recomputed
     raw["base"]["probe"] = {"batch_size": 16, "epochs": 1}
     raw["base"]["finetune"] = {"batch_size": 16, "epochs": 1}
-    raw["sweep"] = {"grid": {"pretrain.seed": [0, 1], "finetune.batch_size": [16, 32]}}
+    raw["sweep"] = {
+        "grid": {"pretrain.seed": [0, 1], "finetune.batch_size": [16, 32], "detect.init": ["pretrained", "random"]}
+    }
     raw["launcher"]["resources"].update(gpus_per_node=1, gpu_type="H100")
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text(yaml.safe_dump(raw))
@@ -500,7 +502,8 @@ def test_check_prints_a_row_for_each_configuration_of_every_stage(tmp_path: Path
     stages = [line.split()[1] for line in rows]  # after the table's border
     assert stages == ["pretrain", "knn", "probe", "finetune", "finetune", "detect", "inpaint", "locality"], out
     assert "check tiny: 8 stage configurations" in out
-    assert "GPU-hours of pretrain, knn, probe, finetune, detect, inpaint, locality for 4 runs" in " ".join(out.split())
+    # a random or a pretrained detection backbone is one configuration (the weights' source changes no shape)
+    assert "GPU-hours of pretrain, knn, probe, finetune, detect, inpaint, locality for 8 runs" in " ".join(out.split())
 
 
 def test_every_stage_has_an_estimate() -> None:
