@@ -132,16 +132,15 @@ def rpn_losses(model: MaskRCNN, images: Any, features: list[Tensor], targets: li
     objectness, deltas = concat_box_prediction_layers(objectness, deltas)
     with torch.no_grad():
         rpn.box_coder.decode(deltas.detach(), anchors)
-    sampled, positives = (
-        rpn.fg_bg_sampler.batch_size_per_image,
-        int(rpn.fg_bg_sampler.batch_size_per_image * rpn.fg_bg_sampler.positive_fraction),
-    )
     goals = []
     for image_anchors, target in zip(anchors, targets):
         quality = box_iou(target["boxes"], image_anchors)
         _, matches = quality.max(dim=0)
         goals.append(rpn.box_coder.encode_single(target["boxes"][matches], image_anchors))
     per_image = deltas.shape[0] // len(anchors)
+    sampler = rpn.fg_bg_sampler  # no more anchors sampled than an image has
+    sampled = min(sampler.batch_size_per_image, per_image)
+    positives = min(int(sampler.batch_size_per_image * sampler.positive_fraction), sampled)
     chosen = torch.cat([i * per_image + torch.arange(sampled) for i in range(len(anchors))])
     positive = torch.cat([i * per_image + torch.arange(positives) for i in range(len(anchors))])
     box = F.smooth_l1_loss(deltas[positive], torch.cat(goals)[positive], beta=1 / 9, reduction="sum")
