@@ -25,7 +25,7 @@ from tests.cluster_sweeps import cli
 from tests.clusters.cpu_limit import CpuLimit
 from tests.clusters.ray_nodes import RayNodes
 from tests.clusters.slurm_nodes import SlurmNodes
-from tests.multinode_runs import EXPERIMENT, TWO_NODES, only_run, slurm_sweep
+from tests.multinode_runs import EXPERIMENT, STEPS, TWO_NODES, only_run, slurm_sweep
 from tests.multinode_runs import sweep_file as multinode_sweep_file
 from tests.stage_runs import merge
 from tests.test_multinode import (
@@ -129,7 +129,10 @@ def test_slurm_a_four_node_checkpoint_resumes_on_two_nodes_equal_to_one_node_two
     assert_equal_models(run, resumed_here)
 
 
-SLOW_SHARE = 0.2  # of one CPU, for the slowed rank
+# of one CPU, for the slowed rank: slow enough that the stage's last 24 steps outlast the straggler checks (a
+# window's median, then 3 checks 2 s apart) on a fast machine (at 0.2 a fast one finished first, 2 runs in 5), and
+# its steps stay well within the 10 s hang timeout on a slow one
+SLOW_SHARE = 0.05
 HANG_S = 10  # the watchdog's tick (and straggler check) every 2 s
 
 
@@ -137,7 +140,7 @@ HANG_S = 10  # the watchdog's tick (and straggler check) every 2 s
 def test_slurm_a_slow_node_is_a_straggler_and_fail_retries_without_it_equal(
     on_four_node_slurm: SlurmNodes, one_node_two_processes: Path, tmp_path: Path
 ) -> None:
-    """A two-node stage on the four-node partition; after its first checkpoint, rank 1's process gets a fifth of a
+    """A two-node stage on the four-node partition; after its first checkpoint, rank 1's process gets a twentieth of a
     CPU: rank 0 flags it a straggler naming its node and, with `straggler_action: fail`, ends the attempt; the retry
     is sent with `--exclude` of that node, runs on two others and ends equal to one node with two processes."""
     resources = {**TWO_NODES, "hang_timeout_s": HANG_S, "straggler_action": "fail", "collective_timeout_s": 60}
@@ -151,7 +154,8 @@ def test_slurm_a_slow_node_is_a_straggler_and_fail_retries_without_it_equal(
         wait_for(lambda: status_of(run).get("state") == "failed", 180, "the straggler to end the attempt")
     took = time.monotonic() - t0
     status = status_of(run)
-    print(f"\nrank 1 on {slow.host} at {SLOW_SHARE:.0%} of a CPU: ended after {took:.1f} s: {status['error'][:300]}")
+    ended = f"ended after {took:.1f} s at step {steps_logged(run)} of {STEPS}"
+    print(f"\nrank 1 on {slow.host} at {SLOW_SHARE:.0%} of a CPU: {ended}: {status['error'][:300]}")
     assert status["error"].startswith(f"straggler: rank 1 on {slow.host} loads data in "), status["error"]
     assert [e["node"] for e in status["bad_nodes"]] == [slow.host]
     flagged = json.loads((run / "pretrain" / "ranks" / "stragglers.json").read_text())

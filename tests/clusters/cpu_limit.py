@@ -4,7 +4,9 @@ else cgroup v2 with the cpu controller), and moved back to the root group when t
 from __future__ import annotations
 
 import contextlib
+import errno
 import secrets
+import time
 from pathlib import Path
 
 from tests.clusters import unavailable
@@ -12,6 +14,7 @@ from tests.clusters import unavailable
 V1 = Path("/sys/fs/cgroup/cpu")
 V2 = Path("/sys/fs/cgroup")
 PERIOD_US = 100_000
+LEAVE_S = 30.0  # how long an exiting process may keep the limited group busy when the limit is lifted
 
 
 def hierarchy() -> tuple[Path, str]:
@@ -53,7 +56,17 @@ class CpuLimit:
         return [int(p) for p in (self.group / "cgroup.procs").read_text().split()]
 
     def __exit__(self, *exc: object) -> None:
-        for pid in self.pids():
-            with contextlib.suppress(OSError):  # it exited meanwhile
-                (self.root / "cgroup.procs").write_text(str(pid))
-        self.group.rmdir()
+        """Move every process back to the root group and remove the limited one; a process still exiting keeps the
+        group busy (it cannot be moved, EBUSY on removal) until it is gone: tried again for up to LEAVE_S."""
+        deadline = time.monotonic() + LEAVE_S
+        while True:
+            for pid in self.pids():
+                with contextlib.suppress(OSError):  # it exited meanwhile, or is exiting
+                    (self.root / "cgroup.procs").write_text(str(pid))
+            try:
+                self.group.rmdir()
+                return
+            except OSError as e:
+                if e.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.2)
