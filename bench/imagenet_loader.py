@@ -17,6 +17,7 @@ ratio is torchvision's full decode measured in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import platform
@@ -25,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -154,13 +156,25 @@ def start_s3(root: Path) -> tuple[subprocess.Popen[bytes], str]:
     return proc, endpoint
 
 
+def thread_cpu() -> dict[int, float]:
+    """CPU seconds (user + system) of each of this process's threads, by native thread id (Linux)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    return out
+
+
 def order_rows(
     tmp: Path, samples: list[tuple[bytes, int]], endpoint: str, total: int, repeats: int
-) -> tuple[list[tuple[str, float, float, float]], list[float]]:
+) -> tuple[list[tuple[str, float, float, float]], list[float], list[str]]:
     """(name, images per CPU-second, requests per image, bytes fetched per byte used) of the two-view pipeline
     (colour on the device, reduced decode, masks) over one epoch of `total` samples in each order, from file://
-    and from the S3 server: the best of `repeats` passes, each with a fresh reader (a cold block cache); and each
-    round's ratio of S3 block reads to file:// block reads (the two passes next to each other in time)."""
+    and from the S3 server: the best of `repeats` passes, each with a fresh reader (a cold block cache); each
+    round's ratio of S3 block reads to file:// block reads (the two passes next to each other in time); and each
+    block pass's CPU per image of the calling (decoding) thread and of the others (fetching), from /proc."""
     from fsspec.core import url_to_fs
 
     from extrema.data.object_store import storage_options
@@ -181,6 +195,7 @@ def order_rows(
     batch = 256
     results: dict[tuple[str, str], tuple[float, float, float]] = {}
     ratios: list[float] = []
+    split: list[str] = []
     for _ in range(repeats):  # the configurations in turn, so that a change of load falls on all of them
         this_round: dict[tuple[str, str], float] = {}
         for where, url in urls.items():
@@ -190,10 +205,16 @@ def order_rows(
                 views = loaders.PretrainViews(base, dev, 0, masks)
                 follow = loaders.shard_local_order(views, batch, 0, total // batch)
                 perm = (follow or (lambda e: global_permutation(total, 0, e)))(0)[: total // batch * batch].tolist()
+                me, threads = threading.get_native_id(), thread_cpu()
                 t = time.process_time()
                 for i in perm:
                     views[(0, i)]
                 r = len(perm) / max(time.process_time() - t, 1e-9)
+                spent = {k: v - threads.get(k, 0.0) for k, v in thread_cpu().items()}
+                if order == "blocks":
+                    mine, others = spent.get(me, 0.0), sum(v for k, v in spent.items() if k != me)
+                    split.append(f"{where}: decoding thread {1e3 * mine / len(perm):.3f} ms an image, other threads "
+                                 f"{1e3 * others / len(perm):.3f}")  # fmt: skip
                 used = int((base.members["size"][perm].astype(np.int64) + HEADER).sum())
                 fetched = base.cache_stats.bytes_fetched or used  # read image by image: what was used
                 best = results.get((order, where), (0.0, 0.0, 0.0))[0]
@@ -201,7 +222,7 @@ def order_rows(
                 this_round[(order, where)] = r
         ratios.append(this_round[("blocks", "S3 server")] / this_round[("blocks", "file://")])
     rows = [(f"{order} order, {where}", *results[(order, where)]) for where in urls for order in ("blocks", "global")]
-    return rows, ratios
+    return rows, ratios, split
 
 
 def device_decode_rate(blobs: list[bytes], batch: int = 128, repeats: int = 5) -> float:
@@ -261,7 +282,7 @@ def main() -> None:
         write_shards(str(tmp / "shards" / "train"), samples, 10, max(n // 4, 1))
         proc, endpoint = start_s3(tmp)
         total = 1024 if args.quick else 2048
-        epoch, ratios = order_rows(tmp, samples, endpoint, total, args.rounds or (2 if args.quick else 3))
+        epoch, ratios, split = order_rows(tmp, samples, endpoint, total, args.rounds or (2 if args.quick else 3))
         print(f"\nCPU: {cpu_model()}, {os.cpu_count()} cores; torch {torch.__version__}, 1 thread; one epoch of "
               f"{total} samples (the {n} JPEGs repeated), shards of 1,024, blocks of 256\n")  # fmt: skip
         print("| two views, colour on the device, reduced decode | images per CPU-second | requests per image | "
@@ -274,6 +295,9 @@ def main() -> None:
               f"{TARGET / s3_blocks:.1f}, global {TARGET / epoch[3][1]:.1f}")  # fmt: skip
         print(f"S3 (blocks) / file:// (blocks) round by round: median {statistics.median(ratios):.2f}, "
               f"{min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} rounds")  # fmt: skip
+        print("CPU of each block pass, by thread (/proc/self/task; clock ticks of 10 ms):")
+        for line in split:
+            print(f"  {line}")
         if args.orders:
             return
         s3 = StorageSpec(endpoint_url=endpoint)
