@@ -35,7 +35,7 @@ from extrema.check.detect import caps, data_bounds, image_sizes
 from extrema.check.devices import DEFAULT_UTILIZATION, DEVICES, Device
 from extrema.models.extrema import ExtreMA, random_masks
 from extrema.spec import Experiment
-from extrema.stages.detect import LOSSES, build_model
+from extrema.stages.detect import LOSSES, build_model, detect_optimizer
 from extrema.stages.pretrain import color_on_device, train_step
 from extrema.train.dist import World, autocast_dtype, wrap
 from extrema.train.optim import build_adamw, param_groups, scaled_lr
@@ -153,9 +153,7 @@ def measured_detect(exp: Experiment, device: torch.device, warmup: int, steps: i
     amp = autocast_dtype(d.precision, device)
     model = build_model(exp, d, classes, None, amp).to(device)
     c = caps(d, model, d.batch_size, objects, aspect)
-    depth = model.backbone.body.encoder.depth
-    groups = param_groups(model, d.weight_decay, layer_decay=d.layer_decay, num_layers=depth)
-    optimizer = build_adamw(groups, lr=d.lr, betas=d.betas)
+    optimizer = detect_optimizer(model, d)
     sizes = image_sizes(c)
     side = max(4, int(c.short / (objects**0.5 + 1)))  # the objects on a grid inside the shorter side
     corners = [((i % max(1, c.short // side)) * side, (i // max(1, c.short // side)) * side) for i in range(objects)]

@@ -24,7 +24,7 @@ from extrema.models.extrema import ExtreMA, random_masks
 from extrema.models.vit import build_vit
 from extrema.spec import Experiment
 from extrema.stages import finetune, probe
-from extrema.stages.detect import LOSSES, build_model
+from extrema.stages.detect import LOSSES, build_model, detect_optimizer
 from extrema.stages.finetune import build_classifier, finetune_optimizer
 from extrema.stages.inpaint import EVAL_BATCH, build_decoder, evaluate, mean_image, train
 from extrema.stages.knn import knn_encoder
@@ -138,9 +138,7 @@ def measured_detect_peak(exp: Experiment, boxes: list[list[float]]) -> tuple[int
     torch.manual_seed(0)
     model = build_model(exp, d, classes, None, None)
     c = caps(d, model, d.batch_size, len(boxes), aspect)
-    depth = model.backbone.body.encoder.depth
-    groups = param_groups(model, d.weight_decay, layer_decay=d.layer_decay, num_layers=depth)
-    optimizer = build_adamw(groups, lr=d.lr, betas=d.betas)
+    optimizer = detect_optimizer(model, d)
     apply = applies(optimizer, list(model.parameters()), d.clip_grad)
     images = [torch.rand(exp.model.in_chans, h, w) for h, w in image_sizes(c)]
     targets = [canvas_target(h, w, boxes) for h, w in image_sizes(c)]

@@ -41,8 +41,7 @@ from extrema.check.downstream import FASHION_MNIST_CLASSES, applies, first_step,
 from extrema.check.estimate import Setting, Target, fake_storage, fake_world, heading
 from extrema.models.detector import STRIDES
 from extrema.spec import DetectSpec, Experiment
-from extrema.stages.detect import build_model
-from extrema.train.optim import build_adamw, param_groups
+from extrema.stages.detect import build_model, detect_optimizer
 
 COCO_CLASSES = 80  # object categories of COCO 2017's instance annotations
 COCO_OBJECTS = 100  # objects per image the bound assumes for COCO (its densest training images have fewer)
@@ -110,7 +109,7 @@ def caps(d: DetectSpec, model: MaskRCNN, images: int, objects: int, aspect: floa
     return Caps(images, height, width, *image_sides(d, aspect), objects, d.rpn_proposals + objects, rois, positives)
 
 
-def fake_targets(c: Caps, classes: int, device: torch.device) -> list[dict[str, Tensor]]:
+def fake_targets(c: Caps, device: torch.device) -> list[dict[str, Tensor]]:
     """What `model_target` hands the model per image, at the caps, its masks at the image's own size (call under
     the fake mode)."""
     return [
@@ -207,14 +206,11 @@ def detect_parts(
         fake.from_tensor(anchors.generate_anchors(s, a)) for s, a in zip(anchors.sizes, anchors.aspect_ratios)
     ]
     c = caps(d, model, per_rank, objects, aspect)
-    depth = model.backbone.body.encoder.depth
     with fake:
-        optimizer = build_adamw(
-            param_groups(model, d.weight_decay, layer_decay=d.layer_decay, num_layers=depth), lr=d.lr, betas=d.betas
-        )
+        optimizer = detect_optimizer(model, d)
         first_step([q for q in model.parameters() if q.requires_grad], optimizer)
         images = [torch.zeros(exp.model.in_chans, h, w, device=device) for h, w in image_sizes(c)]
-        targets = fake_targets(c, classes, device)
+        targets = fake_targets(c, device)
     apply = applies(optimizer, list(model.parameters()), d.clip_grad)
     model.train()
 

@@ -2,7 +2,7 @@
 ratio that shows the encoder the most patches, and one evaluation batch; memory by kind, the peak, and FLOPs.
 
 The encoder and decoder are the stage's own (`build_vit`, `build_decoder`) on the meta device, then given fake
-storage, the decoder's AdamW (`build_adamw` over its groups, betas 0.9 / 0.95) after one step; the step is the
+storage, the decoder's AdamW (`decoder_optimizer`) after one step; the step is the
 stage's: `reconstruct` (the encoder under no_grad, in bf16 autocast on a GPU), the hidden patches' squared error,
 the backward pass and the optimizer's step. Apart from it, a no_grad evaluation batch of up to 256 held-out images:
 the peak is the larger of the two; FLOPs and time are the training step's (evaluation passes forward only, over
@@ -25,8 +25,15 @@ from extrema.check.estimate import Setting, Target, fake_storage, fake_world, he
 from extrema.check.knn import tracked_peak
 from extrema.models.vit import build_vit
 from extrema.spec import Experiment, visible_count
-from extrema.stages.inpaint import EVAL_BATCH, build_decoder, hidden_mask, num_patches, patchify, reconstruct
-from extrema.train.optim import build_adamw, param_groups
+from extrema.stages.inpaint import (
+    EVAL_BATCH,
+    build_decoder,
+    decoder_optimizer,
+    hidden_mask,
+    num_patches,
+    patchify,
+    reconstruct,
+)
 
 
 def squared_error(pred: Tensor, x: Tensor, visible: Tensor, p: int) -> Tensor:
@@ -55,8 +62,7 @@ def estimate_inpaint(exp: Experiment, nodes: int, processes_per_node: int, targe
     shown = visible_count(n, min(s.ratios))
     evaluated = min(EVAL_BATCH, s.val_size or EVAL_BATCH)
     with fake:
-        groups = param_groups(decoder, s.weight_decay, no_decay_names=("mask_token",))
-        optimizer = build_adamw(groups, s.lr, (0.9, 0.95))
+        optimizer = decoder_optimizer(decoder, s)
         first_step(list(decoder.parameters()), optimizer)
         x = torch.zeros(s.batch_size, exp.model.in_chans, size, size)
         visible = torch.zeros(s.batch_size, shown, dtype=torch.long)

@@ -60,6 +60,13 @@ def step_lr(step: int, steps_per_epoch: int, d: DetectSpec) -> float:
     return lr
 
 
+def detect_optimizer(model: MaskRCNN, d: DetectSpec) -> torch.optim.AdamW:
+    """AdamW with layer-wise lr decay over the detector's ViT blocks, at the stage's peak lr."""
+    depth = model.backbone.body.encoder.depth
+    groups = param_groups(model, d.weight_decay, layer_decay=d.layer_decay, num_layers=depth)
+    return build_adamw(groups, lr=d.lr, betas=d.betas)
+
+
 def detection_sets(exp: Experiment, d: DetectSpec, stage_dir: str, world: World) -> tuple[CocoDetection, CocoDetection]:
     """(train, val) detection sets: COCO files at the spec's URLs, or the canvas set (built once, by rank 0)."""
     if d.dataset == "coco":
@@ -159,9 +166,7 @@ def run(spec: RunSpec, stage_dir: str, attempt: Attempt = BARE) -> dict[str, Any
     source = None if d.init == "random" else weights.weights_source(d.checkpoint, stage_dir)
     model = build_model(exp, d, len(train.classes), source, amp)
     model, trained = data_parallel(model, world)
-    depth = model.backbone.body.encoder.depth
-    groups = param_groups(model, d.weight_decay, layer_decay=d.layer_decay, num_layers=depth)
-    optimizer = build_adamw(groups, lr=d.lr, betas=d.betas)
+    optimizer = detect_optimizer(model, d)
 
     step_end = StepEnd(
         world=world,

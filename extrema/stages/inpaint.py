@@ -93,6 +93,11 @@ def build_decoder(encoder: VisionTransformer, s: InpaintSpec) -> PixelDecoder:
     return PixelDecoder(encoder.embed_dim, s.decoder_dim, s.decoder_depth, s.decoder_heads, grid, pixels)
 
 
+def decoder_optimizer(decoder: PixelDecoder, s: InpaintSpec) -> torch.optim.AdamW:
+    """AdamW over the decoder (no decay on its mask token), betas (0.9, 0.95), at the stage's peak lr."""
+    return build_adamw(param_groups(decoder, s.weight_decay, no_decay_names=("mask_token",)), s.lr, (0.9, 0.95))
+
+
 def reconstruct(
     encoder: VisionTransformer, decoder: PixelDecoder, x: Tensor, visible: Tensor, amp: torch.dtype | None
 ) -> Tensor:
@@ -128,7 +133,7 @@ def train(
     """Train the decoder on masked patches for `s.steps` steps; the per-step losses."""
     device = next(decoder.parameters()).device
     n, p = num_patches(encoder), encoder.patch_size
-    optimizer = build_adamw(param_groups(decoder, s.weight_decay, no_decay_names=("mask_token",)), s.lr, (0.9, 0.95))
+    optimizer = decoder_optimizer(decoder, s)
     g = torch.Generator().manual_seed(datasets.seed_of(s.seed, 1))
     losses = []
     decoder.train()
