@@ -279,13 +279,31 @@ def run_stage(run_dir: str, stage: str) -> dict[str, Any]:
     except SystemExit:
         raise
     except BaseException as e:
-        outcome = ending(e)[0]
-        if rank == 0:
+        lost = taken_over(mine, e)
+        outcome = ending(lost or e)[0]
+        if rank == 0 and lost is None:
             record_end(stage_dir, e, fence_of(mine))
+        if lost is not None:
+            raise lost from e
         raise
     finally:
         if mine is not None:
             mine.release(outcome)
+
+
+def taken_over(mine: lease.Lease | None, e: BaseException) -> lease.LeaseLost | None:
+    """The LeaseLost behind an attempt's failure when another attempt took the stage over meanwhile: a frozen attempt
+    that writes on fails on what its successor changed (a step directory it pruned) and must end as a lost lease,
+    not as the stage's failure."""
+    if mine is None or isinstance(e, lease.LeaseLost):
+        return None
+    try:
+        mine.check_superseded()
+    except lease.LeaseLost as lost:
+        return lost
+    except Exception:  # the store does not answer: the failure stands as it is
+        return None
+    return None
 
 
 def read_spec(stage_dir: str, stage: str) -> RunSpec:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from extrema.run import rundir
+from extrema.run.checkpoint_dirs import shard_rank
 from extrema.spec import Experiment, RunSpec
 from extrema.train import ckpt
 from extrema.train.safe_dcp import SafeFsspecReader
@@ -28,6 +29,18 @@ TINY_EXPERIMENT: dict[str, Any] = {
     },
     "knn": {"bank_size": 256, "k": 10},
 }
+
+
+def shard(step_dir: Path, rank: int = 0) -> str:
+    """The name of the one data file `rank` wrote in a complete step directory."""
+    names = [p.name for p in step_dir.iterdir() if shard_rank(p.name) == rank]
+    assert len(names) == 1, sorted(p.name for p in step_dir.iterdir())
+    return names[0]
+
+
+def shard_ranks(step_dir: Path) -> set[int]:
+    """The ranks whose data files a step directory holds."""
+    return {r for p in step_dir.iterdir() if (r := shard_rank(p.name)) is not None}
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -34,12 +34,11 @@ from extrema.spec import ModelSpec
 from extrema.train import ckpt, weights
 from extrema.train.optim import LARS, build_adamw, param_groups, set_hyperparams
 from extrema.train.safe_dcp import JSON_MAGIC, SafeFsspecReader, UnsafeCheckpoint, decode_state, encode_state
-from tests.stage_runs import TINY_EXPERIMENT, checkpointed_model, make_run
+from tests.stage_runs import TINY_EXPERIMENT, checkpointed_model, make_run, shard
 from tests.test_probe import PROBE
 
 # Complete steps 2 and 4; both kept.
 SETUP = {"pretrain": {"steps": 4, "ckpt_every": 2, "keep_last": 5}}
-SHARD = "__0_0.distcp"
 
 
 class MakesMarker:
@@ -158,12 +157,25 @@ def test_crafted_rank_local_metadata_is_refused(reference: Path, tmp_path: Path)
         SafeFsspecReader(str(step_dir)).read_metadata(rank=0)
 
 
+@pytest.mark.parametrize("name", ["../../outside.distcp", "/etc/hostname", "__0_0.distcp/../../x", "notes.txt"])
+def test_metadata_naming_a_file_outside_its_step_is_refused(reference: Path, tmp_path: Path, name: str) -> None:
+    step_dir = copy_run(reference, tmp_path / "run") / "step-4"
+    meta = pickle.loads((step_dir / ".metadata").read_bytes())  # our own checkpoint: trusted
+    index = next(iter(meta.storage_data))
+    meta.storage_data[index] = dataclasses.replace(meta.storage_data[index], relative_path=name)
+    (step_dir / ".metadata").write_bytes(pickle.dumps(meta))
+    with pytest.raises(UnsafeCheckpoint, match="not one in its step directory"):
+        SafeFsspecReader(str(step_dir)).read_metadata()
+    with pytest.raises(ckpt.CheckpointError, match="not one in its step directory"):
+        ckpt.load(str(step_dir), nested("extra.step"))
+
+
 def test_a_crafted_entry_is_refused_by_ckpt_load(reference: Path, tmp_path: Path) -> None:
     step_dir = copy_run(reference, tmp_path / "run") / "step-4"
     craft_entry(step_dir, "extra.init_top1", tmp_path / "marker")
     with pytest.raises(ckpt.CheckpointError) as caught:
         ckpt.load(str(step_dir), nested("extra.init_top1"))
-    assert f"{step_dir}/{SHARD}: entry extra.init_top1 does not load weights-only" in str(caught.value)
+    assert f"{step_dir}/{shard(step_dir)}: entry extra.init_top1 does not load weights-only" in str(caught.value)
     assert "posix.mkdir" in str(caught.value)
     assert not (tmp_path / "marker").exists()
 
@@ -193,7 +205,8 @@ def test_resume_sets_aside_a_step_with_crafted_metadata(reference: Path, tmp_pat
 def test_resume_sets_aside_a_step_with_a_crafted_entry(reference: Path, tmp_path: Path, fqn: str) -> None:
     ckpt_dir = copy_run(reference, tmp_path / "run")
     craft_entry(ckpt_dir / "step-4", fqn, tmp_path / "marker")
-    resumes_past(tmp_path / "run", reference, tmp_path / "marker", f"{SHARD}: entry {fqn} does not load weights-only")
+    why = f"{shard(ckpt_dir / 'step-4')}: entry {fqn} does not load weights-only"
+    resumes_past(tmp_path / "run", reference, tmp_path / "marker", why)
 
 
 @pytest.mark.parametrize("stage", ["knn", "probe"])
@@ -351,6 +364,6 @@ def test_a_malformed_json_entry_is_refused_naming_it(reference: Path, tmp_path: 
     step_dir = copy_run(reference, tmp_path / "run") / "step-4"
     replace_entry(step_dir, "extra.init_top1", JSON_MAGIC + payload)
     with pytest.raises(
-        ckpt.CheckpointError, match=f"{re.escape(str(step_dir))}/{SHARD}: entry extra.init_top1 is not valid"
+        ckpt.CheckpointError, match=f"{re.escape(str(step_dir))}/{shard(step_dir)}: entry extra.init_top1 is not valid"
     ):
         ckpt.load(str(step_dir), nested("extra.init_top1"))

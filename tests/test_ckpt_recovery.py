@@ -19,11 +19,10 @@ from extrema import entry
 from extrema.run import contract, lease, rundir
 from extrema.train import ckpt
 from launch.backends.ray.head import free_ports
-from tests.stage_runs import checkpointed_model, make_run
+from tests.stage_runs import checkpointed_model, make_run, shard
 
 # Complete steps 4, 8 and 12, all kept.
 SETUP = {"pretrain": {"steps": 12, "ckpt_every": 4, "keep_last": 5}}
-SHARD = "__0_0.distcp"
 GARBAGE = bytes(range(255, -1, -1)) * 8
 
 
@@ -52,18 +51,18 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 
 
 def truncate(step_dir: Path) -> None:
-    data = (step_dir / SHARD).read_bytes()
-    (step_dir / SHARD).write_bytes(data[: len(data) // 2])
+    data = (step_dir / shard(step_dir)).read_bytes()
+    (step_dir / shard(step_dir)).write_bytes(data[: len(data) // 2])
 
 
 def zero_out(step_dir: Path) -> None:
     """Zeros of the same size: passes the size check, fails inside DCP's load."""
-    (step_dir / SHARD).write_bytes(bytes((step_dir / SHARD).stat().st_size))
+    (step_dir / shard(step_dir)).write_bytes(bytes((step_dir / shard(step_dir)).stat().st_size))
 
 
 CORRUPTIONS = {
     "truncated shard": (lambda d: truncate(d), "truncated"),
-    "zero-byte shard": (lambda d: (d / SHARD).write_bytes(b""), "truncated: 0 bytes"),
+    "zero-byte shard": (lambda d: (d / shard(d)).write_bytes(b""), "truncated: 0 bytes"),
     "empty .metadata": (lambda d: (d / ".metadata").write_bytes(b""), ".metadata is unreadable"),
     "garbage .metadata": (lambda d: (d / ".metadata").write_bytes(GARBAGE), ".metadata is unreadable"),
     "zeroed shard of the right size": (zero_out, "UnpicklingError"),
@@ -80,7 +79,7 @@ def test_resume_skips_a_corrupt_step_and_ends_as_uninterrupted(reference: Path, 
         bad = 16
         (ckpt_dir / "step-16").mkdir()
         (ckpt_dir / "step-16" / ".metadata").write_bytes(GARBAGE)
-        (ckpt_dir / "step-16" / SHARD).write_bytes(GARBAGE * 3)
+        (ckpt_dir / "step-16" / "__0_0.distcp").write_bytes(GARBAGE * 3)
         expected = ".metadata is unreadable"
     else:
         bad = 12
@@ -160,10 +159,10 @@ def test_shards_and_directory_are_fsynced_before_metadata_is_renamed(tmp_path: P
     def first(path: Path, committed: bool) -> int:
         return synced.index((str(path), committed))
 
-    shard = first(step_dir / SHARD, False)
+    data = first(step_dir / shard(step_dir), False)
     entries = first(step_dir, False)
     marker = first(step_dir / ".metadata.tmp", False)
-    assert shard < entries < marker < first(step_dir, True) < first(tmp_path / "ckpt", True), synced
+    assert data < entries < marker < first(step_dir, True) < first(tmp_path / "ckpt", True), synced
 
 
 def test_commit_is_fenced_by_the_lease(tmp_path: Path) -> None:
@@ -178,6 +177,31 @@ def test_commit_is_fenced_by_the_lease(tmp_path: Path) -> None:
         ckpt.save(ckpt_dir, 2, ckpt.training_state(model, opt, {"step": 2}), held.fence)
     assert ckpt.list_steps(ckpt_dir) == {1: True, 2: False}
     assert ckpt.latest_step(ckpt_dir) == 1
+
+
+def test_an_attempt_that_writes_on_after_losing_its_stage_leaves_the_committed_step_whole(tmp_path: Path) -> None:
+    """A frozen attempt that passed its fence before the data and continues after another attempt committed the same
+    step: its files land beside the committed ones, its commit is refused, and the step loads the committed values."""
+    ckpt_dir = str(tmp_path / "ckpt")
+    model, opt = linear_state(0)
+    ckpt.save(ckpt_dir, 4, ckpt.training_state(model, opt, {"step": 4}))
+    committed = {p.name: p.read_bytes() for p in (tmp_path / "ckpt" / "step-4").iterdir()}
+    fences: list[str] = []
+
+    def lost_after_the_data(what: str) -> None:  # passes before the shards, refuses the commit
+        fences.append(what)
+        if len(fences) > 1:
+            raise lease.LeaseLost("taken over")
+
+    stale, stale_opt = linear_state(1)
+    with pytest.raises(lease.LeaseLost):
+        ckpt.save(ckpt_dir, 4, ckpt.training_state(stale, stale_opt, {"step": 4}), lost_after_the_data)
+    assert len(fences) == 2
+    after = {p.name: p.read_bytes() for p in (tmp_path / "ckpt" / "step-4").iterdir()}
+    assert {n: after[n] for n in committed} == committed and len(after) == len(committed) + 1
+    back, back_opt = linear_state(2)
+    ckpt.restore(ckpt_dir, back, back_opt, {"step": 0})
+    assert torch.equal(back.weight, model.weight) and not torch.equal(back.weight, stale.weight)
 
 
 def test_interrupt_while_loading_is_not_a_corrupt_step(tmp_path: Path, monkeypatch) -> None:
@@ -201,7 +225,8 @@ def test_load_module_names_the_corrupt_step_and_tries_no_other(tmp_path: Path) -
         ckpt.save(ckpt_dir, step, ckpt.training_state(model, opt, {"step": step}))
     truncate(tmp_path / "ckpt" / "step-2")
     url = ckpt.step_url(ckpt_dir, 2)
-    with pytest.raises(ckpt.CheckpointError, match=f"checkpoint {url} cannot be loaded: {SHARD} is truncated"):
+    name = shard(tmp_path / "ckpt" / "step-2")
+    with pytest.raises(ckpt.CheckpointError, match=f"checkpoint {url} cannot be loaded: {name} is truncated"):
         ckpt.load_module(url, torch.nn.Linear(8, 8), prefix="")
     assert ckpt.complete_steps(ckpt_dir) == [2, 1]
 

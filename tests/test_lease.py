@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from extrema import entry
 from extrema.run import contract, lease, rundir
 from tests.stage_runs import make_run
 
@@ -115,6 +116,21 @@ def test_an_owner_that_cannot_renew_within_its_ttl_refuses_to_commit(tmp_path: P
 
 def _unreachable(url: str, obj: object) -> None:
     raise ConnectionError("store unreachable")
+
+
+def test_a_failure_after_a_takeover_ends_as_the_lost_lease(tmp_path: Path) -> None:
+    """What a frozen attempt trips over once it continues (its successor pruned the step it was writing) is the lost
+    stage, not the stage's failure: exit EXIT_LEASE_LOST, nothing recorded."""
+    stage = str(tmp_path / "s")
+    mine = lease.try_acquire(stage)
+    assert isinstance(mine, lease.Lease)
+    pruned = FileNotFoundError(2, "No such file or directory", "s/ckpt/step-4/__0_ab_0.distcp")
+    assert entry.taken_over(mine, pruned) is None  # still its own: the failure stands
+    rundir.write_json(rundir.join(lease.lease_dir(stage), f"{mine.generation + 1:08d}.json"), {"token": "x"})
+    lost = entry.taken_over(mine, pruned)
+    assert isinstance(lost, lease.LeaseLost) and "taken over" in str(lost)
+    assert entry.ending(lost) == ("lease lost", contract.EXIT_LEASE_LOST)
+    assert entry.taken_over(None, pruned) is None
 
 
 def test_a_frozen_attempt_that_lost_its_stage_commits_nothing(tmp_path: Path) -> None:

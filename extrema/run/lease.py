@@ -239,7 +239,7 @@ def generations(stage_dir: str) -> list[int]:
         names = [str(p).rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False, **fresh)]
     except (FileNotFoundError, NotADirectoryError):
         return []
-    return sorted(int(m.group(1)) for n in names if (m := _GEN.match(n)))
+    return sorted(int(m.group(1)) for n in names if (m := _GEN.fullmatch(n)))
 
 
 def _gen_url(stage_dir: str, gen: int) -> str:

@@ -14,6 +14,7 @@ is logged, recorded in the stage's status.json (`checkpoint_skips`) and moved to
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import sys
@@ -30,6 +31,7 @@ from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import _StoragePrefix
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 from torch.distributed.checkpoint.state_dict import (
@@ -163,7 +165,9 @@ class DurableWriter(FsspecWriter):
     Every rank fsyncs its shards (`sync_files`) and then their directory; the coordinator checks the stage's lease
     (`fence`), writes and fsyncs `.metadata`, renames it into place and fsyncs the step directory and its
     parent. So after a node crash a `.metadata` never names data that did not reach the disk, and an attempt that
-    lost its stage never commits.
+    lost its stage never commits. Each save names its files afresh (`checkpoint_dirs.SHARD_FILE`) and checks the
+    lease before writing them: an attempt that lost its stage while frozen and writes on leaves unreferenced files,
+    never overwritten data under a later attempt's `.metadata`.
     """
 
     def __init__(self, url: str, fence: lease.Fence) -> None:
@@ -171,8 +175,14 @@ class DurableWriter(FsspecWriter):
         self.url = url
         self.fence = fence
 
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        """Name rank i's files `__<i>_<save>_<n>.distcp`, one fresh `<save>` for this save (coordinator only)."""
+        save = uuid.uuid4().hex[:12]
+        return [dataclasses.replace(p, storage_data=_StoragePrefix(f"__{i}_{save}_")) for i, p in enumerate(plans)]
+
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        """Write and fsync this rank's shards, then their directory entries."""
+        """Check the lease, then write and fsync this rank's shards and their directory entries."""
+        self.fence(f"checkpoint {self.url}")
         with os_error_named(self.url):
             written: Future[list[WriteResult]] = super().write_data(plan, planner)
             fsync_dir(self.url)

@@ -3,7 +3,8 @@
 torch's own reader unpickles `.metadata` with plain `pickle.load`, and its default load planner unpickles each
 non-tensor entry with a full (not weights-only) `torch.load`, so a crafted step directory runs code when loaded.
 `SafeFsspecReader` unpickles `.metadata` admitting only the classes DCP writes there (`METADATA_GLOBALS`, found by
-unpickling this project's 1-process, DDP and FSDP checkpoints with a recording `find_class`) and every torch dtype.
+unpickling this project's 1-process, DDP and FSDP checkpoints with a recording `find_class`) and every torch dtype,
+and reads data only from files its saves name (`checkpoint_dirs.SHARD_FILE`: no path leads out of the step).
 `JsonSavePlanner` writes each non-tensor entry (the loop state and optimizer hyperparameters) as `JSON_MAGIC` and a
 tagged JSON tree (`encode_state`), which the reader decodes; entries written before it (torch.save bytes) are read
 with `torch.load(weights_only=True)`. Tensors were already read weights-only by torch.
@@ -25,6 +26,8 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem, WriteItem, WriteItemType
 from torch.futures import Future
+
+from extrema.run.checkpoint_dirs import shard_rank
 
 METADATA_GLOBALS: frozenset[tuple[str, str]] = frozenset(
     {
@@ -145,6 +148,11 @@ def read_metadata_file(file: IO[bytes], source: str) -> Metadata:
     metadata = MetadataUnpickler(file, source).load()
     if not isinstance(metadata, Metadata):
         raise UnsafeCheckpoint(f"{source}: holds a {type(metadata).__name__}, not DCP Metadata")
+    stored = metadata.storage_data if isinstance(metadata.storage_data, dict) else {}
+    for info in stored.values():
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or shard_rank(name) is None:
+            raise UnsafeCheckpoint(f"{source}: names the data file {str(name)[:200]!r}, not one in its step directory")
     return metadata
 
 
