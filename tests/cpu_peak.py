@@ -33,6 +33,7 @@ from extrema.stages.pretrain import train_step
 from extrema.stages.probe import frozen_encoder, probe_head, probe_optimizer
 from extrema.train.dist import World, wrap
 from extrema.train.optim import build_adamw, param_groups, scaled_lr
+from tests.processes import end_world
 
 
 def live_bytes(tensors: list[torch.Tensor]) -> int:
@@ -205,7 +206,7 @@ def measure_rank(rank: int, port: int, spec: str, out: str) -> None:
     exp = Experiment.model_validate_json(Path(spec).read_text())
     peak = measured_peak(exp, World(rank, 2, rank, torch.device("cpu")))
     Path(f"{out}.{rank}").write_text(str(peak))
-    dist.destroy_process_group()
+    end_world()
 
 
 def measured_knn_peaks(exp: Experiment, bank_rows: int, query_rows: int) -> dict[str, int]:

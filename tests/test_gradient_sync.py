@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from extrema.train.dist import gradient_sync
 from launch.backends.ray.head import free_ports
+from tests.processes import end_world
 
 MICRO_BATCHES = 3
 
@@ -68,7 +69,8 @@ def worker(rank: int, port: int, out: str) -> None:
     runs = {f"{s}-{d}": accumulate(s, d, rank) for s in ("fsdp", "ddp") for d in (False, True)}
     if rank == 0:
         torch.save(runs, out)
-    dist.destroy_process_group()
+    del runs
+    end_world()
 
 
 @pytest.fixture(scope="module")
