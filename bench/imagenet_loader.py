@@ -44,7 +44,6 @@ from extrema.stages.pretrain import SampleMasks
 from launch.backends.ray.head import free_ports
 
 CROP = 224
-S3FS = "S3 server, blocks fetched by s3fs"
 TARGET = 3000  # images/s a GPU node's input must sustain
 
 
@@ -170,13 +169,12 @@ def thread_cpu() -> dict[int, float]:
 
 def order_rows(
     tmp: Path, samples: list[tuple[bytes, int]], endpoint: str, total: int, repeats: int
-) -> tuple[list[tuple[str, float, float, float]], dict[str, list[float]], list[str]]:
+) -> tuple[list[tuple[str, float, float, float]], list[float], list[str]]:
     """(name, images per CPU-second, requests per image, bytes fetched per byte used) of the two-view pipeline
     (colour on the device, reduced decode, masks) over one epoch of `total` samples in each order, from file://
-    and from the S3 server, and in the block order from the S3 server with blocks fetched through s3fs (the fetch
-    path before `ProcessRanges`): the best of `repeats` passes, each with a fresh reader (a cold block cache); each
-    round's ratios of S3 block reads (botocore, s3fs) to file:// block reads (passes next to each other in time);
-    and each block pass's CPU per image of the calling (decoding) thread and of the others (fetching), from /proc."""
+    and from the S3 server: the best of `repeats` passes, each with a fresh reader (a cold block cache); each
+    round's ratio of S3 block reads to file:// block reads (the two passes next to each other in time); and each
+    block pass's CPU per image of the calling (decoding) thread and of the others (fetching), from /proc."""
     from fsspec.core import url_to_fs
 
     from extrema.data.object_store import storage_options
@@ -196,38 +194,34 @@ def order_rows(
     dev = transforms.TwoViewTransform(CROP, "spatial_consistent_color", device_color=True)
     batch = 256
     results: dict[tuple[str, str], tuple[float, float, float]] = {}
-    ratios: dict[str, list[float]] = {"S3 server": [], S3FS: []}
+    ratios: list[float] = []
     split: list[str] = []
-    passes = [(where, order) for where in urls for order in ("blocks", "global")] + [(S3FS, "blocks")]
     for _ in range(repeats):  # the configurations in turn, so that a change of load falls on all of them
         this_round: dict[tuple[str, str], float] = {}
-        for where, order in passes:
-            url = urls.get(where, urls["S3 server"])
-            storage = s3 if url.startswith("s3") else None
-            base = ShardedImages(url, storage, decode.Decoding(True), OrderSettings(order))  # type: ignore[arg-type]
-            if where == S3FS:
-                base.ranges = None  # blocks by s3fs's cat_file
-            views = loaders.PretrainViews(base, dev, 0, masks)
-            follow = loaders.shard_local_order(views, batch, 0, total // batch)
-            perm = (follow or (lambda e: global_permutation(total, 0, e)))(0)[: total // batch * batch].tolist()
-            me, threads = threading.get_native_id(), thread_cpu()
-            t = time.process_time()
-            for i in perm:
-                views[(0, i)]
-            r = len(perm) / max(time.process_time() - t, 1e-9)
-            spent = {k: v - threads.get(k, 0.0) for k, v in thread_cpu().items()}
-            if order == "blocks":
-                mine, others = spent.get(me, 0.0), sum(v for k, v in spent.items() if k != me)
-                split.append(f"{where}: decoding thread {1e3 * mine / len(perm):.3f} ms an image, other threads "
-                             f"{1e3 * others / len(perm):.3f}")  # fmt: skip
-            used = int((base.members["size"][perm].astype(np.int64) + HEADER).sum())
-            fetched = base.cache_stats.bytes_fetched or used  # read image by image: what was used
-            best = results.get((order, where), (0.0, 0.0, 0.0))[0]
-            results[(order, where)] = (max(best, r), base.requests / len(perm), fetched / used)
-            this_round[(order, where)] = r
-        for where, these in ratios.items():
-            these.append(this_round[("blocks", where)] / this_round[("blocks", "file://")])
-    rows = [(f"{order} order, {where}", *results[(order, where)]) for where, order in passes]
+        for where, url in urls.items():
+            for order in ("blocks", "global"):
+                storage = s3 if url.startswith("s3") else None
+                base = ShardedImages(url, storage, decode.Decoding(True), OrderSettings(order))  # type: ignore[arg-type]
+                views = loaders.PretrainViews(base, dev, 0, masks)
+                follow = loaders.shard_local_order(views, batch, 0, total // batch)
+                perm = (follow or (lambda e: global_permutation(total, 0, e)))(0)[: total // batch * batch].tolist()
+                me, threads = threading.get_native_id(), thread_cpu()
+                t = time.process_time()
+                for i in perm:
+                    views[(0, i)]
+                r = len(perm) / max(time.process_time() - t, 1e-9)
+                spent = {k: v - threads.get(k, 0.0) for k, v in thread_cpu().items()}
+                if order == "blocks":
+                    mine, others = spent.get(me, 0.0), sum(v for k, v in spent.items() if k != me)
+                    split.append(f"{where}: decoding thread {1e3 * mine / len(perm):.3f} ms an image, other threads "
+                                 f"{1e3 * others / len(perm):.3f}")  # fmt: skip
+                used = int((base.members["size"][perm].astype(np.int64) + HEADER).sum())
+                fetched = base.cache_stats.bytes_fetched or used  # read image by image: what was used
+                best = results.get((order, where), (0.0, 0.0, 0.0))[0]
+                results[(order, where)] = (max(best, r), base.requests / len(perm), fetched / used)
+                this_round[(order, where)] = r
+        ratios.append(this_round[("blocks", "S3 server")] / this_round[("blocks", "file://")])
+    rows = [(f"{order} order, {where}", *results[(order, where)]) for where in urls for order in ("blocks", "global")]
     return rows, ratios, split
 
 
@@ -299,9 +293,8 @@ def main() -> None:
         print(f"\nS3 (blocks) / file:// (blocks): {s3_blocks / file_blocks:.2f}; S3 (global) / file:// (global): "
               f"{epoch[3][1] / epoch[1][1]:.2f}; cores for {TARGET:,} images/s from S3: blocks "
               f"{TARGET / s3_blocks:.1f}, global {TARGET / epoch[3][1]:.1f}")  # fmt: skip
-        for where, these in ratios.items():
-            print(f"{where} (blocks) / file:// (blocks) round by round: median {statistics.median(these):.2f}, "
-                  f"{min(these):.2f}-{max(these):.2f} over {len(these)} rounds")  # fmt: skip
+        print(f"S3 (blocks) / file:// (blocks) round by round: median {statistics.median(ratios):.2f}, "
+              f"{min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} rounds")  # fmt: skip
         print("CPU of each block pass, by thread (/proc/self/task; clock ticks of 10 ms):")
         for line in split:
             print(f"  {line}")

@@ -17,7 +17,6 @@ import torch
 
 from extrema import entry
 from extrema.data import decode, loaders, shard_order, transforms
-from extrema.data.object_store import DataSourceError
 from extrema.data.shard_cache import BlockCache, CacheBoundError
 from extrema.data.shard_format import ShardIndexError
 from extrema.data.shard_order import BlockOrder, OrderSettings, cut_blocks
@@ -218,40 +217,6 @@ def test_a_truncated_or_damaged_shard_in_the_store_is_refused_by_name(
             base.encoded(base.shard_counts[0], 0)
     finally:
         fs.pipe_file("order/in/train/shard-000001.tar", original)
-
-
-def test_block_reads_take_the_spec_credentials_and_settings_and_name_missing_ones(
-    shards: tuple[S3Server, Path], monkeypatch
-) -> None:
-    """Blocks come through their own S3 client: it must reach the store as the filesystem does (the variables the
-    spec names, its endpoint, timeout and retries), and say so in one line when it cannot."""
-    server, root = shards
-    isolated_aws_env(monkeypatch, root, credentials=False)
-    monkeypatch.setenv("MY_KEY", KEY)
-    monkeypatch.setenv("MY_SECRET", SECRET)
-    storage = StorageSpec(
-        endpoint_url=server.endpoint, key_env="MY_KEY", secret_env="MY_SECRET", connect_timeout_s=7, retries=2
-    )
-    base = ShardedImages(SPLIT, storage, decode.Decoding(), BLOCKS)
-    loaders.shard_local_order(views(base), 8, 5, 6)
-    before = gets(server)
-    assert base.encoded(0, 0) == base.encoded(0)  # by its block, then alone
-    assert base._reads is not None
-    base._reads.cache.close()  # the prefetches under way land first
-    assert gets(server) - before == base.cache_stats.requests + 1  # its window's blocks (and the next's), one image
-    assert base.ranges is not None
-    client = base.ranges.client()
-    assert client.meta.endpoint_url == server.endpoint
-    assert client.meta.config.connect_timeout == 7 and client.meta.config.retries["total_max_attempts"] == 3
-    assert client._request_signer._credentials.access_key == KEY
-
-    isolated_aws_env(monkeypatch, root)
-    base = reader(server)
-    loaders.shard_local_order(views(base), 8, 5, 6)
-    monkeypatch.delenv("AWS_ACCESS_KEY_ID")  # gone before the first block is fetched
-    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
-    with pytest.raises(DataSourceError, match=r"cannot read s3://order/in/train .*: no credentials"):
-        base.encoded(0, 0)
 
 
 def test_a_cache_bound_below_one_block_is_refused(shards: tuple[S3Server, Path], monkeypatch) -> None:

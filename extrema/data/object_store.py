@@ -1,6 +1,5 @@
 """Reaching datasets on object stores: fsspec options from a StorageSpec and the environment, one filesystem per
-process (s3fs is not fork-safe), a plain S3 client for large ranged reads, and errors that say what is wrong.
-Torch-free; holds and writes no secret."""
+process (s3fs is not fork-safe), and errors that say what is wrong. Torch-free; holds and writes no secret."""
 
 from __future__ import annotations
 
@@ -130,71 +129,3 @@ class ProcessFs:
                 self._fs.retries = (self.storage or StorageSpec()).retries + 1  # type: ignore[attr-defined]
             self._pid = os.getpid()
         return self._fs
-
-
-class ProcessRanges:
-    """Large ranged reads of an s3:// URL's objects through botocore's synchronous client, made again in each process
-    and shared by its threads. A block of megabytes arrives in one buffered read, in C; s3fs's asynchronous path
-    handles it chunk by chunk in Python, which costs several times the client CPU when the store sends slowly."""
-
-    def __init__(self, url: str, storage: StorageSpec | None = None) -> None:
-        self.url, self.storage = url, storage
-        self._pid: int | None = None
-        self._client: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"url": self.url, "storage": self.storage, "_pid": None, "_client": None}
-
-    def client(self) -> Any:
-        """This process's client, configured as the URL's s3fs filesystem is (endpoint, region, credentials,
-        connect timeout, `retries` attempts after the first). Two threads that race here each make one: harmless."""
-        if self._client is None or self._pid != os.getpid():
-            self._client, self._pid = s3_client(self.url, self.storage), os.getpid()
-        return self._client
-
-    def read(self, path: str, start: int, end: int) -> bytes:
-        """Bytes [start, end) of the object at `path` ("bucket/key"); fewer when the object ends early, and
-        `Unsatisfiable` when it ends before `start`."""
-        from botocore.exceptions import ClientError
-
-        bucket, _, key = path.partition("/")
-        try:
-            response = self.client().get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") == "InvalidRange":
-                raise Unsatisfiable(f"no bytes at {start}") from e
-            raise
-        body = response["Body"]
-        try:
-            data: bytes = body.read()
-        finally:
-            body.close()
-        return data
-
-
-class Unsatisfiable(ValueError):
-    """A range that starts at or past the end of its object (S3's 416)."""
-
-
-def s3_client(url: str, storage: StorageSpec | None) -> Any:
-    """A botocore S3 client for `url` from the same options as its s3fs filesystem (`storage_options`)."""
-    import botocore.session
-    from botocore import UNSIGNED
-    from botocore.config import Config
-
-    opts = storage_options(url, storage)
-    s = storage or StorageSpec()
-    config = Config(
-        connect_timeout=s.connect_timeout_s,
-        retries={"total_max_attempts": s.retries + 1, "mode": "standard"},
-        signature_version=UNSIGNED if opts.get("anon") else None,
-    )
-    session = botocore.session.Session(profile=opts.get("profile"))
-    return session.create_client(
-        "s3",
-        endpoint_url=opts.get("endpoint_url"),
-        region_name=opts.get("client_kwargs", {}).get("region_name"),
-        aws_access_key_id=opts.get("key"),
-        aws_secret_access_key=opts.get("secret"),
-        config=config,
-    )

@@ -5,11 +5,10 @@ is read from its shard by one range request covering its tar header and data; th
 index. Local shards are read with pread on file handles kept open per process; object stores get one GET.
 
 Training reads that follow the shard-local order (extrema.data.shard_order, `follow`) on an object store fetch
-whole blocks instead: one ranged GET per block (on S3 by botocore's plain client, `ProcessRanges`) into this
-process's bounded cache (extrema.data.shard_cache), the current window's blocks and then the next window's fetched
-in the background while samples are decoded. A block's length is checked when it arrives and each member's tar
-header when it is read from the cache; a block that fails is fetched once more and refused by name when it fails
-again.
+whole blocks instead: one ranged GET per block into this process's bounded cache (extrema.data.shard_cache), the
+current window's blocks and then the next window's fetched in the background while samples are decoded. Every
+member's tar header is checked when its block arrives and again when it is read from the cache; a block that
+fails is fetched once more and refused by name when it fails again.
 """
 
 from __future__ import annotations
@@ -24,21 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from fsspec.core import split_protocol
 from fsspec.implementations.local import LocalFileSystem
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from extrema.data import decode
-from extrema.data.object_store import (
-    S3_PROTOCOLS,
-    DataSourceError,
-    ProcessFs,
-    ProcessRanges,
-    Unsatisfiable,
-    access_error,
-    missing_bucket,
-)
+from extrema.data.object_store import DataSourceError, ProcessFs, access_error, missing_bucket
 from extrema.data.shard_cache import BlockCache, CacheBoundError, CacheStats
 from extrema.data.shard_format import IMAGE_EXTENSIONS, ShardIndexError, join, member_header_name, read_index
 from extrema.data.shard_order import BlockOrder, OrderSettings
@@ -104,7 +94,6 @@ class ShardedImages(Dataset[tuple[Tensor, int]]):
         self.decoding = decoding or decode.Decoding()
         self.order = order or OrderSettings()
         self.cache_bytes, self.cache_dir = cache_settings(storage)
-        self.ranges = ProcessRanges(url, storage) if split_protocol(url)[0] in S3_PROTOCOLS else None
         try:
             self.source = ProcessFs(url, storage)
             index = read_index(self.source.get(), self.source.path)
@@ -207,17 +196,6 @@ class ShardedImages(Dataset[tuple[Tensor, int]]):
         self._open[path] = fd
         return os.pread(fd, end - start, start)
 
-    def _read_span(self, name: str, start: int, end: int) -> bytes:
-        """Bytes [start, end) of one shard file, read as one large range: on S3 by the plain client."""
-        if self.ranges is None:
-            return self._read(name, start, end)
-        try:
-            return self.ranges.read(join(self.source.path, name), start, end)
-        except Unsatisfiable as e:
-            raise ShardIndexError(f"{self.url}/{name}: {e}: the shard is truncated") from e
-        except Exception as e:
-            raise access_error(e, self.url, self.ranges.storage) from e
-
     def _check(self, i: int, shard: str, blob: bytes) -> None:
         """Refuse the bytes read for sample i unless they are its tar header and image as the index says."""
         offset, size = int(self.members[i]["offset"]), int(self.members[i]["size"])
@@ -237,7 +215,7 @@ class ShardedImages(Dataset[tuple[Tensor, int]]):
         f = self.following
         assert f is not None
         shard, lo, hi = self.shard_names[int(f.shard[block])], int(f.lo[block]), int(f.hi[block])
-        data = self._read_span(shard, lo, hi)
+        data = self._read(shard, lo, hi)
         if len(data) != hi - lo:
             raise ShardIndexError(
                 f"{self.url}/{shard}: bytes [{lo}, {hi}) came back as {len(data)} bytes: the shard is truncated "
