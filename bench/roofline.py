@@ -6,7 +6,9 @@
 
 What is counted: torch's FlopCounterMode over one whole training step (EMA update, online branch over all masks
 forward and backward, target forward, projector and predictor, loss, AdamW): the matmuls, convolutions and
-attention it knows (2 FLOPs per multiply-add); element-wise work, normalisation, the EMA and AdamW count zero.
+attention it knows (2 FLOPs per multiply-add; the CPU's fused attention kernel by the GPU kernels' formula, which
+torch's counter lacks, so that fp32 and bf16 count alike); element-wise work, normalisation, the EMA and AdamW
+count zero.
 The peak is a plain square matmul of the step's dtype on the same threads (`--matmul` its side), timed in the same
 process right before and after the steps, so the load of the machine touches both alike. Times are medians.
 The profile groups torch.profiler's self CPU time of one step by operator kind.
@@ -24,8 +26,8 @@ from collections.abc import Callable
 import torch
 from rich.console import Console
 from rich.table import Table
-from torch.utils.flop_counter import FlopCounterMode
 
+from extrema.check.estimate import flop_counter
 from extrema.models.extrema import ExtreMA, random_masks
 from extrema.spec import ModelSpec
 from extrema.train.optim import build_adamw, param_groups
@@ -85,8 +87,8 @@ def matmul_peak(side: int, dtype: torch.dtype, repeats: int) -> float:
 
 
 def step_flops(step: Callable[[], None]) -> int:
-    """The FLOPs FlopCounterMode counts in one call of `step`."""
-    with FlopCounterMode(display=False) as counter:
+    """The FLOPs torch's counter counts in one call of `step`, the CPU's fused attention included (`flop_counter`)."""
+    with flop_counter() as counter:
         step()
     return counter.get_total_flops()
 

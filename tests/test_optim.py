@@ -324,7 +324,8 @@ def test_build_adamw_steps_with_per_group_decay_and_lr_scale() -> None:
     groups = param_groups(model, weight_decay=0.5, layer_decay=0.5, num_layers=2)
     opt = build_adamw(groups, lr=0.1, betas=(0.9, 0.95))
     assert isinstance(opt, torch.optim.AdamW)
-    assert opt.defaults["foreach"] is True and not opt.defaults["fused"]
+    assert opt.defaults["fused"] is True  # CPU parameters: the fused kernel
+    assert build_adamw(groups, 0.1, (0.9, 0.95), fused=False).defaults["foreach"] is True
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1 * g["lr_scale"] for g in groups])
     assert "lr" not in groups[0]  # the caller's dicts are not modified
 

@@ -40,6 +40,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from extrema.check.plan import plan_checkpoint
+from extrema.models import attention
 from extrema.models.extrema import ExtreMA
 from extrema.spec import Experiment, visible_count
 from extrema.stages.pretrain import color_on_device, train_step
@@ -71,23 +72,28 @@ def fp32_under_autocast(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 class CudaAutocastFp32(contextlib.AbstractContextManager["CudaAutocastFp32"]):
-    """Under CPU autocast, the functions CUDA autocast runs in fp32 run in fp32 too, while active: they are swapped
-    in `torch.nn.functional`, which the models call them through (a torch-function mode would not reach the
-    recomputation of checkpointed blocks in the backward pass, which runs outside every such mode)."""
+    """Under CPU autocast, the functions CUDA autocast runs in fp32 run in fp32 too, and attention is the fused kernel
+    (`extrema.models.attention`), while active: the functions are swapped in `torch.nn.functional`, which the models
+    call them through (a torch-function mode would not reach the recomputation of checkpointed blocks in the
+    backward pass, which runs outside every such mode)."""
 
     def __init__(self) -> None:
         self.replaced: list[tuple[str, Any]] = []
+        self.by_products = attention.BF16_ON_CPU_BY_PRODUCTS
 
     def __enter__(self) -> CudaAutocastFp32:
         for func in CUDA_FP32_FUNCTIONS:
             name = func.__name__
             self.replaced.append((name, getattr(F, name)))  # restored on exit, whatever was there (nested uses)
             setattr(F, name, fp32_under_autocast(func))
+        self.by_products = attention.BF16_ON_CPU_BY_PRODUCTS
+        attention.BF16_ON_CPU_BY_PRODUCTS = False  # a GPU's attention is the fused kernel
         return self
 
     def __exit__(self, *exc: object) -> None:
         while self.replaced:
             setattr(F, *self.replaced.pop())
+        attention.BF16_ON_CPU_BY_PRODUCTS = self.by_products
 
 
 def cpu_attention_flops(query: Any, key: Any, value: Any, *args: Any, **kwargs: Any) -> int:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from extrema.models.attention import attend
 from extrema.models.designs import ClsDesign, design
 from extrema.spec import ModelSpec
 
@@ -94,7 +95,7 @@ class Mlp(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with a packed qkv projection, through scaled_dot_product_attention."""
+    """Multi-head self-attention with a packed qkv projection (`extrema.models.attention.attend`)."""
 
     def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0) -> None:
         super().__init__()
@@ -107,7 +108,7 @@ class Attention(nn.Module):
         b, n, d = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
         drop = self.attn_drop if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
+        x = attend(q, k, v, dropout_p=drop)
         return self.proj(x.transpose(1, 2).reshape(b, n, d))
 
     def probs(self, x: Tensor) -> Tensor:
@@ -153,7 +154,7 @@ class ClassAttention(nn.Module):
         q = self.q(u[:, :1]).reshape(b, 1, h, d // h).transpose(1, 2)
         k = self.k(u).reshape(b, n, h, d // h).transpose(1, 2)
         v = self.v(u).reshape(b, n, h, d // h).transpose(1, 2)
-        x = F.scaled_dot_product_attention(q, k, v)
+        x = attend(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(b, 1, d))
 
     def probs(self, u: Tensor) -> Tensor:

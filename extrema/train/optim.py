@@ -180,11 +180,16 @@ class LARS(torch.optim.Optimizer):
         return mu
 
 
+FUSED_DEVICES = ("cuda", "cpu")
+
+
 def build_adamw(
     groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], fused: bool | None = None
 ) -> torch.optim.AdamW:
-    """AdamW over the groups, each starting at lr * lr_scale; fused when every param is on CUDA, foreach otherwise."""
+    """AdamW over the groups, each starting at lr * lr_scale; fused when every param is a float on CUDA or the CPU
+    (on a CPU torch's foreach runs one op per tensor and reads each tensor ~8 times: 108 ms a ViT-S pretraining step
+    against 20 fused, AMD EPYC, BENCHMARKS.md issue 32), foreach otherwise."""
     if fused is None:
-        fused = all(p.device.type == "cuda" and p.is_floating_point() for g in groups for p in g["params"])
+        fused = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for g in groups for p in g["params"])
     opt_groups = [{"lr": lr * g.get("lr_scale", 1.0), **g} for g in groups]
     return torch.optim.AdamW(opt_groups, lr=lr, betas=betas, fused=fused or None, foreach=None if fused else True)
