@@ -69,7 +69,7 @@ def make_step(model: ExtreMA, batch: int, ratio: float, masks: int, amp: torch.d
     return step
 
 
-def median_s(fn: Callable[[], None], repeats: int) -> float:
+def median_s(fn: Callable[[], object], repeats: int) -> float:
     """The median wall time of `fn` over `repeats` calls (after one warm-up call)."""
     fn()
     times = []

@@ -1,7 +1,7 @@
 """Scaled dot-product attention as the encoders compute it: torch's fused kernel, except in bf16 on a CPU.
 
 torch's fused CPU kernel is slower in bf16 than in fp32: forward and backward of a ViT-S/16 step's attention shapes
-take 2.4-6.8x the time of two bf16 matrix products around an fp32 softmax (AMD EPYC with AVX-512 BF16,
+take 2.6-6.8x the time of two bf16 matrix products around an fp32 softmax (AMD EPYC with AVX-512 BF16,
 BENCHMARKS.md, issue 32). So bf16 on a CPU takes that path, which is what the official code's attention computes
 under autocast: the scores rounded to bf16, the softmax in fp32, the probabilities rounded to bf16 before they
 weight the values (as GPU flash kernels round them too). The check, which runs a GPU's step on the CPU to predict

@@ -187,7 +187,7 @@ def build_adamw(
     groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], fused: bool | None = None
 ) -> torch.optim.AdamW:
     """AdamW over the groups, each starting at lr * lr_scale; fused when every param is a float on CUDA or the CPU
-    (on a CPU torch's foreach runs one op per tensor and reads each tensor ~8 times: 108 ms a ViT-S pretraining step
+    (on a CPU torch's foreach runs one op per tensor and reads each tensor ~8 times: 96 ms a ViT-S pretraining step
     against 20 fused, AMD EPYC, BENCHMARKS.md issue 32), foreach otherwise."""
     if fused is None:
         fused = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for g in groups for p in g["params"])
