@@ -49,3 +49,11 @@ def test_the_gpu_emulation_keeps_the_fused_kernel_and_restores_the_path() -> Non
         assert not attention.BF16_ON_CPU_BY_PRODUCTS
     assert attention.BF16_ON_CPU_BY_PRODUCTS
     torch.testing.assert_close(fused, F.scaled_dot_product_attention(q, q, q))
+
+
+def test_large_score_tensors_keep_the_fused_kernel() -> None:
+    """A detector's thousands of tokens: the products' fp32 scores would take gigabytes, the fused kernel none."""
+    small = torch.empty(8, 6, 197, 64, dtype=torch.bfloat16)
+    large = torch.empty(1, 12, 4096, 64, dtype=torch.bfloat16)  # 1024-px images at patch 16: 805 MB of scores
+    assert attention.by_products(small, small) and not attention.by_products(large, large)
+    assert not attention.by_products(small.float(), small.float())

@@ -15,11 +15,21 @@ import torch.nn.functional as F
 from torch import Tensor
 
 BF16_ON_CPU_BY_PRODUCTS = True
+# The products hold every score in fp32, which the fused kernel never does: beyond this (a detector's thousands of
+# tokens), the fused kernel's memory wins over its time.
+MAX_SCORE_BYTES = 256 << 20
+
+
+def by_products(q: Tensor, k: Tensor) -> bool:
+    """Whether attention of these queries and keys takes the two products: bf16 on a CPU, its scores small enough."""
+    if not (BF16_ON_CPU_BY_PRODUCTS and q.dtype == torch.bfloat16 and q.device.type == "cpu"):
+        return False
+    return q.numel() // max(q.shape[-1], 1) * k.shape[-2] * 4 <= MAX_SCORE_BYTES
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
     """softmax(q kᵀ / sqrt(d)) v over the last two dimensions of (..., heads, tokens, d) tensors."""
-    if BF16_ON_CPU_BY_PRODUCTS and q.dtype == torch.bfloat16 and q.device.type == "cpu" and dropout_p == 0.0:
+    if dropout_p == 0.0 and by_products(q, k):
         scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
         return scores.float().softmax(dim=-1).to(v.dtype) @ v
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
