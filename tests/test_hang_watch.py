@@ -32,7 +32,10 @@ from launch.backends.resources import ResourcesSpec
 from tests.stage_runs import checkpointed_model, make_run
 
 HANG_S = 10.0
-SETUP = {"model": {"drop_path_rate": 0.0}, "pretrain": {"steps": 12, "ckpt_every": 3, "keep_last": 20}}
+# Enough steps that a run cannot end between a record showing step 4 and the test stopping a rank: records are
+# written every 2 s (a fifth of HANG_S), and a tiny step takes tens of milliseconds.
+STEPS = 80
+SETUP = {"model": {"drop_path_rate": 0.0}, "pretrain": {"steps": STEPS, "ckpt_every": 10, "keep_last": 20}}
 
 
 def torchrun_cmd(run_dir: Path) -> list[str]:
@@ -76,7 +79,7 @@ def test_a_healthy_run_keeps_records_and_is_unaffected(reference: Path, tmp_path
     recs = records(tmp_path)
     assert sorted(recs) == [0, 1]
     for r, rec in recs.items():
-        assert rec.host == socket.gethostname() and rec.step == 12 and rec.phase == rank_progress.ENDED
+        assert rec.host == socket.gethostname() and rec.step == STEPS and rec.phase == rank_progress.ENDED
         assert rec.step_s is not None and rec.step_s > 0 and rec.data_s is not None
     assert not (tmp_path / "pretrain" / "hang").exists()
     assert json.loads((tmp_path / "pretrain" / "status.json").read_text())["state"] == "completed"

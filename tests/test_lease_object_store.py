@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import itertools
+import json
 import multiprocessing as mp
 import os
 import time
@@ -198,3 +199,38 @@ def test_sweep_refuses_a_store_that_ignores_conditional_writes(monkeypatch: pyte
     assert "\n" not in refusal and "cannot hold stage leases" in refusal and "both succeeded" in refusal, refusal
     assert not [f for f in files if f.endswith(("spec.json", "status.json"))], files
     assert not [f for f in files if "probe" in f], files
+
+
+def test_a_record_replaced_while_it_is_read_is_read_again(
+    store: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Another host rewrites a shared record (a sweep's manifest) between this host's open and its read: the read is
+    made again and returns the new version, instead of the store's "no longer exists" failing the command."""
+    from extrema.run import contract, rundir
+
+    url = f"s3://{use(store, monkeypatch, tmp_path)}/manifest.json"
+    rundir.write_json(url, {"version": 1})
+    fs, path = rundir.filesystem(url)
+    replaced: list[int] = []
+
+    def replace_once_then_read(f: Any) -> bytes:
+        if not replaced:
+            replaced.append(1)
+            rundir.write_json(url, {"version": 2, "from": "the other host"})
+        data: bytes = f.read()
+        return data
+
+    assert json.loads(rundir.read_stable(fs, path, "rb", replace_once_then_read)) == {
+        "version": 2,
+        "from": "the other host",
+    }
+    assert replaced == [1]
+
+    def always_replaced(f: Any) -> bytes:
+        rundir.write_json(url, {"version": time.time_ns()})
+        data: bytes = f.read()
+        return data
+
+    with pytest.raises(OSError, match="no longer exists"):  # a writer that never stops: the error stands, bounded
+        rundir.read_stable(fs, path, "rb", always_replaced)
+    assert contract.read_record(url) is not None and rundir.read_json(url) is not None

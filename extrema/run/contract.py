@@ -429,12 +429,15 @@ def read_bytes(url: str, limit: int = MAX_RECORD_BYTES, inside: str | None = Non
     fs, path = rundir.filesystem(url)
     if isinstance(fs, LocalFileSystem):
         return read_local(url, path, limit, inside, tail)
-    try:
-        with fs.open(path, "rb") as f:
-            if tail:
-                f.seek(max(0, f.size - limit))
-            data: bytes = f.read(limit + 1)
+
+    def head_or_tail(f: Any) -> bytes:
+        if tail:
+            f.seek(max(0, f.size - limit))
+        data: bytes = f.read(limit + 1)
         return data
+
+    try:
+        return rundir.read_stable(fs, path, "rb", head_or_tail)
     except FileNotFoundError:
         return None
     except OSError as e:

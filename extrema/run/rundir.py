@@ -7,7 +7,8 @@ import math
 import os
 import re
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -89,6 +90,24 @@ def dumps(obj: Any, **kwargs: Any) -> str:
     return json.dumps(finite_json(obj), allow_nan=False, default=str, **kwargs)
 
 
+T = TypeVar("T")
+STABLE_READS = 5  # opens of one object that another writer keeps replacing, before its error stands
+
+
+def read_stable(fs: fsspec.AbstractFileSystem, path: str, mode: str, read: Callable[[Any], T]) -> T:
+    """`read` applied to `path` opened in `mode`, opened again when an object store says the object was replaced
+    between the open and the read (s3fs's FileExpired: another host rewrote it, as hosts sharing a run store do)."""
+    for attempt in range(STABLE_READS):
+        try:
+            with fs.open(path, mode) as f:
+                return read(f)
+        except OSError as e:
+            if type(e).__name__ != "FileExpired" or attempt == STABLE_READS - 1:
+                raise
+            fs.invalidate_cache(path)
+    raise AssertionError("unreachable")
+
+
 def write_json(url: str, obj: Any) -> None:
     """Write a JSON document atomically, as standard JSON (`dumps`)."""
     write_text_atomic(url, dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -98,8 +117,7 @@ def read_json(url: str) -> Any | None:
     """Read a JSON document, or None when it does not exist."""
     fs, path = filesystem(url)
     try:
-        with fs.open(path, "r") as f:
-            return json.load(f)
+        return read_stable(fs, path, "r", json.load)
     except FileNotFoundError:
         return None
 
@@ -108,8 +126,7 @@ def read_jsonl(url: str) -> list[dict[str, Any]]:
     """Read every complete line of a JSON-lines file; [] when it does not exist."""
     fs, path = filesystem(url)
     try:
-        with fs.open(path, "r") as f:
-            lines = f.read().splitlines()
+        lines = read_stable(fs, path, "r", lambda f: f.read().splitlines())
     except FileNotFoundError:
         return []
     out = []
