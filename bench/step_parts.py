@@ -4,9 +4,9 @@
 
 Attention, forward + backward, at the ViT-S/16 step's shapes (the masked online branch: 80 sequences of 40 tokens;
 the target's full views: 16 of 197): torch's fused kernel, its math backend, and two products around an fp32 softmax
-(`extrema.models.attention.attend`'s bf16 path), in fp32 and bf16. AdamW over the model's parameter groups (encoder,
-projector and predictor): foreach (one op per tensor per pass on a CPU) against torch's fused kernel, and the EMA
-update (foreach lerp). Medians; ratios against the first column of each table.
+(`extrema.models.attention.products`, `attend`'s bf16 path on a CPU), in fp32 and bf16. AdamW over the model's
+parameter groups (encoder, projector and predictor): foreach (one op per tensor per pass on a CPU) against torch's
+fused kernel, and the EMA update (foreach lerp). Medians; ratios against the first column of each table.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.roofline import median_s
+from extrema.models import attention
 from extrema.models.extrema import ExtreMA
 from extrema.spec import ModelSpec
 from extrema.train.optim import param_groups
@@ -34,12 +35,6 @@ SHAPES = ((80, 6, 40, 64), (16, 6, 197, 64))
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
     """Median wall milliseconds of `fn` (`bench.roofline.median_s`)."""
     return 1e3 * median_s(fn, repeats)
-
-
-def by_products(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ / sqrt(d)) v by two products of q's dtype around an fp32 softmax."""
-    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    return scores.float().softmax(dim=-1).to(v.dtype) @ v
 
 
 def fwd_bwd(
@@ -64,7 +59,7 @@ def attention_rows(repeats: int) -> list[tuple[str, float, float, float]]:
             sdpa = F.scaled_dot_product_attention
             fused = median_ms(fwd_bwd(sdpa, shape, dtype, SDPBackend.FLASH_ATTENTION), repeats)
             math = median_ms(fwd_bwd(sdpa, shape, dtype, SDPBackend.MATH), repeats)
-            products = median_ms(fwd_bwd(by_products, shape, dtype), repeats)
+            products = median_ms(fwd_bwd(attention.products, shape, dtype), repeats)
             rows.append((f"{shape}, {str(dtype).removeprefix('torch.')}", fused, math, products))
     return rows
 

@@ -27,9 +27,14 @@ def by_products(q: Tensor, k: Tensor) -> bool:
     return q.numel() // max(q.shape[-1], 1) * k.shape[-2] * 4 <= MAX_SCORE_BYTES
 
 
+def products(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q kᵀ / sqrt(d)) v by two products in q's dtype around an fp32 softmax."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    return scores.float().softmax(dim=-1).to(v.dtype) @ v
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
     """softmax(q kᵀ / sqrt(d)) v over the last two dimensions of (..., heads, tokens, d) tensors."""
     if dropout_p == 0.0 and by_products(q, k):
-        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-        return scores.float().softmax(dim=-1).to(v.dtype) @ v
+        return products(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
