@@ -332,6 +332,9 @@ def attempt(spec: RunSpec, stage_dir: str, mine: lease.Lease | None) -> dict[str
         print(f"extrema.entry: {stage_dir} was completed by an earlier attempt; not run again", file=sys.stderr)
         return done or {}
     fn = stage_fn(stage)  # imported once this attempt owns the stage: a waiting attempt stays light
+    from extrema.data.workers import start_worker_server  # imported by every stage: costs nothing more now
+
+    start_worker_server(spec.experiment.data.num_workers)
     ranks = places(world)
     if world > 1:
         print(f"extrema.entry: rank {rank} of {world} on {socket.gethostname()} (pid {os.getpid()}): {stage_dir}",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,6 +14,7 @@ from extrema.data.datasets import LabeledImages, seed_of
 from extrema.data.shard_order import BlockOrder, global_permutation
 from extrema.data.shards import ShardedImages
 from extrema.data.transforms import TwoViewTransform
+from extrema.data.workers import WorkerStart, worker_context
 from extrema.train.dist import World
 
 # ----------------------------------------------------------------------------------------------------- Loading
@@ -114,12 +114,6 @@ class PretrainViews(Dataset[tuple[Tensor, ...]]):
         return (*views, self.mask_fn(torch.Generator().manual_seed(seed_of(self.seed, epoch, index, 1))))
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers leave SIGTERM/SIGUSR2 to the training process, which saves a checkpoint before exiting."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-
-
 def step_loader(
     dataset: Dataset,
     batch_sampler: StepBatchSampler,
@@ -133,8 +127,9 @@ def step_loader(
         num_workers=num_workers,
         collate_fn=collate_fn,
         persistent_workers=num_workers > 0,
+        multiprocessing_context=worker_context(num_workers),
         pin_memory=torch.cuda.is_available(),
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=WorkerStart(),
         # Samples are seeded by (seed, epoch, index); a private generator keeps the loader from drawing
         # its worker base seed from the global RNG, which the training step's drop path consumes.
         generator=torch.Generator().manual_seed(0),
@@ -214,8 +209,9 @@ def ordered_loader(
         shuffle=False,
         num_workers=num_workers,
         collate_fn=collate_fn,
+        multiprocessing_context=worker_context(num_workers),
         pin_memory=torch.cuda.is_available(),
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=WorkerStart(),
         # An evaluation inside training (the kNN monitor) must not draw from the global RNG, which drop path
         # consumes: a resumed run first evaluates at another step than an uninterrupted one.
         generator=torch.Generator().manual_seed(0),

@@ -109,7 +109,7 @@ def missing_bucket(fs: AbstractFileSystem, url: str, storage: StorageSpec | None
 
 
 class ProcessFs:
-    """A URL's filesystem, made again in each process that uses it (loader workers are forked)."""
+    """A URL's filesystem, made again in each process that uses it (each loader worker is a process of its own)."""
 
     def __init__(self, url: str, storage: StorageSpec | None = None) -> None:
         self.url, self.storage = url, storage

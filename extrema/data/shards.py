@@ -188,7 +188,7 @@ class ShardedImages(Dataset[tuple[Tensor, int]]):
                     raise ShardIndexError(f"{self.url}/{name}: no bytes at {start}: the shard is truncated") from e
                 raise
             return data
-        fd = self._open.pop(path, None)  # inherited by forked workers: pread needs no shared file position
+        fd = self._open.pop(path, None)  # this process's own descriptors; pread needs no file position
         if fd is None:
             fd = os.open(path, os.O_RDONLY)
             if len(self._open) >= OPEN_FILES:
