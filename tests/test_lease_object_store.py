@@ -234,3 +234,79 @@ def test_a_record_replaced_while_it_is_read_is_read_again(
     with pytest.raises(OSError, match="no longer exists"):  # a writer that never stops: the error stands, bounded
         rundir.read_stable(fs, path, "rb", always_replaced)
     assert contract.read_record(url) is not None and rundir.read_json(url) is not None
+
+
+def test_every_reader_of_shared_objects_reads_one_replaced_after_its_open_again(
+    store: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each reader of an object another host may rewrite (a code snapshot's manifest, which two sweeps started
+    together both write; its files; a torch record; a weights file; a safetensors header; a log the running attempt
+    uploads again) opens again when the object is replaced between its open and its read, and returns the new version.
+    The replacement is made by a real write to the S3 server right after the reader's open."""
+    import hashlib
+
+    import torch
+    from safetensors.torch import save as safetensors_bytes
+
+    from extrema.run import code_snapshot, rundir
+    from extrema.train import ckpt, export_description, weights
+    from launch.backends import log_source
+    from launch.runstore import snapshot as snapshots
+
+    base = f"s3://{use(store, monkeypatch, tmp_path)}/replaced"
+    fs, _ = rundir.filesystem(base)
+    after_open: dict[str, bytes] = {}  # path -> what "the other host" writes there right after this host's next open
+    plain_open = S3FileSystem.open
+
+    def open_then_replaced(self: S3FileSystem, path: str, mode: str = "rb", **kw: Any) -> Any:
+        f = plain_open(self, path, mode, **kw)
+        key = self._strip_protocol(path)
+        if "r" in mode and key in after_open:
+            with plain_open(self, path, "wb") as w:
+                w.write(after_open.pop(key))
+        return f
+
+    monkeypatch.setattr(S3FileSystem, "open", open_then_replaced)
+
+    def replaced(url: str, first: bytes, then: bytes) -> None:
+        with plain_open(fs, rundir.filesystem(url)[1], "wb") as w:
+            w.write(first)
+        after_open[rundir.filesystem(url)[1]] = then
+
+    # a code snapshot saved by two hosts: the same files, manifests that name each host's checkout
+    files = {"extrema/__init__.py": b"# one\n", "launch/__init__.py": b"# two\n"}
+    digests = {p: hashlib.sha256(d).hexdigest() for p, d in files.items()}
+    mine = snapshots.Snapshot(files, None, (), "/n1/src", digests)
+    code = snapshots.save(mine, base)
+    manifest_url = rundir.join(code, code_snapshot.MANIFEST)
+    theirs = dict(rundir.read_json(manifest_url))
+    theirs["source"] = "/n2/src"
+    replaced(manifest_url, json.dumps(rundir.read_json(manifest_url)).encode(), json.dumps(theirs).encode())
+    assert code_snapshot.read_manifest(manifest_url)["source"] == "/n2/src"
+    replaced(rundir.join(code, code_snapshot.FILES, "launch/__init__.py"), b"# two\n", b"# two\n")
+    after_open[rundir.filesystem(manifest_url)[1]] = json.dumps(theirs).encode()
+    copy = snapshots.local_copy(code, tmp_path / "code-cache")
+    assert (copy / "launch" / "__init__.py").read_bytes() == b"# two\n" and not after_open
+
+    def torch_bytes(obj: Any) -> bytes:
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        return buf.getvalue()
+
+    record = f"{base}/record.pt"
+    replaced(record, torch_bytes({"v": torch.tensor(1)}), torch_bytes({"v": torch.tensor(2)}))
+    assert int(ckpt.read_torch(record)["v"]) == 2
+
+    pth = f"{base}/weights.pth"
+    replaced(pth, torch_bytes({"w": torch.zeros(2)}), torch_bytes({"w": torch.ones(2)}))
+    assert weights.read_pth(pth)["w"].tolist() == [1.0, 1.0]
+
+    st = f"{base}/weights.safetensors"
+    old = safetensors_bytes({"w": torch.zeros(2)}, metadata={"by": "n1"})
+    replaced(st, old, safetensors_bytes({"w": torch.ones(2)}, metadata={"by": "n2"}))
+    assert export_description.safetensors_header_metadata(st) == {"by": "n2"}
+
+    log = f"{base}/attempt.log"
+    replaced(log, b"step 1\n", b"step 1\nstep 2\n")
+    assert log_source.file_source(log).read(0) == b"step 1\nstep 2\n"
+    assert not after_open  # every replacement was made, so every reader met one

@@ -15,10 +15,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-STEP_DIR = re.compile(r"^step-(\d{1,18})$")
+STEP_DIR = re.compile(r"step-(\d{1,18})")
 COMMIT_MARKER = ".metadata"  # a step is complete once this file is in its directory
 CORRUPT_DIR = "corrupt"
-SHARD_FILE = re.compile(r"^__(\d{1,9})_(?:([0-9a-f]{8,32})_)?(\d{1,9})\.distcp$")
+SHARD_FILE = re.compile(r"__(\d{1,9})_(?:([0-9a-f]{8,32})_)?(\d{1,9})\.distcp")
 
 
 def step_of(name: str) -> int | None:

@@ -109,8 +109,7 @@ def read_manifest(url: str) -> dict[str, Any]:
 
     fs, path = rundir.filesystem(url)
     try:
-        with fs.open(path, "rb") as f:
-            raw = f.read(MAX_MANIFEST_BYTES + 1)
+        raw = rundir.read_stable(fs, path, "rb", lambda f: f.read(MAX_MANIFEST_BYTES + 1))
     except FileNotFoundError:
         raise SnapshotRefused(f"{url}: no snapshot manifest (an incomplete snapshot)") from None
     return parse_manifest(raw, url)

@@ -54,7 +54,7 @@ from extrema.run import conditional_writes, rundir
 from extrema.run.contract import MAX_RECORD_BYTES, Unreadable, env_float, parse_record, read_bytes
 
 LEASE_DIR = "lease"
-_GEN = re.compile(r"^(\d{1,12})\.json$")
+_GEN = re.compile(r"(\d{1,12})\.json")
 RACE_TRIES = 8  # exclusive creates one try_acquire makes before it gives up for now (`acquire` tries again)
 BACKOFF_S, BACKOFF_CAP_S = 0.05, 2.0  # the pause after the n-th lost race: min(cap, 0.05 * 2**n) times 0.5-1
 _NUMBER = (int, float)

@@ -289,8 +289,7 @@ def write_torch(url: str, obj: Any) -> None:
 def read_torch(url: str) -> Any:
     """torch.load(weights_only=True) from any fsspec URL."""
     fs, path = rundir.filesystem(url)
-    with fs.open(path, "rb") as f:
-        return torch.load(f, map_location="cpu", weights_only=True)
+    return rundir.read_stable(fs, path, "rb", lambda f: torch.load(f, map_location="cpu", weights_only=True))
 
 
 def verify(url: str) -> None:

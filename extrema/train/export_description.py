@@ -70,7 +70,8 @@ def write_sidecar(url: str, description: Mapping[str, Any]) -> str:
 def safetensors_header_metadata(url: str) -> dict[str, str]:
     """The `__metadata__` of a `.safetensors` file, read from its header alone (no tensor is read)."""
     fs, path = rundir.filesystem(url)
-    with fs.open(path, "rb") as f:
+
+    def read(f: Any) -> Any:
         head = f.read(8)
         if len(head) != 8:
             raise ValueError(f"{url}: not a safetensors file (shorter than its header length)")
@@ -78,9 +79,11 @@ def safetensors_header_metadata(url: str) -> dict[str, str]:
         if size > MAX_HEADER_BYTES:
             raise ValueError(f"{url}: a safetensors header of {size} bytes is over the {MAX_HEADER_BYTES} read")
         try:
-            header = json.loads(f.read(size))
+            return json.loads(f.read(size))
         except ValueError as e:
             raise ValueError(f"{url}: not a safetensors file (its header is not JSON)") from e
+
+    header = rundir.read_stable(fs, path, "rb", read)
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
 

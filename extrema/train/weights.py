@@ -242,8 +242,7 @@ def _read_bytes(url: str) -> bytes:
     size = fs.size(path)
     if size is not None and size > MAX_FILE_BYTES:
         raise ValueError(f"{url}: {size} bytes is over the {MAX_FILE_BYTES} a weights file may have")
-    with fs.open(path, "rb") as f:
-        data: bytes = f.read(MAX_FILE_BYTES + 1)
+    data: bytes = rundir.read_stable(fs, path, "rb", lambda f: f.read(MAX_FILE_BYTES + 1))
     if len(data) > MAX_FILE_BYTES:
         raise ValueError(f"{url}: over the {MAX_FILE_BYTES} bytes a weights file may have")
     return data

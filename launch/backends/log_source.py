@@ -57,9 +57,7 @@ def file_source(url: str) -> LogSource:
 
     def read(offset: int) -> bytes:
         fs, path = rundir.filesystem(url)
-        with fs.open(path, "rb") as f:
-            f.seek(offset)
-            data: bytes = f.read()
+        data: bytes = rundir.read_stable(fs, path, "rb", lambda f: (f.seek(offset), f.read())[1])
         return data
 
     def size() -> int:

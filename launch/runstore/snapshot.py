@@ -204,8 +204,8 @@ def fetch(url: str, manifest: dict[str, Any], into: Path) -> None:
     fs, _ = rundir.filesystem(url)
 
     def read(path: str) -> bytes:
-        with fs.open(rundir.filesystem(rundir.join(url, code_snapshot.FILES, path))[1], "rb") as f:
-            return bytes(f.read(MAX_BYTES + 1))
+        where = rundir.filesystem(rundir.join(url, code_snapshot.FILES, path))[1]
+        return bytes(rundir.read_stable(fs, where, "rb", lambda f: f.read(MAX_BYTES + 1)))
 
     try:
         for path, data in code_snapshot.checked_files(manifest["files"], read):
