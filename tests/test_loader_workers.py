@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from extrema.data import loaders
+from tests.s3server import REPO
 
 HELD = threading.Lock()  # held by a thread of the "stage" while its loader starts workers
 WAIT_S = 120.0
@@ -107,3 +111,41 @@ def test_a_process_forked_after_the_server_started_gets_workers_of_its_own() -> 
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     assert ended[0] == pid and os.waitstatus_to_exitcode(ended[1]) == 0, "the forked process's loader failed or hung"
+
+
+KILLED_LOADER = """
+import os, sys, time, torch
+from torch.utils.data import Dataset
+from extrema.data import loaders
+
+class Pids(Dataset):
+    def __len__(self): return 10_000
+    def __getitem__(self, i): return torch.tensor([os.getpid(), os.getppid()])
+
+if __name__ == "__main__":
+    batches = iter(loaders.step_loader(Pids(), torch.utils.data.BatchSampler(range(10_000), 1, False), 2))
+    pids = {tuple(next(batches)[0].tolist()) for _ in range(8)}
+    print(" ".join(f"{w} {s}" for w, s in pids), flush=True)
+    time.sleep(600)
+"""
+
+
+def test_workers_and_their_server_end_when_the_loaders_process_is_killed(tmp_path: Path) -> None:
+    """kill -9 of the process that made the loader (a preempted rank): its workers and their fork server end too."""
+    script = tmp_path / "killed_loader.py"
+    script.write_text(KILLED_LOADER)
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().split()
+        pids = {int(p) for p in line}
+        assert len(pids) >= 2 and proc.pid not in pids, line  # workers, and their server as their parent
+        proc.kill()
+        proc.wait(30)
+        deadline = time.monotonic() + 30
+        while (alive := [p for p in pids if Path(f"/proc/{p}").exists()]) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive, f"still running 30 s after their loader's process was killed: {alive}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import select
 import signal
 import threading
+import time
 from multiprocessing import forkserver
 from multiprocessing.context import BaseContext
 from typing import Any
@@ -49,16 +51,48 @@ os.register_at_fork(after_in_child=_own_fork_server)
 
 
 class WorkerStart:
-    """A loader worker's first act: take the environment of the process that made the loader as it was then (a
+    """A loader worker's first acts: take the environment of the process that made the loader as it was then (a
     fork would have inherited it; a fork server's is as old as the server: a store's credentials set since are in
-    the first, not the second), and leave SIGTERM/SIGUSR2 to the training process, which saves a checkpoint before
-    exiting."""
+    the first, not the second); leave SIGTERM/SIGUSR2 to the training process, which saves a checkpoint before
+    exiting; and end when that process ends, however it ends (the fork server is the worker's parent and lives as
+    long as its workers do, so torch's own check of the parent would keep both for ever after a kill -9)."""
 
     def __init__(self) -> None:
         self.environ = dict(os.environ)
+        self.loader_pid = os.getpid()
 
     def __call__(self, worker_id: int) -> None:
         os.environ.clear()
         os.environ.update(self.environ)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        end_with(self.loader_pid)
+
+
+def end_with(pid: int) -> None:
+    """End this process (a loader worker) when process `pid` ends: a thread waits on its pidfd, or polls it where
+    the kernel has none."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(0)
+    except (OSError, AttributeError):
+        threading.Thread(target=_poll_until_gone, args=(pid,), name="extrema-loader-gone", daemon=True).start()
+        return
+    threading.Thread(target=_wait_until_gone, args=(fd,), name="extrema-loader-gone", daemon=True).start()
+
+
+def _wait_until_gone(fd: int) -> None:
+    select.select([fd], [], [])
+    os._exit(0)
+
+
+def _poll_until_gone(pid: int) -> None:
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:
+            pass
+        time.sleep(1.0)
