@@ -302,10 +302,15 @@ def test_sampler_refuses_bad_shapes() -> None:
 # ----------------------------------------------------------------------------------------- Pretraining views
 
 
+def four_of_sixteen(g: torch.Generator) -> torch.Tensor:
+    """A mask of 4 of 16 tokens (module level: loader workers unpickle the dataset)."""
+    return torch.randperm(16, generator=g)[:4]
+
+
 def make_views(seed: int = 3) -> loaders.PretrainViews:
     base = datasets.build_dataset(DataSpec(dataset="synthetic", synthetic_size=32), "train")
     transform = transforms.TwoViewTransform(16, "spatial_consistent_color")
-    return loaders.PretrainViews(base, transform, seed, mask_fn=lambda g: torch.randperm(16, generator=g)[:4])
+    return loaders.PretrainViews(base, transform, seed, mask_fn=four_of_sixteen)
 
 
 def test_pretrain_views_depend_only_on_seed_epoch_index() -> None:
