@@ -172,7 +172,27 @@ def test_a_spec_that_sets_cpus_per_task_sets_the_thread_count(tmp_path: Path, mo
     assert set(wait_all(backend, ids).values()) == {State.COMPLETED}
     seen = {r: (tmp_path / "s" / r / "pretrain" / "logs" / "local.1.log").read_text() for r in ("one", "free")}
     assert "omp=1" in seen["one"], seen["one"]
-    assert "omp=None" in seen["free"], "a spec silent on CPUs leaves torch's own thread count"
+    assert "omp=1" in seen["free"], "a spec silent on CPUs, beside another job: its share of the 2 CPUs"
+
+
+def test_jobs_side_by_side_split_the_cpus_and_a_job_alone_keeps_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without cpus_per_task, the processes of `max_parallel` jobs share the machine's CPUs (each taking every core,
+    their OpenMP threads spin for cores the other job holds); one job at a time keeps torch's own count."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    wide = LocalBackend(max_parallel=2, cpus=8, gpus=())
+    ids = wide.submit([job(tmp_path, "a/pretrain"), job(tmp_path, "b/pretrain", processes_per_node=2)], "")
+    assert set(wait_all(wide, ids).values()) == {State.COMPLETED}
+    narrow = LocalBackend(max_parallel=1, cpus=8, gpus=())
+    ids = narrow.submit([job(tmp_path, "c/pretrain")], "")
+    assert set(wait_all(narrow, ids).values()) == {State.COMPLETED}
+    seen = {r: (tmp_path / "s" / r / "pretrain" / "logs" / "local.1.log").read_text() for r in "abc"}
+    assert "omp=4" in seen["a"] and "omp=2" in seen["b"] and "omp=None" in seen["c"], seen
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # a user's own setting stands
+    ids = wide.submit([job(tmp_path, "d/pretrain")], "")
+    assert set(wait_all(wide, ids).values()) == {State.COMPLETED}
+    assert "omp=3" in (tmp_path / "s" / "d" / "pretrain" / "logs" / "local.1.log").read_text()
 
 
 def test_a_two_process_fsdp_stage_forks_its_ranks_from_one_process_from_a_sweep_file(tmp_path: Path) -> None:

@@ -4,9 +4,11 @@ Jobs start when the caller polls (`status`); `extrema-launch sweep` polls until 
 starts when fewer than `max_parallel` jobs run and its CPUs (cpus_per_task x processes_per_node) fit beside the
 running ones in this machine's CPUs (a job larger than the machine runs alone), and its GPUs (gpus_per_node) are
 free: those GPUs are its own, pinned with CUDA_VISIBLE_DEVICES. A spec that sets cpus_per_task gets that many intra-op
-threads per process (OMP_NUM_THREADS, unless already set). A job asking more GPUs than the machine has fails
-at once with the reason. Jobs asking no GPUs are not pinned (they see what this process sees). A job of several
-processes forks its ranks from one process (`Job.command`: `extrema.entry --processes N`).
+threads per process (OMP_NUM_THREADS, unless already set); without it, when `max_parallel` jobs may run side by side,
+each process gets its share of the machine's CPUs (CPUs / (max_parallel x processes), at least one). A job asking
+more GPUs than the machine has fails at once with the reason. Jobs asking no GPUs are not pinned (they see what
+this process sees). A job of several processes forks its ranks from one process (`Job.command`: `extrema.entry
+--processes N`).
 
 Each job's stdout and stderr go, interleaved, to a log of its own, `<run-dir>/<stage>/logs/local.<n>.log` (n = 1,
 2, ... in the order the attempts started; created exclusively, never overwritten; its first line names the job, host
@@ -58,8 +60,20 @@ _ID = re.compile(r"local-(\d+)-(\d+)@(.+)")
 _ENDED = (State.COMPLETED, State.FAILED, State.CANCELLED)
 
 
-def job_env(job: Job, job_id: str, gpus: tuple[str, ...], base: Mapping[str, str]) -> dict[str, str]:
-    """The environment a local job starts with: `base` plus its job id, network settings, GPUs and CPU threads."""
+def side_by_side_threads(cpus: int, max_parallel: int, processes: int) -> int | None:
+    """Intra-op threads per process of a job whose spec sets no cpus_per_task: this machine's CPUs split among the
+    processes of `max_parallel` jobs running side by side (at least one); None while one job runs at a time (it
+    has the machine)."""
+    if max_parallel <= 1:
+        return None
+    return max(1, cpus // (max_parallel * processes))
+
+
+def job_env(
+    job: Job, job_id: str, gpus: tuple[str, ...], base: Mapping[str, str], share: int | None = None
+) -> dict[str, str]:
+    """The environment a local job starts with: `base` plus its job id, network settings, GPUs and CPU threads
+    (cpus_per_task when the spec sets it, else `share`, else what the job finds)."""
     env = {**base, **job.env(), "EXTREMA_JOB_ID": job_id, "PYTHONUNBUFFERED": "1"}
     if job.code_dir:
         env.update(code_env(job.code_dir, base.get("PYTHONPATH")))
@@ -69,6 +83,10 @@ def job_env(job: Job, job_id: str, gpus: tuple[str, ...], base: Mapping[str, str
     if "cpus_per_task" in r.model_fields_set:
         # One intra-op thread per granted CPU: jobs sharing the cores otherwise oversubscribe them several-fold.
         env.setdefault("OMP_NUM_THREADS", str(min(r.cpus_per_task, os.cpu_count() or 1)))
+    elif share is not None:
+        # Jobs running side by side split the cores: each taking every core, their OpenMP threads spin at barriers
+        # for cores the other job holds (two demo-sized pretraining jobs on 2 cores ran 5x slower so).
+        env.setdefault("OMP_NUM_THREADS", str(share))
     return env
 
 
@@ -228,6 +246,10 @@ class LocalBackend(Backend):
         t.gpus = tuple(free[:gpus])
         self._start(t)
 
+    def share(self, job: Job) -> int | None:
+        """Intra-op threads per process of `job` when its spec sets no cpus_per_task (`side_by_side_threads`)."""
+        return side_by_side_threads(self.cpus, self.max_parallel, job.resources.processes_per_node)
+
     def _cancelled_in_store(self, t: _Task) -> bool:
         status = store.read_status(t.stage_dir)
         return status.get("state") == StageState.CANCELLED and float(status.get("finished_at") or 0) >= t.submitted
@@ -258,7 +280,7 @@ class LocalBackend(Backend):
             stdin=subprocess.DEVNULL,
             stdout=t.log,
             stderr=subprocess.STDOUT,
-            env=job_env(t.job, t.job_id, t.gpus, os.environ),
+            env=job_env(t.job, t.job_id, t.gpus, os.environ, self.share(t.job)),
             start_new_session=True,
         )
         t.started = time.time()
