@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from extrema.run import rundir
 
@@ -57,8 +58,13 @@ def file_source(url: str) -> LogSource:
 
     def read(offset: int) -> bytes:
         fs, path = rundir.filesystem(url)
-        data: bytes = rundir.read_stable(fs, path, "rb", lambda f: (f.seek(offset), f.read())[1])
-        return data
+
+        def from_offset(f: Any) -> bytes:
+            f.seek(offset)
+            data: bytes = f.read()
+            return data
+
+        return rundir.read_stable(fs, path, "rb", from_offset)
 
     def size() -> int:
         fs, path = rundir.filesystem(url)
